@@ -1,0 +1,54 @@
+"""fastsip: a fast SIP parser (Cython) and a high-throughput SIP registrar.
+
+    >>> import fastsip
+    >>> msg = fastsip.parse(datagram)
+    >>> msg.method, msg.to.uri, [c.uri for c in msg.contacts], msg.expires
+"""
+from fastsip._version import __version__
+from fastsip.errors import (
+    BadContact,
+    BadContentLength,
+    BadCSeq,
+    BadExpires,
+    BadHeader,
+    BadNameAddr,
+    BadStartLine,
+    BadURI,
+    BadVersion,
+    BadVia,
+    IntervalTooBrief,
+    LimitExceeded,
+    MessageTooLarge,
+    ParseError,
+    RegistrarError,
+    SipError,
+    TooManyContacts,
+)
+from fastsip.parser import (
+    Address,
+    Contact,
+    CSeq,
+    Headers,
+    PING,
+    PONG,
+    Parser,
+    Request,
+    Response,
+    SipMessage,
+    SipURI,
+    StreamFramer,
+    Via,
+    parse,
+    parse_uri,
+)
+
+__all__ = [
+    "__version__",
+    # parser
+    "parse", "parse_uri", "Parser", "SipMessage", "Request", "Response", "Headers",
+    "Address", "Contact", "Via", "CSeq", "SipURI", "StreamFramer", "PING", "PONG",
+    # errors
+    "SipError", "ParseError", "BadStartLine", "BadVersion", "BadHeader", "BadContentLength",
+    "BadURI", "BadNameAddr", "BadContact", "BadExpires", "BadCSeq", "BadVia", "LimitExceeded",
+    "MessageTooLarge", "RegistrarError", "IntervalTooBrief", "TooManyContacts",
+]

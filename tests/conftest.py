@@ -1,0 +1,31 @@
+import json
+from pathlib import Path
+
+import pytest
+
+VECTORS = Path(__file__).parent / "vectors"
+TORTURE = VECTORS / "torture"
+REAL = VECTORS / "real"
+
+
+def crlf(data: bytes) -> bytes:
+    """Wire form of a file stored with bare LF line ends."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def torture_entries():
+    return json.loads((TORTURE / "manifest.json").read_text())
+
+
+def torture_bytes(entry) -> bytes:
+    data = (TORTURE / entry["file"]).read_bytes()
+    return crlf(data) if entry["rfc"] == 5118 else data
+
+
+def real_files(kind="register"):
+    return sorted(REAL.glob(f"*-{kind}.sip"))
+
+
+@pytest.fixture
+def softphone_register() -> bytes:
+    return (VECTORS / "valid" / "softphone-register.sip").read_bytes()

@@ -1,0 +1,36 @@
+"""The fastsip command line, run as a user runs it."""
+import subprocess
+import sys
+
+from conftest import TORTURE, VECTORS
+
+
+def fastsip(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], input=stdin,
+                          capture_output=True, timeout=60)
+
+
+def test_parse_pretty_prints_structure():
+    r = fastsip("parse", str(VECTORS / "valid" / "softphone-register.sip"))
+    out = r.stdout.decode()
+    assert r.returncode == 0
+    assert "request  REGISTER sip:sip.example.com" in out
+    assert "AOR          sip:alice@sip.example.com" in out
+    assert "Contact 2    'Alice (mobile)'  sip:alice@10.20.30.40:5062;transport=udp  expires=1800" in out
+
+
+def test_parse_error_shows_caret_and_status():
+    r = fastsip("parse", "--strict", str(TORTURE / "rfc4475" / "badinv01.dat"))
+    err = r.stderr.decode().splitlines()
+    assert r.returncode == 1
+    assert err[0].endswith("BadVia: bad Via header (byte 217)")
+    assert err[1].strip() == "Via: SIP/2.0/UDP 192.0.2.15;;,;,,"
+    assert err[2].index("^") == err[1].index(";;") + 1
+    assert err[3] == "(a server answers 400)"
+
+
+def test_parse_from_stdin_and_missing_file():
+    r = fastsip("parse", "-", stdin=b"SIP/2.0 200 OK\r\nl: 0\r\n\r\n")
+    assert r.returncode == 0 and r.stdout.startswith(b"response 200 OK")
+    r = fastsip("parse", "/nonexistent/file.sip")
+    assert r.returncode == 2 and b"No such file" in r.stderr

@@ -151,10 +151,10 @@ def parse_credentials(value: str) -> Credentials:
             raise _bad("expected a parameter name", value, pos)
         name = m.group().lower()
         if name in params:
-            raise _bad(f"duplicate parameter {name!r}", value, pos)
+            raise _bad(f"duplicate parameter {name[:40]!r}", value, pos)
         pos = _skip_ws(value, m.end())
         if not value.startswith("=", pos):
-            raise _bad(f"expected '=' after {name!r}", value, pos)
+            raise _bad("expected '=' after the parameter name", value, pos)
         pos = _skip_ws(value, pos + 1)
         m = _QUOTED.match(value, pos)
         if m is not None:
@@ -164,7 +164,7 @@ def parse_credentials(value: str) -> Credentials:
             if m is None:
                 if value.startswith('"', pos):
                     raise _bad("unterminated or invalid quoted-string", value, pos)
-                raise _bad(f"expected a token or quoted-string after '{name}='", value, pos)
+                raise _bad("expected a token or quoted-string after '='", value, pos)
             params[name] = m.group()
         pos = _skip_ws(value, m.end())
         if pos < n and value[pos] != ",":

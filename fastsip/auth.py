@@ -185,6 +185,8 @@ def _quote(text):
 _HASHES = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
 ALGORITHMS = ("SHA-256", "SHA-256-sess", "MD5", "MD5-sess")
 _CANONICAL = {a.lower(): a for a in ALGORITHMS}
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_NC = re.compile(r"[0-9A-Fa-f]{8}")
 
 
 def _canonical_algorithm(name):
@@ -282,7 +284,7 @@ def load_htdigest(path) -> dict:
                 raise ValueError(f"{where}: no HA1")
             for alg, hexdigest in hashes:
                 size = _HASHES[alg]().digest_size * 2
-                if len(hexdigest) != size or not all(c in "0123456789abcdefABCDEF" for c in hexdigest):
+                if len(hexdigest) != size or not _HEX.fullmatch(hexdigest):
                     raise ValueError(f"{where}: the {alg} HA1 is not {size} hex digits")
                 key = (user, realm) if alg == "MD5" else (user, realm, alg)
                 if key in users:
@@ -345,7 +347,6 @@ def _uri_key(uri):
 
 
 _NONCE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of 32 bytes, unpadded
-_NC = re.compile(r"[0-9A-Fa-f]{8}")
 
 
 class Authorize:
@@ -362,9 +363,9 @@ class Authorize:
     aor_user, aor_domain) -> bool, default ``own_aor_only``.
     ``replay_window``: with qop=auth, a nonce-count is accepted once if it is
     higher than any seen for the nonce or among the last ``replay_window``
-    counts (the highest included; for requests that arrive out of order);
-    0 or 1 accept only increasing counts.  ``max_nonces``: the most nonces whose counts are
-    remembered.  See docs/auth.md.
+    counts (the highest included: requests that arrive out of order); 0 or 1
+    accept only increasing counts.  ``max_nonces``: the most (nonce, user)
+    entries whose counts are remembered.  See docs/auth.md.
     """
 
     def __init__(self, realm=None, users=None, *, algorithms=("SHA-256", "MD5"), nonce_ttl=300,
@@ -404,14 +405,18 @@ class Authorize:
         self._dummy_password = secrets.token_hex(16)
 
     def __repr__(self):
-        return f"Authorize(realm={self.realm!r}, algorithms={self.algorithms!r}, nonce_ttl={self.nonce_ttl!r})"
+        # never the users or the secret
+        return (f"Authorize(realm={self.realm!r}, algorithms={self.algorithms!r}, "
+                f"nonce_ttl={self.nonce_ttl!r})")
 
     # -- challenges and nonces ---------------------------------------------
 
     def challenge(self, realm: str, now: float, stale: bool = False) -> list[str]:
         """WWW-Authenticate values, one per algorithm, in ``algorithms`` order."""
         nonce = self._new_nonce(realm, now)
-        tail = (f', qop="{",".join(self.qop)}"' if self.qop else "") + (", stale=true" if stale else "")
+        tail = f', qop="{",".join(self.qop)}"' if self.qop else ""
+        if stale:
+            tail += ", stale=true"
         return [f'Digest realm={_quote(realm)}, nonce="{nonce}", algorithm={alg}{tail}'
                 for alg in self.algorithms]
 
@@ -514,8 +519,9 @@ class Authorize:
         nonce issued no later than an evicted one and not in the table is
         refused, so eviction never re-opens a replay.
         """
+        counts = self._counts
         key = (nonce, user)
-        entry = self._counts.pop(key, None)
+        entry = counts.pop(key, None)
         if entry is None:
             if issued <= self._evicted_upto:
                 return False
@@ -524,15 +530,17 @@ class Authorize:
             highest, seen, _ = entry
             if nc > highest:
                 shift = nc - highest
-                seen = (seen << shift | 1) & ((1 << self.replay_window) - 1) if shift < self.replay_window else 1
+                if shift < self.replay_window:
+                    seen = (seen << shift | 1) & ((1 << self.replay_window) - 1)
+                else:  # also keeps a huge jump from building a huge bitmap
+                    seen = 1
                 highest = nc
             else:
                 age = highest - nc
                 if age >= self.replay_window or seen >> age & 1:
-                    self._counts[key] = entry
+                    counts[key] = entry
                     return False
                 seen |= 1 << age
-        counts = self._counts
         counts[key] = (highest, seen, issued)
         # Drop expired nonces from the old end, then keep within the bound.
         while counts:

@@ -775,7 +775,7 @@ def test_secrets_never_show():
     password, secret = "p4ssw0rd-never-shown", b"S" * 32
     ha1 = md5_ha1("alice", REALM, password)
     auth = Authorize(REALM, {"alice": password}, secret=secret)
-    seen = [repr(auth), str(vars(Authorize))]
+    seen = [repr(auth)]
     (sha, md5) = auth.challenge(REALM, NOW)
     for creds in ([], answer(sha, password="wrong"), answer(sha, password=password),
                   answer(md5, password=password, nc=2, uri="sip:elsewhere")):

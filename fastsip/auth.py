@@ -186,7 +186,6 @@ _HASHES = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
 ALGORITHMS = ("SHA-256", "SHA-256-sess", "MD5", "MD5-sess")
 _CANONICAL = {a.lower(): a for a in ALGORITHMS}
 _HEX = re.compile(r"[0-9A-Fa-f]+")
-_NC = re.compile(r"[0-9A-Fa-f]{8}")
 
 
 def _canonical_algorithm(name):
@@ -347,6 +346,7 @@ def _uri_key(uri):
 
 
 _NONCE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of 32 bytes, unpadded
+_NC = re.compile(r"[0-9A-Fa-f]{8}")  # nonce-count
 
 
 class Authorize:

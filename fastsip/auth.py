@@ -1,0 +1,555 @@
+"""Digest authentication for the registrar (RFC 3261 §22, RFC 7616, RFC 8760).
+
+Sans-I/O like the rest of the core: nothing here reads the clock or a socket
+(the caller passes ``now``, wall-clock seconds), and only ``load_htdigest``
+(or an ``Authorize`` given a file path) reads a file, once.
+
+- ``parse_credentials`` parses one Authorization / Proxy-Authorization /
+  WWW-Authenticate value into ``Credentials``.
+- ``digest_response`` computes a digest ``response`` (MD5, SHA-256 and their
+  ``-sess`` variants; ``qop=auth`` or none).
+- ``load_htdigest`` reads an htdigest file (plus an optional SHA-256 field).
+- ``Authorize`` issues challenges with stateless signed nonces and checks a
+  REGISTER's credentials; see docs/auth.md for the order of checks.
+
+Text is hashed as UTF-8; characters U+DC80..U+DCFF (what decoding the wire
+bytes with ``errors="surrogateescape"`` produces) are hashed as the original
+bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from fastsip.errors import BadHeader
+
+__all__ = [
+    "ALGORITHMS",
+    "AuthResult",
+    "Authorize",
+    "BadCredentials",
+    "Credentials",
+    "digest_response",
+    "load_htdigest",
+    "own_aor_only",
+    "parse_credentials",
+]
+
+
+# --------------------------------------------------------------------------
+# Parsing credentials and challenges
+# --------------------------------------------------------------------------
+
+
+class BadCredentials(BadHeader):
+    """A credentials or challenge value is malformed (400 Bad Request).
+
+    A ``ValueError`` (through ``fastsip.errors.ParseError``): ``reason`` is the
+    short text, ``offset`` the byte index in the UTF-8 form of the value.
+    """
+
+
+# RFC 7230 tchar: a superset of RFC 3261's token characters.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 7235 token68, e.g. the blob of "Basic dXNlcjpwYXNz".
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# Optional LWS: spaces and tabs, and folds (a line break followed by one).
+_WS = re.compile(r"(?:[ \t]|\r?\n[ \t])*")
+# quoted-string: qdtext (no DQUOTE, backslash or control character except
+# HTAB), quoted-pair (backslash and any character but CR/LF), folds.
+# Each alternative starts with a different character, so matching is linear.
+_QUOTED = re.compile(r'"((?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\r\n]|\r?\n[ \t])*)"')
+# In a matched quoted-string: a quoted-pair, or the line break of a fold.
+_UNESCAPE = re.compile(r"\\(.)|\r?\n", re.S)
+
+
+def _param(name):
+    return property(lambda self: self.params.get(name), doc=f"The ``{name}`` parameter, or None.")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """One parsed credentials (or challenge) value.
+
+    ``scheme`` as written; ``params`` maps lower-case names to unquoted values.
+    ``token68`` holds the blob of a token68 form (``Basic dXNlcjpwYXNz``),
+    which has no params.
+    """
+
+    scheme: str
+    params: dict[str, str] = field(default_factory=dict)
+    token68: str | None = None
+
+    username = _param("username")
+    realm = _param("realm")
+    nonce = _param("nonce")
+    uri = _param("uri")
+    response = _param("response")
+    algorithm = _param("algorithm")
+    qop = _param("qop")
+    nc = _param("nc")
+    cnonce = _param("cnonce")
+    opaque = _param("opaque")
+
+
+def _skip_ws(value, pos):
+    return _WS.match(value, pos).end()
+
+
+def _bad(reason, value, pos):
+    """A BadCredentials pointing at character ``pos`` of ``value``."""
+    data = value.encode("utf-8", "surrogatepass")
+    return BadCredentials(reason, len(value[:pos].encode("utf-8", "surrogatepass")), data)
+
+
+def _unquote(text):
+    if "\\" not in text and "\n" not in text:
+        return text
+    return _UNESCAPE.sub(lambda m: m.group(1) or "", text)
+
+
+def parse_credentials(value: str) -> Credentials:
+    """Parse ``scheme [token68 | name=value *("," name=value)]``.
+
+    Grammar of RFC 7235 §2.1 and RFC 3261 §25: LWS (including folds) around
+    ``=`` and ``,``, values are tokens or quoted-strings (backslash escapes,
+    commas inside quotes), names are case-insensitive, empty list elements
+    are skipped, a name may occur only once.  One challenge or credentials per
+    value.  Raises ``BadCredentials`` on malformed input, nothing else on any
+    ``str``; runs in linear time.
+    """
+    n = len(value)
+    pos = _skip_ws(value, 0)
+    m = _TOKEN.match(value, pos)
+    if m is None:
+        raise _bad("empty credentials" if pos == n else "expected an auth-scheme", value, pos)
+    scheme = m.group()
+    pos = _skip_ws(value, m.end())
+    if pos == n:
+        return Credentials(scheme)
+    if pos == m.end():
+        raise _bad("expected whitespace after the auth-scheme", value, pos)
+
+    m = _TOKEN68.match(value, pos)
+    if m is not None and _skip_ws(value, m.end()) == n:
+        return Credentials(scheme, token68=m.group())
+
+    params = {}
+    while pos < n:
+        if value[pos] == ",":  # empty list element (RFC 7230 §7)
+            pos = _skip_ws(value, pos + 1)
+            continue
+        m = _TOKEN.match(value, pos)
+        if m is None:
+            raise _bad("expected a parameter name", value, pos)
+        name = m.group().lower()
+        if name in params:
+            raise _bad(f"duplicate parameter {name[:40]!r}", value, pos)
+        pos = _skip_ws(value, m.end())
+        if not value.startswith("=", pos):
+            raise _bad("expected '=' after the parameter name", value, pos)
+        pos = _skip_ws(value, pos + 1)
+        m = _QUOTED.match(value, pos)
+        if m is not None:
+            params[name] = _unquote(m.group(1))
+        else:
+            m = _TOKEN.match(value, pos)
+            if m is None:
+                if value.startswith('"', pos):
+                    raise _bad("unterminated or invalid quoted-string", value, pos)
+                raise _bad("expected a token or quoted-string after '='", value, pos)
+            params[name] = m.group()
+        pos = _skip_ws(value, m.end())
+        if pos < n and value[pos] != ",":
+            raise _bad("expected ',' between parameters", value, pos)
+    return Credentials(scheme, params)
+
+
+def _quote(text):
+    """``text`` as a quoted-string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --------------------------------------------------------------------------
+# Digest computation
+# --------------------------------------------------------------------------
+
+# The hash of each base algorithm; "X-sess" uses the hash of "X".
+_HASHES = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
+ALGORITHMS = ("SHA-256", "SHA-256-sess", "MD5", "MD5-sess")
+_CANONICAL = {a.lower(): a for a in ALGORITHMS}
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+
+
+def _canonical_algorithm(name):
+    """The supported algorithm ``name`` stands for (absent means MD5), or None."""
+    return _CANONICAL.get("md5" if name is None else name.lower())
+
+
+def _base(algorithm):
+    return algorithm.removesuffix("-sess")
+
+
+def _bytes(text):
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _hex_hash(base, text):
+    return _HASHES[base](_bytes(text)).hexdigest()
+
+
+def digest_response(algorithm, username, realm, password=None, *, ha1=None, method, uri,
+                    nonce, qop=None, nc=None, cnonce=None) -> str:
+    """The hex digest ``response`` (RFC 7616 §3.4.1, RFC 2617, RFC 2069).
+
+    ``algorithm``: MD5 (also when None), SHA-256, MD5-sess or SHA-256-sess.
+    Give either ``password`` or ``ha1``, the hex H(username:realm:password)
+    of the base algorithm (for ``-sess`` the session key is derived from it).
+    ``qop`` is None (RFC 2069 style) or ``"auth"``, which needs ``nc`` and
+    ``cnonce`` (``-sess`` needs ``cnonce`` too).
+    """
+    alg = _canonical_algorithm(algorithm)
+    if alg is None:
+        raise ValueError(f"unsupported digest algorithm {algorithm!r}")
+    if (password is None) == (ha1 is None):
+        raise TypeError("digest_response needs exactly one of password and ha1")
+    base = _base(alg)
+    if ha1 is None:
+        ha1 = _hex_hash(base, f"{username}:{realm}:{password}")
+    else:
+        ha1 = ha1.lower()
+    if alg != base:
+        if cnonce is None:
+            raise ValueError(f"{alg} needs a cnonce")
+        ha1 = _hex_hash(base, f"{ha1}:{nonce}:{cnonce}")
+    ha2 = _hex_hash(base, f"{method}:{uri}")
+    if qop is None:
+        return _hex_hash(base, f"{ha1}:{nonce}:{ha2}")
+    if qop.lower() != "auth":
+        raise ValueError(f"unsupported qop {qop!r} (only auth)")
+    if nc is None or cnonce is None:
+        raise ValueError("qop=auth needs nc and cnonce")
+    return _hex_hash(base, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+
+
+# --------------------------------------------------------------------------
+# htdigest files
+# --------------------------------------------------------------------------
+
+
+def load_htdigest(path) -> dict:
+    """Read an htdigest file: ``{(user, realm): MD5 HA1 hex}``.
+
+    Lines are ``user:realm:HA1`` as Apache's htdigest writes them.  fastsip
+    extension: more fields ``ALGORITHM=HA1`` may follow, e.g.
+    ``alice:example.com:<md5>:SHA-256=<sha256 hex>``; they are returned under
+    the key ``(user, realm, "SHA-256")``.  The MD5 field may be empty when
+    another hash is given (that user then cannot use MD5).  Blank lines and
+    lines starting with ``#`` are skipped; a realm may contain ``:``.
+    Raises ``ValueError`` naming the line (never its hashes).
+    """
+    users = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip() or line.startswith("#"):
+                continue
+            where = f"{os.fspath(path)}:{lineno}"
+            user, _, rest = line.partition(":")
+            fields = rest.split(":")
+            if not user or len(fields) < 2:
+                raise ValueError(f"{where}: expected user:realm:HA1")
+            extra = []
+            while len(fields) > 2 and "=" in fields[-1]:
+                extra.append(fields.pop().partition("="))
+            realm = ":".join(fields[:-1])
+            hashes = [("MD5", fields[-1])] if fields[-1] else []
+            for name, _, hexdigest in extra:
+                alg = _canonical_algorithm(name)
+                if alg not in _HASHES or alg == "MD5":
+                    raise ValueError(f"{where}: {name!r} is not an extra algorithm (SHA-256=<hex>)")
+                hashes.append((alg, hexdigest))
+            if not hashes:
+                raise ValueError(f"{where}: no HA1")
+            for alg, hexdigest in hashes:
+                size = _HASHES[alg]().digest_size * 2
+                if len(hexdigest) != size or not _HEX.fullmatch(hexdigest):
+                    raise ValueError(f"{where}: the {alg} HA1 is not {size} hex digits")
+                key = (user, realm) if alg == "MD5" else (user, realm, alg)
+                if key in users:
+                    raise ValueError(f"{where}: {user}:{realm} ({alg}) appears twice")
+                users[key] = hexdigest.lower()
+    return users
+
+
+# --------------------------------------------------------------------------
+# Authorize
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """The outcome of ``Authorize.check``.
+
+    ``status`` is 0 when ``ok``, else the response to send (401, 403, 400)
+    with ``headers`` added to it.  ``user`` is the authenticated user name
+    (also set on a 403: authenticated, but not allowed this AOR).
+    """
+
+    ok: bool
+    status: int
+    reason: str
+    user: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _host(hostport):
+    """The lower-case host of ``host[:port]`` (IPv6 references kept in brackets)."""
+    host = hostport.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] or host
+    return host.partition(":")[0] if host.count(":") == 1 else host
+
+
+def own_aor_only(auth_user, realm, aor_user, aor_domain) -> bool:
+    """The default policy: a user may register only its own AOR.
+
+    True when the authenticated user is the AOR user and the realm is the AOR
+    domain (compared case-insensitively, ignoring a port on the domain).
+    """
+    return auth_user == aor_user and _host(aor_domain) == realm.lower()
+
+
+def _uri_key(uri):
+    """A comparison key for a URI: angle brackets dropped, scheme, host and
+    parameters compared case-insensitively, parameters in any order."""
+    text = uri.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    scheme, colon, rest = text.partition(":")
+    if not colon:
+        return (text,)
+    rest, _, headers = rest.partition("?")
+    rest, *params = rest.split(";")
+    userinfo, _, hostport = rest.rpartition("@")
+    return scheme.lower(), userinfo, hostport.lower(), sorted(p.lower() for p in params), headers
+
+
+_NONCE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of 32 bytes, unpadded
+_NC = re.compile(r"[0-9A-Fa-f]{8}")  # nonce-count
+
+
+class Authorize:
+    """Digest authentication and AOR authorization for REGISTER.
+
+    ``realm``: the realm to challenge with; None uses the host of each
+    request's AOR domain.  ``users``: a dict user -> password, a dict from
+    ``load_htdigest`` ((user, realm) -> HA1), a path to an htdigest file (read
+    once, here), or a callable(user, realm) -> password or None.
+    ``algorithms``: offered in this order, one challenge each.  ``nonce_ttl``:
+    seconds a nonce stays valid.  ``secret``: the nonce signing key (bytes);
+    workers that must accept each other's nonces need the same one.
+    ``qop``: ``("auth",)`` or ``()``.  ``policy``: callable(auth_user, realm,
+    aor_user, aor_domain) -> bool, default ``own_aor_only``.
+    ``replay_window``: with qop=auth, a nonce-count is accepted once if it is
+    higher than any seen for the nonce or among the last ``replay_window``
+    counts (the highest included: requests that arrive out of order); 0 or 1
+    accept only increasing counts.  ``max_nonces``: the most (nonce, user)
+    entries whose counts are remembered.  See docs/auth.md.
+    """
+
+    def __init__(self, realm=None, users=None, *, algorithms=("SHA-256", "MD5"), nonce_ttl=300,
+                 secret=None, qop=("auth",), policy=None, replay_window=1024, max_nonces=100_000):
+        if users is None:
+            raise TypeError("Authorize needs users: a dict, an htdigest path or a callable")
+        if isinstance(users, (str, os.PathLike)):
+            users = load_htdigest(users)
+        self.realm = realm
+        self._users = users
+        if isinstance(algorithms, str):
+            algorithms = (algorithms,)
+        self.algorithms = tuple(_canonical_algorithm(a) or a for a in algorithms)
+        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
+        if unknown or not self.algorithms:
+            raise ValueError(f"algorithms must be some of {ALGORITHMS}, not {unknown or 'none'}")
+        if isinstance(qop, str):
+            qop = (qop,)
+        self.qop = tuple(qop or ())
+        if any(q != "auth" for q in self.qop):
+            raise ValueError("qop may only be ('auth',) or () (auth-int is not supported)")
+        if not self.qop and any(a.endswith("-sess") for a in self.algorithms):
+            raise ValueError("the -sess algorithms need qop=('auth',)")
+        if nonce_ttl <= 0 or replay_window < 0 or max_nonces < 1:
+            raise ValueError("nonce_ttl and max_nonces must be positive, replay_window >= 0")
+        self.nonce_ttl = nonce_ttl
+        self._secret = secrets.token_bytes(32) if secret is None else (
+            secret.encode() if isinstance(secret, str) else bytes(secret))
+        self.policy = policy or own_aor_only
+        self.replay_window = replay_window
+        self.max_nonces = max_nonces
+        # (nonce, user) -> (highest nc, bitmap of the counts below it seen,
+        # issue time), least recently used first.
+        self._counts = OrderedDict()
+        # Issue time of the newest nonce whose counts were evicted.
+        self._evicted_upto = float("-inf")
+        self._dummy_password = secrets.token_hex(16)
+
+    def __repr__(self):
+        # never the users or the secret
+        return (f"Authorize(realm={self.realm!r}, algorithms={self.algorithms!r}, "
+                f"nonce_ttl={self.nonce_ttl!r})")
+
+    # -- challenges and nonces ---------------------------------------------
+
+    def challenge(self, realm: str, now: float, stale: bool = False) -> list[str]:
+        """WWW-Authenticate values, one per algorithm, in ``algorithms`` order."""
+        nonce = self._new_nonce(realm, now)
+        tail = f', qop="{",".join(self.qop)}"' if self.qop else ""
+        if stale:
+            tail += ", stale=true"
+        return [f'Digest realm={_quote(realm)}, nonce="{nonce}", algorithm={alg}{tail}'
+                for alg in self.algorithms]
+
+    def _mac(self, head, realm):
+        return hmac.new(self._secret, head + _bytes(realm), hashlib.sha256).digest()[:16]
+
+    def _new_nonce(self, realm, now):
+        # 8 bytes issue time (ms) | 8 random bytes | 16 bytes HMAC over both and the realm
+        head = int(now * 1000).to_bytes(8, "big", signed=True) + secrets.token_bytes(8)
+        return base64.urlsafe_b64encode(head + self._mac(head, realm)).rstrip(b"=").decode()
+
+    def _nonce_issued(self, nonce, realm):
+        """The issue time of a nonce we signed for ``realm``, else None."""
+        if not _NONCE.fullmatch(nonce):
+            return None
+        raw = base64.urlsafe_b64decode(nonce + "=")
+        if not hmac.compare_digest(raw[16:], self._mac(raw[:16], realm)):
+            return None
+        return int.from_bytes(raw[:8], "big", signed=True) / 1000
+
+    # -- checking ------------------------------------------------------------
+
+    def check(self, method: str, request_uri: str, credentials: list, aor_user: str,
+              aor_domain: str, now: float) -> AuthResult:
+        """Check a request's credentials; see docs/auth.md for the order."""
+        realm = self.realm or _host(aor_domain)
+        creds = next((c for c in credentials or ()
+                      if c.scheme.lower() == "digest" and c.realm == realm
+                      and _canonical_algorithm(c.algorithm) in self.algorithms), None)
+        if creds is None:
+            return self._unauthorized(realm, now, "authentication required")
+
+        missing = [k for k in ("username", "nonce", "uri", "response") if k not in creds.params]
+        if missing:
+            return AuthResult(False, 400, f"credentials lack {', '.join(missing)}")
+        algorithm = _canonical_algorithm(creds.algorithm)
+        qop, nc = creds.qop, creds.nc
+        if qop is not None:
+            if qop.lower() != "auth":
+                return AuthResult(False, 400, "unsupported qop in credentials")
+            if nc is None or creds.cnonce is None:
+                return AuthResult(False, 400, "qop=auth credentials lack nc or cnonce")
+            if not _NC.fullmatch(nc):
+                return AuthResult(False, 400, "nc is not 8 hex digits")
+        elif algorithm != _base(algorithm):
+            return AuthResult(False, 400, f"{algorithm} credentials lack qop=auth")
+        if _uri_key(creds.uri) != _uri_key(request_uri):
+            return AuthResult(False, 400, "digest uri does not match the Request-URI")
+
+        issued = self._nonce_issued(creds.nonce, realm)
+        if issued is None:
+            return self._unauthorized(realm, now, "unknown nonce")
+
+        # An unknown user costs the same work as a wrong password and gets
+        # the same answer.
+        user = creds.username
+        ha1 = self._ha1(user, realm, _base(algorithm))
+        known = ha1 is not None
+        if not known:
+            ha1 = _hex_hash(_base(algorithm), f"{user}:{realm}:{self._dummy_password}")
+        expected = digest_response(algorithm, user, realm, ha1=ha1, method=method, uri=creds.uri,
+                                   nonce=creds.nonce, qop=qop, nc=nc, cnonce=creds.cnonce)
+        if not (hmac.compare_digest(expected.encode(), _bytes(creds.response.lower())) and known):
+            return self._unauthorized(realm, now, "wrong credentials")
+
+        # Clock skew between workers aside, a nonce from the future is as
+        # suspect as an old one.
+        if abs(now - issued) > self.nonce_ttl:
+            return self._unauthorized(realm, now, "nonce expired", stale=True)
+        if qop is not None and not self._count_is_new(creds.nonce, user, int(nc, 16), issued, now):
+            return self._unauthorized(realm, now, "nonce count replayed", stale=True)
+        if not self.policy(user, realm, aor_user, aor_domain):
+            return AuthResult(False, 403, "user may not register this AOR", user)
+        return AuthResult(True, 0, "authenticated", user)
+
+    def _unauthorized(self, realm, now, reason, stale=False):
+        headers = [("WWW-Authenticate", v) for v in self.challenge(realm, now, stale)]
+        return AuthResult(False, 401, reason, None, headers)
+
+    def _ha1(self, user, realm, base):
+        """The hex HA1 of ``user`` for a base algorithm, or None if unknown."""
+        users = self._users
+        if callable(users):
+            password = users(user, realm)
+        else:
+            ha1 = users.get((user, realm, base))
+            if ha1 is None and base == "MD5":
+                ha1 = users.get((user, realm))
+            if ha1 is not None:
+                return ha1
+            password = users.get(user)
+        return None if password is None else _hex_hash(base, f"{user}:{realm}:{password}")
+
+    def _count_is_new(self, nonce, user, nc, issued, now):
+        """Record nonce-count ``nc``; False if it was used or is too old.
+
+        Sliding window as in IPsec (RFC 4303 §3.4.3): per (nonce, user) the
+        highest count and a bitmap of the ``replay_window`` counts below it.
+        At most ``max_nonces`` entries, least recently used evicted first; a
+        nonce issued no later than an evicted one and not in the table is
+        refused, so eviction never re-opens a replay.
+        """
+        counts = self._counts
+        key = (nonce, user)
+        entry = counts.pop(key, None)
+        if entry is None:
+            if issued <= self._evicted_upto:
+                return False
+            highest, seen = nc, 1
+        else:
+            highest, seen, _ = entry
+            if nc > highest:
+                shift = nc - highest
+                if shift < self.replay_window:
+                    seen = (seen << shift | 1) & ((1 << self.replay_window) - 1)
+                else:  # also keeps a huge jump from building a huge bitmap
+                    seen = 1
+                highest = nc
+            else:
+                age = highest - nc
+                if age >= self.replay_window or seen >> age & 1:
+                    counts[key] = entry
+                    return False
+                seen |= 1 << age
+        counts[key] = (highest, seen, issued)
+        # Drop expired nonces from the old end, then keep within the bound.
+        while counts:
+            oldest_key, (_, _, oldest_issued) = next(iter(counts.items()))
+            if now - oldest_issued > self.nonce_ttl:
+                del counts[oldest_key]
+            elif len(counts) > self.max_nonces:
+                del counts[oldest_key]
+                self._evicted_upto = max(self._evicted_upto, oldest_issued)
+            else:
+                break
+        return True

@@ -1,6 +1,8 @@
 """The ``fastsip`` command line.
 
     fastsip parse FILE|-      pretty-print a SIP message, or the error with a caret
+    fastsip serve [...]       run the registrar (see fastsip.server, docs/server.md)
+    fastsip show AOR / bindings / remove AOR [CONTACT]   ask the running server
 """
 import argparse
 import sys
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="also build every typed value (validate()) and fail on the first error")
     p.set_defaults(func=cmd_parse)
+    from fastsip.server.cli import add_subcommands
+    add_subcommands(sub)
     return ap
 
 

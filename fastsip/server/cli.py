@@ -1,0 +1,172 @@
+"""The ``serve``, ``show``, ``bindings`` and ``remove`` subcommands of ``fastsip``.
+
+``show``, ``bindings`` and ``remove`` ask a running server over its HTTP
+endpoint (the one that serves ``/metrics``; ``--metrics HOST:PORT``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+DEFAULT_ENDPOINT = "127.0.0.1:9060"
+
+
+def _endpoint_url(endpoint: str, path: str, **query) -> str:
+    from fastsip.server.config import parse_hostport
+    host, port = parse_hostport(endpoint, "--metrics")
+    if ":" in host:
+        host = f"[{host}]"
+    q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    return f"http://{host}:{port}{path}" + (f"?{q}" if q else "")
+
+
+def _call(args, path, method="GET", **query):
+    from fastsip.server.config import ConfigError
+    try:
+        url = _endpoint_url(args.metrics, path, **query)
+    except ConfigError as exc:
+        raise SystemExit(_fail(str(exc)))
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise SystemExit(_fail(f"{url}: {detail}"))
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(_fail(f"no fastsip server answers at {args.metrics} ({reason}); "
+                               "is it running? (--metrics HOST:PORT)"))
+
+
+def _fail(msg) -> int:
+    print(f"fastsip: {msg}", file=sys.stderr)
+    return 2
+
+
+def _line(b) -> str:
+    src = b["source"]
+    host = f"[{src[0]}]" if ":" in src[0] else src[0]
+    parts = [f"<{b['contact']}>", f"expires={b['expires']}"]
+    if b.get("q") is not None:
+        parts.append(f"q={b['q']:g}")
+    parts.append(f"{b['transport']} from {host}:{src[1]}")
+    if b.get("transport") == "tcp" and b.get("conn_id", -1) != -1:
+        parts.append(f"conn {b['conn_id']}")
+    if b.get("instance"):
+        parts.append(f"instance {b['instance']}")
+    if b.get("reg_id") is not None:
+        parts.append(f"reg-id {b['reg_id']}")
+    if b.get("path"):
+        parts.append("path " + ",".join(b["path"]))
+    parts.append(f"call-id {b['call_id']} cseq {b['cseq']}")
+    if b.get("user_agent"):
+        parts.append(f"ua {b['user_agent']!r}")
+    return "  ".join(parts)
+
+
+def cmd_show(args) -> int:
+    data = _call(args, "/api/aor", aor=args.aor)
+    if args.json:
+        print(json.dumps(data["bindings"], indent=1))
+        return 0
+    if not data["bindings"]:
+        print(f"{args.aor}: no bindings")
+        return 1
+    print(f"{args.aor}: {len(data['bindings'])} binding(s)")
+    for b in sorted(data["bindings"], key=lambda b: (-(b["q"] or 0), b["contact"])):
+        print("  " + _line(b))
+    return 0
+
+
+def cmd_bindings(args) -> int:
+    data = _call(args, "/api/bindings", limit=args.limit)
+    if args.json:
+        print(json.dumps(data["bindings"], indent=1))
+        return 0
+    last = None
+    for b in data["bindings"]:
+        if b["aor"] != last:
+            print(b["aor"])
+            last = b["aor"]
+        print("  " + _line(b))
+    aors = len({b["aor"] for b in data["bindings"]})
+    print(f"{len(data['bindings'])} binding(s) of {aors} AOR(s)"
+          + (f" (first {args.limit} shown)" if data.get("truncated") else ""))
+    return 0
+
+
+def cmd_remove(args) -> int:
+    data = _call(args, "/api/remove", method="POST", aor=args.aor, contact=args.contact)
+    what = f"{args.aor} {args.contact}" if args.contact else args.aor
+    print(f"removed {data['removed']} binding(s) of {what}")
+    return 0 if data["removed"] else 1
+
+
+def cmd_serve(args) -> int:
+    from fastsip.server.supervisor import serve
+    return serve(args)
+
+
+def _one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Bad flags: one line on standard error and exit status 2 (no usage block)."""
+    def error(message):
+        print(f"{p.prog}: error: {message} (see {p.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+    parse_known = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse_known(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+    p.error = error
+    p.parse_known_args = parse_known_args
+    return p
+
+
+def add_subcommands(sub) -> None:
+    """Register serve/show/bindings/remove on the ``fastsip`` sub-parser collection."""
+    from fastsip.server.config import add_serve_arguments
+    p = sub.add_parser(
+        "serve", help="run the registrar (UDP+TCP, one worker process per CPU)",
+        description="Run the multi-process SIP registrar. Every setting can also come from a "
+                    "TOML file (--config) with the same keys; flags win. Signals: SIGTERM/SIGINT "
+                    "stop after writing the state, SIGHUP reopens the log file and reloads the "
+                    "live settings. See docs/server.md.")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    _one_line_errors(p)
+
+    def endpoint(p):
+        p.add_argument("--metrics", default=DEFAULT_ENDPOINT, metavar="HOST:PORT",
+                       help=f"the running server's HTTP endpoint (default: {DEFAULT_ENDPOINT})")
+
+    p = sub.add_parser("show", help="the bindings of one AOR, from the running server")
+    p.add_argument("aor", metavar="AOR", help="address of record, e.g. sip:alice@example.com")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    endpoint(p)
+    p.set_defaults(func=cmd_show)
+    _one_line_errors(p)
+
+    p = sub.add_parser("bindings", help="every binding of the running server")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--limit", type=int, default=100000, help="at most this many (default: 100000)")
+    endpoint(p)
+    p.set_defaults(func=cmd_bindings)
+    _one_line_errors(p)
+
+    p = sub.add_parser("remove", help="remove the bindings of an AOR (or one contact of it)")
+    p.add_argument("aor", metavar="AOR")
+    p.add_argument("contact", metavar="CONTACT", nargs="?", help="only this contact URI")
+    endpoint(p)
+    p.set_defaults(func=cmd_remove)
+    _one_line_errors(p)

@@ -1,0 +1,269 @@
+"""Configuration of ``fastsip serve``: flags, the TOML file, defaults, validation.
+
+One table (``OPTIONS``) defines every setting once: its flag, its type, its
+default and its help.  The TOML file given with ``--config`` takes the same
+keys as the long flags (``min-expires`` or ``min_expires``); flags given on
+the command line win over the file, the file over the defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    """A setting is unusable: the command line prints it on one line and exits 2."""
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port)."""
+    text = str(text).strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{what} {text!r}: expected [IPV6]:PORT")
+        port = rest[1:]
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(f"{what} {text!r}: expected HOST:PORT (IPv6 as [ADDR]:PORT)")
+    if not host:
+        raise ConfigError(f"{what} {text!r}: the host is missing")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} {text!r}: the port must be a number within 0..65535")
+    return host, int(port)
+
+
+def parse_listen(text: str) -> tuple[str, str, int]:
+    """``udp:HOST:PORT`` / ``tcp:HOST:PORT`` -> (transport, host, port)."""
+    transport, sep, rest = str(text).partition(":")
+    transport = transport.lower()
+    if not sep or transport not in ("udp", "tcp"):
+        raise ConfigError(f"--listen {text!r}: expected udp:HOST:PORT or tcp:HOST:PORT")
+    host, port = parse_hostport(rest, f"--listen {text!r}:")
+    return transport, host, port
+
+
+def _positive_int(name):
+    def conv(v):
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name} {v!r}: expected a whole number") from None
+        if n < 1:
+            raise ConfigError(f"--{name} {v!r}: must be at least 1")
+        return n
+    return conv
+
+
+def _nonneg_int(name):
+    def conv(v):
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name} {v!r}: expected a whole number") from None
+        if n < 0:
+            raise ConfigError(f"--{name} {v!r}: must not be negative")
+        return n
+    return conv
+
+
+def _nonneg_float(name):
+    def conv(v):
+        try:
+            n = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name} {v!r}: expected a number") from None
+        if not n >= 0 or n == float("inf"):
+            raise ConfigError(f"--{name} {v!r}: must be a finite number >= 0")
+        return n
+    return conv
+
+
+def _choice(name, choices):
+    def conv(v):
+        v = str(v).lower()
+        if v not in choices:
+            raise ConfigError(f"--{name} {v!r}: expected one of {', '.join(choices)}")
+        return v
+    return conv
+
+
+def _string(name):
+    def conv(v):
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"--{name}: expected a non-empty string")
+        return v
+    return conv
+
+
+# name, converter, default, list?, live (SIGHUP may change it), metavar, help
+OPTIONS = [
+    ("listen", parse_listen, ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"], True, False, "PROTO:HOST:PORT",
+     "where to listen, udp:HOST:PORT or tcp:HOST:PORT (IPv6: udp:[::1]:5060); repeat for several "
+     "(default: udp and tcp on 0.0.0.0:5060)"),
+    ("workers", _positive_int("workers"), os.cpu_count() or 1, False, False, "N",
+     "worker processes (default: the number of CPUs, here %(cpus)d)"),
+    ("domain", _string("domain"), [], True, False, "D",
+     "a domain this registrar serves ('*.example.com' allowed); repeat for several "
+     "(default: any domain); REGISTER for others gets 404"),
+    ("min-expires", _nonneg_int("min-expires"), 60, False, True, "S",
+     "shortest registration accepted, seconds; shorter ones get 423 (default: 60)"),
+    ("max-expires", _positive_int("max-expires"), 3600, False, True, "S",
+     "longest registration granted, seconds (default: 3600)"),
+    ("default-expires", _positive_int("default-expires"), 3600, False, True, "S",
+     "registration time when the REGISTER asks none, seconds (default: 3600)"),
+    ("max-contacts", _positive_int("max-contacts"), 16, False, True, "N",
+     "most bindings one AOR may hold (default: 16)"),
+    ("realm", _string("realm"), None, False, False, "R",
+     "require digest authentication in realm R (with --users)"),
+    ("users", _string("users"), None, False, True, "FILE",
+     "htdigest file of user:realm:HA1 lines (see docs/auth.md); re-read on SIGHUP"),
+    ("state", _string("state"), "./fastsip-state.sqlite3", False, False, "PATH",
+     "SQLite state file for the bindings (default: ./fastsip-state.sqlite3)"),
+    ("no-state", bool, False, False, False, None,
+     "keep bindings in memory only: a restart loses them"),
+    ("flush-interval", _nonneg_float("flush-interval"), 1.0, False, True, "S",
+     "seconds between writes of binding changes to the state file; the most a crash loses "
+     "(default: 1)"),
+    ("metrics", lambda v: parse_hostport(v, "--metrics"), "127.0.0.1:9060", False, False, "HOST:PORT",
+     "HTTP endpoint for Prometheus /metrics and the admin API of show/bindings/remove "
+     "(default: 127.0.0.1:9060)"),
+    ("max-message-size", _positive_int("max-message-size"), 16384, False, False, "BYTES",
+     "largest SIP message accepted; larger datagrams are dropped and counted, larger TCP "
+     "messages close the connection (default: 16384)"),
+    ("rate-limit", _nonneg_float("rate-limit"), 0.0, False, True, "N",
+     "requests per second allowed from one source address per worker, token bucket; "
+     "0 turns it off (default: 0)"),
+    ("rate-burst", _nonneg_float("rate-burst"), 0.0, False, True, "N",
+     "token bucket size for --rate-limit (default: twice the rate)"),
+    ("tcp-idle-timeout", _nonneg_float("tcp-idle-timeout"), 300.0, False, True, "S",
+     "close a TCP connection silent for this long, seconds; 0 never (default: 300)"),
+    ("max-connections", _positive_int("max-connections"), 10000, False, False, "N",
+     "most TCP connections per worker; more are closed at once (default: 10000)"),
+    ("batch", _positive_int("batch"), 64, False, False, "N",
+     "datagrams received or sent per system call (default: 64)"),
+    ("log-level", _choice("log-level", ("debug", "info", "warning", "error")), "info", False, True,
+     "LEVEL", "debug, info, warning or error (default: info)"),
+    ("log-format", _choice("log-format", ("text", "json")), "text", False, True, "FORMAT",
+     "text, or json (one object per line, for log shippers) (default: text)"),
+    ("log-file", _string("log-file"), None, False, False, "PATH",
+     "append logs to PATH instead of standard error; SIGHUP reopens it (for logrotate)"),
+]
+_BY_NAME = {o[0]: o for o in OPTIONS}
+LIVE = tuple(o[0].replace("-", "_") for o in OPTIONS if o[4])
+
+
+@dataclass
+class ServerConfig:
+    listen: list = field(default_factory=list)          # [(transport, host, port)]
+    workers: int = 1
+    domain: list = field(default_factory=list)
+    min_expires: int = 60
+    max_expires: int = 3600
+    default_expires: int = 3600
+    max_contacts: int = 16
+    realm: str | None = None
+    users: str | None = None
+    state: str | None = "./fastsip-state.sqlite3"      # None: --no-state
+    no_state: bool = False
+    flush_interval: float = 1.0
+    metrics: tuple = ("127.0.0.1", 9060)
+    max_message_size: int = 16384
+    rate_limit: float = 0.0
+    rate_burst: float = 0.0
+    tcp_idle_timeout: float = 300.0
+    max_connections: int = 10000
+    batch: int = 64
+    log_level: str = "info"
+    log_format: str = "text"
+    log_file: str | None = None
+    config: str | None = None
+
+    def live_values(self) -> dict:
+        """The settings a SIGHUP may change, as plain values (sent to the workers)."""
+        return {k: getattr(self, k) for k in LIVE}
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Add every ``fastsip serve`` flag to ``p`` (defaults are None: see ``resolve``)."""
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with the same keys as these flags (flags given here win); "
+                        "SIGHUP re-reads the settings marked 'live' in docs/server.md")
+    for name, _conv, _default, many, _live, metavar, help_ in OPTIONS:
+        help_ = help_.replace("%(cpus)d", str(os.cpu_count() or 1))
+        if _conv is bool:
+            p.add_argument(f"--{name}", action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(f"--{name}", action="append" if many else "store", default=None,
+                           metavar=metavar, help=help_)
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    out = {}
+    for key, value in data.items():
+        name = key.replace("_", "-")
+        if name not in _BY_NAME:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        if _BY_NAME[name][3] and not isinstance(value, list):
+            value = [value]
+        out[name] = value
+    return out
+
+
+def resolve(args: argparse.Namespace | None = None, config_path: str | None = None) -> ServerConfig:
+    """Defaults, then the TOML file, then the flags given: a checked ``ServerConfig``."""
+    given = {}
+    if args is not None:
+        config_path = config_path or args.config
+        for name, *_ in OPTIONS:
+            v = getattr(args, name.replace("-", "_"), None)
+            if v is not None:
+                given[name] = v
+    from_file = _read_toml(config_path) if config_path else {}
+    cfg = ServerConfig(config=config_path)
+    for name, conv, default, many, _live, _m, _h in OPTIONS:
+        raw = given.get(name, from_file.get(name, default))
+        if conv is bool:
+            value = bool(raw)
+        elif raw is None:
+            value = None
+        elif many:
+            value = [conv(v) for v in raw]
+        else:
+            value = conv(raw)
+        setattr(cfg, name.replace("-", "_"), value)
+    if cfg.no_state:
+        cfg.state = None
+    if not cfg.listen:
+        raise ConfigError("--listen: at least one address is needed")
+    if len(set(cfg.listen)) != len(cfg.listen):
+        raise ConfigError("--listen: an address is given twice")
+    if (cfg.realm is None) != (cfg.users is None):
+        raise ConfigError("--realm and --users go together (digest authentication needs both)")
+    if cfg.users is not None and not os.path.isfile(cfg.users):
+        raise ConfigError(f"--users {cfg.users}: no such file")
+    if cfg.min_expires > cfg.max_expires:
+        raise ConfigError(f"--min-expires {cfg.min_expires} is above --max-expires {cfg.max_expires}")
+    if cfg.workers > 256:
+        raise ConfigError(f"--workers {cfg.workers}: at most 256")
+    if cfg.batch > 1024:
+        raise ConfigError(f"--batch {cfg.batch}: at most 1024")
+    if cfg.max_message_size > 65535:
+        raise ConfigError(f"--max-message-size {cfg.max_message_size}: at most 65535")
+    if cfg.rate_limit and not cfg.rate_burst:
+        cfg.rate_burst = 2 * cfg.rate_limit
+    if cfg.state is not None:
+        d = os.path.dirname(os.path.abspath(cfg.state))
+        if not os.path.isdir(d):
+            raise ConfigError(f"--state {cfg.state}: directory {d} does not exist")
+    return cfg

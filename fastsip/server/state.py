@@ -1,0 +1,126 @@
+"""Embedded persistence: one SQLite file (WAL), one row per AOR.
+
+Every worker opens the same file and writes only its own shard's AORs, in
+short transactions (``busy_timeout`` covers the moments another worker holds
+the write lock).  A row holds the AOR, the latest expiry among its bindings
+(so that loading can skip dead rows in SQL) and the bindings as JSON.
+
+At start a worker loads the rows whose AOR hashes to its shard
+(``shard_of(aor, workers)``) and whose bindings have not expired, so
+changing ``--workers`` between runs re-shards on load.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import fastsip
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS aors (
+    aor        TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL,      -- the latest expiry among the bindings (wall clock)
+    bindings   TEXT NOT NULL       -- JSON list, see binding_row()
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+"""
+FORMAT = "1"
+
+
+def binding_row(b) -> list:
+    """A Binding as a JSON-able list (the order is the file format)."""
+    src = b.source or ("", 0)
+    return [b.uri, b.expires_at, b.q, b.call_id, b.cseq, src[0], src[1], b.transport, b.conn_id,
+            list(b.path or ()), b.instance, b.reg_id, b.user_agent]
+
+
+def binding_from_row(r) -> "fastsip.Binding":
+    uri, expires_at, q, call_id, cseq, host, port, transport, conn_id, path, instance, reg_id, ua = r
+    return fastsip.Binding(uri, expires_at, q=q, call_id=call_id, cseq=cseq, source=(host, port),
+                           transport=transport, conn_id=conn_id, path=tuple(path),
+                           instance=instance, reg_id=reg_id, user_agent=ua)
+
+
+def _dumps(bindings) -> str:
+    return json.dumps([binding_row(b) for b in bindings], separators=(",", ":"))
+
+
+class StateFile:
+    """One worker's connection to the state file."""
+
+    def __init__(self, path: str, busy_timeout: float = 5.0):
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._exec_retry(lambda: self.db.executescript(SCHEMA))
+        self.db.create_function("fastsip_shard", 2, fastsip.shard_of, deterministic=True)
+        self.rows_written = 0
+        self.errors = 0
+
+    def _exec_retry(self, fn, tries=5):
+        for i in range(tries):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc) or i == tries - 1:
+                    raise
+                time.sleep(0.05 * (i + 1))
+
+    def load(self, shard: int, shards: int, now: float):
+        """Yield (aor, [Binding]) for this shard's rows with bindings still alive at ``now``."""
+        cur = self.db.execute(
+            "SELECT aor, bindings FROM aors WHERE expires_at > ? AND fastsip_shard(aor, ?) = ?",
+            (now, shards, shard))
+        for aor, blob in cur:
+            try:
+                rows = json.loads(blob)
+                live = [binding_from_row(r) for r in rows if r[1] > now]
+            except (ValueError, TypeError):
+                self.errors += 1
+                continue
+            if live:
+                yield aor, live
+
+    def write(self, changes) -> int:
+        """Write ``[(aor, [Binding] or [])]`` in one transaction; returns rows touched."""
+        upserts = []
+        deletes = []
+        for aor, bindings in changes:
+            if bindings:
+                upserts.append((aor, max(b.expires_at for b in bindings), _dumps(bindings)))
+            else:
+                deletes.append((aor,))
+
+        def tx():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if upserts:
+                    self.db.executemany(
+                        "INSERT OR REPLACE INTO aors (aor, expires_at, bindings) VALUES (?, ?, ?)",
+                        upserts)
+                if deletes:
+                    self.db.executemany("DELETE FROM aors WHERE aor = ?", deletes)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        self._exec_retry(tx)
+        n = len(upserts) + len(deletes)
+        self.rows_written += n
+        return n
+
+    def purge_expired(self, now: float, limit: int = 5000) -> int:
+        """Delete up to ``limit`` rows whose every binding has expired (all shards may do it)."""
+        cur = self._exec_retry(lambda: self.db.execute(
+            "DELETE FROM aors WHERE aor IN (SELECT aor FROM aors WHERE expires_at <= ? LIMIT ?)",
+            (now, limit)))
+        return cur.rowcount
+
+    def close(self):
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass

@@ -1,0 +1,557 @@
+"""The supervisor: opens the sockets, forks the workers, restarts the dead, serves HTTP.
+
+- Every listen address gets one socket per worker, all bound with
+  ``SO_REUSEPORT`` before any worker starts (so a bad address fails at once,
+  with exit status 2).  The supervisor keeps its copies: a worker that dies
+  leaves its socket open, datagrams and connections queue on it, and the
+  restarted worker picks them up.  A probe bind without ``SO_REUSEPORT``
+  first makes sure that no other program holds the port.
+- Hand-off inboxes are ``AF_UNIX`` datagram socket pairs, one per worker,
+  created once: any worker sends on the writing end of the owner's pair.
+- The control channel is a stream socket pair per worker (``control.py``).
+- The HTTP endpoint (``/metrics`` and the JSON admin API that ``fastsip show``,
+  ``bindings`` and ``remove`` use) runs here, single-threaded; it asks the
+  workers over their control channels.
+- SIGTERM/SIGINT: workers stop accepting, write their pending changes and
+  exit; the supervisor exits 0 (workers still alive after ``STOP_GRACE``
+  seconds are killed).  SIGHUP: reopen the log file, re-read the config
+  file's live settings and the users file, and pass them to the workers.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from urllib.parse import parse_qs, urlsplit
+
+from fastsip.server import control, logs
+from fastsip.server.config import ConfigError, resolve
+from fastsip.server.metrics import add_reports, render
+
+LOG = logs.LOG
+STOP_GRACE = 8.0            # seconds workers get to write their state before SIGKILL
+STATS_EVERY = 2.0           # seconds between counter snapshots (kept when a worker dies)
+RESTART_BACKOFF = 1.0       # a worker that dies within this many seconds of its start waits this long
+BUF = 4 << 20
+
+
+def _force_buf(sock, opt, force, size):
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            pass
+
+
+def _fmt(transport, host, port):
+    return f"{transport}:[{host}]:{port}" if ":" in host else f"{transport}:{host}:{port}"
+
+
+def open_listener(transport, host, port, n):
+    """Bind ``n`` SO_REUSEPORT sockets on one address; ConfigError when it is unusable."""
+    typ = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    name = _fmt(transport, host, port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=typ)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {name}: {exc.strerror}") from None
+    fam, _, _, _, addr = infos[0]
+
+    def new():
+        s = socket.socket(fam, typ)
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if typ == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        return s
+
+    probe = new()
+    try:
+        probe.bind(addr)
+        addr = probe.getsockname()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {name}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    socks = []
+    try:
+        for _ in range(n):
+            s = new()
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(addr)
+            if typ == socket.SOCK_STREAM:
+                s.listen(1024)
+            else:
+                _force_buf(s, socket.SO_RCVBUF, 33, BUF)     # 33 = SO_RCVBUFFORCE
+                _force_buf(s, socket.SO_SNDBUF, 32, BUF)     # 32 = SO_SNDBUFFORCE
+            s.set_inheritable(False)
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        raise ConfigError(f"cannot listen on {name}: {exc.strerror}") from None
+    return (transport, addr[0], addr[1]), socks
+
+
+def own_addresses(listen) -> list:
+    """What the R-URI of a REGISTER may name: the listen hosts (all local ones for a wildcard)."""
+    out = []
+    for _transport, host, _port in listen:
+        if host in ("0.0.0.0", "::"):
+            names = {"127.0.0.1", "::1", "localhost"}
+            try:
+                hn = socket.gethostname()
+                names.add(hn)
+                for info in socket.getaddrinfo(hn, None):
+                    names.add(info[4][0])
+            except OSError:
+                pass
+            out.extend(sorted(names))
+        else:
+            out.append(host)
+    return list(dict.fromkeys(out))
+
+
+class Slot:
+    def __init__(self, index):
+        self.index = index
+        self.pid = 0
+        self.ctrl = None
+        self.ready = False
+        self.started = 0.0
+        self.restarts = 0
+        self.last = {}          # the latest counters reported
+        self.reader = None
+        self.restart_at = None
+
+
+class Supervisor:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.listen = []            # [(transport, host, port)] as bound
+        self.udp = []               # per worker: [socket per UDP address]
+        self.tcp = []               # per worker: [socket per TCP address]
+        self.inboxes = []           # [(recv end, send end)] per worker
+        self.slots = []
+        self.retired = {}           # counters of workers that died
+        self.restarts = 0
+        self.stopping = False
+        self.signals = []
+        self.http = None
+        self.secret = os.urandom(32)
+        self.addresses = []
+        self.announced = False
+
+    # ------------------------------------------------------------------ setup
+    def open(self):
+        cfg = self.cfg
+        n = cfg.workers
+        self.udp = [[] for _ in range(n)]
+        self.tcp = [[] for _ in range(n)]
+        try:
+            for transport, host, port in cfg.listen:
+                bound, socks = open_listener(transport, host, port, n)
+                self.listen.append(bound)
+                for i, s in enumerate(socks):
+                    (self.udp if transport == "udp" else self.tcp)[i].append(s)
+            host, port = cfg.metrics
+            try:
+                fam = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+                self.http = socket.socket(fam[0], socket.SOCK_STREAM)
+                self.http.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.http.bind(fam[4])
+                self.http.listen(64)
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {host}:{port}: "
+                                  f"{getattr(exc, 'strerror', exc)}") from None
+            self.http.setblocking(False)
+            self.metrics_addr = self.http.getsockname()[:2]
+        except ConfigError:
+            self.close_sockets()
+            raise
+        for _ in range(n):
+            r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+            _force_buf(w, socket.SO_SNDBUF, 32, BUF)
+            _force_buf(r, socket.SO_RCVBUF, 33, BUF)
+            self.inboxes.append((r, w))
+        self.addresses = own_addresses(self.listen)
+        if cfg.realm is not None:
+            try:
+                from fastsip.auth import load_htdigest
+                load_htdigest(cfg.users)
+            except (OSError, ValueError) as exc:
+                self.close_sockets()
+                raise ConfigError(f"--users {cfg.users}: {exc}") from None
+
+    def close_sockets(self):
+        for group in self.udp + self.tcp:
+            for s in group:
+                s.close()
+        for r, w in self.inboxes:
+            r.close()
+            w.close()
+        if self.http is not None:
+            self.http.close()
+
+    # ------------------------------------------------------------------ workers
+    def spawn(self, slot):
+        sup_end, wk_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:                                    # the worker
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                sup_end.close()
+                self.sel.close()
+                self.http.close()
+                self._wake_r.close()
+                self._wake_w.close()
+                for other in self.slots:
+                    if other.ctrl is not None:
+                        other.ctrl.close()
+                for j in range(self.cfg.workers):
+                    if j != slot.index:
+                        for s in self.udp[j] + self.tcp[j]:
+                            s.close()
+                logs.set_role(f"worker {slot.index}")
+                from fastsip.server.worker import Worker
+                w = Worker(slot.index, self.cfg, self.udp[slot.index], self.tcp[slot.index],
+                           self.inboxes[slot.index][0], [w for _, w in self.inboxes], wk_end,
+                           self.secret, self.addresses)
+                code = w.run()
+            except BaseException:                       # noqa: BLE001 - report, then exit
+                LOG.exception("worker %d failed", slot.index)
+            finally:
+                try:
+                    logging.shutdown()
+                finally:
+                    os._exit(code)
+        wk_end.close()
+        slot.pid = pid
+        slot.ctrl = sup_end
+        slot.ready = False
+        slot.started = time.monotonic()
+        slot.reader = control.Reader()
+        slot.restart_at = None
+        self.sel.register(sup_end, selectors.EVENT_READ, ("ctrl", slot))
+
+    def _on_ctrl(self, slot):
+        try:
+            data = slot.ctrl.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.sel.unregister(slot.ctrl)
+            return
+        for msg in slot.reader.feed(data):
+            if msg.get("op") == "ready":
+                slot.ready = True
+                self.sel.unregister(slot.ctrl)
+                logs.event(logging.INFO,
+                           f"worker {slot.index} (pid {slot.pid}) ready: loaded {msg['bindings']} "
+                           f"bindings of {msg['aors']} AORs from the state file in {msg['seconds']} s"
+                           if self.cfg.state else
+                           f"worker {slot.index} (pid {slot.pid}) ready (no state file)",
+                           worker=slot.index, pid=slot.pid, bindings=msg["bindings"],
+                           aors=msg["aors"], seconds=msg["seconds"])
+        if not self.announced and all(s.ready for s in self.slots):
+            self.announced = True
+            self._announce()
+
+    def _announce(self):
+        cfg = self.cfg
+        where = ", ".join(_fmt(*b) for b in self.listen)
+        state = os.path.abspath(cfg.state) if cfg.state else "none (--no-state: bindings in memory only)"
+        mh, mp = self.metrics_addr
+        line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
+                f"{'s' if cfg.workers != 1 else ''}; state {state}; "
+                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics")
+        print(line, flush=True)
+        logs.event(logging.INFO, line, listen=[_fmt(*b) for b in self.listen], workers=cfg.workers,
+                   state=cfg.state, metrics=f"{mh}:{mp}")
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self._died(slot, status)
+
+    def _died(self, slot, status):
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.WEXITSTATUS(status)}")
+        add_reports(self.retired, slot.last, with_gauges=False)
+        slot.last = {}
+        if slot.ctrl is not None:
+            try:
+                self.sel.unregister(slot.ctrl)
+            except (KeyError, ValueError):
+                pass
+            slot.ctrl.close()
+            slot.ctrl = None
+        old = slot.pid
+        slot.pid = 0
+        slot.ready = False
+        if self.stopping:
+            return
+        self.restarts += 1
+        slot.restarts += 1
+        quick = time.monotonic() - slot.started < RESTART_BACKOFF
+        slot.restart_at = time.monotonic() + (RESTART_BACKOFF if quick else 0.0)
+        logs.event(logging.WARNING, f"worker {slot.index} (pid {old}) died ({how}); restarting"
+                   + (f" in {RESTART_BACKOFF:g} s" if quick else ""),
+                   worker=slot.index, pid=old, status=how)
+
+    # ------------------------------------------------------------------ asking workers
+    def ask_all(self, msg, timeout=5.0):
+        """[(slot, answer)] from every ready worker (answers None for one that did not answer)."""
+        out = []
+        for slot in self.slots:
+            if slot.ready and slot.ctrl is not None:
+                out.append((slot, control.request(slot.ctrl, msg, timeout)))
+        return out
+
+    def collect(self) -> dict:
+        total = copy.deepcopy(self.retired)
+        for slot, answer in self.ask_all({"op": "stats"}):
+            if answer and "report" in answer:
+                slot.last = answer["report"]
+                add_reports(total, slot.last)
+        return total
+
+    # ------------------------------------------------------------------ HTTP
+    def _on_http(self):
+        try:
+            conn, _ = self.http.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        try:
+            conn.settimeout(2.0)
+            status, ctype, body = self._http_request(conn)
+        except (OSError, ValueError):
+            conn.close()
+            return
+        try:
+            head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            conn.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _http_request(self, conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(8192)
+            if not chunk:
+                raise ValueError("eof")
+            data += chunk
+            if len(data) > 65536:
+                return "431 Request Header Fields Too Large", "text/plain", b"too large\n"
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, _version = lines[0].split(" ", 2)
+        except ValueError:
+            return "400 Bad Request", "text/plain", b"bad request line\n"
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip() or 0)
+        if length > 65536:
+            return "413 Payload Too Large", "text/plain", b"too large\n"
+        while len(body) < length:
+            chunk = conn.recv(8192)
+            if not chunk:
+                break
+            body += chunk
+        url = urlsplit(target)
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if body and method == "POST":
+            try:
+                q.update(json.loads(body))
+            except ValueError:
+                return "400 Bad Request", "text/plain", b"body is not JSON\n"
+        return self._route(method, url.path, q)
+
+    def _json(self, obj, status="200 OK"):
+        return status, "application/json", (json.dumps(obj, indent=1) + "\n").encode()
+
+    def _route(self, method, path, q):
+        if path == "/metrics" and method == "GET":
+            total = self.collect()
+            alive = sum(1 for s in self.slots if s.pid)
+            text = render(total, alive, self.cfg.workers, self.restarts)
+            return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
+        if path == "/api/aor" and method == "GET":
+            aor = q.get("aor")
+            if not aor:
+                return self._json({"error": "aor is required"}, "400 Bad Request")
+            found = []
+            for slot, answer in self.ask_all({"op": "lookup", "aor": aor}):
+                for b in (answer or {}).get("bindings", []):
+                    b["worker"] = slot.index
+                    found.append(b)
+            return self._json({"aor": aor, "bindings": found})
+        if path == "/api/bindings" and method == "GET":
+            limit = int(q.get("limit", 100000))
+            found = []
+            for slot, answer in self.ask_all({"op": "bindings", "limit": limit}):
+                for b in (answer or {}).get("bindings", []):
+                    b["worker"] = slot.index
+                    found.append(b)
+            found.sort(key=lambda b: (b["aor"], b["contact"]))
+            return self._json({"bindings": found[:limit], "truncated": len(found) > limit})
+        if path == "/api/remove" and method == "POST":
+            aor = q.get("aor")
+            if not aor:
+                return self._json({"error": "aor is required"}, "400 Bad Request")
+            removed = 0
+            for _slot, answer in self.ask_all({"op": "remove", "aor": aor,
+                                               "contact": q.get("contact")}):
+                removed += (answer or {}).get("removed", 0)
+            logs.event(logging.INFO, f"admin: removed {removed} binding(s) of {aor}",
+                       aor=aor, contact=q.get("contact"), removed=removed)
+            return self._json({"aor": aor, "removed": removed})
+        if path == "/api/workers" and method == "GET":
+            return self._json({"workers": [
+                {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts}
+                for s in self.slots], "restarts": self.restarts,
+                "listen": [_fmt(*b) for b in self.listen], "state": self.cfg.state})
+        return self._json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame):
+        self.signals.append(signum)
+
+    def _reload(self):
+        logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)
+        if self.cfg.config:
+            try:
+                new = resolve(self._args, self.cfg.config)
+            except ConfigError as exc:
+                LOG.error("SIGHUP: %s (keeping the running configuration)", exc)
+                return
+            values = new.live_values()
+            changed = {k: v for k, v in values.items() if getattr(self.cfg, k) != v}
+            for k, v in values.items():
+                setattr(self.cfg, k, v)
+            logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)
+        else:
+            values, changed = self.cfg.live_values(), {}
+        answers = self.ask_all({"op": "reload", "values": values})
+        logs.event(logging.INFO, "SIGHUP: logs reopened; configuration reloaded"
+                   + (f" (changed: {', '.join(sorted(changed))})" if changed else " (no change)")
+                   + f"; {sum(1 for _, a in answers if a and a.get('ok'))} workers updated",
+                   changed=sorted(changed))
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, args=None) -> int:
+        self._args = args
+        cfg = self.cfg
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self.sel.register(self.http, selectors.EVENT_READ, ("http", None))
+        self.slots = [Slot(i) for i in range(cfg.workers)]
+        for slot in self.slots:
+            self.spawn(slot)
+        next_stats = time.monotonic() + STATS_EVERY
+        while not self.stopping:
+            for key, _ in self.sel.select(0.25):
+                kind, slot = key.data
+                if kind == "wake":
+                    try:
+                        while self._wake_r.recv(512):
+                            pass
+                    except OSError:
+                        pass
+                elif kind == "http":
+                    self._on_http()
+                elif kind == "ctrl":
+                    self._on_ctrl(slot)
+            sigs, self.signals = self.signals, []
+            for sig in sigs:
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    self.stopping = True
+                    logs.event(logging.INFO, f"{signal.Signals(sig).name}: stopping",
+                               signal=signal.Signals(sig).name)
+                elif sig == signal.SIGHUP:
+                    self._reload()
+                elif sig == signal.SIGCHLD:
+                    self._reap()
+            self._reap()
+            now = time.monotonic()
+            for slot in self.slots:
+                if not slot.pid and slot.restart_at is not None and now >= slot.restart_at \
+                        and not self.stopping:
+                    self.spawn(slot)
+            if now >= next_stats:
+                next_stats = now + STATS_EVERY
+                self.collect()
+        return self.stop()
+
+    def stop(self) -> int:
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.kill(slot.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + STOP_GRACE
+        while any(s.pid for s in self.slots) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        for slot in self.slots:
+            if slot.pid:
+                LOG.error("worker %d (pid %d) did not stop in %g s: killed", slot.index, slot.pid,
+                          STOP_GRACE)
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                    os.waitpid(slot.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                slot.pid = 0
+        self.close_sockets()
+        logs.event(logging.INFO, "stopped" + (f"; state written to {os.path.abspath(self.cfg.state)}"
+                                              if self.cfg.state else ""))
+        return 0
+
+
+def serve(args) -> int:
+    """``fastsip serve``: resolve the configuration, open the sockets, supervise."""
+    try:
+        cfg = resolve(args)
+    except ConfigError as exc:
+        print(f"fastsip serve: error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.log_level, cfg.log_format, cfg.log_file)
+    sup = Supervisor(cfg)
+    try:
+        sup.open()
+    except ConfigError as exc:
+        print(f"fastsip serve: error: {exc}", file=sys.stderr)
+        return 2
+    return sup.run(args)

@@ -24,6 +24,17 @@ from fastsip.errors import (
     SipError,
     TooManyContacts,
 )
+from fastsip.auth import Authorize, AuthResult, Credentials, parse_credentials
+from fastsip.registrar import (
+    Binding,
+    ReceiveChain,
+    Registrar,
+    Store,
+    aor_key,
+    make_response,
+    shard_of,
+    stable_hash,
+)
 from fastsip.parser import (
     Address,
     Contact,
@@ -47,6 +58,9 @@ __all__ = [
     # parser
     "parse", "parse_uri", "Parser", "SipMessage", "Request", "Response", "Headers",
     "Address", "Contact", "Via", "CSeq", "SipURI", "StreamFramer", "PING", "PONG",
+    # registrar
+    "Registrar", "ReceiveChain", "Authorize", "AuthResult", "Credentials", "parse_credentials",
+    "Binding", "Store", "aor_key", "make_response", "shard_of", "stable_hash",
     # errors
     "SipError", "ParseError", "BadStartLine", "BadVersion", "BadHeader", "BadContentLength",
     "BadURI", "BadNameAddr", "BadContact", "BadExpires", "BadCSeq", "BadVia", "LimitExceeded",

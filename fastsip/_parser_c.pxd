@@ -2,7 +2,7 @@
 #
 # The scan records where things are (Span = offset + length into the input);
 # nothing here builds a Python object.
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef enum:
@@ -147,16 +147,37 @@ cdef struct UriSpans:
     uint8_t sips
 
 
+cdef struct ViaSpans:
+    Span protocol
+    Span version
+    Span transport
+    Span host
+    Span params
+    Span branch
+    Span raw
+    int port
+
+
 cdef int scan_message(const char* buf, Py_ssize_t n, Msg* m, const Limits* lim) noexcept nogil
 cdef void msg_init(Msg* m) noexcept nogil
 cdef void msg_release(Msg* m) noexcept nogil
 cdef Py_ssize_t parse_name_addr(const char* buf, Py_ssize_t pos, Py_ssize_t end, NameAddr* na,
                                 bint in_list, Py_ssize_t* err_pos) noexcept nogil
+cdef Py_ssize_t parse_via(const char* buf, Py_ssize_t pos, Py_ssize_t end, ViaSpans* v,
+                          Py_ssize_t* err_pos) noexcept nogil
+cdef Py_ssize_t scan_param(const char* buf, Py_ssize_t pos, Py_ssize_t end,
+                           Span* name, Span* value, Py_ssize_t* err_pos) noexcept nogil
+cdef Py_ssize_t skip_lws(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil
+cdef Py_ssize_t skip_token(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil
 cdef int scan_sip_uri(const char* buf, Py_ssize_t s, Py_ssize_t e, UriSpans* u,
                       Py_ssize_t* err_pos) noexcept nogil
 cdef int64_t parse_uint(const char* buf, Py_ssize_t s, Py_ssize_t e, int64_t clamp) noexcept nogil
 cdef int parse_qvalue(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
 cdef bint ieq(const char* a, Py_ssize_t alen, const char* lower_b, Py_ssize_t blen) noexcept nogil
+cdef uint64_t hash_bytes(const char* p, Py_ssize_t n, uint64_t k0, uint64_t k1) noexcept nogil
+cdef uint64_t uri_key_hash(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
+cdef Py_ssize_t canonical_aor(const char* buf, const UriSpans* u, char* out, Py_ssize_t cap) noexcept nogil
+cdef Py_ssize_t scan_quoted(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil
 cdef Span trim(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
 cdef object raise_parse_error(int code, Py_ssize_t pos, object data, const Limits* lim, const Msg* m)
 cdef class Parser:

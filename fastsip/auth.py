@@ -409,6 +409,42 @@ class Authorize:
         return (f"Authorize(realm={self.realm!r}, algorithms={self.algorithms!r}, "
                 f"nonce_ttl={self.nonce_ttl!r})")
 
+    # -- in a ReceiveChain (the Net::SIP composition) -----------------------
+
+    def handle(self, data, source, now, transport="udp", conn_id=-1):
+        """As a link of a :class:`fastsip.ReceiveChain`: the 401/403/400 reply for a
+        request that fails :meth:`check`, or None to pass it on (authenticated).
+        ``Registrar(authorize=...)`` does the same check on its fast path."""
+        import fastsip
+        try:
+            msg = fastsip.parse(data)
+            if not isinstance(msg, fastsip.Request):
+                return None
+            to = fastsip.parse_uri(msg.to.uri) if msg.to is not None else None
+            creds = msg.authorization
+        except fastsip.ParseError as exc:
+            return fastsip.make_response(data, exc.status, "Bad Request", (), source, now)
+        if to is None:
+            return fastsip.make_response(data, 400, "Missing To header", (), source, now)
+        result = self.check(msg.method, msg.uri, creds, to.user or "", to.host, now)
+        if result.ok:
+            return None
+        reason = {401: "Unauthorized", 403: "Forbidden"}.get(result.status, result.reason)
+        return fastsip.make_response(data, result.status, reason, result.headers, source, now)
+
+    def receive(self, packet, leg, from_):
+        """The Net::SIP form of :meth:`handle`: sends the refusal on ``leg`` and
+        returns its status code, or returns None to pass the packet on."""
+        import time
+
+        from fastsip.registrar import _source
+        data = bytes(packet if isinstance(packet, (bytes, bytearray)) else packet.raw)
+        reply = self.handle(data, _source(from_), time.time())
+        if reply is None:
+            return None
+        leg.send(reply, from_)
+        return int(reply[8:11])
+
     # -- challenges and nonces ---------------------------------------------
 
     def challenge(self, realm: str, now: float, stale: bool = False) -> list[str]:

@@ -7,7 +7,7 @@ import pytest
 
 import fastsip
 
-COMPILED = ["fastsip._parser_c"]
+COMPILED = ["fastsip._parser_c", "fastsip._store_c", "fastsip._registrar_c"]
 
 
 @pytest.mark.parametrize("name", COMPILED)
@@ -22,7 +22,8 @@ def test_stub_matches_module(name):
     stub = Path(fastsip.__file__).parent / (name.split(".")[-1] + ".pyi")
     tree = ast.parse(stub.read_text())
     stub_names = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-    public = {n for n in dir(mod) if not n.startswith("_") and (callable(getattr(mod, n)))}
+    public = {n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))
+              and getattr(getattr(mod, n), "__module__", name) == name}
     assert stub_names == public
 
 

@@ -1,0 +1,609 @@
+"""The binding store: AOR -> bindings, hashed lookup, and an expiry heap.
+
+Memory layout (no Python object per binding):
+
+* AOR records live in a slab (``aors``) and are found through an
+  open-addressing hash table of slot numbers, keyed by SipHash-1-3 with a
+  random per-process key (so crafted AORs cannot pile into one bucket).
+* Binding records live in a second slab (``b``); the bindings of one AOR are a
+  linked list through ``next``.  The variable-length fields (URI, Call-ID,
+  +sip.instance, Path, User-Agent, source host) share one malloc'd blob.
+* The expiry heap holds ``(expires_at, gen, slot)``.  A refresh pushes a new
+  entry and bumps the binding's ``gen``; popped entries whose gen no longer
+  matches are stale and skipped, so nothing is ever removed from the middle.
+
+The store decides nothing about SIP: the registrar (``_registrar_c``) does.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+
+from fastsip._parser_c cimport hash_bytes, uri_key_hash
+
+import os
+
+TRANSPORTS = ("udp", "tcp", "tls", "sctp", "ws", "wss")
+_TRANSPORT_CODE = {name: i for i, name in enumerate(TRANSPORTS)}
+
+
+def transport_code(str name):
+    """The store's number for a transport name (case-insensitive); ValueError if unknown."""
+    try:
+        return _TRANSPORT_CODE[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown transport {name!r}") from None
+
+
+cdef inline str _s(const char* p, Py_ssize_t n):
+    return p[:n].decode("utf-8", "surrogateescape")
+
+
+@cython.final
+@cython.freelist(32)
+cdef class Binding:
+    """One contact bound to an AOR.
+
+    ``uri`` contact URI; ``expires_at`` absolute wall-clock time (s);
+    ``q`` float or None; ``call_id``/``cseq`` of the REGISTER that set it;
+    ``source`` (host, port) and ``transport`` it came from (for NAT traversal),
+    ``conn_id`` the stream connection (-1 for none); ``path`` tuple of Path
+    entries (RFC 3327); ``instance``/``reg_id`` (RFC 5626); ``user_agent``.
+    """
+
+    cdef readonly str uri, call_id, transport
+    cdef readonly double expires_at
+    cdef readonly object q, source, path, instance, reg_id, user_agent
+    cdef readonly uint32_t cseq
+    cdef readonly int64_t conn_id
+
+    def __init__(self, uri, expires_at, q=None, call_id="", cseq=0, source=("", 0),
+                 transport="udp", conn_id=-1, path=(), instance=None, reg_id=None,
+                 user_agent=None):
+        transport_code(transport)
+        if q is not None and not 0.0 <= q <= 1.0:
+            raise ValueError("q must be between 0 and 1")
+        self.uri = uri
+        self.expires_at = expires_at
+        self.q = q
+        self.call_id = call_id
+        self.cseq = cseq
+        self.source = (source[0], int(source[1]))
+        self.transport = transport.lower()
+        self.conn_id = conn_id
+        self.path = tuple(path)
+        self.instance = instance
+        self.reg_id = reg_id
+        self.user_agent = user_agent
+
+    def expires_in(self, now):
+        """Whole seconds left at ``now`` (0 when due)."""
+        left = self.expires_at - now
+        return int(left) if left > 0 else 0
+
+    def as_dict(self):
+        return dict(uri=self.uri, expires_at=self.expires_at, q=self.q, call_id=self.call_id,
+                    cseq=self.cseq, source=list(self.source), transport=self.transport,
+                    conn_id=self.conn_id, path=list(self.path), instance=self.instance,
+                    reg_id=self.reg_id, user_agent=self.user_agent)
+
+    def __eq__(self, other):
+        if not isinstance(other, Binding):
+            return NotImplemented
+        return self.as_dict() == (<Binding>other).as_dict()
+
+    def __repr__(self):
+        return f"<Binding {self.uri} expires_at={self.expires_at:.0f}>"
+
+
+cdef enum:
+    MIN_TABLE = 64
+
+
+cdef class Store:
+    """AOR -> bindings.  Python callers use lookup/bindings/changes/load/
+    remove_aor/expire; the registrar uses the cdef methods."""
+
+    def __cinit__(self):
+        cdef Py_ssize_t i
+        cdef bytes key = os.urandom(16)
+        self.k0 = hash_bytes(key, 8, 1, 2)
+        self.k1 = hash_bytes(key + b"k1", 10, 3, 4)
+        self.n_aors_cap = 16
+        self.aors = <AorRec*>malloc(self.n_aors_cap * sizeof(AorRec))
+        self.aor_free = -1
+        self.table_cap = MIN_TABLE
+        self.table = <int32_t*>malloc(self.table_cap * sizeof(int32_t))
+        self.b_cap = 16
+        self.b = <BindingRec*>malloc(self.b_cap * sizeof(BindingRec))
+        self.heap_cap = 64
+        self.heap = <HeapEntry*>malloc(self.heap_cap * sizeof(HeapEntry))
+        self.dirty_cap = 64
+        self.dirty = <int32_t*>malloc(self.dirty_cap * sizeof(int32_t))
+        if not (self.aors and self.table and self.b and self.heap and self.dirty):
+            raise MemoryError()
+        self.aor_free = -1
+        self.b_free = -1
+        self._init_aor_slab(0)
+        self._init_b_slab(0)
+        for i in range(self.table_cap):
+            self.table[i] = 0
+
+    def __init__(self, *, bint track_changes=False):
+        """``track_changes``: remember changed AORs for :meth:`changes` (persistence)."""
+        self.track_changes = track_changes
+
+    cdef void _init_b_slab(self, int32_t start) noexcept:
+        cdef int32_t i
+        for i in range(self.b_cap - 1, start - 1, -1):
+            self.b[i].aor = -1
+            self.b[i].gen = 0
+            self.b[i].blob = NULL
+            self.b[i].next = self.b_free
+            self.b_free = i
+
+    def __dealloc__(self):
+        cdef int32_t i
+        if self.b != NULL:
+            for i in range(self.b_cap):
+                if self.b[i].aor >= 0:
+                    free(self.b[i].blob)
+        if self.aors != NULL:
+            for i in range(self.n_aors_cap):
+                if self.aors[i].live:
+                    free(self.aors[i].name)
+        free(self.aors)
+        free(self.table)
+        free(self.b)
+        free(self.heap)
+        free(self.dirty)
+
+    # -- the AOR table -----------------------------------------------------
+
+    cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept:
+        cdef uint64_t h = hash_bytes(aor, n, self.k0, self.k1)
+        cdef Py_ssize_t mask = self.table_cap - 1, i = <Py_ssize_t>(h & mask)
+        cdef int32_t v
+        cdef AorRec* a
+        while True:
+            v = self.table[i]
+            if v == 0:
+                return -1
+            if v > 0:
+                a = &self.aors[v - 1]
+                if a.hash == h and a.name_len == n and memcmp(a.name, aor, n) == 0:
+                    return v - 1
+            i = (i + 1) & mask
+
+    cdef int _grow_table(self) except -1:
+        """Rehash into a table twice the live size (this also drops tombstones)."""
+        cdef Py_ssize_t cap = MIN_TABLE, i, j, mask
+        cdef int32_t* t
+        while cap < 4 * (self.n_aors + 1):
+            cap *= 2
+        t = <int32_t*>malloc(cap * sizeof(int32_t))
+        if t == NULL:
+            raise MemoryError()
+        for i in range(cap):
+            t[i] = 0
+        mask = cap - 1
+        for i in range(self.n_aors_cap):
+            if self.aors[i].live:
+                j = <Py_ssize_t>(self.aors[i].hash & mask)
+                while t[j] != 0:
+                    j = (j + 1) & mask
+                t[j] = i + 1
+        free(self.table)
+        self.table = t
+        self.table_cap = cap
+        self.table_used = self.n_aors
+        return 0
+
+    cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2:
+        cdef int32_t slot = self.find(aor, n), i
+        cdef uint64_t h
+        cdef Py_ssize_t mask, j
+        cdef AorRec* grown
+        cdef AorRec* a
+        if slot >= 0:
+            return slot
+        if (self.table_used + 1) * 10 > self.table_cap * 7:
+            self._grow_table()
+        if self.aor_free < 0:
+            grown = <AorRec*>realloc(self.aors, 2 * self.n_aors_cap * sizeof(AorRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.aors = grown
+            i = self.n_aors_cap
+            self.n_aors_cap *= 2
+            self._init_aor_slab(i)
+        slot = self.aor_free
+        a = &self.aors[slot]
+        a.name = <char*>malloc(n if n > 0 else 1)
+        if a.name == NULL:
+            raise MemoryError()
+        self.aor_free = a.next_free
+        memcpy(a.name, aor, n)
+        a.name_len = <int32_t>n
+        h = hash_bytes(aor, n, self.k0, self.k1)
+        a.hash = h
+        a.first = -1
+        a.count = 0
+        a.dirty = 0
+        a.live = 1
+        mask = self.table_cap - 1
+        j = <Py_ssize_t>(h & mask)
+        while self.table[j] > 0:
+            j = (j + 1) & mask
+        if self.table[j] == 0:
+            self.table_used += 1
+        self.table[j] = slot + 1
+        self.n_aors += 1
+        return slot
+
+    cdef void _init_aor_slab(self, int32_t start) noexcept:
+        cdef int32_t i
+        for i in range(self.n_aors_cap - 1, start - 1, -1):
+            self.aors[i].live = 0
+            self.aors[i].next_free = self.aor_free
+            self.aor_free = i
+
+    cdef void _drop_aor(self, int32_t slot) noexcept:
+        """Free an AOR record that holds no binding (its bucket becomes a tombstone)."""
+        cdef AorRec* a = &self.aors[slot]
+        cdef Py_ssize_t mask = self.table_cap - 1, j = <Py_ssize_t>(a.hash & mask)
+        while self.table[j] != slot + 1:
+            j = (j + 1) & mask
+        self.table[j] = -1
+        free(a.name)
+        a.name = NULL
+        a.live = 0
+        a.next_free = self.aor_free
+        self.aor_free = slot
+        self.n_aors -= 1
+
+    cdef void touch(self, int32_t aor) noexcept:
+        """Remember that ``aor`` changed (for changes())."""
+        cdef int32_t* grown
+        if not self.track_changes or self.aors[aor].dirty:
+            return
+        if self.n_dirty == self.dirty_cap:
+            grown = <int32_t*>realloc(self.dirty, 2 * self.dirty_cap * sizeof(int32_t))
+            if grown == NULL:
+                return          # keeps the old list; the AOR is flushed with the next batch
+            self.dirty = grown
+            self.dirty_cap *= 2
+        self.aors[aor].dirty = 1
+        self.dirty[self.n_dirty] = aor
+        self.n_dirty += 1
+
+    cdef void release_if_empty(self, int32_t aor) noexcept:
+        cdef AorRec* a = &self.aors[aor]
+        if a.live and a.count == 0 and not a.dirty:
+            self._drop_aor(aor)
+
+    # -- bindings ------------------------------------------------------------
+
+    cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1:
+        cdef Py_ssize_t total = (bi.uri_len + bi.call_id_len + bi.instance_len + bi.path_len
+                                 + bi.ua_len + bi.src_host_len)
+        cdef char* blob = <char*>malloc(total if total > 0 else 1)
+        cdef char* p = blob
+        if blob == NULL:
+            raise MemoryError()
+        if bi.uri_len > 65535 or bi.call_id_len > 65535 or bi.instance_len > 65535 or \
+                bi.path_len > 65535 or bi.ua_len > 65535 or bi.src_host_len > 65535:
+            free(blob)
+            raise ValueError("binding field longer than 65535 bytes")
+        memcpy(p, bi.uri, bi.uri_len); p += bi.uri_len
+        memcpy(p, bi.call_id, bi.call_id_len); p += bi.call_id_len
+        memcpy(p, bi.instance, bi.instance_len); p += bi.instance_len
+        memcpy(p, bi.path, bi.path_len); p += bi.path_len
+        memcpy(p, bi.ua, bi.ua_len); p += bi.ua_len
+        memcpy(p, bi.src_host, bi.src_host_len)
+        free(r.blob)
+        r.blob = blob
+        r.uri_len = <uint16_t>bi.uri_len
+        r.call_id_len = <uint16_t>bi.call_id_len
+        r.instance_len = <uint16_t>bi.instance_len
+        r.path_len = <uint16_t>bi.path_len
+        r.ua_len = <uint16_t>bi.ua_len
+        r.src_host_len = <uint16_t>bi.src_host_len
+        r.expires_at = bi.expires_at
+        r.key_hash = bi.key_hash
+        r.cseq = bi.cseq
+        r.reg_id = bi.reg_id
+        r.conn_id = bi.conn_id
+        r.q = bi.q
+        r.transport = bi.transport
+        r.src_port = bi.src_port
+        r.gen += 1
+        return 0
+
+    cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1:
+        cdef HeapEntry* grown
+        cdef HeapEntry e
+        cdef Py_ssize_t i, parent
+        if self.heap_len == self.heap_cap:
+            grown = <HeapEntry*>realloc(self.heap, 2 * self.heap_cap * sizeof(HeapEntry))
+            if grown == NULL:
+                raise MemoryError()
+            self.heap = grown
+            self.heap_cap *= 2
+        e.t = t
+        e.gen = gen
+        e.slot = slot
+        i = self.heap_len
+        self.heap_len += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self.heap[parent].t <= t:
+                break
+            self.heap[i] = self.heap[parent]
+            i = parent
+        self.heap[i] = e
+        return 0
+
+    cdef void _pop(self) noexcept:
+        cdef HeapEntry last
+        cdef Py_ssize_t i = 0, child, n
+        self.heap_len -= 1
+        n = self.heap_len
+        if n == 0:
+            return
+        last = self.heap[n]
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and self.heap[child + 1].t < self.heap[child].t:
+                child += 1
+            if self.heap[child].t >= last.t:
+                break
+            self.heap[i] = self.heap[child]
+            i = child
+        self.heap[i] = last
+
+    cdef int _compact_heap(self) except -1:
+        """Rebuild the heap from live bindings when stale entries dominate it."""
+        cdef int32_t i
+        self.heap_len = 0
+        for i in range(self.b_cap):
+            if self.b[i].aor >= 0:
+                self._push(self.b[i].expires_at, self.b[i].gen, i)
+        return 0
+
+    cdef int32_t add_binding(self, int32_t aor, const BindingIn* bi) except -2:
+        cdef int32_t slot, i, tail
+        cdef BindingRec* grown
+        cdef BindingRec* r
+        if self.b_free < 0:
+            grown = <BindingRec*>realloc(self.b, 2 * self.b_cap * sizeof(BindingRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.b = grown
+            i = self.b_cap
+            self.b_cap *= 2
+            self._init_b_slab(i)
+        slot = self.b_free
+        r = &self.b[slot]
+        self._fill(r, bi)
+        self.b_free = r.next
+        r.aor = aor
+        r.next = -1
+        # append at the tail: the AOR's bindings stay in registration order
+        tail = self.aors[aor].first
+        if tail < 0:
+            self.aors[aor].first = slot
+        else:
+            while self.b[tail].next >= 0:
+                tail = self.b[tail].next
+            self.b[tail].next = slot
+        self.aors[aor].count += 1
+        self.n_bindings += 1
+        self._push(r.expires_at, r.gen, slot)
+        self.touch(aor)
+        return slot
+
+    cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1:
+        cdef BindingRec* r = &self.b[slot]
+        self._fill(r, bi)
+        self._push(r.expires_at, r.gen, slot)
+        if self.heap_len > 2 * self.n_bindings + 1024:
+            self._compact_heap()
+        self.touch(r.aor)
+        return 0
+
+    cdef int remove_binding(self, int32_t slot) except -1:
+        cdef BindingRec* r = &self.b[slot]
+        cdef int32_t aor = r.aor, p
+        p = self.aors[aor].first
+        if p == slot:
+            self.aors[aor].first = r.next
+        else:
+            while self.b[p].next != slot:
+                p = self.b[p].next
+            self.b[p].next = r.next
+        self.aors[aor].count -= 1
+        self.n_bindings -= 1
+        free(r.blob)
+        r.blob = NULL
+        r.gen += 1
+        r.aor = -1
+        r.next = self.b_free
+        self.b_free = slot
+        self.touch(aor)
+        return 0
+
+    cdef object make_binding(self, int32_t slot):
+        cdef BindingRec* r = &self.b[slot]
+        cdef const char* p = r.blob
+        cdef Binding out = Binding.__new__(Binding)
+        out.uri = _s(p, r.uri_len); p += r.uri_len
+        out.call_id = _s(p, r.call_id_len); p += r.call_id_len
+        out.instance = _s(p, r.instance_len) if r.instance_len else None
+        p += r.instance_len
+        out.path = tuple(_s(p, r.path_len).split("\n")) if r.path_len else ()
+        p += r.path_len
+        out.user_agent = _s(p, r.ua_len) if r.ua_len else None
+        p += r.ua_len
+        out.source = (_s(p, r.src_host_len), r.src_port)
+        out.expires_at = r.expires_at
+        out.q = None if r.q < 0 else r.q / 1000.0
+        out.cseq = r.cseq
+        out.transport = TRANSPORTS[r.transport]
+        out.conn_id = r.conn_id
+        out.reg_id = None if r.reg_id < 0 else r.reg_id
+        return out
+
+    # -- Python API ----------------------------------------------------------
+
+    def __len__(self):
+        return self.n_bindings
+
+    cdef int32_t _find_str(self, aor) except -2:
+        cdef bytes key = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else aor
+        return self.find(key, len(key))
+
+    def lookup(self, aor, double now=float("-inf")):
+        """The bindings of ``aor`` still valid at ``now``, in registration order."""
+        cdef int32_t a = self._find_str(aor), s
+        out = []
+        if a < 0:
+            return out
+        s = self.aors[a].first
+        while s >= 0:
+            if self.b[s].expires_at > now:
+                out.append(self.make_binding(s))
+            s = self.b[s].next
+        return out
+
+    def bindings(self, double now=float("-inf")):
+        """Every (aor, Binding) valid at ``now``."""
+        cdef int32_t i, s
+        out = []
+        for i in range(self.n_aors_cap):
+            if self.aors[i].live:
+                aor = _s(self.aors[i].name, self.aors[i].name_len)
+                s = self.aors[i].first
+                while s >= 0:
+                    if self.b[s].expires_at > now:
+                        out.append((aor, self.make_binding(s)))
+                    s = self.b[s].next
+        return out
+
+    def aor_names(self):
+        """Every AOR that holds a binding."""
+        cdef int32_t i
+        return [_s(self.aors[i].name, self.aors[i].name_len)
+                for i in range(self.n_aors_cap) if self.aors[i].live and self.aors[i].count]
+
+    def changes(self):
+        """AORs changed since the last call, each with its current bindings
+        (an empty list: the AOR has none left).  Needs track_changes=True."""
+        cdef Py_ssize_t k
+        cdef int32_t a, s
+        out = []
+        for k in range(self.n_dirty):
+            a = self.dirty[k]
+            self.aors[a].dirty = 0
+            rows = []
+            s = self.aors[a].first
+            while s >= 0:
+                rows.append(self.make_binding(s))
+                s = self.b[s].next
+            out.append((_s(self.aors[a].name, self.aors[a].name_len), rows))
+            self.release_if_empty(a)
+        self.n_dirty = 0
+        return out
+
+    def load(self, aor, bindings):
+        """Add bindings to ``aor`` as they are (bulk load at start-up).  A binding
+        with the same contact URI as one already there replaces it."""
+        cdef bytes key = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else aor
+        cdef int32_t a = self.find_or_add(key, len(key)), s
+        cdef BindingIn bi
+        cdef Binding bd
+        cdef bytes uri, call_id, instance, path, ua, host
+        for bd in bindings:
+            uri = bd.uri.encode("utf-8", "surrogateescape")
+            call_id = bd.call_id.encode("utf-8", "surrogateescape")
+            instance = (bd.instance or "").encode("utf-8", "surrogateescape")
+            path = "\n".join(bd.path).encode("utf-8", "surrogateescape")
+            ua = (bd.user_agent or "").encode("utf-8", "surrogateescape")
+            host = bd.source[0].encode("utf-8", "surrogateescape")
+            bi.expires_at = bd.expires_at
+            bi.key_hash = uri_key_hash(uri, 0, len(uri))
+            bi.cseq = bd.cseq
+            bi.reg_id = -1 if bd.reg_id is None else bd.reg_id
+            bi.conn_id = bd.conn_id
+            bi.q = -1 if bd.q is None else <int16_t>(bd.q * 1000 + 0.5)
+            bi.transport = transport_code(bd.transport)
+            bi.src_port = bd.source[1]
+            bi.uri, bi.uri_len = uri, len(uri)
+            bi.call_id, bi.call_id_len = call_id, len(call_id)
+            bi.instance, bi.instance_len = instance, len(instance)
+            bi.path, bi.path_len = path, len(path)
+            bi.ua, bi.ua_len = ua, len(ua)
+            bi.src_host, bi.src_host_len = host, len(host)
+            s = self.aors[a].first
+            while s >= 0 and self.b[s].key_hash != bi.key_hash:
+                s = self.b[s].next
+            if s >= 0:
+                self.update_binding(s, &bi)
+            else:
+                self.add_binding(a, &bi)
+        self.release_if_empty(a)
+
+    def remove_aor(self, aor, contact=None):
+        """Remove every binding of ``aor`` (or only the one whose URI equals
+        ``contact`` by RFC 3261 comparison); returns how many went."""
+        cdef int32_t a = self._find_str(aor), s, nxt
+        cdef uint64_t key = 0
+        cdef int n = 0
+        cdef bytes c
+        if a < 0:
+            return 0
+        if contact is not None:
+            c = contact.encode("utf-8", "surrogateescape")
+            key = uri_key_hash(c, 0, len(c))
+        s = self.aors[a].first
+        while s >= 0:
+            nxt = self.b[s].next
+            if contact is None or self.b[s].key_hash == key:
+                self.remove_binding(s)
+                n += 1
+            s = nxt
+        self.release_if_empty(a)
+        return n
+
+    def expire(self, double now, Py_ssize_t max_work=10000):
+        """Remove bindings due at ``now``; pops at most ``max_work`` heap entries
+        (live or stale) so that a mass expiry is spread over calls.  Returns how
+        many bindings were removed."""
+        cdef Py_ssize_t work = 0, removed = 0
+        cdef HeapEntry e
+        cdef BindingRec* r
+        cdef int32_t aor
+        while self.heap_len and self.heap[0].t <= now and work < max_work:
+            e = self.heap[0]
+            self._pop()
+            work += 1
+            r = &self.b[e.slot]
+            if r.aor >= 0 and r.gen == e.gen:
+                aor = r.aor
+                self.remove_binding(e.slot)
+                self.release_if_empty(aor)
+                removed += 1
+        self.n_expired += removed
+        return removed
+
+    @property
+    def heap_size(self):
+        """Entries in the expiry heap (live and stale)."""
+        return self.heap_len
+
+    def next_expiry(self):
+        """The earliest time in the expiry heap (maybe stale), or None."""
+        return self.heap[0].t if self.heap_len else None

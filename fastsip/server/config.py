@@ -99,6 +99,20 @@ def _string(name):
     return conv
 
 
+def _algorithms(v):
+    from fastsip.auth import ALGORITHMS
+    names = [a.strip() for a in (v if isinstance(v, list) else str(v).split(",")) if a.strip()]
+    known = {a.upper(): a for a in ALGORITHMS}
+    out = []
+    for a in names:
+        if a.upper() not in known:
+            raise ConfigError(f"--auth-algorithms {v!r}: {a!r} is not one of {', '.join(ALGORITHMS)}")
+        out.append(known[a.upper()])
+    if not out:
+        raise ConfigError("--auth-algorithms: at least one algorithm is needed")
+    return tuple(out)
+
+
 # name, converter, default, list?, live (SIGHUP may change it), metavar, help
 OPTIONS = [
     ("listen", parse_listen, ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"], True, False, "PROTO:HOST:PORT",
@@ -106,21 +120,25 @@ OPTIONS = [
      "(default: udp and tcp on 0.0.0.0:5060)"),
     ("workers", _positive_int("workers"), os.cpu_count() or 1, False, False, "N",
      "worker processes (default: the number of CPUs, here %(cpus)d)"),
-    ("domain", _string("domain"), [], True, False, "D",
+    ("domain", _string("domain"), [], True, True, "D",
      "a domain this registrar serves ('*.example.com' allowed); repeat for several "
      "(default: any domain); REGISTER for others gets 404"),
-    ("min-expires", _nonneg_int("min-expires"), 60, False, True, "S",
+    ("min-expires", _nonneg_int("min-expires"), 60, False, False, "S",
      "shortest registration accepted, seconds; shorter ones get 423 (default: 60)"),
-    ("max-expires", _positive_int("max-expires"), 3600, False, True, "S",
+    ("max-expires", _positive_int("max-expires"), 3600, False, False, "S",
      "longest registration granted, seconds (default: 3600)"),
-    ("default-expires", _positive_int("default-expires"), 3600, False, True, "S",
+    ("default-expires", _positive_int("default-expires"), 3600, False, False, "S",
      "registration time when the REGISTER asks none, seconds (default: 3600)"),
-    ("max-contacts", _positive_int("max-contacts"), 16, False, True, "N",
+    ("max-contacts", _positive_int("max-contacts"), 16, False, False, "N",
      "most bindings one AOR may hold (default: 16)"),
     ("realm", _string("realm"), None, False, False, "R",
      "require digest authentication in realm R (with --users)"),
     ("users", _string("users"), None, False, True, "FILE",
      "htdigest file of user:realm:HA1 lines (see docs/auth.md); re-read on SIGHUP"),
+    ("auth-algorithms", lambda v: _algorithms(v), "SHA-256,MD5", False, False, "LIST",
+     "digest algorithms offered, in order, one challenge each (SHA-256, MD5, SHA-256-sess, "
+     "MD5-sess); clients that answer only the first challenge (SIPp) need MD5 first "
+     "(default: SHA-256,MD5)"),
     ("state", _string("state"), "./fastsip-state.sqlite3", False, False, "PATH",
      "SQLite state file for the bindings (default: ./fastsip-state.sqlite3)"),
     ("no-state", bool, False, False, False, None,
@@ -167,6 +185,7 @@ class ServerConfig:
     max_contacts: int = 16
     realm: str | None = None
     users: str | None = None
+    auth_algorithms: tuple = ("SHA-256", "MD5")
     state: str | None = "./fastsip-state.sqlite3"      # None: --no-state
     no_state: bool = False
     flush_interval: float = 1.0

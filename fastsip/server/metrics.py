@@ -90,6 +90,9 @@ def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
            sorted(((("reason", r),), n) for r, n in drops.items()))
     metric("fastsip_received_total", "counter", "SIP messages received, by transport.",
            sorted(((("transport", t),), n) for t, n in total.get("received", {}).items()))
+    metric("fastsip_receive_batches_total", "counter",
+           "recvmmsg calls that returned datagrams, by socket kind (UDP, or the hand-off inbox).",
+           sorted(((("socket", t),), n) for t, n in total.get("batches", {}).items()))
     metric("fastsip_tcp_connections", "gauge", "Open TCP connections.",
            [((), total.get("tcp_connections", 0))])
     metric("fastsip_tcp_keepalives_total", "counter", "RFC 5626 CRLFCRLF keep-alives answered.",

@@ -26,6 +26,7 @@ import os
 import selectors
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -183,6 +184,13 @@ class Supervisor:
             _force_buf(r, socket.SO_RCVBUF, 33, BUF)
             self.inboxes.append((r, w))
         self.addresses = own_addresses(self.listen)
+        if cfg.state:
+            try:
+                from fastsip.server.state import StateFile
+                StateFile(cfg.state).close()
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                self.close_sockets()
+                raise ConfigError(f"--state {cfg.state}: {exc}") from None
         if cfg.realm is not None:
             try:
                 from fastsip.auth import load_htdigest
@@ -431,8 +439,12 @@ class Supervisor:
                        aor=aor, contact=q.get("contact"), removed=removed)
             return self._json({"aor": aor, "removed": removed})
         if path == "/api/workers" and method == "GET":
+            self.collect()
             return self._json({"workers": [
-                {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts}
+                {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
+                 "received_udp": s.last.get("received", {}).get("udp", 0) if s.ready else None,
+                 "received_tcp": s.last.get("received", {}).get("tcp", 0) if s.ready else None,
+                 "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None}
                 for s in self.slots], "restarts": self.restarts,
                 "listen": [_fmt(*b) for b in self.listen], "state": self.cfg.state})
         return self._json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
@@ -451,6 +463,12 @@ class Supervisor:
                 return
             values = new.live_values()
             changed = {k: v for k, v in values.items() if getattr(self.cfg, k) != v}
+            fixed = sorted(k for k in vars(new) if k not in values and k not in ("config",)
+                           and getattr(new, k) != getattr(self.cfg, k)
+                           and not (k == "listen" and [tuple(x) for x in new.listen] == self.listen))
+            if fixed:
+                LOG.warning("SIGHUP: %s changed in %s: takes effect at the next start",
+                            ", ".join(fixed), self.cfg.config)
             for k, v in values.items():
                 setattr(self.cfg, k, v)
             logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)

@@ -57,11 +57,12 @@ def make_registrar(cfg, addresses, secret):
     """The core, configured from a ``ServerConfig``."""
     authorize = None
     if cfg.realm is not None:
-        authorize = fastsip.Authorize(realm=cfg.realm, users=cfg.users, secret=secret)
+        authorize = fastsip.Authorize(realm=cfg.realm, users=cfg.users, secret=secret,
+                                      algorithms=cfg.auth_algorithms)
     return fastsip.Registrar(min_expires=cfg.min_expires, max_expires=cfg.max_expires,
                              default_expires=cfg.default_expires, max_contacts=cfg.max_contacts,
                              domains=cfg.domain or None, addresses=tuple(addresses),
-                             authorize=authorize)
+                             authorize=authorize, track_changes=bool(cfg.state))
 
 
 def binding_dict(aor, b, now) -> dict:
@@ -117,6 +118,7 @@ class Worker:
         self.stopping = False
         self.ctrl_reader = control.Reader()
         self.c = {"received": {"udp": 0, "tcp": 0}, "handoffs_sent": 0, "handoffs_received": 0,
+                  "batches": {"udp": 0, "inbox": 0},
                   "rate_limited": 0, "framing_errors": 0, "keepalives": 0,
                   "dropped": {"handoff_overflow": 0, "tcp_overflow": 0, "max_connections": 0,
                               "state_overflow": 0}}
@@ -287,6 +289,7 @@ class Worker:
                 self.c["handoffs_sent"] += handed
                 self._send_handoffs()
             received += len(items)
+            self.c["batches"]["udp"] += 1
             self.hist.observe(time.perf_counter() - t0, len(items) - handed)
             if len(items) < vlen:
                 break
@@ -372,6 +375,7 @@ class Worker:
             for li, out in udp_out.items():
                 self.io.send(self.udp[li].fileno(), out)
             self.c["handoffs_received"] += count
+            self.c["batches"]["inbox"] += 1
             self.hist.observe(time.perf_counter() - t0, count)
             if len(items) < self.inbox_io.vlen:
                 break
@@ -614,24 +618,18 @@ class Worker:
 
     def _reload(self, values):
         """Apply the live settings of a SIGHUP (see config.LIVE)."""
+        old_users, old_domains = self.cfg.users, self.cfg.domain
         for k, v in values.items():
             setattr(self.cfg, k, v)
         logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)
-        logs.set_role(f"worker {self.index}")
-        self.reconfigure_core()
-
-    def reconfigure_core(self):
-        """Hand the live registrar settings to the core (a new Registrar over the same store)."""
-        reg = self.reg
-        for name in ("min_expires", "max_expires", "default_expires", "max_contacts"):
-            if hasattr(reg, name):
-                try:
-                    setattr(reg, name, getattr(self.cfg, name))
-                except AttributeError:
-                    pass
+        if self.cfg.domain != old_domains:
+            self.reg.set_domains(self.cfg.domain or None)
         if self.cfg.realm is not None:
+            # the users file is re-read even under the same name (it may have changed)
             try:
-                reg.authorize = fastsip.Authorize(realm=self.cfg.realm, users=self.cfg.users,
-                                                  secret=self.secret)
+                self.reg.authorize = fastsip.Authorize(realm=self.cfg.realm, users=self.cfg.users,
+                                                       secret=self.secret,
+                                                       algorithms=self.cfg.auth_algorithms)
             except (OSError, ValueError) as exc:
-                LOG.error("reload: users file %s: %s (keeping the old one)", self.cfg.users, exc)
+                self.cfg.users = old_users
+                LOG.error("reload: users file: %s (keeping the old one)", exc)

@@ -1,0 +1,406 @@
+"""``fastsip serve`` end to end: the real server in a subprocess, real sockets on 127.0.0.1.
+
+Every server runs on kernel-chosen ports and is killed (its whole process
+group) when its test ends; every wait is bounded.
+"""
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fastsip
+from fastsip.server.testing import Phone, ServerProcess, contacts_of, register, request
+
+pytestmark = pytest.mark.server
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(*flags, workers=2, state=True) -> a running ServerProcess, killed at the end."""
+    servers = []
+
+    def _start(*args, workers=2, state=True, **kw):
+        path = tmp_path / "state.sqlite3" if state is True else state
+        srv = ServerProcess(*args, workers=workers, state=path or None, cwd=str(tmp_path), **kw)
+        servers.append(srv)
+        return srv.start()
+    try:
+        yield _start
+    finally:
+        for srv in servers:
+            srv.kill()
+
+
+@pytest.fixture
+def phone():
+    """phone(server_addr, transport="udp") -> a Phone, closed at the end."""
+    phones = []
+
+    def _phone(addr, transport="udp"):
+        p = Phone(addr, transport)
+        phones.append(p)
+        return p
+    try:
+        yield _phone
+    finally:
+        for p in phones:
+            p.close()
+
+
+def cli(*args, timeout=30):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def wait_for(predicate, timeout=10.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return predicate()
+
+
+# ----------------------------------------------------------------------------- basics
+
+def test_register_refresh_fetch_unregister_over_udp(start, phone):
+    srv = start()
+    ua = phone(srv.udp)
+    me = f"sip:alice@127.0.0.1:{ua.local[1]}"
+    r = ua.ask(register("alice", contact=me, call_id="a1", cseq=1, expires=600))
+    assert r.status == 200 and contacts_of(r) == {me: 600}
+    r = ua.ask(register("alice", contact=me, call_id="a1", cseq=2, expires=1200))
+    assert r.status == 200 and contacts_of(r) == {me: 1200}
+    r = ua.ask(register("alice", call_id="a1", cseq=3))              # fetch: no Contact
+    assert r.status == 200 and list(contacts_of(r)) == [me]
+    assert 1190 <= contacts_of(r)[me] <= 1200
+    out = cli("show", "sip:alice@example.com", "--metrics", "%s:%d" % srv.metrics_addr)
+    assert out.returncode == 0 and me in out.stdout and "udp from 127.0.0.1:%d" % ua.local[1] in out.stdout
+    r = ua.ask(register("alice", contact=me, call_id="a1", cseq=4, expires=0))
+    assert r.status == 200 and contacts_of(r) == {}
+    r = ua.ask(register("alice", call_id="a1", cseq=5))
+    assert contacts_of(r) == {}
+    out = cli("show", "sip:alice@example.com", "--json", "--metrics", "%s:%d" % srv.metrics_addr)
+    assert out.returncode == 0 and json.loads(out.stdout) == []
+    m = srv.metrics()
+    assert m['fastsip_requests_total{method="REGISTER"}'] == 5
+    assert m['fastsip_replies_total{code="200"}'] == 5
+    assert m["fastsip_bindings"] == 0
+    # an emptied AOR leaves the store when its change is taken for the state file (<= 1 s)
+    assert wait_for(lambda: srv.metrics()["fastsip_aors"] == 0, 5)
+
+
+def test_register_over_tcp_keepalive_and_the_connection_is_recorded(start, phone):
+    srv = start()
+    ua = phone(srv.tcp, "tcp")
+    me = f"sip:bob@127.0.0.1:{ua.local[1]};transport=tcp"
+    r = ua.ask(register("bob", contact=me, transport="TCP", local=ua.local, expires=300))
+    assert r.status == 200 and contacts_of(r) == {me: 300}
+    ua.send(fastsip.PING)                                         # RFC 5626 CRLFCRLF
+    assert ua.recv(3) == fastsip.PONG
+    # two requests in one segment, the second split across two writes
+    a = request("OPTIONS", call_id="o1")
+    b = request("OPTIONS", call_id="o2")
+    ua.send(a + b[:30])
+    time.sleep(0.05)
+    ua.send(b[30:])
+    replies = [fastsip.parse(ua.recv(3)), fastsip.parse(ua.recv(3))]
+    assert [(x.status, x.call_id) for x in replies] == [(200, "o1"), (200, "o2")]
+    shown = srv.api("/api/aor?aor=sip:bob@example.com")["bindings"]
+    assert len(shown) == 1 and shown[0]["transport"] == "tcp"
+    assert shown[0]["source"] == ["127.0.0.1", ua.local[1]] and shown[0]["conn_id"] != -1
+    m = srv.metrics()
+    assert m["fastsip_tcp_connections"] == 1 and m["fastsip_tcp_keepalives_total"] == 1
+    # a stream that cannot be framed (no Content-Length) closes the connection
+    ua.send(b"OPTIONS sip:example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:1;branch=z9hG4bKx\r\n\r\n")
+    with pytest.raises(ConnectionError):
+        ua.recv(3)
+    assert wait_for(lambda: srv.metrics()["fastsip_tcp_connections"] == 0, 5)
+    assert srv.metrics()["fastsip_parse_errors_total"] >= 1
+
+
+def test_many_tcp_connections_and_idle_timeout(start, phone):
+    srv = start("--tcp-idle-timeout", "1")
+    phones = [phone(srv.tcp, "tcp") for _ in range(40)]
+    for i, p in enumerate(phones):
+        p.send(register(f"t{i}", contact=f"sip:t{i}@127.0.0.1:{p.local[1]};transport=tcp",
+                        transport="TCP", local=p.local, expires=300, call_id=f"t{i}"))
+    for i, p in enumerate(phones):
+        reply = fastsip.parse(p.recv(5))
+        assert reply.status == 200 and reply.call_id == f"t{i}"
+    assert srv.metrics()["fastsip_tcp_connections"] == 40
+    # silent for longer than the idle timeout: closed by the server
+    assert wait_for(lambda: srv.metrics()["fastsip_tcp_connections"] == 0, 6)
+    with pytest.raises(ConnectionError):
+        phones[0].recv(1)
+
+
+def test_two_phones_of_one_aor_on_different_workers_see_each_other(start, phone):
+    srv = start(workers=2)
+
+    def worker_counts():
+        out = {}
+        for w in srv.api("/api/workers")["workers"]:
+            out[w["index"]] = w["received_udp"]
+        return out
+    # find two source ports that the kernel hands to different workers (bounded search)
+    chosen = {}
+    for _ in range(40):
+        p = phone(srv.udp)
+        before = worker_counts()
+        r = p.ask(request("OPTIONS", call_id=f"probe{p.local[1]}"))
+        assert r.status == 200
+        after = worker_counts()
+        got = [i for i in after if after[i] != before[i]]
+        assert len(got) == 1
+        chosen.setdefault(got[0], p)
+        if len(chosen) == 2:
+            break
+    assert len(chosen) == 2, "40 source ports all landed on one worker"
+    p0, p1 = chosen[0], chosen[1]
+    c0 = f"sip:carol@127.0.0.1:{p0.local[1]}"
+    c1 = f"sip:carol@127.0.0.1:{p1.local[1]}"
+    r = p0.ask(register("carol", contact=c0, call_id="desk", expires=600))
+    assert contacts_of(r) == {c0: 600}
+    r = p1.ask(register("carol", contact=c1, call_id="mobile", expires=300))
+    assert contacts_of(r) == {c0: 600, c1: 300}
+    r = p0.ask(register("carol", contact=c0, call_id="desk", cseq=2, expires=600))
+    assert set(contacts_of(r)) == {c0, c1}
+    # one of the two workers does not own carol: its requests were handed to the owner
+    assert srv.metrics()["fastsip_handoffs_total"] >= 1
+    owner = {b["worker"] for b in srv.api("/api/aor?aor=sip:carol@example.com")["bindings"]}
+    assert len(owner) == 1
+
+
+def test_digest_auth_challenge_and_answer(start, tmp_path, phone):
+    users = tmp_path / "users.htdigest"
+    ha1 = hashlib.md5(b"dave:example.com:secret").hexdigest()
+    users.write_text(f"dave:example.com:{ha1}\n")
+    srv = start("--realm", "example.com", "--users", str(users), workers=2)
+    ua = phone(srv.udp)
+    me = f"sip:dave@127.0.0.1:{ua.local[1]}"
+    r = ua.ask(register("dave", contact=me, call_id="d1", cseq=1, expires=600))
+    assert r.status == 401
+    challenges = [c for c in r.www_authenticate if c.params.get("algorithm") == "MD5"]
+    assert challenges, r.headers.getall("WWW-Authenticate")
+    nonce = challenges[0].params["nonce"]
+    # answer from another socket (it may reach the other worker: nonces are shared)
+    other = phone(srv.udp)
+
+    def answer(password, cseq):
+        ha1 = hashlib.md5(f"dave:example.com:{password}".encode()).hexdigest()
+        ha2 = hashlib.md5(b"REGISTER:sip:example.com").hexdigest()
+        resp = hashlib.md5(f"{ha1}:{nonce}:{cseq:08x}:abc:auth:{ha2}".encode()).hexdigest()
+        auth = (f'Authorization: Digest username="dave", realm="example.com", nonce="{nonce}", '
+                f'uri="sip:example.com", response="{resp}", algorithm=MD5, qop=auth, '
+                f'nc={cseq:08x}, cnonce="abc"')
+        return other.ask(register("dave", contact=me, call_id="d1", cseq=cseq, expires=600,
+                                  extra=[auth]))
+    assert answer("wrong", 2).status == 401
+    r = answer("secret", 3)
+    assert r.status == 200 and contacts_of(r) == {me: 600}
+    m = srv.metrics()
+    assert m['fastsip_replies_total{code="401"}'] == 2 and m['fastsip_replies_total{code="200"}'] == 1
+
+
+def test_options_405_404_responses_and_acks(start, phone):
+    srv = start("--domain", "example.com", "--domain", "*.example.org")
+    ua = phone(srv.udp)
+    r = ua.ask(request("OPTIONS"))
+    assert r.status == 200
+    r = ua.ask(request("INVITE", "sip:bob@example.com"))
+    assert r.status == 405 and "REGISTER" in r.headers.get("Allow")
+    r = ua.ask(register("eve", "evilexample.com", contact="sip:eve@127.0.0.1:9"))
+    assert r.status == 404
+    r = ua.ask(register("eve", "a.example.org", contact="sip:eve@127.0.0.1:9", expires=60))
+    assert r.status == 200
+    # a response and an ACK get no answer
+    ua.send(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bKr\r\nCall-ID: x\r\n"
+               b"CSeq: 1 OPTIONS\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nContent-Length: 0\r\n\r\n")
+    ua.send(request("ACK", "sip:bob@example.com"))
+    assert ua.recv(0.5) is None
+    m = srv.metrics()
+    assert m['fastsip_replies_total{code="405"}'] == 1 and m['fastsip_replies_total{code="404"}'] == 1
+    assert m['fastsip_requests_total{method="OPTIONS"}'] == 1
+
+
+def test_garbage_and_oversized_datagrams_while_good_clients_are_served(start, phone):
+    srv = start("--max-message-size", "4000")
+    good = phone(srv.udp)
+    bad = phone(srv.udp)
+    garbage = [
+        b"\x00\xff" * 50,
+        b"REGISTER\r\n\r\n",
+        b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKg\r\n"
+        b"CSeq: banana\r\nContent-Length: 0\r\n\r\n",
+        os.urandom(300),
+        b"x" * 6000,                                   # over --max-message-size
+        b"OPTIONS sip:a SIP/2.0\r\n" + b"X: " + b"y" * 5000 + b"\r\n\r\n",   # also too large
+    ]
+    served = 0
+    for i in range(30):
+        for g in garbage:
+            bad.send(g)
+        me = f"sip:good{i}@127.0.0.1:{good.local[1]}"
+        r = good.ask(register(f"good{i}", contact=me, call_id=f"g{i}", expires=120))
+        served += r.status == 200 and me in contacts_of(r)
+    assert served == 30
+    # malformed input that can be answered gets 400; the rest is dropped
+    answers = []
+    while (raw := bad.recv(0.5)) is not None:
+        answers.append(fastsip.parse(raw).status)
+    assert answers and set(answers) == {400}
+    m = srv.metrics()
+    assert m['fastsip_dropped_total{reason="oversized"}'] == 60
+    assert m["fastsip_parse_errors_total"] >= 30 * 3
+    assert m["fastsip_aors"] == 30
+
+
+def test_rate_limit_per_source_address(start, phone):
+    srv = start("--rate-limit", "5", "--rate-burst", "5", workers=1)
+    ua = phone(srv.udp)
+    for i in range(30):
+        ua.send(request("OPTIONS", call_id=f"rl{i}"))
+    answered = 0
+    while ua.recv(0.5) is not None:
+        answered += 1
+    assert 5 <= answered <= 7
+    assert srv.metrics()["fastsip_rate_limited_total"] >= 23
+
+
+def test_metrics_endpoint_format_and_cli_bindings_remove(start, phone):
+    srv = start()
+    ua = phone(srv.udp)
+    for user in ("u1", "u2"):
+        for port in (5071, 5072):
+            ua.ask(register(user, contact=f"sip:{user}@127.0.0.1:{port}", call_id=f"{user}{port}",
+                               expires=600))
+    text = srv.http("/metrics").decode()
+    assert "# TYPE fastsip_requests_total counter" in text
+    assert "# TYPE fastsip_processing_seconds histogram" in text
+    assert 'fastsip_processing_seconds_bucket{le="+Inf"} ' in text
+    m = srv.metrics()
+    assert m["fastsip_bindings"] == 4 and m["fastsip_aors"] == 2
+    assert m["fastsip_processing_seconds_count"] >= 4
+    ep = "%s:%d" % srv.metrics_addr
+    out = cli("bindings", "--metrics", ep)
+    assert out.returncode == 0 and "4 binding(s) of 2 AOR(s)" in out.stdout
+    assert json.loads(cli("bindings", "--json", "--metrics", ep).stdout)[0]["aor"] == "sip:u1@example.com"
+    out = cli("remove", "sip:u1@example.com", "sip:u1@127.0.0.1:5071", "--metrics", ep)
+    assert out.returncode == 0 and "removed 1 binding" in out.stdout
+    out = cli("remove", "sip:u2@example.com", "--metrics", ep)
+    assert out.returncode == 0 and "removed 2 binding" in out.stdout
+    r = ua.ask(register("u1", call_id="f"))
+    assert list(contacts_of(r)) == ["sip:u1@127.0.0.1:5072"]
+    assert srv.metrics()["fastsip_bindings"] == 1
+    out = cli("show", "sip:nobody@example.com", "--metrics", ep)
+    assert out.returncode == 1 and "no bindings" in out.stdout
+    out = cli("show", "sip:u1@example.com", "--metrics", "127.0.0.1:1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no fastsip server" in out.stderr
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+def test_graceful_restart_keeps_bindings_and_reshards(start, tmp_path, phone):
+    state = tmp_path / "keep.sqlite3"
+    srv = start("--flush-interval", "30", workers=1, state=state)     # only the stop writes
+    ua = phone(srv.udp)
+    for i in range(50):
+        ua.ask(register(f"k{i}", contact=f"sip:k{i}@127.0.0.1:{6000 + i}", call_id=f"k{i}",
+                           expires=900))
+    t0 = time.monotonic()
+    assert srv.stop() == 0
+    assert time.monotonic() - t0 < 5
+    assert "stopped; state written" in srv.log()
+    srv = start(workers=2, state=state)                                 # re-sharded on load
+    assert re.search(r"loaded \d+ bindings of \d+ AORs", srv.log())
+    m = srv.metrics()
+    assert m["fastsip_bindings"] == 50 and m["fastsip_aors"] == 50
+    ua = phone(srv.udp)
+    for i in (0, 17, 49):
+        r = ua.ask(register(f"k{i}", call_id="fetch"))               # fetch, via the owner
+        exp = contacts_of(r)[f"sip:k{i}@127.0.0.1:{6000 + i}"]
+        assert 880 <= exp <= 900                                        # not reset by the restart
+
+
+def test_kill_9_of_a_worker_restarts_it_with_its_shard(start, phone):
+    srv = start("--flush-interval", "0.2", workers=2)
+    ua = phone(srv.udp)
+    for i in range(40):
+        ua.ask(register(f"w{i}", contact=f"sip:w{i}@127.0.0.1:7000", call_id=f"w{i}", expires=900))
+    assert wait_for(lambda: srv.metrics()["fastsip_state_rows_written_total"] >= 40, 5)
+    pids = srv.worker_pids()
+    os.kill(pids[0], signal.SIGKILL)
+    assert wait_for(lambda: (lambda w: w[0]["pid"] not in (0, pids[0]) and w[0]["ready"])(
+        srv.api("/api/workers")["workers"]), 10)
+    assert srv.worker_pids()[1] == pids[1]
+    m = srv.metrics()
+    assert m["fastsip_worker_restarts_total"] == 1 and m["fastsip_workers"] == 2
+    assert m["fastsip_bindings"] == 40
+    for i in range(40):
+        r = ua.ask(register(f"w{i}", call_id="fetch"))
+        assert list(contacts_of(r)) == [f"sip:w{i}@127.0.0.1:7000"]
+    # counters of the dead worker are kept (never go down)
+    assert srv.metrics()['fastsip_requests_total{method="REGISTER"}'] >= 80
+    assert "died (killed by signal 9); restarting" in srv.log()
+
+
+def test_sighup_reloads_live_settings(start, tmp_path, phone):
+    conf = tmp_path / "fastsip.toml"
+    conf.write_text('domain = ["example.com"]\nlog-format = "text"\n')
+    srv = start("--config", str(conf))
+    ua = phone(srv.udp)
+    assert ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60)).status == 404
+    conf.write_text('domain = ["example.com", "example.net"]\nlog-format = "json"\nmax-contacts = 3\n')
+    srv.signal(signal.SIGHUP)
+
+    def reloaded():
+        return ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60,
+                                  call_id=os.urandom(4).hex())).status == 200
+    assert wait_for(reloaded, 5)
+    log = srv.log()
+    assert "max_contacts changed" in log and "next start" in log
+    last = log.strip().splitlines()[-1]
+    assert json.loads(last)["msg"].startswith("SIGHUP: logs reopened")
+    assert srv.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_bad_flags_and_unusable_addresses_exit_2(tmp_path):
+    for args, words in [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--listen", "sctp:1.2.3.4:5"], "expected udp:HOST:PORT"),
+        (["--workers", "zero"], "expected a whole number"),
+        (["--realm", "x"], "--realm and --users go together"),
+        (["--listen", "udp:192.0.2.1:5060"], "cannot listen on udp:192.0.2.1:5060"),
+    ]:
+        out = cli("serve", "--no-state", "--metrics", "127.0.0.1:0", *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+    # a port another program holds (without SO_REUSEPORT) is refused, not shared
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("127.0.0.1", 0))
+    try:
+        out = cli("serve", "--no-state", "--metrics", "127.0.0.1:0",
+                  "--listen", "udp:127.0.0.1:%d" % holder.getsockname()[1])
+        assert out.returncode == 2 and "Address already in use" in out.stderr
+    finally:
+        holder.close()
+    out = cli("serve", "--help")
+    assert out.returncode == 0
+    for flag in ("--listen", "--workers", "--domain", "--min-expires", "--max-expires",
+                 "--default-expires", "--max-contacts", "--realm", "--users", "--state",
+                 "--no-state", "--metrics", "--config", "--rate-limit", "--log-level",
+                 "--log-format", "--flush-interval"):
+        assert flag in out.stdout

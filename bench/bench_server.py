@@ -1,0 +1,178 @@
+"""Throughput and CPU cost of ``fastsip serve`` under SIPp (a script, not a test).
+
+For each offered rate it starts a fresh server on 127.0.0.1, drives it with
+SIPp with one UDP socket per call (``-t un``, so SO_REUSEPORT spreads the
+calls over the workers) for ``--duration`` seconds, and reports:
+
+- achieved rate: successful calls / SIPp's elapsed time;
+- failures: failed calls / calls started (a rate is *sustained* at <= 1 %);
+- server CPU per REGISTER: the CPU time (user + system, from
+  /proc/PID/schedstat, nanoseconds) of the supervisor and all workers during
+  the run, divided by the successful registrations;
+- SIPp's own CPU time, for scale (it shares the cores).
+
+    python3 bench/bench_server.py                       # 5k..30k/s, no auth, state file on
+    python3 bench/bench_server.py --no-state --rates 10000,20000
+    python3 bench/bench_server.py --auth                # REGISTER, 401, REGISTER with digest, 200
+
+Needs sipp (Debian: apt-get install sip-tester) and the compiled modules
+(``python setup.py build_ext --inplace``).  Only 127.0.0.1 is used.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fastsip.server.testing import ServerProcess  # noqa: E402
+
+SCENARIOS = os.path.join(ROOT, "tests", "sipp")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of one process, ns (schedstat; falls back to clock ticks from stat)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(srv) -> list:
+    return [srv.proc.pid] + [p for p in srv.worker_pids() if p]
+
+
+def _raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_rate(args, rate, workdir, users_file, inject_file):
+    flags = ["--log-level", "warning", "--max-expires", "3600"]
+    if args.auth:
+        flags += ["--realm", "127.0.0.1", "--users", users_file, "--auth-algorithms", "MD5"]
+    state = os.path.join(workdir, f"state-{rate}.sqlite3") if args.state else None
+    srv = ServerProcess(*flags, workers=args.workers, state=state, cwd=workdir,
+                        transports=("udp",))
+    srv.start()
+    try:
+        pids = server_pids(srv)
+        calls = int(rate * args.duration)
+        scenario = "register_auth.xml" if args.auth else "register.xml"
+        cmd = [args.sipp, "%s:%d" % srv.udp, "-sf", os.path.join(SCENARIOS, scenario),
+               "-t", "un", "-r", str(rate), "-m", str(calls), "-i", "127.0.0.1", "-p", "0",
+               "-nostdin", "-max_socket", str(args.max_socket), "-timeout",
+               str(int(args.duration * 4 + 20)), "-recv_timeout", "2000"]
+        if args.auth:
+            cmd += ["-inf", inject_file]
+        before = {p: cpu_ns(p) for p in pids}
+        t0 = time.monotonic()
+        with tempfile.TemporaryFile("w+") as so:
+            proc = subprocess.Popen(cmd, stdout=so, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile, cwd=workdir)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            so.seek(0)
+            text = so.read()
+        wall = time.monotonic() - t0
+        server_ns = sum(cpu_ns(p) - before[p] for p in pids)
+        metrics = srv.metrics()
+    finally:
+        srv.stop()
+
+    def cumulative(label):
+        m = re.findall(rf"{label}\s*\|\s*\S+\s*\|\s*(\S+)", text)
+        return m[-1] if m else None
+    ok = int(cumulative("Successful call") or 0)
+    failed = int(cumulative("Failed call") or 0)
+    start = re.findall(r"Start Time\s*\|.*?(\d+\.\d+)\s*$", text, re.M)
+    end = re.findall(r"Current Time\s*\|.*?(\d+\.\d+)\s*$", text, re.M)
+    elapsed_s = float(end[-1]) - float(start[-1]) if start and end else wall
+    retrans = sum(int(r) for r in re.findall(r"REGISTER -+>\s+\d+\s+(\d+)", text))
+    started = max(calls, ok + failed)
+    replies = sum(v for k, v in metrics.items() if k.startswith("fastsip_replies_total"))
+    return {
+        "offered_rate": rate,
+        "calls": calls,
+        "successful": ok,
+        "failed": failed,
+        "failure_pct": round(100.0 * (started - ok) / started, 3),
+        "achieved_rate": round(ok / elapsed_s, 1) if elapsed_s else 0,
+        "server_cpu_s": round(server_ns / 1e9, 3),
+        "server_cpu_us_per_register": round(server_ns / 1e3 / ok, 2) if ok else None,
+        "server_replies": int(replies),
+        "server_cpu_us_per_reply": round(server_ns / 1e3 / replies, 2) if replies else None,
+        "handoffs": int(metrics.get("fastsip_handoffs_total", 0)),
+        "sipp_exit": proc.returncode,
+        "retransmissions": retrans,
+        "sipp_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", default="5000,10000,15000,20000,25000,30000",
+                    help="offered REGISTER rates per second, comma-separated")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per rate (default 5)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--auth", action="store_true", help="digest authentication (MD5, as SIPp)")
+    ap.add_argument("--no-state", dest="state", action="store_false",
+                    help="no state file (as Kamailio's in-memory usrloc)")
+    ap.add_argument("--max-socket", type=int, default=15000, help="sipp -max_socket")
+    ap.add_argument("--sipp", default=shutil.which("sipp"), help="path to sipp")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args(argv)
+    if not args.sipp:
+        print("bench_server: sipp not found (apt-get install sip-tester)", file=sys.stderr)
+        return 2
+    rates = [int(r) for r in args.rates.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fastsip-bench-") as workdir:
+        users_file = os.path.join(workdir, "users.htdigest")
+        inject_file = os.path.join(workdir, "users.csv")
+        if args.auth:
+            n = max(rates) * int(args.duration) + 10
+            with open(users_file, "w") as uf, open(inject_file, "w") as cf:
+                cf.write("SEQUENTIAL\n")
+                for i in range(n):
+                    ha1 = hashlib.md5(f"user{i}:127.0.0.1:pw{i}".encode()).hexdigest()
+                    uf.write(f"user{i}:127.0.0.1:{ha1}\n")
+                    cf.write(f"user{i};[authentication username=user{i} password=pw{i}]\n")
+        print(f"# fastsip serve, {args.workers} workers, {'digest auth, ' if args.auth else ''}"
+              f"{'state file' if args.state else 'no state'}; SIPp -t un, {args.duration:g} s per rate; "
+              f"{os.cpu_count()} CPUs")
+        print(f"{'offered/s':>10} {'achieved/s':>11} {'fail %':>7} {'µs CPU/REG':>11} "
+              f"{'µs/reply':>9} {'hand-offs':>10} {'retrans':>8} {'SIPp CPU s':>11}")
+        for rate in rates:
+            r = run_rate(args, rate, workdir, users_file, inject_file)
+            results.append(r)
+            print(f"{r['offered_rate']:>10} {r['achieved_rate']:>11} {r['failure_pct']:>7} "
+                  f"{r['server_cpu_us_per_register']!s:>11} {r['server_cpu_us_per_reply']!s:>9} "
+                  f"{r['handoffs']:>10} {r['retransmissions']:>8} {r['sipp_cpu_s']:>11}", flush=True)
+    sustained = [r["achieved_rate"] for r in results if r["failure_pct"] <= 1.0]
+    print(f"# highest achieved rate with <= 1 % failures: {max(sustained) if sustained else 0}/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

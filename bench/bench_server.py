@@ -92,6 +92,15 @@ def run_rate(args, rate, workdir, users_file, inject_file):
             so.seek(0)
             text = so.read()
         wall = time.monotonic() - t0
+        # the state writer runs behind: count its work too (bounded wait)
+        deadline = time.monotonic() + 30
+        while args.state and time.monotonic() < deadline:
+            m = srv.metrics()
+            if m.get("fastsip_state_pending_changes", 0) == 0 and \
+                    m.get("fastsip_state_rows_written_total", 0) > 0:
+                break
+            time.sleep(0.1)
+        time.sleep(args.state * 1.2)      # one more flush interval for the last changes
         server_ns = sum(cpu_ns(p) - before[p] for p in pids)
         metrics = srv.metrics()
     finally:

@@ -100,6 +100,22 @@ def test_register_refresh_fetch_unregister_over_udp(start, phone):
     assert wait_for(lambda: srv.metrics()["fastsip_aors"] == 0, 5)
 
 
+def test_ipv6_and_expiry(start, phone):
+    srv = start("--listen", "udp:[::1]:0", "--listen", "tcp:[::1]:0", "--min-expires", "1")
+    v6 = dict((t, a) for t, a in srv.listen if ":" in a[0])
+    for transport in ("udp", "tcp"):
+        ua = phone(v6[transport], transport)
+        me = f"sip:frank-{transport}@[::1]:{ua.local[1]}"
+        r = ua.ask(register(f"frank-{transport}", contact=me, expires=1, transport=transport.upper(),
+                            local=("[::1]", ua.local[1])))
+        assert r.status == 200 and contacts_of(r) == {me: 1}
+    shown = srv.api("/api/bindings")["bindings"]
+    assert sorted(b["source"][0] for b in shown) == ["::1", "::1"]
+    # both expire after a second: removed by the workers' expiry timer and counted
+    assert wait_for(lambda: srv.metrics()["fastsip_expired_bindings_total"] == 2, 5)
+    assert srv.metrics()["fastsip_bindings"] == 0
+
+
 def test_register_over_tcp_keepalive_and_the_connection_is_recorded(start, phone):
     srv = start()
     ua = phone(srv.tcp, "tcp")

@@ -99,6 +99,9 @@ def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
            [((), total.get("keepalives", 0))])
     metric("fastsip_state_rows_written_total", "counter", "AOR rows written to the state file.",
            [((), total.get("state_rows_written", 0))])
+    metric("fastsip_state_pending_changes", "gauge",
+           "AOR changes taken from the store and not yet written to the state file.",
+           [((), total.get("state_pending", 0))])
     metric("fastsip_state_errors_total", "counter", "Failed writes to the state file.",
            [((), total.get("state_errors", 0))])
     metric("fastsip_workers", "gauge", "Worker processes running.", [((), workers_alive)])

@@ -65,9 +65,14 @@ class ServerProcess:
             self.kill()
             raise RuntimeError(f"server did not start: {line!r}\n{self.log()}")
         self.start_line = line
+        self.listen = []
         for item in m.group("listen").split(", "):
-            t, host, port = item.rsplit(":", 2)
-            setattr(self, t, (host, int(port)))
+            t, rest = item.split(":", 1)
+            host, port = rest.rsplit(":", 1)
+            addr = (host.strip("[]"), int(port))
+            self.listen.append((t, addr))
+            if getattr(self, t) is None:
+                setattr(self, t, addr)
         self.metrics_addr = (m.group("mhost"), int(m.group("mport")))
         return self
 
@@ -199,11 +204,12 @@ class Phone:
         self.server = server_addr
         self.transport = transport
         if transport == "udp":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind(("127.0.0.1", 0))
+            v6 = ":" in server_addr[0]
+            self.sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(("::1" if v6 else "127.0.0.1", 0))
         else:
             self.sock = socket.create_connection(server_addr, timeout=5)
-        self.local = self.sock.getsockname()
+        self.local = self.sock.getsockname()[:2]
         self.framer = fastsip.StreamFramer()
         self.pending = []
 

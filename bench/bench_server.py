@@ -27,6 +27,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", default="5000,10000,15000,20000,25000,30000",
                     help="offered REGISTER rates per second, comma-separated")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per rate (default 5)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per rate; the summary gives the median (default 1)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--auth", action="store_true", help="digest authentication (MD5, as SIPp)")
     ap.add_argument("--no-state", dest="state", action="store_false",
@@ -170,11 +173,20 @@ def main(argv=None) -> int:
         print(f"{'offered/s':>10} {'achieved/s':>11} {'fail %':>7} {'µs CPU/REG':>11} "
               f"{'µs/reply':>9} {'hand-offs':>10} {'retrans':>8} {'SIPp CPU s':>11}")
         for rate in rates:
-            r = run_rate(args, rate, workdir, users_file, inject_file)
-            results.append(r)
-            print(f"{r['offered_rate']:>10} {r['achieved_rate']:>11} {r['failure_pct']:>7} "
-                  f"{r['server_cpu_us_per_register']!s:>11} {r['server_cpu_us_per_reply']!s:>9} "
-                  f"{r['handoffs']:>10} {r['retransmissions']:>8} {r['sipp_cpu_s']:>11}", flush=True)
+            for _ in range(args.repeat):
+                r = run_rate(args, rate, workdir, users_file, inject_file)
+                results.append(r)
+                print(f"{r['offered_rate']:>10} {r['achieved_rate']:>11} {r['failure_pct']:>7} "
+                      f"{r['server_cpu_us_per_register']!s:>11} {r['server_cpu_us_per_reply']!s:>9} "
+                      f"{r['handoffs']:>10} {r['retransmissions']:>8} {r['sipp_cpu_s']:>11}",
+                      flush=True)
+    if args.repeat > 1:
+        print("# medians per offered rate: achieved/s, failure %, µs CPU per REGISTER")
+        for rate in rates:
+            rs = [r for r in results if r["offered_rate"] == rate]
+            print(f"# {rate:>8} {statistics.median(r['achieved_rate'] for r in rs):>11} "
+                  f"{statistics.median(r['failure_pct'] for r in rs):>7} "
+                  f"{statistics.median(r['server_cpu_us_per_register'] or 0 for r in rs):>11}")
     sustained = [r["achieved_rate"] for r in results if r["failure_pct"] <= 1.0]
     print(f"# highest achieved rate with <= 1 % failures: {max(sustained) if sustained else 0}/s")
     if args.json:

@@ -104,6 +104,9 @@ def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
            [((), total.get("state_pending", 0))])
     metric("fastsip_state_errors_total", "counter", "Failed writes to the state file.",
            [((), total.get("state_errors", 0))])
+    metric("fastsip_internal_errors_total", "counter",
+           "Messages on which the registrar core raised (bugs; logged with a traceback).",
+           [((), total.get("internal_errors", 0))])
     metric("fastsip_workers", "gauge", "Worker processes running.", [((), workers_alive)])
     metric("fastsip_workers_configured", "gauge", "Worker processes configured.", [((), workers)])
     metric("fastsip_worker_restarts_total", "counter", "Workers restarted after they died.",

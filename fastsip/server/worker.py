@@ -122,7 +122,8 @@ class Worker:
                   "rate_limited": 0, "framing_errors": 0, "keepalives": 0,
                   "dropped": {"handoff_overflow": 0, "tcp_overflow": 0, "max_connections": 0,
                               "state_overflow": 0}}
-        self._state_error_logged = 0.0
+        self._state_error_logged = -1e9
+        self._bug_logged = -1e9
 
     # ------------------------------------------------------------------ start
     def start(self):
@@ -270,17 +271,21 @@ class Worker:
             for data, src in items:
                 if limit and not self._allow(src[0], now):
                     continue
-                if n > 1:
-                    key = aor_key(data)
-                    if key is not None:
-                        s = shard_of(key, n)
-                        if s != me:
-                            host = src[0].encode()
-                            q[s].append((pack(H_UDP, li, me, len(host), -1, src[1]) + host + data,
-                                         None))
-                            handed += 1
-                            continue
-                reply = serve(data, src, now, "udp", -1)
+                try:
+                    if n > 1:
+                        key = aor_key(data)
+                        if key is not None:
+                            s = shard_of(key, n)
+                            if s != me:
+                                host = src[0].encode()
+                                q[s].append((pack(H_UDP, li, me, len(host), -1, src[1]) + host
+                                             + data, None))
+                                handed += 1
+                                continue
+                    reply = serve(data, src, now, "udp", -1)
+                except Exception:       # noqa: BLE001 - a bug in the core: log, go on
+                    self._bug(data)
+                    continue
                 if reply is not None:
                     out.append((reply, src))
             if out:
@@ -320,6 +325,14 @@ class Worker:
             del self.rate[h]
         if len(self.rate) >= RATE_SOURCES_MAX:     # a flood of distinct sources: start over
             self.rate.clear()
+
+    def _bug(self, data):
+        """The core raised: a bug.  Count it, log the traceback (at most once a minute)."""
+        self.c["internal_errors"] = self.c.get("internal_errors", 0) + 1
+        if time.monotonic() - self._bug_logged > 60:
+            self._bug_logged = time.monotonic()
+            LOG.exception("the registrar core raised on a %d-byte message (a bug; message "
+                          "dropped; further ones this minute are only counted)", len(data))
 
     # ------------------------------------------------------------------ hand-off
     def _send_handoffs(self):
@@ -364,14 +377,19 @@ class Worker:
                     continue
                 count += 1
                 src = (host, port)
+                try:
+                    reply = serve(data, src, now, "udp" if kind == H_UDP else "tcp",
+                                  -1 if kind == H_UDP else cid)
+                except Exception:       # noqa: BLE001 - a bug in the core: log, go on
+                    self._bug(data)
+                    continue
+                if reply is None:
+                    continue
                 if kind == H_UDP:
-                    reply = serve(data, src, now, "udp", -1)
-                    if reply is not None and li < len(self.udp):
+                    if li < len(self.udp):
                         udp_out.setdefault(li, []).append((reply, src))
                 elif kind == H_TCP:
-                    reply = serve(data, src, now, "tcp", cid)
-                    if reply is not None:
-                        self._reply_tcp(origin, cid, reply)
+                    self._reply_tcp(origin, cid, reply)
             for li, out in udp_out.items():
                 self.io.send(self.udp[li].fileno(), out)
             self.c["handoffs_received"] += count
@@ -447,18 +465,22 @@ class Worker:
             self.c["received"]["tcp"] += 1
             if self.cfg.rate_limit and not self._allow(conn.peer[0], now):
                 continue
-            if n > 1:
-                key = fastsip.aor_key(item)
-                if key is not None:
-                    s = fastsip.shard_of(key, n)
-                    if s != self.index:
-                        host = conn.peer[0].encode()
-                        self.handoff_q[s].append(
-                            (HANDOFF.pack(H_TCP, 0, self.index, len(host), conn.cid, conn.peer[1])
-                             + host + item, None))
-                        self.c["handoffs_sent"] += 1
-                        continue
-            reply = self.reg.serve(item, conn.peer, now, "tcp", conn.cid)
+            try:
+                if n > 1:
+                    key = fastsip.aor_key(item)
+                    if key is not None:
+                        s = fastsip.shard_of(key, n)
+                        if s != self.index:
+                            host = conn.peer[0].encode()
+                            self.handoff_q[s].append(
+                                (HANDOFF.pack(H_TCP, 0, self.index, len(host), conn.cid,
+                                              conn.peer[1]) + host + item, None))
+                            self.c["handoffs_sent"] += 1
+                            continue
+                reply = self.reg.serve(item, conn.peer, now, "tcp", conn.cid)
+            except Exception:           # noqa: BLE001 - a bug in the core: log, go on
+                self._bug(item)
+                continue
             handled += 1
             if reply is not None:
                 self._write(conn, reply)

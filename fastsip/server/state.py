@@ -53,12 +53,15 @@ def _dumps(bindings) -> bytes:
 class StateFile:
     """One worker's connection to the state file."""
 
-    def __init__(self, path: str, busy_timeout: float = 5.0):
+    def __init__(self, path: str, busy_timeout: float = 5.0, checkpoints: bool = True):
         self.path = path
         self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        if not checkpoints:
+            # the supervisor checkpoints (checkpoint()): a worker's write never copies the WAL
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
         self._exec_retry(lambda: self.db.executescript(SCHEMA))
         self._exec_retry(lambda: self.db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (FORMAT,)))
@@ -127,6 +130,10 @@ class StateFile:
             "DELETE FROM aors WHERE aor IN (SELECT aor FROM aors WHERE expires_at <= ? LIMIT ?)",
             (now, limit)))
         return cur.rowcount
+
+    def checkpoint(self, mode: str = "PASSIVE"):
+        """Copy the WAL into the database file (the supervisor does it, off the workers' path)."""
+        return self.db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
 
     def close(self):
         try:

@@ -38,6 +38,7 @@ from fastsip.server.metrics import add_reports, render
 LOG = logs.LOG
 STOP_GRACE = 8.0            # seconds workers get to write their state before SIGKILL
 STATS_EVERY = 2.0           # seconds between counter snapshots (kept when a worker dies)
+CHECKPOINT_EVERY = 1.0      # seconds between WAL checkpoints (the supervisor's; workers never do)
 RESTART_BACKOFF = 1.0       # a worker that dies within this many seconds of its start waits this long
 BUF = 4 << 20
 
@@ -497,6 +498,11 @@ class Supervisor:
         for slot in self.slots:
             self.spawn(slot)
         next_stats = time.monotonic() + STATS_EVERY
+        next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        self.state = None
+        if cfg.state:
+            from fastsip.server.state import StateFile
+            self.state = StateFile(cfg.state)
         while not self.stopping:
             for key, _ in self.sel.select(0.25):
                 kind, slot = key.data
@@ -529,6 +535,12 @@ class Supervisor:
             if now >= next_stats:
                 next_stats = now + STATS_EVERY
                 self.collect()
+            if self.state is not None and now >= next_checkpoint:
+                next_checkpoint = now + CHECKPOINT_EVERY
+                try:
+                    self.state.checkpoint()
+                except sqlite3.Error as exc:
+                    LOG.warning("state file: checkpoint failed: %s", exc)
         return self.stop()
 
     def stop(self) -> int:
@@ -553,6 +565,12 @@ class Supervisor:
                     pass
                 slot.pid = 0
         self.close_sockets()
+        if self.state is not None:
+            try:
+                self.state.checkpoint("TRUNCATE")
+            except sqlite3.Error as exc:
+                LOG.warning("state file: final checkpoint failed: %s", exc)
+            self.state.close()
         logs.event(logging.INFO, "stopped" + (f"; state written to {os.path.abspath(self.cfg.state)}"
                                               if self.cfg.state else ""))
         return 0

@@ -124,6 +124,7 @@ class Worker:
                               "state_overflow": 0}}
         self._state_error_logged = -1e9
         self._bug_logged = -1e9
+        self._slow_logged = -1e9
 
     # ------------------------------------------------------------------ start
     def start(self):
@@ -132,7 +133,7 @@ class Worker:
         loaded = aors = 0
         t0 = time.monotonic()
         if self.cfg.state:
-            self.state = StateFile(self.cfg.state)
+            self.state = StateFile(self.cfg.state, checkpoints=False)
             now = time.time()
             for aor, bindings in self.state.load(self.index, self.n, now):
                 self.reg.store.load(aor, bindings)
@@ -562,8 +563,14 @@ class Worker:
         deadline = None if budget is None else time.perf_counter() + budget
         while self.state_pending:
             chunk = self.state_pending[:STATE_CHUNK]
+            t0 = time.perf_counter()
             try:
                 self.state.write(chunk)
+                took = time.perf_counter() - t0
+                if took > 0.2 and time.monotonic() - self._slow_logged > 60:
+                    self._slow_logged = time.monotonic()
+                    LOG.warning("state file: writing %d AORs took %.0f ms (the receive loop "
+                                "waited)", len(chunk), took * 1000)
             except Exception as exc:    # noqa: BLE001 - the file may be full, locked, gone
                 self.c.setdefault("state_errors", 0)
                 self.c["state_errors"] += 1

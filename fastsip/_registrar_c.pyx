@@ -374,11 +374,9 @@ cdef class RegistrarCore:
         if rc != 0:
             self.parse_errors += 1
             return self._reply(buf, m, 400, "Bad Request-URI", None, src_host, src_port, now)
-        for hi, name in ((HDR_VIA, "Via"), (HDR_FROM, "From"), (HDR_TO, "To"),
-                         (HDR_CALL_ID, "Call-ID"), (HDR_CSEQ, "CSeq")):
-            if m.first[hi] < 0:
-                return self._reply(buf, m, 400, f"Missing {name} header", None, src_host,
-                                   src_port, now)
+        missing = _missing_header(m)
+        if missing is not None:
+            return self._reply(buf, m, 400, missing, None, src_host, src_port, now)
         # 5 (first half). The AOR comes from To, which must be a SIP or SIPS URI.
         h = &m.hdrs[m.first[<int>HDR_TO]]
         if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
@@ -396,13 +394,10 @@ cdef class RegistrarCore:
             return None
 
         # 2. Require: every option tag must be one we support.
-        if m.first[<int>HDR_REQUIRE] >= 0:
-            unsupported = [t for t in self._tokens(data, m, HDR_REQUIRE)
-                           if t.lower() not in SUPPORTED_OPTIONS]
-            if unsupported:
-                return self._reply(buf, m, 420, "Bad Extension",
-                                   [("Unsupported", ", ".join(unsupported))], src_host, src_port,
-                                   now)
+        unsupported = self._unsupported(data, m)
+        if unsupported:
+            return self._reply(buf, m, 420, "Bad Extension", [("Unsupported", unsupported)],
+                               src_host, src_port, now)
 
         # CSeq and Call-ID: well-formed, in their limits.
         h = &m.hdrs[m.first[<int>HDR_CSEQ]]
@@ -521,8 +516,8 @@ cdef class RegistrarCore:
                 slot = self.store.aors[a].first
                 while slot >= 0:
                     br = &self.store.b[slot]
-                    if br.key_hash == c.key or (c.reg_id >= 0 and br.reg_id == c.reg_id and
-                                                c.instance.length > 0 and
+                    if br.key_hash == c.key or (c.instance.length > 0 and
+                                                br.reg_id == c.reg_id and
                                                 self._same_instance(buf, c, br)):
                         c.match = slot
                         break
@@ -794,6 +789,13 @@ cdef class RegistrarCore:
                 pos += 1
         return False
 
+    cdef str _unsupported(self, bytes data, Msg* m):
+        """The Require option tags we do not support, comma-separated ("" if none)."""
+        if m.first[<int>HDR_REQUIRE] < 0:
+            return ""
+        return ", ".join([t for t in self._tokens(data, m, HDR_REQUIRE)
+                          if t.lower() not in SUPPORTED_OPTIONS])
+
     cdef list _tokens(self, bytes data, Msg* m, int htype):
         cdef list out = []
         cdef int i
@@ -849,6 +851,8 @@ cdef class RegistrarCore:
         cdef int rc
         cdef bytes src_host
         cdef object reply
+        cdef UriSpans ruri
+        cdef Py_ssize_t err = 0
         self.last_now = now
         rc = scan_message(buf, PyBytes_GET_SIZE(data), &m, &self.lim)
         try:
@@ -870,18 +874,31 @@ cdef class RegistrarCore:
                 return reply
             if method == "ACK":
                 return None
+            # RFC 3261 8.2: a request this server does not register still gets
+            # the checks every UAS makes, in this order.
             src_host = source[0].encode() if isinstance(source[0], str) else source[0]
             if rc != OK:
                 self.parse_errors += 1
                 return self._reply(buf, &m, 400, "Bad Request (malformed message)", None,
                                    src_host, source[1], now)
-            if method == "OPTIONS":
-                return self._reply(buf, &m, 200, "OK",
-                                   [("Allow", "REGISTER, OPTIONS"),
-                                    ("Supported", ", ".join(SUPPORTED_OPTIONS)),
-                                    ("Accept", "application/sdp")], src_host, source[1], now)
-            return self._reply(buf, &m, 405, "Method Not Allowed",
-                               [("Allow", "REGISTER, OPTIONS")], src_host, source[1], now)
+            missing = _missing_header(&m)
+            if missing is not None:
+                return self._reply(buf, &m, 400, missing, None, src_host, source[1], now)
+            rc = scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err)
+            if rc == -2:
+                return self._reply(buf, &m, 416, "Unsupported URI Scheme", None, src_host,
+                                   source[1], now)
+            if method != "OPTIONS":
+                return self._reply(buf, &m, 405, "Method Not Allowed",
+                                   [("Allow", "REGISTER, OPTIONS")], src_host, source[1], now)
+            unsupported = self._unsupported(data, &m)
+            if unsupported:
+                return self._reply(buf, &m, 420, "Bad Extension", [("Unsupported", unsupported)],
+                                   src_host, source[1], now)
+            return self._reply(buf, &m, 200, "OK",
+                               [("Allow", "REGISTER, OPTIONS"),
+                                ("Supported", ", ".join(SUPPORTED_OPTIONS)),
+                                ("Accept", "application/sdp")], src_host, source[1], now)
         finally:
             msg_release(&m)
 
@@ -912,6 +929,15 @@ cdef class RegistrarCore:
         return {"bindings": self.store.n_bindings, "aors": self.store.n_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
                 "replies": dict(self.replies), "requests": dict(self.requests)}
+
+
+cdef object _missing_header(Msg* m):
+    """Which header every request needs is missing ("Missing X header"), or None."""
+    for htype, name in ((HDR_VIA, "Via"), (HDR_FROM, "From"), (HDR_TO, "To"),
+                        (HDR_CALL_ID, "Call-ID"), (HDR_CSEQ, "CSeq")):
+        if m.first[<int>htype] < 0:
+            return f"Missing {name} header"
+    return None
 
 
 cdef str _unescape(bytes raw):

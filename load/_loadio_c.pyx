@@ -915,11 +915,15 @@ cdef class Engine:
                 lag = <int64_t>((due - 1) * 1e9 / self.rate)
                 if lag > self.max_lag_ns:
                     self.max_lag_ns = lag
-        if due > BATCH:
-            due = BATCH
+        if due > BATCH * 16:
+            due = BATCH * 16
         if <uint64_t>due > self.max_new - self.sent_new:
             due = <int64_t>(self.max_new - self.sent_new)
-        while nb < due:
+        while due > 0:
+            if nb == BATCH:
+                self._transmit(nb)
+                nb = 0
+                sent_any = True
             if self.stall_full():
                 self.stalls_ring += 1
                 break
@@ -955,6 +959,7 @@ cdef class Engine:
             if flags & F_MALFORMED:
                 self.mal_sent += 1
             nb += 1
+            due -= 1
         if nb:
             self._transmit(nb)
             sent_any = True

@@ -748,11 +748,11 @@ cdef class Engine:
             progressed = self._send_some(t)
             t = now_ns()
             can_send = self._may_send_new(t)
+            if self.challenges:
+                return "challenges"
             if not can_send and self.outstanding == 0 and self.npending == 0:
                 self._flush_tcp()
                 return "done"
-            if self.challenges:
-                return "challenges"
             if t >= until:
                 return "slice"
             # how long may we sleep in poll?

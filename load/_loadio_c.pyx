@@ -122,7 +122,7 @@ cdef struct Tpl:
     uint32_t length
     uint32_t cid_off
     uint32_t cid_len
-    uint32_t nsites
+    int nsites
     uint32_t sites[MAX_SITES]
 
 
@@ -613,6 +613,7 @@ cdef class Engine:
         """
         cdef int64_t off, gap
         cdef int k
+        cdef uint32_t u
         if len(pattern) < 1:
             raise ValueError("empty pattern")
         if max_new is None and duration <= 0:
@@ -633,10 +634,10 @@ cdef class Engine:
         self.pattern = <uint16_t *>malloc(self.plen * sizeof(uint16_t))
         self.nmal = len(malformed_kinds)
         self.mal_kinds = <uint16_t *>malloc((self.nmal + 1) * sizeof(uint16_t))
-        for k in range(self.plen):
-            self.pattern[k] = pattern[k]
-        for k in range(self.nmal):
-            self.mal_kinds[k] = malformed_kinds[k]
+        for u in range(self.plen):
+            self.pattern[u] = pattern[u]
+        for u in range(self.nmal):
+            self.mal_kinds[u] = malformed_kinds[u]
         self.mal_thresh = <uint64_t>(malformed_ratio * 4294967296.0) if self.nmal else 0
         self.closed_loop = closed_loop
         self.rate = rate

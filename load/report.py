@@ -103,6 +103,10 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
     elapsed = window / 1e9
     lat = eng.latency()
     distinct = eng.sent_total - eng.retransmissions
+    shortfall = 0
+    if o.rate and o.duration:
+        due = int(o.rate * o.duration)
+        shortfall = max(0, min(due, o.count or due) - eng.sent_new)
     res = {
         "tool": "fastsip-load",
         "target": o.target,
@@ -117,7 +121,9 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
         "count": o.count,
         "timeout_s": o.timeout,
         "retransmit": {"t1": o.t1, "t2": o.t2} if o.retransmit else None,
-        "offered_rate": round(eng.sent_new / elapsed, 1) if elapsed > 0 else 0.0,
+        # n sends spread evenly over a window make n - 1 gaps
+        "offered_rate": (round((eng.sent_new - 1) / (send_window / 1e9), 1) if send_window > 0
+                         else round(eng.sent_new / elapsed, 1) if elapsed > 0 else 0.0),
         "achieved_rate": round(eng.ok / elapsed, 1) if elapsed > 0 else 0.0,
         "elapsed_s": round(elapsed, 6),
         "send_window_s": round(send_window / 1e9, 6),
@@ -140,6 +146,7 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
         "latency_count": lat["count"],
         "max_lag_ms": round(eng.max_lag_ns / 1e6, 3),
         "stalls": {"all_phones_busy": eng.stalls_busy, "ring_full": eng.stalls_ring},
+        "open_loop_shortfall": shortfall,
         "auth": {"challenged": eng.challenged, "unanswerable": getattr(run, "auth_errors", 0)},
         "malformed": {"ratio": o.malformed_ratio, "sent": eng.mal_sent,
                       "replies": {str(k): v for k, v in sorted(eng.status_counts(True).items())},
@@ -214,8 +221,11 @@ def summary(res: dict) -> str:
     if any(un.values()) or res["send_errors"]:
         rows.append(("unmatched", ", ".join(f"{k} {v}" for k, v in un.items())
                      + f"; send errors {res['send_errors']}"))
-    if res["max_lag_ms"] > 10 and res["mode"] == "open":
-        rows.append(("pacing", f"fell behind the schedule by up to {res['max_lag_ms']:.1f} ms"))
+    if res["mode"] == "open" and (res["max_lag_ms"] > 10 or res["open_loop_shortfall"]):
+        why = (f"; {res['open_loop_shortfall']} requests never sent"
+               + (" (all phones busy: raise --users)" if res["stalls"]["all_phones_busy"] else "")
+               if res["open_loop_shortfall"] else "")
+        rows.append(("pacing", f"fell behind the schedule by up to {res['max_lag_ms']:.1f} ms{why}"))
     if res["auth"]["challenged"]:
         rows.append(("auth", f"{res['auth']['challenged']} challenges answered"
                              f" ({res['auth']['unanswerable']} could not be)"))

@@ -10,13 +10,10 @@ end-to-end benchmark can call directly::
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from . import __version__
 from .netutil import (check_target, family_of, open_raw_socket, open_tcp_connections,
                       open_udp_sockets, parse_target, phone_address, sockaddr)
 from .report import CpuMeter, ProcCpu, build_result
@@ -346,6 +343,3 @@ def _ip_int(addr: str) -> int:
     a, b, c, d = (int(x) for x in addr.split("."))
     return (a << 24) | (b << 16) | (c << 8) | d
 
-
-def options_dict(opts: Options) -> dict:
-    return asdict(opts)

@@ -196,7 +196,7 @@ class SIP(Packet):
         return None if self.is_response else self.start_line.split(b" ", 1)[0]
 
     def mysummary(self):
-        return self.sprintf("SIP %SIP.start_line%")
+        return "SIP " + self.start_line.decode("utf-8", "replace")
 
 
 def bind_sip_port(port: int) -> None:

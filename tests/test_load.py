@@ -253,6 +253,8 @@ def test_rate_control_at_low_rate(responder):
     r.stop()
     assert res["sent"] == 200                 # request k goes at k / rate
     assert res["send_window_s"] == pytest.approx(199 / 200, abs=0.01)
+    assert res["offered_rate"] == pytest.approx(200, rel=0.02)
+    assert res["open_loop_shortfall"] == 0
     assert res["ok"] == 200
     per_interval = [s["sent"] for s in res["intervals"]][:4]
     assert all(abs(n - 50) <= 3 for n in per_interval), per_interval

@@ -658,9 +658,20 @@ cdef class Engine:
                 off += gap
         for k in range(self.nlevels):
             self.rtx_ptr[k] = self.head
+        if not closed_loop and duration > 0:
+            # open loop: request k is due at k / rate; those due before the end
+            # are sent even when the generator runs a little late (the grace
+            # below bounds how late), so the count is exactly ceil(rate * duration)
+            sched = <uint64_t>(rate * duration)
+            if sched < rate * duration:
+                sched += 1
+            if sched < self.max_new:
+                self.max_new = sched
         self.reset_counters()
         self.t0 = now_ns()
         self.send_until = self.t0 + <int64_t>(duration * 1e9) if duration > 0 else 0x7FFFFFFFFFFFFFFF
+        if not closed_loop and duration > 0:
+            self.send_until += 250000000
 
     def reset_counters(self):
         """Zero every counter and histogram (outstanding requests stay)."""

@@ -4,6 +4,7 @@ progress line, the summary table and the plot."""
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 import time
@@ -105,7 +106,7 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
     distinct = eng.sent_total - eng.retransmissions
     shortfall = 0
     if o.rate and o.duration:
-        due = int(o.rate * o.duration)
+        due = math.ceil(o.rate * o.duration)
         shortfall = max(0, min(due, o.count or due) - eng.sent_new)
     res = {
         "tool": "fastsip-load",

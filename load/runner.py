@@ -314,14 +314,14 @@ class LoadRun:
                 self.log(f"priming: registering {len(self.phones)} phones")
                 prime = self._prime()
             eng = self.engine
+            server = ProcCpu(o.server_pid) if o.server_pid else None
+            cpu = CpuMeter()
             eng.configure(pattern=self.pattern, malformed_kinds=self.mal_idx,
                           malformed_ratio=o.malformed_ratio,
                           closed_loop=o.inflight is not None, rate=o.rate or 0.0,
                           inflight=o.inflight or 0, max_new=o.count, duration=o.duration or 0.0,
                           timeout=o.timeout, t1=o.t1 if o.retransmit else 0.0, t2=o.t2,
                           answer_challenges=bool(o.password_pattern))
-            server = ProcCpu(o.server_pid) if o.server_pid else None
-            cpu = CpuMeter()
             samples = self._phase(progress)
             cpu.stop()
             if server:

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     if args.plot:
         plot(res, args.plot)
     if not args.quiet:
-        print(summary(res))
+        print(summary(res), file=sys.stderr if args.json == "-" else sys.stdout)
     return 0 if res["ok"] and not res["timeouts"] else 1
 
 

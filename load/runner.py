@@ -117,6 +117,8 @@ class LoadRun:
             raise OptionsError("--replay replays UDP captures")
         if o.scenario == "auth" and not o.password_pattern:
             o.password_pattern = "secret"
+        if not 0.01 <= o.interval <= 60:
+            raise OptionsError("--interval must be within [0.01, 60] seconds")
         if o.contacts < 1 or o.contacts > 50:
             raise OptionsError("--contacts must be within 1..50")
 

@@ -727,15 +727,6 @@ cdef class Engine:
         self.iv_sent = self.iv_finals = self.iv_ok = self.iv_timeouts = 0
         return d
 
-    @property
-    def t0_ns(self):
-        return self.t0
-
-    @property
-    def sending(self):
-        """True while the phase may still send new requests."""
-        return self.sent_new < self.max_new and now_ns() < self.send_until
-
     def stop_sending(self):
         """End the phase's sending now (Ctrl-C); outstanding requests drain."""
         self.send_until = now_ns()
@@ -773,7 +764,7 @@ cdef class Engine:
                 wait_ns = 0
             elif can_send:
                 if self.closed_loop:
-                    if self.outstanding < self.inflight and not self.stall_full():
+                    if self.outstanding < self.inflight and not self._ring_full():
                         wait_ns = 0
                 else:
                     next_due = self.t0 + <int64_t>(self.sent_new * 1e9 / self.rate)
@@ -814,7 +805,7 @@ cdef class Engine:
                             break
                         rounds += 1
 
-    cdef bint stall_full(self) noexcept nogil:
+    cdef bint _ring_full(self) noexcept nogil:
         return self.head - self.tail > self.mask
 
     cdef bint _may_send_new(self, int64_t t) noexcept nogil:
@@ -896,7 +887,7 @@ cdef class Engine:
         cdef uint8_t flags
         cdef bint sent_any = False
         # answers to challenges first: they finish transactions already counted
-        while self.npending and not self.stall_full():
+        while self.npending and not self._ring_full():
             self.npending -= 1
             phone = self.pending[self.npending]
             seq = self.head
@@ -936,7 +927,7 @@ cdef class Engine:
                 self._transmit(nb)
                 nb = 0
                 sent_any = True
-            if self.stall_full():
+            if self._ring_full():
                 self.stalls_ring += 1
                 break
             tries = 0

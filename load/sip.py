@@ -33,7 +33,6 @@ __all__ = [
     "templatize",
     "normalize_foreign",
     "bind_sip_port",
-    "header_value",
     "parse_challenge",
     "digest_authorization",
 ]
@@ -206,11 +205,6 @@ def bind_sip_port(port: int) -> None:
 
 
 bind_sip_port(5060)
-
-
-def header_value(message: bytes, name: bytes) -> bytes | None:
-    """First value of header ``name`` in raw ``message`` (cheap, no scapy)."""
-    return SIP(message).header(name)
 
 
 # ---------------------------------------------------------------- templates

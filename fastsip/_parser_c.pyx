@@ -2170,3 +2170,142 @@ def shard_of(aor, int n):
     if n <= 0:
         raise ValueError("n must be positive")
     return stable_hash(aor) % n
+
+
+# --------------------------------------------------------------------------
+# Credentials and challenges (RFC 7235 2.1, RFC 3261 25): the scan behind
+# fastsip.auth.parse_credentials
+# --------------------------------------------------------------------------
+
+cdef unsigned char TCHAR[256]
+cdef unsigned char T68[256]
+memset(TCHAR, 0, 256)
+memset(T68, 0, 256)
+_set(TCHAR, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~", 1)
+_set(T68, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+/", 1)
+
+
+cdef inline Py_ssize_t _skip_ows(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    """Spaces, tabs and folds (a line break followed by a space or tab)."""
+    while p < n:
+        if b[p] == b' ' or b[p] == b'\t':
+            p += 1
+        elif b[p] == b'\n' and p + 1 < n and is_ws(b[p + 1]):
+            p += 2
+        elif b[p] == b'\r' and p + 2 < n and b[p + 1] == b'\n' and is_ws(b[p + 2]):
+            p += 3
+        else:
+            break
+    return p
+
+
+cdef inline Py_ssize_t _skip_tchar(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    while p < n and TCHAR[<unsigned char>b[p]]:
+        p += 1
+    return p
+
+
+cdef Py_ssize_t _scan_qstring(const char* b, Py_ssize_t p, Py_ssize_t n, bint* escaped) noexcept nogil:
+    """p at the opening quote; the index after the closing one, or -1.  qdtext
+    excludes controls but HTAB; a quoted-pair escapes any byte but CR/LF."""
+    cdef unsigned char c
+    p += 1
+    while p < n:
+        c = b[p]
+        if c == b'"':
+            return p + 1
+        if c == b'\\':
+            if p + 1 >= n or b[p + 1] == b'\r' or b[p + 1] == b'\n':
+                return -1
+            escaped[0] = True
+            p += 2
+        elif c == b'\r' or c == b'\n':
+            if _skip_ows(b, p, n) == p:
+                return -1
+            escaped[0] = True
+            p = _skip_ows(b, p, n)
+        elif c < 32 and c != 9 or c == 127:
+            return -1
+        else:
+            p += 1
+    return -1
+
+
+cdef str _unquote_auth(const char* b, Py_ssize_t s, Py_ssize_t e):
+    """The content of a quoted-string (s, e exclude the quotes): quoted-pairs
+    resolved, folds dropped."""
+    cdef bytearray out = bytearray()
+    cdef Py_ssize_t p = s
+    while p < e:
+        if b[p] == b'\\':
+            out.append(<unsigned char>b[p + 1])
+            p += 2
+        elif b[p] == b'\r' or b[p] == b'\n':
+            p += 1
+        else:
+            out.append(<unsigned char>b[p])
+            p += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+def scan_credentials(bytes data):
+    """Scan ``scheme [token68 | name=value *("," name=value)]``.
+
+    Returns ``(scheme, params, token68)`` (params: lower-case name -> unquoted
+    value), or ``(None, reason, offset)`` when malformed.  Linear time."""
+    cdef const char* b = data
+    cdef Py_ssize_t n = len(data), p, s, e, q
+    cdef bint escaped
+    cdef dict params = {}
+    p = _skip_ows(b, 0, n)
+    s = p
+    p = _skip_tchar(b, p, n)
+    if p == s:
+        return None, ("empty credentials" if p == n else "expected an auth-scheme"), p
+    scheme = _str(b, s, p - s)
+    e = p
+    p = _skip_ows(b, p, n)
+    if p == n:
+        return scheme, params, None
+    if p == e:
+        return None, "expected whitespace after the auth-scheme", p
+    q = p
+    while q < n and T68[<unsigned char>b[q]]:
+        q += 1
+    if q > p:
+        e = q
+        while e < n and b[e] == b'=':
+            e += 1
+        if _skip_ows(b, e, n) == n:
+            return scheme, params, _str(b, p, e - p)
+    while p < n:
+        if b[p] == b',':        # empty list element (RFC 7230 7)
+            p = _skip_ows(b, p + 1, n)
+            continue
+        s = p
+        p = _skip_tchar(b, p, n)
+        if p == s:
+            return None, "expected a parameter name", p
+        name = _str(b, s, p - s).lower()
+        if name in params:
+            return None, f"duplicate parameter {name[:40]!r}", s
+        p = _skip_ows(b, p, n)
+        if p >= n or b[p] != b'=':
+            return None, "expected '=' after the parameter name", p
+        p = _skip_ows(b, p + 1, n)
+        if p < n and b[p] == b'"':
+            escaped = False
+            e = _scan_qstring(b, p, n, &escaped)
+            if e < 0:
+                return None, "unterminated or invalid quoted-string", p
+            params[name] = (_unquote_auth(b, p + 1, e - 1) if escaped
+                            else _str(b, p + 1, e - p - 2))
+        else:
+            e = _skip_tchar(b, p, n)
+            if e == p:
+                return None, "expected a token or quoted-string after '='", p
+            params[name] = _str(b, p, e - p)
+        p = _skip_ows(b, e, n)
+        if p < n and b[p] != b',':
+            return None, "expected ',' between parameters", p
+    return scheme, params, None

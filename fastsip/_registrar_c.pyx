@@ -823,7 +823,7 @@ cdef class RegistrarCore:
                     value = data[h.val_off:h.val_off + h.val_len].decode("utf-8",
                                                                         "surrogateescape")
                     try:
-                        creds.append(parse_credentials(" ".join(value.split())))
+                        creds.append(parse_credentials(value))
                     except BadCredentials:
                         return Reply(400, "Bad Authorization header")
         aor_user = "" if to_uri.user.off < 0 else _unescape(

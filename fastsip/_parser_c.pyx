@@ -592,6 +592,30 @@ cdef object raise_parse_error(int code, Py_ssize_t pos, object data, const Limit
 # Values: quoted strings, parameters, name-addr, Via, URIs
 # --------------------------------------------------------------------------
 
+cdef Py_ssize_t next_list_token(const char* buf, Py_ssize_t pos, Py_ssize_t end,
+                                Span* tok) noexcept nogil:
+    """The next element of a comma-separated token list (Require, Supported, ...)
+    from ``pos``: its span in ``tok`` (length 0 when the list has ended) and the
+    position after it and its comma; -1 when malformed, with tok.off there."""
+    cdef Py_ssize_t p
+    pos = skip_lws(buf, pos, end)
+    tok.off = pos
+    tok.length = 0
+    if pos >= end:
+        return end
+    p = skip_token(buf, pos, end)
+    tok.length = p - pos
+    if tok.length == 0:
+        return -1
+    p = skip_lws(buf, p, end)
+    if p < end:
+        if buf[p] != b',':
+            tok.off = p
+            return -1
+        p += 1
+    return p
+
+
 cdef Py_ssize_t scan_quoted(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
     """pos is at the opening quote; returns the index after the closing one, or -1."""
     pos += 1
@@ -1440,7 +1464,8 @@ cdef class SipMessage:
         cdef list out = []
         cdef int i
         cdef Header* h
-        cdef Py_ssize_t pos, end, s
+        cdef Py_ssize_t pos, end
+        cdef Span tok
         cdef const char* buf = self._data
         if self.m.first[htype] < 0:
             return out
@@ -1451,18 +1476,12 @@ cdef class SipMessage:
             pos = h.val_off
             end = h.val_off + h.val_len
             while pos < end:
-                pos = skip_lws(buf, pos, end)
-                s = pos
-                pos = skip_token(buf, pos, end)
-                if pos == s:
-                    raise _errors.BadHeader(f"bad {CANONICAL_NAME[htype]} header", pos, self._data)
-                out.append(_str(buf, s, pos - s))
-                pos = skip_lws(buf, pos, end)
-                if pos < end:
-                    if buf[pos] != b',':
-                        raise _errors.BadHeader(
-                            f"bad {CANONICAL_NAME[htype]} header", pos, self._data)
-                    pos += 1
+                pos = next_list_token(buf, pos, end, &tok)
+                if pos < 0:
+                    raise _errors.BadHeader(f"bad {CANONICAL_NAME[htype]} header", tok.off,
+                                            self._data)
+                if tok.length:
+                    out.append(_str(buf, tok.off, tok.length))
         return out
 
     cdef object _address(self, int htype, str name):

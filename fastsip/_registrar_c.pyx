@@ -16,8 +16,8 @@ from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
     OK, E_BODY_SHORT, Span, UriSpans, ViaSpans, canonical_aor, hash_bytes, ieq, msg_release,
-    parse_name_addr, parse_qvalue, parse_uint, parse_via, scan_message, scan_param, scan_sip_uri,
-    skip_lws, skip_token, trim, uri_key_hash)
+    next_list_token, parse_name_addr, parse_qvalue, parse_uint, parse_via, scan_message,
+    scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
 
 from fastsip._store_c import transport_code
@@ -768,46 +768,52 @@ cdef class RegistrarCore:
         return 1000 if q < 0 else q
 
     cdef bint _supports_path(self, const char* buf, Msg* m):
+        """Does a Supported header list the option tag ``path``?"""
         cdef int i
         cdef Header* h
-        cdef Py_ssize_t pos, end, s
+        cdef Py_ssize_t pos, end
+        cdef Span tok
+        if m.first[<int>HDR_SUPPORTED] < 0:
+            return False
         for i in range(m.first[<int>HDR_SUPPORTED], m.nheaders):
             h = &m.hdrs[i]
-            if i < 0 or h.htype != HDR_SUPPORTED:
+            if h.htype != HDR_SUPPORTED:
                 continue
             pos = h.val_off
             end = h.val_off + h.val_len
             while pos < end:
-                pos = skip_lws(buf, pos, end)
-                s = pos
-                pos = skip_token(buf, pos, end)
-                if pos - s == 4 and ieq(buf + s, 4, b"path", 4):
-                    return True
-                pos = skip_lws(buf, pos, end)
-                if pos < end and buf[pos] != b',':
+                pos = next_list_token(buf, pos, end, &tok)
+                if pos < 0:
                     break
-                pos += 1
+                if tok.length == 4 and ieq(buf + tok.off, 4, b"path", 4):
+                    return True
         return False
 
     cdef str _unsupported(self, bytes data, Msg* m):
         """The Require option tags we do not support, comma-separated ("" if none)."""
-        if m.first[<int>HDR_REQUIRE] < 0:
-            return ""
-        return ", ".join([t for t in self._tokens(data, m, HDR_REQUIRE)
-                          if t.lower() not in SUPPORTED_OPTIONS])
-
-    cdef list _tokens(self, bytes data, Msg* m, int htype):
-        cdef list out = []
         cdef int i
         cdef Header* h
-        for i in range(m.first[htype], m.nheaders):
+        cdef Py_ssize_t pos, end
+        cdef Span tok
+        cdef list out = []
+        cdef const char* buf = data
+        if m.first[<int>HDR_REQUIRE] < 0:
+            return ""
+        for i in range(m.first[<int>HDR_REQUIRE], m.nheaders):
             h = &m.hdrs[i]
-            if h.htype == htype:
-                for t in data[h.val_off:h.val_off + h.val_len].split(b","):
-                    t = t.strip()
-                    if t:
-                        out.append(t.decode("utf-8", "replace"))
-        return out
+            if h.htype != HDR_REQUIRE:
+                continue
+            pos = h.val_off
+            end = h.val_off + h.val_len
+            while pos < end:
+                pos = next_list_token(buf, pos, end, &tok)
+                if pos < 0:
+                    break
+                if tok.length:
+                    tag = data[tok.off:tok.off + tok.length].decode("utf-8", "replace")
+                    if tag.lower() not in SUPPORTED_OPTIONS:
+                        out.append(tag)
+        return ", ".join(out)
 
     cdef object _authorize(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
                            double now):

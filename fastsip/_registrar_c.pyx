@@ -89,9 +89,10 @@ cdef class RegistrarCore:
     cdef long date_sec
     cdef bytes server_line
     # counters
-    cdef readonly dict replies
+    cdef uint64_t reply_counts[700]        # by status code
+    cdef uint64_t register_count
+    cdef dict other_requests               # method -> count, for all but REGISTER
     cdef readonly Py_ssize_t parse_errors
-    cdef readonly dict requests
 
     def __cinit__(self):
         self.out_cap = 4096
@@ -126,8 +127,7 @@ cdef class RegistrarCore:
         self.lim.max_uri = 4096
         self.lim.max_contacts = MAX_REQUEST_CONTACTS
         self.server_line = f"Server: {server}\r\n".encode() if server else b""
-        self.replies = {}
-        self.requests = {}
+        self.other_requests = {}
         self.last_now = 0.0
 
     def set_domains(self, domains):
@@ -305,7 +305,8 @@ cdef class RegistrarCore:
         self._write_date(now)
         self._w(self.server_line, len(self.server_line))
         self._w(b"Content-Length: 0\r\n\r\n", 21)
-        self.replies[status] = self.replies.get(status, 0) + 1
+        if 0 <= status < 700:
+            self.reply_counts[status] += 1
         return PyBytes_FromStringAndSize(self.out, self.out_len)
 
     cdef bytes _reply(self, const char* buf, Msg* m, int status, str reason, list headers,
@@ -336,7 +337,7 @@ cdef class RegistrarCore:
                 if rc != OK:
                     self.parse_errors += 1
                 return None
-            self.requests["REGISTER"] = self.requests.get("REGISTER", 0) + 1
+            self.register_count += 1
             result = self._register(data, buf, &m, rc, source, now, transport, conn_id)
         finally:
             msg_release(&m)
@@ -869,15 +870,16 @@ cdef class RegistrarCore:
             if m.method.length == 0:
                 self.parse_errors += 1
                 return None
-            method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
-            self.requests[method] = self.requests.get(method, 0) + 1
-            if method == "REGISTER":
+            if m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0:
+                self.register_count += 1
                 reply = self._register(data, buf, &m, rc, source, now, transport, conn_id)
                 if reply is None:
                     src_host = source[0].encode() if isinstance(source[0], str) else source[0]
                     reply = self._reply(buf, &m, 404, "Not Found (domain not served here)", None,
                                         src_host, source[1], now)
                 return reply
+            method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
+            self.other_requests[method] = self.other_requests.get(method, 0) + 1
             if method == "ACK":
                 return None
             # RFC 3261 8.2: a request this server does not register still gets
@@ -934,7 +936,10 @@ cdef class RegistrarCore:
         """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
         return {"bindings": self.store.n_bindings, "aors": self.store.n_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
-                "replies": dict(self.replies), "requests": dict(self.requests)}
+                "replies": {code: self.reply_counts[code] for code in range(100, 700)
+                            if self.reply_counts[code]},
+                "requests": dict(self.other_requests, **(
+                    {"REGISTER": self.register_count} if self.register_count else {}))}
 
 
 cdef object _missing_header(Msg* m):

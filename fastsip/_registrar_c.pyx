@@ -53,6 +53,7 @@ cdef struct ContactIn:
 
 
 SUPPORTED_OPTIONS = ("path", "outbound")
+cdef const char* HEXDIGITS = b"0123456789abcdef"
 _DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
 
 
@@ -240,9 +241,8 @@ cdef class RegistrarCore:
             self._w(buf + rport_at, params_end - rport_at)
         else:
             self._w(buf + h.val_off, params_end - h.val_off)
-        if not has_received and (rport_at >= 0 or not (v.host.length == len(host) and
-                                                       ieq(buf + v.host.off, v.host.length,
-                                                           host, len(host)))):
+        if not has_received and (rport_at >= 0 or not ieq(buf + v.host.off, v.host.length,
+                                                          host, PyBytes_GET_SIZE(host))):
             self._w(b";received=", 10)
             self._wb(host)
         self._w(buf + params_end, end - params_end)
@@ -293,7 +293,7 @@ cdef class RegistrarCore:
                                  m.hdrs[m.first[<int>HDR_CALL_ID]].val_len, 0x746f, 0x746167) \
                     if m.first[<int>HDR_CALL_ID] >= 0 else 0
                 for i in range(16):
-                    hexd[i] = b"0123456789abcdef"[(tag >> (4 * i)) & 15]
+                    hexd[i] = HEXDIGITS[(tag >> (4 * i)) & 15]
                 self._w(b";tag=", 5)
                 self._w(hexd, 16)
             self._w(b"\r\n", 2)

@@ -36,6 +36,13 @@ exts = [
     )
     for m in MODULES
 ]
+# the load tool's batched send/receive/match helper (top-level package load/)
+LOAD_MODULES = ("loadio",)
+exts += [
+    Extension(f"load._{m}_c", [f"load/_{m}_c.pyx"],
+              extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"])
+    for m in LOAD_MODULES
+]
 setup(
     ext_modules=cythonize(
         exts,

@@ -592,6 +592,30 @@ cdef object raise_parse_error(int code, Py_ssize_t pos, object data, const Limit
 # Values: quoted strings, parameters, name-addr, Via, URIs
 # --------------------------------------------------------------------------
 
+cdef Py_ssize_t next_list_token(const char* buf, Py_ssize_t pos, Py_ssize_t end,
+                                Span* tok) noexcept nogil:
+    """The next element of a comma-separated token list (Require, Supported, ...)
+    from ``pos``: its span in ``tok`` (length 0 when the list has ended) and the
+    position after it and its comma; -1 when malformed, with tok.off there."""
+    cdef Py_ssize_t p
+    pos = skip_lws(buf, pos, end)
+    tok.off = pos
+    tok.length = 0
+    if pos >= end:
+        return end
+    p = skip_token(buf, pos, end)
+    tok.length = p - pos
+    if tok.length == 0:
+        return -1
+    p = skip_lws(buf, p, end)
+    if p < end:
+        if buf[p] != b',':
+            tok.off = p
+            return -1
+        p += 1
+    return p
+
+
 cdef Py_ssize_t scan_quoted(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
     """pos is at the opening quote; returns the index after the closing one, or -1."""
     pos += 1
@@ -1440,7 +1464,8 @@ cdef class SipMessage:
         cdef list out = []
         cdef int i
         cdef Header* h
-        cdef Py_ssize_t pos, end, s
+        cdef Py_ssize_t pos, end
+        cdef Span tok
         cdef const char* buf = self._data
         if self.m.first[htype] < 0:
             return out
@@ -1451,18 +1476,12 @@ cdef class SipMessage:
             pos = h.val_off
             end = h.val_off + h.val_len
             while pos < end:
-                pos = skip_lws(buf, pos, end)
-                s = pos
-                pos = skip_token(buf, pos, end)
-                if pos == s:
-                    raise _errors.BadHeader(f"bad {CANONICAL_NAME[htype]} header", pos, self._data)
-                out.append(_str(buf, s, pos - s))
-                pos = skip_lws(buf, pos, end)
-                if pos < end:
-                    if buf[pos] != b',':
-                        raise _errors.BadHeader(
-                            f"bad {CANONICAL_NAME[htype]} header", pos, self._data)
-                    pos += 1
+                pos = next_list_token(buf, pos, end, &tok)
+                if pos < 0:
+                    raise _errors.BadHeader(f"bad {CANONICAL_NAME[htype]} header", tok.off,
+                                            self._data)
+                if tok.length:
+                    out.append(_str(buf, tok.off, tok.length))
         return out
 
     cdef object _address(self, int htype, str name):
@@ -2170,3 +2189,142 @@ def shard_of(aor, int n):
     if n <= 0:
         raise ValueError("n must be positive")
     return stable_hash(aor) % n
+
+
+# --------------------------------------------------------------------------
+# Credentials and challenges (RFC 7235 2.1, RFC 3261 25): the scan behind
+# fastsip.auth.parse_credentials
+# --------------------------------------------------------------------------
+
+cdef unsigned char TCHAR[256]
+cdef unsigned char T68[256]
+memset(TCHAR, 0, 256)
+memset(T68, 0, 256)
+_set(TCHAR, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~", 1)
+_set(T68, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+/", 1)
+
+
+cdef inline Py_ssize_t _skip_ows(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    """Spaces, tabs and folds (a line break followed by a space or tab)."""
+    while p < n:
+        if b[p] == b' ' or b[p] == b'\t':
+            p += 1
+        elif b[p] == b'\n' and p + 1 < n and is_ws(b[p + 1]):
+            p += 2
+        elif b[p] == b'\r' and p + 2 < n and b[p + 1] == b'\n' and is_ws(b[p + 2]):
+            p += 3
+        else:
+            break
+    return p
+
+
+cdef inline Py_ssize_t _skip_tchar(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
+    while p < n and TCHAR[<unsigned char>b[p]]:
+        p += 1
+    return p
+
+
+cdef Py_ssize_t _scan_qstring(const char* b, Py_ssize_t p, Py_ssize_t n, bint* escaped) noexcept nogil:
+    """p at the opening quote; the index after the closing one, or -1.  qdtext
+    excludes controls but HTAB; a quoted-pair escapes any byte but CR/LF."""
+    cdef unsigned char c
+    p += 1
+    while p < n:
+        c = b[p]
+        if c == b'"':
+            return p + 1
+        if c == b'\\':
+            if p + 1 >= n or b[p + 1] == b'\r' or b[p + 1] == b'\n':
+                return -1
+            escaped[0] = True
+            p += 2
+        elif c == b'\r' or c == b'\n':
+            if _skip_ows(b, p, n) == p:
+                return -1
+            escaped[0] = True
+            p = _skip_ows(b, p, n)
+        elif c < 32 and c != 9 or c == 127:
+            return -1
+        else:
+            p += 1
+    return -1
+
+
+cdef str _unquote_auth(const char* b, Py_ssize_t s, Py_ssize_t e):
+    """The content of a quoted-string (s, e exclude the quotes): quoted-pairs
+    resolved, folds dropped."""
+    cdef bytearray out = bytearray()
+    cdef Py_ssize_t p = s
+    while p < e:
+        if b[p] == b'\\':
+            out.append(<unsigned char>b[p + 1])
+            p += 2
+        elif b[p] == b'\r' or b[p] == b'\n':
+            p += 1
+        else:
+            out.append(<unsigned char>b[p])
+            p += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+def scan_credentials(bytes data):
+    """Scan ``scheme [token68 | name=value *("," name=value)]``.
+
+    Returns ``(scheme, params, token68)`` (params: lower-case name -> unquoted
+    value), or ``(None, reason, offset)`` when malformed.  Linear time."""
+    cdef const char* b = data
+    cdef Py_ssize_t n = len(data), p, s, e, q
+    cdef bint escaped
+    cdef dict params = {}
+    p = _skip_ows(b, 0, n)
+    s = p
+    p = _skip_tchar(b, p, n)
+    if p == s:
+        return None, ("empty credentials" if p == n else "expected an auth-scheme"), p
+    scheme = _str(b, s, p - s)
+    e = p
+    p = _skip_ows(b, p, n)
+    if p == n:
+        return scheme, params, None
+    if p == e:
+        return None, "expected whitespace after the auth-scheme", p
+    q = p
+    while q < n and T68[<unsigned char>b[q]]:
+        q += 1
+    if q > p:
+        e = q
+        while e < n and b[e] == b'=':
+            e += 1
+        if _skip_ows(b, e, n) == n:
+            return scheme, params, _str(b, p, e - p)
+    while p < n:
+        if b[p] == b',':        # empty list element (RFC 7230 7)
+            p = _skip_ows(b, p + 1, n)
+            continue
+        s = p
+        p = _skip_tchar(b, p, n)
+        if p == s:
+            return None, "expected a parameter name", p
+        name = _str(b, s, p - s).lower()
+        if name in params:
+            return None, f"duplicate parameter {name[:40]!r}", s
+        p = _skip_ows(b, p, n)
+        if p >= n or b[p] != b'=':
+            return None, "expected '=' after the parameter name", p
+        p = _skip_ows(b, p + 1, n)
+        if p < n and b[p] == b'"':
+            escaped = False
+            e = _scan_qstring(b, p, n, &escaped)
+            if e < 0:
+                return None, "unterminated or invalid quoted-string", p
+            params[name] = (_unquote_auth(b, p + 1, e - 1) if escaped
+                            else _str(b, p + 1, e - p - 2))
+        else:
+            e = _skip_tchar(b, p, n)
+            if e == p:
+                return None, "expected a token or quoted-string after '='", p
+            params[name] = _str(b, p, e - p)
+        p = _skip_ows(b, e, n)
+        if p < n and b[p] != b',':
+            return None, "expected ',' between parameters", p
+    return scheme, params, None

@@ -20,8 +20,6 @@ class RegistrarCore:
     domains: frozenset[str] | None
     authorize: object
     last_now: float
-    replies: dict[int, int]
-    requests: dict[str, int]
     parse_errors: int
     def __init__(self, *, min_expires: int = 30, max_expires: int = 300,
                  default_expires: int = 3600, max_contacts: int = 16,

@@ -16,8 +16,8 @@ from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
     OK, E_BODY_SHORT, Span, UriSpans, ViaSpans, canonical_aor, hash_bytes, ieq, msg_release,
-    parse_name_addr, parse_qvalue, parse_uint, parse_via, scan_message, scan_param, scan_sip_uri,
-    skip_lws, skip_token, trim, uri_key_hash)
+    next_list_token, parse_name_addr, parse_qvalue, parse_uint, parse_via, scan_message,
+    scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
 
 from fastsip._store_c import transport_code
@@ -53,6 +53,7 @@ cdef struct ContactIn:
 
 
 SUPPORTED_OPTIONS = ("path", "outbound")
+cdef const char* HEXDIGITS = b"0123456789abcdef"
 _DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
 
 
@@ -89,9 +90,10 @@ cdef class RegistrarCore:
     cdef long date_sec
     cdef bytes server_line
     # counters
-    cdef readonly dict replies
+    cdef uint64_t reply_counts[700]        # by status code
+    cdef uint64_t register_count
+    cdef dict other_requests               # method -> count, for all but REGISTER
     cdef readonly Py_ssize_t parse_errors
-    cdef readonly dict requests
 
     def __cinit__(self):
         self.out_cap = 4096
@@ -126,8 +128,7 @@ cdef class RegistrarCore:
         self.lim.max_uri = 4096
         self.lim.max_contacts = MAX_REQUEST_CONTACTS
         self.server_line = f"Server: {server}\r\n".encode() if server else b""
-        self.replies = {}
-        self.requests = {}
+        self.other_requests = {}
         self.last_now = 0.0
 
     def set_domains(self, domains):
@@ -240,9 +241,8 @@ cdef class RegistrarCore:
             self._w(buf + rport_at, params_end - rport_at)
         else:
             self._w(buf + h.val_off, params_end - h.val_off)
-        if not has_received and (rport_at >= 0 or not (v.host.length == len(host) and
-                                                       ieq(buf + v.host.off, v.host.length,
-                                                           host, len(host)))):
+        if not has_received and (rport_at >= 0 or not ieq(buf + v.host.off, v.host.length,
+                                                          host, PyBytes_GET_SIZE(host))):
             self._w(b";received=", 10)
             self._wb(host)
         self._w(buf + params_end, end - params_end)
@@ -293,7 +293,7 @@ cdef class RegistrarCore:
                                  m.hdrs[m.first[<int>HDR_CALL_ID]].val_len, 0x746f, 0x746167) \
                     if m.first[<int>HDR_CALL_ID] >= 0 else 0
                 for i in range(16):
-                    hexd[i] = b"0123456789abcdef"[(tag >> (4 * i)) & 15]
+                    hexd[i] = HEXDIGITS[(tag >> (4 * i)) & 15]
                 self._w(b";tag=", 5)
                 self._w(hexd, 16)
             self._w(b"\r\n", 2)
@@ -305,7 +305,8 @@ cdef class RegistrarCore:
         self._write_date(now)
         self._w(self.server_line, len(self.server_line))
         self._w(b"Content-Length: 0\r\n\r\n", 21)
-        self.replies[status] = self.replies.get(status, 0) + 1
+        if 0 <= status < 700:
+            self.reply_counts[status] += 1
         return PyBytes_FromStringAndSize(self.out, self.out_len)
 
     cdef bytes _reply(self, const char* buf, Msg* m, int status, str reason, list headers,
@@ -336,7 +337,7 @@ cdef class RegistrarCore:
                 if rc != OK:
                     self.parse_errors += 1
                 return None
-            self.requests["REGISTER"] = self.requests.get("REGISTER", 0) + 1
+            self.register_count += 1
             result = self._register(data, buf, &m, rc, source, now, transport, conn_id)
         finally:
             msg_release(&m)
@@ -374,11 +375,9 @@ cdef class RegistrarCore:
         if rc != 0:
             self.parse_errors += 1
             return self._reply(buf, m, 400, "Bad Request-URI", None, src_host, src_port, now)
-        for hi, name in ((HDR_VIA, "Via"), (HDR_FROM, "From"), (HDR_TO, "To"),
-                         (HDR_CALL_ID, "Call-ID"), (HDR_CSEQ, "CSeq")):
-            if m.first[hi] < 0:
-                return self._reply(buf, m, 400, f"Missing {name} header", None, src_host,
-                                   src_port, now)
+        missing = _missing_header(m)
+        if missing is not None:
+            return self._reply(buf, m, 400, missing, None, src_host, src_port, now)
         # 5 (first half). The AOR comes from To, which must be a SIP or SIPS URI.
         h = &m.hdrs[m.first[<int>HDR_TO]]
         if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
@@ -396,13 +395,10 @@ cdef class RegistrarCore:
             return None
 
         # 2. Require: every option tag must be one we support.
-        if m.first[<int>HDR_REQUIRE] >= 0:
-            unsupported = [t for t in self._tokens(data, m, HDR_REQUIRE)
-                           if t.lower() not in SUPPORTED_OPTIONS]
-            if unsupported:
-                return self._reply(buf, m, 420, "Bad Extension",
-                                   [("Unsupported", ", ".join(unsupported))], src_host, src_port,
-                                   now)
+        unsupported = self._unsupported(data, m)
+        if unsupported:
+            return self._reply(buf, m, 420, "Bad Extension", [("Unsupported", unsupported)],
+                               src_host, src_port, now)
 
         # CSeq and Call-ID: well-formed, in their limits.
         h = &m.hdrs[m.first[<int>HDR_CSEQ]]
@@ -521,8 +517,8 @@ cdef class RegistrarCore:
                 slot = self.store.aors[a].first
                 while slot >= 0:
                     br = &self.store.b[slot]
-                    if br.key_hash == c.key or (c.reg_id >= 0 and br.reg_id == c.reg_id and
-                                                c.instance.length > 0 and
+                    if br.key_hash == c.key or (c.instance.length > 0 and
+                                                br.reg_id == c.reg_id and
                                                 self._same_instance(buf, c, br)):
                         c.match = slot
                         break
@@ -773,39 +769,52 @@ cdef class RegistrarCore:
         return 1000 if q < 0 else q
 
     cdef bint _supports_path(self, const char* buf, Msg* m):
+        """Does a Supported header list the option tag ``path``?"""
         cdef int i
         cdef Header* h
-        cdef Py_ssize_t pos, end, s
+        cdef Py_ssize_t pos, end
+        cdef Span tok
+        if m.first[<int>HDR_SUPPORTED] < 0:
+            return False
         for i in range(m.first[<int>HDR_SUPPORTED], m.nheaders):
             h = &m.hdrs[i]
-            if i < 0 or h.htype != HDR_SUPPORTED:
+            if h.htype != HDR_SUPPORTED:
                 continue
             pos = h.val_off
             end = h.val_off + h.val_len
             while pos < end:
-                pos = skip_lws(buf, pos, end)
-                s = pos
-                pos = skip_token(buf, pos, end)
-                if pos - s == 4 and ieq(buf + s, 4, b"path", 4):
-                    return True
-                pos = skip_lws(buf, pos, end)
-                if pos < end and buf[pos] != b',':
+                pos = next_list_token(buf, pos, end, &tok)
+                if pos < 0:
                     break
-                pos += 1
+                if tok.length == 4 and ieq(buf + tok.off, 4, b"path", 4):
+                    return True
         return False
 
-    cdef list _tokens(self, bytes data, Msg* m, int htype):
-        cdef list out = []
+    cdef str _unsupported(self, bytes data, Msg* m):
+        """The Require option tags we do not support, comma-separated ("" if none)."""
         cdef int i
         cdef Header* h
-        for i in range(m.first[htype], m.nheaders):
+        cdef Py_ssize_t pos, end
+        cdef Span tok
+        cdef list out = []
+        cdef const char* buf = data
+        if m.first[<int>HDR_REQUIRE] < 0:
+            return ""
+        for i in range(m.first[<int>HDR_REQUIRE], m.nheaders):
             h = &m.hdrs[i]
-            if h.htype == htype:
-                for t in data[h.val_off:h.val_off + h.val_len].split(b","):
-                    t = t.strip()
-                    if t:
-                        out.append(t.decode("utf-8", "replace"))
-        return out
+            if h.htype != HDR_REQUIRE:
+                continue
+            pos = h.val_off
+            end = h.val_off + h.val_len
+            while pos < end:
+                pos = next_list_token(buf, pos, end, &tok)
+                if pos < 0:
+                    break
+                if tok.length:
+                    tag = data[tok.off:tok.off + tok.length].decode("utf-8", "replace")
+                    if tag.lower() not in SUPPORTED_OPTIONS:
+                        out.append(tag)
+        return ", ".join(out)
 
     cdef object _authorize(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
                            double now):
@@ -821,7 +830,7 @@ cdef class RegistrarCore:
                     value = data[h.val_off:h.val_off + h.val_len].decode("utf-8",
                                                                         "surrogateescape")
                     try:
-                        creds.append(parse_credentials(" ".join(value.split())))
+                        creds.append(parse_credentials(value))
                     except BadCredentials:
                         return Reply(400, "Bad Authorization header")
         aor_user = "" if to_uri.user.off < 0 else _unescape(
@@ -849,6 +858,8 @@ cdef class RegistrarCore:
         cdef int rc
         cdef bytes src_host
         cdef object reply
+        cdef UriSpans ruri
+        cdef Py_ssize_t err = 0
         self.last_now = now
         rc = scan_message(buf, PyBytes_GET_SIZE(data), &m, &self.lim)
         try:
@@ -859,29 +870,43 @@ cdef class RegistrarCore:
             if m.method.length == 0:
                 self.parse_errors += 1
                 return None
-            method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
-            self.requests[method] = self.requests.get(method, 0) + 1
-            if method == "REGISTER":
+            if m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0:
+                self.register_count += 1
                 reply = self._register(data, buf, &m, rc, source, now, transport, conn_id)
                 if reply is None:
                     src_host = source[0].encode() if isinstance(source[0], str) else source[0]
                     reply = self._reply(buf, &m, 404, "Not Found (domain not served here)", None,
                                         src_host, source[1], now)
                 return reply
+            method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
+            self.other_requests[method] = self.other_requests.get(method, 0) + 1
             if method == "ACK":
                 return None
+            # RFC 3261 8.2: a request this server does not register still gets
+            # the checks every UAS makes, in this order.
             src_host = source[0].encode() if isinstance(source[0], str) else source[0]
             if rc != OK:
                 self.parse_errors += 1
                 return self._reply(buf, &m, 400, "Bad Request (malformed message)", None,
                                    src_host, source[1], now)
-            if method == "OPTIONS":
-                return self._reply(buf, &m, 200, "OK",
-                                   [("Allow", "REGISTER, OPTIONS"),
-                                    ("Supported", ", ".join(SUPPORTED_OPTIONS)),
-                                    ("Accept", "application/sdp")], src_host, source[1], now)
-            return self._reply(buf, &m, 405, "Method Not Allowed",
-                               [("Allow", "REGISTER, OPTIONS")], src_host, source[1], now)
+            missing = _missing_header(&m)
+            if missing is not None:
+                return self._reply(buf, &m, 400, missing, None, src_host, source[1], now)
+            rc = scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err)
+            if rc == -2:
+                return self._reply(buf, &m, 416, "Unsupported URI Scheme", None, src_host,
+                                   source[1], now)
+            if method != "OPTIONS":
+                return self._reply(buf, &m, 405, "Method Not Allowed",
+                                   [("Allow", "REGISTER, OPTIONS")], src_host, source[1], now)
+            unsupported = self._unsupported(data, &m)
+            if unsupported:
+                return self._reply(buf, &m, 420, "Bad Extension", [("Unsupported", unsupported)],
+                                   src_host, source[1], now)
+            return self._reply(buf, &m, 200, "OK",
+                               [("Allow", "REGISTER, OPTIONS"),
+                                ("Supported", ", ".join(SUPPORTED_OPTIONS)),
+                                ("Accept", "application/sdp")], src_host, source[1], now)
         finally:
             msg_release(&m)
 
@@ -911,7 +936,19 @@ cdef class RegistrarCore:
         """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
         return {"bindings": self.store.n_bindings, "aors": self.store.n_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
-                "replies": dict(self.replies), "requests": dict(self.requests)}
+                "replies": {code: self.reply_counts[code] for code in range(100, 700)
+                            if self.reply_counts[code]},
+                "requests": dict(self.other_requests, **(
+                    {"REGISTER": self.register_count} if self.register_count else {}))}
+
+
+cdef object _missing_header(Msg* m):
+    """Which header every request needs is missing ("Missing X header"), or None."""
+    for htype, name in ((HDR_VIA, "Via"), (HDR_FROM, "From"), (HDR_TO, "To"),
+                        (HDR_CALL_ID, "Call-ID"), (HDR_CSEQ, "CSeq")):
+        if m.first[<int>htype] < 0:
+            return f"Missing {name} header"
+    return None
 
 
 cdef str _unescape(bytes raw):

@@ -28,6 +28,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from fastsip._parser_c import scan_credentials
 from fastsip.errors import BadHeader
 
 __all__ = [
@@ -54,20 +55,6 @@ class BadCredentials(BadHeader):
     A ``ValueError`` (through ``fastsip.errors.ParseError``): ``reason`` is the
     short text, ``offset`` the byte index in the UTF-8 form of the value.
     """
-
-
-# RFC 7230 tchar: a superset of RFC 3261's token characters.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# RFC 7235 token68, e.g. the blob of "Basic dXNlcjpwYXNz".
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-# Optional LWS: spaces and tabs, and folds (a line break followed by one).
-_WS = re.compile(r"(?:[ \t]|\r?\n[ \t])*")
-# quoted-string: qdtext (no DQUOTE, backslash or control character except
-# HTAB), quoted-pair (backslash and any character but CR/LF), folds.
-# Each alternative starts with a different character, so matching is linear.
-_QUOTED = re.compile(r'"((?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[^\r\n]|\r?\n[ \t])*)"')
-# In a matched quoted-string: a quoted-pair, or the line break of a fold.
-_UNESCAPE = re.compile(r"\\(.)|\r?\n", re.S)
 
 
 def _param(name):
@@ -99,22 +86,6 @@ class Credentials:
     opaque = _param("opaque")
 
 
-def _skip_ws(value, pos):
-    return _WS.match(value, pos).end()
-
-
-def _bad(reason, value, pos):
-    """A BadCredentials pointing at character ``pos`` of ``value``."""
-    data = value.encode("utf-8", "surrogatepass")
-    return BadCredentials(reason, len(value[:pos].encode("utf-8", "surrogatepass")), data)
-
-
-def _unquote(text):
-    if "\\" not in text and "\n" not in text:
-        return text
-    return _UNESCAPE.sub(lambda m: m.group(1) or "", text)
-
-
 def parse_credentials(value: str) -> Credentials:
     """Parse ``scheme [token68 | name=value *("," name=value)]``.
 
@@ -122,54 +93,15 @@ def parse_credentials(value: str) -> Credentials:
     ``=`` and ``,``, values are tokens or quoted-strings (backslash escapes,
     commas inside quotes), names are case-insensitive, empty list elements
     are skipped, a name may occur only once.  One challenge or credentials per
-    value.  Raises ``BadCredentials`` on malformed input, nothing else on any
-    ``str``; runs in linear time.
+    value.  Raises ``BadCredentials`` (with the byte offset in the UTF-8 form
+    of ``value``) on malformed input, nothing else on any ``str``; linear time.
+    The scan is compiled (``fastsip._parser_c.scan_credentials``).
     """
-    n = len(value)
-    pos = _skip_ws(value, 0)
-    m = _TOKEN.match(value, pos)
-    if m is None:
-        raise _bad("empty credentials" if pos == n else "expected an auth-scheme", value, pos)
-    scheme = m.group()
-    pos = _skip_ws(value, m.end())
-    if pos == n:
-        return Credentials(scheme)
-    if pos == m.end():
-        raise _bad("expected whitespace after the auth-scheme", value, pos)
-
-    m = _TOKEN68.match(value, pos)
-    if m is not None and _skip_ws(value, m.end()) == n:
-        return Credentials(scheme, token68=m.group())
-
-    params = {}
-    while pos < n:
-        if value[pos] == ",":  # empty list element (RFC 7230 §7)
-            pos = _skip_ws(value, pos + 1)
-            continue
-        m = _TOKEN.match(value, pos)
-        if m is None:
-            raise _bad("expected a parameter name", value, pos)
-        name = m.group().lower()
-        if name in params:
-            raise _bad(f"duplicate parameter {name[:40]!r}", value, pos)
-        pos = _skip_ws(value, m.end())
-        if not value.startswith("=", pos):
-            raise _bad("expected '=' after the parameter name", value, pos)
-        pos = _skip_ws(value, pos + 1)
-        m = _QUOTED.match(value, pos)
-        if m is not None:
-            params[name] = _unquote(m.group(1))
-        else:
-            m = _TOKEN.match(value, pos)
-            if m is None:
-                if value.startswith('"', pos):
-                    raise _bad("unterminated or invalid quoted-string", value, pos)
-                raise _bad("expected a token or quoted-string after '='", value, pos)
-            params[name] = m.group()
-        pos = _skip_ws(value, m.end())
-        if pos < n and value[pos] != ",":
-            raise _bad("expected ',' between parameters", value, pos)
-    return Credentials(scheme, params)
+    data = value.encode("utf-8", "surrogatepass")
+    scheme, params, token68 = scan_credentials(data)
+    if scheme is None:
+        raise BadCredentials(params, token68, data)
+    return Credentials(scheme, params, token68)
 
 
 def _quote(text):
@@ -403,6 +335,7 @@ class Authorize:
         # Issue time of the newest nonce whose counts were evicted.
         self._evicted_upto = float("-inf")
         self._dummy_password = secrets.token_hex(16)
+        self._ha1_cache = {}
 
     def __repr__(self):
         # never the users or the secret
@@ -499,7 +432,7 @@ class Authorize:
                 return AuthResult(False, 400, "nc is not 8 hex digits")
         elif algorithm != _base(algorithm):
             return AuthResult(False, 400, f"{algorithm} credentials lack qop=auth")
-        if _uri_key(creds.uri) != _uri_key(request_uri):
+        if creds.uri != request_uri and _uri_key(creds.uri) != _uri_key(request_uri):
             return AuthResult(False, 400, "digest uri does not match the Request-URI")
 
         issued = self._nonce_issued(creds.nonce, realm)
@@ -533,18 +466,29 @@ class Authorize:
         return AuthResult(False, 401, reason, None, headers)
 
     def _ha1(self, user, realm, base):
-        """The hex HA1 of ``user`` for a base algorithm, or None if unknown."""
+        """The hex HA1 of ``user`` for a base algorithm, or None if unknown.
+        HA1s computed from a dict's passwords are cached (a callable is asked
+        every time: its answers may change)."""
         users = self._users
         if callable(users):
             password = users(user, realm)
-        else:
-            ha1 = users.get((user, realm, base))
-            if ha1 is None and base == "MD5":
-                ha1 = users.get((user, realm))
-            if ha1 is not None:
-                return ha1
+            return None if password is None else _hex_hash(base, f"{user}:{realm}:{password}")
+        key = (user, realm, base)
+        ha1 = users.get(key)
+        if ha1 is None and base == "MD5":
+            ha1 = users.get((user, realm))
+        if ha1 is not None:
+            return ha1
+        ha1 = self._ha1_cache.get(key)
+        if ha1 is None:
             password = users.get(user)
-        return None if password is None else _hex_hash(base, f"{user}:{realm}:{password}")
+            if password is None:
+                return None
+            ha1 = _hex_hash(base, f"{user}:{realm}:{password}")
+            if len(self._ha1_cache) >= 65536:
+                self._ha1_cache.clear()
+            self._ha1_cache[key] = ha1
+        return ha1
 
     def _count_is_new(self, nonce, user, nc, issued, now):
         """Record nonce-count ``nc``; False if it was used or is too old.

@@ -1,0 +1,142 @@
+"""Registrar speed and memory, in process (no sockets).
+
+    python -m pytest bench/bench_registrar.py --benchmark-columns=min,median,mean,ops
+
+new       a REGISTER for an AOR never seen (a fresh AOR each round)
+refresh   the same phone again, next CSeq (update in place)
+auth      a refresh that carries a correct digest (SHA-256, qop=auth, new nc each round)
+expire    1,000,000 bindings expiring at once, drained in bounded calls
+memory    RSS growth per binding with 1,000,000 bindings (printed, and checked < 400 B)
+"""
+import itertools
+
+import pytest
+
+import fastsip
+from fastsip import Authorize, Binding, Registrar
+from fastsip.auth import digest_response
+
+NOW = 1_764_115_200.0
+SRC = ("192.0.2.7", 5060)
+TEMPLATE = (
+    "REGISTER sip:example.com SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 192.0.2.7:5060;rport;branch=z9hG4bK{n:010d}\r\n"
+    "Max-Forwards: 70\r\n"
+    "From: <sip:{user}@example.com>;tag=8f7e6d5c\r\n"
+    "To: <sip:{user}@example.com>\r\n"
+    "Call-ID: 4c1f8e2a9b7d@192.0.2.7\r\n"
+    "CSeq: {n} REGISTER\r\n"
+    "User-Agent: BenchPhone/1.0\r\n"
+    "Contact: <sip:{user}@192.0.2.7:5060;transport=udp>;expires=300\r\n"
+    "{auth}"
+    "Content-Length: 0\r\n\r\n")
+
+
+def register(user, n, auth=""):
+    return TEMPLATE.format(user=user, n=n, auth=auth).encode()
+
+
+def test_handle_new_registration(benchmark):
+    benchmark.group = "registrar"
+    reg = Registrar(min_expires=30, max_expires=3600)
+    msgs = iter([register(f"user{i}", 1) for i in range(2_000_000)])
+    reply = benchmark.pedantic(lambda: reg.handle(next(msgs), SRC, NOW), rounds=200_000,
+                               iterations=1)
+    assert reply.startswith(b"SIP/2.0 200 OK")
+
+
+def test_handle_refresh(benchmark):
+    benchmark.group = "registrar"
+    reg = Registrar(min_expires=30, max_expires=3600)
+    counter = itertools.count(2)
+    reg.handle(register("alice", 1), SRC, NOW)
+    msgs = [register("alice", n) for n in range(2, 400_002)]
+    it = iter(msgs)
+    reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=200_000,
+                               iterations=1)
+    assert reply.startswith(b"SIP/2.0 200 OK") and next(counter)
+
+
+def test_handle_refresh_with_digest_auth(benchmark):
+    benchmark.group = "registrar"
+    auth = Authorize(users={"alice": "secret"}, secret=b"k" * 32)
+    reg = Registrar(min_expires=30, max_expires=3600, authorize=auth)
+    challenge = fastsip.parse(reg.handle(register("alice", 1), SRC, NOW)).www_authenticate[0]
+    msgs = []
+    for n in range(2, 100_002):
+        nc = f"{n:08x}"
+        resp = digest_response("SHA-256", "alice", challenge.realm, "secret", method="REGISTER",
+                               uri="sip:example.com", nonce=challenge.nonce, qop="auth", nc=nc,
+                               cnonce="0a4f113b")
+        msgs.append(register("alice", n, auth=(
+            f'Authorization: Digest username="alice", realm="{challenge.realm}", '
+            f'nonce="{challenge.nonce}", uri="sip:example.com", response="{resp}", '
+            f'algorithm=SHA-256, qop=auth, nc={nc}, cnonce="0a4f113b"\r\n')))
+    it = iter(msgs)
+    reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=50_000,
+                               iterations=1)
+    assert reply.startswith(b"SIP/2.0 200 OK")
+
+
+def fill(reg, n):
+    load = reg.store.load
+    for i in range(n):
+        load(f"sip:user{i}@example.com",
+             [Binding(f"sip:user{i}@10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:5060", NOW + 60,
+                      call_id=f"{i:016x}@10.0.0.1", cseq=1, source=("10.0.0.1", 5060),
+                      user_agent="BenchPhone/1.0")])
+
+
+def test_expire_one_million(benchmark):
+    benchmark.group = "expire"
+
+    def setup():
+        reg = Registrar()
+        fill(reg, 1_000_000)
+        return (reg,), {}
+
+    def drain(reg):
+        total = 0
+        while True:
+            n = reg.expire(NOW + 61, max_work=10_000)
+            if not n:
+                return total
+            total += n
+
+    assert benchmark.pedantic(drain, setup=setup, rounds=3, iterations=1) == 1_000_000
+
+
+MEMORY_PROBE = """
+import gc, sys
+sys.path[:0] = {path!r}
+from bench_registrar import fill
+from fastsip import Registrar
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+gc.collect()
+reg = Registrar()
+fill(reg, 1000)
+before = rss()
+fill(reg, 1_001_000)
+gc.collect()
+print((rss() - before) / 1_000_000)
+"""
+
+
+def test_memory_per_binding_at_one_million(benchmark):
+    """RSS growth per binding, measured in a fresh process (current RSS, not the peak)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    benchmark.group = "memory"
+    here = str(Path(__file__).resolve().parent)
+    code = MEMORY_PROBE.format(path=[here] + sys.path)
+    out = benchmark.pedantic(subprocess.check_output, args=([sys.executable, "-c", code],),
+                             rounds=1, iterations=1)
+    per = float(out)
+    benchmark.extra_info["bytes_per_binding"] = per
+    print(f"\nmemory: {per:.0f} bytes per binding (RSS growth / 1,000,000 bindings)")
+    assert per < 400

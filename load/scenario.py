@@ -1,0 +1,355 @@
+"""Scenarios: the simulated phones and the REGISTERs they send.
+
+Every phone is a user (``--user-pattern``) with its own source address in
+127.0.0.0/8 and a source port (its socket's).  For each phone and each
+*kind* of request the scenario needs, scapy builds one :class:`~load.sip.SIP`
+packet; :func:`build_templates` turns them into the templates the hot loop
+sends.  A scenario is a list of kinds and a pattern that says which kind
+each new request is.
+
+Kinds:
+
+``register``     a new registration: new Call-ID and From tag every request
+``refresh``      the phone's registration dialog: same Call-ID, CSeq grows
+``unregister``   as refresh, with ``Expires: 0``
+``fetch``        as refresh, without Contact (asks for the bindings)
+``multi``        as refresh, with ``--contacts`` Contact headers
+``bad-*``        malformed variants of refresh (see :data:`MALFORMED`)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.utils import PcapWriter, rdpcap
+
+from .sip import (SEQ_BASE, SEQ_MARKER, SIP, Template, bind_sip_port, digest_authorization,
+                  normalize_foreign, parse_challenge, templatize)
+
+__all__ = [
+    "Phone",
+    "ScenarioSpec",
+    "SCENARIOS",
+    "MALFORMED",
+    "parse_mix",
+    "mix_pattern",
+    "build_sip",
+    "build_templates",
+    "answer_challenge",
+    "write_pcap",
+    "read_replay",
+]
+
+AGENT = "fastsip-load/0.1"
+
+
+@dataclass
+class Phone:
+    """One simulated phone."""
+
+    index: int
+    user: str
+    password: str
+    addr: str
+    port: int
+    sock: int
+
+
+@dataclass
+class ScenarioSpec:
+    """``kinds`` to build, default ``weights`` of the new requests, and whether
+    the phones must be registered before the measured phase (``prime``)."""
+
+    kinds: tuple
+    weights: dict
+    prime: bool
+    description: str
+
+
+SCENARIOS = {
+    "register": ScenarioSpec(("register",), {"register": 1}, False,
+                             "initial REGISTERs: a new Call-ID for every request"),
+    "refresh": ScenarioSpec(("refresh",), {"refresh": 1}, True,
+                            "refreshes of registered phones (same Call-ID, CSeq + 1)"),
+    "unregister": ScenarioSpec(("unregister",), {"unregister": 1}, True,
+                               "Expires: 0 for the phone's contact"),
+    "fetch": ScenarioSpec(("fetch",), {"fetch": 1}, True,
+                          "REGISTER without Contact: list the bindings"),
+    "mixed": ScenarioSpec(("register", "refresh", "fetch", "unregister"),
+                          {"register": 10, "refresh": 70, "fetch": 15, "unregister": 5}, True,
+                          "a weighted mix (--mix)"),
+    "auth": ScenarioSpec(("refresh",), {"refresh": 1}, False,
+                         "REGISTER, answer the 401/407 with a digest, REGISTER again"),
+    "multi-contact": ScenarioSpec(("multi",), {"multi": 1}, False,
+                                  "REGISTERs with --contacts Contact headers"),
+}
+
+#: Malformed variants: each keeps Via, Call-ID and CSeq intact, so that a
+#: registrar's 400 can still be matched; ``tcp`` says whether the variant is
+#: safe on a stream (a wrong Content-Length would break the framing).
+MALFORMED = {
+    "bad-expires": True,
+    "bad-contact": True,
+    "no-to": True,
+    "cseq-method": True,
+    "bad-length": False,
+}
+
+
+def parse_mix(text: str) -> dict:
+    """``"refresh=70,register=10"`` -> ``{"refresh": 70, "register": 10}``."""
+    weights = {}
+    for part in text.split(","):
+        name, sep, w = part.partition("=")
+        name = name.strip()
+        if not sep or name not in ("register", "refresh", "fetch", "unregister"):
+            raise ValueError(f"bad --mix entry {part!r} (kinds: register, refresh, fetch, unregister)")
+        weights[name] = int(w)
+        if weights[name] < 0:
+            raise ValueError("--mix weights must be >= 0")
+    if sum(weights.values()) <= 0:
+        raise ValueError("--mix needs a positive weight")
+    return weights
+
+
+def mix_pattern(weights: dict, kinds: tuple) -> list:
+    """A cycle of kind indices in proportion to ``weights``, spread evenly
+    (smooth weighted round robin), reduced by the weights' common divisor."""
+    from math import gcd
+    from functools import reduce
+    items = [(kinds.index(k), w) for k, w in weights.items() if w > 0]
+    g = reduce(gcd, [w for _, w in items])
+    items = [(k, w // g) for k, w in items]
+    total = sum(w for _, w in items)
+    current = {k: 0 for k, _ in items}
+    out = []
+    for _ in range(total):
+        for k, w in items:
+            current[k] += w
+        best = max(current, key=lambda k: current[k])
+        current[best] -= total
+        out.append(best)
+    return out
+
+
+@dataclass
+class BuildConfig:
+    """What the builders need besides the phone."""
+
+    target_host: str
+    target_port: int
+    domain: str
+    transport: str = "udp"
+    expires: int = 3600
+    contacts: int = 3
+    run_id: str = field(default_factory=lambda: os.urandom(4).hex())
+
+
+def build_sip(phone: Phone, kind: str, cfg: BuildConfig) -> SIP:
+    """The scapy SIP packet of ``kind`` for ``phone`` (with request-number markers)."""
+    m = SEQ_MARKER.decode()
+    dom = cfg.domain
+    tp = cfg.transport.upper() if cfg.transport != "raw" else "UDP"
+    hostport = f"[{phone.addr}]:{phone.port}" if ":" in phone.addr else f"{phone.addr}:{phone.port}"
+    tparam = ";transport=tcp" if cfg.transport == "tcp" else ""
+    contact_uri = f"sip:{phone.user}@{hostport}{tparam}"
+    if kind == "register":
+        call_id = f"{cfg.run_id}-{phone.index:x}-{m}@{phone.addr}"
+        tag = f"r{m}"
+    else:
+        call_id = f"{cfg.run_id}-{phone.index:x}@{phone.addr}"
+        tag = f"{cfg.run_id}{phone.index:x}"
+    aor = f"sip:{phone.user}@{dom}"
+    to = aor
+    cseq_method = "REGISTER"
+    contacts = [f"<{contact_uri}>"]
+    expires = str(cfg.expires)
+    extra = []
+    if kind == "unregister":
+        contacts = [f"<{contact_uri}>;expires=0"]
+        expires = "0"
+    elif kind == "fetch":
+        contacts = []
+        expires = None
+    elif kind == "multi":
+        contacts = [f"<sip:{phone.user}-{k}@{hostport}{tparam}>" for k in range(cfg.contacts)]
+    elif kind == "bad-expires":
+        expires = "soon"
+    elif kind == "bad-contact":
+        contacts = ["<sip:@;;>;q=x"]
+    elif kind == "no-to":
+        to = None
+    elif kind == "cseq-method":
+        cseq_method = "INVITE"
+    elif kind == "bad-length":
+        extra.append(("Content-Length", "1000"))
+    elif kind not in ("register", "refresh"):
+        raise ValueError(f"unknown request kind {kind!r}")
+    headers = [
+        ("Via", f"SIP/2.0/{tp} {hostport};rport;branch=z9hG4bK-{m}"),
+        ("Max-Forwards", "70"),
+        ("From", f"<{aor}>;tag={tag}"),
+    ]
+    if to is not None:
+        headers.append(("To", f"<{to}>"))
+    headers += [("Call-ID", call_id), ("CSeq", f"{m} {cseq_method}")]
+    headers += [("Contact", c) for c in contacts]
+    if expires is not None:
+        headers.append(("Expires", expires))
+    headers.append(("User-Agent", AGENT))
+    headers += extra or [("Content-Length", "0")]
+    return SIP(start_line=f"REGISTER sip:{dom} SIP/2.0", headers=headers)
+
+
+def ip_udp(phone: Phone, cfg: BuildConfig, sip: SIP, raw: bool = False):
+    """``sip`` wrapped in scapy IP (or IPv6) and UDP headers, phone to target.
+
+    For the raw socket the UDP checksum is 0 ("none", allowed over IPv4),
+    since the hot loop patches the payload after the build.
+    """
+    ipl = IPv6 if ":" in cfg.target_host else IP
+    udp = UDP(sport=phone.port, dport=cfg.target_port)
+    if raw:
+        udp.chksum = 0
+    return ipl(src=phone.addr, dst=cfg.target_host) / udp / sip
+
+
+def _tpl_tuple(t: Template) -> tuple:
+    return (t.data, t.sites, t.callid)
+
+
+def build_templates(phones: list, kinds: tuple, cfg: BuildConfig, raw: bool = False,
+                    progress=None) -> tuple:
+    """Build every phone's requests of every kind.
+
+    Returns ``(engine_templates, templates)``: the flat list the engine takes
+    (``phone * len(kinds) + kind``) and the same as :class:`Template` objects.
+    With ``raw``, each template is a whole IPv4 packet.
+    """
+    flat = []
+    tpls = []
+    for n, phone in enumerate(phones):
+        for kind in kinds:
+            sip = build_sip(phone, kind, cfg)
+            if raw:
+                t = templatize(bytes(ip_udp(phone, cfg, sip, raw=True)), offset=28)
+            else:
+                t = templatize(bytes(sip))
+            tpls.append(t)
+            flat.append(_tpl_tuple(t))
+        if progress and n % 1000 == 999:
+            progress(n + 1)
+    return flat, tpls
+
+
+_AUTH_LINE_RE = re.compile(rb"(?im)^(?:www|proxy)-authenticate[ \t]*:[ \t]*([^\r\n]*)")
+_REQ_URI_RE = re.compile(rb"^[A-Z]+ (\S+) SIP/2\.0")
+
+
+def answer_challenge(reply: bytes, base: Template, phone: Phone, raw: bool = False) -> tuple:
+    """The template of the request that answers the challenge in ``reply``.
+
+    ``base`` is the template of the challenged request.  The answer is that
+    request as sent (same Call-ID and From tag), with a new CSeq number and
+    branch (markers) and the ``Authorization`` (401) or
+    ``Proxy-Authorization`` (407) header.  Raises ``ValueError`` when the
+    challenge cannot be answered.
+    """
+    status = int(reply[8:11])
+    m = _AUTH_LINE_RE.search(reply)
+    if m is None:
+        raise ValueError(f"{status} without a Digest challenge")
+    challenge = parse_challenge(m.group(1))
+    cseq = re.search(rb"(?im)^cseq[ \t]*:[ \t]*(\d+)", reply)
+    if cseq is None:
+        raise ValueError("challenge without CSeq")
+    off = 28 if raw else 0
+    sent = base.render(int(cseq.group(1)))
+    head, msg = sent[:off], sent[off:]
+    uri = _REQ_URI_RE.match(msg).group(1).decode()
+    value = digest_authorization(challenge, "REGISTER", uri, phone.user, phone.password)
+    name = b"Proxy-Authorization" if status == 407 else b"Authorization"
+    msg = normalize_foreign(msg)
+    end = msg.find(b"\r\n\r\n")
+    msg = msg[:end] + b"\r\n" + name + b": " + value.encode() + msg[end:]
+    if raw:
+        head = bytearray(head)
+        struct.pack_into("!H", head, 2, len(head) + len(msg))     # IP total length
+        struct.pack_into("!H", head, 10, 0)                        # IP checksum: kernel fills it
+        struct.pack_into("!HH", head, 24, 8 + len(msg), 0)         # UDP length, no checksum
+        head = bytes(head)
+    return _tpl_tuple(templatize(head + msg, offset=off))
+
+
+def scenario_requests(count: int, users: int, pattern: list, malformed_kinds: list,
+                      malformed_ratio: float):
+    """``(seq, phone, kind)`` of the first ``count`` requests, in the order the
+    hot loop sends them when no phone is busy (the same hash picks the
+    malformed ones)."""
+    thresh = int(malformed_ratio * 2**32) if malformed_kinds else 0
+    n_new = 0
+    for k in range(count):
+        seq = SEQ_BASE + k
+        if ((seq * 2654435761) & 0xFFFFFFFF) < thresh:
+            kind = malformed_kinds[seq % len(malformed_kinds)]
+        else:
+            kind = pattern[n_new % len(pattern)]
+        n_new += 1
+        yield seq, k % users, kind
+
+
+def write_pcap(path: str, phones: list, tpls: list, nkinds: int, requests, cfg: BuildConfig,
+               rate: float, raw: bool = False) -> int:
+    """Write the scenario's requests as IP/UDP/SIP packets, ``1/rate`` apart.
+
+    ``requests``: ``(seq, phone, kind)`` as from :func:`scenario_requests`.
+    Returns the number of packets written.
+    """
+    bind_sip_port(cfg.target_port)
+    gap = 1.0 / rate if rate > 0 else 1e-5
+    n = 0
+    with PcapWriter(path, sync=False) as w:
+        for seq, p, kind in requests:
+            data = tpls[p * nkinds + kind].render(seq)
+            if raw:
+                pkt = IP(data)
+            else:
+                pkt = ip_udp(phones[p], cfg, SIP(data))
+            pkt.time = 1_700_000_000 + n * gap
+            w.write(pkt)
+            n += 1
+    return n
+
+
+@dataclass
+class ReplayRequest:
+    """One request taken from a capture."""
+
+    src: str
+    sport: int
+    template: Template
+
+
+def read_replay(path: str) -> list:
+    """The SIP requests over UDP in the capture at ``path``, as templates.
+
+    Each becomes a phone that repeats it; its CSeq number and top Via branch
+    become request-number sites (:func:`~load.sip.normalize_foreign`).
+    """
+    out = []
+    for pkt in rdpcap(path):
+        if UDP not in pkt:
+            continue
+        payload = bytes(pkt[UDP].payload)
+        if not payload or payload.startswith(b"SIP/2.0 ") or b" SIP/2.0\r\n" not in payload[:512]:
+            continue
+        src = pkt[IP].src if IP in pkt else pkt[IPv6].src
+        out.append(ReplayRequest(src, pkt[UDP].sport, templatize(normalize_foreign(payload))))
+    if not out:
+        raise ValueError(f"{path}: no SIP requests over UDP")
+    return out

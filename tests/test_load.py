@@ -1,0 +1,441 @@
+"""Tests of the load tool (load/): packet building, matching, latency
+accounting, rate control, pcap round trip, auth, TCP, the command line.
+
+Real sockets on 127.0.0.1 only; every run is bounded by a count or a
+duration of at most a second or two.  The reference responder
+(``python -m load.responder``) runs as a subprocess.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from load import sip
+from load._loadio_c import _build_ok, _frame_length, _hist_roundtrip, _scan_reply
+from load.netutil import TargetError, phone_address
+from load.runner import LoadRun, Options, OptionsError
+from load.scenario import (BuildConfig, Phone, answer_challenge, build_sip, build_templates,
+                           mix_pattern, read_replay)
+
+LOAD_ROOT = str(Path(sip.__file__).resolve().parent.parent)
+
+
+# ------------------------------------------------------------------ fixtures
+
+class Responder:
+    """``python -m load.responder`` in a subprocess; ``stop()`` returns its counters."""
+
+    def __init__(self, *args):
+        env = dict(os.environ, PYTHONPATH=LOAD_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "load.responder", "--listen", "127.0.0.1:0", "--duration", "60",
+             *args], stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        m = re.match(r"listening (\S+):(\d+)", line)
+        assert m, f"responder did not start: {line!r}"
+        self.target = f"127.0.0.1:{m.group(2)}"
+        self.pid = self.proc.pid
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=10)
+        self.proc.stdout.close()
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def responder():
+    made = []
+
+    def start(*args):
+        r = Responder(*args)
+        made.append(r)
+        return r
+
+    yield start
+    for r in made:
+        if r.proc.poll() is None:
+            r.stop()
+
+
+def run(**kw):
+    kw.setdefault("timeout", 1.0)
+    kw.setdefault("users", 50)
+    return LoadRun(Options(**kw)).execute()
+
+
+# ------------------------------------------------------------ packet building
+
+CFG = BuildConfig("127.0.0.1", 5060, "example.com", run_id="abcd0123")
+PHONE = Phone(7, "u000007", "secret", "127.1.0.8", 40000, 0)
+
+
+@pytest.mark.parametrize("kind", ["register", "refresh", "unregister", "fetch", "multi",
+                                  "bad-expires", "bad-contact", "no-to", "cseq-method"])
+def test_scapy_dissects_what_was_built(kind):
+    from scapy.layers.inet import IP, UDP
+    from load.scenario import ip_udp
+    pkt = ip_udp(PHONE, CFG, build_sip(PHONE, kind, CFG))
+    back = IP(bytes(pkt))
+    assert back[UDP].sport == 40000 and back[UDP].dport == 5060
+    s = back[sip.SIP]
+    assert s.method == b"REGISTER"
+    assert s.header("via").startswith(b"SIP/2.0/UDP 127.1.0.8:40000;rport;branch=z9hG4bK-")
+    assert s.header("i").startswith(b"abcd0123-7")
+    assert s.header("CSeq").startswith(sip.SEQ_MARKER)
+    contacts = s.header_all("m")
+    assert len(contacts) == {"fetch": 0, "multi": 3}.get(kind, 1)
+    if kind == "unregister":
+        assert s.header("expires") == b"0"
+    if kind == "no-to":
+        assert s.header("to") is None
+    else:
+        assert s.header("t") == b"<sip:u000007@example.com>"
+
+
+def test_every_request_unique():
+    t = sip.templatize(bytes(build_sip(PHONE, "register", CFG)))
+    assert len(t.sites) == 4                       # Call-ID, From tag, branch, CSeq
+    seen = set()
+    for seq in range(sip.SEQ_BASE, sip.SEQ_BASE + 200):
+        s = sip.SIP(t.render(seq))
+        key = (s.header("call-id"), s.header("from"), s.header("via"), s.header("cseq"))
+        assert b"#" not in b"".join(key)
+        assert int(s.header("cseq").split()[0]) == seq
+        seen.add(key)
+        for part in key:
+            seen.add(part)
+    assert len(seen) == 200 * 5
+    # refresh: one Call-ID per phone, a new CSeq and branch per request
+    phones = [Phone(i, f"u{i}", "", phone_address(i), 40000 + i % 3, 0) for i in range(20)]
+    _, tpls = build_templates(phones, ("refresh",), CFG)
+    callids = {t.data[t.callid[0]:t.callid[0] + t.callid[1]] for t in tpls}
+    assert len(callids) == 20
+    sent = {tp.render(sip.SEQ_BASE + n * 20 + i) for n in range(5) for i, tp in enumerate(tpls)}
+    assert len(sent) == 100
+
+
+def test_phone_addresses_unique_loopback():
+    addrs = [phone_address(i) for i in range(70000)]
+    assert len(set(addrs)) == 70000
+    assert all(a.startswith("127.") and not a.endswith((".0", ".255")) for a in addrs)
+
+
+def test_mix_pattern_weights():
+    kinds = ("register", "refresh", "fetch", "unregister")
+    p = mix_pattern({"register": 10, "refresh": 70, "fetch": 15, "unregister": 5}, kinds)
+    assert len(p) == 20
+    assert [p.count(i) for i in range(4)] == [2, 14, 3, 1]
+
+
+# ------------------------------------------------------------------ digest
+
+def test_digest_md5_real_pjsua_exchange():
+    # pjsua2 2.15.1 answering Kamailio 5.6.3 (shared/real-registers, password "secret")
+    chal = sip.parse_challenge(b'Digest realm="127.0.0.1", nonce="awesXmsHqzLzBjCc5meQAoFQNjrQaPRv"')
+    value = sip.digest_authorization(chal, "REGISTER", "sip:127.0.0.1:5271",
+                                     "pjsua179566469028226", "secret")
+    assert 'response="88bf6fa7c4c9746f5fe194f5ed70500a"' in value
+
+
+@pytest.mark.parametrize("algorithm,expect", [
+    ("MD5", "8ca523f5e9506fed4657c9700eebdbec"),
+    ("SHA-256", "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1"),
+])
+def test_digest_rfc7616_vectors(algorithm, expect):
+    chal = {"realm": "http-auth@example.org", "qop": "auth, auth-int", "algorithm": algorithm,
+            "nonce": "7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v",
+            "opaque": "FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS"}
+    value = sip.digest_authorization(chal, "GET", "/dir/index.html", "Mufasa", "Circle of Life",
+                                     cnonce="f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ")
+    assert f'response="{expect}"' in value and "nc=00000001" in value
+
+
+def test_answer_challenge_keeps_dialog_and_renumbers():
+    t = sip.templatize(bytes(build_sip(PHONE, "register", CFG)))
+    sent = sip.SIP(t.render(sip.SEQ_BASE + 5))
+    reply = (b"SIP/2.0 401 Unauthorized\r\nVia: " + sent.header("via") + b"\r\nCall-ID: "
+             + sent.header("call-id") + b"\r\nCSeq: 1000000005 REGISTER\r\n"
+             b'WWW-Authenticate: Digest realm="r", nonce="n1", qop="auth"\r\n\r\n')
+    data, sites, cid = answer_challenge(reply, t, PHONE)
+    ans = sip.SIP(sip.Template(data, sites, cid).render(sip.SEQ_BASE + 9))
+    assert ans.header("call-id") == sent.header("call-id")
+    assert ans.header("from") == sent.header("from")
+    assert ans.header("cseq") == b"1000000009 REGISTER"
+    assert ans.header("via") != sent.header("via")
+    assert b'username="u000007"' in ans.header("authorization")
+
+
+# ------------------------------------------------------ C parsing and histogram
+
+def test_scan_reply_forms():
+    r = b"SIP/2.0 200 OK\r\nv: SIP/2.0/UDP x\r\ni:  abc@h \r\nCSEQ:1000000123 REGISTER\r\n\r\n"
+    assert _scan_reply(r) == (200, 1000000123, b"abc@h")
+    assert _scan_reply(b"REGISTER sip:x SIP/2.0\r\nCall-ID: a\r\nCSeq: 1 REGISTER\r\n\r\n") == -1
+    assert _scan_reply(b"SIP/2.0 200 OK\r\nCSeq: 1 REGISTER\r\n\r\n") == -2
+    assert _scan_reply(b"SIP/2.0 2x0 OK\r\n\r\n") == -1
+
+
+def test_frame_length():
+    msg = b"SIP/2.0 200 OK\r\nl: 3\r\n\r\nabc"
+    assert _frame_length(msg + b"SIP/2.0") == len(msg)
+    assert _frame_length(msg[:-1]) == 0
+    assert _frame_length(b"\r\n\r\nSIP") == 4
+
+
+def test_build_ok_echo():
+    req = (b"REGISTER sip:x SIP/2.0\r\nVia: SIP/2.0/UDP a:1;branch=z9hG4bK1\r\nf: <sip:a@x>;tag=1\r\n"
+           b"To: <sip:a@x>\r\nCall-ID: c1\r\nCSeq: 1000000001 REGISTER\r\nContact: <sip:a@b>\r\n\r\n")
+    out = _build_ok(req)
+    assert _scan_reply(out) == (200, 1000000001, b"c1")
+    assert b"To: <sip:a@x>;tag=fl\r\n" in out and b"Contact" not in out
+    assert _build_ok(b"SIP/2.0 200 OK\r\n\r\n") == b""
+
+
+def test_latency_histogram_percentiles():
+    values = [i * 1000 for i in range(1, 10001)]          # 1 us .. 10 ms
+    h = _hist_roundtrip(values)
+    assert h["count"] == 10000
+    assert h["max"] == pytest.approx(10.0)
+    for q, key in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")):
+        assert h[key] == pytest.approx(q * 10.0, rel=0.02)
+    assert h["mean"] == pytest.approx(5.0005, rel=1e-6)
+    assert _hist_roundtrip([])["p99"] == 0
+
+
+# ------------------------------------------------------------ against a responder
+
+def test_closed_loop_matches_everything(responder):
+    r = responder()
+    res = run(target=r.target, inflight=20, count=500)
+    stats = r.stop()
+    assert res["sent"] == 500 and res["ok"] == 500 and res["replies"] == {"200": 500}
+    assert res["timeouts"] == res["duplicates"] == 0
+    assert res["latency_count"] == 500
+    assert not any(res["unmatched"].values())
+    assert stats["received"] == 500 and stats["replies"] == {"200": 500}
+    assert 0 < res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] <= res["latency_ms"]["max"]
+
+
+def test_lost_and_duplicated_replies(responder):
+    r = responder("--drop", "0.2", "--dup", "0.25", "--seed", "7")
+    res = run(target=r.target, inflight=25, count=600, timeout=0.3)
+    stats = r.stop()
+    assert stats["dropped"] > 50 and stats["duplicated"] > 50
+    assert res["timeouts"] == stats["dropped"]
+    assert res["duplicates"] == stats["duplicated"]
+    assert res["ok"] == 600 - stats["dropped"]
+    assert res["latency_count"] == res["ok"]
+
+
+def test_retransmissions_recover_losses(responder):
+    r = responder("--drop", "0.3", "--seed", "3")
+    res = run(target=r.target, inflight=20, count=300, timeout=1.0, retransmit=True, t1=0.04, t2=0.2)
+    stats = r.stop()
+    assert res["retransmissions"] > 50
+    assert stats["received"] == 300 + res["retransmissions"]
+    assert res["ok"] + res["timeouts"] == 300
+    assert res["timeouts"] <= 3
+    assert res["sent_total"] == 300 + res["retransmissions"]
+
+
+def test_rate_control_at_low_rate(responder):
+    r = responder()
+    res = run(target=r.target, rate=200, duration=1.0, interval=0.25)
+    r.stop()
+    assert res["sent"] == 200                 # request k goes at k / rate
+    assert res["send_window_s"] == pytest.approx(199 / 200, abs=0.01)
+    assert res["offered_rate"] == pytest.approx(200, rel=0.02)
+    assert res["open_loop_shortfall"] == 0
+    assert res["ok"] == 200
+    per_interval = [s["sent"] for s in res["intervals"]][:4]
+    assert all(abs(n - 50) <= 3 for n in per_interval), per_interval
+
+
+@pytest.mark.parametrize("algorithm,qop", [("MD5", False), ("SHA-256", True)])
+def test_auth_scenario(responder, algorithm, qop):
+    r = responder("--auth", "--algorithm", algorithm, *(["--qop"] if qop else []),
+                  "--password-pattern", "pw{i}")
+    res = run(target=r.target, scenario="auth", inflight=10, count=100, password_pattern="pw{i}")
+    stats = r.stop()
+    assert res["auth"] == {"challenged": 100, "unanswerable": 0}
+    assert res["replies"] == {"200": 100, "401": 100}
+    assert res["ok"] == 100 and res["sent"] == 200
+    assert stats["auth_ok"] == 100 and stats["auth_failed"] == 0
+
+
+def test_wrong_password_is_reported(responder):
+    r = responder("--auth")
+    res = run(target=r.target, scenario="auth", inflight=5, count=20, password_pattern="nope")
+    stats = r.stop()
+    assert res["ok"] == 0 and res["replies"] == {"401": 40}
+    assert stats["auth_failed"] == 20
+
+
+def test_tcp_transport(responder):
+    r = responder("--transport", "tcp")
+    res = run(target=r.target, transport="tcp", inflight=30, count=400, sockets=8)
+    r.stop()
+    assert res["ok"] == 400 and res["timeouts"] == 0 and res["sockets"] == 8
+    assert res["connections_closed"] == 0
+
+
+@pytest.mark.parametrize("scenario", ["refresh", "unregister", "fetch", "mixed", "multi-contact"])
+def test_scenarios(responder, scenario):
+    r = responder()
+    res = run(target=r.target, scenario=scenario, inflight=10, count=120, users=30)
+    stats = r.stop()
+    assert res["ok"] == 120
+    primed = scenario in ("refresh", "unregister", "fetch", "mixed")
+    assert (res["prime"] or {}).get("ok", 0) == (30 if primed else 0)
+    assert stats["received"] == 120 + (30 if primed else 0)
+
+
+def test_malformed_share(responder):
+    r = responder()
+    res = run(target=r.target, inflight=10, count=1000, malformed_ratio=0.1)
+    r.stop()
+    m = res["malformed"]
+    assert 70 <= m["sent"] <= 130
+    assert m["replies"] == {"400": m["sent"]} and m["unanswered"] == 0
+    assert res["replies"] == {"200": 1000 - m["sent"]}
+
+
+def test_server_cpu_per_request(responder):
+    r = responder()
+    res = run(target=r.target, inflight=10, count=300, server_pid=[r.pid])
+    r.stop()
+    assert res["server_pids"] == [r.pid]
+    assert 0 < res["server_cpu_us_per_request"] < 100_000
+
+
+def test_wrong_call_id_and_stale_replies_counted():
+    """A broken registrar: echoes the CSeq but mangles the Call-ID, then a reply
+    for a request never sent."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.settimeout(0.5)
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(10):
+            try:
+                data, addr = srv.recvfrom(4096)
+            except OSError:
+                return
+            ok = _build_ok(data)
+            srv.sendto(ok.replace(b"Call-ID: ", b"Call-ID: x"), addr)
+            srv.sendto(re.sub(rb"CSeq: \d+", b"CSeq: 1999999999", ok), addr)
+
+    th = threading.Thread(target=serve)
+    th.start()
+    try:
+        res = run(target=f"127.0.0.1:{port}", inflight=1, count=3, timeout=0.2, users=3)
+    finally:
+        th.join()
+        srv.close()
+    assert res["timeouts"] == 3
+    assert res["unmatched"]["wrong_call_id"] == 3 and res["unmatched"]["stale"] == 3
+
+
+# ------------------------------------------------------------------ pcap
+
+def test_pcap_round_trip_and_replay(tmp_path, responder):
+    from scapy.utils import rdpcap
+    path = str(tmp_path / "scenario.pcap")
+    res = run(target="127.0.0.1:5060", users=25, count=50, inflight=5, pcap_out=path, dry_run=True)
+    assert res["dry_run"]
+    pkts = rdpcap(path)
+    assert len(pkts) == 50
+    cseqs = {p[sip.SIP].header("cseq") for p in pkts}
+    assert len(cseqs) == 50 and all(p[sip.SIP].method == b"REGISTER" for p in pkts)
+    reqs = read_replay(path)
+    assert len(reqs) == 50 and all(q.src.startswith("127.") for q in reqs)
+    r = responder()
+    res = run(target=r.target, replay=path, inflight=5, count=100)
+    r.stop()
+    assert res["scenario"] == "replay" and res["users"] == 50 and res["ok"] == 100
+
+
+def test_replay_real_register_capture(tmp_path, responder):
+    """A REGISTER in the style of Net::SIP (odd header case, no rport) replays."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.utils import wrpcap
+    msg = (b"REGISTER sip:127.0.0.1:5270 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:41234;"
+           b"branch=z9hG4bK3c2a\r\nCall-id: 6d3f@127.0.0.1\r\nContact: sip:n@127.0.0.1:41234\r\n"
+           b"Expires: 120\r\nFrom: sip:n@127.0.0.1;tag=9e1\r\nMax-forwards: 70\r\n"
+           b"To: sip:n@127.0.0.1\r\nCseq: 1 REGISTER\r\nContent-length: 0\r\n\r\n")
+    path = str(tmp_path / "netsip.pcap")
+    wrpcap(path, [IP(src="127.0.0.1", dst="127.0.0.1") / UDP(sport=41234, dport=5270) / msg])
+    (req,) = read_replay(path)
+    assert req.template.render(sip.SEQ_BASE).count(b"1000000000") == 2   # CSeq and branch
+    r = responder()
+    res = run(target=r.target, replay=path, inflight=1, count=5)
+    r.stop()
+    assert res["ok"] == 5
+
+
+# ------------------------------------------------------------------ options
+
+def test_refuses_non_loopback_target():
+    with pytest.raises(TargetError):
+        LoadRun(Options(target="192.0.2.1:5060", count=1, inflight=1))
+    LoadRun(Options(target="192.0.2.1:5060", count=1, inflight=1, allow_remote=True))  # no send
+
+
+@pytest.mark.parametrize("kw", [
+    {"count": 1},                                        # neither rate nor inflight
+    {"count": 1, "rate": 10, "inflight": 1},             # both
+    {"inflight": 1},                                     # unbounded
+    {"count": 1, "inflight": 100, "users": 10},          # more in flight than phones
+    {"count": 1, "inflight": 1, "transport": "tcp", "retransmit": True},
+])
+def test_bad_options(kw):
+    with pytest.raises(OptionsError):
+        LoadRun(Options(**kw))
+
+
+def test_cli_json_and_plot(tmp_path, responder):
+    r = responder()
+    out = tmp_path / "r.json"
+    args = [sys.executable, "-m", "load", "--target", r.target, "--inflight", "10", "--count", "200",
+            "--users", "20", "-q", "--json", str(out), "--server-pid", str(r.pid)]
+    try:
+        import matplotlib  # noqa: F401
+        args += ["--plot", str(tmp_path / "r.png")]
+    except ImportError:
+        pass
+    env = dict(os.environ, PYTHONPATH=LOAD_ROOT)
+    cp = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    r.stop()
+    assert cp.returncode == 0, cp.stderr
+    res = json.loads(out.read_text())
+    for key in ("offered_rate", "achieved_rate", "sent", "replies", "timeouts", "retransmissions",
+                "latency_ms", "generator_cpu_pct", "server_cpu_us_per_request"):
+        assert key in res
+    assert set(res["latency_ms"]) >= {"p50", "p90", "p99", "p999", "max"}
+    if "--plot" in args:
+        assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_refuses_remote_target():
+    env = dict(os.environ, PYTHONPATH=LOAD_ROOT)
+    cp = subprocess.run([sys.executable, "-m", "load", "--target", "10.1.2.3:5060", "--count", "1",
+                         "--inflight", "1"], env=env, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2 and "--allow-remote" in cp.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--raw needs root")
+def test_raw_socket_mode(responder):
+    r = responder("--transport", "udp")
+    res = run(target=r.target, raw=True, inflight=10, count=200)
+    r.stop()
+    assert res["transport"] == "raw-udp" and res["ok"] == 200

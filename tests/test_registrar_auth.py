@@ -1,0 +1,138 @@
+"""Digest authentication in front of the registrar: Registrar(authorize=...) and
+the Net::SIP-style ReceiveChain([Authorize, Registrar])."""
+import pytest
+
+import fastsip
+from fastsip import Authorize, ReceiveChain, Registrar
+from fastsip.auth import digest_response
+from test_registrar import NOW, SRC, request
+
+USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+def answer(challenge_reply, data, user="alice", password="wonderland", algorithm="SHA-256",
+           nc="00000001", uri="sip:example.com", qop=True):
+    """The REGISTER ``data`` again with an Authorization answering the challenge."""
+    chal = next(c for c in fastsip.parse(challenge_reply).www_authenticate
+                if (c.algorithm or "MD5") == algorithm)
+    resp = digest_response(algorithm, user, chal.realm, password, method="REGISTER", uri=uri,
+                           nonce=chal.nonce, qop="auth" if qop else None,
+                           nc=nc if qop else None, cnonce="c0ffee" if qop else None)
+    value = (f'Digest username="{user}", realm="{chal.realm}", nonce="{chal.nonce}", '
+             f'uri="{uri}", response="{resp}", algorithm={algorithm}')
+    if qop:
+        value += f', qop=auth, nc={nc}, cnonce="c0ffee"'
+    return data.replace(b"Content-Length: 0", f"Authorization: {value}\r\nContent-Length: 0".encode())
+
+
+@pytest.fixture
+def reg():
+    return Registrar(min_expires=60, max_expires=3600, domains=["example.com"],
+                     authorize=Authorize(users=USERS))
+
+
+def status(reg, data, now=NOW):
+    return fastsip.parse(reg.handle(data, SRC, now))
+
+
+@pytest.mark.parametrize("algorithm", ["SHA-256", "MD5"])
+@pytest.mark.parametrize("qop", [True, False])
+def test_challenge_then_register(reg, algorithm, qop):
+    if not qop:
+        reg.authorize = Authorize(users=USERS, qop=())
+    data = request()
+    first = reg.handle(data, SRC, NOW)
+    r = fastsip.parse(first)
+    assert r.status == 401 and r.reason == "Unauthorized"
+    algs = [c.algorithm for c in r.www_authenticate]
+    assert algs == ["SHA-256", "MD5"]
+    assert all(c.realm == "example.com" for c in r.www_authenticate)
+    assert reg.store.n_bindings == 0
+    r = status(reg, answer(first, data, algorithm=algorithm, qop=qop))
+    assert r.status == 200 and len(r.contacts) == 1
+
+
+def test_wrong_password_and_unknown_user_get_a_fresh_401(reg):
+    first = reg.handle(request(), SRC, NOW)
+    r = status(reg, answer(first, request(), password="nope"))
+    assert r.status == 401 and "stale" not in r.www_authenticate[0].params
+    r = status(reg, answer(first, request(user="mallory"), user="mallory"))
+    assert r.status == 401
+    assert reg.store.n_bindings == 0
+
+
+def test_stale_nonce_only_for_a_correct_digest(reg):
+    first = reg.handle(request(), SRC, NOW)
+    late = NOW + 301
+    r = status(reg, answer(first, request()), now=late)
+    assert r.status == 401 and r.www_authenticate[0].params.get("stale") == "true"
+    r = status(reg, answer(first, request(), password="nope"), now=late)
+    assert r.status == 401 and "stale" not in r.www_authenticate[0].params
+
+
+def test_replayed_nonce_count_is_refused(reg):
+    first = reg.handle(request(), SRC, NOW)
+    assert status(reg, answer(first, request())).status == 200
+    r = status(reg, answer(first, request(cseq=2)))
+    assert r.status == 401
+    assert status(reg, answer(first, request(cseq=3), nc="00000002")).status == 200
+
+
+def test_user_may_only_register_its_own_aor(reg):
+    first = reg.handle(request(user="bob"), SRC, NOW)
+    r = status(reg, answer(first, request(user="bob"), user="alice"))
+    assert (r.status, r.reason) == (403, "Forbidden")
+    assert reg.store.n_bindings == 0
+
+
+def test_third_party_registration_by_policy():
+    auth = Authorize(users=USERS, policy=lambda user, realm, aor_user, dom: user == "alice")
+    reg = Registrar(domains=["example.com"], authorize=auth)
+    first = reg.handle(request(user="bob"), SRC, NOW)
+    assert status(reg, answer(first, request(user="bob"), user="alice")).status == 200
+
+
+def test_digest_uri_must_match_request_uri(reg):
+    first = reg.handle(request(), SRC, NOW)
+    r = status(reg, answer(first, request(), uri="sip:elsewhere.example.com"))
+    assert r.status == 400
+
+
+def test_unknown_scheme_is_challenged(reg):
+    data = request(extra=("Authorization: NoOneKnowsThisScheme opaque-data=here",))
+    assert status(reg, data).status == 401
+
+
+def test_malformed_authorization_is_400(reg):
+    data = request(extra=('Authorization: Digest username="alice, realm=',))
+    assert status(reg, data).status == 400
+
+
+def test_receive_chain_authorize_then_registrar():
+    auth = Authorize(users=USERS)
+    reg = Registrar(domains=["example.com"])
+    chain = ReceiveChain([auth, reg], methods=["REGISTER"])
+    first = chain.handle(request(), SRC, NOW)
+    assert fastsip.parse(first).status == 401
+    assert chain.handle(request(method="OPTIONS"), SRC, NOW) is None
+    r = fastsip.parse(chain.handle(answer(first, request()), SRC, NOW))
+    assert r.status == 200 and reg.query("sip:alice@example.com", now=NOW)
+    first = chain.handle(request(user="bob"), SRC, NOW)
+    r = fastsip.parse(chain.handle(answer(first, request(user="bob"), user="alice"), SRC, NOW))
+    assert r.status == 403
+
+
+def test_receive_chain_filter_and_receive_form():
+    reg = Registrar()
+    chain = ReceiveChain([reg], filter=lambda msg: msg.to.uri.startswith("sip:alice"))
+    assert chain.handle(request(user="bob"), SRC, NOW) is None
+
+    class Leg:
+        sent = []
+
+        def send(self, data, addr):
+            self.sent.append(data)
+
+    assert chain.receive(request(), Leg(), "192.0.2.7:5060") == 200
+    with pytest.raises(TypeError):
+        ReceiveChain([reg], methods=["REGISTER"], filter=bool)

@@ -108,16 +108,8 @@ cdef class RegistrarCore:
     def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
                  int max_contacts=16, domains=None, addresses=(), authorize=None,
                  server="fastsip", bint track_changes=False):
-        if min_expires < 0 or max_expires < min_expires:
-            raise ValueError("need 0 <= min_expires <= max_expires")
-        if max_contacts < 1:
-            raise ValueError("max_contacts must be at least 1")
-        self.min_expires = min_expires
-        self.max_expires = max_expires
-        # RFC 3261 10.3 step 7: the default applies when the request names
-        # none; like any value it is capped at max_expires.
-        self.default_expires = max(min_expires, min(int(default_expires), max_expires))
-        self.max_contacts = max_contacts
+        self.configure(min_expires=min_expires, max_expires=max_expires,
+                       default_expires=default_expires, max_contacts=max_contacts)
         self.store = Store(track_changes=track_changes)
         self.set_domains(domains)
         self._addresses = frozenset(a.lower().encode() for a in addresses)
@@ -130,6 +122,25 @@ cdef class RegistrarCore:
         self.server_line = f"Server: {server}\r\n".encode() if server else b""
         self.other_requests = {}
         self.last_now = 0.0
+
+    def configure(self, *, min_expires=None, max_expires=None, default_expires=None,
+                  max_contacts=None):
+        """Change the expiry and contact limits (None keeps a value), e.g. on a
+        configuration reload; bindings already stored keep their expiry."""
+        lo = self.min_expires if min_expires is None else int(min_expires)
+        hi = self.max_expires if max_expires is None else int(max_expires)
+        dflt = self.default_expires if default_expires is None else int(default_expires)
+        most = self.max_contacts if max_contacts is None else int(max_contacts)
+        if lo < 0 or hi < lo:
+            raise ValueError("need 0 <= min_expires <= max_expires")
+        if most < 1:
+            raise ValueError("max_contacts must be at least 1")
+        self.min_expires = lo
+        self.max_expires = hi
+        # RFC 3261 10.3 step 7: the default applies when the request names
+        # none; like any value it is capped at max_expires.
+        self.default_expires = max(lo, min(dflt, hi))
+        self.max_contacts = most
 
     def set_domains(self, domains):
         """Set the served domains (None: any).  "*.example.com" serves subdomains."""
@@ -934,7 +945,7 @@ cdef class RegistrarCore:
 
     def stats(self):
         """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
-        return {"bindings": self.store.n_bindings, "aors": self.store.n_aors,
+        return {"bindings": self.store.n_bindings, "aors": self.store.n_live_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
                 "replies": {code: self.reply_counts[code] for code in range(100, 700)
                             if self.reply_counts[code]},

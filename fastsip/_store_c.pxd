@@ -93,7 +93,8 @@ cdef class Store:
     cdef Py_ssize_t heap_len
     cdef Py_ssize_t heap_cap
     cdef uint64_t k0, k1
-    cdef readonly Py_ssize_t n_aors
+    cdef readonly Py_ssize_t n_aors          # AOR records (an emptied one lingers until changes())
+    cdef readonly Py_ssize_t n_live_aors     # AORs that hold at least one binding
     cdef readonly Py_ssize_t n_bindings
     cdef readonly Py_ssize_t n_expired
     cdef int32_t* dirty

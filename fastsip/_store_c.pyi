@@ -27,6 +27,7 @@ class Binding:
 
 class Store:
     n_aors: int
+    n_live_aors: int
     n_bindings: int
     n_expired: int
     def __init__(self, *, track_changes: bool = False) -> None: ...

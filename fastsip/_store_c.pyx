@@ -401,6 +401,8 @@ cdef class Store:
                 tail = self.b[tail].next
             self.b[tail].next = slot
         self.aors[aor].count += 1
+        if self.aors[aor].count == 1:
+            self.n_live_aors += 1
         self.n_bindings += 1
         self._push(r.expires_at, r.gen, slot)
         self.touch(aor)
@@ -426,6 +428,8 @@ cdef class Store:
                 p = self.b[p].next
             self.b[p].next = r.next
         self.aors[aor].count -= 1
+        if self.aors[aor].count == 0:
+            self.n_live_aors -= 1
         self.n_bindings -= 1
         free(r.blob)
         r.blob = NULL

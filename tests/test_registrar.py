@@ -437,3 +437,23 @@ def test_receive_net_sip_form(reg):
     assert reg.receive(request(method="INVITE"), leg, ("192.0.2.7", 5060)) is None
     assert len(leg.sent) == 1
     assert reg.query("sip:alice@example.com") == ["sip:alice@192.0.2.7:5060"]
+
+
+def test_configure_changes_limits_for_the_next_request(reg):
+    handle(reg, request(expires=600))
+    reg.configure(min_expires=900, max_contacts=1)
+    r = handle(reg, request(expires=600, call_id="x"))
+    assert (r.status, r.min_expires) == (423, 900)
+    assert reg.lookup("sip:alice@example.com")[0].expires_at == NOW + 600
+    r = handle(reg, request(contacts=("<sip:second@h>",), expires=1000, call_id="y"))
+    assert r.status == 503
+    with pytest.raises(ValueError):
+        reg.configure(min_expires=5000)          # above max_expires
+    assert reg.min_expires == 900
+
+
+def test_stats_count_aors_with_bindings():
+    reg = Registrar(track_changes=True)
+    handle(reg, request(expires=100))
+    handle(reg, request(expires=0, cseq=2))
+    assert reg.stats()["aors"] == 0 and reg.stats()["bindings"] == 0

@@ -377,15 +377,20 @@ def test_sighup_reloads_live_settings(start, tmp_path, phone):
     srv = start("--config", str(conf))
     ua = phone(srv.udp)
     assert ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60)).status == 404
-    conf.write_text('domain = ["example.com", "example.net"]\nlog-format = "json"\nmax-contacts = 3\n')
+    conf.write_text('domain = ["example.com", "example.net"]\nlog-format = "json"\n'
+                    'min-expires = 120\nbatch = 32\n')
     srv.signal(signal.SIGHUP)
 
     def reloaded():
-        return ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60,
+        return ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=120,
                                   call_id=os.urandom(4).hex())).status == 200
     assert wait_for(reloaded, 5)
+    # the expiry limits are live too: 60 s is now too brief
+    r = ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60,
+                        call_id=os.urandom(4).hex()))
+    assert (r.status, r.min_expires) == (423, 120)
     log = srv.log()
-    assert "max_contacts changed" in log and "next start" in log
+    assert "batch changed" in log and "next start" in log
     last = log.strip().splitlines()[-1]
     assert json.loads(last)["msg"].startswith("SIGHUP: logs reopened")
     assert srv.proc.poll() is None

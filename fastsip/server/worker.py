@@ -653,6 +653,12 @@ class Worker:
         logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)
         if self.cfg.domain != old_domains:
             self.reg.set_domains(self.cfg.domain or None)
+        try:
+            self.reg.configure(min_expires=self.cfg.min_expires, max_expires=self.cfg.max_expires,
+                               default_expires=self.cfg.default_expires,
+                               max_contacts=self.cfg.max_contacts)
+        except ValueError as exc:
+            LOG.error("reload: %s (keeping the old limits)", exc)
         if self.cfg.realm is not None:
             # the users file is re-read even under the same name (it may have changed)
             try:

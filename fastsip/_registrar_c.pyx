@@ -20,7 +20,10 @@ from fastsip._parser_c cimport (
     scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
 
+from fastsip._parser_c import parse_uri
 from fastsip._store_c import transport_code
+from fastsip.auth import BadCredentials, parse_credentials
+from fastsip.errors import ParseError
 
 from libc.time cimport gmtime, strftime, time_t, tm
 
@@ -830,7 +833,6 @@ cdef class RegistrarCore:
     cdef object _authorize(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
                            double now):
         """Digest authentication and the AOR policy: None, or the refusal."""
-        from fastsip.auth import BadCredentials, parse_credentials
         creds = []
         cdef int i
         cdef Header* h
@@ -963,7 +965,6 @@ cdef object _missing_header(Msg* m):
 
 
 cdef str _unescape(bytes raw):
-    from fastsip._parser_c import parse_uri
     if b"%" not in raw:
         return raw.decode("utf-8", "surrogateescape")
     return parse_uri(b"sip:" + raw + b"@h").user
@@ -972,8 +973,6 @@ cdef str _unescape(bytes raw):
 def _aor_key(aor):
     """The canonical AOR of a URI given as str (``sip:alice@Example.com;x`` ->
     ``sip:alice@example.com``); non-URI strings are used as they are."""
-    from fastsip._parser_c import parse_uri
-    from fastsip.errors import ParseError
     try:
         return parse_uri(aor).aor
     except ParseError:

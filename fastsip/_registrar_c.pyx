@@ -523,7 +523,13 @@ cdef class RegistrarCore:
                         break
                     slot = br.next
             for k in range(i):      # a contact repeated in one request: the last one counts
-                if self.cin[k].action != A_NONE and (self.cin[k].key == c.key):
+                if self.cin[k].action != A_NONE and (
+                        self.cin[k].key == c.key or
+                        (c.match >= 0 and self.cin[k].match == c.match) or
+                        (c.instance.length > 0 and self.cin[k].reg_id == c.reg_id and
+                         self.cin[k].instance.length == c.instance.length and
+                         memcmp(buf + self.cin[k].instance.off, buf + c.instance.off,
+                                c.instance.length) == 0)):
                     self.cin[k].action = A_NONE
                     if self.cin[k].match < 0:
                         added -= 1

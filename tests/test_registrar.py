@@ -256,6 +256,34 @@ def test_same_instance_without_reg_id_replaces_the_binding(reg):
     assert len(r.contacts) == 2          # with a reg-id it is an outbound flow of its own
 
 
+def test_two_contacts_matching_one_binding_by_instance(reg):
+    # both name the binding through its +sip.instance: one change to it, not two
+    inst = ';+sip.instance="<urn:uuid:cccc>"'
+    handle(reg, request(contacts=(f"<sip:alice@h1>{inst}",)))
+    r = handle(reg, request(contacts=(f"<sip:alice@h2>{inst};expires=0",
+                                      f"<sip:alice@h3>{inst};expires=0"), call_id="other"))
+    assert r.status == 200 and r.contacts == []
+    assert reg.stats()["bindings"] == 0 and reg.lookup("sip:alice@example.com") == []
+    r = handle(reg, request(contacts=("<sip:alice@h4>",), call_id="third"))
+    assert list(contacts_of(r)) == ["sip:alice@h4"] and reg.stats()["bindings"] == 1
+
+
+def test_old_contact_removed_and_its_instance_moved_in_one_request(reg):
+    inst = ';+sip.instance="<urn:uuid:dddd>"'
+    handle(reg, request(contacts=(f"<sip:alice@h1>{inst}",)))
+    r = handle(reg, request(contacts=("<sip:alice@h1>;expires=0", f"<sip:alice@h2>{inst}"),
+                            cseq=2))
+    assert list(contacts_of(r)) == ["sip:alice@h2"]
+    assert [b.uri for b in reg.lookup("sip:alice@example.com")] == ["sip:alice@h2"]
+    assert reg.stats()["bindings"] == 1
+
+
+def test_one_instance_twice_in_a_request_gives_one_binding(reg):
+    inst = ';+sip.instance="<urn:uuid:eeee>";reg-id=1'
+    r = handle(reg, request(contacts=(f"<sip:alice@h1>{inst}", f"<sip:alice@h2>{inst}")))
+    assert list(contacts_of(r)) == ["sip:alice@h2"]
+
+
 # -- limits ------------------------------------------------------------------------------
 
 def test_max_contacts_is_503_and_changes_nothing():

@@ -477,6 +477,9 @@ cdef class RegistrarCore:
         a = self.store.find(aor, aor_len)
         if a >= 0:
             self._drop_expired(a, now)
+            self.store.release_if_empty(a)
+            if self.store.aors[a].live == 0:
+                a = -1
 
         if star:
             # Contact: * must stand alone, with Expires: 0 (RFC 3261 10.3 step 6).

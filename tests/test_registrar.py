@@ -389,6 +389,17 @@ def test_expired_bindings_are_not_listed_or_counted(reg):
     assert list(contacts_of(r)) == ["sip:b@h2"]
 
 
+def test_aor_whose_bindings_lapsed_is_freed_by_the_next_request(reg):
+    handle(reg, request(expires=60))
+    r = handle(reg, request(contacts=(), cseq=2), now=NOW + 100)      # a fetch
+    assert r.status == 200 and r.contacts == []
+    assert reg.stats()["aors"] == 0 and reg.store.aor_names() == []
+    handle(reg, request(user="bob", expires=60))
+    r = handle(reg, request(user="bob", contacts=("<sip:b@h>;expires=5",), cseq=2),
+               now=NOW + 100)
+    assert r.status == 423 and reg.stats()["aors"] == 0
+
+
 def test_expire_work_is_bounded_per_call():
     reg = Registrar(min_expires=1, max_expires=10)
     for i in range(50):

@@ -1302,7 +1302,10 @@ def parse_uri(text):
     cdef Py_ssize_t err = 0
     cdef int rc
     if isinstance(text, str):
-        data = (<str>text).encode("utf-8", "surrogateescape")
+        try:
+            data = (<str>text).encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:      # other lone surrogates: bytes the scan refuses
+            data = (<str>text).encode("utf-8", "surrogatepass")
     elif isinstance(text, bytes):
         data = text
     else:

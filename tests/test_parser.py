@@ -358,6 +358,7 @@ def test_uri_params_and_headers():
     ("nosuch:thing", 0, 416),
     ("tel:+15551234", 0, 416),
     ("sip", 0, 400),
+    ("sip:a\ud800@h", 5, 400),     # a lone surrogate: not encodable, never a URI character
 ])
 def test_bad_uri(text, offset, status):
     with pytest.raises(BadURI) as exc:

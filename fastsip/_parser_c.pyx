@@ -1307,7 +1307,7 @@ def parse_uri(text):
         except UnicodeEncodeError:      # other lone surrogates: bytes the scan refuses
             data = (<str>text).encode("utf-8", "surrogatepass")
     elif isinstance(text, bytes):
-        data = text
+        data = bytes(text)
     else:
         raise TypeError(f"parse_uri() takes str or bytes, not {type(text).__name__}")
     if len(data) > 8192:
@@ -1901,7 +1901,7 @@ cdef class Parser:
         cdef int rc
         if type(data) is bytes:
             b = <bytes>data
-        elif isinstance(data, (bytearray, memoryview)):
+        elif isinstance(data, (bytes, bytearray, memoryview)):
             b = bytes(data)
         else:
             raise TypeError(f"parse() takes bytes, not {type(data).__name__}")

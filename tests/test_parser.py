@@ -387,6 +387,13 @@ def test_parse_rejects_non_bytes():
     assert fastsip.parse(memoryview(b"OPTIONS sip:a SIP/2.0\r\n\r\n")).method == "OPTIONS"
 
 
+def test_bytes_subclasses_are_bytes():
+    class Datagram(bytes):
+        pass
+    assert fastsip.parse(Datagram(b"OPTIONS sip:a SIP/2.0\r\n\r\n")).method == "OPTIONS"
+    assert fastsip.parse_uri(Datagram(b"sip:a@H")).aor == "sip:a@h"
+
+
 # -- limits -------------------------------------------------------------------------
 
 def test_limits_name_themselves():

@@ -419,6 +419,13 @@ cdef class RegistrarCore:
         if call_id.length > MAX_CALL_ID:
             return self._reply(buf, m, 400, f"Call-ID longer than {MAX_CALL_ID} bytes", None,
                                src_host, src_port, now)
+        k = -1
+        for hi in range(m.nheaders):
+            if m.hdrs[hi].htype == HDR_PATH:
+                k += m.hdrs[hi].val_len + 1     # stored one per line
+        if k > MAX_PATH:
+            return self._reply(buf, m, 400, f"Path longer than {MAX_PATH} bytes", None,
+                               src_host, src_port, now)
         if self._conflict(buf, m, HDR_CALL_ID) or self._conflict(buf, m, HDR_CSEQ) or \
                 self._conflict(buf, m, HDR_TO) or self._conflict(buf, m, HDR_FROM):
             self.parse_errors += 1

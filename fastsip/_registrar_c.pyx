@@ -118,7 +118,7 @@ cdef class RegistrarCore:
         self.max_contacts = max_contacts
         self.store = Store(track_changes=track_changes)
         self.set_domains(domains)
-        self._addresses = frozenset(a.lower().encode() for a in addresses)
+        self._addresses = frozenset(a.lower().strip("[]").encode() for a in addresses)
         self.authorize = authorize
         self.lim.max_size = 65535
         self.lim.max_headers = 256
@@ -390,7 +390,7 @@ cdef class RegistrarCore:
             return None
         if self.domains is not None and not self._serves(buf + ruri.host.off, ruri.host.length) \
                 and PyBytes_FromStringAndSize(buf + ruri.host.off, ruri.host.length).lower() \
-                not in self._addresses:
+                .strip(b"[]") not in self._addresses:
             return None
 
         # 2. Require: every option tag must be one we support.

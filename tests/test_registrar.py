@@ -323,6 +323,14 @@ def test_request_uri_may_name_our_address():
     assert reg.handle(request(ruri="sip:192.0.2.99"), SRC, NOW) is None
 
 
+def test_request_uri_may_name_our_ipv6_address():
+    # the URI writes an IPv6 reference in brackets; an address is configured with or without
+    reg = Registrar(domains=["example.com"], addresses=["2001:db8::1", "[2001:db8::2]"])
+    assert handle(reg, request(ruri="sip:[2001:db8::1]")).status == 200
+    assert handle(reg, request(ruri="sip:[2001:DB8::2]:5060", cseq=2)).status == 200
+    assert reg.handle(request(ruri="sip:[2001:db8::3]", cseq=3), SRC, NOW) is None
+
+
 def test_wildcard_subdomains():
     reg = Registrar(domains=["*.example.com"])
     assert handle(reg, request(domain="tenant1.example.com")).status == 200

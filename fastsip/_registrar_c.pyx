@@ -53,6 +53,9 @@ cdef struct ContactIn:
 
 
 SUPPORTED_OPTIONS = ("path", "outbound")
+# the request methods counted by name in ``requests`` (others count as "other")
+METHODS = frozenset(("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE",
+                     "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "MESSAGE", "INFO"))
 _DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
 
 
@@ -880,6 +883,8 @@ cdef class RegistrarCore:
                 self.parse_errors += 1
                 return None
             method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
+            if method not in METHODS:
+                method = "other"        # one counter, however many names a sender invents
             self.requests[method] = self.requests.get(method, 0) + 1
             if method == "REGISTER":
                 reply = self._register(data, buf, &m, rc, source, now, transport, conn_id)

@@ -458,6 +458,13 @@ def test_serve_answers_what_the_registrar_does_not(reg):
     assert stats["parse_errors"] == 1 and stats["bindings"] == 1 and stats["aors"] == 1
 
 
+def test_request_counters_do_not_grow_with_invented_methods(reg):
+    for i in range(1000):
+        reg.serve(request(method=f"X{i}"), SRC, NOW)
+    reg.serve(request(method="SUBSCRIBE"), SRC, NOW)
+    assert reg.stats()["requests"] == {"other": 1000, "SUBSCRIBE": 1}
+
+
 def test_make_response():
     data = request(method="OPTIONS")
     r = fastsip.parse(fastsip.make_response(data, 486, "Busy Here", [("Retry-After", "60")],

@@ -1954,6 +1954,8 @@ cdef class StreamFramer:
 
     cdef bytearray _buf
     cdef Limits lim
+    cdef Py_ssize_t _searched    # bytes at the start of _buf known to hold no header end
+    cdef Py_ssize_t _need        # length of the message at the start of _buf, 0: not known yet
 
     def __init__(self, *, Py_ssize_t max_size=65535):
         if max_size <= 0:
@@ -1976,6 +1978,14 @@ cdef class StreamFramer:
         cdef int rc
         buf += data
         while buf:
+            if self._need:
+                if len(buf) < self._need:
+                    break
+                total = self._need
+                out.append(bytes(buf[:total]))
+                del buf[:total]
+                self._need = self._searched = 0
+                continue
             if buf[0] == 13 or buf[0] == 10:
                 if buf.startswith(PING):
                     out.append(PING)
@@ -1985,8 +1995,8 @@ cdef class StreamFramer:
                     break           # maybe the start of a ping
                 del buf[:2 if buf.startswith(PONG) else 1]
                 continue
-            end = buf.find(b"\r\n\r\n")
-            lf = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
+            end = buf.find(b"\r\n\r\n", self._searched)
+            lf = buf.find(b"\n\n", self._searched, end if end >= 0 else len(buf))
             if lf >= 0 and (end < 0 or lf < end):
                 end, total = lf, lf + 2
             else:
@@ -1995,6 +2005,7 @@ cdef class StreamFramer:
                 if len(buf) > self.lim.max_size:
                     raise _errors.MessageTooLarge(
                         f"header section exceeds max_size ({self.lim.max_size})", len(buf))
+                self._searched = len(buf) - 3 if len(buf) > 3 else 0
                 break
             head = bytes(buf[:total])
             rc = scan_message(head, len(head), &m, &self.lim)
@@ -2009,10 +2020,7 @@ cdef class StreamFramer:
                 raise _errors.MessageTooLarge(
                     f"message of {total} bytes exceeds max_size ({self.lim.max_size})", m.cl_pos,
                     head)
-            if len(buf) < total:
-                break
-            out.append(bytes(buf[:total]))
-            del buf[:total]
+            self._need = total      # the rest of the loop waits for, then cuts, the message
         return out
 
 

@@ -259,10 +259,16 @@ cdef class RegistrarCore:
         return 0
 
     cdef int _write_date(self, double now) except -1:
-        cdef time_t t = <time_t>now
+        cdef time_t t
+        cdef tm* g
+        if not -1e15 < now < 1e15:      # NaN, infinite, or years gmtime cannot give: no Date
+            return 0
+        t = <time_t>now
         if <long>t != self.date_sec:
-            self.date_len = strftime(self.date_buf, 40, b"Date: %a, %d %b %Y %H:%M:%S GMT\r\n",
-                                     gmtime(&t))
+            g = gmtime(&t)
+            if g == NULL:
+                return 0
+            self.date_len = strftime(self.date_buf, 40, b"Date: %a, %d %b %Y %H:%M:%S GMT\r\n", g)
             self.date_sec = <long>t
         return self._w(self.date_buf, self.date_len)
 

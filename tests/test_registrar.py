@@ -474,6 +474,13 @@ def test_make_response():
     assert fastsip.make_response(b"SIP/2.0 200 OK\r\n\r\n", 400, "x") is None
 
 
+@pytest.mark.parametrize("now", [1e17, -1e17, float("inf"), float("nan")])
+def test_time_beyond_the_calendar_gives_no_date_and_no_crash(now):
+    # gmtime() has no answer for these (it returned NULL into strftime: a segfault)
+    r = fastsip.parse(fastsip.make_response(request(method="OPTIONS"), 200, "OK", now=now))
+    assert r.status == 200 and "Date" not in r.headers
+
+
 # -- the Net::SIP forms ----------------------------------------------------------------------
 
 class Leg:

@@ -1326,9 +1326,12 @@ def parse_uri(text):
     cdef Py_ssize_t err = 0
     cdef int rc
     if isinstance(text, str):
-        data = (<str>text).encode("utf-8", "surrogateescape")
+        try:
+            data = (<str>text).encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:      # other lone surrogates: bytes the scan refuses
+            data = (<str>text).encode("utf-8", "surrogatepass")
     elif isinstance(text, bytes):
-        data = text
+        data = bytes(text)
     else:
         raise TypeError(f"parse_uri() takes str or bytes, not {type(text).__name__}")
     if len(data) > 8192:
@@ -1917,7 +1920,7 @@ cdef class Parser:
         cdef int rc
         if type(data) is bytes:
             b = <bytes>data
-        elif isinstance(data, (bytearray, memoryview)):
+        elif isinstance(data, (bytes, bytearray, memoryview)):
             b = bytes(data)
         else:
             raise TypeError(f"parse() takes bytes, not {type(data).__name__}")
@@ -1970,6 +1973,8 @@ cdef class StreamFramer:
 
     cdef bytearray _buf
     cdef Limits lim
+    cdef Py_ssize_t _searched    # bytes at the start of _buf known to hold no header end
+    cdef Py_ssize_t _need        # length of the message at the start of _buf, 0: not known yet
 
     def __init__(self, *, Py_ssize_t max_size=65535):
         if max_size <= 0:
@@ -1992,6 +1997,14 @@ cdef class StreamFramer:
         cdef int rc
         buf += data
         while buf:
+            if self._need:
+                if len(buf) < self._need:
+                    break
+                total = self._need
+                out.append(bytes(buf[:total]))
+                del buf[:total]
+                self._need = self._searched = 0
+                continue
             if buf[0] == 13 or buf[0] == 10:
                 if buf.startswith(PING):
                     out.append(PING)
@@ -2001,8 +2014,8 @@ cdef class StreamFramer:
                     break           # maybe the start of a ping
                 del buf[:2 if buf.startswith(PONG) else 1]
                 continue
-            end = buf.find(b"\r\n\r\n")
-            lf = buf.find(b"\n\n", 0, end if end >= 0 else len(buf))
+            end = buf.find(b"\r\n\r\n", self._searched)
+            lf = buf.find(b"\n\n", self._searched, end if end >= 0 else len(buf))
             if lf >= 0 and (end < 0 or lf < end):
                 end, total = lf, lf + 2
             else:
@@ -2011,6 +2024,7 @@ cdef class StreamFramer:
                 if len(buf) > self.lim.max_size:
                     raise _errors.MessageTooLarge(
                         f"header section exceeds max_size ({self.lim.max_size})", len(buf))
+                self._searched = len(buf) - 3 if len(buf) > 3 else 0
                 break
             head = bytes(buf[:total])
             rc = scan_message(head, len(head), &m, &self.lim)
@@ -2025,10 +2039,7 @@ cdef class StreamFramer:
                 raise _errors.MessageTooLarge(
                     f"message of {total} bytes exceeds max_size ({self.lim.max_size})", m.cl_pos,
                     head)
-            if len(buf) < total:
-                break
-            out.append(bytes(buf[:total]))
-            del buf[:total]
+            self._need = total      # the rest of the loop waits for, then cuts, the message
         return out
 
 

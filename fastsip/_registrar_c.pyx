@@ -25,7 +25,8 @@ from fastsip._store_c import transport_code
 from fastsip.auth import BadCredentials, parse_credentials
 from fastsip.errors import ParseError
 
-from libc.time cimport gmtime, strftime, time_t, tm
+from libc.stdio cimport snprintf
+from libc.time cimport gmtime, time_t, tm
 
 
 # Limits on what one binding may hold (400 names the limit when exceeded).
@@ -57,7 +58,11 @@ cdef struct ContactIn:
 
 SUPPORTED_OPTIONS = ("path", "outbound")
 cdef const char* HEXDIGITS = b"0123456789abcdef"
-_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+# the request methods counted by name in ``requests`` (others count as "other")
+METHODS = frozenset(("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE",
+                     "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "MESSAGE", "INFO"))
+cdef const char* WEEKDAYS = b"SunMonTueWedThuFriSat"
+cdef const char* MONTHS = b"JanFebMarAprMayJunJulAugSepOctNovDec"
 
 
 cdef class Reply:
@@ -115,7 +120,7 @@ cdef class RegistrarCore:
                        default_expires=default_expires, max_contacts=max_contacts)
         self.store = Store(track_changes=track_changes)
         self.set_domains(domains)
-        self._addresses = frozenset(a.lower().encode() for a in addresses)
+        self._addresses = frozenset(a.lower().strip("[]").encode() for a in addresses)
         self.authorize = authorize
         self.lim.max_size = 65535
         self.lim.max_headers = 256
@@ -270,10 +275,20 @@ cdef class RegistrarCore:
         return 0
 
     cdef int _write_date(self, double now) except -1:
-        cdef time_t t = <time_t>now
+        cdef time_t t
+        cdef tm* g
+        if not -1e15 < now < 1e15:      # NaN, infinite, or years gmtime cannot give: no Date
+            return 0
+        t = <time_t>now
         if <long>t != self.date_sec:
-            self.date_len = strftime(self.date_buf, 40, b"Date: %a, %d %b %Y %H:%M:%S GMT\r\n",
-                                     gmtime(&t))
+            g = gmtime(&t)
+            if g == NULL:
+                return 0
+            # by hand, not strftime: %a and %b would follow the process's LC_TIME
+            self.date_len = snprintf(self.date_buf, 40,
+                                     b"Date: %.3s, %02d %.3s %04d %02d:%02d:%02d GMT\r\n",
+                                     WEEKDAYS + 3 * g.tm_wday, g.tm_mday, MONTHS + 3 * g.tm_mon,
+                                     g.tm_year + 1900, g.tm_hour, g.tm_min, g.tm_sec)
             self.date_sec = <long>t
         return self._w(self.date_buf, self.date_len)
 
@@ -405,7 +420,7 @@ cdef class RegistrarCore:
             return None
         if self.domains is not None and not self._serves(buf + ruri.host.off, ruri.host.length) \
                 and PyBytes_FromStringAndSize(buf + ruri.host.off, ruri.host.length).lower() \
-                not in self._addresses:
+                .strip(b"[]") not in self._addresses:
             return None
 
         # 2. Require: every option tag must be one we support.
@@ -433,6 +448,13 @@ cdef class RegistrarCore:
             return self._reply(buf, m, 400, "Bad Call-ID header", None, src_host, src_port, now)
         if call_id.length > MAX_CALL_ID:
             return self._reply(buf, m, 400, f"Call-ID longer than {MAX_CALL_ID} bytes", None,
+                               src_host, src_port, now)
+        k = -1
+        for hi in range(m.nheaders):
+            if m.hdrs[hi].htype == HDR_PATH:
+                k += m.hdrs[hi].val_len + 1     # stored one per line
+        if k > MAX_PATH:
+            return self._reply(buf, m, 400, f"Path longer than {MAX_PATH} bytes", None,
                                src_host, src_port, now)
         if self._conflict(buf, m, HDR_CALL_ID) or self._conflict(buf, m, HDR_CSEQ) or \
                 self._conflict(buf, m, HDR_TO) or self._conflict(buf, m, HDR_FROM):
@@ -492,6 +514,9 @@ cdef class RegistrarCore:
         a = self.store.find(aor, aor_len)
         if a >= 0:
             self._drop_expired(a, now)
+            self.store.release_if_empty(a)
+            if self.store.aors[a].live == 0:
+                a = -1
 
         if star:
             # Contact: * must stand alone, with Expires: 0 (RFC 3261 10.3 step 6).
@@ -538,7 +563,13 @@ cdef class RegistrarCore:
                         break
                     slot = br.next
             for k in range(i):      # a contact repeated in one request: the last one counts
-                if self.cin[k].action != A_NONE and (self.cin[k].key == c.key):
+                if self.cin[k].action != A_NONE and (
+                        self.cin[k].key == c.key or
+                        (c.match >= 0 and self.cin[k].match == c.match) or
+                        (c.instance.length > 0 and self.cin[k].reg_id == c.reg_id and
+                         self.cin[k].instance.length == c.instance.length and
+                         memcmp(buf + self.cin[k].instance.off, buf + c.instance.off,
+                                c.instance.length) == 0)):
                     self.cin[k].action = A_NONE
                     if self.cin[k].match < 0:
                         added -= 1
@@ -892,6 +923,8 @@ cdef class RegistrarCore:
                                         src_host, source[1], now)
                 return reply
             method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
+            if method not in METHODS:
+                method = "other"        # one counter, however many names a sender invents
             self.other_requests[method] = self.other_requests.get(method, 0) + 1
             if method == "ACK":
                 return None

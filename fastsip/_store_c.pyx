@@ -405,6 +405,8 @@ cdef class Store:
             self.n_live_aors += 1
         self.n_bindings += 1
         self._push(r.expires_at, r.gen, slot)
+        if self.heap_len > 2 * self.n_bindings + 1024:
+            self._compact_heap()
         self.touch(aor)
         return slot
 

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        # header bytes that are not UTF-8 (Latin-1 in captures) print as they are
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         return args.func(args)
     except OSError as exc:

@@ -1,4 +1,5 @@
 """The fastsip command line, run as a user runs it."""
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,14 @@ def test_parse_from_stdin_and_missing_file():
     assert r.returncode == 0 and r.stdout.startswith(b"response 200 OK")
     r = fastsip("parse", "/nonexistent/file.sip")
     assert r.returncode == 2 and b"No such file" in r.stderr
+
+
+def test_parse_prints_bytes_that_are_not_utf8():
+    # a Latin-1 Subject from a capture, on a terminal whose stdout is strict UTF-8
+    # (PYTHONIOENCODING=utf-8 is what a en_US.UTF-8 locale gives): no traceback
+    r = subprocess.run([sys.executable, "-m", "fastsip.cli", "parse", "-"],
+                       input=b"OPTIONS sip:a SIP/2.0\r\nSubject: caf\xe9\r\n\r\n",
+                       capture_output=True, timeout=60,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0, r.stderr
+    assert b"Subject : caf\xe9" in r.stdout

@@ -1,4 +1,6 @@
 """StreamFramer: a TCP byte stream split into messages by Content-Length."""
+import time
+
 import pytest
 
 import fastsip
@@ -59,6 +61,20 @@ def test_endless_header_section_is_bounded():
         for _ in range(100):
             f.feed(b"X-Junk: 0123456789\r\n")
 
+
+def test_trickled_stream_is_linear_time():
+    # a peer sending one byte per segment must not make every feed rescan the buffer
+    head = b"REGISTER sip:a SIP/2.0\r\n" + b"".join(
+        b"X-%d: %s\r\n" % (i, b"a" * 150) for i in range(250)) + b"Content-Length: 100000\r\n\r\n"
+    msg = head + b"b" * 100000
+    f = StreamFramer(max_size=200_000)
+    got = []
+    start = time.perf_counter()
+    for i in range(len(msg)):
+        got += f.feed(msg[i:i + 1])
+    # linear: well under 0.5 s; rescanning on every byte: 10 s and more
+    assert time.perf_counter() - start < 3.0
+    assert got == [msg] and f.buffered == 0
 
 def test_framed_messages_parse():
     f = StreamFramer()

@@ -358,6 +358,7 @@ def test_uri_params_and_headers():
     ("nosuch:thing", 0, 416),
     ("tel:+15551234", 0, 416),
     ("sip", 0, 400),
+    ("sip:a\ud800@h", 5, 400),     # a lone surrogate: not encodable, never a URI character
 ])
 def test_bad_uri(text, offset, status):
     with pytest.raises(BadURI) as exc:
@@ -384,6 +385,13 @@ def test_parse_rejects_non_bytes():
         fastsip.parse("REGISTER sip:a SIP/2.0\r\n\r\n")
     assert fastsip.parse(bytearray(b"OPTIONS sip:a SIP/2.0\r\n\r\n")).method == "OPTIONS"
     assert fastsip.parse(memoryview(b"OPTIONS sip:a SIP/2.0\r\n\r\n")).method == "OPTIONS"
+
+
+def test_bytes_subclasses_are_bytes():
+    class Datagram(bytes):
+        pass
+    assert fastsip.parse(Datagram(b"OPTIONS sip:a SIP/2.0\r\n\r\n")).method == "OPTIONS"
+    assert fastsip.parse_uri(Datagram(b"sip:a@H")).aor == "sip:a@h"
 
 
 # -- limits -------------------------------------------------------------------------

@@ -256,6 +256,34 @@ def test_same_instance_without_reg_id_replaces_the_binding(reg):
     assert len(r.contacts) == 2          # with a reg-id it is an outbound flow of its own
 
 
+def test_two_contacts_matching_one_binding_by_instance(reg):
+    # both name the binding through its +sip.instance: one change to it, not two
+    inst = ';+sip.instance="<urn:uuid:cccc>"'
+    handle(reg, request(contacts=(f"<sip:alice@h1>{inst}",)))
+    r = handle(reg, request(contacts=(f"<sip:alice@h2>{inst};expires=0",
+                                      f"<sip:alice@h3>{inst};expires=0"), call_id="other"))
+    assert r.status == 200 and r.contacts == []
+    assert reg.stats()["bindings"] == 0 and reg.lookup("sip:alice@example.com") == []
+    r = handle(reg, request(contacts=("<sip:alice@h4>",), call_id="third"))
+    assert list(contacts_of(r)) == ["sip:alice@h4"] and reg.stats()["bindings"] == 1
+
+
+def test_old_contact_removed_and_its_instance_moved_in_one_request(reg):
+    inst = ';+sip.instance="<urn:uuid:dddd>"'
+    handle(reg, request(contacts=(f"<sip:alice@h1>{inst}",)))
+    r = handle(reg, request(contacts=("<sip:alice@h1>;expires=0", f"<sip:alice@h2>{inst}"),
+                            cseq=2))
+    assert list(contacts_of(r)) == ["sip:alice@h2"]
+    assert [b.uri for b in reg.lookup("sip:alice@example.com")] == ["sip:alice@h2"]
+    assert reg.stats()["bindings"] == 1
+
+
+def test_one_instance_twice_in_a_request_gives_one_binding(reg):
+    inst = ';+sip.instance="<urn:uuid:eeee>";reg-id=1'
+    r = handle(reg, request(contacts=(f"<sip:alice@h1>{inst}", f"<sip:alice@h2>{inst}")))
+    assert list(contacts_of(r)) == ["sip:alice@h2"]
+
+
 # -- limits ------------------------------------------------------------------------------
 
 def test_max_contacts_is_503_and_changes_nothing():
@@ -272,6 +300,8 @@ def test_max_contacts_is_503_and_changes_nothing():
     (dict(contacts=("<sip:%s@h>" % ("a" * 600),)), "Contact URI longer than 512"),
     (dict(call_id="c" * 300), "Call-ID longer than 255"),
     (dict(user="u" * 300), "AOR longer than 255"),
+    (dict(extra=tuple(f"Path: <sip:edge{i}.example.com;lr>" for i in range(40))),
+     "Path longer than 1024"),      # never stored cut short while the 200 echoes it whole
 ])
 def test_size_limits_name_themselves(reg, kw, reason):
     r = handle(reg, request(**kw))
@@ -291,6 +321,14 @@ def test_request_uri_may_name_our_address():
     reg = Registrar(domains=["example.com"], addresses=["192.0.2.1"])
     assert handle(reg, request(ruri="sip:192.0.2.1:5060")).status == 200
     assert reg.handle(request(ruri="sip:192.0.2.99"), SRC, NOW) is None
+
+
+def test_request_uri_may_name_our_ipv6_address():
+    # the URI writes an IPv6 reference in brackets; an address is configured with or without
+    reg = Registrar(domains=["example.com"], addresses=["2001:db8::1", "[2001:db8::2]"])
+    assert handle(reg, request(ruri="sip:[2001:db8::1]")).status == 200
+    assert handle(reg, request(ruri="sip:[2001:DB8::2]:5060", cseq=2)).status == 200
+    assert reg.handle(request(ruri="sip:[2001:db8::3]", cseq=3), SRC, NOW) is None
 
 
 def test_wildcard_subdomains():
@@ -361,6 +399,17 @@ def test_expired_bindings_are_not_listed_or_counted(reg):
     assert list(contacts_of(r)) == ["sip:b@h2"]
 
 
+def test_aor_whose_bindings_lapsed_is_freed_by_the_next_request(reg):
+    handle(reg, request(expires=60))
+    r = handle(reg, request(contacts=(), cseq=2), now=NOW + 100)      # a fetch
+    assert r.status == 200 and r.contacts == []
+    assert reg.stats()["aors"] == 0 and reg.store.aor_names() == []
+    handle(reg, request(user="bob", expires=60))
+    r = handle(reg, request(user="bob", contacts=("<sip:b@h>;expires=5",), cseq=2),
+               now=NOW + 100)
+    assert r.status == 423 and reg.stats()["aors"] == 0
+
+
 def test_expire_work_is_bounded_per_call():
     reg = Registrar(min_expires=1, max_expires=10)
     for i in range(50):
@@ -409,6 +458,13 @@ def test_serve_answers_what_the_registrar_does_not(reg):
     assert stats["parse_errors"] == 1 and stats["bindings"] == 1 and stats["aors"] == 1
 
 
+def test_request_counters_do_not_grow_with_invented_methods(reg):
+    for i in range(1000):
+        reg.serve(request(method=f"X{i}"), SRC, NOW)
+    reg.serve(request(method="SUBSCRIBE"), SRC, NOW)
+    assert reg.stats()["requests"] == {"other": 1000, "SUBSCRIBE": 1}
+
+
 def test_make_response():
     data = request(method="OPTIONS")
     r = fastsip.parse(fastsip.make_response(data, 486, "Busy Here", [("Retry-After", "60")],
@@ -416,6 +472,13 @@ def test_make_response():
     assert (r.status, r.reason, r.headers["Retry-After"], r.call_id) == (486, "Busy Here", "60",
                                                                          "cid-1")
     assert fastsip.make_response(b"SIP/2.0 200 OK\r\n\r\n", 400, "x") is None
+
+
+@pytest.mark.parametrize("now", [1e17, -1e17, float("inf"), float("nan")])
+def test_time_beyond_the_calendar_gives_no_date_and_no_crash(now):
+    # gmtime() has no answer for these (it returned NULL into strftime: a segfault)
+    r = fastsip.parse(fastsip.make_response(request(method="OPTIONS"), 200, "OK", now=now))
+    assert r.status == 200 and "Date" not in r.headers
 
 
 # -- the Net::SIP forms ----------------------------------------------------------------------

@@ -156,6 +156,18 @@ def test_refresh_keeps_heap_bounded():
     assert s.lookup("sip:a@x")[0].expires_at == 4999.0
 
 
+def test_register_unregister_churn_keeps_heap_bounded():
+    # a binding removed before it is due leaves a stale heap entry; adds must not
+    # pile them up until the far-off expiry time
+    s = Store()
+    for t in range(5000):
+        s.load("sip:a@x", [Binding("sip:1@h", 1e9 + t)])
+        s.remove_aor("sip:a@x")
+    s.load("sip:a@x", [Binding("sip:2@h", 1e9)])
+    assert len(s) == 1 and s.heap_size < 2 * len(s) + 1030
+    assert s.expire(2e9) == 1 and len(s) == 0 and s.heap_size == 0
+
+
 def test_binding_validation():
     with pytest.raises(ValueError):
         Binding("sip:a@b", 1.0, transport="carrier-pigeon")

@@ -167,6 +167,7 @@ cdef Py_ssize_t parse_via(const char* buf, Py_ssize_t pos, Py_ssize_t end, ViaSp
                           Py_ssize_t* err_pos) noexcept nogil
 cdef Py_ssize_t scan_param(const char* buf, Py_ssize_t pos, Py_ssize_t end,
                            Span* name, Span* value, Py_ssize_t* err_pos) noexcept nogil
+cdef Py_ssize_t bad_call_id(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
 cdef Py_ssize_t next_list_token(const char* buf, Py_ssize_t pos, Py_ssize_t end,
                                 Span* tok) noexcept nogil
 cdef Py_ssize_t skip_lws(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil

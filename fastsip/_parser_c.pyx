@@ -592,6 +592,23 @@ cdef object raise_parse_error(int code, Py_ssize_t pos, object data, const Limit
 # Values: quoted strings, parameters, name-addr, Via, URIs
 # --------------------------------------------------------------------------
 
+cdef Py_ssize_t bad_call_id(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    """Call-ID = word [ "@" word ]: the offset of the first byte that breaks
+    the rule, or -1 when the value is a valid Call-ID."""
+    cdef Py_ssize_t p
+    cdef int ats = 0
+    if s >= e:
+        return s
+    for p in range(s, e):
+        if buf[p] == b'@':
+            ats += 1
+            if ats == 1 and p > s and p + 1 < e:
+                continue
+        if not (CC[<unsigned char>buf[p]] & C_WORD):
+            return p
+    return -1
+
+
 cdef Py_ssize_t next_list_token(const char* buf, Py_ssize_t pos, Py_ssize_t end,
                                 Span* tok) noexcept nogil:
     """The next element of a comma-separated token list (Require, Supported, ...)
@@ -1507,7 +1524,7 @@ cdef class SipMessage:
         """The Call-ID (str) or None."""
         cdef int i
         cdef Header* h
-        cdef Py_ssize_t p, ats = 0
+        cdef Py_ssize_t p
         cdef const char* buf
         if self._have & HAVE_CALL_ID:
             return self._call_id
@@ -1517,13 +1534,9 @@ cdef class SipMessage:
             buf = self._data
             if h.val_len == 0:
                 raise _errors.BadHeader("empty Call-ID", h.val_off, self._data)
-            for p in range(h.val_off, h.val_off + h.val_len):
-                if buf[p] == b'@':
-                    ats += 1
-                    if ats == 1 and p > h.val_off and p + 1 < h.val_off + h.val_len:
-                        continue
-                if not (CC[<unsigned char>buf[p]] & C_WORD):
-                    raise _errors.BadHeader("bad Call-ID", p, self._data)
+            p = bad_call_id(buf, h.val_off, h.val_off + h.val_len)
+            if p >= 0:
+                raise _errors.BadHeader("bad Call-ID", p, self._data)
             self._call_id = _str(buf, h.val_off, h.val_len)
         self._have |= HAVE_CALL_ID
         return self._call_id

@@ -15,9 +15,9 @@ from libc.string cimport memchr, memcmp, memcpy
 from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
-    OK, E_BODY_SHORT, Span, UriSpans, ViaSpans, canonical_aor, hash_bytes, ieq, msg_release,
-    next_list_token, parse_name_addr, parse_qvalue, parse_uint, parse_via, scan_message,
-    scan_param, scan_sip_uri, skip_lws, uri_key_hash)
+    OK, E_BODY_SHORT, Span, UriSpans, ViaSpans, bad_call_id, canonical_aor, hash_bytes, ieq,
+    msg_release, next_list_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
+    scan_message, scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
 
 from fastsip._parser_c import parse_uri
@@ -38,6 +38,7 @@ cdef enum:
     MAX_PATH = 1024
     MAX_USER_AGENT = 255
     MAX_REQUEST_CONTACTS = 64
+    MAX_LISTED = 256              # bindings one AOR may hold (the 200 lists them all)
 
 cdef enum Action:
     A_NONE = 0
@@ -92,7 +93,7 @@ cdef class RegistrarCore:
     cdef char* out
     cdef Py_ssize_t out_len, out_cap
     cdef ContactIn cin[MAX_REQUEST_CONTACTS]
-    cdef int32_t listing[MAX_REQUEST_CONTACTS * 4]
+    cdef int32_t listing[MAX_LISTED]
     cdef char date_buf[40]
     cdef Py_ssize_t date_len
     cdef long date_sec
@@ -141,8 +142,8 @@ cdef class RegistrarCore:
         most = self.max_contacts if max_contacts is None else int(max_contacts)
         if lo < 0 or hi < lo:
             raise ValueError("need 0 <= min_expires <= max_expires")
-        if most < 1:
-            raise ValueError("max_contacts must be at least 1")
+        if not 1 <= most <= MAX_LISTED:
+            raise ValueError(f"max_contacts must be between 1 and {MAX_LISTED}")
         self.min_expires = lo
         self.max_expires = hi
         # RFC 3261 10.3 step 7: the default applies when the request names
@@ -376,6 +377,8 @@ cdef class RegistrarCore:
                           double now, str transport, int64_t conn_id):
         cdef UriSpans ruri, to_uri
         cdef NameAddr to, na
+        cdef ViaSpans via
+        cdef bint outbound = False
         cdef Py_ssize_t err = 0, pos, end, aor_len, k, s, i, ncontacts = 0
         cdef int j, hi, status
         cdef Header* h
@@ -407,6 +410,10 @@ cdef class RegistrarCore:
         missing = _missing_header(m)
         if missing is not None:
             return self._reply(buf, m, 400, missing, None, src_host, src_port, now)
+        h = &m.hdrs[m.first[<int>HDR_VIA]]
+        if parse_via(buf, h.val_off, h.val_off + h.val_len, &via, &err) < 0:
+            self.parse_errors += 1
+            return self._reply(buf, m, 400, "Bad Via header", None, src_host, src_port, now)
         # 5 (first half). The AOR comes from To, which must be a SIP or SIPS URI.
         h = &m.hdrs[m.first[<int>HDR_TO]]
         if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
@@ -443,7 +450,7 @@ cdef class RegistrarCore:
         h = &m.hdrs[m.first[<int>HDR_CALL_ID]]
         call_id.off = h.val_off
         call_id.length = h.val_len
-        if call_id.length == 0 or memchr(buf + call_id.off, b' ', call_id.length) != NULL:
+        if bad_call_id(buf, call_id.off, call_id.off + call_id.length) >= 0:
             self.parse_errors += 1
             return self._reply(buf, m, 400, "Bad Call-ID header", None, src_host, src_port, now)
         if call_id.length > MAX_CALL_ID:
@@ -537,11 +544,13 @@ cdef class RegistrarCore:
                     self.store.remove_binding(slot)
                     slot = <int32_t>k
                 self.store.release_if_empty(a)
-            return self._ok(buf, m, -1, src_host, src_port, now)
+            return self._ok(buf, m, -1, src_host, src_port, now, False)
 
         # 7. Below the minimum: 423 with Min-Expires, nothing changes.
         for i in range(ncontacts):
             e = self.cin[i].expires
+            if self.cin[i].reg_id >= 0 and self.cin[i].instance.length > 0 and e > 0:
+                outbound = True
             if 0 < e < self.min_expires:
                 return self._reply(buf, m, 423, "Interval Too Brief",
                                    [("Min-Expires", str(self.min_expires))], src_host, src_port,
@@ -589,7 +598,7 @@ cdef class RegistrarCore:
         if retransmission:
             # A request already processed (its reply may have been lost): the
             # same answer, nothing changes.
-            return self._ok(buf, m, a, src_host, src_port, now)
+            return self._ok(buf, m, a, src_host, src_port, now, outbound)
         for i in range(ncontacts):
             if self.cin[i].action == A_REMOVE:
                 removed += 1
@@ -607,7 +616,7 @@ cdef class RegistrarCore:
             self.store.release_if_empty(a)
             if self.store.aors[a].live == 0:
                 a = -1
-        return self._ok(buf, m, a, src_host, src_port, now)
+        return self._ok(buf, m, a, src_host, src_port, now, outbound)
 
     cdef object _contact(self, const char* buf, NameAddr* na, ContactIn* c, int64_t hdr_expires):
         """Check one Contact value and decide its expiry; a Reply when refused."""
@@ -749,11 +758,12 @@ cdef class RegistrarCore:
         return 0
 
     cdef bytes _ok(self, const char* buf, Msg* m, int32_t a, bytes src_host, int src_port,
-                   double now):
+                   double now, bint outbound):
         """200 OK listing every current binding with its remaining time, highest
-        q first (RFC 3261 10.3 step 8), Path echoed when the UA supports it."""
+        q first (RFC 3261 10.3 step 8), Path echoed when the UA supports it, and
+        Require: outbound when the request registered an outbound flow (RFC 5626 6)."""
         cdef int32_t slot
-        cdef Py_ssize_t n = 0, i, k, cap = MAX_REQUEST_CONTACTS * 4
+        cdef Py_ssize_t n = 0, i, k, cap = MAX_LISTED
         cdef BindingRec* br
         cdef double left
         cdef int j
@@ -791,6 +801,8 @@ cdef class RegistrarCore:
             self._w(b"\r\n", 2)
         if m.first[<int>HDR_PATH] >= 0 and self._supports_path(buf, m):
             self._copy_header(buf, m, HDR_PATH, b"Path: ", 6)
+        if outbound:
+            self._w(b"Require: outbound\r\n", 19)
         return self._finish(now, 200)
 
     cdef int _write_q(self, int q) except -1:

@@ -520,3 +520,34 @@ def test_stats_count_aors_with_bindings():
     handle(reg, request(expires=100))
     handle(reg, request(expires=0, cseq=2))
     assert reg.stats()["aors"] == 0 and reg.stats()["bindings"] == 0
+
+
+def test_outbound_registration_gets_require_outbound(reg):
+    r = handle(reg, request(contacts=('<sip:alice@203.0.113.1:1111;ob>;+sip.instance='
+                                      '"<urn:uuid:cccc>";reg-id=1',)))
+    assert r.status == 200 and r.require == ["outbound"]
+    r = handle(reg, request(contacts=("<sip:alice@h>",), call_id="plain"))
+    assert r.require == []
+
+
+@pytest.mark.parametrize("mutate,reason", [
+    (lambda d: d.replace(b"Via: SIP/2.0/UDP 192.0.2.7:5060;", b"Via: SIP;"), "Bad Via header"),
+    (lambda d: d.replace(b"Call-ID: cid-1", b"Call-ID: cid\x01one"), "Bad Call-ID header"),
+    (lambda d: d.replace(b"Call-ID: cid-1", "Call-ID: cïd".encode()), "Bad Call-ID header"),
+    (lambda d: d.replace(b"Call-ID: cid-1", b"Call-ID: a@b@c"), "Bad Call-ID header"),
+])
+def test_bad_via_or_call_id_is_400(reg, mutate, reason):
+    r = handle(reg, mutate(request()))
+    assert (r.status, r.reason) == (400, reason)
+    assert reg.store.n_bindings == 0
+
+
+def test_max_contacts_is_bounded_by_what_a_200_can_list():
+    with pytest.raises(ValueError, match="between 1 and 256"):
+        Registrar(max_contacts=257)
+    reg = Registrar(max_contacts=256, min_expires=1, max_expires=100)
+    for i in range(4):
+        contacts = [f"<sip:c{i}-{k}@h>" for k in range(64)]
+        assert handle(reg, request(contacts=contacts, call_id=f"c{i}")).status == 200
+    reply = reg.handle(request(contacts=()), SRC, NOW)
+    assert len(fastsip.Parser(max_headers=1000).parse(reply).contacts) == 256

@@ -548,6 +548,7 @@ def test_max_contacts_is_bounded_by_what_a_200_can_list():
     reg = Registrar(max_contacts=256, min_expires=1, max_expires=100)
     for i in range(4):
         contacts = [f"<sip:c{i}-{k}@h>" for k in range(64)]
-        assert handle(reg, request(contacts=contacts, call_id=f"c{i}")).status == 200
+        reply = reg.handle(request(contacts=contacts, call_id=f"c{i}"), SRC, NOW)
+        assert reply.startswith(b"SIP/2.0 200 OK\r\n")
     reply = reg.handle(request(contacts=()), SRC, NOW)
     assert len(fastsip.Parser(max_headers=1000).parse(reply).contacts) == 256

@@ -379,6 +379,7 @@ cdef class RegistrarCore:
         cdef NameAddr to, na
         cdef ViaSpans via
         cdef bint outbound = False
+        cdef uint8_t tcode
         cdef Py_ssize_t err = 0, pos, end, aor_len, k, s, i, ncontacts = 0
         cdef int j, hi, status
         cdef Header* h
@@ -610,9 +611,10 @@ cdef class RegistrarCore:
 
         # All checks passed: commit every change.
         if ncontacts:
+            tcode = 0 if transport == "udp" else transport_code(transport)  # before any change
             a = self.store.find_or_add(aor, aor_len)
             self._commit(buf, m, a, ncontacts, call_id, <uint32_t>cseq, src_host, src_port,
-                         transport, conn_id, now)
+                         tcode, conn_id, now)
             self.store.release_if_empty(a)
             if self.store.aors[a].live == 0:
                 a = -1
@@ -700,7 +702,7 @@ cdef class RegistrarCore:
             slot = nxt
 
     cdef int _commit(self, const char* buf, Msg* m, int32_t a, Py_ssize_t ncontacts,
-                     Span call_id, uint32_t cseq, bytes src_host, int src_port, str transport,
+                     Span call_id, uint32_t cseq, bytes src_host, int src_port, uint8_t tcode,
                      int64_t conn_id, double now) except -1:
         cdef BindingIn bi
         cdef Py_ssize_t i
@@ -722,7 +724,7 @@ cdef class RegistrarCore:
         bi.call_id_len = call_id.length
         bi.cseq = cseq
         bi.conn_id = conn_id
-        bi.transport = transport_code(transport) if transport != "udp" else 0
+        bi.transport = tcode
         bi.src_port = <uint16_t>src_port
         bi.src_host = PyBytes_AS_STRING(src_host)
         bi.src_host_len = PyBytes_GET_SIZE(src_host)

@@ -36,6 +36,17 @@ def transport_code(str name):
         raise ValueError(f"unknown transport {name!r}") from None
 
 
+cdef bytes _b(text):
+    """str -> UTF-8 bytes as received (surrogateescape); a lone surrogate that is
+    no escaped byte still encodes (surrogatepass) instead of raising."""
+    if not isinstance(text, str):
+        return bytes(text)
+    try:
+        return (<str>text).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return (<str>text).encode("utf-8", "surrogatepass")
+
+
 cdef inline str _s(const char* p, Py_ssize_t n):
     return p[:n].decode("utf-8", "surrogateescape")
 
@@ -469,7 +480,7 @@ cdef class Store:
         return self.n_bindings
 
     cdef int32_t _find_str(self, aor) except -2:
-        cdef bytes key = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else aor
+        cdef bytes key = _b(aor)
         return self.find(key, len(key))
 
     def lookup(self, aor, double now=float("-inf")):
@@ -527,40 +538,42 @@ cdef class Store:
     def load(self, aor, bindings):
         """Add bindings to ``aor`` as they are (bulk load at start-up).  A binding
         with the same contact URI as one already there replaces it."""
-        cdef bytes key = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else aor
+        cdef bytes key = _b(aor)
         cdef int32_t a = self.find_or_add(key, len(key)), s
         cdef BindingIn bi
         cdef Binding bd
         cdef bytes uri, call_id, instance, path, ua, host
-        for bd in bindings:
-            uri = bd.uri.encode("utf-8", "surrogateescape")
-            call_id = bd.call_id.encode("utf-8", "surrogateescape")
-            instance = (bd.instance or "").encode("utf-8", "surrogateescape")
-            path = "\n".join(bd.path).encode("utf-8", "surrogateescape")
-            ua = (bd.user_agent or "").encode("utf-8", "surrogateescape")
-            host = bd.source[0].encode("utf-8", "surrogateescape")
-            bi.expires_at = bd.expires_at
-            bi.key_hash = uri_key_hash(uri, 0, len(uri))
-            bi.cseq = bd.cseq
-            bi.reg_id = -1 if bd.reg_id is None else bd.reg_id
-            bi.conn_id = bd.conn_id
-            bi.q = -1 if bd.q is None else <int16_t>(bd.q * 1000 + 0.5)
-            bi.transport = transport_code(bd.transport)
-            bi.src_port = bd.source[1]
-            bi.uri, bi.uri_len = uri, len(uri)
-            bi.call_id, bi.call_id_len = call_id, len(call_id)
-            bi.instance, bi.instance_len = instance, len(instance)
-            bi.path, bi.path_len = path, len(path)
-            bi.ua, bi.ua_len = ua, len(ua)
-            bi.src_host, bi.src_host_len = host, len(host)
-            s = self.aors[a].first
-            while s >= 0 and self.b[s].key_hash != bi.key_hash:
-                s = self.b[s].next
-            if s >= 0:
-                self.update_binding(s, &bi)
-            else:
-                self.add_binding(a, &bi)
-        self.release_if_empty(a)
+        try:
+            for bd in bindings:
+                uri = _b(bd.uri)
+                call_id = _b(bd.call_id)
+                instance = _b(bd.instance or "")
+                path = _b("\n".join(bd.path))
+                ua = _b(bd.user_agent or "")
+                host = _b(bd.source[0])
+                bi.expires_at = bd.expires_at
+                bi.key_hash = uri_key_hash(uri, 0, len(uri))
+                bi.cseq = bd.cseq
+                bi.reg_id = -1 if bd.reg_id is None else bd.reg_id
+                bi.conn_id = bd.conn_id
+                bi.q = -1 if bd.q is None else <int16_t>(bd.q * 1000 + 0.5)
+                bi.transport = transport_code(bd.transport)
+                bi.src_port = bd.source[1]
+                bi.uri, bi.uri_len = uri, len(uri)
+                bi.call_id, bi.call_id_len = call_id, len(call_id)
+                bi.instance, bi.instance_len = instance, len(instance)
+                bi.path, bi.path_len = path, len(path)
+                bi.ua, bi.ua_len = ua, len(ua)
+                bi.src_host, bi.src_host_len = host, len(host)
+                s = self.aors[a].first
+                while s >= 0 and self.b[s].key_hash != bi.key_hash:
+                    s = self.b[s].next
+                if s >= 0:
+                    self.update_binding(s, &bi)
+                else:
+                    self.add_binding(a, &bi)
+        finally:
+            self.release_if_empty(a)     # a bad Binding must not leave an empty AOR behind
 
     def remove_aor(self, aor, contact=None):
         """Remove every binding of ``aor`` (or only the one whose URI equals
@@ -572,7 +585,7 @@ cdef class Store:
         if a < 0:
             return 0
         if contact is not None:
-            c = contact.encode("utf-8", "surrogateescape")
+            c = _b(contact)
             key = uri_key_hash(c, 0, len(c))
         s = self.aors[a].first
         while s >= 0:

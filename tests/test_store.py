@@ -191,3 +191,22 @@ def test_aor_key():
     assert fastsip.aor_key(request(user="Bob", domain="EXAMPLE.com")) == b"sip:Bob@example.com"
     assert fastsip.aor_key(request(method="OPTIONS")) is None
     assert fastsip.aor_key(b"garbage") is None
+
+
+def test_bad_input_leaves_no_trace():
+    s = Store()
+    with pytest.raises(OverflowError):
+        s.load("sip:a@x", [Binding("sip:1@h", 10.0), Binding("sip:2@h", 10.0, source=("h", 70000))])
+    assert (len(s), s.n_aors) == (1, 1)          # what was loaded before the bad row stays
+    s2 = Store()
+    with pytest.raises(OverflowError):
+        s2.load("sip:a@x", [Binding("sip:2@h", 10.0, source=("h", 70000))])
+    assert s2.n_aors == 0                         # no empty AOR left behind
+    assert s.lookup("sip:\ud800@x") == [] and s.remove_aor("sip:\ud800@x") == 0
+
+
+def test_unknown_transport_changes_nothing():
+    reg = Registrar()
+    with pytest.raises(ValueError):
+        reg.handle(request(), ("192.0.2.1", 5060), 1e9, "carrier-pigeon")
+    assert (reg.store.n_aors, reg.store.n_bindings) == (0, 0)

@@ -167,6 +167,13 @@ cdef Py_ssize_t parse_via(const char* buf, Py_ssize_t pos, Py_ssize_t end, ViaSp
                           Py_ssize_t* err_pos) noexcept nogil
 cdef Py_ssize_t scan_param(const char* buf, Py_ssize_t pos, Py_ssize_t end,
                            Span* name, Span* value, Py_ssize_t* err_pos) noexcept nogil
+cdef struct TokenIter:
+    int htype
+    int i                # the header line being read; -1 before the first
+    Py_ssize_t pos, end
+
+
+cdef int next_header_token(const char* buf, const Msg* m, TokenIter* it, Span* tok) noexcept nogil
 cdef Py_ssize_t bad_call_id(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
 cdef Py_ssize_t next_list_token(const char* buf, Py_ssize_t pos, Py_ssize_t end,
                                 Span* tok) noexcept nogil

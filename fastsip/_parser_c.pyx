@@ -633,6 +633,33 @@ cdef Py_ssize_t next_list_token(const char* buf, Py_ssize_t pos, Py_ssize_t end,
     return p
 
 
+cdef int next_header_token(const char* buf, const Msg* m, TokenIter* it, Span* tok) noexcept nogil:
+    """The next option tag / token of every header line of type ``it.htype``
+    (start with ``it.i = -1``): 1 with ``tok`` set, 0 when all lines are done,
+    -1 when a list is malformed (``tok.off`` at the bad byte)."""
+    cdef const Header* h
+    while True:
+        if it.i >= 0 and it.pos < it.end:
+            it.pos = next_list_token(buf, it.pos, it.end, tok)
+            if it.pos < 0:
+                return -1
+            if tok.length:
+                return 1
+            continue
+        it.i = m.first[it.htype] if it.i < 0 else it.i + 1
+        if it.i < 0:
+            return 0
+        while it.i < m.nheaders and m.hdrs[it.i].htype != it.htype:
+            it.i += 1
+        if it.i >= m.nheaders:
+            it.i = m.nheaders
+            it.pos = it.end = 0
+            return 0
+        h = &m.hdrs[it.i]
+        it.pos = h.val_off
+        it.end = h.val_off + h.val_len
+
+
 cdef Py_ssize_t scan_quoted(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
     """pos is at the opening quote; returns the index after the closing one, or -1."""
     pos += 1
@@ -1482,27 +1509,19 @@ cdef class SipMessage:
     cdef list _tokens(self, int htype):
         """A comma-separated token list over all lines of a header."""
         cdef list out = []
-        cdef int i
-        cdef Header* h
-        cdef Py_ssize_t pos, end
+        cdef TokenIter it
         cdef Span tok
-        cdef const char* buf = self._data
-        if self.m.first[htype] < 0:
-            return out
-        for i in range(self.m.first[htype], self.m.nheaders):
-            h = &self.m.hdrs[i]
-            if h.htype != htype:
-                continue
-            pos = h.val_off
-            end = h.val_off + h.val_len
-            while pos < end:
-                pos = next_list_token(buf, pos, end, &tok)
-                if pos < 0:
-                    raise _errors.BadHeader(f"bad {CANONICAL_NAME[htype]} header", tok.off,
-                                            self._data)
-                if tok.length:
-                    out.append(_str(buf, tok.off, tok.length))
-        return out
+        cdef int rc
+        it.htype = htype
+        it.i = -1
+        while True:
+            rc = next_header_token(self._data, &self.m, &it, &tok)
+            if rc == 0:
+                return out
+            if rc < 0:
+                raise _errors.BadHeader(f"bad {CANONICAL_NAME[htype]} header", tok.off,
+                                        self._data)
+            out.append(_str(self._data, tok.off, tok.length))
 
     cdef object _address(self, int htype, str name):
         cdef int i = self._index(htype, name)

@@ -16,7 +16,7 @@ from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
     OK, E_BODY_SHORT, Span, UriSpans, ViaSpans, bad_call_id, canonical_aor, hash_bytes, ieq,
-    msg_release, next_list_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
+    TokenIter, msg_release, next_header_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
     scan_message, scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
 
@@ -433,6 +433,8 @@ cdef class RegistrarCore:
 
         # 2. Require: every option tag must be one we support.
         unsupported = self._unsupported(data, m)
+        if unsupported is None:
+            return self._reply(buf, m, 400, "Bad Require header", None, src_host, src_port, now)
         if unsupported:
             return self._reply(buf, m, 420, "Bad Extension", [("Unsupported", unsupported)],
                                src_host, src_port, now)
@@ -829,51 +831,31 @@ cdef class RegistrarCore:
 
     cdef bint _supports_path(self, const char* buf, Msg* m):
         """Does a Supported header list the option tag ``path``?"""
-        cdef int i
-        cdef Header* h
-        cdef Py_ssize_t pos, end
+        cdef TokenIter it
         cdef Span tok
-        if m.first[<int>HDR_SUPPORTED] < 0:
-            return False
-        for i in range(m.first[<int>HDR_SUPPORTED], m.nheaders):
-            h = &m.hdrs[i]
-            if h.htype != HDR_SUPPORTED:
-                continue
-            pos = h.val_off
-            end = h.val_off + h.val_len
-            while pos < end:
-                pos = next_list_token(buf, pos, end, &tok)
-                if pos < 0:
-                    break
-                if tok.length == 4 and ieq(buf + tok.off, 4, b"path", 4):
-                    return True
+        it.htype = HDR_SUPPORTED
+        it.i = -1
+        while next_header_token(buf, m, &it, &tok) > 0:
+            if tok.length == 4 and ieq(buf + tok.off, 4, b"path", 4):
+                return True
         return False
 
-    cdef str _unsupported(self, bytes data, Msg* m):
-        """The Require option tags we do not support, comma-separated ("" if none)."""
-        cdef int i
-        cdef Header* h
-        cdef Py_ssize_t pos, end
+    cdef object _unsupported(self, bytes data, Msg* m):
+        """The Require option tags we do not support, comma-separated ("" if none);
+        None when a Require header is not a token list."""
+        cdef TokenIter it
         cdef Span tok
         cdef list out = []
-        cdef const char* buf = data
-        if m.first[<int>HDR_REQUIRE] < 0:
-            return ""
-        for i in range(m.first[<int>HDR_REQUIRE], m.nheaders):
-            h = &m.hdrs[i]
-            if h.htype != HDR_REQUIRE:
-                continue
-            pos = h.val_off
-            end = h.val_off + h.val_len
-            while pos < end:
-                pos = next_list_token(buf, pos, end, &tok)
-                if pos < 0:
-                    break
-                if tok.length:
-                    tag = data[tok.off:tok.off + tok.length].decode("utf-8", "replace")
-                    if tag.lower() not in SUPPORTED_OPTIONS:
-                        out.append(tag)
-        return ", ".join(out)
+        cdef int rc
+        it.htype = HDR_REQUIRE
+        it.i = -1
+        while True:
+            rc = next_header_token(data, m, &it, &tok)
+            if rc <= 0:
+                return None if rc < 0 else ", ".join(out)
+            tag = data[tok.off:tok.off + tok.length].decode("utf-8", "replace")
+            if tag.lower() not in SUPPORTED_OPTIONS:
+                out.append(tag)
 
     cdef object _authorize(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
                            double now):
@@ -960,6 +942,9 @@ cdef class RegistrarCore:
                 return self._reply(buf, &m, 405, "Method Not Allowed",
                                    [("Allow", "REGISTER, OPTIONS")], src_host, source[1], now)
             unsupported = self._unsupported(data, &m)
+            if unsupported is None:
+                return self._reply(buf, &m, 400, "Bad Require header", None, src_host,
+                                   source[1], now)
             if unsupported:
                 return self._reply(buf, &m, 420, "Bad Extension", [("Unsupported", unsupported)],
                                    src_host, source[1], now)

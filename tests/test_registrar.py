@@ -552,3 +552,10 @@ def test_max_contacts_is_bounded_by_what_a_200_can_list():
         assert reply.startswith(b"SIP/2.0 200 OK\r\n")
     reply = reg.handle(request(contacts=()), SRC, NOW)
     assert len(fastsip.Parser(max_headers=1000).parse(reply).contacts) == 256
+
+
+def test_malformed_require_is_400(reg):
+    r = handle(reg, request(extra=("Require: path,,outbound",)))
+    assert (r.status, r.reason) == (400, "Bad Require header")
+    r = fastsip.parse(reg.serve(request(method="OPTIONS", extra=("Require: a b",)), SRC, NOW))
+    assert r.status == 400

@@ -90,7 +90,7 @@ cdef class AuthCore:
 
     cdef object host_of(self, object aor_domain)
     cdef object realm_for(self, object aor_domain)
-    cdef int realm_field(self, object realm, Field* out) except -1
+    cdef list realm_field(self, object realm, Field* out)
     cdef int selects(self, const Cred* c, const Field* realm) noexcept
     cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1

@@ -867,14 +867,16 @@ cdef class AuthCore:
         """The realm to check and challenge with: ``realm`` or the AOR's host."""
         return self._realm or self.host_of(aor_domain)
 
-    cdef int realm_field(self, object realm, Field* out) except -1:
+    cdef list realm_field(self, object realm, Field* out):
+        """``realm`` as a Field (remembered for the next call); the caller keeps
+        the returned list alive while it uses ``out``."""
         if realm is not self._rstr:
-            keep = []
+            keep = [realm]
             set_str_field(&self._rfield, realm, keep)
             self._rkeep = keep
             self._rstr = realm
         out[0] = self._rfield
-        return 0
+        return self._rkeep
 
     cdef int selects(self, const Cred* c, const Field* realm) noexcept:
         """Step 1 for one credentials value: Digest, our realm, an algorithm we
@@ -1051,7 +1053,7 @@ cdef class AuthCore:
         cdef int alg = 0, i
         cdef list keep = []
         realm = self.realm_for(aor_domain)
-        self.realm_field(realm, &rf)
+        keep.append(self.realm_field(realm, &rf))
         params = None
         for creds in credentials or ():
             params = creds.params

@@ -252,6 +252,8 @@ cdef bint names_ieq(const char* a, const char* b, Py_ssize_t n) noexcept nogil:
 cdef enum:
     MAX_OTHER_PARAMS = 16
 
+cdef uint64_t HIGH_BITS = 0x8080808080808080     # the top bit of each of 8 bytes
+
 
 cdef int scan_digest(const char* b, Py_ssize_t n, Cred* c) noexcept nogil:
     """One Authorization value into ``c``, with the grammar of
@@ -266,10 +268,17 @@ cdef int scan_digest(const char* b, Py_ssize_t n, Cred* c) noexcept nogil:
     cdef int r, fid, i, nother = 0
     cdef uint32_t seen = 0
     cdef Span other[<int>MAX_OTHER_PARAMS]
-    cdef Py_ssize_t k
-    for k in range(n):
-        if <unsigned char>b[k] >= 0x80:
-            return 1
+    cdef Py_ssize_t k = 0
+    cdef uint64_t w, high = 0
+    while k + 8 <= n:
+        memcpy(&w, b + k, 8)
+        high |= w
+        k += 8
+    while k < n:
+        high |= <unsigned char>b[k]
+        k += 1
+    if high & HIGH_BITS:
+        return 1
     clear_field(&c.scheme)
     for i in range(<int>F_COUNT):
         clear_field(&c.f[i])

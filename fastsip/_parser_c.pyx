@@ -2226,6 +2226,10 @@ memset(TCHAR, 0, 256)
 memset(T68, 0, 256)
 _set(TCHAR, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~", 1)
 _set(T68, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+/", 1)
+# qdtext that needs no second look: not a quote, backslash, control (but HTAB) or DEL
+cdef unsigned char QPLAIN[256]
+for _c in range(256):
+    QPLAIN[_c] = (_c >= 32 or _c == 9) and _c not in (34, 92, 127)
 
 
 cdef inline Py_ssize_t _skip_ows(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -2254,6 +2258,10 @@ cdef Py_ssize_t _scan_qstring(const char* b, Py_ssize_t p, Py_ssize_t n, bint* e
     cdef unsigned char c
     p += 1
     while p < n:
+        while p < n and QPLAIN[<unsigned char>b[p]]:
+            p += 1
+        if p >= n:
+            break
         c = b[p]
         if c == b'"':
             return p + 1

@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - only on a broken build environment
     sys.exit("fastsip: building needs Cython >= 3.0 (pip install cython) and a C compiler")
 
-MODULES = ("parser", "store", "registrar", "io")
+MODULES = ("parser", "store", "auth", "registrar", "io")
 DEBUG = bool(os.environ.get("FASTSIP_DEBUG_BUILD"))
 directives = {
     "language_level": 3,

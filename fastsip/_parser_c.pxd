@@ -193,3 +193,30 @@ cdef object raise_parse_error(int code, Py_ssize_t pos, object data, const Limit
 cdef class Parser:
     cdef Limits lim
     cpdef object parse(self, object data)
+
+
+# Credentials and challenges (RFC 7235 2.1): the scan behind scan_credentials,
+# step by step, for callers that want spans instead of a dict.
+cdef enum AuthErr:
+    AE_OK = 0
+    AE_EMPTY
+    AE_SCHEME
+    AE_WS_AFTER_SCHEME
+    AE_NAME
+    AE_EQ
+    AE_QSTRING
+    AE_VALUE
+    AE_COMMA
+
+
+cdef struct AuthScan:
+    Span scheme
+    Span token68         # off -1 when the value has no token68
+    Py_ssize_t pos       # where the scan goes on; the offset of an error
+    AuthErr err
+
+
+cdef int auth_scan_start(const char* b, Py_ssize_t n, AuthScan* st) noexcept nogil
+cdef int auth_next_name(const char* b, Py_ssize_t n, AuthScan* st, Span* name) noexcept nogil
+cdef int auth_param_value(const char* b, Py_ssize_t n, AuthScan* st, Span* value,
+                          bint* escaped) noexcept nogil

@@ -2245,6 +2245,10 @@ memset(TCHAR, 0, 256)
 memset(T68, 0, 256)
 _set(TCHAR, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~", 1)
 _set(T68, b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~+/", 1)
+# qdtext that needs no second look: not a quote, backslash, control (but HTAB) or DEL
+cdef unsigned char QPLAIN[256]
+for _c in range(256):
+    QPLAIN[_c] = (_c >= 32 or _c == 9) and _c not in (34, 92, 127)
 
 
 cdef inline Py_ssize_t _skip_ows(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept nogil:
@@ -2273,6 +2277,10 @@ cdef Py_ssize_t _scan_qstring(const char* b, Py_ssize_t p, Py_ssize_t n, bint* e
     cdef unsigned char c
     p += 1
     while p < n:
+        while p < n and QPLAIN[<unsigned char>b[p]]:
+            p += 1
+        if p >= n:
+            break
         c = b[p]
         if c == b'"':
             return p + 1
@@ -2310,27 +2318,38 @@ cdef str _unquote_auth(const char* b, Py_ssize_t s, Py_ssize_t e):
     return bytes(out).decode("utf-8", "surrogateescape")
 
 
-def scan_credentials(bytes data):
-    """Scan ``scheme [token68 | name=value *("," name=value)]``.
+# Why a credentials value is malformed, by AuthErr.
+AUTH_REASONS = ("", "empty credentials", "expected an auth-scheme",
+                "expected whitespace after the auth-scheme", "expected a parameter name",
+                "expected '=' after the parameter name", "unterminated or invalid quoted-string",
+                "expected a token or quoted-string after '='", "expected ',' between parameters")
 
-    Returns ``(scheme, params, token68)`` (params: lower-case name -> unquoted
-    value), or ``(None, reason, offset)`` when malformed.  Linear time."""
-    cdef const char* b = data
-    cdef Py_ssize_t n = len(data), p, s, e, q
-    cdef bint escaped
-    cdef dict params = {}
+
+cdef int auth_scan_start(const char* b, Py_ssize_t n, AuthScan* st) noexcept nogil:
+    """The auth-scheme and, when the rest is one, the token68 (else
+    ``st.token68.off`` is -1 and ``st.pos`` is where the parameters start).
+    0, or -1 with ``st.err`` and ``st.pos`` (the offset) set."""
+    cdef Py_ssize_t p, s, e, q
+    st.token68.off = -1
+    st.token68.length = 0
+    st.err = AE_OK
     p = _skip_ows(b, 0, n)
     s = p
     p = _skip_tchar(b, p, n)
     if p == s:
-        return None, ("empty credentials" if p == n else "expected an auth-scheme"), p
-    scheme = _str(b, s, p - s)
+        st.err = AE_EMPTY if p == n else AE_SCHEME
+        st.pos = p
+        return -1
+    st.scheme.off = s
+    st.scheme.length = p - s
     e = p
     p = _skip_ows(b, p, n)
+    st.pos = p
     if p == n:
-        return scheme, params, None
+        return 0
     if p == e:
-        return None, "expected whitespace after the auth-scheme", p
+        st.err = AE_WS_AFTER_SCHEME
+        return -1
     q = p
     while q < n and T68[<unsigned char>b[q]]:
         q += 1
@@ -2339,35 +2358,97 @@ def scan_credentials(bytes data):
         while e < n and b[e] == b'=':
             e += 1
         if _skip_ows(b, e, n) == n:
-            return scheme, params, _str(b, p, e - p)
-    while p < n:
-        if b[p] == b',':        # empty list element (RFC 7230 7)
-            p = _skip_ows(b, p + 1, n)
-            continue
-        s = p
-        p = _skip_tchar(b, p, n)
-        if p == s:
-            return None, "expected a parameter name", p
-        name = _str(b, s, p - s).lower()
-        if name in params:
-            return None, f"duplicate parameter {name[:40]!r}", s
-        p = _skip_ows(b, p, n)
-        if p >= n or b[p] != b'=':
-            return None, "expected '=' after the parameter name", p
+            st.token68.off = p
+            st.token68.length = e - p
+            st.pos = n
+    return 0
+
+
+cdef int auth_next_name(const char* b, Py_ssize_t n, AuthScan* st, Span* name) noexcept nogil:
+    """The next parameter name (empty list elements skipped): 1, 0 at the
+    end, -1 when malformed (``st.err``, ``st.pos``)."""
+    cdef Py_ssize_t p = st.pos, s
+    while p < n and b[p] == b',':        # empty list element (RFC 7230 7)
         p = _skip_ows(b, p + 1, n)
-        if p < n and b[p] == b'"':
-            escaped = False
-            e = _scan_qstring(b, p, n, &escaped)
-            if e < 0:
-                return None, "unterminated or invalid quoted-string", p
-            params[name] = (_unquote_auth(b, p + 1, e - 1) if escaped
-                            else _str(b, p + 1, e - p - 2))
-        else:
-            e = _skip_tchar(b, p, n)
-            if e == p:
-                return None, "expected a token or quoted-string after '='", p
-            params[name] = _str(b, p, e - p)
-        p = _skip_ows(b, e, n)
-        if p < n and b[p] != b',':
-            return None, "expected ',' between parameters", p
-    return scheme, params, None
+    if p >= n:
+        st.pos = p
+        return 0
+    s = p
+    p = _skip_tchar(b, p, n)
+    st.pos = p
+    if p == s:
+        st.err = AE_NAME
+        return -1
+    name.off = s
+    name.length = p - s
+    return 1
+
+
+cdef int auth_param_value(const char* b, Py_ssize_t n, AuthScan* st, Span* value,
+                          bint* escaped) noexcept nogil:
+    """After a name: ``= value`` and the ``,`` or end that follows.  ``value``
+    is the token, or the quoted-string's content; ``escaped`` says that
+    content has quoted-pairs or folds to resolve (see ``_unquote_auth``).
+    0, or -1 when malformed (``st.err``, ``st.pos``)."""
+    cdef Py_ssize_t p, e
+    p = _skip_ows(b, st.pos, n)
+    escaped[0] = False
+    if p >= n or b[p] != b'=':
+        st.err = AE_EQ
+        st.pos = p
+        return -1
+    p = _skip_ows(b, p + 1, n)
+    if p < n and b[p] == b'"':
+        e = _scan_qstring(b, p, n, escaped)
+        if e < 0:
+            st.err = AE_QSTRING
+            st.pos = p
+            return -1
+        value.off = p + 1
+        value.length = e - p - 2
+    else:
+        e = _skip_tchar(b, p, n)
+        if e == p:
+            st.err = AE_VALUE
+            st.pos = p
+            return -1
+        value.off = p
+        value.length = e - p
+    p = _skip_ows(b, e, n)
+    st.pos = p
+    if p < n and b[p] != b',':
+        st.err = AE_COMMA
+        return -1
+    return 0
+
+
+def scan_credentials(bytes data):
+    """Scan ``scheme [token68 | name=value *("," name=value)]``.
+
+    Returns ``(scheme, params, token68)`` (params: lower-case name -> unquoted
+    value), or ``(None, reason, offset)`` when malformed.  Linear time."""
+    cdef const char* b = data
+    cdef Py_ssize_t n = len(data)
+    cdef AuthScan st
+    cdef Span name, value
+    cdef bint escaped
+    cdef int r
+    cdef dict params = {}
+    if auth_scan_start(b, n, &st) < 0:
+        return None, AUTH_REASONS[<int>st.err], st.pos
+    scheme = _str(b, st.scheme.off, st.scheme.length)
+    if st.token68.off >= 0:
+        return scheme, params, _str(b, st.token68.off, st.token68.length)
+    while True:
+        r = auth_next_name(b, n, &st, &name)
+        if r == 0:
+            return scheme, params, None
+        if r < 0:
+            return None, AUTH_REASONS[<int>st.err], st.pos
+        key = _str(b, name.off, name.length).lower()
+        if key in params:
+            return None, f"duplicate parameter {key[:40]!r}", name.off
+        if auth_param_value(b, n, &st, &value, &escaped) < 0:
+            return None, AUTH_REASONS[<int>st.err], st.pos
+        params[key] = (_unquote_auth(b, value.off, value.off + value.length) if escaped
+                       else _str(b, value.off, value.length))

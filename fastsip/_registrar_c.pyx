@@ -19,10 +19,11 @@ from fastsip._parser_c cimport (
     TokenIter, msg_release, next_header_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
     scan_message, scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
+from fastsip._auth_c cimport AuthCore, Cred, Field, scan_digest, set_bytes_field
 
 from fastsip._parser_c import parse_uri
 from fastsip._store_c import transport_code
-from fastsip.auth import BadCredentials, parse_credentials
+from fastsip.auth import Authorize, BadCredentials, parse_credentials
 from fastsip.errors import ParseError
 
 from libc.stdio cimport snprintf
@@ -87,7 +88,8 @@ cdef class RegistrarCore:
     cdef tuple _exact                      # bytes
     cdef tuple _suffixes                   # bytes like b".example.com"
     cdef frozenset _addresses              # bytes, lower-case
-    cdef public object authorize
+    cdef object _authorize_obj
+    cdef AuthCore _auth_core               # the same object, when its check is Authorize's
     cdef readonly double last_now
     cdef Limits lim
     cdef char* out
@@ -131,6 +133,19 @@ cdef class RegistrarCore:
         self.server_line = f"Server: {server}\r\n".encode() if server else b""
         self.other_requests = {}
         self.last_now = 0.0
+
+    @property
+    def authorize(self):
+        """The :class:`fastsip.Authorize` (or any object with its ``check``), or None."""
+        return self._authorize_obj
+
+    @authorize.setter
+    def authorize(self, value):
+        self._authorize_obj = value
+        # An Authorize whose check is not overridden is run on the header
+        # bytes (the same compiled check, without parsing into Credentials).
+        self._auth_core = value if isinstance(value, AuthCore) and \
+            getattr(type(value), "check", None) is Authorize.check else None
 
     def configure(self, *, min_expires=None, max_expires=None, default_expires=None,
                   max_contacts=None):
@@ -473,7 +488,7 @@ cdef class RegistrarCore:
                                None, src_host, src_port, now)
 
         # 3-4. Authentication, then authorization (the AOR's user and domain).
-        if self.authorize is not None:
+        if self._authorize_obj is not None:
             refusal = self._authorize(data, buf, m, &to_uri, now)
             if refusal is not None:
                 return self._reply(buf, m, (<Reply>refusal).status, (<Reply>refusal).reason,
@@ -859,7 +874,52 @@ cdef class RegistrarCore:
 
     cdef object _authorize(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
                            double now):
-        """Digest authentication and the AOR policy: None, or the refusal."""
+        """Digest authentication and the AOR policy: None, or the refusal.
+
+        With an Authorize, its compiled check runs on spans of the
+        Authorization values (``fastsip._auth_c.scan_digest``); a value that
+        needs more than spans (bytes above 0x7F, quoted-pairs, folds in a
+        quoted-string) sends the request through ``parse_credentials`` and
+        ``Authorize.check``, which end in the same check."""
+        cdef AuthCore core = self._auth_core
+        cdef Cred c, chosen
+        cdef Field rf, method, ruri
+        cdef int i, rc, alg = 0, outcome
+        cdef Header* h
+        if core is None:
+            return self._authorize_parsed(data, buf, m, to_uri, now)
+        aor_domain = PyBytes_FromStringAndSize(buf + to_uri.host.off, to_uri.host.length).decode(
+            "utf-8", "surrogateescape")
+        realm = core.realm_for(aor_domain)
+        realm_bytes = core.realm_field(realm, &rf)     # keeps rf's bytes alive
+        if m.first[<int>HDR_AUTHORIZATION] >= 0:
+            for i in range(m.first[<int>HDR_AUTHORIZATION], m.nheaders):
+                h = &m.hdrs[i]
+                if h.htype != HDR_AUTHORIZATION:
+                    continue
+                rc = scan_digest(buf + h.val_off, h.val_len, &c)
+                if rc > 0:
+                    return self._authorize_parsed(data, buf, m, to_uri, now)
+                if rc < 0:
+                    return Reply(400, "Bad Authorization header")
+                if not alg:
+                    alg = core.selects(&c, &rf)
+                    if alg:
+                        chosen = c
+        aor_user = "" if to_uri.user.off < 0 else _unescape(
+            PyBytes_FromStringAndSize(buf + to_uri.user.off, to_uri.user.length))
+        set_bytes_field(&method, b"REGISTER", 8)
+        # compared only, never hashed: the raw bytes (decoded on a mismatch)
+        set_bytes_field(&ruri, buf + m.uri.off, m.uri.length)
+        outcome = core.verify(&chosen if alg else NULL, alg, &method, &ruri, realm, &rf, aor_user,
+                              aor_domain, now)
+        if outcome == 0:
+            return None
+        return _refusal(core._result(outcome, realm, now, None))
+
+    cdef object _authorize_parsed(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
+                                  double now):
+        """The same through ``parse_credentials`` and ``authorize.check``."""
         creds = []
         cdef int i
         cdef Header* h
@@ -878,11 +938,11 @@ cdef class RegistrarCore:
         aor_domain = data[to_uri.host.off:to_uri.host.off + to_uri.host.length].decode(
             "utf-8", "surrogateescape")
         request_uri = data[m.uri.off:m.uri.off + m.uri.length].decode("utf-8", "surrogateescape")
-        result = self.authorize.check("REGISTER", request_uri, creds, aor_user, aor_domain, now)
+        result = self._authorize_obj.check("REGISTER", request_uri, creds, aor_user, aor_domain,
+                                           now)
         if result.ok:
             return None
-        reason = {401: "Unauthorized", 403: "Forbidden"}.get(result.status, result.reason)
-        return Reply(result.status, reason, list(result.headers))
+        return _refusal(result)
 
     cpdef object serve(self, bytes data, tuple source, double now, str transport="udp",
                        int64_t conn_id=-1):
@@ -985,6 +1045,12 @@ cdef class RegistrarCore:
                             if self.reply_counts[code]},
                 "requests": dict(self.other_requests, **(
                     {"REGISTER": self.register_count} if self.register_count else {}))}
+
+
+cdef Reply _refusal(result):
+    """The reply for a failed ``AuthResult``."""
+    reason = {401: "Unauthorized", 403: "Forbidden"}.get(result.status, result.reason)
+    return Reply(result.status, reason, list(result.headers))
 
 
 cdef object _missing_header(Msg* m):

@@ -10,7 +10,9 @@ Sans-I/O like the rest of the core: nothing here reads the clock or a socket
   ``-sess`` variants; ``qop=auth`` or none).
 - ``load_htdigest`` reads an htdigest file (plus an optional SHA-256 field).
 - ``Authorize`` issues challenges with stateless signed nonces and checks a
-  REGISTER's credentials; see docs/auth.md for the order of checks.
+  REGISTER's credentials; see docs/auth.md for the order of checks.  The
+  check itself is compiled (``fastsip._auth_c.AuthCore``, its base class),
+  and the registrar runs the same check on the header bytes.
 
 Text is hashed as UTF-8; characters U+DC80..U+DCFF (what decoding the wire
 bytes with ``errors="surrogateescape"`` produces) are hashed as the original
@@ -20,15 +22,22 @@ bytes.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
-import hmac
 import os
 import re
 import secrets
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from fastsip._auth_c import (
+    ALGORITHMS,
+    AuthCore,
+    _canonical_algorithm,
+    _host,
+    _outcome,
+    _uri_key,
+    own_aor_only,
+    response_digest,
+)
 from fastsip._parser_c import scan_credentials
 from fastsip.errors import BadHeader
 
@@ -115,15 +124,14 @@ def _quote(text):
 # --------------------------------------------------------------------------
 
 # The hash of each base algorithm; "X-sess" uses the hash of "X".
+# ALGORITHMS and _canonical_algorithm come from fastsip._auth_c.
 _HASHES = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
-ALGORITHMS = ("SHA-256", "SHA-256-sess", "MD5", "MD5-sess")
-_CANONICAL = {a.lower(): a for a in ALGORITHMS}
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 
 
-def _canonical_algorithm(name):
-    """The supported algorithm ``name`` stands for (absent means MD5), or None."""
-    return _CANONICAL.get("md5" if name is None else name.lower())
+def _text(value):
+    """A value as the f-strings of the formulas would write it."""
+    return value if type(value) is str else f"{value}"
 
 
 def _base(algorithm):
@@ -161,18 +169,18 @@ def digest_response(algorithm, username, realm, password=None, *, ha1=None, meth
         ha1 = _hex_hash(base, f"{username}:{realm}:{password}")
     else:
         ha1 = ha1.lower()
-    if alg != base:
-        if cnonce is None:
-            raise ValueError(f"{alg} needs a cnonce")
-        ha1 = _hex_hash(base, f"{ha1}:{nonce}:{cnonce}")
-    ha2 = _hex_hash(base, f"{method}:{uri}")
-    if qop is None:
-        return _hex_hash(base, f"{ha1}:{nonce}:{ha2}")
-    if qop.lower() != "auth":
-        raise ValueError(f"unsupported qop {qop!r} (only auth)")
-    if nc is None or cnonce is None:
-        raise ValueError("qop=auth needs nc and cnonce")
-    return _hex_hash(base, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+    if alg != base and cnonce is None:
+        raise ValueError(f"{alg} needs a cnonce")
+    if qop is not None:
+        if qop.lower() != "auth":
+            raise ValueError(f"unsupported qop {qop!r} (only auth)")
+        if nc is None or cnonce is None:
+            raise ValueError("qop=auth needs nc and cnonce")
+    # the formulas themselves are compiled, shared with Authorize's check
+    return response_digest(alg, _text(ha1), _text(method), _text(uri), _text(nonce),
+                           None if qop is None else _text(qop),
+                           None if qop is None else _text(nc),
+                           None if cnonce is None else _text(cnonce))
 
 
 # --------------------------------------------------------------------------
@@ -246,43 +254,10 @@ class AuthResult:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _host(hostport):
-    """The lower-case host of ``host[:port]`` (IPv6 references kept in brackets)."""
-    host = hostport.strip().lower()
-    if host.startswith("["):
-        return host[: host.find("]") + 1] or host
-    return host.partition(":")[0] if host.count(":") == 1 else host
+# own_aor_only, _host and _uri_key come from fastsip._auth_c.
 
 
-def own_aor_only(auth_user, realm, aor_user, aor_domain) -> bool:
-    """The default policy: a user may register only its own AOR.
-
-    True when the authenticated user is the AOR user and the realm is the AOR
-    domain (compared case-insensitively, ignoring a port on the domain).
-    """
-    return auth_user == aor_user and _host(aor_domain) == realm.lower()
-
-
-def _uri_key(uri):
-    """A comparison key for a URI: angle brackets dropped, scheme, host and
-    parameters compared case-insensitively, parameters in any order."""
-    text = uri.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1].strip()
-    scheme, colon, rest = text.partition(":")
-    if not colon:
-        return (text,)
-    rest, _, headers = rest.partition("?")
-    rest, *params = rest.split(";")
-    userinfo, _, hostport = rest.rpartition("@")
-    return scheme.lower(), userinfo, hostport.lower(), sorted(p.lower() for p in params), headers
-
-
-_NONCE = re.compile(r"[A-Za-z0-9_-]{43}")  # base64url of 32 bytes, unpadded
-_NC = re.compile(r"[0-9A-Fa-f]{8}")  # nonce-count
-
-
-class Authorize:
+class Authorize(AuthCore):
     """Digest authentication and AOR authorization for REGISTER.
 
     ``realm``: the realm to challenge with; None uses the host of each
@@ -330,11 +305,7 @@ class Authorize:
         self.policy = policy or own_aor_only
         self.replay_window = replay_window
         self.max_nonces = max_nonces
-        # (nonce, user) -> (highest nc, bitmap of the counts below it seen,
-        # issue time), least recently used first.
-        self._counts = OrderedDict()
-        # Issue time of the newest nonce whose counts were evicted.
-        self._evicted_upto = float("-inf")
+        # The nonce-counts live in AuthCore (``_counts``).
         self._dummy_password = secrets.token_hex(16)
         self._ha1_cache = {}
 
@@ -390,81 +361,28 @@ class Authorize:
         return [f'Digest realm={_quote(realm)}, nonce="{nonce}", algorithm={alg}{tail}'
                 for alg in self.algorithms]
 
-    def _mac(self, head, realm):
-        return hmac.digest(self._secret, head + _bytes(realm), "sha256")[:16]
+    # _mac(head, realm): HMAC-SHA-256 over head | realm, first 16 bytes (AuthCore)
 
     def _new_nonce(self, realm, now):
         # 8 bytes issue time (ms) | 8 random bytes | 16 bytes HMAC over both and the realm
         head = int(now * 1000).to_bytes(8, "big", signed=True) + secrets.token_bytes(8)
         return base64.urlsafe_b64encode(head + self._mac(head, realm)).rstrip(b"=").decode()
 
-    def _nonce_issued(self, nonce, realm):
-        """The issue time of a nonce we signed for ``realm``, else None."""
-        if not _NONCE.fullmatch(nonce):
-            return None
-        # binascii directly: base64.urlsafe_b64decode costs microseconds here
-        raw = binascii.a2b_base64(nonce.replace("-", "+").replace("_", "/") + "=")
-        if not hmac.compare_digest(raw[16:], self._mac(raw[:16], realm)):
-            return None
-        return int.from_bytes(raw[:8], "big", signed=True) / 1000
-
     # -- checking ------------------------------------------------------------
 
     def check(self, method: str, request_uri: str, credentials: list, aor_user: str,
               aor_domain: str, now: float) -> AuthResult:
         """Check a request's credentials; see docs/auth.md for the order."""
-        realm = self.realm or _host(aor_domain)
-        for creds in credentials or ():
-            p = creds.params
-            algorithm = _canonical_algorithm(p.get("algorithm"))
-            if creds.scheme.lower() == "digest" and p.get("realm") == realm \
-                    and algorithm in self.algorithms:
-                break
-        else:
-            return self._unauthorized(realm, now, "authentication required")
+        outcome, realm, user = self._check(method, request_uri, credentials, aor_user,
+                                           aor_domain, now)
+        return self._result(outcome, realm, now, user)
 
-        missing = [k for k in ("username", "nonce", "uri", "response") if k not in p]
-        if missing:
-            return AuthResult(False, 400, f"credentials lack {', '.join(missing)}")
-        qop, nc, cnonce = p.get("qop"), p.get("nc"), p.get("cnonce")
-        if qop is not None:
-            if qop.lower() != "auth":
-                return AuthResult(False, 400, "unsupported qop in credentials")
-            if nc is None or cnonce is None:
-                return AuthResult(False, 400, "qop=auth credentials lack nc or cnonce")
-            if not _NC.fullmatch(nc):
-                return AuthResult(False, 400, "nc is not 8 hex digits")
-        elif algorithm != _base(algorithm):
-            return AuthResult(False, 400, f"{algorithm} credentials lack qop=auth")
-        uri, nonce = p["uri"], p["nonce"]
-        if uri != request_uri and _uri_key(uri) != _uri_key(request_uri):
-            return AuthResult(False, 400, "digest uri does not match the Request-URI")
-
-        issued = self._nonce_issued(nonce, realm)
-        if issued is None:
-            return self._unauthorized(realm, now, "unknown nonce")
-
-        # An unknown user costs the same work as a wrong password and gets
-        # the same answer.
-        user = p["username"]
-        ha1 = self._ha1(user, realm, _base(algorithm))
-        known = ha1 is not None
-        if not known:
-            ha1 = _hex_hash(_base(algorithm), f"{user}:{realm}:{self._dummy_password}")
-        expected = digest_response(algorithm, user, realm, ha1=ha1, method=method, uri=uri,
-                                   nonce=nonce, qop=qop, nc=nc, cnonce=cnonce)
-        if not (hmac.compare_digest(expected.encode(), _bytes(p["response"].lower())) and known):
-            return self._unauthorized(realm, now, "wrong credentials")
-
-        # Clock skew between workers aside, a nonce from the future is as
-        # suspect as an old one.
-        if abs(now - issued) > self.nonce_ttl:
-            return self._unauthorized(realm, now, "nonce expired", stale=True)
-        if qop is not None and not self._count_is_new(nonce, user, int(nc, 16), issued, now):
-            return self._unauthorized(realm, now, "nonce count replayed", stale=True)
-        if not self.policy(user, realm, aor_user, aor_domain):
-            return AuthResult(False, 403, "user may not register this AOR", user)
-        return AuthResult(True, 0, "authenticated", user)
+    def _result(self, outcome, realm, now, user):
+        """The AuthResult of an outcome of ``AuthCore.verify``."""
+        status, reason, stale = _outcome(outcome)
+        if status == 401:
+            return self._unauthorized(realm, now, reason, stale)
+        return AuthResult(status == 0, status, reason, user if status in (0, 403) else None)
 
     def _unauthorized(self, realm, now, reason, stale=False):
         headers = [("WWW-Authenticate", v) for v in self.challenge(realm, now, stale)]
@@ -495,46 +413,6 @@ class Authorize:
             self._ha1_cache[key] = ha1
         return ha1
 
-    def _count_is_new(self, nonce, user, nc, issued, now):
-        """Record nonce-count ``nc``; False if it was used or is too old.
-
-        Sliding window as in IPsec (RFC 4303 §3.4.3): per (nonce, user) the
-        highest count and a bitmap of the ``replay_window`` counts below it.
-        At most ``max_nonces`` entries, least recently used evicted first; a
-        nonce issued no later than an evicted one and not in the table is
-        refused, so eviction never re-opens a replay.
-        """
-        counts = self._counts
-        key = (nonce, user)
-        entry = counts.pop(key, None)
-        if entry is None:
-            if issued <= self._evicted_upto:
-                return False
-            highest, seen = nc, 1
-        else:
-            highest, seen, _ = entry
-            if nc > highest:
-                shift = nc - highest
-                if shift < self.replay_window:
-                    seen = (seen << shift | 1) & ((1 << self.replay_window) - 1)
-                else:  # also keeps a huge jump from building a huge bitmap
-                    seen = 1
-                highest = nc
-            else:
-                age = highest - nc
-                if age >= self.replay_window or seen >> age & 1:
-                    counts[key] = entry
-                    return False
-                seen |= 1 << age
-        counts[key] = (highest, seen, issued)
-        # Drop expired nonces from the old end, then keep within the bound.
-        while counts:
-            oldest_key, (_, _, oldest_issued) = next(iter(counts.items()))
-            if now - oldest_issued > self.nonce_ttl:
-                del counts[oldest_key]
-            elif len(counts) > self.max_nonces:
-                del counts[oldest_key]
-                self._evicted_upto = max(self._evicted_upto, oldest_issued)
-            else:
-                break
-        return True
+    def _dummy_ha1(self, user, realm, base):
+        """The HA1 an unknown user is checked against (a random stand-in password)."""
+        return _hex_hash(base, f"{user}:{realm}:{self._dummy_password}")

@@ -7,7 +7,8 @@ import pytest
 
 import fastsip
 
-COMPILED = ["fastsip._parser_c", "fastsip._store_c", "fastsip._registrar_c", "fastsip._io_c"]
+COMPILED = ["fastsip._parser_c", "fastsip._store_c", "fastsip._auth_c", "fastsip._registrar_c",
+            "fastsip._io_c"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

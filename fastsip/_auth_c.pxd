@@ -1,0 +1,99 @@
+# C-level interface of the digest check (fastsip._auth_c), for the registrar.
+#
+# A credentials value is held as Fields: pointers to its parameter values,
+# either into the datagram (the registrar's scan of an Authorization header)
+# or into str objects (Authorize.check on parsed Credentials).  Nothing is
+# copied and no dict is built.
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+
+
+cdef enum FieldId:
+    F_USERNAME = 0
+    F_REALM
+    F_NONCE
+    F_URI
+    F_RESPONSE
+    F_ALGORITHM
+    F_QOP
+    F_NC
+    F_CNONCE
+    F_COUNT
+
+
+cdef struct Field:
+    const char* p        # the value as UTF-8, lone surrogates passed (what is compared)
+    Py_ssize_t n         # -1 when the parameter is absent
+    const char* h        # the value as hashed (surrogateescape); NULL if that cannot encode it
+    Py_ssize_t hn
+    void* s              # the str the value came from (borrowed), or NULL
+
+
+cdef struct Cred:
+    Field scheme
+    Field f[<int>F_COUNT]
+
+
+cdef int scan_digest(const char* b, Py_ssize_t n, Cred* c) noexcept nogil
+cdef void set_bytes_field(Field* f, const char* p, Py_ssize_t n) noexcept nogil
+
+
+cdef struct CountEntry:
+    uint64_t hash
+    char* key            # the nonce, then the user
+    Py_ssize_t nonce_len
+    Py_ssize_t key_len
+    uint64_t highest     # the highest nonce-count seen
+    uint64_t* seen       # bit i: count highest - i was seen (i < replay_window)
+    Py_ssize_t nwords
+    double issued
+    int32_t older        # LRU neighbours, -1 at the ends
+    int32_t newer
+    int32_t chain        # next entry in the bucket, or next free entry
+
+
+cdef class NonceCounts:
+    cdef CountEntry* e
+    cdef int32_t cap, n, free_list, oldest, newest
+    cdef int32_t* buckets
+    cdef uint64_t nbuckets
+    cdef uint64_t k0, k1
+    cdef double evicted_upto
+
+    cdef int32_t _find(self, const Field* nonce, const Field* user, uint64_t h) noexcept
+    cdef int32_t _add(self, const Field* nonce, const Field* user, uint64_t h) except -2
+    cdef void _unlink(self, int32_t i) noexcept
+    cdef void _append(self, int32_t i) noexcept
+    cdef void _remove(self, int32_t i) noexcept
+    cdef int _grow_buckets(self) except -1
+    cdef int is_new(self, const Field* nonce, const Field* user, uint64_t nc, double issued,
+                    double now, uint64_t window, Py_ssize_t max_entries, double ttl) except -1
+
+
+cdef class AuthCore:
+    cdef object _realm
+    cdef public object policy
+    cdef object _ttl_obj
+    cdef double ttl
+    cdef object _algorithms
+    cdef uint32_t alg_mask
+    cdef object _window_obj
+    cdef uint64_t window
+    cdef object _max_obj
+    cdef Py_ssize_t max_entries
+    cdef object _secret_obj
+    cdef object _inner, _outer           # SHA-256 states after the HMAC key pads
+    cdef object _dom, _dom_host          # the last aor_domain and its host
+    cdef object _rstr                    # the last realm and its Field
+    cdef list _rkeep
+    cdef Field _rfield
+    cdef NonceCounts counts
+
+    cdef object host_of(self, object aor_domain)
+    cdef object realm_for(self, object aor_domain)
+    cdef list realm_field(self, object realm, Field* out)
+    cdef int selects(self, const Cred* c, const Field* realm) noexcept
+    cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1
+    cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1
+    cdef int verify(self, const Cred* c, int alg, const Field* method, const Field* ruri,
+                    object realm, const Field* rf, object aor_user, object aor_domain,
+                    double now) except -1

@@ -1,0 +1,447 @@
+"""The registrar's digest check on header bytes against Authorize.check on
+parsed Credentials, and the compiled pieces of fastsip._auth_c against their
+definitions (HMAC, the response formula, the nonce-count window).
+
+``Registrar(authorize=Authorize(...))`` scans the Authorization values into
+spans (``fastsip._auth_c.scan_digest``) and runs ``AuthCore.verify`` on them;
+an Authorize whose ``check`` is overridden makes the registrar parse the
+values with ``parse_credentials`` and call ``check`` instead, which ends in
+the same ``verify``.  Every case below goes through both and must get the
+same reply."""
+import base64
+import hashlib
+import hmac
+import itertools
+from collections import OrderedDict
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import fastsip
+from fastsip import Authorize, Registrar, _registrar_c
+from fastsip.auth import _bytes, digest_response, parse_credentials
+from test_registrar import NOW, SRC, request
+
+SECRET = b"s" * 32
+DOMAIN = "example.com"
+USERS = {"alice": "wonderland", "bob": "builder", "jörg": "straße"}
+
+
+class Parsed(Authorize):
+    """check overridden: the registrar takes the parse_credentials path."""
+
+    def check(self, *args):
+        return super().check(*args)
+
+
+@pytest.fixture
+def parsed_calls(monkeypatch):
+    """How often the registrar called parse_credentials."""
+    calls = []
+    real = _registrar_c.parse_credentials
+
+    def spy(value):
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(_registrar_c, "parse_credentials", spy)
+    return calls
+
+
+def registrars(**kw):
+    kw = {"users": USERS, "secret": SECRET, **kw}
+    return [Registrar(min_expires=60, max_expires=3600, domains=[DOMAIN], authorize=cls(**kw))
+            for cls in (Authorize, Parsed)]
+
+
+def nonce_at(auth, t, realm=DOMAIN):
+    return parse_credentials(auth.challenge(realm, t)[0]).nonce
+
+
+def value(nonce, user="alice", password=None, realm=DOMAIN, algorithm="SHA-256", qop="auth",
+          nc="00000001", cnonce="c0ffee", uri="sip:example.com", response=None, edit=None):
+    """An Authorization value answering ``nonce``; ``edit`` rewrites the list
+    of (name, value, quoted) before it is joined."""
+    password = USERS.get(user, "x") if password is None else password
+    if response is None:
+        response = digest_response(algorithm or "MD5", user, realm, password, method="REGISTER",
+                                   uri=uri, nonce=nonce, qop=qop, nc=nc if qop else None,
+                                   cnonce=cnonce if qop else None)
+    params = [("username", user, True), ("realm", realm, True), ("nonce", nonce, True),
+              ("uri", uri, True), ("response", response, True)]
+    if algorithm:
+        params.append(("algorithm", algorithm, False))
+    if qop:
+        params += [("qop", qop, False), ("nc", nc, False), ("cnonce", cnonce, True)]
+    if edit:
+        params = edit(params)
+    return "Digest " + ", ".join(f'{k}="{v}"' if q else f"{k}={v}" for k, v, q in params)
+
+
+def with_auth(*values, **kw):
+    return request(extra=tuple(f"Authorization: {v}" for v in values), **kw)
+
+
+def summary(reply):
+    r = fastsip.parse(reply)
+    return (r.status, r.reason,
+            [(c.realm, c.algorithm, c.params.get("qop"), c.params.get("stale"))
+             for c in r.www_authenticate],
+            sorted(c.uri for c in r.contacts))
+
+
+def both(regs, data, now=NOW):
+    """The replies of both registrars, which must agree; the fast one's summary."""
+    fast, slow = (summary(reg.handle(data, SRC, now)) for reg in regs)
+    assert fast == slow
+    return fast
+
+
+def drop(*names):
+    return lambda params: [p for p in params if p[0] not in names]
+
+
+def replace(name, new, quoted=None):
+    return lambda params: [(k, new, q if quoted is None else quoted) if k == name else (k, v, q)
+                           for k, v, q in params]
+
+
+def add(*extra):
+    return lambda params: params + list(extra)
+
+
+# Each case: a name, the request (from the nonce and a fresh CSeq), the
+# expected status and stale flag, and whether the fast registrar may stay on
+# spans.  Cases run in order against one pair of registrars (counts carry on).
+CASES = [
+    ("sha256 qop", lambda n, s: with_auth(value(n), cseq=s), 200, None, True),
+    ("same nc again: replay", lambda n, s: with_auth(value(n), cseq=s), 401, "true", True),
+    ("higher nc", lambda n, s: with_auth(value(n, nc="00000003"), cseq=s), 200, None, True),
+    ("late nc inside the window", lambda n, s: with_auth(value(n, nc="00000002"), cseq=s), 200,
+     None, True),
+    ("late nc again", lambda n, s: with_auth(value(n, nc="00000002"), cseq=s), 401, "true", True),
+    ("md5 qop", lambda n, s: with_auth(value(n, algorithm="MD5", nc="00000004"), cseq=s), 200,
+     None, True),
+    ("md5 without qop or algorithm (linphone)",
+     lambda n, s: with_auth(value(n, algorithm=None, qop=None), cseq=s), 200, None, True),
+    ("the same qop-less answer again",
+     lambda n, s: with_auth(value(n, algorithm=None, qop=None), cseq=s), 200, None, True),
+    ("sha256 without qop", lambda n, s: with_auth(value(n, qop=None), cseq=s), 200, None, True),
+    ("wrong password", lambda n, s: with_auth(value(n, password="nope", nc="00000010"), cseq=s),
+     401, None, True),
+    ("unknown user", lambda n, s: with_auth(value(n, user="mallory"), user="mallory", cseq=s), 401,
+     None, True),
+    ("kamailio's nonce",
+     lambda n, s: with_auth(value("awesQGsHqxRJMKWZzVS/baJzgVuVnSOD"), cseq=s), 401, None, True),
+    ("nonce with a changed time", lambda n, s: with_auth(value(("B" if n[0] == "A" else "A") + n[1:]),
+                                                         cseq=s), 401, None, True),
+    ("nonce with a changed mac", lambda n, s: with_auth(
+        value(n[:-2] + ("AA" if n[-2:] != "AA" else "BB")), cseq=s), 401, None, True),
+    ("nonce one digit longer", lambda n, s: with_auth(value(n + "A"), cseq=s), 401, None, True),
+    ("nonce one digit shorter", lambda n, s: with_auth(value(n[:-1]), cseq=s), 401, None, True),
+    ("empty nonce", lambda n, s: with_auth(value(""), cseq=s), 401, None, True),
+    ("nonce with a byte outside base64url", lambda n, s: with_auth(value(n[:-1] + "+"), cseq=s),
+     401, None, True),
+    ("nonce's unused low bits changed (decodes the same)",
+     lambda n, s: with_auth(value(n[:-1] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[
+         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(n[-1]) ^ 1]),
+         cseq=s), 200, None, True),
+    ("digest uri elsewhere", lambda n, s: with_auth(value(n, uri="sip:elsewhere.example.com",
+                                                           nc="00000011"), cseq=s), 400, None, True),
+    ("digest uri equal as a URI", lambda n, s: with_auth(
+        value(n, uri="<sip:Example.COM>", nc="00000012"), cseq=s), 200, None, True),
+    ("request-uri in upper case", lambda n, s: with_auth(
+        value(n, nc="00000013"), ruri="SIP:EXAMPLE.COM", cseq=s), 200, None, True),
+    ("no response", lambda n, s: with_auth(value(n, edit=drop("response")), cseq=s), 400, None,
+     True),
+    ("no username and uri", lambda n, s: with_auth(value(n, edit=drop("username", "uri")), cseq=s),
+     400, None, True),
+    ("qop=auth-int", lambda n, s: with_auth(value(n, edit=replace("qop", "auth-int")), cseq=s), 400,
+     None, True),
+    ("nc not 8 digits", lambda n, s: with_auth(value(n, nc="1"), cseq=s), 400, None, True),
+    ("nc not hex", lambda n, s: with_auth(value(n, nc="0000000g"), cseq=s), 400, None, True),
+    ("no cnonce", lambda n, s: with_auth(value(n, edit=drop("cnonce")), cseq=s), 400, None, True),
+    ("another realm only", lambda n, s: with_auth(value(n, realm="proxy.example"), cseq=s), 401,
+     None, True),
+    ("another realm, then ours", lambda n, s: with_auth(
+        value(n, realm="proxy.example"), value(n, nc="00000020"), cseq=s), 200, None, True),
+    ("Basic", lambda n, s: with_auth("Basic YWxpY2U6c2VjcmV0", cseq=s), 401, None, True),
+    ("an unknown scheme, then ours", lambda n, s: with_auth(
+        "NoOneKnowsThisScheme opaque-data=here", value(n, nc="00000021"), cseq=s), 200, None, True),
+    ("Digest with a token68", lambda n, s: with_auth("Digest dXNlcjpwYXNz", cseq=s), 401, None,
+     True),
+    ("Digest without parameters", lambda n, s: with_auth("Digest", cseq=s), 401, None, True),
+    ("unterminated quoted-string", lambda n, s: with_auth('Digest username="alice, realm=',
+                                                           cseq=s), 400, None, True),
+    ("a good value and a malformed one", lambda n, s: with_auth(
+        value(n, nc="00000022"), "Digest ,=", cseq=s), 400, None, True),
+    ("username twice", lambda n, s: with_auth(value(n, edit=add(("USERNAME", "bob", True))),
+                                              cseq=s), 400, None, True),
+    ("an unknown parameter twice", lambda n, s: with_auth(
+        value(n, edit=add(("opaque", "a", True), ("Opaque", "b", True))), cseq=s), 400, None, True),
+    ("unknown parameters", lambda n, s: with_auth(value(n, nc="00000023", edit=add(
+        ("opaque", "x", True), ("userhash", "false", False), (",foo", "bar", False))), cseq=s),
+     200, None, True),
+    ("many unknown parameters", lambda n, s: with_auth(value(n, nc="00000024", edit=add(
+        *[(f"p{i}", "v", False) for i in range(20)])), cseq=s), 200, None, False),
+    ("names, scheme and tokens in other cases", lambda n, s: with_auth(
+        value(n, nc="00000025", algorithm="sha-256", qop="AUTH", edit=lambda ps: [
+            (k.upper(), v.upper() if k == "response" else v, q) for k, v, q in ps]
+              ).replace("Digest", "DIGEST"), cseq=s), 200, None, True),
+    ("response of another length", lambda n, s: with_auth(value(n, response="0" * 32), cseq=s),
+     401, None, True),
+    ("folded value", lambda n, s: with_auth(value(n, nc="00000026").replace(", ", ",\r\n  "),
+                                            cseq=s), 200, None, True),
+    ("quoted-pair in the username", lambda n, s: with_auth(
+        value(n, nc="00000027").replace('"alice"', '"al\\ice"'), cseq=s), 200, None, False),
+    ("fold inside a quoted-string (unfolded: 'c0 ffee')", lambda n, s: with_auth(
+        value(n, nc="00000028", cnonce="c0 ffee", edit=replace("cnonce", "c0\r\n ffee")), cseq=s),
+     200, None, False),
+    ("a user name that is not ASCII", lambda n, s: with_auth(
+        value(n, user="jörg"), user="j%C3%B6rg", cseq=s), 200, None, False),
+    ("a cnonce that is not ASCII", lambda n, s: with_auth(
+        value(n, nc="00000029", cnonce="café"), cseq=s), 200, None, False),
+    ("another user's AOR", lambda n, s: with_auth(
+        value(n, user="bob"), cseq=s), 403, None, True),
+    ("and a new count after all that", lambda n, s: with_auth(value(n, nc="0000002a"), cseq=s),
+     200, None, True),
+]
+
+
+def test_fast_and_parsed_paths_agree(parsed_calls):
+    regs = registrars()
+    nonce = nonce_at(regs[0].authorize, NOW)
+    for cseq, (name, make, status, stale, spans_only) in enumerate(CASES, 2):
+        before = len(parsed_calls)
+        data = make(nonce, cseq)
+        got = both(regs, data)
+        assert (got[0], [c[3] for c in got[2]][:1] or [None]) == (status, [stale]), name
+        # the fast registrar parsed nothing unless the case needs it; the
+        # other one parsed every value
+        fast_parsed = len(parsed_calls) - before - data.count(b"Authorization:")
+        assert fast_parsed == (0 if spans_only else data.count(b"Authorization:")), name
+    assert len(regs[0].authorize._counts) == len(regs[1].authorize._counts)
+
+
+@pytest.mark.parametrize("t, stale", [(NOW + 301, "true"), (NOW - 301, "true"), (NOW + 299, None)])
+def test_nonce_age_agrees(t, stale):
+    regs = registrars()
+    nonce = nonce_at(regs[0].authorize, NOW)
+    status = 200 if stale is None else 401
+    got = both(regs, with_auth(value(nonce)), now=t)
+    assert got[0] == status and (got[2][0][3] if got[2] else None) == stale
+    # a wrong password with an old nonce is not stale
+    got = both(regs, with_auth(value(nonce, password="nope", nc="00000002")), now=NOW + 301)
+    assert got[0] == 401 and got[2][0][3] is None
+
+
+@pytest.mark.parametrize("algorithm", ["SHA-256-sess", "MD5-sess"])
+def test_sess_algorithms_agree(algorithm):
+    regs = registrars(algorithms=(algorithm, "MD5"))
+    nonce = nonce_at(regs[0].authorize, NOW)
+    assert both(regs, with_auth(value(nonce, algorithm=algorithm)))[0] == 200
+    got = both(regs, with_auth(value(nonce, algorithm=algorithm, qop=None, response="0" * 64)))
+    assert got[:2] == (400, f"{algorithm} credentials lack qop=auth")
+    # an algorithm not offered: challenged
+    assert both(regs, with_auth(value(nonce, algorithm="SHA-256", nc="00000002")))[0] == 401
+
+
+@pytest.mark.parametrize("kw, user, to_user, status", [
+    (dict(realm="ACME PBX"), "alice", "alice", 403),       # realm is not the domain
+    (dict(realm="ACME PBX", policy=lambda u, r, au, ad: (u, r, au, ad) == (
+        "alice", "ACME PBX", "bob", DOMAIN)), "alice", "bob", 200),
+    (dict(users=lambda user, realm: {"alice": "wonderland"}.get(user)), "alice", "alice", 200),
+    (dict(users=lambda user, realm: None), "alice", "alice", 401),
+    (dict(users={("alice", DOMAIN, "SHA-256"): hashlib.sha256(
+        b"alice:example.com:wonderland").hexdigest().upper()}), "alice", "alice", 200),
+    (dict(replay_window=0), "alice", "alice", 200),
+])
+def test_configurations_agree(kw, user, to_user, status):
+    regs = registrars(**kw)
+    realm = kw.get("realm", DOMAIN)
+    nonce = nonce_at(regs[0].authorize, NOW, realm)
+    got = both(regs, with_auth(value(nonce, user=user, realm=realm), user=to_user))
+    assert got[0] == status
+    # once more with the same count: replayed if it was accepted
+    got = both(regs, with_auth(value(nonce, user=user, realm=realm), user=to_user, cseq=2))
+    # (a 403 comes after the count was taken, step 8)
+    assert got[0] == (401 if status in (200, 403) else status)
+
+
+def test_realm_is_the_aor_host_when_not_set():
+    regs = registrars()
+    data = with_auth(value(nonce_at(regs[0].authorize, NOW)), to="<sip:alice@Example.COM:5060>")
+    assert both(regs, data)[0] == 200
+
+
+# ---------------------------------------------------------------------------
+# The compiled pieces against their definitions
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("secret", [b"", b"k", b"k" * 32, b"k" * 64, b"k" * 65, bytes(range(200))])
+@pytest.mark.parametrize("realm", ["example.com", "", "ACME PBX", "réalm", "\udcff\udc80", "\ud800"])
+def test_nonce_mac_is_hmac_sha256(secret, realm):
+    auth = Authorize(users={}, secret=secret)
+    head = bytes(range(16))
+    assert auth._mac(head, realm) == hmac.digest(secret, head + _bytes(realm), "sha256")[:16]
+
+
+def _old_hex_hash(base, text):
+    return {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}[base](_bytes(text)).hexdigest()
+
+
+def _old_response(alg, ha1, method, uri, nonce, qop, nc, cnonce):
+    """The formula as fastsip.auth wrote it in Python (f-strings, _bytes)."""
+    base = alg.removesuffix("-sess")
+    if alg != base:
+        ha1 = _old_hex_hash(base, f"{ha1}:{nonce}:{cnonce}")
+    ha2 = _old_hex_hash(base, f"{method}:{uri}")
+    if qop is None:
+        return _old_hex_hash(base, f"{ha1}:{nonce}:{ha2}")
+    return _old_hex_hash(base, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
+
+
+TEXT = st.text(alphabet=st.characters(codec=None, categories=None, exclude_categories=()), max_size=12) | st.sampled_from(
+    ["\udcff", "\ud800", "a\udc80b", "é", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(alg=st.sampled_from(["SHA-256", "SHA-256-sess", "MD5", "MD5-sess"]),
+       ha1=TEXT, method=TEXT, uri=TEXT, nonce=TEXT, qop=st.sampled_from([None, "auth", "AUTH"]),
+       nc=TEXT, cnonce=TEXT)
+def test_response_formula_matches_the_python_one(alg, ha1, method, uri, nonce, qop, nc, cnonce):
+    """Surrogates included: text is hashed as _bytes hashes the whole text."""
+    expected = _old_response(alg, ha1.lower(), method, uri, nonce, qop, nc, cnonce)
+    got = digest_response(alg, "u", "r", ha1=ha1, method=method, uri=uri, nonce=nonce, qop=qop,
+                          nc=nc if qop else None, cnonce=cnonce)
+    assert got == expected
+
+
+def test_ha2_memo_keeps_algorithms_and_texts_apart():
+    for uri in ["sip:a", "sip:b", "sip:a" + "x" * 300]:
+        for alg in ("MD5", "SHA-256"):
+            for _ in range(2):
+                assert digest_response(alg, "u", "r", "p", method="REGISTER", uri=uri,
+                                       nonce="n") == _old_response(
+                    alg, _old_hex_hash(alg, "u:r:p"), "REGISTER", uri, "n", None, None, None)
+
+
+class CountModel:
+    """Authorize._count_is_new as it was written in Python (OrderedDict + int bitmap)."""
+
+    def __init__(self, window, max_nonces, ttl):
+        self.replay_window, self.max_nonces, self.nonce_ttl = window, max_nonces, ttl
+        self._counts = OrderedDict()
+        self._evicted_upto = float("-inf")
+
+    def is_new(self, nonce, user, nc, issued, now):
+        counts = self._counts
+        key = (nonce, user)
+        entry = counts.pop(key, None)
+        if entry is None:
+            if issued <= self._evicted_upto:
+                return False
+            highest, seen = nc, 1
+        else:
+            highest, seen, _ = entry
+            if nc > highest:
+                shift = nc - highest
+                if shift < self.replay_window:
+                    seen = (seen << shift | 1) & ((1 << self.replay_window) - 1)
+                else:
+                    seen = 1
+                highest = nc
+            else:
+                age = highest - nc
+                if age >= self.replay_window or seen >> age & 1:
+                    counts[key] = entry
+                    return False
+                seen |= 1 << age
+        counts[key] = (highest, seen, issued)
+        while counts:
+            oldest_key, (_, _, oldest_issued) = next(iter(counts.items()))
+            if now - oldest_issued > self.nonce_ttl:
+                del counts[oldest_key]
+            elif len(counts) > self.max_nonces:
+                del counts[oldest_key]
+                self._evicted_upto = max(self._evicted_upto, oldest_issued)
+            else:
+                break
+        return True
+
+
+NC = st.one_of(st.integers(1, 40), st.integers(1, 300), st.sampled_from([0, 63, 64, 65, 128, 129,
+                                                                           0xFFFFFFFE, 0xFFFFFFFF]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(window=st.sampled_from([0, 1, 2, 5, 63, 64, 65, 100, 128, 130, 1024, 1 << 20]),
+       max_nonces=st.integers(1, 4),
+       steps=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), NC, st.integers(0, 25)),
+                      max_size=40))
+def test_nonce_counts_match_the_python_model(window, max_nonces, steps):
+    ttl = 60
+    auth = Authorize(users={"alice": "a", "bob": "b"}, secret=SECRET, replay_window=window,
+                     max_nonces=max_nonces, nonce_ttl=ttl)
+    model = CountModel(window, max_nonces, ttl)
+    issued = [NOW + 7 * i for i in range(4)]
+    nonces = [nonce_at(auth, t) for t in issued]
+    now = NOW + 21
+    for which, who, nc, dt in steps:
+        now += dt
+        user = ("alice", "bob")[who]
+        creds = parse_credentials(value(nonces[which], user=user, password=user[0],
+                                        nc=f"{nc:08x}"))
+        result = auth.check("REGISTER", "sip:example.com", [creds], user, DOMAIN, now)
+        if abs(now - issued[which]) > ttl:
+            assert result.reason == "nonce expired"
+            continue
+        new = model.is_new(nonces[which], user, nc, issued[which], now)
+        assert result.ok == new, (which, user, nc, now)
+        assert len(auth._counts) == len(model._counts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(window=st.sampled_from([3, 64, 65, 100, 128, 129, 200]),
+       counts=st.lists(st.integers(1, 260), min_size=2, max_size=60))
+def test_one_nonce_counts_match_the_python_model(window, counts):
+    """Counts that fall late across the 64-bit words of the window bitmap."""
+    auth = Authorize(users={"alice": "a"}, secret=SECRET, replay_window=window)
+    model = CountModel(window, 10, 300)
+    nonce = nonce_at(auth, NOW)
+    for nc in counts:
+        creds = [parse_credentials(value(nonce, password="a", nc=f"{nc:08x}"))]
+        ok = auth.check("REGISTER", "sip:example.com", creds, "alice", DOMAIN, NOW).ok
+        assert ok == model.is_new(nonce, "alice", nc, NOW, NOW), nc
+
+
+def test_a_late_count_is_remembered_across_words():
+    auth = Authorize(users={"alice": "a"}, secret=SECRET, replay_window=130)
+    nonce = nonce_at(auth, NOW)
+
+    def ok(nc):
+        creds = [parse_credentials(value(nonce, password="a", nc=f"{nc:08x}"))]
+        return auth.check("REGISTER", "sip:example.com", creds, "alice", DOMAIN, NOW).ok
+
+    assert ok(100) and ok(40)        # 40 is 60 behind: bit 60 of the first word
+    assert ok(110)                   # shifts it to bit 70, in the second word
+    assert not ok(40) and not ok(100) and ok(39) and not ok(39)
+    assert ok(229) and not ok(100) and ok(101)   # 128 behind: still inside
+    assert not ok(99)                             # 130 behind: outside
+
+
+def test_nonce_counts_memory_stays_small():
+    """Consecutive counts fill the window bitmap, which never outgrows it."""
+    import tracemalloc
+    auth = Authorize(users={"alice": "a"}, secret=SECRET, replay_window=128)
+    nonce = nonce_at(auth, NOW)
+    check = auth.check
+    tracemalloc.start()
+    try:
+        for nc in itertools.chain(range(1, 600), range(700, 100_000, 997)):
+            creds = [parse_credentials(value(nonce, password="a", nc=f"{nc:08x}"))]
+            assert check("REGISTER", "sip:example.com", creds, "alice", DOMAIN, NOW).ok
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(auth._counts) == 1 and size < 20_000

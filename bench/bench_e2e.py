@@ -3,7 +3,8 @@
 Starts a registrar (by default ``fastsip serve`` from this tree), optionally
 pinned to chosen cores with ``taskset``, runs ``python -m load`` against it
 at a ladder of open-loop rates and at a few closed-loop windows, for each
-scenario asked for, with the load tool pinned to other cores and measuring
+scenario asked for (each step against a freshly started server, the servers
+taking turns step by step), with the load tool pinned to other cores and measuring
 the server's CPU (``--server-pid``, the process and all its descendants),
 and writes a results table (Markdown and JSON) and a plot.  ``--peer
 NAME=COMMAND`` (or ``--kamailio``) runs the same ladder against another
@@ -318,44 +319,44 @@ def step_row(args, name, scenario, mode, value, rep, res, before, after, drops) 
 
 
 def run_all(args, servers: list, outdir: Path) -> list:
-    """For each scenario: start every server (each in its process group), then run each step
-    against each server in turn, so that the servers see the same machine (the cores are
-    shared with other work whose load comes and goes)."""
+    """Run every step against every server in turn, so that the servers see the same machine
+    (the cores are shared with other work whose load comes and goes).  Each step gets a
+    freshly started server: the tool binds new source ports every run and a phone's Contact
+    carries its port, so a registrar that lived through earlier steps would hold one more
+    binding per phone for each (and answer with longer 200s, and run out of memory)."""
     rows = []
     steps = [("open", r) for r in args.rates] + [("closed", n) for n in args.inflight]
     for scenario in args.scenarios:
-        running = []
-        try:
-            for name, template in servers:
-                running.append((name, Server(template, args, args.workers)))
-            for mode, value in steps:
-                for rep in range(args.repeat):
-                    for name, server in running:
-                        if args.quiet_wait:
-                            waited, busy = wait_quiet(args.quiet_wait, args.quiet_threshold)
-                            if busy > args.quiet_threshold:
-                                print(f"  (machine still busy after {waited:.0f} s: {busy:.0f} % "
-                                      "of a core used by other work)", flush=True)
+        for mode, value in steps:
+            for rep in range(args.repeat):
+                for name, template in servers:
+                    if args.quiet_wait:
+                        waited, busy = wait_quiet(args.quiet_wait, args.quiet_threshold)
+                        if busy > args.quiet_threshold:
+                            print(f"  (machine still busy after {waited:.0f} s: {busy:.0f} % "
+                                  "of a core used by other work)", flush=True)
+                    server = Server(template, args, args.workers)
+                    try:
                         before, drops0 = server.counters(), udp_rcvbuf_errors()
                         res = load_step(args, server, scenario, mode, value,
                                         outdir / f"{name}-{scenario}-{mode}-{value:g}-{rep}.json")
                         drops = udp_rcvbuf_errors() - drops0
-                        row = step_row(args, name, scenario, mode, value, rep, res, before,
-                                       server.counters(), drops)
-                        rows.append(row)
-                        seen = "" if row["server_seen"] is None else \
-                            f", server saw {row['server_seen']:,} sent 2xx {row['server_2xx']:,}"
-                        print(f"{name:>10} {scenario:>8} {mode:>6} {value:>8g}: offered "
-                              f"{row['offered']:>9,.0f}/s achieved {row['achieved']:>9,.0f}/s "
-                              f"timeouts {row['timeouts']} p99 {row['p99_ms']:.3f} ms, server "
-                              f"{row['server_cpu_pct']} % CPU {row['server_us_per_req']} us/req, "
-                              f"tool {row['generator_cpu_pct']} %, others {row['others_cpu_pct']} %"
-                              f"{seen}", flush=True)
-        finally:
-            for name, server in running:
-                err = server.stop()
-                if args.verbose and err.strip():
-                    print(f"--- {name} stderr (tail) ---\n{err}", file=sys.stderr)
+                        after = server.counters()
+                    finally:
+                        err = server.stop()
+                        if args.verbose and err.strip():
+                            print(f"--- {name} stderr (tail) ---\n{err}", file=sys.stderr)
+                    row = step_row(args, name, scenario, mode, value, rep, res, before, after,
+                                   drops)
+                    rows.append(row)
+                    seen = "" if row["server_seen"] is None else \
+                        f", server saw {row['server_seen']:,} sent 2xx {row['server_2xx']:,}"
+                    print(f"{name:>10} {scenario:>8} {mode:>6} {value:>8g}: offered "
+                          f"{row['offered']:>9,.0f}/s achieved {row['achieved']:>9,.0f}/s "
+                          f"timeouts {row['timeouts']} p99 {row['p99_ms']:.3f} ms, server "
+                          f"{row['server_cpu_pct']} % CPU {row['server_us_per_req']} us/req, "
+                          f"tool {row['generator_cpu_pct']} %, others {row['others_cpu_pct']} %"
+                          f"{seen}", flush=True)
     return rows
 
 
@@ -459,7 +460,7 @@ def main(argv=None) -> int:
                    help="open-loop ladder, REGISTER/s ('' for none)")
     p.add_argument("--inflight", default="64,256", help="closed-loop windows ('' for none)")
     p.add_argument("--scenarios", default="register",
-                   help="load tool scenarios, comma-separated (a fresh server for each)")
+                   help="load tool scenarios, comma-separated")
     p.add_argument("--step-duration", type=float, default=5.0, help="seconds per step")
     p.add_argument("--users", type=int, default=50000,
                    help="phones; keep above rate x timeout, or a slow server starves the open loop")

@@ -57,7 +57,8 @@ def load(tmp_path, target, *flags, timeout=60):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "load", "--target", f"{target[0]}:{target[1]}", "-q",
            "--json", str(out), *flags]
-    cp = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    cp = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
+                        timeout=timeout)
     assert out.exists(), f"no report from {' '.join(cmd)}: rc {cp.returncode}\n{cp.stderr}"
     return cp.returncode, json.loads(out.read_text())
 

@@ -396,6 +396,7 @@ def plot(rows: list, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     series = list(dict.fromkeys((r["server"], r["scenario"]) for r in rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -426,6 +427,11 @@ def plot(rows: list, path: Path) -> None:
     ax3.set_ylabel("2xx/s")
     ax3.set_xscale("log", base=2)
     ax3.set_title("closed loop")
+    kilo = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k")
+    ax1.xaxis.set_major_formatter(kilo)
+    ax1.yaxis.set_major_formatter(kilo)
+    ax2.xaxis.set_major_formatter(kilo)
+    ax3.yaxis.set_major_formatter(kilo)
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

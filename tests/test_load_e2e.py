@@ -140,7 +140,7 @@ def test_udp_register_matches_server_counters(serve, tmp_path):
     assert rc == 0
     assert res["sent_new"] == 600 and res["sent_total"] == 600 and res["prime"] is None
     assert res["replies"] == {"200": 600}
-    assert 250 <= res["offered_rate"] <= 350
+    assert 200 <= res["offered_rate"] <= 450          # paced, not a burst
     c = settled(srv, 600)
     check_against_server(res, c)
     assert c["aors"] == c["bindings"] == 600         # phones 0..599, one contact each

@@ -371,6 +371,21 @@ def test_kill_9_of_a_worker_restarts_it_with_its_shard(start, phone):
     assert "died (killed by signal 9); restarting" in srv.log()
 
 
+def test_metrics_never_go_down_while_a_worker_is_slow(start, phone):
+    srv = start(workers=2)
+    ua = phone(srv.udp)
+    for i in range(20):
+        ua.ask(register(f"s{i}", contact=f"sip:s{i}@127.0.0.1:7000", call_id=f"s{i}"))
+    key = 'fastsip_requests_total{method="REGISTER"}'
+    assert wait_for(lambda: srv.metrics()[key] == 20, 5)
+    stopped = srv.worker_pids()[0]
+    os.kill(stopped, signal.SIGSTOP)       # answers no stats request until continued
+    try:
+        assert srv.metrics()[key] == 20    # its last report still counts
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+
+
 def test_sighup_reloads_live_settings(start, tmp_path, phone):
     conf = tmp_path / "fastsip.toml"
     conf.write_text('domain = ["example.com"]\nlog-format = "text"\n')

@@ -336,11 +336,14 @@ class Supervisor:
         return out
 
     def collect(self) -> dict:
+        """Every worker's counters added up.  A worker that does not answer in
+        time counts with the last report it gave, so counters never go down."""
         total = copy.deepcopy(self.retired)
         for slot, answer in self.ask_all({"op": "stats"}):
             if answer and "report" in answer:
                 slot.last = answer["report"]
-                add_reports(total, slot.last)
+        for slot in self.slots:
+            add_reports(total, slot.last)
         return total
 
     # ------------------------------------------------------------------ HTTP

@@ -29,3 +29,23 @@ def real_files(kind="register"):
 @pytest.fixture
 def softphone_register() -> bytes:
     return (VECTORS / "valid" / "softphone-register.sip").read_bytes()
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(*flags, workers=2, state=True, **kw) -> a running ``fastsip serve``
+    (fastsip.server.testing.ServerProcess) in tmp_path; state=True: a state file
+    there, None: --no-state.  Every server's process group is killed at the end."""
+    from fastsip.server.testing import ServerProcess
+    servers = []
+
+    def _start(*args, workers=2, state=True, **kw):
+        path = tmp_path / "state.sqlite3" if state is True else state
+        srv = ServerProcess(*args, workers=workers, state=path or None, cwd=str(tmp_path), **kw)
+        servers.append(srv)
+        return srv.start()
+    try:
+        yield _start
+    finally:
+        for srv in servers:
+            srv.kill()

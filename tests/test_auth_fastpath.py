@@ -8,7 +8,6 @@ an Authorize whose ``check`` is overridden makes the registrar parse the
 values with ``parse_credentials`` and call ``check`` instead, which ends in
 the same ``verify``.  Every case below goes through both and must get the
 same reply."""
-import base64
 import hashlib
 import hmac
 import itertools

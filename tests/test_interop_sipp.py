@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 
-from fastsip.server.testing import ServerProcess
 
 pytestmark = pytest.mark.server
 SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp")
@@ -30,19 +29,9 @@ def sipp():
 
 
 @pytest.fixture
-def server(tmp_path):
-    servers = []
-
-    def _start(*args, workers=2):
-        srv = ServerProcess(*args, workers=workers, state=tmp_path / "state.sqlite3",
-                            cwd=str(tmp_path))
-        servers.append(srv)
-        return srv.start()
-    try:
-        yield _start
-    finally:
-        for srv in servers:
-            srv.kill()
+def server(start):
+    """server(*flags, workers=2) -> a running ``fastsip serve`` with a state file."""
+    return start
 
 
 def run_sipp(sipp, tmp_path, scenario, addr, mode, calls, *extra):

@@ -28,27 +28,16 @@ from collections import Counter
 
 import pytest
 
-from fastsip.server.testing import ServerProcess
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def serve(tmp_path):
+def serve(start):
     """serve(*flags, transports=("udp",)) -> a running ``fastsip serve`` (2 workers,
     --no-state), its process group killed at the end."""
-    servers = []
-
-    def _start(*args, transports=("udp",)):
-        srv = ServerProcess(*args, workers=2, state=None, cwd=str(tmp_path), transports=transports)
-        servers.append(srv)
-        return srv.start()
-    try:
-        yield _start
-    finally:
-        for srv in servers:
-            srv.kill()
+    return lambda *args, transports=("udp",): start(*args, state=None, transports=transports)
 
 
 def load(tmp_path, target, *flags, timeout=60):

@@ -16,27 +16,12 @@ import time
 import pytest
 
 import fastsip
-from fastsip.server.testing import Phone, ServerProcess, contacts_of, register, request
+from fastsip.server.testing import Phone, contacts_of, register, request
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def start(tmp_path):
-    """start(*flags, workers=2, state=True) -> a running ServerProcess, killed at the end."""
-    servers = []
-
-    def _start(*args, workers=2, state=True, **kw):
-        path = tmp_path / "state.sqlite3" if state is True else state
-        srv = ServerProcess(*args, workers=workers, state=path or None, cwd=str(tmp_path), **kw)
-        servers.append(srv)
-        return srv.start()
-    try:
-        yield _start
-    finally:
-        for srv in servers:
-            srv.kill()
 
 
 @pytest.fixture

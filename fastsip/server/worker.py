@@ -16,7 +16,6 @@ reply comes from ``Registrar.serve``.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 import signal

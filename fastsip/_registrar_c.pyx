@@ -15,7 +15,7 @@ from libc.string cimport memchr, memcmp, memcpy
 from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
-    OK, E_BODY_SHORT, Span, UriSpans, ViaSpans, bad_call_id, canonical_aor, hash_bytes, ieq,
+    OK, E_BODY_SHORT, E_VERSION, Span, UriSpans, ViaSpans, bad_call_id, canonical_aor, hash_bytes, ieq,
     TokenIter, msg_release, next_header_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
     scan_message, scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
@@ -363,6 +363,19 @@ cdef class RegistrarCore:
             self._wb(f"{name}: {value}\r\n".encode("utf-8", "replace"))
         return self._finish(now, status)
 
+    cdef bytes _malformed(self, const char* buf, Msg* m, int rc, bytes src_host, int src_port,
+                          double now):
+        """The answer to a request whose scan failed (rc): 505 for another SIP
+        version, else 400; counted as a parse error."""
+        self.parse_errors += 1
+        if rc == E_VERSION:
+            return self._reply(buf, m, 505, "Version Not Supported", None, src_host, src_port, now)
+        if rc == E_BODY_SHORT:
+            return self._reply(buf, m, 400, "Content-Length larger than the body", None,
+                               src_host, src_port, now)
+        return self._reply(buf, m, 400, "Bad Request (malformed message)", None, src_host,
+                           src_port, now)
+
     # -- the REGISTER logic ----------------------------------------------------
 
     cpdef object handle(self, bytes data, tuple source, double now, str transport="udp",
@@ -409,12 +422,7 @@ cdef class RegistrarCore:
         cdef BindingRec* br
 
         if rc != OK:
-            self.parse_errors += 1
-            if rc == E_BODY_SHORT:
-                return self._reply(buf, m, 400, "Content-Length larger than the body", None,
-                                   src_host, src_port, now)
-            return self._reply(buf, m, 400, "Bad Request (malformed message)", None, src_host,
-                               src_port, now)
+            return self._malformed(buf, m, rc, src_host, src_port, now)
 
         # 1. The Request-URI must be a SIP URI naming a domain we serve or us.
         rc = scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err)
@@ -988,9 +996,7 @@ cdef class RegistrarCore:
             # the checks every UAS makes, in this order.
             src_host = source[0].encode() if isinstance(source[0], str) else source[0]
             if rc != OK:
-                self.parse_errors += 1
-                return self._reply(buf, &m, 400, "Bad Request (malformed message)", None,
-                                   src_host, source[1], now)
+                return self._malformed(buf, &m, rc, src_host, source[1], now)
             missing = _missing_header(&m)
             if missing is not None:
                 return self._reply(buf, &m, 400, missing, None, src_host, source[1], now)

@@ -559,3 +559,8 @@ def test_malformed_require_is_400(reg):
     assert (r.status, r.reason) == (400, "Bad Require header")
     r = fastsip.parse(reg.serve(request(method="OPTIONS", extra=("Require: a b",)), SRC, NOW))
     assert r.status == 400
+
+
+def test_other_sip_version_is_505(reg):
+    r = handle(reg, request().replace(b"SIP/2.0\r\n", b"SIP/3.0\r\n", 1))
+    assert (r.status, r.reason) == (505, "Version Not Supported")

@@ -35,6 +35,7 @@ def answer(reg, name):
     ("rfc4475/unkscm.dat", 416),      # unknown Request-URI scheme
     ("rfc4475/novelsc.dat", 416),
     ("rfc4475/invut.dat", 405),       # an INVITE: legal, but this server only registers
+    ("rfc4475/badvers.dat", 505),     # SIP/7.0
 ])
 def test_torture_answers(name, status):
     assert answer(Registrar(), name).status == status

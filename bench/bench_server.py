@@ -52,6 +52,12 @@ def cpu_ns(pid: int) -> int:
         return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+def ctx_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of one process (its wake-ups, mostly)."""
+    with open(f"/proc/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+
+
 def server_pids(srv) -> list:
     return [srv.proc.pid] + [p for p in srv.worker_pids() if p]
 
@@ -80,6 +86,7 @@ def run_rate(args, rate, workdir, users_file, inject_file):
         if args.auth:
             cmd += ["-inf", inject_file]
         before = {p: cpu_ns(p) for p in pids}
+        switches = {p: ctx_switches(p) for p in pids}
         t0 = time.monotonic()
         with tempfile.TemporaryFile("w+") as so:
             proc = subprocess.Popen(cmd, stdout=so, stderr=subprocess.STDOUT,
@@ -103,6 +110,7 @@ def run_rate(args, rate, workdir, users_file, inject_file):
             time.sleep(0.1)
         time.sleep(args.state * 1.2)      # one more flush interval for the last changes
         server_ns = sum(cpu_ns(p) - before[p] for p in pids)
+        switches = sum(ctx_switches(p) - switches[p] for p in pids)
         metrics = srv.metrics()
     finally:
         srv.stop()
@@ -130,6 +138,7 @@ def run_rate(args, rate, workdir, users_file, inject_file):
         "server_replies": int(replies),
         "server_cpu_us_per_reply": round(server_ns / 1e3 / replies, 2) if replies else None,
         "handoffs": int(metrics.get("fastsip_handoffs_total", 0)),
+        "switches_per_register": round(switches / ok, 2) if ok else None,
         "sipp_exit": proc.returncode,
         "retransmissions": retrans,
         "sipp_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
@@ -171,14 +180,15 @@ def main(argv=None) -> int:
               f"{'state file' if args.state else 'no state'}; SIPp -t un, {args.duration:g} s per rate; "
               f"{os.cpu_count()} CPUs")
         print(f"{'offered/s':>10} {'achieved/s':>11} {'fail %':>7} {'µs CPU/REG':>11} "
-              f"{'µs/reply':>9} {'hand-offs':>10} {'retrans':>8} {'SIPp CPU s':>11}")
+              f"{'µs/reply':>9} {'hand-offs':>10} {'ctxsw/REG':>10} {'retrans':>8} {'SIPp CPU s':>11}")
         for rate in rates:
             for _ in range(args.repeat):
                 r = run_rate(args, rate, workdir, users_file, inject_file)
                 results.append(r)
                 print(f"{r['offered_rate']:>10} {r['achieved_rate']:>11} {r['failure_pct']:>7} "
                       f"{r['server_cpu_us_per_register']!s:>11} {r['server_cpu_us_per_reply']!s:>9} "
-                      f"{r['handoffs']:>10} {r['retransmissions']:>8} {r['sipp_cpu_s']:>11}",
+                      f"{r['handoffs']:>10} {r['switches_per_register']!s:>10} {r['retransmissions']:>8} "
+                      f"{r['sipp_cpu_s']:>11}",
                       flush=True)
     if args.repeat > 1:
         print("# medians per offered rate: achieved/s, failure %, µs CPU per REGISTER")

@@ -13,7 +13,8 @@ A datagram longer than ``max_size`` is dropped and counted in
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.string cimport memset
+from libc.stdint cimport int64_t, uint8_t
+from libc.string cimport memcmp, memcpy, memset
 
 
 
@@ -75,6 +76,29 @@ cdef extern from "<arpa/inet.h>" nogil:
 
 cdef enum:
     MAX_VLEN = 1024
+    HANDOFF_HEADER = 14       # struct "!BBBBqH", see fastsip.server.worker.HANDOFF
+    H_UDP = 1
+    MAX_HOST = 64
+
+
+cdef object _build_handoff(int kind, int li, int origin, bytes host, int64_t cid, int port,
+                           const char* data, Py_ssize_t n):
+    """One hand-off datagram: the 14-byte header, the source host, the message."""
+    cdef Py_ssize_t hl = len(host)
+    cdef bytes blob = PyBytes_FromStringAndSize(NULL, HANDOFF_HEADER + hl + n)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
+    cdef int k
+    p[0] = kind
+    p[1] = li
+    p[2] = origin
+    p[3] = <unsigned char>hl
+    for k in range(8):
+        p[4 + k] = (<unsigned long long>cid >> (56 - 8 * k)) & 0xFF
+    p[12] = (port >> 8) & 0xFF
+    p[13] = port & 0xFF
+    memcpy(p + HANDOFF_HEADER, PyBytes_AS_STRING(host), hl)
+    memcpy(p + HANDOFF_HEADER + hl, data, n)
+    return blob
 
 
 cdef object _addr_of(sockaddr_storage* ss, socklen_t namelen):
@@ -140,6 +164,12 @@ cdef class BatchIO:
     cdef char* _bufs
     cdef readonly int vlen
     cdef readonly Py_ssize_t max_size
+    cdef mmsghdr* _shdrs              # replies sent by serve_udp / serve_inbox
+    cdef iovec* _siov
+    cdef sockaddr_storage* _snames
+    cdef sa_family_t _last_family     # the source host of the last datagram, as bytes:
+    cdef unsigned char _last_addr[16]     # most batches come from few hosts
+    cdef bytes _last_host
     cdef readonly unsigned long long oversized
     cdef readonly unsigned long long send_errors
 
@@ -154,7 +184,11 @@ cdef class BatchIO:
         self._iov = <iovec*>PyMem_Malloc(vlen * sizeof(iovec))
         self._names = <sockaddr_storage*>PyMem_Malloc(vlen * sizeof(sockaddr_storage))
         self._bufs = <char*>PyMem_Malloc(vlen * (max_size + 1))
-        if not (self._hdrs and self._iov and self._names and self._bufs):
+        self._shdrs = <mmsghdr*>PyMem_Malloc(vlen * sizeof(mmsghdr))
+        self._siov = <iovec*>PyMem_Malloc(vlen * sizeof(iovec))
+        self._snames = <sockaddr_storage*>PyMem_Malloc(vlen * sizeof(sockaddr_storage))
+        if not (self._hdrs and self._iov and self._names and self._bufs and self._shdrs
+                and self._siov and self._snames):
             raise MemoryError()
 
     def __dealloc__(self):
@@ -162,16 +196,14 @@ cdef class BatchIO:
         PyMem_Free(self._iov)
         PyMem_Free(self._names)
         PyMem_Free(self._bufs)
+        PyMem_Free(self._shdrs)
+        PyMem_Free(self._siov)
+        PyMem_Free(self._snames)
 
-    def recv(self, int fd):
-        """Up to ``vlen`` datagrams waiting on ``fd``: a list of ``(data, (host, port) or None)``.
-
-        Returns an empty list when nothing is waiting.  Raises ``OSError`` only
-        for errors of the socket itself (not EAGAIN/EINTR).
-        """
+    cdef int _recv(self, int fd) except -1:
+        """recvmmsg into the buffers: how many datagrams arrived (0 when none)."""
         cdef int i, n
         cdef Py_ssize_t stride = self.max_size + 1
-        cdef list out = []
         cdef mmsghdr* h
         for i in range(self.vlen):
             h = &self._hdrs[i]
@@ -186,12 +218,30 @@ cdef class BatchIO:
             n = recvmmsg(fd, self._hdrs, <unsigned int>self.vlen, MSG_DONTWAIT, NULL)
         if n < 0:
             if errno == EAGAIN or errno == EINTR:
-                return out
+                return 0
             raise OSError(errno, "recvmmsg failed")
+        return n
+
+    cdef bint _oversized(self, int i) noexcept:
+        cdef mmsghdr* h = &self._hdrs[i]
+        if h.msg_len > <unsigned int>self.max_size or (h.msg_hdr.msg_flags & MSG_TRUNC):
+            self.oversized += 1
+            return True
+        return False
+
+    def recv(self, int fd):
+        """Up to ``vlen`` datagrams waiting on ``fd``: a list of ``(data, (host, port) or None)``.
+
+        Returns an empty list when nothing is waiting.  Raises ``OSError`` only
+        for errors of the socket itself (not EAGAIN/EINTR).
+        """
+        cdef int i, n = self._recv(fd)
+        cdef Py_ssize_t stride = self.max_size + 1
+        cdef list out = []
+        cdef mmsghdr* h
         for i in range(n):
             h = &self._hdrs[i]
-            if h.msg_len > <unsigned int>self.max_size or (h.msg_hdr.msg_flags & MSG_TRUNC):
-                self.oversized += 1
+            if self._oversized(i):
                 continue
             out.append((PyBytes_FromStringAndSize(self._bufs + i * stride, h.msg_len),
                         _addr_of(&self._names[i], h.msg_hdr.msg_namelen)))
@@ -253,3 +303,197 @@ cdef class BatchIO:
             return total
         finally:
             PyMem_Free(idx)
+
+    # -- the server's receive loop, one batch per call ----------------------------
+
+    cdef bytes _host_of(self, sockaddr_storage* ss):
+        """The source host of a received address as ASCII bytes (None for other
+        families); the last one is kept, as a batch mostly comes from few hosts."""
+        cdef char text[INET6_ADDRSTRLEN + 1]
+        cdef const void* raw
+        cdef int size
+        if ss.ss_family == AF_INET:
+            raw = &(<sockaddr_in*>ss).sin_addr
+            size = 4
+        elif ss.ss_family == AF_INET6:
+            raw = &(<sockaddr_in6*>ss).sin6_addr
+            size = 16
+        else:
+            return None
+        if self._last_host is not None and ss.ss_family == self._last_family \
+                and memcmp(raw, self._last_addr, size) == 0:
+            return self._last_host
+        if inet_ntop(ss.ss_family, raw, text, sizeof(text)) == NULL:
+            return None
+        self._last_host = text
+        self._last_family = ss.ss_family
+        memcpy(self._last_addr, raw, size)
+        return self._last_host
+
+    cdef void _queue_reply(self, int j, bytes reply, sockaddr_storage* to,
+                           socklen_t tolen) noexcept:
+        """Put ``reply`` in send slot ``j`` (the caller keeps ``reply`` alive)."""
+        cdef mmsghdr* h = &self._shdrs[j]
+        memset(h, 0, sizeof(mmsghdr))
+        h.msg_hdr.msg_name = to
+        h.msg_hdr.msg_namelen = tolen
+        self._siov[j].iov_base = PyBytes_AS_STRING(reply)
+        self._siov[j].iov_len = PyBytes_GET_SIZE(reply)
+        h.msg_hdr.msg_iov = &self._siov[j]
+        h.msg_hdr.msg_iovlen = 1
+
+    cdef void _send_replies(self, int fd, mmsghdr* hdrs, int cnt) noexcept:
+        """sendmmsg ``cnt`` prepared replies.  A reply that finds the socket
+        buffer full, or fails for its destination, is dropped and counted in
+        ``send_errors`` (the client retransmits)."""
+        cdef int i = 0, n
+        while i < cnt:
+            with nogil:
+                n = sendmmsg(fd, hdrs + i, <unsigned int>(cnt - i), MSG_DONTWAIT)
+            if n < 0:
+                if errno == EINTR:
+                    continue
+                if errno == EAGAIN:
+                    self.send_errors += cnt - i
+                    return
+                self.send_errors += 1
+                i += 1
+                continue
+            i += n
+
+    def serve_udp(self, int fd, object serve_shard, double now, int shard, int nshards, int li,
+                  list queues, object allow=None, object bug=None):
+        """Read one batch from the UDP socket ``fd`` and answer it.
+
+        Each datagram goes to ``serve_shard(data, host, port, now, "udp", -1,
+        shard, nshards)`` (``RegistrarCore.serve_shard``).  Reply bytes go back
+        to the sender with one ``sendmmsg``; an int return (the AOR belongs to
+        that shard) queues a hand-off datagram ``(blob, None)`` on
+        ``queues[owner]``.  ``allow(host, now)``, when given, may refuse a
+        datagram (rate limiting); ``bug(data)`` is called when ``serve_shard``
+        raises.  Returns ``(received, handed)``; 0 received means nothing was
+        waiting.  Only the system's own socket errors raise ``OSError``.
+        """
+        cdef int n = self._recv(fd), i, cnt = 0, handed = 0, port
+        cdef Py_ssize_t stride = self.max_size + 1
+        cdef mmsghdr* h
+        cdef sockaddr_storage* ss
+        cdef bytes data, host
+        cdef object r
+        cdef list keep = []
+        for i in range(n):
+            if self._oversized(i):
+                continue
+            h = &self._hdrs[i]
+            ss = &self._names[i]
+            host = self._host_of(ss)
+            if host is None:
+                continue
+            port = ntohs((<sockaddr_in*>ss).sin_port)     # same offset in sockaddr_in6
+            if allow is not None and not allow(host, now):
+                continue
+            data = PyBytes_FromStringAndSize(self._bufs + i * stride, h.msg_len)
+            try:
+                r = serve_shard(data, host, port, now, "udp", -1, shard, nshards)
+            except Exception:
+                if bug is not None:
+                    bug(data)
+                continue
+            if r is None:
+                continue
+            if type(r) is int:
+                (<list>queues[<int>r]).append(
+                    (_build_handoff(H_UDP, li, shard, host, -1, port, self._bufs + i * stride,
+                                    h.msg_len), None))
+                handed += 1
+                continue
+            keep.append(r)
+            self._queue_reply(cnt, <bytes>r, ss, h.msg_hdr.msg_namelen)
+            cnt += 1
+        if cnt:
+            self._send_replies(fd, self._shdrs, cnt)
+        return n, handed
+
+    def serve_inbox(self, int fd, object serve_shard, double now, list udp_fds,
+                    object bug=None):
+        """Read one batch of hand-off datagrams from ``fd`` and serve the UDP ones.
+
+        A UDP hand-off is served with ``serve_shard(..., 0, 1)`` (it is ours)
+        and answered from ``udp_fds[listener]``, the socket its client sent to.
+        Other hand-offs (TCP requests and TCP replies, which need the worker's
+        connections) are returned as ``(kind, listener, origin, host, conn_id,
+        port, data)`` tuples.  Returns ``(received, served, others)``.
+        """
+        cdef int n = self._recv(fd), i, cnt = 0, served = 0, li, port, hl, k, fdi, j
+        cdef Py_ssize_t stride = self.max_size + 1, size
+        cdef unsigned char* p
+        cdef char hostz[MAX_HOST + 1]
+        cdef int64_t cid
+        cdef bytes data, host
+        cdef object r
+        cdef list keep = [], others = []
+        cdef int lis[MAX_VLEN]
+        cdef sockaddr_in* a4
+        cdef sockaddr_in6* a6
+        cdef sockaddr_storage* ss
+        for i in range(n):
+            if self._oversized(i):
+                continue
+            p = <unsigned char*>(self._bufs + i * stride)
+            size = self._hdrs[i].msg_len
+            hl = p[3]
+            if size < HANDOFF_HEADER + hl or hl > MAX_HOST:
+                continue
+            li = p[1]
+            cid = 0
+            for k in range(8):
+                cid = (cid << 8) | p[4 + k]
+            port = (p[12] << 8) | p[13]
+            host = PyBytes_FromStringAndSize(<char*>p + HANDOFF_HEADER, hl)
+            data = PyBytes_FromStringAndSize(<char*>p + HANDOFF_HEADER + hl,
+                                             size - HANDOFF_HEADER - hl)
+            if p[0] != H_UDP:
+                others.append((p[0], li, p[2], host.decode("ascii", "replace"), cid, port, data))
+                continue
+            served += 1
+            try:
+                r = serve_shard(data, host, port, now, "udp", -1, 0, 1)
+            except Exception:
+                if bug is not None:
+                    bug(data)
+                continue
+            if r is None or li >= len(udp_fds):
+                continue
+            ss = &self._snames[cnt]
+            memset(ss, 0, sizeof(sockaddr_storage))
+            memcpy(hostz, <char*>p + HANDOFF_HEADER, hl)
+            hostz[hl] = 0
+            a4 = <sockaddr_in*>ss
+            a6 = <sockaddr_in6*>ss
+            if inet_pton(AF_INET, hostz, &a4.sin_addr) == 1:
+                a4.sin_family = AF_INET
+                a4.sin_port = htons(<unsigned short>port)
+                self._queue_reply(cnt, <bytes>r, ss, sizeof(sockaddr_in))
+            elif inet_pton(AF_INET6, hostz, &a6.sin6_addr) == 1:
+                a6.sin6_family = AF_INET6
+                a6.sin6_port = htons(<unsigned short>port)
+                self._queue_reply(cnt, <bytes>r, ss, sizeof(sockaddr_in6))
+            else:
+                self.send_errors += 1
+                continue
+            keep.append(r)
+            lis[cnt] = li
+            cnt += 1
+        if cnt and len(udp_fds) == 1:
+            self._send_replies(<int>udp_fds[0], self._shdrs, cnt)
+        elif cnt:
+            # one sendmmsg per listener; the receive headers, done with, gather them
+            for fdi in range(len(udp_fds)):
+                k = 0
+                for j in range(cnt):
+                    if lis[j] == fdi:
+                        self._hdrs[k] = self._shdrs[j]
+                        k += 1
+                if k:
+                    self._send_replies(<int>udp_fds[fdi], self._hdrs, k)
+        return n, served, others

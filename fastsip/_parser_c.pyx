@@ -2217,14 +2217,22 @@ def uri_compare_key(uri):
     return uri_key_hash(b, 0, len(b))
 
 
-cdef uint64_t SHARD_K0 = 0x66617374736970  # "fastsip": fixed, so shards are stable
-cdef uint64_t SHARD_K1 = 0x73686172646b6579  # "shardkey"
+
+
+cdef uint64_t aor_hash(const char* aor, Py_ssize_t n) noexcept nogil:
+    """FNV-1a 64 of the AOR, then the MurmurHash3 finaliser: simple enough for
+    the kernel's steering program (fastsip.server.steer) to compute the same."""
+    cdef uint64_t h = <uint64_t>0xcbf29ce484222325
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ <unsigned char>aor[i]) * <uint64_t>0x100000001b3
+    return _mix(h)
 
 
 def stable_hash(aor):
     """A 64-bit hash of an AOR that is the same in every process, run and machine."""
     b = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else bytes(aor)
-    return hash_bytes(b, len(b), SHARD_K0, SHARD_K1)
+    return aor_hash(b, len(b))
 
 
 def shard_of(aor, int n):

@@ -15,7 +15,8 @@ from libc.string cimport memchr, memcmp, memcpy
 from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
-    OK, E_BODY_SHORT, E_VERSION, Span, UriSpans, ViaSpans, bad_call_id, canonical_aor, hash_bytes, ieq,
+    OK, E_BODY_SHORT, E_VERSION, Span, UriSpans, ViaSpans, aor_hash, bad_call_id, canonical_aor,
+    hash_bytes, ieq,
     TokenIter, msg_release, next_header_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
     scan_message, scan_param, scan_sip_uri, skip_lws, uri_key_hash)
 from fastsip._store_c cimport BindingIn, BindingRec, Store
@@ -396,13 +397,14 @@ cdef class RegistrarCore:
                     self.parse_errors += 1
                 return None
             self.register_count += 1
-            result = self._register(data, buf, &m, rc, source, now, transport, conn_id)
+            result = self._register(data, buf, &m, rc, _host_bytes(source[0]), source[1], now,
+                                    transport, conn_id)
         finally:
             msg_release(&m)
         return result
 
-    cdef object _register(self, bytes data, const char* buf, Msg* m, int rc, tuple source,
-                          double now, str transport, int64_t conn_id):
+    cdef object _register(self, bytes data, const char* buf, Msg* m, int rc, bytes src_host,
+                          int src_port, double now, str transport, int64_t conn_id):
         cdef UriSpans ruri, to_uri
         cdef NameAddr to, na
         cdef ViaSpans via
@@ -416,8 +418,6 @@ cdef class RegistrarCore:
         cdef int32_t a, slot, added = 0, removed = 0, live = 0
         cdef ContactIn* c
         cdef bint star = False, retransmission = False
-        cdef bytes src_host = source[0].encode() if isinstance(source[0], str) else bytes(source[0])
-        cdef int src_port = source[1]
         cdef Span call_id
         cdef BindingRec* br
 
@@ -961,13 +961,28 @@ cdef class RegistrarCore:
         get nothing; malformed input gets 400 when a reply can be addressed (a
         request line was read), else nothing.  Never raises for bad input.
         """
+        return self._serve(data, _host_bytes(source[0]), source[1], now, transport, conn_id, 0, 1)
+
+    def serve_shard(self, bytes data, bytes src_host, int src_port, double now, str transport,
+                    int64_t conn_id, int shard, int nshards):
+        """:meth:`serve` for one shard of ``nshards``: a REGISTER whose AOR
+        ``shard_of`` gives to another shard is not served but answered with
+        that shard's number (an int).  Otherwise the reply bytes or None, as
+        :meth:`serve`.  The source host comes as ASCII bytes.  One scan of the
+        message decides both, which is why the server's receive loop calls this
+        rather than ``aor_key`` and then ``serve``."""
+        return self._serve(data, src_host, src_port, now, transport, conn_id, shard, nshards)
+
+    cdef object _serve(self, bytes data, bytes src_host, int src_port, double now,
+                       str transport, int64_t conn_id, int shard, int nshards):
         cdef Msg m
         cdef const char* buf = PyBytes_AS_STRING(data)
-        cdef int rc
-        cdef bytes src_host
+        cdef int rc, owner
         cdef object reply
         cdef UriSpans ruri
         cdef Py_ssize_t err = 0
+        cdef char aor[MAX_AOR + 1]
+        cdef Py_ssize_t aor_len
         self.last_now = now
         rc = scan_message(buf, PyBytes_GET_SIZE(data), &m, &self.lim)
         try:
@@ -979,12 +994,18 @@ cdef class RegistrarCore:
                 self.parse_errors += 1
                 return None
             if m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0:
+                if nshards > 1:
+                    aor_len = _request_aor(buf, &m, aor)
+                    if aor_len >= 0:
+                        owner = aor_hash(aor, aor_len) % <uint64_t>nshards
+                        if owner != shard:
+                            return owner
                 self.register_count += 1
-                reply = self._register(data, buf, &m, rc, source, now, transport, conn_id)
+                reply = self._register(data, buf, &m, rc, src_host, src_port, now, transport,
+                                       conn_id)
                 if reply is None:
-                    src_host = source[0].encode() if isinstance(source[0], str) else source[0]
                     reply = self._reply(buf, &m, 404, "Not Found (domain not served here)", None,
-                                        src_host, source[1], now)
+                                        src_host, src_port, now)
                 return reply
             method = PyBytes_FromStringAndSize(buf + m.method.off, m.method.length).decode("ascii")
             if method not in METHODS:
@@ -994,30 +1015,29 @@ cdef class RegistrarCore:
                 return None
             # RFC 3261 8.2: a request this server does not register still gets
             # the checks every UAS makes, in this order.
-            src_host = source[0].encode() if isinstance(source[0], str) else source[0]
             if rc != OK:
-                return self._malformed(buf, &m, rc, src_host, source[1], now)
+                return self._malformed(buf, &m, rc, src_host, src_port, now)
             missing = _missing_header(&m)
             if missing is not None:
-                return self._reply(buf, &m, 400, missing, None, src_host, source[1], now)
+                return self._reply(buf, &m, 400, missing, None, src_host, src_port, now)
             rc = scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err)
             if rc == -2:
                 return self._reply(buf, &m, 416, "Unsupported URI Scheme", None, src_host,
-                                   source[1], now)
+                                   src_port, now)
             if method != "OPTIONS":
                 return self._reply(buf, &m, 405, "Method Not Allowed",
-                                   [("Allow", "REGISTER, OPTIONS")], src_host, source[1], now)
+                                   [("Allow", "REGISTER, OPTIONS")], src_host, src_port, now)
             unsupported = self._unsupported(data, &m)
             if unsupported is None:
                 return self._reply(buf, &m, 400, "Bad Require header", None, src_host,
-                                   source[1], now)
+                                   src_port, now)
             if unsupported:
                 return self._reply(buf, &m, 420, "Bad Extension", [("Unsupported", unsupported)],
-                                   src_host, source[1], now)
+                                   src_host, src_port, now)
             return self._reply(buf, &m, 200, "OK",
                                [("Allow", "REGISTER, OPTIONS"),
                                 ("Supported", ", ".join(SUPPORTED_OPTIONS)),
-                                ("Accept", "application/sdp")], src_host, source[1], now)
+                                ("Accept", "application/sdp")], src_host, src_port, now)
         finally:
             msg_release(&m)
 
@@ -1031,9 +1051,8 @@ cdef class RegistrarCore:
         try:
             if m.status != 0 or m.method.length == 0:
                 return None
-            src_host = source[0].encode() if isinstance(source[0], str) else source[0]
-            return self._reply(buf, &m, status, reason, list(headers or ()), src_host,
-                               source[1], now)
+            return self._reply(buf, &m, status, reason, list(headers or ()),
+                               _host_bytes(source[0]), source[1], now)
         finally:
             msg_release(&m)
 
@@ -1083,35 +1102,46 @@ def _aor_key(aor):
         return aor
 
 
+cdef bytes _host_bytes(host):
+    """A source host (str or bytes) as the bytes the reply's Via carries."""
+    return host.encode() if isinstance(host, str) else bytes(host)
+
+
+cdef Py_ssize_t _request_aor(const char* buf, Msg* m, char* aor) noexcept:
+    """The canonical AOR of a scanned request's To URI into ``aor`` (MAX_AOR
+    bytes): its length, or -1 when To is missing or not a SIP URI."""
+    cdef NameAddr to
+    cdef UriSpans u
+    cdef Py_ssize_t err = 0
+    cdef Header* h
+    if m.first[<int>HDR_TO] < 0:
+        return -1
+    h = &m.hdrs[m.first[<int>HDR_TO]]
+    if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
+        return -1
+    if scan_sip_uri(buf, to.uri.off, to.uri.off + to.uri.length, &u, &err) != 0:
+        return -1
+    return canonical_aor(buf, &u, aor, MAX_AOR)
+
+
 def aor_key(bytes data):
     """The canonical AOR (bytes) of a REGISTER datagram, or None when ``data`` is
     not a REGISTER request with a SIP To URI.  Workers shard on it."""
     cdef Msg m
     cdef Limits lim
-    cdef const char* buf = PyBytes_AS_STRING(data)
-    cdef NameAddr to
-    cdef UriSpans u
-    cdef Py_ssize_t err = 0, n
-    cdef Header* h
+    cdef Py_ssize_t n
     cdef char aor[MAX_AOR + 1]
     lim.max_size = 65535
     lim.max_headers = 256
     lim.max_line = 8192
     lim.max_uri = 4096
     lim.max_contacts = MAX_REQUEST_CONTACTS
-    scan_message(buf, PyBytes_GET_SIZE(data), &m, &lim)
+    scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &lim)
     try:
         if m.status != 0 or not (m.method.length == 8 and
-                                 memcmp(buf + m.method.off, b"REGISTER", 8) == 0):
+                                 memcmp(PyBytes_AS_STRING(data) + m.method.off, b"REGISTER", 8) == 0):
             return None
-        if m.first[<int>HDR_TO] < 0:
-            return None
-        h = &m.hdrs[m.first[<int>HDR_TO]]
-        if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
-            return None
-        if scan_sip_uri(buf, to.uri.off, to.uri.off + to.uri.length, &u, &err) != 0:
-            return None
-        n = canonical_aor(buf, &u, aor, MAX_AOR)
+        n = _request_aor(PyBytes_AS_STRING(data), &m, aor)
         return None if n < 0 else PyBytes_FromStringAndSize(aor, n)
     finally:
         msg_release(&m)

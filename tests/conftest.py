@@ -32,6 +32,18 @@ def softphone_register() -> bytes:
 
 
 @pytest.fixture
+def skip_without_steering():
+    """skip_without_steering(): skip the test unless the kernel loads the
+    steering program (fastsip.server.steer needs CAP_BPF)."""
+    def _skip():
+        from fastsip.server.testing import steering_unavailable
+        reason = steering_unavailable()
+        if reason:
+            pytest.skip(reason)
+    return _skip
+
+
+@pytest.fixture
 def start(tmp_path):
     """start(*flags, workers=2, state=True, **kw) -> a running ``fastsip serve``
     (fastsip.server.testing.ServerProcess) in tmp_path; state=True: a state file

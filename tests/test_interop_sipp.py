@@ -59,8 +59,13 @@ def test_sipp_register_refresh_fetch_unregister(sipp, server, tmp_path, transpor
     assert m['fastsip_received_total{transport="%s"}' % transport] == 80
 
 
-def test_sipp_one_socket_per_call_spreads_over_workers(sipp, server, tmp_path):
-    srv = server(workers=2)
+@pytest.mark.parametrize("steer", [True, False])
+def test_sipp_one_socket_per_call_spreads_over_workers(sipp, server, tmp_path, steer,
+                                                     skip_without_steering):
+    if steer:
+        skip_without_steering()
+    srv = server(*([] if steer else ["--no-steer"]), workers=2)
+    assert ("kernel steering by AOR on" in srv.start_line) == steer
     run_sipp(sipp, tmp_path, "register.xml", srv.udp, "un", 40)
     found = srv.api("/api/bindings")["bindings"]
     assert len(found) == 40
@@ -68,8 +73,13 @@ def test_sipp_one_socket_per_call_spreads_over_workers(sipp, server, tmp_path):
         # the contact names the port SIPp sent from, and the server recorded that source
         assert b["contact"].startswith(b["aor"].split("@")[0] + "@127.0.0.1:%d;" % b["source"][1])
         assert b["transport"] == "udp" and b["user_agent"] == "SIPp"
+    received = [w["received_udp"] for w in srv.api("/api/workers")["workers"]]
+    assert sum(received) == 40 and all(received), received
     m = srv.metrics()
-    assert m["fastsip_handoffs_total"] > 0          # 40 sockets: some reached the other worker
+    if steer:       # the kernel gave every REGISTER to the owner of its AOR
+        assert m["fastsip_handoffs_total"] == 0
+    else:           # 40 sockets spread by the 4-tuple: some reached the other worker
+        assert m["fastsip_handoffs_total"] > 0
     assert m["fastsip_aors"] == 40
 
 

@@ -135,7 +135,9 @@ def test_udp_register_matches_server_counters(serve, tmp_path):
     assert c["aors"] == c["bindings"] == 600         # phones 0..599, one contact each
     assert all(n > 0 for n in workers_received(srv)), "SO_REUSEPORT spreads the phones"
     assert sum(workers_received(srv)) == 600
-    assert c["handoffs_total"] > 0                   # AORs owned by the other worker
+    # each REGISTER reached the owner of its AOR: kernel steering, or a hand-off
+    assert c["handoffs_total"] == 0 if "steering by AOR on" in srv.start_line else \
+        c["handoffs_total"] > 0
     for i, addr in ((0, "127.1.0.1"), (599, "127.1.2.92")):
         (b,) = srv.api(f"/api/aor?aor=sip:u{i:06d}@127.0.0.1")["bindings"]
         assert b["source"][0] == addr and b["transport"] == "udp"

@@ -147,7 +147,8 @@ def test_many_tcp_connections_and_idle_timeout(start, phone):
 
 
 def test_two_phones_of_one_aor_on_different_workers_see_each_other(start, phone):
-    srv = start(workers=2)
+    # without kernel steering, so that the probes below spread by source port
+    srv = start("--no-steer", workers=2)
 
     def worker_counts():
         out = {}
@@ -181,6 +182,28 @@ def test_two_phones_of_one_aor_on_different_workers_see_each_other(start, phone)
     assert srv.metrics()["fastsip_handoffs_total"] >= 1
     owner = {b["worker"] for b in srv.api("/api/aor?aor=sip:carol@example.com")["bindings"]}
     assert len(owner) == 1
+
+
+def test_kernel_steering_delivers_each_register_to_its_aor_owner(start, phone,
+                                                                skip_without_steering):
+    """With the eBPF steering program, phones on 30 source ports registering 30
+    AORs (two ports per AOR for some) reach the owner of the AOR directly: no
+    hand-off, both workers busy, every binding held by shard_of(aor, 2)."""
+    skip_without_steering()
+    srv = start(workers=2)
+    assert "kernel steering by AOR on" in srv.start_line
+    for i in range(30):
+        p = phone(srv.udp)
+        user = f"s{i % 20}"
+        c = f"sip:{user}@127.0.0.1:{p.local[1]}"
+        r = p.ask(register(user, contact=c, call_id=f"st{i}", expires=600))
+        assert r.status == 200 and c in contacts_of(r)
+    m = srv.metrics()
+    assert m["fastsip_handoffs_total"] == 0
+    assert all(w["received_udp"] for w in srv.api("/api/workers")["workers"])
+    for b in srv.api("/api/bindings")["bindings"]:
+        assert b["worker"] == fastsip.shard_of(b["aor"], 2), b
+    assert m["fastsip_aors"] == 20 and m["fastsip_bindings"] == 30
 
 
 def test_digest_auth_challenge_and_answer(start, tmp_path, phone):

@@ -177,7 +177,8 @@ def test_binding_validation():
 
 def test_stable_hash_and_shards():
     # fixed values: shards must not move between processes, restarts or machines
-    assert stable_hash("sip:alice@example.com") == 12659085556788018648
+    # (FNV-1a 64 and a final mix, as the kernel steering program computes it)
+    assert stable_hash("sip:alice@example.com") == 9940826549658344246
     assert stable_hash(b"sip:alice@example.com") == stable_hash("sip:alice@example.com")
     counts = [0] * 4
     for i in range(4000):

@@ -161,6 +161,9 @@ OPTIONS = [
      "close a TCP connection silent for this long, seconds; 0 never (default: 300)"),
     ("max-connections", _positive_int("max-connections"), 10000, False, False, "N",
      "most TCP connections per worker; more are closed at once (default: 10000)"),
+    ("no-steer", bool, False, False, False, None,
+     "do not load the eBPF program that makes the kernel deliver each UDP REGISTER to the "
+     "worker owning its AOR (without it, most REGISTERs are handed between workers)"),
     ("batch", _positive_int("batch"), 64, False, False, "N",
      "datagrams received or sent per system call (default: 64)"),
     ("log-level", _choice("log-level", ("debug", "info", "warning", "error")), "info", False, True,
@@ -195,6 +198,7 @@ class ServerConfig:
     rate_burst: float = 0.0
     tcp_idle_timeout: float = 300.0
     max_connections: int = 10000
+    no_steer: bool = False
     batch: int = 64
     log_level: str = "info"
     log_format: str = "text"

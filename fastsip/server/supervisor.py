@@ -31,7 +31,7 @@ import sys
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from fastsip.server import control, logs
+from fastsip.server import control, logs, steer
 from fastsip.server.config import ConfigError, resolve
 from fastsip.server.metrics import add_reports, render
 
@@ -151,6 +151,7 @@ class Supervisor:
         self.secret = os.urandom(32)
         self.addresses = []
         self.announced = False
+        self.steering = {}          # UDP listener -> "on", or why it is off
 
     # ------------------------------------------------------------------ setup
     def open(self):
@@ -162,6 +163,9 @@ class Supervisor:
             for transport, host, port in cfg.listen:
                 bound, socks = open_listener(transport, host, port, n)
                 self.listen.append(bound)
+                if transport == "udp" and n > 1:
+                    self.steering[_fmt(*bound)] = ("off (--no-steer)" if cfg.no_steer else
+                                                   steer.attach(socks) or "on")
                 for i, s in enumerate(socks):
                     (self.udp if transport == "udp" else self.tcp)[i].append(s)
             host, port = cfg.metrics
@@ -282,12 +286,15 @@ class Supervisor:
         where = ", ".join(_fmt(*b) for b in self.listen)
         state = os.path.abspath(cfg.state) if cfg.state else "none (--no-state: bindings in memory only)"
         mh, mp = self.metrics_addr
+        steering = set(self.steering.values())
+        steering = ("; kernel steering by AOR " + (steering.pop() if len(steering) == 1 else
+                    ", ".join(f"{k} {v}" for k, v in self.steering.items()))) if steering else ""
         line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
                 f"{'s' if cfg.workers != 1 else ''}; state {state}; "
-                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics")
+                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics{steering}")
         print(line, flush=True)
         logs.event(logging.INFO, line, listen=[_fmt(*b) for b in self.listen], workers=cfg.workers,
-                   state=cfg.state, metrics=f"{mh}:{mp}")
+                   state=cfg.state, metrics=f"{mh}:{mp}", steering=self.steering)
 
     def _reap(self):
         while True:

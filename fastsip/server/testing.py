@@ -25,6 +25,16 @@ _LINE = re.compile(r"listening on (?P<listen>[^;]+); (?P<workers>\d+) workers?; 
                    r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics")
 
 
+def steering_unavailable():
+    """Why this kernel will not load the steering program (None when it will)."""
+    from fastsip.server import steer
+    try:
+        os.close(steer.load(2))
+    except steer.SteerError as exc:
+        return f"no kernel steering here: {exc}"
+    return None
+
+
 class ServerProcess:
     """``fastsip serve`` in a subprocess (its own session, so that its workers die with it)."""
 

@@ -247,58 +247,30 @@ class Worker:
 
     # ------------------------------------------------------------------ UDP
     def _on_udp(self, li, sock):
-        recv = self.io.recv
-        serve = self.reg.serve
+        """Serve what waits on one UDP socket: ``BatchIO.serve_udp`` reads a
+        batch, answers what this shard owns and queues the rest for its owners."""
+        serve_udp = self.io.serve_udp
+        serve_shard = self.reg.serve_shard
         fd = sock.fileno()
-        n = self.n
-        me = self.index
-        vlen = self.io.vlen
-        limit = self.cfg.rate_limit
-        if n > 1:
-            aor_key = fastsip.aor_key
-            shard_of = fastsip.shard_of
-            q = self.handoff_q
-            pack = HANDOFF.pack
-        received = 0
+        allow = self._allow if self.cfg.rate_limit else None
+        received = handed = 0
         for _ in range(UDP_BATCHES_PER_EVENT):
-            items = recv(fd)
-            if not items:
-                break
             now = time.time()
             t0 = time.perf_counter()
-            out = []
-            handed = 0
-            for data, src in items:
-                if limit and not self._allow(src[0], now):
-                    continue
-                try:
-                    if n > 1:
-                        key = aor_key(data)
-                        if key is not None:
-                            s = shard_of(key, n)
-                            if s != me:
-                                host = src[0].encode()
-                                q[s].append((pack(H_UDP, li, me, len(host), -1, src[1]) + host
-                                             + data, None))
-                                handed += 1
-                                continue
-                    reply = serve(data, src, now, "udp", -1)
-                except Exception:       # noqa: BLE001 - a bug in the core: log, go on
-                    self._bug(data)
-                    continue
-                if reply is not None:
-                    out.append((reply, src))
-            if out:
-                self.io.send(fd, out)
-            if handed:
-                self.c["handoffs_sent"] += handed
-                self._send_handoffs()
-            received += len(items)
-            self.c["batches"]["udp"] += 1
-            self.hist.observe(time.perf_counter() - t0, len(items) - handed)
-            if len(items) < vlen:
+            got, out = serve_udp(fd, serve_shard, now, self.index, self.n, li, self.handoff_q,
+                                 allow, self._bug)
+            if not got:
                 break
+            received += got
+            handed += out
+            self.c["batches"]["udp"] += 1
+            self.hist.observe(time.perf_counter() - t0, got - out)
+            if got < self.io.vlen:
+                break
+        if handed:
+            self._send_handoffs()
         self.c["received"]["udp"] += received
+        self.c["handoffs_sent"] += handed
 
     def _allow(self, host, now) -> bool:
         b = self.rate.get(host)
@@ -350,52 +322,38 @@ class Worker:
                     self.c["dropped"]["handoff_overflow"] += drop
 
     def _on_inbox(self):
-        recv = self.inbox_io.recv
-        serve = self.reg.serve
+        """Serve requests other workers handed over: UDP ones in ``serve_inbox``,
+        TCP requests and TCP replies here (they need this worker's connections)."""
+        serve_inbox = self.inbox_io.serve_inbox
+        serve_shard = self.reg.serve_shard
         fd = self.inbox.fileno()
-        unpack = HANDOFF.unpack_from
-        hs = HANDOFF.size
+        udp_fds = [s.fileno() for s in self.udp]
         for _ in range(UDP_BATCHES_PER_EVENT):
-            items = recv(fd)
-            if not items:
-                break
             now = time.time()
             t0 = time.perf_counter()
-            udp_out = {}
-            count = 0
-            for blob, _ in items:
-                try:
-                    kind, li, origin, hl, cid, port = unpack(blob)
-                except struct.error:
-                    continue
-                host = blob[hs:hs + hl].decode("ascii", "replace")
-                data = blob[hs + hl:]
+            got, count, others = serve_inbox(fd, serve_shard, now, udp_fds, self._bug)
+            if not got:
+                break
+            for kind, li, origin, host, cid, port, data in others:
                 if kind == H_TCP_REPLY:
                     conn = self.conn_ids.get(cid)
                     if conn is not None:
                         self._write(conn, data)
                     continue
+                if kind != H_TCP:
+                    continue
                 count += 1
-                src = (host, port)
                 try:
-                    reply = serve(data, src, now, "udp" if kind == H_UDP else "tcp",
-                                  -1 if kind == H_UDP else cid)
+                    reply = serve_shard(data, host.encode(), port, now, "tcp", cid, 0, 1)
                 except Exception:       # noqa: BLE001 - a bug in the core: log, go on
                     self._bug(data)
                     continue
-                if reply is None:
-                    continue
-                if kind == H_UDP:
-                    if li < len(self.udp):
-                        udp_out.setdefault(li, []).append((reply, src))
-                elif kind == H_TCP:
+                if reply is not None:
                     self._reply_tcp(origin, cid, reply)
-            for li, out in udp_out.items():
-                self.io.send(self.udp[li].fileno(), out)
             self.c["handoffs_received"] += count
             self.c["batches"]["inbox"] += 1
             self.hist.observe(time.perf_counter() - t0, count)
-            if len(items) < self.inbox_io.vlen:
+            if got < self.inbox_io.vlen:
                 break
 
     def _reply_tcp(self, origin, cid, reply):
@@ -455,6 +413,8 @@ class Worker:
         t0 = time.perf_counter()
         n = self.n
         handled = 0
+        host = conn.peer[0].encode()
+        serve_shard = self.reg.serve_shard
         for item in items:
             if item == fastsip.PING:
                 self.c["keepalives"] += 1
@@ -463,23 +423,18 @@ class Worker:
             if conn.fd not in self.conns:
                 return
             self.c["received"]["tcp"] += 1
-            if self.cfg.rate_limit and not self._allow(conn.peer[0], now):
+            if self.cfg.rate_limit and not self._allow(host, now):
                 continue
             try:
-                if n > 1:
-                    key = fastsip.aor_key(item)
-                    if key is not None:
-                        s = fastsip.shard_of(key, n)
-                        if s != self.index:
-                            host = conn.peer[0].encode()
-                            self.handoff_q[s].append(
-                                (HANDOFF.pack(H_TCP, 0, self.index, len(host), conn.cid,
-                                              conn.peer[1]) + host + item, None))
-                            self.c["handoffs_sent"] += 1
-                            continue
-                reply = self.reg.serve(item, conn.peer, now, "tcp", conn.cid)
+                reply = serve_shard(item, host, conn.peer[1], now, "tcp", conn.cid, self.index, n)
             except Exception:           # noqa: BLE001 - a bug in the core: log, go on
                 self._bug(item)
+                continue
+            if type(reply) is int:
+                self.handoff_q[reply].append(
+                    (HANDOFF.pack(H_TCP, 0, self.index, len(host), conn.cid, conn.peer[1])
+                     + host + item, None))
+                self.c["handoffs_sent"] += 1
                 continue
             handled += 1
             if reply is not None:

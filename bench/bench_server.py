@@ -68,7 +68,7 @@ def _raise_nofile():
 
 
 def run_rate(args, rate, workdir, users_file, inject_file):
-    flags = ["--log-level", "warning", "--max-expires", "3600"]
+    flags = ["--log-level", "warning", "--max-expires", "3600"] + args.server_flags
     if args.auth:
         flags += ["--realm", "127.0.0.1", "--users", users_file, "--auth-algorithms", "MD5"]
     state = os.path.join(workdir, f"state-{rate}.sqlite3") if args.state else None
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-socket", type=int, default=15000, help="sipp -max_socket")
     ap.add_argument("--sipp", default=shutil.which("sipp"), help="path to sipp")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("server_flags", nargs="*", metavar="-- FLAG",
+                    help="more flags for fastsip serve, after --, e.g. -- --batch-wait 200")
     args = ap.parse_args(argv)
     if not args.sipp:
         print("bench_server: sipp not found (apt-get install sip-tester)", file=sys.stderr)

@@ -164,6 +164,10 @@ OPTIONS = [
     ("no-steer", bool, False, False, False, None,
      "do not load the eBPF program that makes the kernel deliver each UDP REGISTER to the "
      "worker owning its AOR (without it, most REGISTERs are handed between workers)"),
+    ("batch-wait", _nonneg_float("batch-wait"), 0.0, False, True, "US",
+     "under steady load, wait this many microseconds after a wake-up before reading, so "
+     "that one system call reads more datagrams: less CPU per request for that much "
+     "latency; 0 reads at once (default: 0)"),
     ("batch", _positive_int("batch"), 64, False, False, "N",
      "datagrams received or sent per system call (default: 64)"),
     ("log-level", _choice("log-level", ("debug", "info", "warning", "error")), "info", False, True,
@@ -199,6 +203,7 @@ class ServerConfig:
     tcp_idle_timeout: float = 300.0
     max_connections: int = 10000
     no_steer: bool = False
+    batch_wait: float = 0.0
     batch: int = 64
     log_level: str = "info"
     log_format: str = "text"

@@ -179,9 +179,18 @@ class Worker:
         next_flush = now + self.cfg.flush_interval
         next_sweep = now + 1.0
         next_purge = now + 5.0
+        last_wake = 0.0
         while not self.stopping:
             busy = bool(self.state_pending) or any(self.handoff_q)
             events = ep.poll(0 if busy else 0.2)
+            if events and self.cfg.batch_wait:
+                # Steady traffic (woken again within two waits): let the batch grow.
+                # Slower traffic would pay a second wake-up for nothing.
+                t = time.monotonic()
+                wait = self.cfg.batch_wait * 1e-6
+                if t - last_wake < 2 * wait:
+                    time.sleep(wait)
+                last_wake = t
             for fd, ev in events:
                 kind, li, obj = kinds.get(fd, (None, 0, None))
                 if kind == "udp":

@@ -421,8 +421,8 @@ cdef class BatchIO:
         A UDP hand-off is served with ``serve_shard(..., 0, 1)`` (it is ours)
         and answered from ``udp_fds[listener]``, the socket its client sent to.
         Other hand-offs (TCP requests and TCP replies, which need the worker's
-        connections) are returned as ``(kind, listener, origin, host, conn_id,
-        port, data)`` tuples.  Returns ``(received, served, others)``.
+        connections) are returned as ``(kind, listener, origin, host (bytes),
+        conn_id, port, data)`` tuples.  Returns ``(received, served, others)``.
         """
         cdef int n = self._recv(fd), i, cnt = 0, served = 0, li, port, hl, k, fdi, j
         cdef Py_ssize_t stride = self.max_size + 1, size
@@ -453,7 +453,7 @@ cdef class BatchIO:
             data = PyBytes_FromStringAndSize(<char*>p + HANDOFF_HEADER + hl,
                                              size - HANDOFF_HEADER - hl)
             if p[0] != H_UDP:
-                others.append((p[0], li, p[2], host.decode("ascii", "replace"), cid, port, data))
+                others.append((p[0], li, p[2], host, cid, port, data))
                 continue
             served += 1
             try:

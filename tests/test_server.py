@@ -448,3 +448,24 @@ def test_bad_flags_and_unusable_addresses_exit_2(tmp_path):
                  "--no-state", "--metrics", "--config", "--rate-limit", "--log-level",
                  "--log-format", "--flush-interval"):
         assert flag in out.stdout
+
+
+def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
+    """--batch-wait 2000: a worker woken again within 4 ms sleeps 2 ms before
+    reading; a stream of 200 requests is still answered in full, and so is a
+    request after a quiet spell."""
+    srv = start("--batch-wait", "2000", workers=1, state=None)
+    p = phone(srv.udp)
+    for i in range(200):
+        p.send(request("OPTIONS", call_id=f"burst{i}"))
+        if i % 20 == 0:
+            time.sleep(0.001)            # a stream, not one datagram train
+    got = set()
+    for _ in range(200):
+        raw = p.recv(5)
+        assert raw is not None, f"{len(got)} of 200 replies"
+        got.add(fastsip.parse(raw).call_id)
+    assert got == {f"burst{i}" for i in range(200)}
+    time.sleep(0.05)
+    assert p.ask(request("OPTIONS", call_id="alone")).status == 200
+    assert srv.metrics()['fastsip_replies_total{code="200"}'] == 201

@@ -353,7 +353,7 @@ class Worker:
                     continue
                 count += 1
                 try:
-                    reply = serve_shard(data, host.encode(), port, now, "tcp", cid, 0, 1)
+                    reply = serve_shard(data, host, port, now, "tcp", cid, 0, 1)
                 except Exception:       # noqa: BLE001 - a bug in the core: log, go on
                     self._bug(data)
                     continue

@@ -7,6 +7,11 @@ items)`` sends many datagrams in one system call.  Both work on non-blocking
 UDP sockets (IPv4 and IPv6) and on connected ``AF_UNIX`` datagram sockets
 (the hand-off channels between workers, where addresses are ``None``).
 
+The server's workers use ``serve_udp`` and ``serve_inbox``: one call reads a
+batch, passes each datagram to the registrar core and sends the replies with
+one ``sendmmsg`` to the addresses they came from, so no Python code runs per
+datagram.
+
 A datagram longer than ``max_size`` is dropped and counted in
 :attr:`BatchIO.oversized`; nothing else is ever raised for what a peer sends.
 """

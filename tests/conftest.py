@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,34 @@ def torture_bytes(entry) -> bytes:
 
 def real_files(kind="register"):
     return sorted(REAL.glob(f"*-{kind}.sip"))
+
+
+def require_client(name: str, apt_package: str) -> str:
+    """The path of the interop client executable ``name`` (Debian package ``apt_package``).
+
+    Missing: the test is skipped on a developer machine, but under CI (``CI`` set,
+    where .ci/run installs every client of the matrix) it FAILS: a client that
+    cannot be installed must not turn the interop matrix green.  For a Python
+    module (pjsua2) pass the import name prefixed with ``python:``; the path
+    returned is then the module's file."""
+    if name.startswith("python:"):
+        import importlib.util
+        module = name.split(":", 1)[1]
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        path = spec.origin if spec is not None else None
+        how = f"pip install {apt_package}"
+    else:
+        path = shutil.which(name)
+        how = f"apt-get install {apt_package}"
+    if path is None:
+        msg = f"{name} is not installed ({how}; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
 
 
 @pytest.fixture

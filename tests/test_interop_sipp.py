@@ -1,16 +1,21 @@
 """Interop with a SIP client nobody here wrote: SIPp (Debian package sip-tester).
 
-The scenarios are in tests/sipp/.  SIPp checks every reply itself (status,
-and with ``ereg check_it`` that the 200 lists the contact, or none after the
-unregister) and exits non-zero on any failed call.  Skipped when sipp is not
-installed, except under CI (``CI`` set), where .ci/run installs it.
+The scenarios are in tests/sipp/; they write To as a phone does, the user at
+the registrar's host:port.  SIPp checks every reply itself (status, and with
+``ereg check_it`` that the 200 lists the contact, or none after the
+unregister) and exits non-zero on any failed call.  The matrix test runs the
+server on its defaults (only ``--realm``/``--users`` for digest; SIPp answers
+only MD5 and only the first challenge it reads) and asks the admin API for each
+user at 127.0.0.1, without the port.  Skipped when sipp is not installed,
+except under CI (``CI`` set), where .ci/run installs it.
 """
-import hashlib
 import os
-import shutil
 import subprocess
 
 import pytest
+
+from conftest import require_client
+from interop import USERS, assert_gone, fetch_one, serve
 
 
 pytestmark = pytest.mark.server
@@ -20,12 +25,7 @@ TRANSPORTS = {"udp": "u1", "tcp": "t1"}
 
 @pytest.fixture
 def sipp():
-    path = shutil.which("sipp")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("sipp is not installed (apt-get install sip-tester)")
-        pytest.skip("sipp is not installed (apt-get install sip-tester)")
-    return path
+    return require_client("sipp", "sip-tester")
 
 
 @pytest.fixture
@@ -83,24 +83,36 @@ def test_sipp_one_socket_per_call_spreads_over_workers(sipp, server, tmp_path, s
     assert m["fastsip_aors"] == 40
 
 
+@pytest.mark.parametrize("auth", [False, True], ids=["open", "digest"])
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
-def test_sipp_digest_authentication(sipp, server, tmp_path, transport):
-    users = tmp_path / "users.htdigest"
-    inject = tmp_path / "users.csv"
-    lines, rows = [], ["SEQUENTIAL"]
-    for i in range(5):
-        ha1 = hashlib.md5(f"user{i}:127.0.0.1:pw{i}".encode()).hexdigest()
-        lines.append(f"user{i}:127.0.0.1:{ha1}")
-        rows.append(f"user{i};[authentication username=user{i} password=pw{i}]")
-    users.write_text("\n".join(lines) + "\n")
-    inject.write_text("\n".join(rows) + "\n")
-    # SIPp answers only MD5 and only the first challenge: offer MD5 first
-    srv = server("--realm", "127.0.0.1", "--users", str(users), "--auth-algorithms", "MD5")
+def test_sipp_register_fetch_refresh_unregister_matrix(sipp, start, tmp_path, transport, auth):
+    """Two users, each step one SIPp run (a new Call-ID, the same Contact):
+    register, fetch by user@host, refresh with a shorter Expires, unregister."""
+    srv = serve(start, tmp_path, auth)
     addr = srv.udp if transport == "udp" else srv.tcp
-    run_sipp(sipp, tmp_path, "register_auth.xml", addr, TRANSPORTS[transport], 5,
-             "-inf", str(inject))
+    inject = tmp_path / "users.csv"
+    inject.write_text("\n".join(["SEQUENTIAL"] + [
+        f"{u};[authentication username={u} password={p}]" for u, p in USERS.items()]) + "\n")
+    scenario = "phone_auth.xml" if auth else "phone.xml"
+
+    def step(expires):
+        run_sipp(sipp, tmp_path, scenario, addr, TRANSPORTS[transport], len(USERS),
+                 "-inf", str(inject), "-key", "expires", str(expires))
+
+    step(3600)
+    first = {u: fetch_one(srv, u) for u in USERS}
+    for u, b in first.items():
+        assert b["contact"] == f"sip:{u}@127.0.0.1:5999;transport={transport.upper()}"
+        assert b["transport"] == transport and b["user_agent"] == "SIPp"
+        assert 3590 <= b["expires"] <= 3600
+    step(1800)
+    for u in USERS:
+        b = fetch_one(srv, u)
+        assert b["contact"] == first[u]["contact"] and b["call_id"] != first[u]["call_id"]
+        assert 1790 <= b["expires"] <= 1800
+    step(0)
+    for u in USERS:
+        assert_gone(srv, u)
     m = srv.metrics()
-    assert m['fastsip_replies_total{code="401"}'] == 5
-    assert m['fastsip_replies_total{code="200"}'] == 5
-    assert sorted(b["aor"] for b in srv.api("/api/bindings")["bindings"]) == \
-        [f"sip:user{i}@127.0.0.1" for i in range(5)]
+    assert m['fastsip_replies_total{code="200"}'] == 3 * len(USERS)
+    assert m.get('fastsip_replies_total{code="401"}', 0) == (3 * len(USERS) if auth else 0)

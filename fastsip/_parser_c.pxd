@@ -187,7 +187,14 @@ cdef bint ieq(const char* a, Py_ssize_t alen, const char* lower_b, Py_ssize_t bl
 cdef uint64_t hash_bytes(const char* p, Py_ssize_t n, uint64_t k0, uint64_t k1) noexcept nogil
 cdef uint64_t uri_key_hash(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
 cdef uint64_t aor_hash(const char* aor, Py_ssize_t n) noexcept nogil     # stable_hash
-cdef Py_ssize_t canonical_aor(const char* buf, const UriSpans* u, char* out, Py_ssize_t cap) noexcept nogil
+# The forms of canonical_aor: the comparison prefix of a URI (with the port),
+# the address-of-record keyed by user@host (the default), or by user alone.
+cdef enum AorForm:
+    AOR_URI = 0
+    AOR_HOST = 1
+    AOR_USER = 2
+cdef Py_ssize_t canonical_aor(const char* buf, const UriSpans* u, char* out, Py_ssize_t cap,
+                              int form) noexcept nogil
 cdef Py_ssize_t scan_quoted(const char* buf, Py_ssize_t pos, Py_ssize_t end) noexcept nogil
 cdef Span trim(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept nogil
 cdef object raise_parse_error(int code, Py_ssize_t pos, object data, const Limits* lim, const Msg* m)

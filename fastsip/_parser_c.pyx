@@ -1313,7 +1313,9 @@ cdef class CSeq:
 cdef class SipURI:
     """A parsed SIP or SIPS URI.  ``user``, ``password`` and ``params``/``headers``
     values are unescaped; ``aor`` is the canonical address-of-record of RFC 3261
-    10.3 step 5 (no parameters or headers, unescaped user, lower-case host)."""
+    10.3 step 5 (no parameters or headers, unescaped user, lower-case host),
+    without the port: ``sip:alice@example.com:5060`` has the AOR
+    ``sip:alice@example.com``, as in Kamailio and OpenSIPS."""
 
     cdef readonly str scheme, user, password, host, aor, text
     cdef readonly object port, params, headers
@@ -1352,10 +1354,7 @@ cdef SipURI _make_uri(bytes data, UriSpans* u):
     aor = r.scheme + ":"
     if r.user is not None:
         aor += r.user + "@"
-    aor += r.host.lower()
-    if u.port >= 0:
-        aor += ":" + str(u.port)
-    r.aor = aor
+    r.aor = aor + r.host.lower()            # canonical_aor's AOR_HOST: no port
     return r
 
 
@@ -2139,21 +2138,28 @@ cdef Py_ssize_t _put(char* out, Py_ssize_t at, Py_ssize_t cap, const char* src, 
     return at
 
 
-cdef Py_ssize_t canonical_aor(const char* buf, const UriSpans* u, char* out, Py_ssize_t cap) noexcept nogil:
-    """The address-of-record of RFC 3261 10.3 step 5 for a scanned SIP URI:
-    scheme, unescaped user, lower-case host and the port; no parameters,
-    headers or password.  Returns its length, or -1 when it does not fit."""
+cdef Py_ssize_t canonical_aor(const char* buf, const UriSpans* u, char* out, Py_ssize_t cap,
+                              int form) noexcept nogil:
+    """A scanned SIP URI in canonical form: scheme, unescaped user, lower-case
+    host; never parameters, headers or password.  ``form`` AOR_HOST is the
+    address-of-record of RFC 3261 10.3 step 5 without the port (a phone that
+    writes the registrar's host:port into To registers the same AOR as one
+    that does not); AOR_USER keeps only the user (single-domain deployments;
+    a URI without a user keeps its host); AOR_URI keeps the port (the prefix
+    of the comparison form).  Returns the length, or -1 when it does not fit."""
     cdef Py_ssize_t at = 0
     cdef char digits[8]
     cdef int port = u.port, nd = 0
     at = _put(out, at, cap, b"sips:" if u.sips else b"sip:", 5 if u.sips else 4, False, False)
     if at >= 0 and u.user.off >= 0:
         at = _put(out, at, cap, buf + u.user.off, u.user.length, False, True)
+        if form == AOR_USER:
+            return at
         if at >= 0:
             at = _put(out, at, cap, b"@", 1, False, False)
     if at >= 0:
         at = _put(out, at, cap, buf + u.host.off, u.host.length, True, False)
-    if at >= 0 and port >= 0:
+    if at >= 0 and port >= 0 and form == AOR_URI:
         while True:
             digits[7 - nd] = <char>(48 + port % 10)
             nd += 1
@@ -2188,7 +2194,7 @@ cdef uint64_t uri_key_hash(const char* buf, Py_ssize_t s, Py_ssize_t e) noexcept
     cdef uint64_t h, params = 0
     if e - s > 1024 or scan_sip_uri(buf, s, e, &u, &err) != 0:
         return hash_bytes(buf + s, e - s, 0x5eed, 0xc0ffee)
-    at = canonical_aor(buf, &u, tmp, 1024)
+    at = canonical_aor(buf, &u, tmp, 1024, AOR_URI)
     if at >= 0 and u.password.off >= 0:
         at = _put(tmp, at, 1024, b":", 1, False, False)
         if at >= 0:

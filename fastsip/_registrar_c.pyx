@@ -16,6 +16,7 @@ from fastsip._parser_c cimport (
     HDR_AUTHORIZATION, HDR_CALL_ID, HDR_CONTACT, HDR_CSEQ, HDR_EXPIRES, HDR_FROM, HDR_PATH,
     HDR_REQUIRE, HDR_SUPPORTED, HDR_TO, HDR_USER_AGENT, HDR_VIA, Header, Limits, Msg, NameAddr,
     OK, E_BODY_SHORT, E_VERSION, Span, UriSpans, ViaSpans, aor_hash, bad_call_id, canonical_aor,
+    AOR_HOST, AOR_USER,
     hash_bytes, ieq,
     TokenIter, msg_release, next_header_token, parse_name_addr, parse_qvalue, parse_uint, parse_via,
     scan_message, scan_param, scan_sip_uri, skip_lws, uri_key_hash)
@@ -92,6 +93,7 @@ cdef class RegistrarCore:
     cdef object _authorize_obj
     cdef AuthCore _auth_core               # the same object, when its check is Authorize's
     cdef readonly double last_now
+    cdef int aor_form                      # AOR_HOST or AOR_USER (canonical_aor)
     cdef Limits lim
     cdef char* out
     cdef Py_ssize_t out_len, out_cap
@@ -119,7 +121,8 @@ cdef class RegistrarCore:
 
     def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
                  int max_contacts=16, domains=None, addresses=(), authorize=None,
-                 server="fastsip", bint track_changes=False):
+                 server="fastsip", bint track_changes=False, str aor_by="user@host"):
+        self.aor_form = _aor_form(aor_by)
         self.configure(min_expires=min_expires, max_expires=max_expires,
                        default_expires=default_expires, max_contacts=max_contacts)
         self.store = Store(track_changes=track_changes)
@@ -134,6 +137,19 @@ cdef class RegistrarCore:
         self.server_line = f"Server: {server}\r\n".encode() if server else b""
         self.other_requests = {}
         self.last_now = 0.0
+
+    @property
+    def aor_by(self):
+        """What keys a binding: "user@host" (the AOR without port or
+        parameters, the default) or "user" (the user part alone: one domain)."""
+        return "user" if self.aor_form == AOR_USER else "user@host"
+
+    def aor_of(self, aor):
+        """The key this registrar stores ``aor`` (a SIP URI as str or bytes)
+        under, as str: ``sip:alice@Example.COM:5060;transport=tcp`` ->
+        ``sip:alice@example.com`` (``sip:alice`` when keyed by user).  A
+        string that is not a SIP URI is returned as it is."""
+        return _aor_text(aor, self.aor_form)
 
     @property
     def authorize(self):
@@ -503,7 +519,7 @@ cdef class RegistrarCore:
                                    (<Reply>refusal).headers, src_host, src_port, now)
 
         # 5. The canonical AOR.
-        aor_len = canonical_aor(buf, &to_uri, aor, MAX_AOR)
+        aor_len = canonical_aor(buf, &to_uri, aor, MAX_AOR, self.aor_form)
         if aor_len < 0:
             return self._reply(buf, m, 400, f"AOR longer than {MAX_AOR} bytes", None, src_host,
                                src_port, now)
@@ -923,7 +939,7 @@ cdef class RegistrarCore:
                               aor_domain, now)
         if outcome == 0:
             return None
-        return _refusal(core._result(outcome, realm, now, None))
+        return _refusal(core._result(outcome, realm, now, None, aor_user))
 
     cdef object _authorize_parsed(self, bytes data, const char* buf, Msg* m, UriSpans* to_uri,
                                   double now):
@@ -995,7 +1011,7 @@ cdef class RegistrarCore:
                 return None
             if m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0:
                 if nshards > 1:
-                    aor_len = _request_aor(buf, &m, aor)
+                    aor_len = _request_aor(buf, &m, aor, self.aor_form)
                     if aor_len >= 0:
                         owner = aor_hash(aor, aor_len) % <uint64_t>nshards
                         if owner != shard:
@@ -1060,7 +1076,7 @@ cdef class RegistrarCore:
 
     def lookup(self, aor, now=None):
         """The bindings of ``aor`` valid at ``now`` (default: the latest time seen)."""
-        return self.store.lookup(_aor_key(aor), self.last_now if now is None else now)
+        return self.store.lookup(self.aor_of(aor), self.last_now if now is None else now)
 
     def stats(self):
         """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
@@ -1093,13 +1109,26 @@ cdef str _unescape(bytes raw):
     return parse_uri(b"sip:" + raw + b"@h").user
 
 
-def _aor_key(aor):
-    """The canonical AOR of a URI given as str (``sip:alice@Example.com;x`` ->
-    ``sip:alice@example.com``); non-URI strings are used as they are."""
-    try:
-        return parse_uri(aor).aor
-    except ParseError:
-        return aor
+cdef int _aor_form(str by) except -1:
+    if by == "user@host":
+        return AOR_HOST
+    if by == "user":
+        return AOR_USER
+    raise ValueError(f'aor_by must be "user@host" or "user", not {by!r}')
+
+
+cdef object _aor_text(object aor, int form):
+    """``RegistrarCore.aor_of``: the canonical AOR of a URI given as str or bytes."""
+    cdef bytes b = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else bytes(aor)
+    cdef UriSpans u
+    cdef Py_ssize_t err = 0, n
+    cdef char out[MAX_AOR + 1]
+    if scan_sip_uri(b, 0, len(b), &u, &err) != 0:
+        return aor if isinstance(aor, str) else b.decode("utf-8", "surrogateescape")
+    n = canonical_aor(b, &u, out, MAX_AOR, form)
+    if n < 0:
+        return b.decode("utf-8", "surrogateescape")
+    return PyBytes_FromStringAndSize(out, n).decode("utf-8", "surrogateescape")
 
 
 cdef bytes _host_bytes(host):
@@ -1107,7 +1136,7 @@ cdef bytes _host_bytes(host):
     return host.encode() if isinstance(host, str) else bytes(host)
 
 
-cdef Py_ssize_t _request_aor(const char* buf, Msg* m, char* aor) noexcept:
+cdef Py_ssize_t _request_aor(const char* buf, Msg* m, char* aor, int form) noexcept:
     """The canonical AOR of a scanned request's To URI into ``aor`` (MAX_AOR
     bytes): its length, or -1 when To is missing or not a SIP URI."""
     cdef NameAddr to
@@ -1121,12 +1150,14 @@ cdef Py_ssize_t _request_aor(const char* buf, Msg* m, char* aor) noexcept:
         return -1
     if scan_sip_uri(buf, to.uri.off, to.uri.off + to.uri.length, &u, &err) != 0:
         return -1
-    return canonical_aor(buf, &u, aor, MAX_AOR)
+    return canonical_aor(buf, &u, aor, MAX_AOR, form)
 
 
-def aor_key(bytes data):
+def aor_key(bytes data, str by="user@host"):
     """The canonical AOR (bytes) of a REGISTER datagram, or None when ``data`` is
-    not a REGISTER request with a SIP To URI.  Workers shard on it."""
+    not a REGISTER request with a SIP To URI.  Workers shard on it.  ``by``:
+    "user@host" or "user", as ``RegistrarCore.aor_by``."""
+    cdef int form = _aor_form(by)
     cdef Msg m
     cdef Limits lim
     cdef Py_ssize_t n
@@ -1141,7 +1172,7 @@ def aor_key(bytes data):
         if m.status != 0 or not (m.method.length == 8 and
                                  memcmp(PyBytes_AS_STRING(data) + m.method.off, b"REGISTER", 8) == 0):
             return None
-        n = _request_aor(PyBytes_AS_STRING(data), &m, aor)
+        n = _request_aor(PyBytes_AS_STRING(data), &m, aor, form)
         return None if n < 0 else PyBytes_FromStringAndSize(aor, n)
     finally:
         msg_release(&m)

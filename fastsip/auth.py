@@ -308,6 +308,7 @@ class Authorize(AuthCore):
         # The nonce-counts live in AuthCore (``_counts``).
         self._dummy_password = secrets.token_hex(16)
         self._ha1_cache = {}
+        self._common = None         # (len(users), the hashes every user holds)
 
     def __repr__(self):
         # never the users or the secret
@@ -352,14 +353,55 @@ class Authorize(AuthCore):
 
     # -- challenges and nonces ---------------------------------------------
 
-    def challenge(self, realm: str, now: float, stale: bool = False) -> list[str]:
-        """WWW-Authenticate values, one per algorithm, in ``algorithms`` order."""
+    def challenge(self, realm: str, now: float, stale: bool = False,
+                  user: str | None = None) -> list[str]:
+        """WWW-Authenticate values, one per algorithm of
+        :meth:`algorithms_for` ``(user, realm)``, in ``algorithms`` order
+        (``user``: the user part of the AOR in To; None offers them all)."""
         nonce = self._new_nonce(realm, now)
         tail = f', qop="{",".join(self.qop)}"' if self.qop else ""
         if stale:
             tail += ", stale=true"
+        offered = self.algorithms if user is None else self.algorithms_for(user, realm)
         return [f'Digest realm={_quote(realm)}, nonce="{nonce}", algorithm={alg}{tail}'
-                for alg in self.algorithms]
+                for alg in offered]
+
+    def algorithms_for(self, user: str, realm: str) -> tuple:
+        """The configured algorithms that can verify for ``user`` in ``realm``:
+        those whose hash the users source holds for that user.  A plain
+        htdigest line holds MD5 only, a line with a ``SHA-256=`` field both;
+        plain passwords (a dict of them, a callable) allow every algorithm.
+        A user the source does not know gets what every user it holds can
+        answer, so the challenge does not tell known users from unknown ones
+        (unless the file mixes lines with and without SHA-256).  Never empty:
+        when nothing configured can verify, every configured algorithm."""
+        users = self._users
+        if callable(users) or user in users:
+            return self.algorithms
+        held = {base for base in _HASHES if (user, realm, base) in users}
+        if (user, realm) in users:
+            held.add("MD5")
+        if not held:
+            held = self._common_bases()
+        return tuple(a for a in self.algorithms if _base(a) in held) or self.algorithms
+
+    def _common_bases(self):
+        """The hashes every user of the (dict) source holds, remembered until
+        the number of entries changes."""
+        users = self._users
+        if self._common is None or self._common[0] != len(users):
+            per_user = {}
+            for key in users:
+                if isinstance(key, tuple):
+                    base = "MD5" if len(key) == 2 else key[2]
+                    per_user.setdefault(key[:2], set()).add(base)
+                else:
+                    per_user[key] = set(_HASHES)
+            common = set(_HASHES)
+            for bases in per_user.values():
+                common &= bases
+            self._common = (len(users), frozenset(common))
+        return self._common[1]
 
     # _mac(head, realm): HMAC-SHA-256 over head | realm, first 16 bytes (AuthCore)
 
@@ -375,18 +417,17 @@ class Authorize(AuthCore):
         """Check a request's credentials; see docs/auth.md for the order."""
         outcome, realm, user = self._check(method, request_uri, credentials, aor_user,
                                            aor_domain, now)
-        return self._result(outcome, realm, now, user)
+        return self._result(outcome, realm, now, user, aor_user)
 
-    def _result(self, outcome, realm, now, user):
-        """The AuthResult of an outcome of ``AuthCore.verify``."""
+    def _result(self, outcome, realm, now, user, aor_user):
+        """The AuthResult of an outcome of ``AuthCore.verify`` (``aor_user``:
+        the user named in To, whose algorithms a 401 offers)."""
         status, reason, stale = _outcome(outcome)
         if status == 401:
-            return self._unauthorized(realm, now, reason, stale)
+            headers = [("WWW-Authenticate", v)
+                       for v in self.challenge(realm, now, stale, aor_user)]
+            return AuthResult(False, 401, reason, None, headers)
         return AuthResult(status == 0, status, reason, user if status in (0, 403) else None)
-
-    def _unauthorized(self, realm, now, reason, stale=False):
-        headers = [("WWW-Authenticate", v) for v in self.challenge(realm, now, stale)]
-        return AuthResult(False, 401, reason, None, headers)
 
     def _ha1(self, user, realm, base):
         """The hex HA1 of ``user`` for a base algorithm, or None if unknown.

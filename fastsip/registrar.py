@@ -14,14 +14,17 @@ made in the compiled ``fastsip._registrar_c``; this module adds the
 conveniences of the Net::SIP heritage (``receive``/``query``/``expire``,
 ``ReceiveChain``).  See docs/conformance.md for each rule.
 """
+import re
 import time
 
-from fastsip._registrar_c import RegistrarCore, SUPPORTED_OPTIONS, _aor_key, aor_key
+from fastsip._parser_c import parse_uri
+from fastsip.errors import ParseError
+from fastsip._registrar_c import RegistrarCore, SUPPORTED_OPTIONS, aor_key
 from fastsip._store_c import Binding, Store
 from fastsip._parser_c import shard_of, stable_hash
 
-__all__ = ["Registrar", "ReceiveChain", "Binding", "Store", "aor_key", "shard_of",
-           "stable_hash", "make_response", "SUPPORTED_OPTIONS"]
+__all__ = ["Registrar", "ReceiveChain", "Binding", "Store", "aor_key", "aor_from_text",
+           "shard_of", "stable_hash", "make_response", "SUPPORTED_OPTIONS"]
 
 
 class Registrar(RegistrarCore):
@@ -35,12 +38,15 @@ class Registrar(RegistrarCore):
     ``addresses``: the registrar's own hosts/IPs, which a Request-URI may name
     instead of a domain.  ``authorize``: an :class:`fastsip.Authorize` that
     every REGISTER must pass.  ``track_changes``: record changed AORs for
-    ``store.changes()`` (persistence).
+    ``store.changes()`` (persistence).  ``aor_by``: what keys the bindings,
+    "user@host" (the To URI without port or parameters) or "user" (the user
+    part alone, for a single-domain deployment: ``sip:alice@a`` and
+    ``sip:alice@b`` are then one AOR, ``sip:alice``).
     """
 
     def __init__(self, min_expires=30, max_expires=300, domains=None, *, domain=None,
                  default_expires=3600, max_contacts=16, addresses=(), authorize=None,
-                 server=None, track_changes=False):
+                 server=None, track_changes=False, aor_by="user@host"):
         if domain is not None:
             if domains is not None:
                 raise TypeError("give domains or domain, not both")
@@ -51,7 +57,7 @@ class Registrar(RegistrarCore):
         super().__init__(min_expires=min_expires, max_expires=max_expires,
                          default_expires=default_expires, max_contacts=max_contacts,
                          domains=domains, addresses=addresses, authorize=authorize,
-                         server=server, track_changes=track_changes)
+                         server=server, track_changes=track_changes, aor_by=aor_by)
 
     def _now(self, now):
         if now is not None:
@@ -79,13 +85,24 @@ class Registrar(RegistrarCore):
         """Every (aor, Binding) still valid at ``now``."""
         return self.store.bindings(self._now(now))
 
+    def near(self, aor, limit=5):
+        """AORs held here that a person asking for ``aor`` may have meant:
+        the same user in another case, at another host or under the other
+        scheme (for an AOR without a user: the same host).  Sorted, at most
+        ``limit``; never ``aor`` itself.  Scans every AOR: for admin tools."""
+        key = self.aor_of(aor)
+        want = _user_host(key)
+        found = sorted(name for name in self.store.aor_names()
+                       if name != key and _similar(_user_host(name), want))
+        return found[:limit]
+
     def remove(self, aor, contact=None, now=None):
         """Remove the bindings of ``aor`` (or only ``contact``); returns how many."""
-        return self.store.remove_aor(_aor_key(aor), contact)
+        return self.store.remove_aor(self.aor_of(aor), contact)
 
     def load(self, aor, bindings):
         """Bulk-load bindings (from a state file) into ``aor``."""
-        self.store.load(_aor_key(aor), bindings)
+        self.store.load(self.aor_of(aor), bindings)
 
     def receive(self, packet, leg, from_):
         """The Net::SIP form: handle ``packet`` (a parsed message or its bytes) that
@@ -100,6 +117,45 @@ class Registrar(RegistrarCore):
             return None
         leg.send(reply, from_)
         return int(reply[8:11])
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def aor_from_text(text):
+    """The SIP URI a person means by ``text`` when naming an AOR: what
+    ``fastsip show`` prints (``<sip:alice@example.com>``), a To header's
+    value (``"Alice" <sip:alice@example.com:5060>;tag=1``) or an address
+    without the scheme (``alice@example.com``; ``sip:`` is assumed).  Raises
+    ValueError saying why when it is no SIP or SIPS URI."""
+    t = str(text).strip()
+    if "<" in t:
+        inside = t[t.index("<") + 1:]
+        if ">" not in inside:
+            raise ValueError(f"{text!r}: '<' without '>'")
+        t = inside[:inside.index(">")].strip()
+    scheme = _SCHEME.match(t)
+    if scheme and "@" not in scheme.group() and scheme.group().lower() not in ("sip:", "sips:") \
+            and not t[scheme.end():scheme.end() + 1].isdigit():
+        raise ValueError(f"{text!r} is a {scheme.group()} URI; an AOR is a sip: or sips: URI")
+    if not scheme or scheme.group().lower() not in ("sip:", "sips:"):
+        t = "sip:" + t          # alice@example.com, alice@example.com:5060, example.com
+    try:
+        parse_uri(t)
+    except ParseError:
+        raise ValueError(f"{text!r} is not a SIP URI (like sip:alice@example.com)") from None
+    return t
+
+
+def _user_host(aor):
+    """(user lower-cased or None, host) of a canonical AOR."""
+    rest = aor.partition(":")[2]
+    user, at, host = rest.rpartition("@")
+    return (user.lower(), host) if at else (None, rest)
+
+
+def _similar(a, b):
+    return a[0] == b[0] if b[0] is not None else a[0] is None and a[1] == b[1]
 
 
 def _source(from_):

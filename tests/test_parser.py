@@ -327,11 +327,11 @@ def test_utf8_values_and_nul_in_quoted_display_name():
 @pytest.mark.parametrize("text,fields", [
     ("sip:alice@Example.COM", ("sip", "alice", None, "Example.COM", None, "sip:alice@example.com")),
     ("sips:%61lice:pw@h.example.com:5061;transport=tcp?subject=x",
-     ("sips", "alice", "pw", "h.example.com", 5061, "sips:alice@h.example.com:5061")),
+     ("sips", "alice", "pw", "h.example.com", 5061, "sips:alice@h.example.com")),
     ("sip:user;par=u%40example.net@example.com",
      ("sip", "user;par=u@example.net", None, "example.com", None,
       "sip:user;par=u@example.net@example.com")),
-    ("sip:[2001:db8::10]:5070", ("sip", None, None, "[2001:db8::10]", 5070, "sip:[2001:db8::10]:5070")),
+    ("sip:[2001:db8::10]:5070", ("sip", None, None, "[2001:db8::10]", 5070, "sip:[2001:db8::10]")),
     ("sip:null-%00-null@example.com", ("sip", "null-\x00-null", None, "example.com", None,
                                         "sip:null-\x00-null@example.com")),
     ("SIP:Bob@H", ("sip", "Bob", None, "H", None, "sip:Bob@h")),

@@ -39,7 +39,8 @@ def _call(args, path, method="GET", **query):
             detail = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             detail = exc.reason
-        raise SystemExit(_fail(f"{url}: {detail}"))
+        # a refused argument (400) is the user's to fix: just say why
+        raise SystemExit(_fail(detail if exc.code == 400 else f"{url}: {detail}"))
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SystemExit(_fail(f"no fastsip server answers at {args.metrics} ({reason}); "
@@ -72,15 +73,21 @@ def _line(b) -> str:
     return "  ".join(parts)
 
 
+def _near(data) -> str:
+    near = data.get("near") or ()
+    return f"; did you mean {' or '.join(near)}?" if near else ""
+
+
 def cmd_show(args) -> int:
     data = _call(args, "/api/aor", aor=args.aor)
     if args.json:
         print(json.dumps(data["bindings"], indent=1))
         return 0
+    aor = data.get("aor", args.aor)
     if not data["bindings"]:
-        print(f"{args.aor}: no bindings")
+        print(f"{aor}: no bindings{_near(data)}")
         return 1
-    print(f"{args.aor}: {len(data['bindings'])} binding(s)")
+    print(f"{aor}: {len(data['bindings'])} binding(s)")
     for b in sorted(data["bindings"], key=lambda b: (-(b["q"] or 0), b["contact"])):
         print("  " + _line(b))
     return 0
@@ -105,8 +112,9 @@ def cmd_bindings(args) -> int:
 
 def cmd_remove(args) -> int:
     data = _call(args, "/api/remove", method="POST", aor=args.aor, contact=args.contact)
-    what = f"{args.aor} {args.contact}" if args.contact else args.aor
-    print(f"removed {data['removed']} binding(s) of {what}")
+    aor = data.get("aor", args.aor)
+    what = f"{aor} {args.contact}" if args.contact else aor
+    print(f"removed {data['removed']} binding(s) of {what}" + ("" if data["removed"] else _near(data)))
     return 0 if data["removed"] else 1
 
 
@@ -150,7 +158,8 @@ def add_subcommands(sub) -> None:
                        help=f"the running server's HTTP endpoint (default: {DEFAULT_ENDPOINT})")
 
     p = sub.add_parser("show", help="the bindings of one AOR, from the running server")
-    p.add_argument("aor", metavar="AOR", help="address of record, e.g. sip:alice@example.com")
+    p.add_argument("aor", metavar="AOR", help="address of record: sip:alice@example.com, "
+                   "alice@example.com or <sip:alice@example.com:5060> (the port is not part of it)")
     p.add_argument("--json", action="store_true", help="print JSON")
     endpoint(p)
     p.set_defaults(func=cmd_show)
@@ -164,8 +173,9 @@ def add_subcommands(sub) -> None:
     _one_line_errors(p)
 
     p = sub.add_parser("remove", help="remove the bindings of an AOR (or one contact of it)")
-    p.add_argument("aor", metavar="AOR")
-    p.add_argument("contact", metavar="CONTACT", nargs="?", help="only this contact URI")
+    p.add_argument("aor", metavar="AOR", help="address of record, as for show")
+    p.add_argument("contact", metavar="CONTACT", nargs="?",
+                   help="only this contact URI (as show prints it, <...> allowed)")
     endpoint(p)
     p.set_defaults(func=cmd_remove)
     _one_line_errors(p)

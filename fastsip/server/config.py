@@ -131,14 +131,18 @@ OPTIONS = [
      "registration time when the REGISTER asks none, seconds (default: 3600)"),
     ("max-contacts", _positive_int("max-contacts"), 16, False, True, "N",
      "most bindings one AOR may hold (default: 16)"),
+    ("aor-by", _choice("aor-by", ("user@host", "user")), "user@host", False, False, "KEY",
+     "what an AOR is: user@host, the To URI without port or parameters (default), or user, "
+     "the user part alone, for one domain (like Kamailio's use_domain=0): alice@a and alice@b "
+     "are then one AOR, sip:alice"),
     ("realm", _string("realm"), None, False, False, "R",
      "require digest authentication in realm R (with --users)"),
     ("users", _string("users"), None, False, True, "FILE",
      "htdigest file of user:realm:HA1 lines (see docs/auth.md); re-read on SIGHUP"),
     ("auth-algorithms", lambda v: _algorithms(v), "SHA-256,MD5", False, False, "LIST",
-     "digest algorithms offered, in order, one challenge each (SHA-256, MD5, SHA-256-sess, "
-     "MD5-sess); clients that answer only the first challenge (SIPp) need MD5 first "
-     "(default: SHA-256,MD5)"),
+     "digest algorithms that may be offered, in order, one challenge each (SHA-256, MD5, "
+     "SHA-256-sess, MD5-sess); a 401 offers only those the users file holds a hash for, for "
+     "the user in To (a plain htdigest line: MD5) (default: SHA-256,MD5)"),
     ("state", _string("state"), "./fastsip-state.sqlite3", False, False, "PATH",
      "SQLite state file for the bindings (default: ./fastsip-state.sqlite3)"),
     ("no-state", bool, False, False, False, None,
@@ -190,6 +194,7 @@ class ServerConfig:
     max_expires: int = 3600
     default_expires: int = 3600
     max_contacts: int = 16
+    aor_by: str = "user@host"
     realm: str | None = None
     users: str | None = None
     auth_algorithms: tuple = ("SHA-256", "MD5")

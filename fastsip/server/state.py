@@ -11,7 +11,10 @@ decode is skipped and counted, never fatal.
 
 At start a worker loads the rows whose AOR hashes to its shard
 (``shard_of(aor, workers)``) and whose bindings have not expired, so
-changing ``--workers`` between runs re-shards on load.
+changing ``--workers`` between runs re-shards on load.  Rows are read under
+the registrar's canonical AOR (``RegistrarCore.aor_of``): a row written under
+another form (fastsip before 0.2 kept the port of To in the AOR; ``--aor-by``
+may have changed) is merged into its AOR and the file rewritten that way.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sqlite3
 import time
 
 import fastsip
+from fastsip._parser_c import uri_compare_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS aors (
@@ -81,20 +85,48 @@ class StateFile:
                     raise
                 time.sleep(0.05 * (i + 1))
 
-    def load(self, shard: int, shards: int, now: float):
-        """Yield (aor, [Binding]) for this shard's rows with bindings still alive at ``now``."""
+    def load(self, shard: int, shards: int, now: float, key=None):
+        """Yield (aor, [Binding]) for this shard's rows with bindings still alive
+        at ``now``.  ``key``: the canonical form of an AOR (default: as stored).
+        Rows stored under another form come last, each merged with the row of
+        its canonical AOR (a contact in both keeps the later expiry); the file
+        is then rewritten to hold the merged row alone."""
+        canon = key or (lambda aor: aor)
+        self.db.create_function("fastsip_canonical_shard", 2,
+                                lambda aor, n: fastsip.shard_of(canon(aor), n))
         cur = self.db.execute(
-            "SELECT aor, bindings FROM aors WHERE expires_at > ? AND fastsip_shard(aor, ?) = ?",
-            (now, shards, shard))
+            "SELECT aor, bindings FROM aors WHERE expires_at > ? "
+            "AND fastsip_canonical_shard(aor, ?) = ?", (now, shards, shard))
+        moved = {}          # canonical AOR -> [stored keys]
         for aor, blob in cur:
-            try:
-                rows = marshal.loads(blob)
-                live = [binding_from_row(r) for r in rows if r[1] > now]
-            except (ValueError, TypeError, EOFError):
-                self.errors += 1
+            k = canon(aor)
+            if k != aor:
+                moved.setdefault(k, []).append(aor)
                 continue
+            live = self._live(blob, now)
             if live:
                 yield aor, live
+        for k, olds in moved.items():
+            merged = {}
+            for stored in [k] + olds:
+                row = self.db.execute("SELECT bindings FROM aors WHERE aor = ?",
+                                      (stored,)).fetchone()
+                for b in self._live(row[0], now) if row else ():
+                    ck = uri_compare_key(b.uri)
+                    if ck not in merged or merged[ck].expires_at < b.expires_at:
+                        merged[ck] = b
+            bindings = list(merged.values())
+            self.write([(k, bindings)] + [(old, []) for old in olds])
+            if bindings:
+                yield k, bindings
+
+    def _live(self, blob, now):
+        """The bindings of a row still alive at ``now`` ([] for a row that does not decode)."""
+        try:
+            return [binding_from_row(r) for r in marshal.loads(blob) if r[1] > now]
+        except (ValueError, TypeError, EOFError):
+            self.errors += 1
+            return []
 
     def write(self, changes) -> int:
         """Write ``[(aor, [Binding] or [])]`` in one transaction; returns rows touched."""

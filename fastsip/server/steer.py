@@ -11,11 +11,12 @@ the supervisor bound i-th and gave to worker i.
 
 The program is a hint, never the authority: workers still check the shard of
 every request with the full parser and hand over what is not theirs.  It
-hashes the To URI's bytes from the scheme to the end of host and port
-(scheme and host lower-cased), which is the canonical AOR whenever the URI has
-no escapes, no password and a port without leading zeros; anything else (To
-after ``STEER_SCAN`` bytes, another spelling, no To) gets the kernel's usual
-hash and at worst a hand-off.  ``fastsip.stable_hash`` is the same function
+hashes the To URI's bytes from the scheme to the end of the host, before any
+port (scheme and host lower-cased; with ``by_user``, to the end of the user),
+which is the canonical AOR whenever the URI has no escapes and no password
+and its host is no bracketed IPv6 address; anything else (To after
+``STEER_SCAN`` bytes, another spelling, no To) gets the kernel's usual hash
+and at worst a hand-off.  ``fastsip.stable_hash`` is the same function
 (FNV-1a 64 with a final mix), so both sides agree.
 
 Loading needs ``CAP_BPF`` (or root); where the kernel or the sandbox refuses,
@@ -121,8 +122,9 @@ class _Asm:
         return b"".join(out)
 
 
-def program(n: int) -> bytes:
-    """The steering program for a group of ``n`` sockets.
+def program(n: int, by_user: bool = False) -> bytes:
+    """The steering program for a group of ``n`` sockets (``by_user``: for a
+    registrar whose AORs are keyed by the user alone).
 
     Registers: R6 the context, R7 the read position, R8 the hash, R9 the
     iteration count (one bound for every loop, so the verifier sees each
@@ -192,7 +194,8 @@ def program(n: int) -> bytes:
     a.jmp("jeq", R0, "lws", imm=ord(" "))
     a.jmp("jeq", R0, "lws", imm=ord("\t"))
     a.alu("add", R7, imm=-1)            # R7 back at the URI's first byte
-    # 3. Hash scheme (lower-cased) and ':', user as it is, '@', host and port lower-cased
+    # 3. Hash scheme (lower-cased) and ':', user as it is, '@', host lower-cased;
+    #    a ':' after the scheme ends the AOR (a port; or a password, left to the workers)
     a.label("uri")
     a.ld_imm64(R8, FNV_OFFSET)
 
@@ -223,14 +226,21 @@ def program(n: int) -> bytes:
     a.label("user")
     step("end")
     terminators("end")
-    mix_in()
-    a.jmp("jne", R0, "user", imm=ord("@"))
-    a.label("host")
-    step("end")
-    terminators("end")
-    lower()
-    mix_in()
-    a.goto("host")
+    a.jmp("jeq", R0, "end", imm=ord(":"))
+    if by_user:                         # the AOR ends with the user
+        a.jmp("jeq", R0, "end", imm=ord("@"))
+        mix_in()
+        a.goto("user")
+    else:
+        mix_in()
+        a.jmp("jne", R0, "user", imm=ord("@"))
+        a.label("host")
+        step("end")
+        terminators("end")
+        a.jmp("jeq", R0, "end", imm=ord(":"))
+        lower()
+        mix_in()
+        a.goto("host")
     # 4. The shard: the final mix, modulo n
     a.label("end")
     for k in (MIX1, MIX2, None):
@@ -270,10 +280,10 @@ def _bpf(cmd: int, attr) -> int:
     return r
 
 
-def load(n: int) -> int:
+def load(n: int, by_user: bool = False) -> int:
     """Load the program for ``n`` sockets: its file descriptor (SteerError
     with the verifier's last word when the kernel refuses it)."""
-    code = program(n)
+    code = program(n, by_user)
     insns = ctypes.create_string_buffer(code, len(code))
     lic = ctypes.create_string_buffer(b"Dual MIT/GPL")
 
@@ -310,13 +320,13 @@ def test_run(fd: int, payload: bytes) -> int:
     return struct.unpack_from("<I", attr, 4)[0]
 
 
-def attach(socks: list) -> str | None:
+def attach(socks: list, by_user: bool = False) -> str | None:
     """Steer the UDP group ``socks`` (socket i serves shard i).  Returns None
     when attached, else why not (the group then keeps the kernel's hash)."""
     if len(socks) < 2:
         return "one worker"
     try:
-        fd = load(len(socks))
+        fd = load(len(socks), by_user)
     except SteerError as exc:
         return f"the kernel refused the eBPF program: {exc.strerror}"
     try:

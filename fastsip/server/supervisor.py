@@ -31,6 +31,7 @@ import sys
 import time
 from urllib.parse import parse_qs, urlsplit
 
+from fastsip.registrar import aor_from_text
 from fastsip.server import control, logs, steer
 from fastsip.server.config import ConfigError, resolve
 from fastsip.server.metrics import add_reports, render
@@ -165,7 +166,8 @@ class Supervisor:
                 self.listen.append(bound)
                 if transport == "udp" and n > 1:
                     self.steering[_fmt(*bound)] = ("off (--no-steer)" if cfg.no_steer else
-                                                   steer.attach(socks) or "on")
+                                                   steer.attach(socks, cfg.aor_by == "user")
+                                                   or "on")
                 for i, s in enumerate(socks):
                     (self.udp if transport == "udp" else self.tcp)[i].append(s)
             host, port = cfg.metrics
@@ -410,6 +412,16 @@ class Supervisor:
                 return "400 Bad Request", "text/plain", b"body is not JSON\n"
         return self._route(method, url.path, q)
 
+    def _aor_param(self, q):
+        """(the SIP URI named by the ``aor`` parameter, None), or (None, a 400
+        reply saying why): what a person types is accepted (see aor_from_text)."""
+        if not q.get("aor"):
+            return None, self._json({"error": "aor is required"}, "400 Bad Request")
+        try:
+            return aor_from_text(q["aor"]), None
+        except ValueError as exc:
+            return None, self._json({"error": str(exc)}, "400 Bad Request")
+
     def _json(self, obj, status="200 OK"):
         return status, "application/json", (json.dumps(obj, indent=1) + "\n").encode()
 
@@ -420,15 +432,18 @@ class Supervisor:
             text = render(total, alive, self.cfg.workers, self.restarts)
             return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
         if path == "/api/aor" and method == "GET":
-            aor = q.get("aor")
-            if not aor:
-                return self._json({"error": "aor is required"}, "400 Bad Request")
-            found = []
+            aor, refusal = self._aor_param(q)
+            if refusal:
+                return refusal
+            found, near = [], set()
             for slot, answer in self.ask_all({"op": "lookup", "aor": aor}):
-                for b in (answer or {}).get("bindings", []):
+                answer = answer or {}
+                aor = answer.get("aor", aor)
+                near.update(answer.get("near", ()))
+                for b in answer.get("bindings", []):
                     b["worker"] = slot.index
                     found.append(b)
-            return self._json({"aor": aor, "bindings": found})
+            return self._json({"aor": aor, "bindings": found, "near": sorted(near)[:5]})
         if path == "/api/bindings" and method == "GET":
             limit = int(q.get("limit", 100000))
             found = []
@@ -439,16 +454,23 @@ class Supervisor:
             found.sort(key=lambda b: (b["aor"], b["contact"]))
             return self._json({"bindings": found[:limit], "truncated": len(found) > limit})
         if path == "/api/remove" and method == "POST":
-            aor = q.get("aor")
-            if not aor:
-                return self._json({"error": "aor is required"}, "400 Bad Request")
-            removed = 0
-            for _slot, answer in self.ask_all({"op": "remove", "aor": aor,
-                                               "contact": q.get("contact")}):
-                removed += (answer or {}).get("removed", 0)
+            aor, refusal = self._aor_param(q)
+            if refusal:
+                return refusal
+            contact = q.get("contact")
+            if contact:     # as `fastsip show` prints it: <sip:...>
+                contact = contact.strip()
+                if contact.startswith("<") and contact.endswith(">"):
+                    contact = contact[1:-1].strip()
+            removed, near = 0, set()
+            for _slot, answer in self.ask_all({"op": "remove", "aor": aor, "contact": contact}):
+                answer = answer or {}
+                aor = answer.get("aor", aor)
+                removed += answer.get("removed", 0)
+                near.update(answer.get("near", ()))
             logs.event(logging.INFO, f"admin: removed {removed} binding(s) of {aor}",
-                       aor=aor, contact=q.get("contact"), removed=removed)
-            return self._json({"aor": aor, "removed": removed})
+                       aor=aor, contact=contact, removed=removed)
+            return self._json({"aor": aor, "removed": removed, "near": sorted(near)[:5]})
         if path == "/api/workers" and method == "GET":
             self.collect()
             return self._json({"workers": [

@@ -61,7 +61,8 @@ def make_registrar(cfg, addresses, secret):
     return fastsip.Registrar(min_expires=cfg.min_expires, max_expires=cfg.max_expires,
                              default_expires=cfg.default_expires, max_contacts=cfg.max_contacts,
                              domains=cfg.domain or None, addresses=tuple(addresses),
-                             authorize=authorize, track_changes=bool(cfg.state))
+                             authorize=authorize, track_changes=bool(cfg.state),
+                             aor_by=cfg.aor_by)
 
 
 def binding_dict(aor, b, now) -> dict:
@@ -134,7 +135,7 @@ class Worker:
         if self.cfg.state:
             self.state = StateFile(self.cfg.state, checkpoints=False)
             now = time.time()
-            for aor, bindings in self.state.load(self.index, self.n, now):
+            for aor, bindings in self.state.load(self.index, self.n, now, self.reg.aor_of):
                 self.reg.store.load(aor, bindings)
                 aors += 1
                 loaded += len(bindings)
@@ -591,8 +592,9 @@ class Worker:
         if op == "stats":
             return {"index": self.index, "pid": os.getpid(), "report": self.report()}
         if op == "lookup":
-            aor = msg["aor"]
-            return {"bindings": [binding_dict(aor, b, now) for b in self.reg.lookup(aor, now)]}
+            aor = self.reg.aor_of(msg["aor"])
+            found = [binding_dict(aor, b, now) for b in self.reg.lookup(aor, now)]
+            return {"aor": aor, "bindings": found, "near": [] if found else self.reg.near(aor)}
         if op == "bindings":
             limit = int(msg.get("limit", 100000))
             out = []
@@ -602,7 +604,10 @@ class Worker:
                 out.append(binding_dict(aor, b, now))
             return {"bindings": out}
         if op == "remove":
-            return {"removed": self.reg.remove(msg["aor"], msg.get("contact"), now)}
+            aor = self.reg.aor_of(msg["aor"])
+            removed = self.reg.remove(aor, msg.get("contact"), now)
+            return {"aor": aor, "removed": removed,
+                    "near": [] if removed or msg.get("contact") else self.reg.near(aor)}
         if op == "reload":
             self._reload(msg["values"])
             return {"ok": True}

@@ -9,9 +9,10 @@ refresh is Account.setRegistration(True) (same Call-ID, next CSeq), the
 unregister setRegistration(False).  Between the steps the admin API is asked
 for sip:alice@127.0.0.1, without the port.
 
-pjsua2 2.15.1 quirk, seen on the wire: although the account's URI carries the
-registrar's port, pjsua2 writes To (and From) without it: To: <sip:alice@127.0.0.1>.
-It answers a SHA-256 challenge (RFC 8760) when one is offered.
+pjsua2 2.15.1 quirks, seen on the wire: although the account's URI carries the
+registrar's port, pjsua2 writes To and From without it (To: <sip:alice@127.0.0.1>);
+the Request-URI keeps it.  Each refresh has a new From tag.  It answers a SHA-256
+challenge (RFC 8760) as well as an MD5 one.
 """
 import os
 import sys

@@ -33,21 +33,29 @@ def require_client(name: str, apt_package: str) -> str:
 
     Missing: the test is skipped on a developer machine, but under CI (``CI`` set,
     where .ci/run installs every client of the matrix) it FAILS: a client that
-    cannot be installed must not turn the interop matrix green.  For a Python
-    module (pjsua2) pass the import name prefixed with ``python:``; the path
-    returned is then the module's file."""
-    if name.startswith("python:"):
+    cannot be installed must not turn the interop matrix green.  Two other forms:
+    ``python:MODULE`` (``apt_package`` is then the pip package; the path returned is
+    the module's file) and ``perl:Module::Name`` (the path returned is perl's)."""
+    kind, _, module = name.partition(":") if name.startswith(("python:", "perl:")) else ("", "", name)
+    how = f"apt-get install {apt_package}"
+    path = None
+    if kind == "python":
         import importlib.util
-        module = name.split(":", 1)[1]
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
             spec = None
         path = spec.origin if spec is not None else None
         how = f"pip install {apt_package}"
+    elif kind == "perl":
+        import subprocess
+        perl = shutil.which("perl")
+        if perl is not None and subprocess.run(
+                [perl, f"-M{module}", "-e", "1"], stdin=subprocess.DEVNULL,
+                capture_output=True, timeout=30).returncode == 0:
+            path = perl
     else:
         path = shutil.which(name)
-        how = f"apt-get install {apt_package}"
     if path is None:
         msg = f"{name} is not installed ({how}; .ci/run installs it)"
         if os.environ.get("CI"):

@@ -8,25 +8,11 @@ import urllib.parse
 import pytest
 
 from fastsip.server.state import StateFile
-from fastsip.server.testing import Phone, contacts_of, register
+from fastsip.server.testing import contacts_of, register
 
-from test_server import cli
+from test_server import cli, phone  # noqa: F401 (phone: a fixture)
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture
-def phone():
-    phones = []
-
-    def _phone(addr, transport="udp"):
-        phones.append(Phone(addr, transport))
-        return phones[-1]
-    try:
-        yield _phone
-    finally:
-        for p in phones:
-            p.close()
 
 
 def show(srv, *args):

@@ -1,4 +1,6 @@
 """RFC 3261 10.3, rule by rule, through Registrar.handle with a fake clock."""
+import re
+
 import pytest
 
 import fastsip
@@ -564,3 +566,72 @@ def test_malformed_require_is_400(reg):
 def test_other_sip_version_is_505(reg):
     r = handle(reg, request().replace(b"SIP/2.0\r\n", b"SIP/3.0\r\n", 1))
     assert (r.status, r.reason) == (505, "Version Not Supported")
+
+
+# -- the AOR: To without port or parameters (10.3 step 5), or the user alone --------
+
+def test_the_port_in_to_is_not_part_of_the_aor(reg):
+    # a phone configured with "registrar example.com:5060" writes the port into To
+    r = handle(reg, request(to="<sip:alice@Example.COM:5060;transport=udp>", expires=600))
+    assert r.status == 200
+    assert reg.query("sip:alice@example.com") == ["sip:alice@192.0.2.7:5060"]
+    assert reg.query("sip:alice@example.com:5060") == ["sip:alice@192.0.2.7:5060"]
+    assert [aor for aor, _ in reg.bindings()] == ["sip:alice@example.com"]
+    # the same user registering without the port adds to that AOR, not to a second one
+    r = handle(reg, request(contacts=("<sip:alice@192.0.2.8:5060>",), call_id="cid-2",
+                            expires=600))
+    assert set(contacts_of(r)) == {"sip:alice@192.0.2.7:5060", "sip:alice@192.0.2.8:5060"}
+    assert reg.store.n_live_aors == 1
+    assert reg.remove("sip:alice@example.com:5061") == 2
+    assert fastsip.parse_uri("sips:bob@H.example:5061;user=phone").aor == "sips:bob@h.example"
+
+
+def test_aor_by_user_keys_one_domain_by_the_user_alone():
+    reg = Registrar(min_expires=60, aor_by="user")
+    assert reg.aor_by == "user"
+    handle(reg, request(domain="a.example", expires=600))
+    handle(reg, request(domain="B.example", contacts=("<sip:alice@192.0.2.8>",), call_id="c2",
+                        expires=600))
+    assert [aor for aor, _ in reg.bindings()] == ["sip:alice", "sip:alice"]
+    assert len(reg.query("sip:alice@whatever.example")) == 2
+    assert reg.aor_of("sip:%61lice@x:5060") == "sip:alice"
+    assert reg.aor_of("sip:example.com:5060") == "sip:example.com"     # no user: the host stays
+    assert fastsip.aor_key(request(domain="x:5060"), "user") == b"sip:alice"
+    with pytest.raises(ValueError, match="aor_by"):
+        Registrar(aor_by="domain")
+
+
+@pytest.mark.parametrize("text, uri", [
+    ("sip:alice@example.com", "sip:alice@example.com"),
+    ("<sip:alice@example.com:5060>", "sip:alice@example.com:5060"),      # as `show` prints
+    ('"Alice" <sips:alice@example.com>;tag=1', "sips:alice@example.com"),  # a To value
+    ("alice@example.com", "sip:alice@example.com"),
+    ("alice@example.com:5060", "sip:alice@example.com:5060"),
+    ("example.com", "sip:example.com"),
+])
+def test_aor_from_text_reads_what_people_type(text, uri):
+    from fastsip.registrar import aor_from_text
+    assert aor_from_text(text) == uri
+
+
+@pytest.mark.parametrize("text, why", [
+    ("tel:+15551234", "a tel: URI"), ("mailto:alice@example.com", "a mailto: URI"),
+    ("<sip:alice@example.com", "'<' without '>'"), ("", "not a SIP URI"),
+    ("alice smith@example.com", "not a SIP URI"),
+])
+def test_aor_from_text_says_why_it_refuses(text, why):
+    from fastsip.registrar import aor_from_text
+    with pytest.raises(ValueError, match=re.escape(why)):
+        aor_from_text(text)
+
+
+def test_near_aors_suggest_what_was_meant(reg):
+    for i, (user, domain) in enumerate([("Alice", "example.com"), ("alice", "example.com"),
+                                        ("bob", "example.com")]):
+        reg.set_domains(None)
+        handle(reg, request(user=user, domain=domain, call_id=f"n{i}", expires=600))
+    handle(reg, request(user="alice", domain="other.example", call_id="n9", expires=600))
+    assert reg.near("sip:ALICE@example.com") == ["sip:Alice@example.com", "sip:alice@example.com",
+                                                 "sip:alice@other.example"]
+    assert reg.near("sip:alice@example.com") == ["sip:Alice@example.com", "sip:alice@other.example"]
+    assert reg.near("sip:carol@example.com") == []

@@ -136,3 +136,70 @@ def test_receive_chain_filter_and_receive_form():
     assert chain.receive(request(), Leg(), "192.0.2.7:5060") == 200
     with pytest.raises(TypeError):
         ReceiveChain([reg], methods=["REGISTER"], filter=bool)
+
+
+# -- never a challenge that cannot verify (what old clients answer) -------------------
+
+def _ha1(hash_, user, password, realm="example.com"):
+    return hash_(f"{user}:{realm}:{password}".encode()).hexdigest()
+
+
+@pytest.fixture
+def htdigest(tmp_path):
+    """A users file: alice on a plain htdigest line (MD5 only), bob with the SHA-256 field."""
+    import hashlib
+    path = tmp_path / "users.htdigest"
+    path.write_text(f"alice:example.com:{_ha1(hashlib.md5, 'alice', 'wonderland')}\n"
+                    f"bob:example.com:{_ha1(hashlib.md5, 'bob', 'builder')}:"
+                    f"SHA-256={_ha1(hashlib.sha256, 'bob', 'builder')}\n")
+    return path
+
+
+def offered(reply):
+    return [c.algorithm for c in fastsip.parse(reply).www_authenticate]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_401_offers_only_what_the_users_file_holds_for_the_user(htdigest, fast_path):
+    auth = Authorize(users=str(htdigest))
+    reg = Registrar(domains=["example.com"], authorize=auth)
+    if fast_path:
+        handle = reg.handle
+    else:       # the Net::SIP composition: Authorize in a ReceiveChain before the registrar
+        handle = ReceiveChain([auth, Registrar(domains=["example.com"])]).handle
+    first = handle(request(), SRC, NOW)
+    # a plain htdigest line: MD5 alone, so a client reading only the first challenge
+    # (sipsak, SIPp) or refusing any non-MD5 one (baresip 1.0) can answer
+    assert offered(first) == ["MD5"]
+    assert status_of(handle(answer(first, request(cseq=2), algorithm="MD5"), SRC, NOW)) == 200
+    # bob's line holds SHA-256 too: both, SHA-256 first (RFC 8760)
+    bob = handle(request(user="bob", call_id="b"), SRC, NOW)
+    assert offered(bob) == ["SHA-256", "MD5"]
+    for cseq, alg in ((2, "SHA-256"), (3, "MD5")):
+        data = answer(bob, request(user="bob", call_id="b", cseq=cseq), "bob", "builder", alg,
+                      nc=f"{cseq:08x}")
+        assert status_of(handle(data, SRC, NOW)) == 200
+    # an unknown user gets what every user of the file can answer: nothing tells them apart
+    assert offered(handle(request(user="mallory", call_id="m"), SRC, NOW)) == ["MD5"]
+
+
+def test_plain_passwords_offer_every_configured_algorithm():
+    for users in (USERS, lambda user, realm: USERS.get(user)):
+        reg = Registrar(domains=["example.com"], authorize=Authorize(users=users))
+        assert offered(reg.handle(request(), SRC, NOW)) == ["SHA-256", "MD5"]
+    auth = Authorize(users=USERS, algorithms=("MD5", "SHA-256-sess"))
+    assert auth.algorithms_for("alice", "example.com") == ("MD5", "SHA-256-sess")
+
+
+def test_algorithms_for_follows_the_configured_order_and_is_never_empty(htdigest):
+    auth = Authorize(users=str(htdigest), algorithms=("MD5", "SHA-256"))
+    assert auth.algorithms_for("bob", "example.com") == ("MD5", "SHA-256")
+    assert auth.algorithms_for("alice", "example.com") == ("MD5",)
+    assert auth.algorithms_for("bob", "other.realm") == ("MD5",)       # as an unknown user
+    # nothing configured can verify alice: say so with every configured one, not with none
+    only_sha = Authorize(users=str(htdigest), algorithms=("SHA-256",))
+    assert only_sha.algorithms_for("alice", "example.com") == ("SHA-256",)
+
+
+def status_of(reply):
+    return fastsip.parse(reply).status

@@ -13,7 +13,7 @@ At start a worker loads the rows whose AOR hashes to its shard
 (``shard_of(aor, workers)``) and whose bindings have not expired, so
 changing ``--workers`` between runs re-shards on load.  Rows are read under
 the registrar's canonical AOR (``RegistrarCore.aor_of``): a row written under
-another form (fastsip before 0.2 kept the port of To in the AOR; ``--aor-by``
+another form (earlier builds kept the port of To in the AOR; ``--aor-by``
 may have changed) is merged into its AOR and the file rewritten that way.
 """
 from __future__ import annotations

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (a dependency there, see pyproject.toml)
+    import tomli as tomllib
 
 
 class ConfigError(Exception):

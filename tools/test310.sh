@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole suite again on the oldest Python fastsip promises (requires-python >= 3.10),
+# in a venv of its own (.venv310, git-ignored; FASTSIP_VENV310 to put it elsewhere) so the
+# main interpreter's install is untouched.  The interpreter: $PYTHON310, else python3.10
+# on PATH, else pyenv's.  Extra arguments go to pytest, as with tools/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON310:-$(command -v python3.10 || true)}
+if [ -z "$py" ]; then
+    for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10.*/bin/python3.10; do
+        [ -x "$candidate" ] && py=$candidate
+    done
+fi
+if [ -z "$py" ]; then
+    echo "tools/test310.sh: no Python 3.10 found (set PYTHON310=/path/to/python3.10)" >&2
+    exit 1
+fi
+venv=${FASTSIP_VENV310:-.venv310}
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+"$venv/bin/python" -m pip install -q -e '.[test]'
+"$venv/bin/python" -m pytest "$@"

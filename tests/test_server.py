@@ -469,3 +469,95 @@ def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
     time.sleep(0.05)
     assert p.ask(request("OPTIONS", call_id="alone")).status == 200
     assert srv.metrics()['fastsip_replies_total{code="200"}'] == 201
+
+
+# ----------------------------------------------------------------------------- the start line
+
+def _read_until(fd, needle, timeout):
+    """Bytes read from fd until needle appears (or EOF, or the timeout)."""
+    import select as _select
+    out = b""
+    deadline = time.monotonic() + timeout
+    while needle not in out and time.monotonic() < deadline:
+        r, _, _ = _select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:              # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def test_start_line_shows_once_on_a_terminal(start, tmp_path):
+    """Run in a shell (stdout and the stderr log on one terminal), the start
+    line appears once; with stdout and the log apart, each has it."""
+    import pty
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "fastsip.cli", "serve", "--workers", "2",
+                             "--no-state", "--metrics", "127.0.0.1:0",
+                             "--listen", "udp:127.0.0.1:0"],
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=tmp_path,
+                            env=env, start_new_session=True)
+    os.close(slave)
+    try:
+        seen = _read_until(master, b"/metrics", 20)
+        assert b"listening on" in seen, seen
+        proc.send_signal(signal.SIGTERM)
+        seen += _read_until(master, b"stopped", 15)
+        assert proc.wait(15) == 0
+        seen += _read_until(master, b"\0", 0.2)     # anything left
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert "stopped" in text, text
+    assert text.count("listening on") == 1, text
+    srv = start(state=None)
+    assert "listening on" in srv.start_line
+    assert wait_for(lambda: srv.start_line in srv.log(), 5), srv.log()   # logged just after
+
+
+def _htdigest(path, *entries):
+    path.write_text("".join(f"{user}:{realm}:{hashlib.md5(f'{user}:{realm}:pw'.encode()).hexdigest()}\n"
+                            for user, realm in entries))
+    return str(path)
+
+
+def test_start_line_says_whether_digest_auth_is_on_and_counts_the_realms_users(start, tmp_path):
+    srv = start(state=None)
+    assert "; digest authentication off" in srv.start_line
+    users = _htdigest(tmp_path / "u1", ("alice", "example.com"), ("bob", "example.com"),
+                      ("carol", "other.org"))
+    srv = start("--realm", "example.com", "--users", users, state=None)
+    assert f"; digest authentication on, realm example.com: 2 users in {users}" in srv.start_line
+    assert "WARNING" not in srv.start_line
+    # a file with no user of the realm: the server starts, and says nobody can register
+    users = _htdigest(tmp_path / "u2", ("carol", "other.org"))
+    srv = start("--realm", "example.com", "--users", users, state=None)
+    assert (f"digest authentication on, realm example.com: 0 users in {users} (WARNING: none "
+            "of this realm, so no phone can register)") in srv.start_line
+    assert wait_for(lambda: re.search(r"WARNING fastsip\[supervisor\]: fastsip serve: listening "
+                                      r"on .*: 0 users", srv.log()), 5), srv.log()
+
+
+def test_start_line_says_kernel_steering_off_and_why(start):
+    srv = start("--no-steer", state=None)
+    assert srv.start_line.rstrip().endswith("; kernel steering by AOR off (--no-steer)")
+    from fastsip.server.testing import steering_unavailable
+    prefix = ()
+    if not steering_unavailable():
+        # the kernel would load it here (root): run the server without CAP_BPF/CAP_SYS_ADMIN
+        setpriv = "/usr/bin/setpriv" if os.path.exists("/usr/bin/setpriv") else None
+        if os.geteuid() != 0 or setpriv is None:
+            pytest.skip("steering loads here and setpriv cannot take the capability away")
+        caps = "-bpf,-sys_admin,-perfmon"
+        prefix = (setpriv, "--bounding-set", caps, "--inh-caps", caps)
+    srv = start(state=None, prefix=prefix)
+    assert re.search(r"; kernel steering by AOR off \(.+\)$", srv.start_line.rstrip()), srv.start_line

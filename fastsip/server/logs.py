@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -56,6 +57,20 @@ def setup(level: str = "info", fmt: str = "text", path: str | None = None) -> No
     LOG.addHandler(handler)
     LOG.setLevel(level.upper())
     LOG.propagate = False
+
+
+def same_as_stdout() -> bool:
+    """Whether the log goes to the same file or terminal as standard output
+    (a text log on stderr with ``2>&1``, or both on one terminal)."""
+    for h in LOG.handlers:
+        stream = getattr(h, "stream", None)
+        try:
+            a, b = os.fstat(stream.fileno()), os.fstat(sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):
+            continue
+        if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+            return True
+    return False
 
 
 def set_role(role: str) -> None:

@@ -152,7 +152,8 @@ class Supervisor:
         self.secret = os.urandom(32)
         self.addresses = []
         self.announced = False
-        self.steering = {}          # UDP listener -> "on", or why it is off
+        self.steering = {}          # UDP listener -> "on", or "off (why)"
+        self.auth_users = 0         # users the --users file holds for --realm (at start)
 
     # ------------------------------------------------------------------ setup
     def open(self):
@@ -165,9 +166,9 @@ class Supervisor:
                 bound, socks = open_listener(transport, host, port, n)
                 self.listen.append(bound)
                 if transport == "udp" and n > 1:
-                    self.steering[_fmt(*bound)] = ("off (--no-steer)" if cfg.no_steer else
-                                                   steer.attach(socks, cfg.aor_by == "user")
-                                                   or "on")
+                    why = ("--no-steer" if cfg.no_steer else
+                           steer.attach(socks, cfg.aor_by == "user"))
+                    self.steering[_fmt(*bound)] = f"off ({why})" if why else "on"
                 for i, s in enumerate(socks):
                     (self.udp if transport == "udp" else self.tcp)[i].append(s)
             host, port = cfg.metrics
@@ -201,7 +202,9 @@ class Supervisor:
         if cfg.realm is not None:
             try:
                 from fastsip.auth import load_htdigest
-                load_htdigest(cfg.users)
+                # keys are (user, realm) or (user, realm, algorithm): count each user once
+                self.auth_users = len({key[0] for key in load_htdigest(cfg.users)
+                                       if key[1] == cfg.realm})
             except (OSError, ValueError) as exc:
                 self.close_sockets()
                 raise ConfigError(f"--users {cfg.users}: {exc}") from None
@@ -288,15 +291,30 @@ class Supervisor:
         where = ", ".join(_fmt(*b) for b in self.listen)
         state = os.path.abspath(cfg.state) if cfg.state else "none (--no-state: bindings in memory only)"
         mh, mp = self.metrics_addr
+        if cfg.realm is None:
+            auth = "digest authentication off"
+        else:
+            n = self.auth_users
+            auth = (f"digest authentication on, realm {cfg.realm}: {n} user{'s' if n != 1 else ''} "
+                    f"in {cfg.users}")
+            if n == 0:
+                auth += " (WARNING: none of this realm, so no phone can register)"
         steering = set(self.steering.values())
         steering = ("; kernel steering by AOR " + (steering.pop() if len(steering) == 1 else
                     ", ".join(f"{k} {v}" for k, v in self.steering.items()))) if steering else ""
         line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
                 f"{'s' if cfg.workers != 1 else ''}; state {state}; "
-                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics{steering}")
+                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics; {auth}{steering}")
+        # stdout gets the start line (scripts and fastsip.server.testing read it there); the
+        # log gets it too, unless the log is the very same file or terminal (a plain
+        # `fastsip serve` in a shell, or `>out 2>&1`), where it would show twice
         print(line, flush=True)
-        logs.event(logging.INFO, line, listen=[_fmt(*b) for b in self.listen], workers=cfg.workers,
-                   state=cfg.state, metrics=f"{mh}:{mp}", steering=self.steering)
+        if not logs.same_as_stdout():
+            logs.event(logging.WARNING if cfg.realm is not None and self.auth_users == 0
+                       else logging.INFO, line,
+                       listen=[_fmt(*b) for b in self.listen], workers=cfg.workers,
+                       state=cfg.state, metrics=f"{mh}:{mp}", steering=self.steering,
+                       realm=cfg.realm, users=self.auth_users if cfg.realm is not None else None)
 
     def _reap(self):
         while True:

@@ -22,7 +22,9 @@ import urllib.request
 import fastsip
 
 _LINE = re.compile(r"listening on (?P<listen>[^;]+); (?P<workers>\d+) workers?; state (?P<state>.+?); "
-                   r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics")
+                   r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics; "
+                   r"digest authentication (?P<auth>off|on, realm .*?: (?P<users>\d+) users? in [^;]+)"
+                   r"(?:; kernel steering by AOR (?P<steering>.+))?$")
 
 
 def steering_unavailable():
@@ -39,8 +41,9 @@ class ServerProcess:
     """``fastsip serve`` in a subprocess (its own session, so that its workers die with it)."""
 
     def __init__(self, *args, workers=2, state=None, cwd=None, transports=("udp", "tcp"),
-                 env=None):
+                 env=None, prefix=()):
         self.args = list(args)
+        self.prefix = list(prefix)      # a command that runs the server, e.g. setpriv ...
         self.workers = workers
         self.state = state
         self.cwd = cwd
@@ -53,7 +56,7 @@ class ServerProcess:
         self.stderr_path = None
 
     def command(self):
-        cmd = [sys.executable, "-m", "fastsip.cli", "serve", "--workers", str(self.workers),
+        cmd = [*self.prefix, sys.executable, "-m", "fastsip.cli", "serve", "--workers", str(self.workers),
                "--metrics", "127.0.0.1:0"]
         for t in self.transports:
             cmd += ["--listen", f"{t}:127.0.0.1:0"]

@@ -2,7 +2,6 @@
 files and the Authorize check, with a fake clock (plain floats)."""
 
 import hashlib
-import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ REALM = "127.0.0.1"
 
 # ---------------------------------------------------------------------------
 # Real clients: Authorization lines copied verbatim from
-# /work/shared/real-registers/<name>-register.sip (Kamailio's nonces, MD5,
+# tests/vectors/real/<name>-register.sip (Kamailio's nonces, MD5,
 # no qop, password "secret", realm 127.0.0.1).  Columns: file name,
 # Request-URI, the Authorization header line, the params it must parse to.
 # ---------------------------------------------------------------------------
@@ -75,9 +74,7 @@ def header_value(line):
     return line.split(":", 1)[1]
 
 
-def shared_dir():
-    env = os.environ.get("FASTSIP_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+REAL_REGISTERS = Path(__file__).resolve().parent / "vectors" / "real"
 
 
 # ---------------------------------------------------------------------------
@@ -150,13 +147,11 @@ def test_parse_real_clients(name, ruri, line, expected):
     assert creds.qop is None and creds.nc is None and creds.cnonce is None and creds.opaque is None
 
 
-def test_parse_every_real_authorization_in_the_shared_corpus():
-    """Every Authorization in the captures parses, and its response verifies
-    for password "secret" (also guards the verbatim copies above)."""
-    folder = shared_dir() / "real-registers"
-    files = sorted(folder.glob("*-auth-*-register.sip"))
-    if not files:
-        pytest.skip(f"no real REGISTERs in {folder}")
+def test_parse_every_real_authorization_in_the_corpus():
+    """Every Authorization in the captures (tests/vectors/real) parses, and its
+    response verifies for password "secret" (also guards the verbatim copies above)."""
+    files = sorted(REAL_REGISTERS.glob("*-auth-*-register.sip"))
+    assert len(files) >= 6, f"the real REGISTERs are missing from {REAL_REGISTERS}"
     seen = 0
     for path in files:
         lines = path.read_bytes().decode().split("\r\n")

@@ -10,9 +10,11 @@ import sys
 import fastsip
 
 
-def _describe(msg) -> list:
-    """Lines describing a parsed message's structure (typed values first)."""
+def _describe(msg, errors=None) -> list:
+    """Lines describing a parsed message's structure (typed values first); the
+    ``ParseError`` of each typed value that is malformed is appended to ``errors``."""
     out = []
+    errors = [] if errors is None else errors
     if isinstance(msg, fastsip.Request):
         out.append(f"request  {msg.method} {msg.uri}")
     else:
@@ -23,6 +25,7 @@ def _describe(msg) -> list:
             value = fn()
         except fastsip.ParseError as exc:
             out.append(f"  {label:<12} ERROR {exc}".replace("\n", "\n" + " " * 15))
+            errors.append(exc)
             return
         if value not in (None, []):
             out.append(f"  {label:<12} {value}")
@@ -47,6 +50,7 @@ def _describe(msg) -> list:
         contacts = msg.contacts
     except fastsip.ParseError as exc:
         out.append(f"  {'Contact':<12} ERROR {exc}".replace("\n", "\n" + " " * 15))
+        errors.append(exc)
         contacts = []
     for i, c in enumerate(contacts, 1):
         typed(f"Contact {i}", lambda c=c: "*" if c.is_star else addr(c))
@@ -70,7 +74,13 @@ def cmd_parse(args) -> int:
         print(f"{args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
         print(f"(a server answers {exc.status})", file=sys.stderr)
         return 1
-    print("\n".join(_describe(msg)))
+    errors = []
+    print("\n".join(_describe(msg, errors)))
+    if errors:
+        # the structure is printed, but the message is not one a server would accept
+        print(f"{args.file}: {len(errors)} malformed value{'s' if len(errors) != 1 else ''} "
+              f"(ERROR above; a server answers {errors[0].status})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,3 +46,21 @@ def test_parse_prints_bytes_that_are_not_utf8():
                        env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert r.returncode == 0, r.stderr
     assert b"Subject : caf\xe9" in r.stdout
+
+
+def test_parse_exits_1_when_a_typed_value_is_malformed():
+    """The start line and headers scan, but Expires is not a number: the
+    structure is still printed, with ERROR at the bad value, and the exit
+    status says the message is bad (a script checking $? must not pass it)."""
+    msg = (b"REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+           b"To: <sip:a@example.com>\r\nFrom: <sip:a@example.com>;tag=1\r\nCall-ID: x\r\n"
+           b"CSeq: 1 REGISTER\r\nExpires: soon\r\nContact: <sip:a@192.0.2.4>\r\n"
+           b"Content-Length: 0\r\n\r\n")
+    r = fastsip("parse", "-", stdin=msg)
+    out = r.stdout.decode()
+    assert r.returncode == 1
+    assert "Expires      ERROR bad Expires value" in out
+    assert "Contact 1    sip:a@192.0.2.4" in out          # the rest is still shown
+    assert r.stderr.decode() == "-: 1 malformed value (ERROR above; a server answers 400)\n"
+    r = fastsip("parse", "-", stdin=msg.replace(b"soon", b"60"))
+    assert r.returncode == 0 and r.stderr == b""

@@ -1759,7 +1759,8 @@ cdef class SipMessage:
         for name in ("call_id", "cseq", "from_", "to", "via", "contacts", "expires",
                      "min_expires", "max_forwards", "content_type", "require",
                      "proxy_require", "supported", "unsupported", "allow", "path", "route",
-                     "record_route", "date", "user_agent", "server"):
+                     "record_route", "date", "user_agent", "server",
+                     "authorization", "proxy_authorization", "www_authenticate"):
             getattr(self, name)
         for c in self.contacts:
             c.expires, c.q, c.reg_id

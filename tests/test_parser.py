@@ -266,6 +266,10 @@ def test_bad_qvalues(q):
     ("Via", "SIP/2.0 h", "via", BadVia),
     ("Via", "SIP/2.0/UDP h:99999", "via", BadVia),
     ("Require", "a,,b", "require", BadHeader),
+    # the credentials and challenges too: validate() must catch them, not a later access
+    ("Authorization", 'Digest ,,="', "authorization", BadHeader),
+    ("Proxy-Authorization", 'Digest username="bob', "proxy_authorization", BadHeader),
+    ("WWW-Authenticate", 'Digest realm="r" nonce="n"', "www_authenticate", BadHeader),
 ])
 def test_bad_typed_values(name, value, attr, err):
     m = fastsip.parse(with_header(name, value, drop=[name]))

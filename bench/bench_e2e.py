@@ -65,6 +65,15 @@ PROBE = ("OPTIONS sip:{host}:{port} SIP/2.0\r\nVia: SIP/2.0/UDP {lhost}:{lport};
          "Call-ID: probe{n}@{lhost}\r\nCSeq: {n} OPTIONS\r\nContent-Length: 0\r\n\r\n")
 
 
+class BenchError(Exception):
+    """A step that cannot run (the server does not start, the load tool fails): main()
+    prints it on one line and exits 1."""
+
+
+def _last_line(text: str, default: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), default)
+
+
 def _pin(cmd: list, cpus: str | None) -> list:
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
@@ -88,7 +97,7 @@ def free_port(host: str, avoid=()) -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port")
+    raise BenchError(f"no free port on {host}")
 
 
 def wait_ready(host: str, port: int, proc, timeout: float = 15.0) -> bool:
@@ -218,8 +227,8 @@ class Server:
         self.cmd = cmd
         if not wait_ready(args.host, self.port, self.proc):
             err = self.stop()
-            raise RuntimeError(f"server did not answer on {args.host}:{self.port}: "
-                               f"{' '.join(cmd)}\n{err}")
+            raise BenchError(f"the server did not answer on {args.host}:{self.port} "
+                             f"({' '.join(cmd)}): {_last_line(err, 'no output')}")
         time.sleep(0.5)        # let every worker/child finish starting before CPU is measured
 
     @property
@@ -266,12 +275,19 @@ def load_step(args, server: Server, scenario: str, mode: str, value: float, out:
                 "--json", str(out), "--server-pid", str(server.pid)], args.load_cpus)
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, srv0, t0 = Cores.busy_ns(), group_cpu_ns(server.pid), time.monotonic_ns()
-    cp = subprocess.run(cmd, check=False, env=_env(), capture_output=True, text=True,
-                        timeout=args.step_duration + args.timeout + 300)
+    step = f"load step {scenario} {mode} {value:g} against port {server.port}"
+    limit = args.step_duration + args.timeout + 300
+    try:
+        cp = subprocess.run(cmd, check=False, env=_env(), capture_output=True, text=True,
+                            timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{step}: the load tool did not finish within {limit:g} s") from None
     busy1, srv1, t1 = Cores.busy_ns(), group_cpu_ns(server.pid), time.monotonic_ns()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if cp.returncode not in (0, 1):
-        raise RuntimeError(f"load tool failed: {' '.join(cmd)}\n{cp.stderr}")
+    # exit 1 is a completed run with losses (its JSON says which); anything else failed
+    if cp.returncode not in (0, 1) or not out.is_file():
+        raise BenchError(f"{step} failed: "
+                         f"{_last_line(cp.stderr, f'exit status {cp.returncode}, no output')}")
     res = json.loads(out.read_text())
     res["_tool_cpu_ns"] = int(((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) * 1e9)
     res["_server_ns"] = srv1 - srv0
@@ -509,7 +525,11 @@ def main(argv=None) -> int:
         else:
             print("kamailio is not installed (Debian: apt-get install kamailio): skipped",
                   file=sys.stderr)
-    rows = run_all(args, servers, outdir)
+    try:
+        rows = run_all(args, servers, outdir)
+    except BenchError as exc:
+        print(f"bench_e2e: error: {exc}", file=sys.stderr)
+        return 1
     text = table(rows)
     if args.repeat > 1:
         text = ("Quietest repeat of each step:\n\n" + table(quietest(rows))

@@ -1,7 +1,7 @@
 """The command line: ``python -m load`` / ``fastsip-load``.
 
 Exit status: 0 when the run completed, 1 when it completed with timeouts
-or no 2xx at all, 2 for bad options or a refused target.
+or no 2xx at all, 2 for bad options, a refused target or a missing scapy.
 """
 
 from __future__ import annotations
@@ -12,12 +12,25 @@ import sys
 
 from . import __version__
 from .netutil import TargetError
-from .scenario import SCENARIOS
 
 __all__ = ["main", "make_parser"]
 
+# scapy is an extra of the fastsip package (pip install -e '.[load]'), not a dependency
+NO_SCAPY = ("fastsip-load: error: scapy is not installed; install the load tool's extra: "
+            "pip install -e '.[load]' (in the fastsip tree) or pip install 'scapy>=2.5'")
+
+
+def _missing_scapy() -> bool:
+    try:
+        import scapy.layers.inet  # noqa: F401  (what the packet builder imports first)
+    except ImportError:
+        return True
+    return False
+
 
 def make_parser() -> argparse.ArgumentParser:
+    from .scenario import SCENARIOS     # imports scapy
+
     p = argparse.ArgumentParser(
         prog="fastsip-load",
         description="Drive a SIP registrar with REGISTERs from many simulated phones and "
@@ -79,9 +92,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if _missing_scapy():
+        print(NO_SCAPY, file=sys.stderr)
+        return 2
     args = make_parser().parse_args(argv)
     from .report import plot, progress_printer, summary
-    from .runner import LoadRun, Options, OptionsError
+    try:
+        from .runner import LoadRun, Options, OptionsError
+    except ImportError as exc:          # the compiled helper is not built
+        print(f"fastsip-load: error: {exc}", file=sys.stderr)
+        return 2
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"fastsip-load: {msg}", file=sys.stderr))
     opts = Options(
@@ -112,7 +132,16 @@ def main(argv=None) -> int:
         plot(res, args.plot)
     if not args.quiet:
         print(summary(res), file=sys.stderr if args.json == "-" else sys.stdout)
+    if not heard_from(res):
+        print(f"fastsip-load: no replies: is a registrar listening on {args.target} "
+              f"({args.transport})?", file=sys.stderr)
     return 0 if res["ok"] and not res["timeouts"] else 1
+
+
+def heard_from(res: dict) -> bool:
+    """Whether anything at all came back from the target during the run."""
+    return bool(res["replies"] or res["malformed"]["replies"] or any(res["unmatched"].values())
+                or res["late"] or (res["prime"] or {}).get("replies"))
 
 
 def _write_json(res: dict, path: str) -> None:

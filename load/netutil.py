@@ -140,7 +140,13 @@ def open_tcp_connections(host: str, port: int, n: int, sources) -> list:
             if sources[i]:
                 s.bind((sources[i], 0))
             s.settimeout(5)
-            s.connect((host, port))
+            try:
+                s.connect((host, port))
+            except (ConnectionRefusedError, socket.timeout) as exc:
+                where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                what = "refused" if isinstance(exc, ConnectionRefusedError) else "timed out"
+                raise ConnectionRefusedError(f"TCP connection to {where} {what}: "
+                                             f"is a registrar listening on {where}?") from None
             s.setblocking(False)
     except BaseException:
         for s in socks:

@@ -99,9 +99,13 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
     """The machine-readable result of a run (schema in load/README.md)."""
     o = run.opts
     t_first = eng.first_send_ns
+    # the achieved rate's window: first send to last reply (or last send)
     window = max(eng.last_send_ns, eng.last_final_ns) - t_first if t_first else 0
     send_window = eng.last_send_ns - t_first if t_first else 0
-    elapsed = window / 1e9
+    # the run itself lasted until its last request was answered or timed out
+    # (run.end_ns: the same CLOCK_MONOTONIC as the engine's stamps)
+    end = max(eng.last_send_ns, eng.last_final_ns, getattr(run, "end_ns", 0))
+    elapsed = (end - t_first) / 1e9 if t_first else 0.0
     lat = eng.latency()
     distinct = eng.sent_total - eng.retransmissions
     shortfall = 0
@@ -125,7 +129,7 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
         # n sends spread evenly over a window make n - 1 gaps
         "offered_rate": (round((eng.sent_new - 1) / (send_window / 1e9), 1) if send_window > 0
                          else round(eng.sent_new / elapsed, 1) if elapsed > 0 else 0.0),
-        "achieved_rate": round(eng.ok / elapsed, 1) if elapsed > 0 else 0.0,
+        "achieved_rate": round(eng.ok / (window / 1e9), 1) if window > 0 else 0.0,
         "elapsed_s": round(elapsed, 6),
         "send_window_s": round(send_window / 1e9, 6),
         "sent": distinct,
@@ -214,7 +218,8 @@ def summary(res: dict) -> str:
         ("timeouts", f"{res['timeouts']} (timeout {res['timeout_s']:g} s); late {res['late']}, "
                      f"duplicates {res['duplicates']}"),
         ("latency ms", f"p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  "
-                       f"p99.9 {lat['p999']:.3f}  max {lat['max']:.3f}"),
+                       f"p99.9 {lat['p999']:.3f}  max {lat['max']:.3f}" if res["latency_count"]
+                       else "none (no reply matched)"),
         ("generator CPU", f"{res['generator_cpu_pct']:.1f} % of a core"
                           + ("  ** GENERATOR-BOUND: figures are a floor **" if res["generator_bound"] else "")),
     ]

@@ -25,8 +25,8 @@ try:
     from ._loadio_c import Engine
 except ImportError as exc:  # pragma: no cover - only without the compiled helper
     raise ImportError(
-        "load._loadio_c is not built: run `python setup.py build_ext --inplace` "
-        "(needs Cython and a C compiler)") from exc
+        "load._loadio_c is not built: run `pip install -e '.[load]'` in the fastsip tree "
+        "(it builds the compiled modules; needs a C compiler)") from exc
 
 __all__ = ["Options", "LoadRun", "OptionsError"]
 
@@ -325,6 +325,7 @@ class LoadRun:
                           timeout=o.timeout, t1=o.t1 if o.retransmit else 0.0, t2=o.t2,
                           answer_challenges=bool(o.password_pattern))
             samples = self._phase(progress)
+            self.end_ns = time.monotonic_ns()       # every request answered or timed out
             cpu.stop()
             if server:
                 server.stop()

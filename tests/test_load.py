@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -431,6 +432,71 @@ def test_cli_refuses_remote_target():
     cp = subprocess.run([sys.executable, "-m", "load", "--target", "10.1.2.3:5060", "--count", "1",
                          "--inflight", "1"], env=env, capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and "--allow-remote" in cp.stderr
+
+
+def _without_scapy(tmp_path) -> dict:
+    """An environment whose ``import scapy`` fails as on a machine without it."""
+    (tmp_path / "scapy").mkdir()
+    (tmp_path / "scapy" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'scapy'\", name='scapy')\n")
+    return dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + LOAD_ROOT)
+
+
+def test_cli_without_scapy_says_how_to_install_it(tmp_path):
+    cp = subprocess.run([sys.executable, "-m", "load", "--target", "127.0.0.1:5999",
+                         "--inflight", "1", "--count", "1"], env=_without_scapy(tmp_path),
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 2
+    assert cp.stdout == ""
+    assert cp.stderr.count("\n") == 1 and "Traceback" not in cp.stderr, cp.stderr
+    assert "scapy is not installed" in cp.stderr and "pip install -e '.[load]'" in cp.stderr
+
+
+def test_cli_against_a_silent_port_says_no_replies_and_the_real_elapsed_time(tmp_path):
+    """Nothing answers: every request times out.  The run lasts until the last
+    timeout (two rounds of 10 in flight at 0.5 s each, about 1 s), and so does
+    its reported elapsed time; the tool says nobody answered."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))          # holds the port, never reads
+    target = "127.0.0.1:%d" % silent.getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        cp = subprocess.run([sys.executable, "-m", "load", "--target", target, "--inflight", "10",
+                             "--count", "20", "--users", "20", "--timeout", "0.5", "-q",
+                             "--json", str(tmp_path / "r.json")],
+                            env=dict(os.environ, PYTHONPATH=LOAD_ROOT), capture_output=True,
+                            text=True, timeout=60)
+        wall = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert cp.returncode == 1
+    assert cp.stderr == f"fastsip-load: no replies: is a registrar listening on {target} (udp)?\n"
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["timeouts"] == 20 and res["replies"] == {}
+    assert 1.0 <= res["elapsed_s"] < wall, (res["elapsed_s"], wall)
+    # a refused TCP connection says the same, on one line
+    cp = subprocess.run([sys.executable, "-m", "load", "--target", target, "--transport", "tcp",
+                         "--inflight", "1", "--count", "1", "-q"],
+                        env=dict(os.environ, PYTHONPATH=LOAD_ROOT), capture_output=True,
+                        text=True, timeout=60)
+    assert cp.returncode == 2
+    assert cp.stderr == (f"fastsip-load: error: TCP connection to {target} refused: "
+                         f"is a registrar listening on {target}?\n")
+
+
+def test_bench_e2e_says_in_one_line_why_a_load_step_failed(tmp_path):
+    """bench/bench_e2e.py against the Python responder, with a load tool that
+    cannot run (no scapy): one line naming the step and the tool's reason."""
+    script = os.path.join(LOAD_ROOT, "bench", "bench_e2e.py")
+    cp = subprocess.run([sys.executable, script, "--server-cmd",
+                         "{python} -m load.responder --listen {host}:{port} --duration 60",
+                         "--rates", "100", "--inflight", "", "--step-duration", "0.5",
+                         "--users", "10", "--out", str(tmp_path / "out")],
+                        env=_without_scapy(tmp_path), capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 1
+    assert "Traceback" not in cp.stderr and cp.stderr.count("\n") == 1, cp.stderr
+    assert cp.stderr.startswith("bench_e2e: error: load step register open 100 against port ")
+    assert "failed: fastsip-load: error: scapy is not installed" in cp.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--raw needs root")

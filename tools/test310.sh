@@ -19,5 +19,8 @@ if [ -z "$py" ]; then
 fi
 venv=${FASTSIP_VENV310:-.venv310}
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
-"$venv/bin/python" -m pip install -q -e '.[test]'
+# the interop clients that .ci/run pip-installs for python3 (pjsua2), at the same version:
+# the interop tests import them in the interpreter that runs pytest
+clients=$(python3 -m pip freeze 2>/dev/null | grep -i '^pjsua2-python==' || true)
+"$venv/bin/python" -m pip install -q -e '.[test]' $clients
 "$venv/bin/python" -m pytest "$@"

@@ -16,7 +16,9 @@ try:
 except ImportError:  # pragma: no cover - only on a broken build environment
     sys.exit("fastsip: building needs Cython >= 3.0 (pip install cython) and a C compiler")
 
-MODULES = ("parser", "store", "auth", "registrar", "io")
+# the pure layer: one module assembled from fastsip/core/*.pyx (see _core.pyx)
+CORE = Extension("fastsip.core._core", ["fastsip/core/_core.pyx"])
+MODULES = ("io",)
 DEBUG = bool(os.environ.get("FASTSIP_DEBUG_BUILD"))
 directives = {
     "language_level": 3,
@@ -36,6 +38,9 @@ exts = [
     )
     for m in MODULES
 ]
+CORE.extra_compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+CORE.define_macros = [("CYTHON_TRACE_NOGIL", 1)] if DEBUG else []
+exts.insert(0, CORE)
 # the load tool's batched send/receive/match helper (top-level package load/)
 LOAD_MODULES = ("loadio",)
 exts += [

@@ -1,8 +1,8 @@
-"""Every exception fastsip raises.
+"""Every exception fastsip raises (the compiled core raises these classes too).
 
 Each error knows where it happened (``offset``, a byte index into the
 input, where there is one) and which SIP response a server should answer
-with (``status``).  The compiled parser raises these classes too.
+with (``status``).
 """
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "BadVersion",
     "BadHeader",
     "BadContentLength",
+    "BadCredentials",
     "BadURI",
     "BadContact",
     "BadExpires",
@@ -104,6 +105,12 @@ class BadHeader(ParseError):
 
 class BadContentLength(BadHeader):
     """Content-Length is malformed, conflicting, or larger than the body."""
+
+
+class BadCredentials(BadHeader):
+    """A credentials or challenge value is malformed (400 Bad Request):
+    ``reason`` is the short text, ``offset`` the byte index in the UTF-8 form
+    of the value (``fastsip.parse_credentials``)."""
 
 
 class BadURI(ParseError):

@@ -1,5 +1,5 @@
-"""The public face of the parser (the work is done in ``fastsip._parser_c``)."""
-from fastsip._parser_c import (
+"""The public face of the parser (the work is done in ``fastsip.core._core``)."""
+from fastsip.core._core import (
     Address,
     CSeq,
     Headers,

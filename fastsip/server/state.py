@@ -23,7 +23,7 @@ import sqlite3
 import time
 
 import fastsip
-from fastsip._parser_c import uri_compare_key
+from fastsip.core._core import uri_compare_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS aors (

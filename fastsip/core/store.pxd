@@ -2,8 +2,7 @@
 #
 # The store only stores: AOR records in an open-addressing hash table,
 # binding records in a slab, and an expiry heap.  It never decides anything
-# about SIP; the registrar does (see _registrar_c.pyx).
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+# about SIP; the registrar does (see decide.pyx).
 
 
 cdef struct BindingRec:
@@ -55,30 +54,6 @@ cdef enum Transport:
     T_WSS = 5
 
 
-# What the registrar hands the store for one binding (pointers into its buffers).
-cdef struct BindingIn:
-    double expires_at
-    uint64_t key_hash
-    uint32_t cseq
-    int64_t reg_id
-    int64_t conn_id
-    int16_t q
-    uint8_t transport
-    uint16_t src_port
-    const char* uri
-    Py_ssize_t uri_len
-    const char* call_id
-    Py_ssize_t call_id_len
-    const char* instance
-    Py_ssize_t instance_len
-    const char* path
-    Py_ssize_t path_len
-    const char* ua
-    Py_ssize_t ua_len
-    const char* src_host
-    Py_ssize_t src_host_len
-
-
 cdef class Store:
     cdef AorRec* aors
     cdef int32_t n_aors_cap
@@ -113,6 +88,15 @@ cdef class Store:
     cdef int _grow_table(self) except -1
     cdef void _drop_aor(self, int32_t slot) noexcept
     cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1
+    cdef char* _blob(self, const BindingIn* bi) except NULL
+    cdef void _set(self, BindingRec* r, const BindingIn* bi, char* blob) noexcept
+    cdef int32_t _link(self, int32_t aor, const BindingIn* bi, char* blob) noexcept
+    cdef int _reserve(self, int32_t bindings) except -1
+    cdef void _drop_expired(self, int32_t aor, double now) noexcept
+    cdef void purge(self, const char* aor, Py_ssize_t n, double now) noexcept
+    cdef int view(self, const char* aor, Py_ssize_t n, double now, AorView* out) noexcept
+    cdef int apply(self, const char* aor, Py_ssize_t n, const Plan* p, const AorView* v,
+                   double now) except -1
     cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1
     cdef void _pop(self) noexcept
     cdef int _compact_heap(self) except -1

@@ -1,29 +1,19 @@
-"""The binding store: AOR -> bindings, hashed lookup, and an expiry heap.
-
-Memory layout (no Python object per binding):
-
-* AOR records live in a slab (``aors``) and are found through an
-  open-addressing hash table of slot numbers, keyed by SipHash-1-3 with a
-  random per-process key (so crafted AORs cannot pile into one bucket).
-* Binding records live in a second slab (``b``); the bindings of one AOR are a
-  linked list through ``next``.  The variable-length fields (URI, Call-ID,
-  +sip.instance, Path, User-Agent, source host) share one malloc'd blob.
-* The expiry heap holds ``(expires_at, gen, slot)``.  A refresh pushes a new
-  entry and bumps the binding's ``gen``; popped entries whose gen no longer
-  matches are stale and skipped, so nothing is ever removed from the middle.
-
-The store decides nothing about SIP: the registrar (``_registrar_c``) does.
-"""
-cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcmp, memcpy
-
-from fastsip._parser_c cimport hash_bytes, uri_key_hash
-
-import os
-
+# The binding store: AOR -> bindings, hashed lookup, and an expiry heap.
+#
+# Memory layout (no Python object per binding):
+#
+# * AOR records live in a slab (``aors``) and are found through an
+#   open-addressing hash table of slot numbers, keyed by SipHash-1-3 with a
+#   random per-process key (so crafted AORs cannot pile into one bucket).
+# * Binding records live in a second slab (``b``); the bindings of one AOR are a
+#   linked list through ``next``.  The variable-length fields (URI, Call-ID,
+#   +sip.instance, Path, User-Agent, source host) share one malloc'd blob.
+# * The expiry heap holds ``(expires_at, gen, slot)``.  A refresh pushes a new
+#   entry and bumps the binding's ``gen``; popped entries whose gen no longer
+#   matches are stale and skipped, so nothing is ever removed from the middle.
+#
+# The store decides nothing about SIP: the registrar (``the registrar``) does.
+#
 TRANSPORTS = ("udp", "tcp", "tls", "sctp", "ws", "wss")
 _TRANSPORT_CODE = {name: i for i, name in enumerate(TRANSPORTS)}
 
@@ -296,23 +286,29 @@ cdef class Store:
 
     # -- bindings ------------------------------------------------------------
 
-    cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1:
+    cdef char* _blob(self, const BindingIn* bi) except NULL:
+        """The variable fields of a binding in one malloc'd block."""
         cdef Py_ssize_t total = (bi.uri_len + bi.call_id_len + bi.instance_len + bi.path_len
                                  + bi.ua_len + bi.src_host_len)
-        cdef char* blob = <char*>malloc(total if total > 0 else 1)
-        cdef char* p = blob
-        if blob == NULL:
-            raise MemoryError()
+        cdef char* blob
+        cdef char* p
         if bi.uri_len > 65535 or bi.call_id_len > 65535 or bi.instance_len > 65535 or \
                 bi.path_len > 65535 or bi.ua_len > 65535 or bi.src_host_len > 65535:
-            free(blob)
             raise ValueError("binding field longer than 65535 bytes")
+        blob = <char*>malloc(total if total > 0 else 1)
+        if blob == NULL:
+            raise MemoryError()
+        p = blob
         memcpy(p, bi.uri, bi.uri_len); p += bi.uri_len
         memcpy(p, bi.call_id, bi.call_id_len); p += bi.call_id_len
         memcpy(p, bi.instance, bi.instance_len); p += bi.instance_len
         memcpy(p, bi.path, bi.path_len); p += bi.path_len
         memcpy(p, bi.ua, bi.ua_len); p += bi.ua_len
         memcpy(p, bi.src_host, bi.src_host_len)
+        return blob
+
+    cdef void _set(self, BindingRec* r, const BindingIn* bi, char* blob) noexcept:
+        """A binding record's fields from ``bi``, its variable part ``blob`` (owned now)."""
         free(r.blob)
         r.blob = blob
         r.uri_len = <uint16_t>bi.uri_len
@@ -330,6 +326,9 @@ cdef class Store:
         r.transport = bi.transport
         r.src_port = bi.src_port
         r.gen += 1
+
+    cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1:
+        self._set(r, bi, self._blob(bi))
         return 0
 
     cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1:
@@ -385,11 +384,13 @@ cdef class Store:
                 self._push(self.b[i].expires_at, self.b[i].gen, i)
         return 0
 
-    cdef int32_t add_binding(self, int32_t aor, const BindingIn* bi) except -2:
-        cdef int32_t slot, i, tail
+    cdef int _reserve(self, int32_t bindings) except -1:
+        """Room for ``bindings`` more binding records and heap entries, so that
+        adding them cannot fail."""
         cdef BindingRec* grown
-        cdef BindingRec* r
-        if self.b_free < 0:
+        cdef HeapEntry* heap
+        cdef int32_t i
+        while self.b_cap - self.n_bindings < bindings:
             grown = <BindingRec*>realloc(self.b, 2 * self.b_cap * sizeof(BindingRec))
             if grown == NULL:
                 raise MemoryError()
@@ -397,13 +398,24 @@ cdef class Store:
             i = self.b_cap
             self.b_cap *= 2
             self._init_b_slab(i)
-        slot = self.b_free
-        r = &self.b[slot]
-        self._fill(r, bi)
+        while self.heap_cap - self.heap_len < bindings:
+            heap = <HeapEntry*>realloc(self.heap, 2 * self.heap_cap * sizeof(HeapEntry))
+            if heap == NULL:
+                raise MemoryError()
+            self.heap = heap
+            self.heap_cap *= 2
+        return 0
+
+    cdef int32_t _link(self, int32_t aor, const BindingIn* bi, char* blob) noexcept:
+        """A new binding at the tail of ``aor``'s list (room reserved)."""
+        cdef int32_t slot = self.b_free, tail
+        cdef BindingRec* r = &self.b[slot]
         self.b_free = r.next
+        r.blob = NULL
+        self._set(r, bi, blob)
         r.aor = aor
         r.next = -1
-        # append at the tail: the AOR's bindings stay in registration order
+        # at the tail: the AOR's bindings stay in registration order
         tail = self.aors[aor].first
         if tail < 0:
             self.aors[aor].first = slot
@@ -416,9 +428,20 @@ cdef class Store:
             self.n_live_aors += 1
         self.n_bindings += 1
         self._push(r.expires_at, r.gen, slot)
+        self.touch(aor)
+        return slot
+
+    cdef int32_t add_binding(self, int32_t aor, const BindingIn* bi) except -2:
+        cdef char* blob = self._blob(bi)
+        cdef int32_t slot
+        try:
+            self._reserve(1)
+        except MemoryError:
+            free(blob)
+            raise
+        slot = self._link(aor, bi, blob)
         if self.heap_len > 2 * self.n_bindings + 1024:
             self._compact_heap()
-        self.touch(aor)
         return slot
 
     cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1:
@@ -473,6 +496,108 @@ cdef class Store:
         out.conn_id = r.conn_id
         out.reg_id = None if r.reg_id < 0 else r.reg_id
         return out
+
+    # -- the registrar's API: a read view, and applying a plan ---------------
+
+    cdef void _drop_expired(self, int32_t aor, double now) noexcept:
+        """Remove ``aor``'s bindings that expired at ``now`` (the heap would later)."""
+        cdef int32_t slot = self.aors[aor].first, nxt
+        while slot >= 0:
+            nxt = self.b[slot].next
+            if self.b[slot].expires_at <= now:
+                self.remove_binding(slot)
+                self.n_expired += 1
+            slot = nxt
+
+    cdef void purge(self, const char* aor, Py_ssize_t n, double now) noexcept:
+        """Drop ``aor``'s bindings that expired at ``now``, and the AOR when none is left."""
+        cdef int32_t a = self.find(aor, n)
+        if a >= 0:
+            self._drop_expired(a, now)
+            self.release_if_empty(a)
+
+    cdef int view(self, const char* aor, Py_ssize_t n, double now, AorView* out) noexcept:
+        """The bindings of ``aor`` valid at ``now`` (at most MAX_LISTED), in
+        registration order, as pointers into the store: valid until it changes."""
+        cdef int32_t a = self.find(aor, n), slot
+        cdef BindingRec* r
+        cdef BindingView* b
+        out.n = 0
+        if a < 0:
+            return 0
+        slot = self.aors[a].first
+        while slot >= 0 and out.n < MAX_LISTED:
+            r = &self.b[slot]
+            if r.expires_at > now:
+                b = &out.b[out.n]
+                b.id = slot
+                b.expires_at = r.expires_at
+                b.key_hash = r.key_hash
+                b.cseq = r.cseq
+                b.reg_id = r.reg_id
+                b.q = r.q
+                b.uri = r.blob
+                b.uri_len = r.uri_len
+                b.call_id = r.blob + r.uri_len
+                b.call_id_len = r.call_id_len
+                b.instance = r.blob + r.uri_len + r.call_id_len
+                b.instance_len = r.instance_len
+                out.n += 1
+            slot = r.next
+        return 0
+
+    cdef int apply(self, const char* aor, Py_ssize_t n, const Plan* p, const AorView* v,
+                   double now) except -1:
+        """Apply a plan decided on the view ``v`` of ``aor`` (taken at ``now``, the
+        store unchanged since), all or nothing: what can fail (memory, a field
+        too long) happens before the first change.  Bindings of the AOR that
+        expired by ``now`` are dropped too."""
+        cdef int i, nwrite = 0
+        cdef int32_t a, slot
+        cdef const Change* ch
+        cdef char* blobs[MAX_REQUEST_CONTACTS]
+        if p.retransmission:
+            return 0
+        for i in range(p.nchanges):
+            if p.changes[i].action != A_REMOVE:
+                nwrite += 1
+        a = self.find(aor, n)
+        if nwrite:
+            a = self.find_or_add(aor, n)
+            try:
+                self._reserve(nwrite)
+                for i in range(p.nchanges):
+                    blobs[i] = NULL
+                for i in range(p.nchanges):
+                    if p.changes[i].action != A_REMOVE:
+                        blobs[i] = self._blob(&p.changes[i].b)
+            except BaseException:
+                for i in range(p.nchanges):
+                    free(blobs[i])
+                self.release_if_empty(a)
+                raise
+        if a < 0:
+            return 0
+        # from here on nothing fails
+        self._drop_expired(a, now)
+        if p.remove_all:
+            for i in range(v.n):
+                self.remove_binding(v.b[i].id)
+        for i in range(p.nchanges):
+            ch = &p.changes[i]
+            if ch.action == A_REMOVE:
+                self.remove_binding(v.b[ch.target].id)
+            elif ch.action == A_UPDATE:
+                slot = v.b[ch.target].id
+                self._set(&self.b[slot], &ch.b, blobs[i])
+                self._push(self.b[slot].expires_at, self.b[slot].gen, slot)
+                self.touch(a)
+            else:
+                self._link(a, &ch.b, blobs[i])
+        if self.heap_len > 2 * self.n_bindings + 1024:
+            self._compact_heap()
+        self.release_if_empty(a)
+        return 0
 
     # -- Python API ----------------------------------------------------------
 

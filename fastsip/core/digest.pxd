@@ -1,10 +1,9 @@
-# C-level interface of the digest check (fastsip._auth_c), for the registrar.
+# C-level interface of the digest check (digest.pyx), for the registrar.
 #
 # A credentials value is held as Fields: pointers to its parameter values,
 # either into the datagram (the registrar's scan of an Authorization header)
 # or into str objects (Authorize.check on parsed Credentials).  Nothing is
 # copied and no dict is built.
-from libc.stdint cimport int32_t, uint32_t, uint64_t
 
 
 cdef enum FieldId:
@@ -33,8 +32,6 @@ cdef struct Cred:
     Field f[<int>F_COUNT]
 
 
-cdef int scan_digest(const char* b, Py_ssize_t n, Cred* c) noexcept nogil
-cdef void set_bytes_field(Field* f, const char* p, Py_ssize_t n) noexcept nogil
 
 
 cdef struct CountEntry:

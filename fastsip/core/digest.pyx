@@ -1,32 +1,20 @@
-"""The digest check behind ``fastsip.auth.Authorize`` (RFC 3261 22, RFC 7616).
-
-``AuthCore`` is the base class of ``Authorize``: it holds the settings the
-check reads, the nonce signing key and the nonce-count table, and runs the
-checks of docs/auth.md ("Order of checks") on ``Field`` spans.  There is one
-check: ``Authorize.check`` fills the spans from parsed ``Credentials`` (str
-values), the registrar fills them straight from the Authorization header
-bytes (``scan_digest``), and both call ``AuthCore.verify``.  What may vary per
-deployment stays in Python and is called back: ``Authorize._ha1`` (the users),
-the ``policy`` (unless it is ``own_aor_only``), and the challenge.
-
-Hashing goes through hashlib (OpenSSL).  Text is hashed as
-``fastsip.auth._bytes`` does: UTF-8 with U+DC80..U+DCFF as the original bytes
-(surrogateescape), or with surrogates passed when some part of the text has a
-surrogate that is no escaped byte.
-"""
-cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.math cimport fabs, INFINITY
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy, memset
-
-from fastsip._parser_c cimport (
-    AuthScan, Span, auth_next_name, auth_param_value, auth_scan_start, hash_bytes)
-
+# The digest check behind ``fastsip.auth.Authorize`` (RFC 3261 22, RFC 7616).
+#
+# ``AuthCore`` is the base class of ``Authorize``: it holds the settings the
+# check reads, the nonce signing key and the nonce-count table, and runs the
+# checks of docs/auth.md ("Order of checks") on ``Field`` spans.  There is one
+# check: ``Authorize.check`` fills the spans from parsed ``Credentials`` (str
+# values), the registrar fills them straight from the Authorization header
+# bytes (``scan_digest``), and both call ``AuthCore.verify``.  What may vary per
+# deployment stays in Python and is called back: ``Authorize._ha1`` (the users),
+# the ``policy`` (unless it is ``own_aor_only``), and the challenge.
+#
+# Hashing goes through hashlib (OpenSSL).  Text is hashed as
+# ``fastsip.auth._bytes`` does: UTF-8 with U+DC80..U+DCFF as the original bytes
+# (surrogateescape), or with surrogates passed when some part of the text has a
+# surrogate that is no escaped byte.
+#
 import hashlib
-import os
 
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
@@ -118,21 +106,10 @@ FIELD_NAMES[:] = [b"username", b"realm", b"nonce", b"uri", b"response", b"algori
 _FIELD_NAMES = ("username", "realm", "nonce", "uri", "response", "algorithm", "qop", "nc",
                 "cnonce")
 
-cdef unsigned char LOWER[256]
 cdef unsigned char B64URL[256]     # value + 1 of a base64url digit, 0 for other bytes
-cdef unsigned char HEXVAL[256]     # value + 1 of a hex digit, 0 for other bytes
-cdef int _i
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
-    B64URL[_i] = 0
-    HEXVAL[_i] = 0
+memset(B64URL, 0, 256)
 for _i, _c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"):
     B64URL[ord(_c)] = _i + 1
-for _i, _c in enumerate("0123456789abcdef"):
-    HEXVAL[ord(_c)] = _i + 1
-for _i, _c in enumerate("ABCDEF"):
-    HEXVAL[ord(_c)] = _i + 11
-cdef const char* HEXDIGITS = b"0123456789abcdef"
 
 
 cdef inline void clear_field(Field* f) noexcept nogil:
@@ -773,6 +750,42 @@ cdef int shift_in(CountEntry* x, uint64_t shift, uint64_t window) except -1:
 # The check
 # --------------------------------------------------------------------------
 
+@cython.final
+cdef class AuthResult:
+    """The outcome of ``Authorize.check``.
+
+    ``status`` is 0 when ``ok``, else the response to send (401, 403, 400)
+    with ``headers`` added to it.  ``user`` is the authenticated user name
+    (also set on a 403: authenticated, but not allowed this AOR).
+    """
+    cdef readonly bint ok
+    cdef readonly int status
+    cdef readonly str reason
+    cdef readonly object user
+    cdef readonly list headers
+
+    def __init__(self, bint ok, int status, str reason, user=None, headers=None):
+        self.ok = ok
+        self.status = status
+        self.reason = reason
+        self.user = user
+        self.headers = [] if headers is None else list(headers)
+
+    def __eq__(self, other):
+        if not isinstance(other, AuthResult):
+            return NotImplemented
+        return self._key() == (<AuthResult>other)._key()
+
+    __hash__ = None
+
+    def _key(self):
+        return (self.ok, self.status, self.reason, self.user, self.headers)
+
+    def __repr__(self):
+        return (f"AuthResult(ok={self.ok!r}, status={self.status!r}, reason={self.reason!r}, "
+                f"user={self.user!r}, headers={self.headers!r})")
+
+
 cdef object _UNSET = object()
 
 
@@ -999,9 +1012,9 @@ cdef class AuthCore:
                 return R_BAD_NC
             for k in range(8):
                 i = HEXVAL[<unsigned char>f[<int>F_NC].p[k]]
-                if not i:
+                if i < 0:
                     return R_BAD_NC
-                nc = nc << 4 | <uint64_t>(i - 1)
+                nc = nc << 4 | <uint64_t>i
         elif is_sess(alg):
             return R_SESS_NO_QOP | alg << 8
         if not same(&f[<int>F_URI], ruri) and \
@@ -1054,6 +1067,23 @@ cdef class AuthCore:
         if not allowed:
             return R_FORBIDDEN
         return R_OK
+
+    def check(self, method, request_uri, credentials, aor_user, aor_domain, double now):
+        """Check a request's credentials (a list of ``Credentials``); see
+        docs/auth.md for the order.  Returns an :class:`AuthResult`."""
+        outcome, realm, user = self._check(method, request_uri, credentials, aor_user,
+                                           aor_domain, now)
+        return self._result(outcome, realm, now, user, aor_user)
+
+    def _result(self, outcome, realm, now, user, aor_user):
+        """The AuthResult of an outcome of ``verify`` (``aor_user``: the user
+        named in To, whose algorithms a 401 offers through ``challenge``)."""
+        status, reason, stale = _outcome(outcome)
+        if status == 401:
+            headers = [("WWW-Authenticate", v)
+                       for v in self.challenge(realm, now, stale, aor_user)]
+            return AuthResult(False, 401, reason, None, headers)
+        return AuthResult(status == 0, status, reason, user if status in (0, 403) else None)
 
     def _check(self, method, request_uri, credentials, aor_user, aor_domain, double now):
         """``Authorize.check`` on parsed credentials: ``(outcome, realm, user)``."""

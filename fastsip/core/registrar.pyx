@@ -1,0 +1,565 @@
+
+# --------------------------------------------------------------------------
+# The registrar: RegistrarCore runs a REGISTER through the steps of RFC 3261
+# 10.3 (decide.pyx reads and decides, the store applies the plan, the reply
+# writer answers) and dispatches every other datagram (serve).  Python
+# objects appear only for the reply bytes and on the rare paths (refusals,
+# digest authentication).  The Python faces are fastsip.registrar and
+# fastsip.core.netsip.
+# --------------------------------------------------------------------------
+
+SUPPORTED_OPTIONS = ("path", "outbound")
+# the request methods counted by name in ``requests`` (others count as "other")
+METHODS = frozenset(("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE",
+                     "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "MESSAGE", "INFO"))
+_ALLOW = [("Allow", "REGISTER, OPTIONS")]
+_OPTIONS_HEADERS = [("Allow", "REGISTER, OPTIONS"), ("Supported", ", ".join(SUPPORTED_OPTIONS)),
+                    ("Accept", "application/sdp")]
+
+
+cdef class RegistrarCore:
+    """The sans-I/O registrar engine.  See :class:`fastsip.Registrar`."""
+
+    cdef readonly Store store
+    cdef readonly int min_expires, max_expires, default_expires, max_contacts
+    cdef readonly object domains           # frozenset of lower-case str, or None for any
+    cdef tuple _exact                      # bytes
+    cdef tuple _suffixes                   # bytes like b".example.com"
+    cdef frozenset _addresses              # bytes, lower-case
+    cdef object _authorize_obj
+    cdef AuthCore _auth_core               # the same object, when its check is AuthCore's
+    cdef readonly double last_now
+    cdef int aor_form                      # AOR_HOST or AOR_USER (canonical_aor)
+    cdef Settings settings
+    cdef Limits lim
+    cdef ReplyWriter writer
+    cdef RegisterIn reg                    # the REGISTER being decided
+    cdef AorView before                    # its AOR's bindings, decided on
+    cdef AorView after                     # ... and after the plan was applied
+    cdef Plan plan
+    # counters (the writer counts replies by status)
+    cdef uint64_t register_count
+    cdef dict other_requests               # method -> count, for all but REGISTER
+    cdef readonly Py_ssize_t parse_errors
+
+    def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
+                 int max_contacts=16, domains=None, addresses=(), authorize=None,
+                 server="fastsip", bint track_changes=False, str aor_by="user@host"):
+        self.aor_form = _aor_form(aor_by)
+        self.configure(min_expires=min_expires, max_expires=max_expires,
+                       default_expires=default_expires, max_contacts=max_contacts)
+        self.store = Store(track_changes=track_changes)
+        self.set_domains(domains)
+        self._addresses = frozenset(a.lower().strip("[]").encode() for a in addresses)
+        self.authorize = authorize
+        self.lim = default_limits()
+        self.writer = ReplyWriter(server)
+        self.other_requests = {}
+        self.last_now = 0.0
+
+    @property
+    def aor_by(self):
+        """What keys a binding: "user@host" (the AOR without port or
+        parameters, the default) or "user" (the user part alone: one domain)."""
+        return "user" if self.aor_form == AOR_USER else "user@host"
+
+    def aor_of(self, aor):
+        """The key this registrar stores ``aor`` (a SIP URI as str or bytes)
+        under, as str: ``sip:alice@Example.COM:5060;transport=tcp`` ->
+        ``sip:alice@example.com`` (``sip:alice`` when keyed by user).  A
+        string that is not a SIP URI is returned as it is."""
+        return _aor_text(aor, self.aor_form)
+
+    @property
+    def authorize(self):
+        """The :class:`fastsip.Authorize` (or any object with its ``check``), or None."""
+        return self._authorize_obj
+
+    @authorize.setter
+    def authorize(self, value):
+        self._authorize_obj = value
+        # An Authorize whose check is not overridden is run on the header
+        # bytes (the same compiled check, without parsing into Credentials).
+        self._auth_core = value if isinstance(value, AuthCore) and \
+            getattr(type(value), "check", None) is AuthCore.check else None
+
+    def configure(self, *, min_expires=None, max_expires=None, default_expires=None,
+                  max_contacts=None):
+        """Change the expiry and contact limits (None keeps a value), e.g. on a
+        configuration reload; bindings already stored keep their expiry."""
+        lo = self.min_expires if min_expires is None else int(min_expires)
+        hi = self.max_expires if max_expires is None else int(max_expires)
+        dflt = self.default_expires if default_expires is None else int(default_expires)
+        most = self.max_contacts if max_contacts is None else int(max_contacts)
+        if lo < 0 or hi < lo:
+            raise ValueError("need 0 <= min_expires <= max_expires")
+        if not 1 <= most <= MAX_LISTED:
+            raise ValueError(f"max_contacts must be between 1 and {MAX_LISTED}")
+        self.min_expires = lo
+        self.max_expires = hi
+        # RFC 3261 10.3 step 7: the default applies when the request names
+        # none; like any value it is capped at max_expires.
+        self.default_expires = max(lo, min(dflt, hi))
+        self.max_contacts = most
+        self.settings.min_expires = lo
+        self.settings.max_expires = hi
+        self.settings.default_expires = self.default_expires
+        self.settings.max_contacts = most
+
+    def set_domains(self, domains):
+        """Set the served domains (None: any).  "*.example.com" serves subdomains."""
+        if isinstance(domains, str):
+            domains = [domains]
+        if domains is None:
+            self.domains = None
+            self._exact = ()
+            self._suffixes = ()
+            return
+        ds = [d.strip().lower() for d in domains]
+        if not ds or any(not d or d == "*." for d in ds):
+            raise ValueError("domains must be non-empty names")
+        self.domains = frozenset(ds)
+        self._exact = tuple(d.encode() for d in ds if not d.startswith("*."))
+        self._suffixes = tuple(d[1:].encode() for d in ds if d.startswith("*."))
+
+    cdef bint _serves(self, const char* host, Py_ssize_t n):
+        """Is ``host`` a served domain (exact, case-insensitive, or under a *.suffix)?"""
+        cdef bytes d
+        cdef Py_ssize_t k
+        if self.domains is None:
+            return True
+        for d in self._exact:
+            if ieq(host, n, d, len(d)):
+                return True
+        for d in self._suffixes:
+            k = len(d)
+            if n > k and ieq(host + n - k, k, d, k):
+                return True
+        return False
+
+    # -- answering ---------------------------------------------------------
+
+    cdef bytes _refuse(self, const Req* rq, int refusal, object headers=None):
+        """The reply for a Refusal (REFUSALS), counted as a parse error where it is one."""
+        status, reason, parse_error = REFUSALS[refusal]
+        if parse_error:
+            self.parse_errors += 1
+        return self.writer.reply(rq, status, reason, headers)
+
+    cdef bytes _malformed(self, const Req* rq, int rc):
+        """The answer to a request whose scan failed (rc): 505 for another SIP
+        version, else 400; counted as a parse error."""
+        self.parse_errors += 1
+        if rc == E_VERSION:
+            return self.writer.reply(rq, 505, b"Version Not Supported", None)
+        if rc == E_BODY_SHORT:
+            return self.writer.reply(rq, 400, b"Content-Length larger than the body", None)
+        return self.writer.reply(rq, 400, b"Bad Request (malformed message)", None)
+
+    # -- REGISTER --------------------------------------------------------------
+
+    cpdef object handle(self, bytes data, tuple source, double now, str transport="udp",
+                        int64_t conn_id=-1):
+        """Process one datagram: the reply bytes, or None when it is not for this
+        registrar (not a REGISTER request, or a domain it does not serve)."""
+        cdef Msg m
+        cdef Req rq
+        cdef int rc
+        cdef bytes host = _host_bytes(source[0])
+        self.last_now = now
+        rc = scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &self.lim)
+        try:
+            if m.status != 0 or m.method.length == 0 or not (
+                    m.method.length == 8 and
+                    memcmp(PyBytes_AS_STRING(data) + m.method.off, b"REGISTER", 8) == 0):
+                if rc != OK:
+                    self.parse_errors += 1
+                return None
+            self.register_count += 1
+            req_init(&rq, data, &m, host, source[1], now, _transport(transport), conn_id)
+            return self._register(data, &rq, rc)
+        finally:
+            msg_release(&m)
+
+    cdef object _register(self, bytes data, Req* rq, int rc):
+        """RFC 3261 10.3 for one scanned REGISTER: the reply, or None when its
+        domain is not served here."""
+        cdef RegisterIn* reg = &self.reg
+        cdef const char* buf = rq.buf
+        cdef bytes path
+        cdef const AorView* listing
+        if rc != OK:
+            return self._malformed(rq, rc)
+        # 1 and 5 (first half): the Request-URI, the headers, the To URI.
+        rc = read_target(rq, reg)
+        if rc:
+            return self._refuse(rq, rc)
+        if not self._serves(buf + reg.to_uri.host.off, reg.to_uri.host.length):
+            return None
+        if self.domains is not None and \
+                not self._serves(buf + reg.ruri.host.off, reg.ruri.host.length) and \
+                PyBytes_FromStringAndSize(buf + reg.ruri.host.off, reg.ruri.host.length) \
+                .lower().strip(b"[]") not in self._addresses:
+            return None
+        # 2. Require: every option tag must be one we support.
+        unsupported = _unsupported(data, rq.m)
+        if unsupported is None:
+            return self._refuse(rq, RF_BAD_REQUIRE)
+        if unsupported:
+            return self._refuse(rq, RF_EXTENSION, [("Unsupported", unsupported)])
+        rc = read_dialog(rq, reg)
+        if rc:
+            return self._refuse(rq, rc)
+        # 3-4. Authentication, then authorization (the AOR's user and domain).
+        if self._authorize_obj is not None:
+            refusal = self._authorize(data, rq)
+            if refusal is not None:
+                status, reason, headers = refusal
+                return self.writer.reply(rq, status, reason, headers)
+        # 5-7. The AOR and the contacts, then the decision on its bindings.
+        rc = read_contacts(rq, reg, self.aor_form)
+        if rc:
+            return self._refuse(rq, rc)
+        self.store.purge(reg.aor, reg.aor_len, rq.now)       # its lapsed bindings go first
+        self.store.view(reg.aor, reg.aor_len, rq.now, &self.before)
+        rc = decide(buf, reg, &self.settings, &self.before, rq.now, &self.plan)
+        if rc == RF_TOO_BRIEF:
+            return self._refuse(rq, rc, [("Min-Expires", str(self.min_expires))])
+        if rc == RF_TOO_MANY:
+            return self.writer.reply(rq, 503, f"Too many contacts for this AOR "
+                                     f"(max_contacts={self.max_contacts})", None)
+        if rc:
+            return self._refuse(rq, rc)
+        # 8. Apply the plan, answer with the AOR's bindings.
+        listing = &self.before
+        if not self.plan.retransmission and (self.plan.nchanges or self.plan.remove_all):
+            path = _path(rq)
+            plan_common(&self.plan, rq, reg, path)
+            self.store.apply(reg.aor, reg.aor_len, &self.plan, &self.before, rq.now)
+            self.store.view(reg.aor, reg.aor_len, rq.now, &self.after)
+            listing = &self.after
+        return self.writer.ok(rq, listing, self.plan.outbound,
+                              rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
+
+    cdef object _authorize(self, bytes data, const Req* rq):
+        """Digest authentication and the AOR policy: None, or the refusal as
+        (status, reason, headers).
+
+        With an Authorize, its compiled check runs on spans of the
+        Authorization values (``scan_digest``); a value that needs more than
+        spans (bytes above 0x7F, quoted-pairs, folds in a quoted-string) sends
+        the request through ``parse_credentials`` and ``check``, which end in
+        the same check."""
+        cdef AuthCore core = self._auth_core
+        cdef const char* buf = rq.buf
+        cdef Msg* m = rq.m
+        cdef UriSpans* to_uri = &self.reg.to_uri
+        cdef Cred c, chosen
+        cdef Field rf, method, ruri
+        cdef int i, rc, alg = 0, outcome
+        cdef Header* h
+        aor_user = "" if to_uri.user.off < 0 else unescape(buf + to_uri.user.off,
+                                                           to_uri.user.length)
+        aor_domain = decode(buf, to_uri.host.off, to_uri.host.length)
+        if core is None:
+            return self._authorize_parsed(data, rq, aor_user, aor_domain)
+        realm = core.realm_for(aor_domain)
+        realm_bytes = core.realm_field(realm, &rf)     # keeps rf's bytes alive
+        if m.first[<int>HDR_AUTHORIZATION] >= 0:
+            for i in range(m.first[<int>HDR_AUTHORIZATION], m.nheaders):
+                h = &m.hdrs[i]
+                if h.htype != HDR_AUTHORIZATION:
+                    continue
+                rc = scan_digest(buf + h.val_off, h.val_len, &c)
+                if rc > 0:
+                    return self._authorize_parsed(data, rq, aor_user, aor_domain)
+                if rc < 0:
+                    return REFUSALS[RF_BAD_AUTHORIZATION][:2] + (None,)
+                if not alg:
+                    alg = core.selects(&c, &rf)
+                    if alg:
+                        chosen = c
+        set_bytes_field(&method, b"REGISTER", 8)
+        # compared only, never hashed: the raw bytes (decoded on a mismatch)
+        set_bytes_field(&ruri, buf + m.uri.off, m.uri.length)
+        outcome = core.verify(&chosen if alg else NULL, alg, &method, &ruri, realm, &rf, aor_user,
+                              aor_domain, rq.now)
+        if outcome == 0:
+            return None
+        return _refusal(core._result(outcome, realm, rq.now, None, aor_user))
+
+    cdef object _authorize_parsed(self, bytes data, const Req* rq, aor_user, aor_domain):
+        """The same through ``parse_credentials`` and ``authorize.check``."""
+        cdef int i
+        cdef Header* h
+        cdef Msg* m = rq.m
+        creds = []
+        if m.first[<int>HDR_AUTHORIZATION] >= 0:
+            for i in range(m.first[<int>HDR_AUTHORIZATION], m.nheaders):
+                h = &m.hdrs[i]
+                if h.htype == HDR_AUTHORIZATION:
+                    try:
+                        creds.append(parse_credentials(decode(rq.buf, h.val_off, h.val_len)))
+                    except _errors.BadCredentials:
+                        return REFUSALS[RF_BAD_AUTHORIZATION][:2] + (None,)
+        request_uri = decode(rq.buf, m.uri.off, m.uri.length)
+        result = self._authorize_obj.check("REGISTER", request_uri, creds, aor_user, aor_domain,
+                                           rq.now)
+        if result.ok:
+            return None
+        return _refusal(result)
+
+    # -- every datagram --------------------------------------------------------
+
+    cpdef object serve(self, bytes data, tuple source, double now, str transport="udp",
+                       int64_t conn_id=-1):
+        """The edge dispatcher: what a registrar server answers to any datagram.
+
+        REGISTER goes to :meth:`handle`; a REGISTER for a domain not served gets
+        404; OPTIONS gets 200; other requests 405 with Allow; responses and ACK
+        get nothing; malformed input gets 400 when a reply can be addressed (a
+        request line was read), else nothing.  Never raises for bad input.
+        """
+        return self._serve(data, _host_bytes(source[0]), source[1], now, transport, conn_id, 0, 1)
+
+    def serve_shard(self, bytes data, bytes src_host, int src_port, double now, str transport,
+                    int64_t conn_id, int shard, int nshards):
+        """:meth:`serve` for one shard of ``nshards``: a REGISTER whose AOR
+        ``shard_of`` gives to another shard is not served but answered with
+        that shard's number (an int).  Otherwise the reply bytes or None, as
+        :meth:`serve`.  The source host comes as ASCII bytes.  One scan of the
+        message decides both, which is why the server's receive loop calls this
+        rather than ``aor_key`` and then ``serve``."""
+        return self._serve(data, src_host, src_port, now, transport, conn_id, shard, nshards)
+
+    cdef object _serve(self, bytes data, bytes src_host, int src_port, double now,
+                       str transport, int64_t conn_id, int shard, int nshards):
+        cdef Msg m
+        cdef Req rq
+        cdef const char* buf = PyBytes_AS_STRING(data)
+        cdef int rc, owner
+        cdef object reply
+        cdef UriSpans ruri
+        cdef Py_ssize_t err = 0
+        cdef char aor[MAX_AOR + 1]
+        cdef Py_ssize_t aor_len
+        self.last_now = now
+        rc = scan_message(buf, PyBytes_GET_SIZE(data), &m, &self.lim)
+        try:
+            if m.status != 0:
+                if rc != OK:
+                    self.parse_errors += 1
+                return None
+            if m.method.length == 0:
+                self.parse_errors += 1
+                return None
+            req_init(&rq, data, &m, src_host, src_port, now, _transport(transport), conn_id)
+            if m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0:
+                if nshards > 1:
+                    aor_len = _request_aor(buf, &m, aor, self.aor_form)
+                    if aor_len >= 0:
+                        owner = aor_hash(aor, aor_len) % <uint64_t>nshards
+                        if owner != shard:
+                            return owner
+                self.register_count += 1
+                reply = self._register(data, &rq, rc)
+                if reply is None:
+                    reply = self._refuse(&rq, RF_NOT_FOUND)
+                return reply
+            method = PyUnicode_DecodeASCII(buf + m.method.off, m.method.length, NULL)
+            if method not in METHODS:
+                method = "other"        # one counter, however many names a sender invents
+            self.other_requests[method] = self.other_requests.get(method, 0) + 1
+            if method == "ACK":
+                return None
+            # RFC 3261 8.2: a request this server does not register still gets
+            # the checks every UAS makes, in this order.
+            if rc != OK:
+                return self._malformed(&rq, rc)
+            rc = missing_header(&m)
+            if rc:
+                return self._refuse(&rq, rc)
+            if scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err) == -2:
+                return self._refuse(&rq, RF_URI_SCHEME)
+            if method != "OPTIONS":
+                return self._refuse(&rq, RF_METHOD, _ALLOW)
+            unsupported = _unsupported(data, &m)
+            if unsupported is None:
+                return self._refuse(&rq, RF_BAD_REQUIRE)
+            if unsupported:
+                return self._refuse(&rq, RF_EXTENSION, [("Unsupported", unsupported)])
+            return self.writer.reply(&rq, 200, b"OK", _OPTIONS_HEADERS)
+        finally:
+            msg_release(&m)
+
+    def respond(self, bytes data, tuple source, double now, int status, str reason,
+                headers=None):
+        """A response to the request ``data`` (Via, From, To with a tag, Call-ID
+        and CSeq copied, RFC 3261 8.2.6), or None when ``data`` is no request."""
+        cdef Msg m
+        cdef Req rq
+        scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &self.lim)
+        try:
+            if m.status != 0 or m.method.length == 0:
+                return None
+            req_init(&rq, data, &m, _host_bytes(source[0]), source[1], now, 0, -1)
+            return self.writer.reply(&rq, status, reason, headers)
+        finally:
+            msg_release(&m)
+
+    # -- queries (lookups never change the store) -------------------------------
+
+    def lookup(self, aor, now=None):
+        """The bindings of ``aor`` valid at ``now`` (default: the latest time seen)."""
+        return self.store.lookup(self.aor_of(aor), self.last_now if now is None else now)
+
+    def stats(self):
+        """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
+        return {"bindings": self.store.n_bindings, "aors": self.store.n_live_aors,
+                "expired": self.store.n_expired, "parse_errors": self.parse_errors,
+                "replies": {code: self.writer.counts[code] for code in range(100, 700)
+                            if self.writer.counts[code]},
+                "requests": dict(self.other_requests, **(
+                    {"REGISTER": self.register_count} if self.register_count else {}))}
+
+
+cdef tuple _refusal(result):
+    """(status, reason, headers) for a failed ``AuthResult``."""
+    reason = {401: "Unauthorized", 403: "Forbidden"}.get(result.status, result.reason)
+    return result.status, reason, result.headers
+
+
+cdef uint8_t _transport(str name) except 255:
+    return 0 if name == "udp" else transport_code(name)
+
+
+cdef bytes _path(const Req* rq):
+    """The request's Path values, one per line (as the store keeps them)."""
+    cdef int i
+    cdef Header* h
+    cdef Msg* m = rq.m
+    if m.first[<int>HDR_PATH] < 0:
+        return b""
+    entries = []
+    for i in range(m.first[<int>HDR_PATH], m.nheaders):
+        h = &m.hdrs[i]
+        if h.htype == HDR_PATH:
+            entries.append(rq.buf[h.val_off:h.val_off + h.val_len].replace(b"\r\n", b" ")
+                           .replace(b"\n", b" "))
+    return b"\n".join(entries)[:MAX_PATH]
+
+
+cdef void plan_common(Plan* p, const Req* rq, const RegisterIn* reg, bytes path) noexcept:
+    """What every binding a plan writes shares: the request's Call-ID, CSeq,
+    source, transport, connection, Path and User-Agent (pointers into the
+    request and ``path``, which must outlive the plan's application)."""
+    cdef int i, j = rq.m.first[<int>HDR_USER_AGENT]
+    cdef BindingIn* b
+    cdef Header* h
+    for i in range(p.nchanges):
+        b = &p.changes[i].b
+        b.call_id = rq.buf + reg.call_id.off
+        b.call_id_len = reg.call_id.length
+        b.cseq = <uint32_t>reg.cseq
+        b.conn_id = rq.conn_id
+        b.transport = rq.transport
+        b.src_port = <uint16_t>rq.src_port
+        b.src_host = rq.src_host
+        b.src_host_len = rq.src_host_len
+        b.path = PyBytes_AS_STRING(path)
+        b.path_len = PyBytes_GET_SIZE(path)
+        if j >= 0:
+            h = &rq.m.hdrs[j]
+            b.ua = rq.buf + h.val_off
+            b.ua_len = h.val_len if h.val_len <= MAX_USER_AGENT else MAX_USER_AGENT
+        else:
+            b.ua = NULL
+            b.ua_len = 0
+
+
+cdef bint _supports_path(const Req* rq) noexcept:
+    """Does a Supported header list the option tag ``path``?"""
+    cdef TokenIter it
+    cdef Span tok
+    it.htype = HDR_SUPPORTED
+    it.i = -1
+    while next_header_token(rq.buf, rq.m, &it, &tok) > 0:
+        if tok.length == 4 and ieq(rq.buf + tok.off, 4, b"path", 4):
+            return True
+    return False
+
+
+cdef object _unsupported(bytes data, Msg* m):
+    """The Require option tags we do not support, comma-separated ("" if none);
+    None when a Require header is not a token list."""
+    cdef TokenIter it
+    cdef Span tok
+    cdef list out = []
+    cdef int rc
+    it.htype = HDR_REQUIRE
+    it.i = -1
+    while True:
+        rc = next_header_token(data, m, &it, &tok)
+        if rc <= 0:
+            return None if rc < 0 else ", ".join(out)
+        tag = data[tok.off:tok.off + tok.length].decode("utf-8", "replace")
+        if tag.lower() not in SUPPORTED_OPTIONS:
+            out.append(tag)
+
+
+cdef int _aor_form(str by) except -1:
+    if by == "user@host":
+        return AOR_HOST
+    if by == "user":
+        return AOR_USER
+    raise ValueError(f'aor_by must be "user@host" or "user", not {by!r}')
+
+
+cdef object _aor_text(object aor, int form):
+    """``RegistrarCore.aor_of``: the canonical AOR of a URI given as str or bytes."""
+    cdef bytes b = aor.encode("utf-8", "surrogateescape") if isinstance(aor, str) else bytes(aor)
+    cdef UriSpans u
+    cdef Py_ssize_t err = 0, n
+    cdef char out[MAX_AOR + 1]
+    if scan_sip_uri(b, 0, len(b), &u, &err) != 0:
+        return aor if isinstance(aor, str) else b.decode("utf-8", "surrogateescape")
+    n = canonical_aor(b, &u, out, MAX_AOR, form)
+    if n < 0:
+        return b.decode("utf-8", "surrogateescape")
+    return PyBytes_FromStringAndSize(out, n).decode("utf-8", "surrogateescape")
+
+
+cdef Py_ssize_t _request_aor(const char* buf, Msg* m, char* aor, int form) noexcept:
+    """The canonical AOR of a scanned request's To URI into ``aor`` (MAX_AOR
+    bytes): its length, or -1 when To is missing or not a SIP URI."""
+    cdef NameAddr to
+    cdef UriSpans u
+    cdef Py_ssize_t err = 0
+    cdef Header* h
+    if m.first[<int>HDR_TO] < 0:
+        return -1
+    h = &m.hdrs[m.first[<int>HDR_TO]]
+    if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
+        return -1
+    if scan_sip_uri(buf, to.uri.off, to.uri.off + to.uri.length, &u, &err) != 0:
+        return -1
+    return canonical_aor(buf, &u, aor, MAX_AOR, form)
+
+
+def aor_key(bytes data, str by="user@host"):
+    """The canonical AOR (bytes) of a REGISTER datagram, or None when ``data`` is
+    not a REGISTER request with a SIP To URI.  Workers shard on it.  ``by``:
+    "user@host" or "user", as ``RegistrarCore.aor_by``."""
+    cdef int form = _aor_form(by)
+    cdef Msg m
+    cdef Py_ssize_t n
+    cdef char aor[MAX_AOR + 1]
+    scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &_lim)
+    try:
+        if m.status != 0 or not (m.method.length == 8 and
+                                 memcmp(PyBytes_AS_STRING(data) + m.method.off, b"REGISTER", 8) == 0):
+            return None
+        n = _request_aor(PyBytes_AS_STRING(data), &m, aor, form)
+        return None if n < 0 else PyBytes_FromStringAndSize(aor, n)
+    finally:
+        msg_release(&m)

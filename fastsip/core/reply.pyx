@@ -1,0 +1,304 @@
+
+# --------------------------------------------------------------------------
+# The reply writer: every response the core sends is written here, into one
+# reusable buffer (RFC 3261 8.2.6: Via with received/rport, From, To with a
+# tag, Call-ID, CSeq copied; a Date; no body).
+# --------------------------------------------------------------------------
+
+cdef const char* WEEKDAYS = b"SunMonTueWedThuFriSat"
+cdef const char* MONTHS = b"JanFebMarAprMayJunJulAugSepOctNovDec"
+
+
+@cython.final
+cdef class ReplyWriter:
+    """Writes responses to scanned requests; counts them by status."""
+
+    def __cinit__(self):
+        self.cap = 4096
+        self.out = <char*>malloc(self.cap)
+        if self.out == NULL:
+            raise MemoryError()
+        self.date_sec = -1
+
+    def __dealloc__(self):
+        free(self.out)
+
+    def __init__(self, server="fastsip"):
+        self.server_line = f"Server: {server}\r\n".encode() if server else b""
+
+    cdef int w(self, const char* p, Py_ssize_t n) except -1:
+        cdef char* grown
+        if self.length + n > self.cap:
+            while self.length + n > self.cap:
+                self.cap *= 2
+            grown = <char*>realloc(self.out, self.cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.out = grown
+        memcpy(self.out + self.length, p, n)
+        self.length += n
+        return 0
+
+    cdef int wint(self, int64_t v) except -1:
+        cdef char digits[24]
+        cdef int nd = 0
+        if v < 0:
+            self.w(b"-", 1)
+            v = -v
+        while True:
+            digits[23 - nd] = <char>(48 + v % 10)
+            nd += 1
+            v //= 10
+            if v == 0:
+                break
+        return self.w(digits + 24 - nd, nd)
+
+    cdef int copy_header(self, const Req* rq, int htype, const char* name,
+                         Py_ssize_t name_len) except -1:
+        """Every header line of a type as ``Name: value`` (values as received)."""
+        cdef int i
+        cdef Header* h
+        cdef Msg* m = rq.m
+        if m.first[htype] < 0:
+            return 0
+        for i in range(m.first[htype], m.nheaders):
+            h = &m.hdrs[i]
+            if h.htype == htype:
+                self.w(name, name_len)
+                self.w(rq.buf + h.val_off, h.val_len)
+                self.w(b"\r\n", 2)
+        return 0
+
+    cdef int via(self, const Req* rq) except -1:
+        """Via lines as received, the top one with received= (and rport=, RFC 3581)."""
+        cdef const char* buf = rq.buf
+        cdef Msg* m = rq.m
+        cdef int i = m.first[<int>HDR_VIA], j
+        cdef Header* h
+        cdef ViaSpans v
+        cdef Span name, value
+        cdef Py_ssize_t err = 0, end, pos, rport_at = -1, params_end
+        cdef bint has_received = False
+        if i < 0:
+            return 0
+        h = &m.hdrs[i]
+        end = h.val_off + h.val_len
+        if parse_via(buf, h.val_off, end, &v, &err) < 0:
+            return self.copy_header(rq, HDR_VIA, b"Via: ", 5)
+        pos = v.params.off
+        params_end = v.params.off + v.params.length
+        while pos < params_end and buf[pos] == b';':
+            pos = scan_param(buf, pos, params_end, &name, &value, &err)
+            if pos < 0:
+                break
+            if name.length == 5 and ieq(buf + name.off, 5, b"rport", 5) and value.off < 0:
+                rport_at = name.off + 5
+            elif name.length == 8 and ieq(buf + name.off, 8, b"received", 8):
+                has_received = True
+        self.w(b"Via: ", 5)
+        if rport_at >= 0:
+            self.w(buf + h.val_off, rport_at - h.val_off)
+            self.w(b"=", 1)
+            self.wint(rq.src_port)
+            self.w(buf + rport_at, params_end - rport_at)
+        else:
+            self.w(buf + h.val_off, params_end - h.val_off)
+        if not has_received and (rport_at >= 0 or not ieq(buf + v.host.off, v.host.length,
+                                                          rq.src_host, rq.src_host_len)):
+            self.w(b";received=", 10)
+            self.w(rq.src_host, rq.src_host_len)
+        self.w(buf + params_end, end - params_end)
+        self.w(b"\r\n", 2)
+        for j in range(i + 1, m.nheaders):
+            h = &m.hdrs[j]
+            if h.htype == HDR_VIA:
+                self.w(b"Via: ", 5)
+                self.w(buf + h.val_off, h.val_len)
+                self.w(b"\r\n", 2)
+        return 0
+
+    cdef int date(self, double now) except -1:
+        cdef time_t t
+        cdef tm* g
+        if not -1e15 < now < 1e15:      # NaN, infinite, or years gmtime cannot give: no Date
+            return 0
+        t = <time_t>now
+        if <long>t != self.date_sec:
+            g = gmtime(&t)
+            if g == NULL:
+                return 0
+            # by hand, not strftime: %a and %b would follow the process's LC_TIME
+            self.date_len = snprintf(self.date_buf, 40,
+                                     b"Date: %.3s, %02d %.3s %04d %02d:%02d:%02d GMT\r\n",
+                                     WEEKDAYS + 3 * g.tm_wday, g.tm_mday, MONTHS + 3 * g.tm_mon,
+                                     g.tm_year + 1900, g.tm_hour, g.tm_min, g.tm_sec)
+            self.date_sec = <long>t
+        return self.w(self.date_buf, self.date_len)
+
+    cdef int start(self, const Req* rq, int status, const char* reason,
+                   Py_ssize_t reason_len) except -1:
+        """The status line and the headers every response copies (RFC 3261 8.2.6.2)."""
+        cdef const char* buf = rq.buf
+        cdef Msg* m = rq.m
+        cdef int i
+        cdef Header* h
+        cdef NameAddr to
+        cdef Py_ssize_t err = 0
+        cdef uint64_t tag
+        cdef char hexd[16]
+        self.length = 0
+        self.w(b"SIP/2.0 ", 8)
+        self.wint(status)
+        self.w(b" ", 1)
+        self.w(reason, reason_len)
+        self.w(b"\r\n", 2)
+        self.via(rq)
+        self.copy_header(rq, HDR_FROM, b"From: ", 6)
+        i = m.first[<int>HDR_TO]
+        if i >= 0:
+            h = &m.hdrs[i]
+            self.w(b"To: ", 4)
+            self.w(buf + h.val_off, h.val_len)
+            if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) >= 0 \
+                    and to.p_tag.off < 0:
+                # a To tag derived from the dialog identifiers: a retransmission
+                # gets the same tag again
+                tag = hash_bytes(buf + m.hdrs[m.first[<int>HDR_CALL_ID]].val_off,
+                                 m.hdrs[m.first[<int>HDR_CALL_ID]].val_len, 0x746f, 0x746167) \
+                    if m.first[<int>HDR_CALL_ID] >= 0 else 0
+                for i in range(16):
+                    hexd[i] = HEXDIGITS[(tag >> (4 * i)) & 15]
+                self.w(b";tag=", 5)
+                self.w(hexd, 16)
+            self.w(b"\r\n", 2)
+        self.copy_header(rq, HDR_CALL_ID, b"Call-ID: ", 9)
+        self.copy_header(rq, HDR_CSEQ, b"CSeq: ", 6)
+        return 0
+
+    cdef bytes finish(self, const Req* rq, int status):
+        """Date, Server, an empty body: the reply's bytes."""
+        self.date(rq.now)
+        self.w(self.server_line, len(self.server_line))
+        self.w(b"Content-Length: 0\r\n\r\n", 21)
+        if 0 <= status < 700:
+            self.counts[status] += 1
+        return PyBytes_FromStringAndSize(self.out, self.length)
+
+    cdef bytes reply(self, const Req* rq, int status, object reason, object headers):
+        """A response without bindings (refusals, challenges, OPTIONS): ``reason``
+        str or bytes, ``headers`` an iterable of (name, value) or None."""
+        cdef bytes r = reason if type(reason) is bytes else \
+            (<str>reason).encode("utf-8", "replace")
+        self.start(rq, status, r, len(r))
+        if headers is not None:
+            for name, value in headers:
+                self.wbytes(f"{name}: {value}\r\n".encode("utf-8", "replace"))
+        return self.finish(rq, status)
+
+    cdef int wbytes(self, bytes b) except -1:
+        return self.w(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+
+    cdef bytes ok(self, const Req* rq, const AorView* v, bint outbound, bint path):
+        """200 OK listing every binding of ``v`` with its remaining time, highest
+        q first (RFC 3261 10.3 step 8), Path echoed when the UA supports it
+        (``path``), and Require: outbound when the request registered an
+        outbound flow (RFC 5626 6)."""
+        cdef int i, k, n = 0
+        cdef const BindingView* b
+        self.start(rq, 200, b"OK", 2)
+        for i in range(v.n):
+            if v.b[i].expires_at > rq.now:
+                # insertion sort by q, descending (bindings without q count as 1.0)
+                k = n
+                while k > 0 and _q(&v.b[self.order[k - 1]]) < _q(&v.b[i]):
+                    self.order[k] = self.order[k - 1]
+                    k -= 1
+                self.order[k] = i
+                n += 1
+        for i in range(n):
+            b = &v.b[self.order[i]]
+            self.w(b"Contact: <", 10)
+            self.w(b.uri, b.uri_len)
+            self.w(b">;expires=", 10)
+            self.wint(<int64_t>(b.expires_at - rq.now + 0.5))
+            if b.q >= 0:
+                self.w(b";q=", 3)
+                self.qvalue(b.q)
+            if b.instance_len:
+                self.w(b";+sip.instance=\"", 16)
+                self.w(b.instance, b.instance_len)
+                self.w(b"\"", 1)
+            if b.reg_id >= 0:
+                self.w(b";reg-id=", 8)
+                self.wint(b.reg_id)
+            self.w(b"\r\n", 2)
+        if path:
+            self.copy_header(rq, HDR_PATH, b"Path: ", 6)
+        if outbound:
+            self.w(b"Require: outbound\r\n", 19)
+        return self.finish(rq, 200)
+
+    cdef int qvalue(self, int q) except -1:
+        """A qvalue from thousandths: 1000 -> "1", 500 -> "0.5", 125 -> "0.125"."""
+        cdef char d[5]
+        cdef int n = 1
+        d[0] = <char>(48 + q // 1000)
+        q %= 1000
+        if q:
+            d[1] = b'.'
+            d[2] = <char>(48 + q // 100)
+            d[3] = <char>(48 + q // 10 % 10)
+            d[4] = <char>(48 + q % 10)
+            n = 5
+            while d[n - 1] == b'0':
+                n -= 1
+        return self.w(d, n)
+
+
+cdef inline int _q(const BindingView* b) noexcept nogil:
+    return 1000 if b.q < 0 else b.q
+
+
+cdef int req_init(Req* rq, bytes data, Msg* m, bytes src_host, int src_port, double now,
+                  uint8_t transport, int64_t conn_id) except -1:
+    """Fill a request struct (``data`` and ``src_host`` must outlive it)."""
+    rq.buf = PyBytes_AS_STRING(data)
+    rq.n = PyBytes_GET_SIZE(data)
+    rq.m = m
+    rq.src_host = PyBytes_AS_STRING(src_host)
+    rq.src_host_len = PyBytes_GET_SIZE(src_host)
+    rq.src_port = src_port
+    rq.now = now
+    rq.transport = transport
+    rq.conn_id = conn_id
+    return 0
+
+
+cdef ReplyWriter _writer = ReplyWriter(None)
+cdef Limits _lim = default_limits()
+
+
+def make_response(request, status, reason, headers=(), source=("0.0.0.0", 0), now=None):
+    """A response to ``request`` (bytes): Via, From, To (with a tag), Call-ID and
+    CSeq copied (RFC 3261 8.2.6), ``headers`` added, a Date, no body.  None when
+    ``request`` is not a request.  ``now``: wall-clock seconds for the Date
+    (None: the clock is read)."""
+    cdef bytes data = bytes(request)
+    cdef Msg m
+    cdef Req rq
+    if now is None:
+        import time
+        now = time.time()
+    scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &_lim)
+    try:
+        if m.status != 0 or m.method.length == 0:
+            return None
+        req_init(&rq, data, &m, _host_bytes(source[0]), source[1], now, 0, -1)
+        return _writer.reply(&rq, status, reason, headers)
+    finally:
+        msg_release(&m)
+
+
+cdef bytes _host_bytes(host):
+    """A source host (str or bytes) as the bytes the reply's Via carries."""
+    return host.encode() if isinstance(host, str) else bytes(host)

@@ -217,7 +217,15 @@ class Binding:
     def expires_in(self, now: float) -> int: ...
     def as_dict(self) -> dict: ...
 
-class Store:
+class BindingTable:
+    """The store's memory: AOR table, binding slab, expiry heap (compiled callers only)."""
+    n_aors: int
+    n_live_aors: int
+    n_bindings: int
+    n_expired: int
+    def __init__(self, *, track_changes: bool = False) -> None: ...
+
+class Store(BindingTable):
     n_aors: int
     n_live_aors: int
     n_bindings: int

@@ -16,7 +16,8 @@ the same name.
     message      SipMessage, Request, Response, Headers, Parser, parse
     framer       StreamFramer (TCP)
     plan         (.pxd only) the seam: request, AOR view, plan
-    store        AOR -> bindings, the expiry heap, the change list; applies plans
+    table        AOR table, binding slab, expiry heap, change list; applies plans
+    store        Store (the table's Python API), Binding
     digest       the digest check (AuthCore, AuthResult)
     decide       the REGISTER decision: read the request, decide on a view
     reply        the reply writer (every response), make_response
@@ -48,6 +49,7 @@ include "hashing.pyx"
 include "objects.pyx"
 include "message.pyx"
 include "framer.pyx"
+include "table.pyx"
 include "store.pyx"
 include "digest.pyx"
 include "decide.pyx"

@@ -1,0 +1,102 @@
+# The binding table (table.pyx): the store's memory and the registrar's API.
+#
+# The store only stores: AOR records in an open-addressing hash table,
+# binding records in a slab, and an expiry heap.  It never decides anything
+# about SIP; the registrar does (see decide.pyx).
+
+
+cdef struct BindingRec:
+    double expires_at
+    uint64_t key_hash    # hash of the contact URI in its comparison form (RFC 3261 19.1.4)
+    uint32_t gen         # bumped on every change; heap entries with an older gen are stale
+    uint32_t cseq
+    int32_t aor          # owning AOR slot, -1 when the slot is free
+    int32_t next         # next binding of the same AOR (or next free slot), -1 ends
+    int64_t reg_id       # -1: none
+    int64_t conn_id      # stream connection the binding arrived on, -1: none
+    int16_t q            # thousandths, -1: none
+    uint8_t transport    # Transport
+    uint8_t _pad
+    uint16_t src_port
+    # variable fields, stored one after another in `blob`
+    uint16_t uri_len
+    uint16_t call_id_len
+    uint16_t instance_len
+    uint16_t path_len
+    uint16_t ua_len
+    uint16_t src_host_len
+    char* blob
+
+
+cdef struct AorRec:
+    uint64_t hash        # keyed table hash
+    char* name
+    int32_t name_len
+    int32_t first        # first binding slot, -1 when none
+    int32_t count
+    int32_t next_free
+    uint8_t dirty        # changed since the last changes() call
+    uint8_t live
+
+
+cdef struct HeapEntry:
+    double t
+    uint32_t gen
+    int32_t slot
+
+
+cdef enum Transport:
+    T_UDP = 0
+    T_TCP = 1
+    T_TLS = 2
+    T_SCTP = 3
+    T_WS = 4
+    T_WSS = 5
+
+
+cdef class BindingTable:
+    cdef AorRec* aors
+    cdef int32_t n_aors_cap
+    cdef int32_t aor_free
+    cdef int32_t* table          # AOR slot + 1 per bucket (0 empty, -1 deleted)
+    cdef Py_ssize_t table_cap
+    cdef Py_ssize_t table_used   # live + deleted buckets
+    cdef BindingRec* b
+    cdef int32_t b_cap
+    cdef int32_t b_free
+    cdef HeapEntry* heap
+    cdef Py_ssize_t heap_len
+    cdef Py_ssize_t heap_cap
+    cdef uint64_t k0, k1
+    cdef readonly Py_ssize_t n_aors          # AOR records (an emptied one lingers until changes())
+    cdef readonly Py_ssize_t n_live_aors     # AORs that hold at least one binding
+    cdef readonly Py_ssize_t n_bindings
+    cdef readonly Py_ssize_t n_expired
+    cdef int32_t* dirty
+    cdef Py_ssize_t n_dirty, dirty_cap
+    cdef bint track_changes
+
+    cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept
+    cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2
+    cdef int32_t add_binding(self, int32_t aor, const BindingIn* bi) except -2
+    cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1
+    cdef int remove_binding(self, int32_t slot) except -1
+    cdef void touch(self, int32_t aor) noexcept
+    cdef void release_if_empty(self, int32_t aor) noexcept
+    cdef void _init_aor_slab(self, int32_t start) noexcept
+    cdef void _init_b_slab(self, int32_t start) noexcept
+    cdef int _grow_table(self) except -1
+    cdef void _drop_aor(self, int32_t slot) noexcept
+    cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1
+    cdef char* _blob(self, const BindingIn* bi) except NULL
+    cdef void _set(self, BindingRec* r, const BindingIn* bi, char* blob) noexcept
+    cdef int32_t _link(self, int32_t aor, const BindingIn* bi, char* blob) noexcept
+    cdef int _reserve(self, int32_t bindings) except -1
+    cdef void _drop_expired(self, int32_t aor, double now) noexcept
+    cdef void purge(self, const char* aor, Py_ssize_t n, double now) noexcept
+    cdef int view(self, const char* aor, Py_ssize_t n, double now, AorView* out) noexcept
+    cdef int apply(self, const char* aor, Py_ssize_t n, const Plan* p, const AorView* v,
+                   double now) except -1
+    cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1
+    cdef void _pop(self) noexcept
+    cdef int _compact_heap(self) except -1

@@ -1,0 +1,496 @@
+# The binding table: AOR -> bindings, hashed lookup, and an expiry heap.
+#
+# Memory layout (no Python object per binding):
+#
+# * AOR records live in a slab (``aors``) and are found through an
+#   open-addressing hash table of slot numbers, keyed by SipHash-1-3 with a
+#   random per-process key (so crafted AORs cannot pile into one bucket).
+# * Binding records live in a second slab (``b``); the bindings of one AOR are a
+#   linked list through ``next``.  The variable-length fields (URI, Call-ID,
+#   +sip.instance, Path, User-Agent, source host) share one malloc'd blob.
+# * The expiry heap holds ``(expires_at, gen, slot)``.  A refresh pushes a new
+#   entry and bumps the binding's ``gen``; popped entries whose gen no longer
+#   matches are stale and skipped, so nothing is ever removed from the middle.
+#
+# The store decides nothing about SIP: the registrar (``the registrar``) does.
+#
+cdef enum:
+    MIN_TABLE = 64
+
+
+cdef class BindingTable:
+    """The memory of the store: the AOR table, the binding slab, the expiry
+    heap, the change list, and the registrar's API (purge, view, apply).
+    :class:`Store` adds the Python API."""
+
+    def __cinit__(self):
+        cdef Py_ssize_t i
+        cdef bytes key = os.urandom(16)
+        self.k0 = hash_bytes(key, 8, 1, 2)
+        self.k1 = hash_bytes(key + b"k1", 10, 3, 4)
+        self.n_aors_cap = 16
+        self.aors = <AorRec*>malloc(self.n_aors_cap * sizeof(AorRec))
+        self.aor_free = -1
+        self.table_cap = MIN_TABLE
+        self.table = <int32_t*>malloc(self.table_cap * sizeof(int32_t))
+        self.b_cap = 16
+        self.b = <BindingRec*>malloc(self.b_cap * sizeof(BindingRec))
+        self.heap_cap = 64
+        self.heap = <HeapEntry*>malloc(self.heap_cap * sizeof(HeapEntry))
+        self.dirty_cap = 64
+        self.dirty = <int32_t*>malloc(self.dirty_cap * sizeof(int32_t))
+        if not (self.aors and self.table and self.b and self.heap and self.dirty):
+            raise MemoryError()
+        self.aor_free = -1
+        self.b_free = -1
+        self._init_aor_slab(0)
+        self._init_b_slab(0)
+        for i in range(self.table_cap):
+            self.table[i] = 0
+
+    def __init__(self, *, bint track_changes=False):
+        """``track_changes``: remember changed AORs for :meth:`changes` (persistence)."""
+        self.track_changes = track_changes
+
+    cdef void _init_b_slab(self, int32_t start) noexcept:
+        cdef int32_t i
+        for i in range(self.b_cap - 1, start - 1, -1):
+            self.b[i].aor = -1
+            self.b[i].gen = 0
+            self.b[i].blob = NULL
+            self.b[i].next = self.b_free
+            self.b_free = i
+
+    def __dealloc__(self):
+        cdef int32_t i
+        if self.b != NULL:
+            for i in range(self.b_cap):
+                if self.b[i].aor >= 0:
+                    free(self.b[i].blob)
+        if self.aors != NULL:
+            for i in range(self.n_aors_cap):
+                if self.aors[i].live:
+                    free(self.aors[i].name)
+        free(self.aors)
+        free(self.table)
+        free(self.b)
+        free(self.heap)
+        free(self.dirty)
+
+    # -- the AOR table -----------------------------------------------------
+
+    cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept:
+        cdef uint64_t h = hash_bytes(aor, n, self.k0, self.k1)
+        cdef Py_ssize_t mask = self.table_cap - 1, i = <Py_ssize_t>(h & mask)
+        cdef int32_t v
+        cdef AorRec* a
+        while True:
+            v = self.table[i]
+            if v == 0:
+                return -1
+            if v > 0:
+                a = &self.aors[v - 1]
+                if a.hash == h and a.name_len == n and memcmp(a.name, aor, n) == 0:
+                    return v - 1
+            i = (i + 1) & mask
+
+    cdef int _grow_table(self) except -1:
+        """Rehash into a table twice the live size (this also drops tombstones)."""
+        cdef Py_ssize_t cap = MIN_TABLE, i, j, mask
+        cdef int32_t* t
+        while cap < 4 * (self.n_aors + 1):
+            cap *= 2
+        t = <int32_t*>malloc(cap * sizeof(int32_t))
+        if t == NULL:
+            raise MemoryError()
+        for i in range(cap):
+            t[i] = 0
+        mask = cap - 1
+        for i in range(self.n_aors_cap):
+            if self.aors[i].live:
+                j = <Py_ssize_t>(self.aors[i].hash & mask)
+                while t[j] != 0:
+                    j = (j + 1) & mask
+                t[j] = i + 1
+        free(self.table)
+        self.table = t
+        self.table_cap = cap
+        self.table_used = self.n_aors
+        return 0
+
+    cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2:
+        cdef int32_t slot = self.find(aor, n), i
+        cdef uint64_t h
+        cdef Py_ssize_t mask, j
+        cdef AorRec* grown
+        cdef AorRec* a
+        if slot >= 0:
+            return slot
+        if (self.table_used + 1) * 10 > self.table_cap * 7:
+            self._grow_table()
+        if self.aor_free < 0:
+            grown = <AorRec*>realloc(self.aors, 2 * self.n_aors_cap * sizeof(AorRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.aors = grown
+            i = self.n_aors_cap
+            self.n_aors_cap *= 2
+            self._init_aor_slab(i)
+        slot = self.aor_free
+        a = &self.aors[slot]
+        a.name = <char*>malloc(n if n > 0 else 1)
+        if a.name == NULL:
+            raise MemoryError()
+        self.aor_free = a.next_free
+        memcpy(a.name, aor, n)
+        a.name_len = <int32_t>n
+        h = hash_bytes(aor, n, self.k0, self.k1)
+        a.hash = h
+        a.first = -1
+        a.count = 0
+        a.dirty = 0
+        a.live = 1
+        mask = self.table_cap - 1
+        j = <Py_ssize_t>(h & mask)
+        while self.table[j] > 0:
+            j = (j + 1) & mask
+        if self.table[j] == 0:
+            self.table_used += 1
+        self.table[j] = slot + 1
+        self.n_aors += 1
+        return slot
+
+    cdef void _init_aor_slab(self, int32_t start) noexcept:
+        cdef int32_t i
+        for i in range(self.n_aors_cap - 1, start - 1, -1):
+            self.aors[i].live = 0
+            self.aors[i].next_free = self.aor_free
+            self.aor_free = i
+
+    cdef void _drop_aor(self, int32_t slot) noexcept:
+        """Free an AOR record that holds no binding (its bucket becomes a tombstone)."""
+        cdef AorRec* a = &self.aors[slot]
+        cdef Py_ssize_t mask = self.table_cap - 1, j = <Py_ssize_t>(a.hash & mask)
+        while self.table[j] != slot + 1:
+            j = (j + 1) & mask
+        self.table[j] = -1
+        free(a.name)
+        a.name = NULL
+        a.live = 0
+        a.next_free = self.aor_free
+        self.aor_free = slot
+        self.n_aors -= 1
+
+    cdef void touch(self, int32_t aor) noexcept:
+        """Remember that ``aor`` changed (for changes())."""
+        cdef int32_t* grown
+        if not self.track_changes or self.aors[aor].dirty:
+            return
+        if self.n_dirty == self.dirty_cap:
+            grown = <int32_t*>realloc(self.dirty, 2 * self.dirty_cap * sizeof(int32_t))
+            if grown == NULL:
+                return          # keeps the old list; the AOR is flushed with the next batch
+            self.dirty = grown
+            self.dirty_cap *= 2
+        self.aors[aor].dirty = 1
+        self.dirty[self.n_dirty] = aor
+        self.n_dirty += 1
+
+    cdef void release_if_empty(self, int32_t aor) noexcept:
+        cdef AorRec* a = &self.aors[aor]
+        if a.live and a.count == 0 and not a.dirty:
+            self._drop_aor(aor)
+
+    # -- bindings ------------------------------------------------------------
+
+    cdef char* _blob(self, const BindingIn* bi) except NULL:
+        """The variable fields of a binding in one malloc'd block."""
+        cdef Py_ssize_t total = (bi.uri_len + bi.call_id_len + bi.instance_len + bi.path_len
+                                 + bi.ua_len + bi.src_host_len)
+        cdef char* blob
+        cdef char* p
+        if bi.uri_len > 65535 or bi.call_id_len > 65535 or bi.instance_len > 65535 or \
+                bi.path_len > 65535 or bi.ua_len > 65535 or bi.src_host_len > 65535:
+            raise ValueError("binding field longer than 65535 bytes")
+        blob = <char*>malloc(total if total > 0 else 1)
+        if blob == NULL:
+            raise MemoryError()
+        p = blob
+        memcpy(p, bi.uri, bi.uri_len); p += bi.uri_len
+        memcpy(p, bi.call_id, bi.call_id_len); p += bi.call_id_len
+        memcpy(p, bi.instance, bi.instance_len); p += bi.instance_len
+        memcpy(p, bi.path, bi.path_len); p += bi.path_len
+        memcpy(p, bi.ua, bi.ua_len); p += bi.ua_len
+        memcpy(p, bi.src_host, bi.src_host_len)
+        return blob
+
+    cdef void _set(self, BindingRec* r, const BindingIn* bi, char* blob) noexcept:
+        """A binding record's fields from ``bi``, its variable part ``blob`` (owned now)."""
+        free(r.blob)
+        r.blob = blob
+        r.uri_len = <uint16_t>bi.uri_len
+        r.call_id_len = <uint16_t>bi.call_id_len
+        r.instance_len = <uint16_t>bi.instance_len
+        r.path_len = <uint16_t>bi.path_len
+        r.ua_len = <uint16_t>bi.ua_len
+        r.src_host_len = <uint16_t>bi.src_host_len
+        r.expires_at = bi.expires_at
+        r.key_hash = bi.key_hash
+        r.cseq = bi.cseq
+        r.reg_id = bi.reg_id
+        r.conn_id = bi.conn_id
+        r.q = bi.q
+        r.transport = bi.transport
+        r.src_port = bi.src_port
+        r.gen += 1
+
+    cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1:
+        self._set(r, bi, self._blob(bi))
+        return 0
+
+    cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1:
+        cdef HeapEntry* grown
+        cdef HeapEntry e
+        cdef Py_ssize_t i, parent
+        if self.heap_len == self.heap_cap:
+            grown = <HeapEntry*>realloc(self.heap, 2 * self.heap_cap * sizeof(HeapEntry))
+            if grown == NULL:
+                raise MemoryError()
+            self.heap = grown
+            self.heap_cap *= 2
+        e.t = t
+        e.gen = gen
+        e.slot = slot
+        i = self.heap_len
+        self.heap_len += 1
+        while i > 0:
+            parent = (i - 1) >> 1
+            if self.heap[parent].t <= t:
+                break
+            self.heap[i] = self.heap[parent]
+            i = parent
+        self.heap[i] = e
+        return 0
+
+    cdef void _pop(self) noexcept:
+        cdef HeapEntry last
+        cdef Py_ssize_t i = 0, child, n
+        self.heap_len -= 1
+        n = self.heap_len
+        if n == 0:
+            return
+        last = self.heap[n]
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and self.heap[child + 1].t < self.heap[child].t:
+                child += 1
+            if self.heap[child].t >= last.t:
+                break
+            self.heap[i] = self.heap[child]
+            i = child
+        self.heap[i] = last
+
+    cdef int _compact_heap(self) except -1:
+        """Rebuild the heap from live bindings when stale entries dominate it."""
+        cdef int32_t i
+        self.heap_len = 0
+        for i in range(self.b_cap):
+            if self.b[i].aor >= 0:
+                self._push(self.b[i].expires_at, self.b[i].gen, i)
+        return 0
+
+    cdef int _reserve(self, int32_t bindings) except -1:
+        """Room for ``bindings`` more binding records and heap entries, so that
+        adding them cannot fail."""
+        cdef BindingRec* grown
+        cdef HeapEntry* heap
+        cdef int32_t i
+        while self.b_cap - self.n_bindings < bindings:
+            grown = <BindingRec*>realloc(self.b, 2 * self.b_cap * sizeof(BindingRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.b = grown
+            i = self.b_cap
+            self.b_cap *= 2
+            self._init_b_slab(i)
+        while self.heap_cap - self.heap_len < bindings:
+            heap = <HeapEntry*>realloc(self.heap, 2 * self.heap_cap * sizeof(HeapEntry))
+            if heap == NULL:
+                raise MemoryError()
+            self.heap = heap
+            self.heap_cap *= 2
+        return 0
+
+    cdef int32_t _link(self, int32_t aor, const BindingIn* bi, char* blob) noexcept:
+        """A new binding at the tail of ``aor``'s list (room reserved)."""
+        cdef int32_t slot = self.b_free, tail
+        cdef BindingRec* r = &self.b[slot]
+        self.b_free = r.next
+        r.blob = NULL
+        self._set(r, bi, blob)
+        r.aor = aor
+        r.next = -1
+        # at the tail: the AOR's bindings stay in registration order
+        tail = self.aors[aor].first
+        if tail < 0:
+            self.aors[aor].first = slot
+        else:
+            while self.b[tail].next >= 0:
+                tail = self.b[tail].next
+            self.b[tail].next = slot
+        self.aors[aor].count += 1
+        if self.aors[aor].count == 1:
+            self.n_live_aors += 1
+        self.n_bindings += 1
+        self._push(r.expires_at, r.gen, slot)
+        self.touch(aor)
+        return slot
+
+    cdef int32_t add_binding(self, int32_t aor, const BindingIn* bi) except -2:
+        cdef char* blob = self._blob(bi)
+        cdef int32_t slot
+        try:
+            self._reserve(1)
+        except MemoryError:
+            free(blob)
+            raise
+        slot = self._link(aor, bi, blob)
+        if self.heap_len > 2 * self.n_bindings + 1024:
+            self._compact_heap()
+        return slot
+
+    cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1:
+        cdef BindingRec* r = &self.b[slot]
+        self._fill(r, bi)
+        self._push(r.expires_at, r.gen, slot)
+        if self.heap_len > 2 * self.n_bindings + 1024:
+            self._compact_heap()
+        self.touch(r.aor)
+        return 0
+
+    cdef int remove_binding(self, int32_t slot) except -1:
+        cdef BindingRec* r = &self.b[slot]
+        cdef int32_t aor = r.aor, p
+        p = self.aors[aor].first
+        if p == slot:
+            self.aors[aor].first = r.next
+        else:
+            while self.b[p].next != slot:
+                p = self.b[p].next
+            self.b[p].next = r.next
+        self.aors[aor].count -= 1
+        if self.aors[aor].count == 0:
+            self.n_live_aors -= 1
+        self.n_bindings -= 1
+        free(r.blob)
+        r.blob = NULL
+        r.gen += 1
+        r.aor = -1
+        r.next = self.b_free
+        self.b_free = slot
+        self.touch(aor)
+        return 0
+
+    # -- the registrar's API: a read view, and applying a plan ---------------
+
+    cdef void _drop_expired(self, int32_t aor, double now) noexcept:
+        """Remove ``aor``'s bindings that expired at ``now`` (the heap would later)."""
+        cdef int32_t slot = self.aors[aor].first, nxt
+        while slot >= 0:
+            nxt = self.b[slot].next
+            if self.b[slot].expires_at <= now:
+                self.remove_binding(slot)
+                self.n_expired += 1
+            slot = nxt
+
+    cdef void purge(self, const char* aor, Py_ssize_t n, double now) noexcept:
+        """Drop ``aor``'s bindings that expired at ``now``, and the AOR when none is left."""
+        cdef int32_t a = self.find(aor, n)
+        if a >= 0:
+            self._drop_expired(a, now)
+            self.release_if_empty(a)
+
+    cdef int view(self, const char* aor, Py_ssize_t n, double now, AorView* out) noexcept:
+        """The bindings of ``aor`` valid at ``now`` (at most MAX_LISTED), in
+        registration order, as pointers into the store: valid until it changes."""
+        cdef int32_t a = self.find(aor, n), slot
+        cdef BindingRec* r
+        cdef BindingView* b
+        out.n = 0
+        if a < 0:
+            return 0
+        slot = self.aors[a].first
+        while slot >= 0 and out.n < MAX_LISTED:
+            r = &self.b[slot]
+            if r.expires_at > now:
+                b = &out.b[out.n]
+                b.id = slot
+                b.expires_at = r.expires_at
+                b.key_hash = r.key_hash
+                b.cseq = r.cseq
+                b.reg_id = r.reg_id
+                b.q = r.q
+                b.uri = r.blob
+                b.uri_len = r.uri_len
+                b.call_id = r.blob + r.uri_len
+                b.call_id_len = r.call_id_len
+                b.instance = r.blob + r.uri_len + r.call_id_len
+                b.instance_len = r.instance_len
+                out.n += 1
+            slot = r.next
+        return 0
+
+    cdef int apply(self, const char* aor, Py_ssize_t n, const Plan* p, const AorView* v,
+                   double now) except -1:
+        """Apply a plan decided on the view ``v`` of ``aor`` (taken at ``now``, the
+        store unchanged since), all or nothing: what can fail (memory, a field
+        too long) happens before the first change.  Bindings of the AOR that
+        expired by ``now`` are dropped too."""
+        cdef int i, nwrite = 0
+        cdef int32_t a, slot
+        cdef const Change* ch
+        cdef char* blobs[MAX_REQUEST_CONTACTS]
+        if p.retransmission:
+            return 0
+        for i in range(p.nchanges):
+            if p.changes[i].action != A_REMOVE:
+                nwrite += 1
+        a = self.find(aor, n)
+        if nwrite:
+            a = self.find_or_add(aor, n)
+            try:
+                self._reserve(nwrite)
+                for i in range(p.nchanges):
+                    blobs[i] = NULL
+                for i in range(p.nchanges):
+                    if p.changes[i].action != A_REMOVE:
+                        blobs[i] = self._blob(&p.changes[i].b)
+            except BaseException:
+                for i in range(p.nchanges):
+                    free(blobs[i])
+                self.release_if_empty(a)
+                raise
+        if a < 0:
+            return 0
+        # from here on nothing fails
+        self._drop_expired(a, now)
+        if p.remove_all:
+            for i in range(v.n):
+                self.remove_binding(v.b[i].id)
+        for i in range(p.nchanges):
+            ch = &p.changes[i]
+            if ch.action == A_REMOVE:
+                self.remove_binding(v.b[ch.target].id)
+            elif ch.action == A_UPDATE:
+                slot = v.b[ch.target].id
+                self._set(&self.b[slot], &ch.b, blobs[i])
+                self._push(self.b[slot].expires_at, self.b[slot].gen, slot)
+                self.touch(a)
+            else:
+                self._link(a, &ch.b, blobs[i])
+        if self.heap_len > 2 * self.n_bindings + 1024:
+            self._compact_heap()
+        self.release_if_empty(a)
+        return 0

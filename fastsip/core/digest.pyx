@@ -234,7 +234,7 @@ cdef uint64_t HIGH_BITS = 0x8080808080808080     # the top bit of each of 8 byte
 
 cdef int scan_digest(const char* b, Py_ssize_t n, Cred* c) noexcept nogil:
     """One Authorization value into ``c``, with the grammar of
-    ``parse_credentials`` (the same scan, ``fastsip._parser_c.auth_*``).
+    ``parse_credentials`` (the same scan: credentials.pyx, ``auth_*``).
 
     0: scanned; -1: malformed (``parse_credentials`` raises, 400); 1: the value
     needs ``parse_credentials`` itself (a byte above 0x7F, a quoted-pair or fold

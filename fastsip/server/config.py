@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -190,35 +189,20 @@ _BY_NAME = {o[0]: o for o in OPTIONS}
 LIVE = tuple(o[0].replace("-", "_") for o in OPTIONS if o[4])
 
 
-@dataclass
 class ServerConfig:
-    listen: list = field(default_factory=list)          # [(transport, host, port)]
-    workers: int = 1
-    domain: list = field(default_factory=list)
-    min_expires: int = 60
-    max_expires: int = 3600
-    default_expires: int = 3600
-    max_contacts: int = 16
-    aor_by: str = "user@host"
-    realm: str | None = None
-    users: str | None = None
-    auth_algorithms: tuple = ("SHA-256", "MD5")
-    state: str | None = "./fastsip-state.sqlite3"      # None: --no-state
-    no_state: bool = False
-    flush_interval: float = 1.0
-    metrics: tuple = ("127.0.0.1", 9060)
-    max_message_size: int = 16384
-    rate_limit: float = 0.0
-    rate_burst: float = 0.0
-    tcp_idle_timeout: float = 300.0
-    max_connections: int = 10000
-    no_steer: bool = False
-    batch_wait: float = 0.0
-    batch: int = 64
-    log_level: str = "info"
-    log_format: str = "text"
-    log_file: str | None = None
-    config: str | None = None
+    """The resolved settings of ``fastsip serve``: one attribute per entry of
+    ``OPTIONS`` (dashes as underscores) and ``config`` (the TOML file or None).
+    Made by :func:`resolve`; the defaults live in ``OPTIONS`` only."""
+
+    __slots__ = ("config",) + tuple(o[0].replace("-", "_") for o in OPTIONS)
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def __repr__(self):
+        return "ServerConfig(" + ", ".join(
+            f"{k}={getattr(self, k, None)!r}" for k in self.__slots__) + ")"
 
     def live_values(self) -> dict:
         """The settings a SIGHUP may change, as plain values (sent to the workers)."""

@@ -392,21 +392,6 @@ cdef class RegistrarCore:
         finally:
             msg_release(&m)
 
-    def respond(self, bytes data, tuple source, double now, int status, str reason,
-                headers=None):
-        """A response to the request ``data`` (Via, From, To with a tag, Call-ID
-        and CSeq copied, RFC 3261 8.2.6), or None when ``data`` is no request."""
-        cdef Msg m
-        cdef Req rq
-        scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &self.lim)
-        try:
-            if m.status != 0 or m.method.length == 0:
-                return None
-            req_init(&rq, data, &m, _host_bytes(source[0]), source[1], now, 0, -1)
-            return self.writer.reply(&rq, status, reason, headers)
-        finally:
-            msg_release(&m)
-
     # -- queries (lookups never change the store) -------------------------------
 
     def lookup(self, aor, now=None):

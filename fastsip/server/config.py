@@ -194,7 +194,7 @@ class ServerConfig:
     ``OPTIONS`` (dashes as underscores) and ``config`` (the TOML file or None).
     Made by :func:`resolve`; the defaults live in ``OPTIONS`` only."""
 
-    __slots__ = ("config",) + tuple(o[0].replace("-", "_") for o in OPTIONS)
+    FIELDS = ("config",) + tuple(o[0].replace("-", "_") for o in OPTIONS)
 
     def __init__(self, **values):
         for name, value in values.items():
@@ -202,7 +202,7 @@ class ServerConfig:
 
     def __repr__(self):
         return "ServerConfig(" + ", ".join(
-            f"{k}={getattr(self, k, None)!r}" for k in self.__slots__) + ")"
+            f"{k}={getattr(self, k, None)!r}" for k in self.FIELDS) + ")"
 
     def live_values(self) -> dict:
         """The settings a SIGHUP may change, as plain values (sent to the workers)."""

@@ -469,19 +469,19 @@ def own_aor_only(auth_user, realm, aor_user, aor_domain) -> bool:
     return own_aor_only_host(auth_user, realm, aor_user, _host(aor_domain))
 
 
-def _uri_key(uri):
-    """A comparison key for a URI: angle brackets dropped, scheme, host and
-    parameters compared case-insensitively, parameters in any order."""
-    text = uri.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1].strip()
-    scheme, colon, rest = text.partition(":")
-    if not colon:
-        return (text,)
-    rest, _, headers = rest.partition("?")
-    rest, *params = rest.split(";")
-    userinfo, _, hostport = rest.rpartition("@")
-    return scheme.lower(), userinfo, hostport.lower(), sorted(p.lower() for p in params), headers
+cdef uint64_t uri_hash(const Field* f) noexcept nogil:
+    """The digest uri (or the Request-URI) in its comparison form, hashed
+    (``uri_key_hash``, RFC 3261 19.1.4); blanks and a pair of <> around it
+    (Net::SIP's Request-URI over TCP) do not count."""
+    cdef Py_ssize_t s = 0, e = f.n
+    while s < e and is_lws(f.p[s]):
+        s += 1
+    while e > s and is_lws(f.p[e - 1]):
+        e -= 1
+    if e - s >= 2 and f.p[s] == b'<' and f.p[e - 1] == b'>':
+        s += 1
+        e -= 1
+    return uri_key_hash(f.p, s, e)
 
 
 # --------------------------------------------------------------------------
@@ -1017,8 +1017,7 @@ cdef class AuthCore:
                 nc = nc << 4 | <uint64_t>i
         elif is_sess(alg):
             return R_SESS_NO_QOP | alg << 8
-        if not same(&f[<int>F_URI], ruri) and \
-                _uri_key(field_str(&f[<int>F_URI])) != _uri_key(field_str(ruri)):
+        if not same(&f[<int>F_URI], ruri) and uri_hash(&f[<int>F_URI]) != uri_hash(ruri):
             return R_URI
 
         if not self.nonce_issued(&f[<int>F_NONCE], rf, &issued):

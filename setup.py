@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - only on a broken build environment
     sys.exit("fastsip: building needs Cython >= 3.0 (pip install cython) and a C compiler")
 
-MODULES = ("parser", "store", "auth", "registrar", "io")
+MODULES = ("parser", "store", "auth", "registrar")
 DEBUG = bool(os.environ.get("FASTSIP_DEBUG_BUILD"))
 directives = {
     "language_level": 3,
@@ -35,6 +35,17 @@ exts = [
         define_macros=[("CYTHON_TRACE_NOGIL", 1)] if DEBUG else [],
     )
     for m in MODULES
+]
+# the server's batched datagram I/O (fastsip/server/; cimports fastsip/server/handoff.pxd)
+SERVER_MODULES = ("io",)
+exts += [
+    Extension(
+        f"fastsip.server._{m}_c",
+        [f"fastsip/server/_{m}_c.pyx"],
+        extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
+        define_macros=[("CYTHON_TRACE_NOGIL", 1)] if DEBUG else [],
+    )
+    for m in SERVER_MODULES
 ]
 # the load tool's batched send/receive/match helper (top-level package load/)
 LOAD_MODULES = ("loadio",)

@@ -8,7 +8,7 @@ import pytest
 import fastsip
 
 COMPILED = ["fastsip._parser_c", "fastsip._store_c", "fastsip._auth_c", "fastsip._registrar_c",
-            "fastsip._io_c"]
+            "fastsip.server._io_c"]
 
 
 @pytest.mark.parametrize("name", COMPILED)
@@ -20,7 +20,7 @@ def test_compiled_module_loaded(name):
 @pytest.mark.parametrize("name", COMPILED)
 def test_stub_matches_module(name):
     mod = importlib.import_module(name)
-    stub = Path(fastsip.__file__).parent / (name.split(".")[-1] + ".pyi")
+    stub = Path(fastsip.__file__).parent.parent / (name.replace(".", "/") + ".pyi")
     tree = ast.parse(stub.read_text())
     stub_names = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
     public = {n for n in dir(mod) if not n.startswith("_") and callable(getattr(mod, n))

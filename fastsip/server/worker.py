@@ -1,7 +1,7 @@
 """A worker process: one shard of the bindings, its sockets, one thread, one epoll loop.
 
 The loop waits on: its UDP sockets (``recvmmsg`` batches through
-``fastsip._io_c.BatchIO``), its TCP listeners and connections (a
+``fastsip.server._io_c.BatchIO``), its TCP listeners and connections (a
 ``StreamFramer`` per connection; CRLFCRLF keep-alives get CRLF), its hand-off
 inbox (requests other workers received for AORs of this shard, and replies
 to deliver over TCP connections this worker holds), the control channel to
@@ -20,21 +20,16 @@ import os
 import select
 import signal
 import socket
-import struct
 import time
 
 import fastsip
-from fastsip._io_c import BatchIO
+from fastsip.server._io_c import (H_TCP, H_TCP_REPLY, HANDOFF_HEADER, BatchIO,
+                                   encode_handoff)
 from fastsip.server import control, logs
 from fastsip.server.metrics import Histogram
 from fastsip.server.state import StateFile
 
 LOG = logs.LOG
-
-# A hand-off datagram: header, source host (ASCII), then the SIP message.
-#   kind, listener index, origin worker, host length, connection id, source port
-HANDOFF = struct.Struct("!BBBBqH")
-H_UDP, H_TCP, H_TCP_REPLY = 1, 2, 3
 
 EXPIRE_EVERY = 1.0          # seconds between expiry slices
 EXPIRE_WORK = 10000         # bindings removed per Registrar.expire call
@@ -106,7 +101,7 @@ class Worker:
         self.reg = None
         self.state = None
         self.io = BatchIO(cfg.batch, cfg.max_message_size)
-        self.inbox_io = BatchIO(cfg.batch, min(65535, cfg.max_message_size + HANDOFF.size + 300))
+        self.inbox_io = BatchIO(cfg.batch, min(65535, cfg.max_message_size + HANDOFF_HEADER + 300))
         self.hist = Histogram()
         self.conns = {}                 # fd -> Conn
         self.conn_ids = {}              # conn id -> Conn
@@ -373,7 +368,7 @@ class Worker:
                 self._write(conn, reply)
         elif origin < self.n:
             self.handoff_q[origin].append(
-                (HANDOFF.pack(H_TCP_REPLY, 0, self.index, 0, cid, 0) + reply, None))
+                (encode_handoff(H_TCP_REPLY, 0, self.index, b"", cid, 0, reply), None))
 
     # ------------------------------------------------------------------ TCP
     def _on_accept(self, lsock):
@@ -442,8 +437,8 @@ class Worker:
                 continue
             if type(reply) is int:
                 self.handoff_q[reply].append(
-                    (HANDOFF.pack(H_TCP, 0, self.index, len(host), conn.cid, conn.peer[1])
-                     + host + item, None))
+                    (encode_handoff(H_TCP, 0, self.index, host, conn.cid, conn.peer[1], item),
+                     None))
                 self.c["handoffs_sent"] += 1
                 continue
             handled += 1

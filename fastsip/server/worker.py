@@ -26,7 +26,7 @@ import fastsip
 from fastsip.server._io_c import (H_TCP, H_TCP_REPLY, HANDOFF_HEADER, BatchIO,
                                    encode_handoff)
 from fastsip.server import control, logs
-from fastsip.server.metrics import Histogram
+from fastsip.server.metrics import Histogram, WorkerCounters
 from fastsip.server.state import StateFile
 
 LOG = logs.LOG
@@ -112,11 +112,7 @@ class Worker:
         self.rate = {}                  # source host -> [tokens, last]
         self.stopping = False
         self.ctrl_reader = control.Reader()
-        self.c = {"received": {"udp": 0, "tcp": 0}, "handoffs_sent": 0, "handoffs_received": 0,
-                  "batches": {"udp": 0, "inbox": 0},
-                  "rate_limited": 0, "framing_errors": 0, "keepalives": 0,
-                  "dropped": {"handoff_overflow": 0, "tcp_overflow": 0, "max_connections": 0,
-                              "state_overflow": 0}}
+        self.c = WorkerCounters()
         self._state_error_logged = -1e9
         self._bug_logged = -1e9
         self._slow_logged = -1e9
@@ -268,14 +264,14 @@ class Worker:
                 break
             received += got
             handed += out
-            self.c["batches"]["udp"] += 1
+            self.c.batches_udp += 1
             self.hist.observe(time.perf_counter() - t0, got - out)
             if got < self.io.vlen:
                 break
         if handed:
             self._send_handoffs()
-        self.c["received"]["udp"] += received
-        self.c["handoffs_sent"] += handed
+        self.c.received_udp += received
+        self.c.handoffs_sent += handed
 
     def _allow(self, host, now) -> bool:
         b = self.rate.get(host)
@@ -290,7 +286,7 @@ class Worker:
         b[1] = now
         if tokens < 1.0:
             b[0] = tokens
-            self.c["rate_limited"] += 1
+            self.c.rate_limited += 1
             return False
         b[0] = tokens - 1.0
         return True
@@ -305,7 +301,7 @@ class Worker:
 
     def _bug(self, data):
         """The core raised: a bug.  Count it, log the traceback (at most once a minute)."""
-        self.c["internal_errors"] = self.c.get("internal_errors", 0) + 1
+        self.c.internal_errors += 1
         if time.monotonic() - self._bug_logged > 60:
             self._bug_logged = time.monotonic()
             LOG.exception("the registrar core raised on a %d-byte message (a bug; message "
@@ -324,7 +320,7 @@ class Worker:
                 if len(q) > MAX_PENDING_HANDOFF:
                     drop = len(q) - MAX_PENDING_HANDOFF
                     del q[:drop]
-                    self.c["dropped"]["handoff_overflow"] += drop
+                    self.c.dropped_handoff_overflow += drop
 
     def _on_inbox(self):
         """Serve requests other workers handed over: UDP ones in ``serve_inbox``,
@@ -355,8 +351,8 @@ class Worker:
                     continue
                 if reply is not None:
                     self._reply_tcp(origin, cid, reply)
-            self.c["handoffs_received"] += count
-            self.c["batches"]["inbox"] += 1
+            self.c.handoffs_received += count
+            self.c.batches_inbox += 1
             self.hist.observe(time.perf_counter() - t0, count)
             if got < self.inbox_io.vlen:
                 break
@@ -382,7 +378,7 @@ class Worker:
                     LOG.warning("TCP accept failed: %s", exc.strerror)
                 return
             if len(self.conns) >= self.cfg.max_connections:
-                self.c["dropped"]["max_connections"] += 1
+                self.c.dropped_max_connections += 1
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -410,7 +406,7 @@ class Worker:
         try:
             items = conn.framer.feed(data)
         except fastsip.ParseError:
-            self.c["framing_errors"] += 1
+            self.c.framing_errors += 1
             self._close(conn)
             return
         if not items:
@@ -422,12 +418,12 @@ class Worker:
         serve_shard = self.reg.serve_shard
         for item in items:
             if item == fastsip.PING:
-                self.c["keepalives"] += 1
+                self.c.keepalives += 1
                 self._write(conn, fastsip.PONG)
                 continue
             if conn.fd not in self.conns:
                 return
-            self.c["received"]["tcp"] += 1
+            self.c.received_tcp += 1
             if self.cfg.rate_limit and not self._allow(host, now):
                 continue
             try:
@@ -439,7 +435,7 @@ class Worker:
                 self.handoff_q[reply].append(
                     (encode_handoff(H_TCP, 0, self.index, host, conn.cid, conn.peer[1], item),
                      None))
-                self.c["handoffs_sent"] += 1
+                self.c.handoffs_sent += 1
                 continue
             handled += 1
             if reply is not None:
@@ -463,7 +459,7 @@ class Worker:
             data = data[sent:]
         conn.out += data
         if len(conn.out) > TCP_MAX_OUT:
-            self.c["dropped"]["tcp_overflow"] += 1
+            self.c.dropped_tcp_overflow += 1
             self._close(conn)
             return
         if not conn.writing:
@@ -514,7 +510,7 @@ class Worker:
         if len(self.state_pending) > MAX_PENDING_STATE:
             drop = len(self.state_pending) - MAX_PENDING_STATE
             del self.state_pending[:drop]
-            self.c["dropped"]["state_overflow"] += drop
+            self.c.dropped_state_overflow += drop
 
     def _write_state(self, budget):
         """Write pending changes, ``STATE_CHUNK`` AORs per transaction, for ``budget`` seconds
@@ -531,8 +527,7 @@ class Worker:
                     LOG.warning("state file: writing %d AORs took %.0f ms (the receive loop "
                                 "waited)", len(chunk), took * 1000)
             except Exception as exc:    # noqa: BLE001 - the file may be full, locked, gone
-                self.c.setdefault("state_errors", 0)
-                self.c["state_errors"] += 1
+                self.c.state_errors += 1
                 if time.monotonic() - self._state_error_logged > 60:
                     self._state_error_logged = time.monotonic()
                     LOG.error("state file %s: write failed (%s); %d AOR changes pending",
@@ -544,15 +539,16 @@ class Worker:
 
     # ------------------------------------------------------------------ control
     def report(self) -> dict:
-        r = dict(self.c)
+        c = self.c
+        c.dropped_oversized = self.io.oversized + self.inbox_io.oversized
+        c.dropped_send_failed = self.io.send_errors + self.inbox_io.send_errors
+        c.tcp_connections = len(self.conns)
+        c.state_pending = len(self.state_pending)
+        c.state_rows_written = self.state.rows_written if self.state else 0
+        c.rate_limit_sources = len(self.rate)
+        r = c.report()
         r["core"] = self.reg.stats()
-        r["dropped"] = dict(self.c["dropped"], oversized=self.io.oversized + self.inbox_io.oversized,
-                            send_failed=self.io.send_errors + self.inbox_io.send_errors)
-        r["tcp_connections"] = len(self.conns)
         r["latency"] = self.hist.as_dict()
-        r["state_pending"] = len(self.state_pending)
-        r["state_rows_written"] = self.state.rows_written if self.state else 0
-        r["rate_limit_sources"] = len(self.rate)
         return r
 
     def _on_ctrl(self):

@@ -130,6 +130,30 @@ def test_register_over_tcp_keepalive_and_the_connection_is_recorded(start, phone
     assert srv.metrics()["fastsip_parse_errors_total"] >= 1
 
 
+def test_tcp_requests_for_the_other_workers_aors_are_answered_on_the_connection(start, phone):
+    """Over one TCP connection, REGISTERs for AORs of both shards: the worker holding the
+    connection hands the other shard's to their owner (H_TCP) and the replies come back
+    through it (H_TCP_REPLY), in order, on the same connection."""
+    srv = start(workers=2, state=None)
+    users = {0: [], 1: []}
+    i = 0
+    while min(len(v) for v in users.values()) < 3:
+        users[fastsip.shard_of(f"sip:x{i}@example.com", 2)].append(f"x{i}")
+        i += 1
+    ua = phone(srv.tcp, "tcp")
+    names = users[0][:3] + users[1][:3]
+    for name in names:
+        me = f"sip:{name}@127.0.0.1:{ua.local[1]};transport=tcp"
+        r = ua.ask(register(name, contact=me, transport="TCP", local=ua.local, expires=300,
+                            call_id=f"tcp-{name}"))
+        assert (r.status, r.call_id, contacts_of(r)) == (200, f"tcp-{name}", {me: 300})
+    assert srv.metrics()["fastsip_handoffs_total"] == 3
+    for name in names:
+        (b,) = srv.api(f"/api/aor?aor=sip:{name}@example.com")["bindings"]
+        assert b["worker"] == fastsip.shard_of(f"sip:{name}@example.com", 2)
+        assert b["transport"] == "tcp" and b["source"] == ["127.0.0.1", ua.local[1]]
+
+
 def test_many_tcp_connections_and_idle_timeout(start, phone):
     srv = start("--tcp-idle-timeout", "1")
     phones = [phone(srv.tcp, "tcp") for _ in range(40)]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastsip.server.metrics import (GAUGES, METRICS, WorkerCounters, add_reports, render)
+from fastsip.server.metrics import GAUGES, METRICS, WorkerCounters, add_reports, render
 
 
 def test_worker_counters_are_the_declared_ones_and_nothing_else():

@@ -357,6 +357,24 @@ def test_metrics_endpoint_format_and_cli_bindings_remove(start, phone):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no fastsip server" in out.stderr
 
 
+def test_slow_http_clients_do_not_stall_the_endpoint(start):
+    """Clients that connect and send nothing, or half a request, hold a thread of the
+    endpoint each (until their timeout), not the supervisor: others are answered at once."""
+    srv = start(workers=1, state=None)
+    silent = [socket.create_connection(srv.metrics_addr, timeout=5) for _ in range(3)]
+    try:
+        silent[0].sendall(b"GET /metr")
+        silent[1].sendall(b"POST /api/remove HTTP/1.0\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assert srv.api("/api/workers")["workers"][0]["ready"]
+        assert srv.metrics()["fastsip_workers"] == 1
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        for s in silent:
+            s.close()
+
+
 # ----------------------------------------------------------------------------- lifecycle
 
 def test_graceful_restart_keeps_bindings_and_reshards(start, tmp_path, phone):

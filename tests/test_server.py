@@ -492,25 +492,42 @@ def test_bad_flags_and_unusable_addresses_exit_2(tmp_path):
         assert flag in out.stdout
 
 
-def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
-    """--batch-wait 2000: a worker woken again within 4 ms sleeps 2 ms before
-    reading; a stream of 200 requests is still answered in full, and so is a
-    request after a quiet spell."""
-    srv = start("--batch-wait", "2000", workers=1, state=None)
-    p = phone(srv.udp)
-    for i in range(200):
+def _stream(p, n=200):
+    """n OPTIONS as a stream (not one datagram train); the set of Call-IDs answered.
+    The replies are read after the last request: the phone's receive buffer must
+    hold them all (the default one holds about 185 on loopback)."""
+    p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    for i in range(n):
         p.send(request("OPTIONS", call_id=f"burst{i}"))
         if i % 20 == 0:
-            time.sleep(0.001)            # a stream, not one datagram train
+            time.sleep(0.001)
     got = set()
-    for _ in range(200):
+    for _ in range(n):
         raw = p.recv(5)
-        assert raw is not None, f"{len(got)} of 200 replies"
+        assert raw is not None, f"{len(got)} of {n} replies"
         got.add(fastsip.parse(raw).call_id)
-    assert got == {f"burst{i}" for i in range(200)}
+    return got
+
+
+def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
+    """--batch-wait 2000: a worker woken again within 4 ms sleeps 2 ms before
+    reading (counted: batch_waits in /api/workers); a stream of 200 requests is
+    still answered in full, and so is a request after a quiet spell.  Without
+    the flag the worker never waits."""
+    srv = start("--batch-wait", "2000", workers=1, state=None)
+    p = phone(srv.udp)
+    assert _stream(p) == {f"burst{i}" for i in range(200)}
     time.sleep(0.05)
     assert p.ask(request("OPTIONS", call_id="alone")).status == 200
     assert srv.metrics()['fastsip_replies_total{code="200"}'] == 201
+    (w,) = srv.api("/api/workers")["workers"]
+    assert w["batch_waits"] >= 1 and w["received_udp"] == 201
+
+    srv = start(workers=1, state=None)
+    p = phone(srv.udp)
+    assert len(_stream(p)) == 200
+    (w,) = srv.api("/api/workers")["workers"]
+    assert w["batch_waits"] == 0 and w["received_udp"] == 200
 
 
 # ----------------------------------------------------------------------------- the start line

@@ -105,7 +105,8 @@ def route(sup, method: str, path: str, q: dict):
             {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
              "received_udp": s.last.get("received", {}).get("udp", 0) if s.ready else None,
              "received_tcp": s.last.get("received", {}).get("tcp", 0) if s.ready else None,
-             "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None}
+             "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None,
+             "batch_waits": s.last.get("batch_waits", 0) if s.ready else None}
             for s in sup.slots], "restarts": sup.restarts,
             "listen": sup.listen_names(), "state": sup.cfg.state})
     return _json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")

@@ -28,13 +28,15 @@ class Loop:
     ``batch_wait`` (seconds, ``--batch-wait``; may change at a SIGHUP): when
     the loop is woken again within two waits of the last wake-up (steady
     traffic), it sleeps that long before reading, so a receive batch collects
-    what arrives meanwhile; slower traffic is read at once.
+    what arrives meanwhile; slower traffic is read at once.  Those sleeps are
+    counted in :attr:`batch_waits`.
     """
 
     def __init__(self) -> None:
         self.ep = select.epoll()
         self.handlers: dict = {}         # fd -> handler(events)
         self.batch_wait = 0.0
+        self.batch_waits = 0
         self._last_wake = 0.0
         self._wake_r = self._wake_w = None
 
@@ -81,6 +83,7 @@ class Loop:
             wait = self.batch_wait
             if t - self._last_wake < 2 * wait:
                 time.sleep(wait)
+                self.batch_waits += 1
             self._last_wake = t
         handlers = self.handlers
         for fd, ev in events:

@@ -89,6 +89,8 @@ METRICS: tuple[Metric, ...] = (
     # reported by the workers (GET /api/workers), not exported
     Metric(None, COUNTER, "Hand-offs this worker served for others.", ("handoffs_received",)),
     Metric(None, GAUGE, "Source addresses the rate limiter tracks.", ("rate_limit_sources",)),
+    Metric(None, COUNTER, "Sleeps of --batch-wait before reading (steady traffic: the receive "
+           "batch was let grow).", ("batch_waits",)),
 )
 
 _OTHERS = ("core.", "supervisor.")

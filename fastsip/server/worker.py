@@ -154,6 +154,7 @@ class Worker:
         c.tcp_connections = len(self.tcp)
         c.state_pending = len(self.writer.pending)
         c.state_rows_written = self.writer.rows_written
+        c.batch_waits = self.loop.batch_waits
         r = c.report()
         r["core"] = self.reg.stats()
         r["latency"] = self.hist.as_dict()

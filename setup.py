@@ -4,7 +4,7 @@ The compiled modules are required: without Cython and a C compiler the
 install fails with a clear message instead of falling back to slow code.
 
     FASTSIP_DEBUG_BUILD=1       -O0 -g, bounds checks, line tracing
-    FASTSIP_CYTHON_ANNOTATE=1   write fastsip/*.html (cython -a)
+    FASTSIP_CYTHON_ANNOTATE=1   write the .html annotation next to each .pyx (cython -a)
 """
 import os
 import sys
@@ -16,9 +16,6 @@ try:
 except ImportError:  # pragma: no cover - only on a broken build environment
     sys.exit("fastsip: building needs Cython >= 3.0 (pip install cython) and a C compiler")
 
-# the pure layer: one module assembled from fastsip/core/*.pyx (see _core.pyx)
-CORE = Extension("fastsip.core._core", ["fastsip/core/_core.pyx"])
-MODULES = ("io",)
 DEBUG = bool(os.environ.get("FASTSIP_DEBUG_BUILD"))
 directives = {
     "language_level": 3,
@@ -29,25 +26,27 @@ directives = {
     "initializedcheck": DEBUG,
     "linetrace": DEBUG,
 }
-exts = [
-    Extension(
-        f"fastsip._{m}_c",
-        [f"fastsip/_{m}_c.pyx"],
+
+
+def ext(name):
+    """The extension module ``name`` (dotted), built from ``name``'s .pyx."""
+    return Extension(
+        name,
+        [name.replace(".", "/") + ".pyx"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
         define_macros=[("CYTHON_TRACE_NOGIL", 1)] if DEBUG else [],
     )
-    for m in MODULES
+
+
+exts = [
+    # the pure layer: one module assembled from fastsip/core/*.pyx (see _core.pyx)
+    ext("fastsip.core._core"),
+    # the server's batched datagram I/O (cimports fastsip/server/handoff.pxd)
+    ext("fastsip.server._io_c"),
 ]
-CORE.extra_compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
-CORE.define_macros = [("CYTHON_TRACE_NOGIL", 1)] if DEBUG else []
-exts.insert(0, CORE)
-# the load tool's batched send/receive/match helper (top-level package load/)
+# the load tool (top-level package load/): the batched send/receive/match helper
 LOAD_MODULES = ("loadio",)
-exts += [
-    Extension(f"load._{m}_c", [f"load/_{m}_c.pyx"],
-              extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"])
-    for m in LOAD_MODULES
-]
+exts += [ext(f"load._{m}_c") for m in LOAD_MODULES]
 setup(
     ext_modules=cythonize(
         exts,

@@ -1,4 +1,4 @@
-"""The server's per-batch loop (fastsip._io_c.BatchIO.serve_udp / serve_inbox) on
+"""The server's per-batch loop (fastsip.server._io_c.BatchIO.serve_udp / serve_inbox) on
 real loopback sockets, with an in-process registrar: what a worker does with
 one batch, without the worker around it."""
 import socket
@@ -7,7 +7,7 @@ import time
 import pytest
 
 import fastsip
-from fastsip._io_c import BatchIO
+from fastsip.server._io_c import BatchIO
 from fastsip.server.testing import contacts_of, register, request
 
 
@@ -125,3 +125,53 @@ def test_serve_shard_answers_its_own_and_names_the_owner_of_others():
                             b"127.0.0.1",
                             5060, 1000.0, "udp", -1, 0, 2)
     assert contacts_of(fastsip.parse(reply)) == {f"sip:{mine}@127.0.0.1:5": 600}
+
+
+def test_handoff_header_is_one_format_for_cython_and_python(udp):
+    """The hand-off header (fastsip/server/handoff.pxd) is written by serve_udp and
+    encode_handoff and read by serve_inbox and decode_handoff: each reads the other's."""
+    from fastsip.server._io_c import (H_TCP, H_TCP_REPLY, H_UDP, HANDOFF_HEADER,
+                                      decode_handoff, encode_handoff)
+    blob = encode_handoff(H_TCP, 3, 7, b"2001:db8::1", (1 << 40) | 5, 5061, b"REGISTER ...")
+    assert len(blob) == HANDOFF_HEADER + len(b"2001:db8::1") + len(b"REGISTER ...")
+    assert decode_handoff(blob) == (H_TCP, 3, 7, b"2001:db8::1", (1 << 40) | 5, 5061,
+                                    b"REGISTER ...")
+    assert decode_handoff(encode_handoff(H_UDP, 0, 1, b"127.0.0.1", -1, 0, b""))[4] == -1
+    for bad in (blob[:HANDOFF_HEADER - 1], blob[:HANDOFF_HEADER + 3]):
+        with pytest.raises(ValueError):
+            decode_handoff(bad)
+    with pytest.raises(ValueError):
+        encode_handoff(H_TCP, 0, 0, b"x" * 65, 1, 1, b"")
+    with pytest.raises(ValueError):
+        encode_handoff(H_TCP, 256, 0, b"", 1, 1, b"")
+
+    # serve_udp's hand-offs decode in Python
+    server, client = udp(), udp()
+    server.setblocking(False)
+    users = aors_by_shard()
+    msg = register(users[1][0])
+    client.sendto(msg, server.getsockname())
+    time.sleep(0.05)
+    queues = [[], []]
+    reg = fastsip.Registrar(max_expires=3600)
+    assert BatchIO(4, 4096).serve_udp(server.fileno(), reg.serve_shard, time.time(), 0, 2, 1,
+                                      queues) == (1, 1)
+    kind, li, origin, host, cid, port, data = decode_handoff(queues[1][0][0])
+    assert (kind, li, origin, host, cid, port) == (H_UDP, 1, 0, b"127.0.0.1", -1,
+                                                   client.getsockname()[1])
+    assert data == msg
+
+    # and serve_inbox returns what encode_handoff wrote (TCP kinds are the worker's)
+    inbox_r, inbox_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    inbox_r.setblocking(False)
+    sent = [(encode_handoff(H_TCP, 0, 1, b"::1", 77, 5070, b"req"), None),
+            (encode_handoff(H_TCP_REPLY, 0, 1, b"", 78, 0, b"reply"), None),
+            (b"short", None)]
+    assert BatchIO(4, 4096).send(inbox_w.fileno(), sent) == 3
+    got, served, others = BatchIO(4, 4096).serve_inbox(inbox_r.fileno(), reg.serve_shard,
+                                                       time.time(), [server.fileno()])
+    assert (got, served) == (3, 0)
+    assert others == [(H_TCP, 0, 1, b"::1", 77, 5070, b"req"),
+                      (H_TCP_REPLY, 0, 1, b"", 78, 0, b"reply")]
+    inbox_r.close()
+    inbox_w.close()

@@ -7,8 +7,7 @@ import pytest
 
 import fastsip
 
-COMPILED = ["fastsip.core._core",
-            "fastsip._io_c"]
+COMPILED = ["fastsip.core._core", "fastsip.server._io_c"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

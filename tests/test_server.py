@@ -130,6 +130,30 @@ def test_register_over_tcp_keepalive_and_the_connection_is_recorded(start, phone
     assert srv.metrics()["fastsip_parse_errors_total"] >= 1
 
 
+def test_tcp_requests_for_the_other_workers_aors_are_answered_on_the_connection(start, phone):
+    """Over one TCP connection, REGISTERs for AORs of both shards: the worker holding the
+    connection hands the other shard's to their owner (H_TCP) and the replies come back
+    through it (H_TCP_REPLY), in order, on the same connection."""
+    srv = start(workers=2, state=None)
+    users = {0: [], 1: []}
+    i = 0
+    while min(len(v) for v in users.values()) < 3:
+        users[fastsip.shard_of(f"sip:x{i}@example.com", 2)].append(f"x{i}")
+        i += 1
+    ua = phone(srv.tcp, "tcp")
+    names = users[0][:3] + users[1][:3]
+    for name in names:
+        me = f"sip:{name}@127.0.0.1:{ua.local[1]};transport=tcp"
+        r = ua.ask(register(name, contact=me, transport="TCP", local=ua.local, expires=300,
+                            call_id=f"tcp-{name}"))
+        assert (r.status, r.call_id, contacts_of(r)) == (200, f"tcp-{name}", {me: 300})
+    assert srv.metrics()["fastsip_handoffs_total"] == 3
+    for name in names:
+        (b,) = srv.api(f"/api/aor?aor=sip:{name}@example.com")["bindings"]
+        assert b["worker"] == fastsip.shard_of(f"sip:{name}@example.com", 2)
+        assert b["transport"] == "tcp" and b["source"] == ["127.0.0.1", ua.local[1]]
+
+
 def test_many_tcp_connections_and_idle_timeout(start, phone):
     srv = start("--tcp-idle-timeout", "1")
     phones = [phone(srv.tcp, "tcp") for _ in range(40)]
@@ -333,6 +357,24 @@ def test_metrics_endpoint_format_and_cli_bindings_remove(start, phone):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no fastsip server" in out.stderr
 
 
+def test_slow_http_clients_do_not_stall_the_endpoint(start):
+    """Clients that connect and send nothing, or half a request, hold a thread of the
+    endpoint each (until their timeout), not the supervisor: others are answered at once."""
+    srv = start(workers=1, state=None)
+    silent = [socket.create_connection(srv.metrics_addr, timeout=5) for _ in range(3)]
+    try:
+        silent[0].sendall(b"GET /metr")
+        silent[1].sendall(b"POST /api/remove HTTP/1.0\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assert srv.api("/api/workers")["workers"][0]["ready"]
+        assert srv.metrics()["fastsip_workers"] == 1
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        for s in silent:
+            s.close()
+
+
 # ----------------------------------------------------------------------------- lifecycle
 
 def test_graceful_restart_keeps_bindings_and_reshards(start, tmp_path, phone):
@@ -450,25 +492,42 @@ def test_bad_flags_and_unusable_addresses_exit_2(tmp_path):
         assert flag in out.stdout
 
 
-def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
-    """--batch-wait 2000: a worker woken again within 4 ms sleeps 2 ms before
-    reading; a stream of 200 requests is still answered in full, and so is a
-    request after a quiet spell."""
-    srv = start("--batch-wait", "2000", workers=1, state=None)
-    p = phone(srv.udp)
-    for i in range(200):
+def _stream(p, n=200):
+    """n OPTIONS as a stream (not one datagram train); the set of Call-IDs answered.
+    The replies are read after the last request: the phone's receive buffer must
+    hold them all (the default one holds about 185 on loopback)."""
+    p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    for i in range(n):
         p.send(request("OPTIONS", call_id=f"burst{i}"))
         if i % 20 == 0:
-            time.sleep(0.001)            # a stream, not one datagram train
+            time.sleep(0.001)
     got = set()
-    for _ in range(200):
+    for _ in range(n):
         raw = p.recv(5)
-        assert raw is not None, f"{len(got)} of 200 replies"
+        assert raw is not None, f"{len(got)} of {n} replies"
         got.add(fastsip.parse(raw).call_id)
-    assert got == {f"burst{i}" for i in range(200)}
+    return got
+
+
+def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
+    """--batch-wait 2000: a worker woken again within 4 ms sleeps 2 ms before
+    reading (counted: batch_waits in /api/workers); a stream of 200 requests is
+    still answered in full, and so is a request after a quiet spell.  Without
+    the flag the worker never waits."""
+    srv = start("--batch-wait", "2000", workers=1, state=None)
+    p = phone(srv.udp)
+    assert _stream(p) == {f"burst{i}" for i in range(200)}
     time.sleep(0.05)
     assert p.ask(request("OPTIONS", call_id="alone")).status == 200
     assert srv.metrics()['fastsip_replies_total{code="200"}'] == 201
+    (w,) = srv.api("/api/workers")["workers"]
+    assert w["batch_waits"] >= 1 and w["received_udp"] == 201
+
+    srv = start(workers=1, state=None)
+    p = phone(srv.udp)
+    assert len(_stream(p)) == 200
+    (w,) = srv.api("/api/workers")["workers"]
+    assert w["batch_waits"] == 0 and w["received_udp"] == 200
 
 
 # ----------------------------------------------------------------------------- the start line

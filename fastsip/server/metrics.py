@@ -1,19 +1,140 @@
-"""Counters a worker keeps beside the core's, and the Prometheus text rendering.
+"""The metrics: every counter and gauge declared in one table, and their Prometheus text.
 
-A worker reports a plain dict (``Worker.report()``); the supervisor adds the
-reports of all workers (and keeps the counters of workers that died, so that
-counters never go down) and renders them with ``render()``.
+``METRICS`` declares each one: its name in ``/metrics``, its kind, its help
+text, its label and where its value is in a worker's report.  A worker keeps
+its own counters in a :class:`WorkerCounters` (one attribute per counter and
+label value, all made from the table and starting at zero: none is added on
+first use) and reports them with the core's (``RegistrarCore.stats()``, under
+``core``) as a plain dict; the supervisor adds the reports of all workers
+(keeping the counters of workers that died, so that counters never go down,
+see :func:`add_reports`) and renders them with :func:`render`.
 """
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import NamedTuple
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
 #: Upper bounds (seconds) of the processing-latency histogram.
 LATENCY_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                    0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-#: Gauges in a report: added across live workers, never carried over from dead ones.
-GAUGES = ("bindings", "aors", "tcp_connections", "rate_limit_sources", "state_pending")
+
+class Metric(NamedTuple):
+    """One declared metric.
+
+    ``keys`` say where its value is in a (summed) report, added up when there
+    are several: ``"received"`` is a worker's own counter, ``"core.requests"``
+    the core's (``RegistrarCore.stats()["requests"]``), ``"supervisor.restarts"``
+    the supervisor's.  With a ``label`` the report holds ``{label value: n}``;
+    ``values`` are the label values a worker counts (the core's are whatever
+    its stats hold).  ``name`` None: reported by the workers, not exported.
+    """
+    name: str | None
+    kind: str
+    help: str
+    keys: tuple[str, ...]
+    label: str | None = None
+    values: tuple[str, ...] = ()
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("fastsip_requests_total", COUNTER, "SIP requests received, by method.",
+           ("core.requests",), "method"),
+    Metric("fastsip_replies_total", COUNTER, "SIP replies sent, by status code.",
+           ("core.replies",), "code"),
+    Metric("fastsip_bindings", GAUGE, "Live bindings (contacts) held by all workers.",
+           ("core.bindings",)),
+    Metric("fastsip_aors", GAUGE, "AORs with at least one live binding.", ("core.aors",)),
+    Metric("fastsip_expired_bindings_total", COUNTER, "Bindings removed because they expired.",
+           ("core.expired",)),
+    Metric("fastsip_parse_errors_total", COUNTER,
+           "Malformed messages (unparseable datagrams, and TCP streams that could not be framed).",
+           ("core.parse_errors", "framing_errors")),
+    Metric("fastsip_handoffs_total", COUNTER,
+           "Requests handed from the worker that received them to the worker owning their AOR.",
+           ("handoffs_sent",)),
+    Metric("fastsip_rate_limited_total", COUNTER,
+           "Messages dropped by the per-source-address rate limit.", ("rate_limited",)),
+    Metric("fastsip_dropped_total", COUNTER, "Messages dropped by the server shell, by reason.",
+           ("dropped",), "reason",
+           ("handoff_overflow", "max_connections", "oversized", "send_failed", "state_overflow",
+            "tcp_overflow")),
+    Metric("fastsip_received_total", COUNTER, "SIP messages received, by transport.",
+           ("received",), "transport", ("tcp", "udp")),
+    Metric("fastsip_receive_batches_total", COUNTER,
+           "recvmmsg calls that returned datagrams, by socket kind (UDP, or the hand-off inbox).",
+           ("batches",), "socket", ("inbox", "udp")),
+    Metric("fastsip_tcp_connections", GAUGE, "Open TCP connections.", ("tcp_connections",)),
+    Metric("fastsip_tcp_keepalives_total", COUNTER, "RFC 5626 CRLFCRLF keep-alives answered.",
+           ("keepalives",)),
+    Metric("fastsip_state_rows_written_total", COUNTER, "AOR rows written to the state file.",
+           ("state_rows_written",)),
+    Metric("fastsip_state_pending_changes", GAUGE,
+           "AOR changes taken from the store and not yet written to the state file.",
+           ("state_pending",)),
+    Metric("fastsip_state_errors_total", COUNTER, "Failed writes to the state file.",
+           ("state_errors",)),
+    Metric("fastsip_internal_errors_total", COUNTER,
+           "Messages on which the registrar core raised (bugs; logged with a traceback).",
+           ("internal_errors",)),
+    Metric("fastsip_workers", GAUGE, "Worker processes running.", ("supervisor.workers_alive",)),
+    Metric("fastsip_workers_configured", GAUGE, "Worker processes configured.",
+           ("supervisor.workers",)),
+    Metric("fastsip_worker_restarts_total", COUNTER, "Workers restarted after they died.",
+           ("supervisor.restarts",)),
+    Metric("fastsip_processing_seconds", HISTOGRAM,
+           "Time from a receive batch to its replies being sent, per message.", ("latency",)),
+    # reported by the workers (GET /api/workers), not exported
+    Metric(None, COUNTER, "Hand-offs this worker served for others.", ("handoffs_received",)),
+    Metric(None, GAUGE, "Source addresses the rate limiter tracks.", ("rate_limit_sources",)),
+    Metric(None, COUNTER, "Sleeps of --batch-wait before reading (steady traffic: the receive "
+           "batch was let grow).", ("batch_waits",)),
+)
+
+_OTHERS = ("core.", "supervisor.")
+
+
+def _worker_keys() -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """(report key, label values, kind) of every counter or gauge a worker keeps itself."""
+    out = []
+    for m in METRICS:
+        for key in m.keys:
+            if m.kind != HISTOGRAM and not key.startswith(_OTHERS):
+                out.append((key, m.values, m.kind))
+    return tuple(out)
+
+
+#: What a WorkerCounters holds: (report key, label values, kind).
+WORKER_KEYS = _worker_keys()
+
+#: Report paths of gauges: added across live workers, never carried over from dead ones.
+GAUGES = frozenset(tuple(key.split(".")) for m in METRICS if m.kind == GAUGE
+                   for key in m.keys if not key.startswith("supervisor."))
+
+
+def _attr(key: str, value: str | None = None) -> str:
+    return f"{key}_{value}" if value is not None else key
+
+
+class WorkerCounters:
+    """A worker's own counters and gauges: one attribute per declared counter
+    (``keepalives``) or per label value (``received_udp``, ``dropped_tcp_overflow``),
+    all from ``METRICS``, all zero at the start."""
+
+    __slots__ = tuple(_attr(key, v) for key, values, _ in WORKER_KEYS
+                      for v in (values or (None,)))
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def report(self) -> dict:
+        """The counters as a worker reports them: ``{key: n}`` or ``{key: {value: n}}``."""
+        return {key: ({v: getattr(self, _attr(key, v)) for v in values} if values
+                      else getattr(self, key))
+                for key, values, _ in WORKER_KEYS}
 
 
 class Histogram:
@@ -34,13 +155,15 @@ class Histogram:
         return {"counts": list(self.counts), "sum": self.sum, "count": self.count}
 
 
-def add_reports(total: dict, report: dict, with_gauges: bool = True) -> dict:
-    """Add ``report`` into ``total`` (nested dicts of numbers, histogram lists)."""
+def add_reports(total: dict, report: dict, with_gauges: bool = True, _path: tuple = ()) -> dict:
+    """Add ``report`` into ``total`` (nested dicts of numbers, histogram lists);
+    without ``with_gauges``, the gauges (``GAUGES``) are left out."""
     for k, v in report.items():
-        if not with_gauges and k in GAUGES:
+        path = _path + (k,)
+        if not with_gauges and path in GAUGES:
             continue
         if isinstance(v, dict):
-            add_reports(total.setdefault(k, {}), v, with_gauges)
+            add_reports(total.setdefault(k, {}), v, with_gauges, path)
         elif isinstance(v, list):
             cur = total.setdefault(k, [0] * len(v))
             for i, x in enumerate(v):
@@ -54,66 +177,21 @@ def _esc(v) -> str:
     return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
-    """The Prometheus text exposition (format 0.0.4) of the summed reports."""
-    out = []
+def _value(total: dict, key: str):
+    """The value at a dotted report key (``core.requests``), or None."""
+    v = total
+    for part in key.split("."):
+        if not isinstance(v, dict):
+            return None
+        v = v.get(part)
+    return v
 
-    def metric(name, kind, help_, samples):
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels)
-            out.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
 
-    core = total.get("core", {})
-    metric("fastsip_requests_total", "counter", "SIP requests received, by method.",
-           sorted((( ("method", m),), n) for m, n in core.get("requests", {}).items()))
-    metric("fastsip_replies_total", "counter", "SIP replies sent, by status code.",
-           sorted(((("code", c),), n) for c, n in core.get("replies", {}).items()))
-    metric("fastsip_bindings", "gauge", "Live bindings (contacts) held by all workers.",
-           [((), core.get("bindings", 0))])
-    metric("fastsip_aors", "gauge", "AORs with at least one live binding.",
-           [((), core.get("aors", 0))])
-    metric("fastsip_expired_bindings_total", "counter", "Bindings removed because they expired.",
-           [((), core.get("expired", 0))])
-    metric("fastsip_parse_errors_total", "counter",
-           "Malformed messages (unparseable datagrams, and TCP streams that could not be framed).",
-           [((), core.get("parse_errors", 0) + total.get("framing_errors", 0))])
-    metric("fastsip_handoffs_total", "counter",
-           "Requests handed from the worker that received them to the worker owning their AOR.",
-           [((), total.get("handoffs_sent", 0))])
-    metric("fastsip_rate_limited_total", "counter",
-           "Messages dropped by the per-source-address rate limit.",
-           [((), total.get("rate_limited", 0))])
-    drops = total.get("dropped", {})
-    metric("fastsip_dropped_total", "counter", "Messages dropped by the server shell, by reason.",
-           sorted(((("reason", r),), n) for r, n in drops.items()))
-    metric("fastsip_received_total", "counter", "SIP messages received, by transport.",
-           sorted(((("transport", t),), n) for t, n in total.get("received", {}).items()))
-    metric("fastsip_receive_batches_total", "counter",
-           "recvmmsg calls that returned datagrams, by socket kind (UDP, or the hand-off inbox).",
-           sorted(((("socket", t),), n) for t, n in total.get("batches", {}).items()))
-    metric("fastsip_tcp_connections", "gauge", "Open TCP connections.",
-           [((), total.get("tcp_connections", 0))])
-    metric("fastsip_tcp_keepalives_total", "counter", "RFC 5626 CRLFCRLF keep-alives answered.",
-           [((), total.get("keepalives", 0))])
-    metric("fastsip_state_rows_written_total", "counter", "AOR rows written to the state file.",
-           [((), total.get("state_rows_written", 0))])
-    metric("fastsip_state_pending_changes", "gauge",
-           "AOR changes taken from the store and not yet written to the state file.",
-           [((), total.get("state_pending", 0))])
-    metric("fastsip_state_errors_total", "counter", "Failed writes to the state file.",
-           [((), total.get("state_errors", 0))])
-    metric("fastsip_internal_errors_total", "counter",
-           "Messages on which the registrar core raised (bugs; logged with a traceback).",
-           [((), total.get("internal_errors", 0))])
-    metric("fastsip_workers", "gauge", "Worker processes running.", [((), workers_alive)])
-    metric("fastsip_workers_configured", "gauge", "Worker processes configured.", [((), workers)])
-    metric("fastsip_worker_restarts_total", "counter", "Workers restarted after they died.",
-           [((), restarts)])
-    hist = total.get("latency", {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0})
-    name = "fastsip_processing_seconds"
-    out.append(f"# HELP {name} Time from a receive batch to its replies being sent, per message.")
+def _histogram(out: list, m: Metric, hist) -> None:
+    if not hist:
+        hist = {"counts": [0] * (len(LATENCY_BUCKETS) + 1), "sum": 0.0, "count": 0}
+    name = m.name
+    out.append(f"# HELP {name} {m.help}")
     out.append(f"# TYPE {name} histogram")
     acc = 0
     for bound, n in zip(LATENCY_BUCKETS, hist["counts"]):
@@ -123,4 +201,29 @@ def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
     out.append(f'{name}_bucket{{le="+Inf"}} {acc}')
     out.append(f"{name}_sum {hist['sum']:.9f}")
     out.append(f"{name}_count {hist['count']}")
+
+
+def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the summed reports."""
+    total = dict(total, supervisor={"workers_alive": workers_alive, "workers": workers,
+                                    "restarts": restarts})
+    out: list[str] = []
+    for m in METRICS:
+        if m.name is None:
+            continue
+        if m.kind == HISTOGRAM:
+            _histogram(out, m, _value(total, m.keys[0]))
+            continue
+        out.append(f"# HELP {m.name} {m.help}")
+        out.append(f"# TYPE {m.name} {m.kind}")
+        if m.label is None:
+            value = sum(_value(total, key) or 0 for key in m.keys)
+            out.append(f"{m.name} {value}")
+            continue
+        by_value: dict = {v: 0 for v in m.values}
+        for key in m.keys:
+            for v, n in (_value(total, key) or {}).items():
+                by_value[str(v)] = by_value.get(str(v), 0) + n
+        for v, n in sorted(by_value.items()):
+            out.append(f'{m.name}{{{m.label}="{_esc(v)}"}} {n}')
     return "\n".join(out) + "\n"

@@ -10,7 +10,8 @@
   created once: any worker sends on the writing end of the owner's pair.
 - The control channel is a stream socket pair per worker (``control.py``).
 - The HTTP endpoint (``/metrics`` and the JSON admin API that ``fastsip show``,
-  ``bindings`` and ``remove`` use) runs here, single-threaded; it asks the
+  ``bindings`` and ``remove`` use, ``admin.py``) is served by a thread of its
+  own; the requests are answered in the supervisor's loop, which asks the
   workers over their control channels.
 - SIGTERM/SIGINT: workers stop accepting, write their pending changes and
   exit; the supervisor exits 0 (workers still alive after ``STOP_GRACE``
@@ -20,7 +21,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import selectors
@@ -29,12 +29,11 @@ import socket
 import sqlite3
 import sys
 import time
-from urllib.parse import parse_qs, urlsplit
 
-from fastsip.registrar import aor_from_text
 from fastsip.server import control, logs, steer
+from fastsip.server.admin import AdminServer
 from fastsip.server.config import ConfigError, resolve
-from fastsip.server.metrics import add_reports, render
+from fastsip.server.metrics import add_reports
 
 LOG = logs.LOG
 STOP_GRACE = 8.0            # seconds workers get to write their state before SIGKILL
@@ -148,7 +147,7 @@ class Supervisor:
         self.restarts = 0
         self.stopping = False
         self.signals = []
-        self.http = None
+        self.admin = None           # the HTTP endpoint (admin.py)
         self.secret = os.urandom(32)
         self.addresses = []
         self.announced = False
@@ -173,16 +172,11 @@ class Supervisor:
                     (self.udp if transport == "udp" else self.tcp)[i].append(s)
             host, port = cfg.metrics
             try:
-                fam = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-                self.http = socket.socket(fam[0], socket.SOCK_STREAM)
-                self.http.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                self.http.bind(fam[4])
-                self.http.listen(64)
+                self.admin = AdminServer(host, port, self)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {host}:{port}: "
                                   f"{getattr(exc, 'strerror', exc)}") from None
-            self.http.setblocking(False)
-            self.metrics_addr = self.http.getsockname()[:2]
+            self.metrics_addr = self.admin.address
         except ConfigError:
             self.close_sockets()
             raise
@@ -216,8 +210,9 @@ class Supervisor:
         for r, w in self.inboxes:
             r.close()
             w.close()
-        if self.http is not None:
-            self.http.close()
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None
 
     # ------------------------------------------------------------------ workers
     def spawn(self, slot):
@@ -231,7 +226,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 sup_end.close()
                 self.sel.close()
-                self.http.close()
+                self.admin.close_in_child()
                 self._wake_r.close()
                 self._wake_w.close()
                 for other in self.slots:
@@ -373,132 +368,9 @@ class Supervisor:
             add_reports(total, slot.last)
         return total
 
-    # ------------------------------------------------------------------ HTTP
-    def _on_http(self):
-        try:
-            conn, _ = self.http.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        try:
-            conn.settimeout(2.0)
-            status, ctype, body = self._http_request(conn)
-        except (OSError, ValueError):
-            conn.close()
-            return
-        try:
-            head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-            conn.sendall(head + body)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def _http_request(self, conn):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(8192)
-            if not chunk:
-                raise ValueError("eof")
-            data += chunk
-            if len(data) > 65536:
-                return "431 Request Header Fields Too Large", "text/plain", b"too large\n"
-        head, _, body = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            method, target, _version = lines[0].split(" ", 2)
-        except ValueError:
-            return "400 Bad Request", "text/plain", b"bad request line\n"
-        length = 0
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value.strip() or 0)
-        if length > 65536:
-            return "413 Payload Too Large", "text/plain", b"too large\n"
-        while len(body) < length:
-            chunk = conn.recv(8192)
-            if not chunk:
-                break
-            body += chunk
-        url = urlsplit(target)
-        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        if body and method == "POST":
-            try:
-                q.update(json.loads(body))
-            except ValueError:
-                return "400 Bad Request", "text/plain", b"body is not JSON\n"
-        return self._route(method, url.path, q)
-
-    def _aor_param(self, q):
-        """(the SIP URI named by the ``aor`` parameter, None), or (None, a 400
-        reply saying why): what a person types is accepted (see aor_from_text)."""
-        if not q.get("aor"):
-            return None, self._json({"error": "aor is required"}, "400 Bad Request")
-        try:
-            return aor_from_text(q["aor"]), None
-        except ValueError as exc:
-            return None, self._json({"error": str(exc)}, "400 Bad Request")
-
-    def _json(self, obj, status="200 OK"):
-        return status, "application/json", (json.dumps(obj, indent=1) + "\n").encode()
-
-    def _route(self, method, path, q):
-        if path == "/metrics" and method == "GET":
-            total = self.collect()
-            alive = sum(1 for s in self.slots if s.pid)
-            text = render(total, alive, self.cfg.workers, self.restarts)
-            return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
-        if path == "/api/aor" and method == "GET":
-            aor, refusal = self._aor_param(q)
-            if refusal:
-                return refusal
-            found, near = [], set()
-            for slot, answer in self.ask_all({"op": "lookup", "aor": aor}):
-                answer = answer or {}
-                aor = answer.get("aor", aor)
-                near.update(answer.get("near", ()))
-                for b in answer.get("bindings", []):
-                    b["worker"] = slot.index
-                    found.append(b)
-            return self._json({"aor": aor, "bindings": found, "near": sorted(near)[:5]})
-        if path == "/api/bindings" and method == "GET":
-            limit = int(q.get("limit", 100000))
-            found = []
-            for slot, answer in self.ask_all({"op": "bindings", "limit": limit}):
-                for b in (answer or {}).get("bindings", []):
-                    b["worker"] = slot.index
-                    found.append(b)
-            found.sort(key=lambda b: (b["aor"], b["contact"]))
-            return self._json({"bindings": found[:limit], "truncated": len(found) > limit})
-        if path == "/api/remove" and method == "POST":
-            aor, refusal = self._aor_param(q)
-            if refusal:
-                return refusal
-            contact = q.get("contact")
-            if contact:     # as `fastsip show` prints it: <sip:...>
-                contact = contact.strip()
-                if contact.startswith("<") and contact.endswith(">"):
-                    contact = contact[1:-1].strip()
-            removed, near = 0, set()
-            for _slot, answer in self.ask_all({"op": "remove", "aor": aor, "contact": contact}):
-                answer = answer or {}
-                aor = answer.get("aor", aor)
-                removed += answer.get("removed", 0)
-                near.update(answer.get("near", ()))
-            logs.event(logging.INFO, f"admin: removed {removed} binding(s) of {aor}",
-                       aor=aor, contact=contact, removed=removed)
-            return self._json({"aor": aor, "removed": removed, "near": sorted(near)[:5]})
-        if path == "/api/workers" and method == "GET":
-            self.collect()
-            return self._json({"workers": [
-                {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
-                 "received_udp": s.last.get("received", {}).get("udp", 0) if s.ready else None,
-                 "received_tcp": s.last.get("received", {}).get("tcp", 0) if s.ready else None,
-                 "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None}
-                for s in self.slots], "restarts": self.restarts,
-                "listen": [_fmt(*b) for b in self.listen], "state": self.cfg.state})
-        return self._json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
+    def listen_names(self) -> list:
+        """The bound listen addresses as the start line names them."""
+        return [_fmt(*b) for b in self.listen]
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame):
@@ -543,10 +415,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self.sel.register(self.http, selectors.EVENT_READ, ("http", None))
+        self.sel.register(self.admin.fileno(), selectors.EVENT_READ, ("admin", None))
         self.slots = [Slot(i) for i in range(cfg.workers)]
         for slot in self.slots:
             self.spawn(slot)
+        self.admin.start()
         next_stats = time.monotonic() + STATS_EVERY
         next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
         self.state = None
@@ -562,8 +435,8 @@ class Supervisor:
                             pass
                     except OSError:
                         pass
-                elif kind == "http":
-                    self._on_http()
+                elif kind == "admin":
+                    self.admin.run_pending()
                 elif kind == "ctrl":
                     self._on_ctrl(slot)
             sigs, self.signals = self.signals, []

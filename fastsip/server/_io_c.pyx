@@ -14,6 +14,10 @@ datagram.
 
 A datagram longer than ``max_size`` is dropped and counted in
 :attr:`BatchIO.oversized`; nothing else is ever raised for what a peer sends.
+
+The hand-off datagram's header is defined once, in ``handoff.pxd``:
+``serve_udp`` writes it, ``serve_inbox`` reads it, and Python code uses
+:func:`encode_handoff` / :func:`decode_handoff` (never its own encoding).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -21,6 +25,7 @@ from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memcmp, memcpy, memset
 
+from fastsip.server cimport handoff as ho
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -81,29 +86,64 @@ cdef extern from "<arpa/inet.h>" nogil:
 
 cdef enum:
     MAX_VLEN = 1024
-    HANDOFF_HEADER = 14       # struct "!BBBBqH", see fastsip.server.worker.HANDOFF
-    H_UDP = 1
-    MAX_HOST = 64
+
+#: The hand-off header (fastsip/server/handoff.pxd), for Python code.
+HANDOFF_HEADER = ho.HANDOFF_HEADER
+H_UDP = ho.H_UDP
+H_TCP = ho.H_TCP
+H_TCP_REPLY = ho.H_TCP_REPLY
+MAX_HOST = ho.MAX_HOST
 
 
-cdef object _build_handoff(int kind, int li, int origin, bytes host, int64_t cid, int port,
-                           const char* data, Py_ssize_t n):
-    """One hand-off datagram: the 14-byte header, the source host, the message."""
-    cdef Py_ssize_t hl = len(host)
-    cdef bytes blob = PyBytes_FromStringAndSize(NULL, HANDOFF_HEADER + hl + n)
+cdef bytes _handoff_blob(ho.Handoff* h, const char* host, const char* data, Py_ssize_t n):
+    """One hand-off datagram: the header ``h``, ``h.host_len`` bytes of ``host``, the message."""
+    cdef Py_ssize_t hl = h.host_len
+    cdef bytes blob = PyBytes_FromStringAndSize(NULL, ho.HANDOFF_HEADER + hl + n)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(blob)
-    cdef int k
-    p[0] = kind
-    p[1] = li
-    p[2] = origin
-    p[3] = <unsigned char>hl
-    for k in range(8):
-        p[4 + k] = (<unsigned long long>cid >> (56 - 8 * k)) & 0xFF
-    p[12] = (port >> 8) & 0xFF
-    p[13] = port & 0xFF
-    memcpy(p + HANDOFF_HEADER, PyBytes_AS_STRING(host), hl)
-    memcpy(p + HANDOFF_HEADER + hl, data, n)
+    ho.handoff_write(p, h)
+    memcpy(p + ho.HANDOFF_HEADER, host, hl)
+    memcpy(p + ho.HANDOFF_HEADER + hl, data, n)
     return blob
+
+
+def encode_handoff(int kind, int listener, int origin, bytes host, int64_t conn_id, int port,
+                   bytes data):
+    """A hand-off datagram: the header, ``host`` (the source host, ASCII) and ``data``.
+
+    ``kind`` is ``H_UDP``, ``H_TCP`` or ``H_TCP_REPLY``; ``listener`` and
+    ``origin`` are 0..255, ``port`` 0..65535, ``host`` at most ``MAX_HOST``
+    bytes (``ValueError`` otherwise).
+    """
+    cdef ho.Handoff h
+    if not (0 <= kind <= 255 and 0 <= listener <= 255 and 0 <= origin <= 255):
+        raise ValueError("kind, listener and origin must be within 0..255")
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be within 0..65535")
+    if len(host) > ho.MAX_HOST:
+        raise ValueError(f"host longer than {ho.MAX_HOST} bytes")
+    h.kind = kind
+    h.listener = listener
+    h.origin = origin
+    h.host_len = <uint8_t>len(host)
+    h.conn_id = conn_id
+    h.port = port
+    return _handoff_blob(&h, PyBytes_AS_STRING(host), PyBytes_AS_STRING(data),
+                         PyBytes_GET_SIZE(data))
+
+
+def decode_handoff(bytes blob):
+    """``(kind, listener, origin, host, conn_id, port, data)`` of a hand-off
+    datagram; ``ValueError`` when it is too short or its host too long."""
+    cdef ho.Handoff h
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(blob)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(blob)
+    if not ho.handoff_read(p, size, &h):
+        raise ValueError("not a hand-off datagram")
+    return (h.kind, h.listener, h.origin,
+            PyBytes_FromStringAndSize(<const char*>p + ho.HANDOFF_HEADER, h.host_len),
+            h.conn_id, h.port,
+            PyBytes_FromStringAndSize(<const char*>p + ho.HANDOFF_HEADER + h.host_len,
+                                      size - ho.HANDOFF_HEADER - h.host_len))
 
 
 cdef object _addr_of(sockaddr_storage* ss, socklen_t namelen):
@@ -386,6 +426,11 @@ cdef class BatchIO:
         cdef bytes data, host
         cdef object r
         cdef list keep = []
+        cdef ho.Handoff hand
+        hand.kind = ho.H_UDP
+        hand.listener = <uint8_t>li
+        hand.origin = <uint8_t>shard
+        hand.conn_id = -1
         for i in range(n):
             if self._oversized(i):
                 continue
@@ -407,9 +452,11 @@ cdef class BatchIO:
             if r is None:
                 continue
             if type(r) is int:
+                hand.host_len = <uint8_t>PyBytes_GET_SIZE(host)
+                hand.port = <unsigned short>port
                 (<list>queues[<int>r]).append(
-                    (_build_handoff(H_UDP, li, shard, host, -1, port, self._bufs + i * stride,
-                                    h.msg_len), None))
+                    (_handoff_blob(&hand, PyBytes_AS_STRING(host), self._bufs + i * stride,
+                                   h.msg_len), None))
                 handed += 1
                 continue
             keep.append(r)
@@ -432,8 +479,8 @@ cdef class BatchIO:
         cdef int n = self._recv(fd), i, cnt = 0, served = 0, li, port, hl, k, fdi, j
         cdef Py_ssize_t stride = self.max_size + 1, size
         cdef unsigned char* p
-        cdef char hostz[MAX_HOST + 1]
-        cdef int64_t cid
+        cdef char hostz[ho.MAX_HOST + 1]
+        cdef ho.Handoff hand
         cdef bytes data, host
         cdef object r
         cdef list keep = [], others = []
@@ -446,19 +493,16 @@ cdef class BatchIO:
                 continue
             p = <unsigned char*>(self._bufs + i * stride)
             size = self._hdrs[i].msg_len
-            hl = p[3]
-            if size < HANDOFF_HEADER + hl or hl > MAX_HOST:
+            if not ho.handoff_read(p, size, &hand):
                 continue
-            li = p[1]
-            cid = 0
-            for k in range(8):
-                cid = (cid << 8) | p[4 + k]
-            port = (p[12] << 8) | p[13]
-            host = PyBytes_FromStringAndSize(<char*>p + HANDOFF_HEADER, hl)
-            data = PyBytes_FromStringAndSize(<char*>p + HANDOFF_HEADER + hl,
-                                             size - HANDOFF_HEADER - hl)
-            if p[0] != H_UDP:
-                others.append((p[0], li, p[2], host, cid, port, data))
+            hl = hand.host_len
+            li = hand.listener
+            port = hand.port
+            host = PyBytes_FromStringAndSize(<char*>p + ho.HANDOFF_HEADER, hl)
+            data = PyBytes_FromStringAndSize(<char*>p + ho.HANDOFF_HEADER + hl,
+                                             size - ho.HANDOFF_HEADER - hl)
+            if hand.kind != ho.H_UDP:
+                others.append((hand.kind, li, hand.origin, host, hand.conn_id, port, data))
                 continue
             served += 1
             try:
@@ -471,7 +515,7 @@ cdef class BatchIO:
                 continue
             ss = &self._snames[cnt]
             memset(ss, 0, sizeof(sockaddr_storage))
-            memcpy(hostz, <char*>p + HANDOFF_HEADER, hl)
+            memcpy(hostz, <char*>p + ho.HANDOFF_HEADER, hl)
             hostz[hl] = 0
             a4 = <sockaddr_in*>ss
             a6 = <sockaddr_in6*>ss

@@ -1,5 +1,15 @@
-"""Types of the compiled batched datagram I/O (fastsip._io_c)."""
+"""Types of the compiled batched datagram I/O (fastsip.server._io_c)."""
 from typing import Callable
+
+HANDOFF_HEADER: int
+H_UDP: int
+H_TCP: int
+H_TCP_REPLY: int
+MAX_HOST: int
+
+def encode_handoff(kind: int, listener: int, origin: int, host: bytes, conn_id: int, port: int,
+                   data: bytes) -> bytes: ...
+def decode_handoff(blob: bytes) -> tuple[int, int, int, bytes, int, int, bytes]: ...
 
 class BatchIO:
     """Receive and send many datagrams per system call (recvmmsg / sendmmsg)."""

@@ -1,0 +1,331 @@
+"""The supervisor's HTTP endpoint: ``/metrics`` and the JSON admin API.
+
+``fastsip show``, ``bindings`` and ``remove`` use the API; the routes, their
+answers and errors are in docs/server.md.  The HTTP side is the standard
+library's (``http.server.ThreadingHTTPServer``, a daemon thread per client,
+at most ``MAX_CLIENTS`` at a time, each socket with a ``REQUEST_TIMEOUT``),
+so a slow or stuck client never stalls the supervisor.  Answering needs the
+workers, over control channels that only the supervisor's loop uses: a
+client's thread parses the request and hands it to that loop (a queue and a
+wake-up socket, :meth:`AdminServer.fileno` / :meth:`AdminServer.run_pending`);
+the loop routes it (:func:`route`) and the thread writes the answer.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from fastsip.registrar import aor_from_text
+from fastsip.server import logs
+from fastsip.server.metrics import render
+
+LOG = logs.LOG
+
+REQUEST_TIMEOUT = 5.0       # seconds a client may take to send its request or read the answer
+MAX_HEAD = 65536            # bytes of request line and headers (431 beyond)
+MAX_BODY = 65536            # bytes of body (413 beyond)
+MAX_CLIENTS = 32            # clients served at once; more wait in the listen backlog
+TEXT = "text/plain"
+
+
+# ---------------------------------------------------------------------- routes
+
+def _json(obj, status="200 OK"):
+    return status, "application/json", (json.dumps(obj, indent=1) + "\n").encode()
+
+
+def _aor_param(q):
+    """(the SIP URI named by the ``aor`` parameter, None), or (None, a 400
+    reply saying why): what a person types is accepted (see aor_from_text)."""
+    if not q.get("aor"):
+        return None, _json({"error": "aor is required"}, "400 Bad Request")
+    try:
+        return aor_from_text(q["aor"]), None
+    except ValueError as exc:
+        return None, _json({"error": str(exc)}, "400 Bad Request")
+
+
+def route(sup, method: str, path: str, q: dict):
+    """``(status, content type, body)`` for one request; runs in the supervisor's loop
+    (``sup`` is the Supervisor: it asks the workers)."""
+    if path == "/metrics" and method == "GET":
+        total = sup.collect()
+        alive = sum(1 for s in sup.slots if s.pid)
+        text = render(total, alive, sup.cfg.workers, sup.restarts)
+        return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
+    if path == "/api/aor" and method == "GET":
+        aor, refusal = _aor_param(q)
+        if refusal:
+            return refusal
+        found, near = [], set()
+        for slot, answer in sup.ask_all({"op": "lookup", "aor": aor}):
+            answer = answer or {}
+            aor = answer.get("aor", aor)
+            near.update(answer.get("near", ()))
+            for b in answer.get("bindings", []):
+                b["worker"] = slot.index
+                found.append(b)
+        return _json({"aor": aor, "bindings": found, "near": sorted(near)[:5]})
+    if path == "/api/bindings" and method == "GET":
+        limit = int(q.get("limit", 100000))
+        found = []
+        for slot, answer in sup.ask_all({"op": "bindings", "limit": limit}):
+            for b in (answer or {}).get("bindings", []):
+                b["worker"] = slot.index
+                found.append(b)
+        found.sort(key=lambda b: (b["aor"], b["contact"]))
+        return _json({"bindings": found[:limit], "truncated": len(found) > limit})
+    if path == "/api/remove" and method == "POST":
+        aor, refusal = _aor_param(q)
+        if refusal:
+            return refusal
+        contact = q.get("contact")
+        if contact:     # as `fastsip show` prints it: <sip:...>
+            contact = contact.strip()
+            if contact.startswith("<") and contact.endswith(">"):
+                contact = contact[1:-1].strip()
+        removed, near = 0, set()
+        for _slot, answer in sup.ask_all({"op": "remove", "aor": aor, "contact": contact}):
+            answer = answer or {}
+            aor = answer.get("aor", aor)
+            removed += answer.get("removed", 0)
+            near.update(answer.get("near", ()))
+        logs.event(logging.INFO, f"admin: removed {removed} binding(s) of {aor}",
+                   aor=aor, contact=contact, removed=removed)
+        return _json({"aor": aor, "removed": removed, "near": sorted(near)[:5]})
+    if path == "/api/workers" and method == "GET":
+        sup.collect()
+        return _json({"workers": [
+            {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
+             "received_udp": s.last.get("received", {}).get("udp", 0) if s.ready else None,
+             "received_tcp": s.last.get("received", {}).get("tcp", 0) if s.ready else None,
+             "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None,
+             "batch_waits": s.last.get("batch_waits", 0) if s.ready else None}
+            for s in sup.slots], "restarts": sup.restarts,
+            "listen": sup.listen_names(), "state": sup.cfg.state})
+    return _json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
+
+
+# ---------------------------------------------------------------------- HTTP
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request per connection (HTTP/1.0, ``Connection: close``), any method."""
+
+    protocol_version = "HTTP/1.0"
+    default_request_version = "HTTP/1.0"    # an error answer always has a status line
+    timeout = REQUEST_TIMEOUT
+
+    def __getattr__(self, name):
+        if name.startswith("do_"):          # every method is routed (404 for what is unknown)
+            return self._serve
+        raise AttributeError(name)
+
+    def log_message(self, format, *args):   # no access log
+        pass
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals, in this endpoint's words."""
+        if code in (414, 431):              # a request line or headers too long
+            self._answer("431 Request Header Fields Too Large", TEXT, b"too large\n")
+        elif code == 400:
+            self._answer("400 Bad Request", TEXT, b"bad request line\n")
+        else:
+            phrase = self.responses.get(code, ("Error",))[0]
+            self._answer(f"{int(code)} {phrase}", TEXT, f"{message or phrase}\n".encode())
+
+    def parse_request(self):
+        if len(self.raw_requestline.split()) != 3:      # METHOD TARGET VERSION, nothing else
+            self.command, self.request_version = "", self.default_request_version
+            self.send_error(400)
+            return False
+        if not super().parse_request():
+            return False
+        if len(self.raw_requestline) + len(bytes(self.headers)) > MAX_HEAD:
+            self._answer("431 Request Header Fields Too Large", TEXT, b"too large\n")
+            return False
+        return True
+
+    def _answer(self, status, ctype, body):
+        code, _, phrase = status.partition(" ")
+        self.send_response_only(int(code), phrase)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def _serve(self):
+        try:
+            length = int((self.headers.get("Content-Length") or "0").strip() or 0)
+        except ValueError:
+            return                          # closed without an answer, as a garbled request
+        if length > MAX_BODY:
+            self._answer("413 Payload Too Large", TEXT, b"too large\n")
+            return
+        body = self.rfile.read(length) if length > 0 else b""
+        url = urlsplit(self.path)
+        q = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if body and self.command == "POST":
+            try:
+                extra = json.loads(body)
+            except ValueError:
+                self._answer("400 Bad Request", TEXT, b"body is not JSON\n")
+                return
+            if not isinstance(extra, dict):
+                self._answer("400 Bad Request", TEXT, b"body is not a JSON object\n")
+                return
+            q.update(extra)
+        answer = self.server.admin.ask(self.command, url.path, q)
+        if answer is not None:
+            self._answer(*answer)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, family, admin):
+        self.address_family = family
+        self.admin = admin
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        super().__init__(address, _Handler)
+
+    def server_bind(self):
+        # TCPServer's bind, without HTTPServer's reverse lookup of the host name
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(timeout=REQUEST_TIMEOUT):
+            self.shutdown_request(request)
+            return
+        self.admin.conns.add(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.admin.conns.discard(request)
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.admin.conns.discard(request)
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        LOG.debug("admin endpoint: a request from %s failed", client_address, exc_info=True)
+
+
+class _Pending:
+    __slots__ = ("method", "path", "q", "answer", "done")
+
+    def __init__(self, method, path, q):
+        self.method, self.path, self.q = method, path, q
+        self.answer = None
+        self.done = threading.Event()
+
+
+class AdminServer:
+    """The endpoint on ``host:port``; ``OSError`` when it cannot be bound.
+
+    ``start()`` serves it in a daemon thread.  The supervisor's loop waits on
+    ``fileno()`` and calls ``run_pending()`` when it is readable.
+    """
+
+    def __init__(self, host: str, port: int, sup) -> None:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        self.sup = sup
+        self.conns: set = set()         # client sockets being served (closed in a forked worker)
+        self._pending: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        try:
+            self.http = _HTTPServer(address, family, self)
+        except OSError:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
+
+    @property
+    def address(self):
+        return self.http.server_address[:2]
+
+    def fileno(self) -> int:
+        return self._wake_r.fileno()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="fastsip-admin", daemon=True)
+        self._thread.start()
+
+    def ask(self, method: str, path: str, q: dict):
+        """From a client's thread: the supervisor loop's answer (None when it is stopping)."""
+        pending = _Pending(method, path, q)
+        with self._lock:
+            if self._closed:
+                return None
+            self._pending.append(pending)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:                 # full: the loop has a wake-up waiting already
+            pass
+        pending.done.wait()
+        return pending.answer
+
+    def run_pending(self) -> None:
+        """In the supervisor's loop: answer what the clients' threads handed over."""
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except OSError:
+            pass
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                pending = self._pending.popleft()
+            try:
+                pending.answer = route(self.sup, pending.method, pending.path, pending.q)
+            except ValueError:          # e.g. limit=x: the connection is closed without an answer
+                pending.answer = None
+            except Exception as exc:    # noqa: BLE001 - a bug: log it, answer, go on
+                LOG.exception("admin request %s %s failed", pending.method, pending.path)
+                pending.answer = _json({"error": f"{type(exc).__name__}: {exc}"},
+                                       "500 Internal Server Error")
+            pending.done.set()
+
+    def close(self) -> None:
+        """Stop serving; clients still waiting get no answer."""
+        with self._lock:
+            self._closed = True
+            waiting, self._pending = list(self._pending), collections.deque()
+        for pending in waiting:
+            pending.done.set()
+        if self._thread is not None:
+            self.http.shutdown()
+            self._thread.join(2.0)
+        self.http.server_close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def close_in_child(self) -> None:
+        """In a forked worker: close the inherited sockets (no thread runs there)."""
+        for sock in [self.http.socket, self._wake_r, self._wake_w, *list(self.conns)]:
+            try:
+                sock.close()
+            except OSError:
+                pass

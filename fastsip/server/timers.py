@@ -1,0 +1,150 @@
+"""A worker's timers, run between receive batches: expiry, the state file, the TCP idle sweep.
+
+- Expiry: ``Registrar.expire`` every second, ``EXPIRE_WORK`` bindings per
+  call, for at most ``SLICE`` seconds.
+- The state file (:class:`StateWriter`): this shard is loaded at start; every
+  ``--flush-interval`` the store's changes are taken and then written,
+  ``STATE_CHUNK`` AORs per transaction, ``SLICE`` seconds at a time, so the
+  sockets are never left waiting long; at stop, everything is written.
+  Worker 0 also purges the rows whose bindings have all expired, once a minute.
+- The TCP idle sweep (``tcp.TcpServer.sweep``) every second.
+"""
+from __future__ import annotations
+
+import time
+
+from fastsip.server import logs
+from fastsip.server.state import StateFile
+
+LOG = logs.LOG
+
+EXPIRE_EVERY = 1.0          # seconds between expiry slices
+EXPIRE_WORK = 10000         # bindings removed per Registrar.expire call
+SLICE = 0.02                # seconds of expiry or state writing before going back to the sockets
+STATE_CHUNK = 2000          # AOR rows per state transaction
+MAX_PENDING_STATE = 2_000_000
+SWEEP_EVERY = 1.0           # seconds between TCP idle sweeps
+PURGE_EVERY = 60.0          # seconds between purges of expired rows (worker 0)
+FIRST_PURGE = 5.0
+
+
+class StateWriter:
+    """This shard's rows of the state file (``--state``), or no file (``path`` None:
+    the store's changes are then taken and dropped, so they do not pile up)."""
+
+    def __init__(self, path, index: int, n: int, reg, counters) -> None:
+        self.path = path
+        self.index = index
+        self.n = n
+        self.reg = reg
+        self.c = counters
+        self.file = StateFile(path, checkpoints=False) if path else None
+        self.pending: list = []
+        self._error_logged = -1e9
+        self._slow_logged = -1e9
+
+    @property
+    def rows_written(self) -> int:
+        return self.file.rows_written if self.file is not None else 0
+
+    def load(self, now: float) -> tuple[int, int]:
+        """Load this shard's live bindings into the store: (AORs, bindings)."""
+        aors = loaded = 0
+        if self.file is None:
+            return 0, 0
+        for aor, bindings in self.file.load(self.index, self.n, now, self.reg.aor_of):
+            self.reg.store.load(aor, bindings)
+            aors += 1
+            loaded += len(bindings)
+        self.reg.store.changes()        # what was just loaded is already in the file
+        return aors, loaded
+
+    def collect(self) -> None:
+        """Take the store's changes (to write them)."""
+        if self.file is None:
+            self.reg.store.changes()        # nobody needs them: do not let them pile up
+            return
+        self.pending.extend(self.reg.store.changes())
+        if len(self.pending) > MAX_PENDING_STATE:
+            drop = len(self.pending) - MAX_PENDING_STATE
+            del self.pending[:drop]
+            self.c.dropped_state_overflow += drop
+
+    def write(self, budget) -> None:
+        """Write pending changes, ``STATE_CHUNK`` AORs per transaction, for ``budget`` seconds
+        (None: everything)."""
+        deadline = None if budget is None else time.perf_counter() + budget
+        while self.pending:
+            chunk = self.pending[:STATE_CHUNK]
+            t0 = time.perf_counter()
+            try:
+                self.file.write(chunk)
+                took = time.perf_counter() - t0
+                if took > 0.2 and time.monotonic() - self._slow_logged > 60:
+                    self._slow_logged = time.monotonic()
+                    LOG.warning("state file: writing %d AORs took %.0f ms (the receive loop "
+                                "waited)", len(chunk), took * 1000)
+            except Exception as exc:    # noqa: BLE001 - the file may be full, locked, gone
+                self.c.state_errors += 1
+                if time.monotonic() - self._error_logged > 60:
+                    self._error_logged = time.monotonic()
+                    LOG.error("state file %s: write failed (%s); %d AOR changes pending",
+                              self.path, exc, len(self.pending))
+                return
+            del self.pending[:len(chunk)]
+            if deadline is not None and time.perf_counter() > deadline:
+                return
+
+    def purge(self, now: float) -> None:
+        try:
+            self.file.purge_expired(now)
+        except Exception:       # noqa: BLE001 - logged, retried next time
+            LOG.warning("state file: purge of expired rows failed", exc_info=True)
+
+    def finish(self) -> None:
+        """At stop: write every change, close the file."""
+        if self.file is not None:
+            self.collect()
+            self.write(None)
+            self.file.close()
+
+
+class Timers:
+    """``run(now)`` after every wait of the loop does what is due."""
+
+    def __init__(self, reg, cfg, writer: StateWriter, sweep, purges: bool, now: float) -> None:
+        self.reg = reg
+        self.cfg = cfg                  # flush_interval is live (SIGHUP)
+        self.writer = writer
+        self.sweep = sweep              # sweep(now): close idle TCP connections
+        self.purges = purges and writer.file is not None
+        self.next_expire = now + EXPIRE_EVERY
+        self.next_flush = now + cfg.flush_interval
+        self.next_sweep = now + SWEEP_EVERY
+        self.next_purge = now + FIRST_PURGE
+
+    @property
+    def busy(self) -> bool:
+        """Changes wait to be written: the loop should not sleep."""
+        return bool(self.writer.pending)
+
+    def run(self, now: float) -> None:
+        if now >= self.next_expire:
+            self.next_expire = now + EXPIRE_EVERY
+            self.expire(now)
+        if now >= self.next_flush:
+            self.next_flush = now + self.cfg.flush_interval
+            self.writer.collect()
+        if self.writer.pending:
+            self.writer.write(SLICE)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_EVERY
+            self.sweep(now)
+        if self.purges and now >= self.next_purge:
+            self.next_purge = now + PURGE_EVERY
+            self.writer.purge(now)
+
+    def expire(self, now: float) -> None:
+        deadline = time.perf_counter() + SLICE
+        while self.reg.expire(now, EXPIRE_WORK) >= EXPIRE_WORK and time.perf_counter() < deadline:
+            pass

@@ -99,3 +99,21 @@ def start(tmp_path):
     finally:
         for srv in servers:
             srv.kill()
+
+
+@pytest.fixture
+def phone():
+    """phone(server_addr, transport="udp") -> a Phone (fastsip.server.testing),
+    closed at the end."""
+    from fastsip.server.testing import Phone
+    phones = []
+
+    def _phone(addr, transport="udp"):
+        p = Phone(addr, transport)
+        phones.append(p)
+        return p
+    try:
+        yield _phone
+    finally:
+        for p in phones:
+            p.close()

@@ -16,28 +16,10 @@ import time
 import pytest
 
 import fastsip
-from fastsip.server.testing import Phone, contacts_of, register, request
+from fastsip.server.testing import contacts_of, register, request
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-
-@pytest.fixture
-def phone():
-    """phone(server_addr, transport="udp") -> a Phone, closed at the end."""
-    phones = []
-
-    def _phone(addr, transport="udp"):
-        p = Phone(addr, transport)
-        phones.append(p)
-        return p
-    try:
-        yield _phone
-    finally:
-        for p in phones:
-            p.close()
 
 
 def cli(*args, timeout=30):

@@ -300,8 +300,8 @@ def _old_response(alg, ha1, method, uri, nonce, qop, nc, cnonce):
     return _old_hex_hash(base, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
 
 
-TEXT = st.text(alphabet=st.characters(codec=None, categories=None, exclude_categories=()), max_size=12) | st.sampled_from(
-    ["\udcff", "\ud800", "a\udc80b", "é", ""])
+TEXT = (st.text(alphabet=st.characters(codec=None, categories=None, exclude_categories=()), max_size=12)
+        | st.sampled_from(["\udcff", "\ud800", "a\udc80b", "é", ""]))
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,12 +1,16 @@
 """Types of the compiled digest check (fastsip._auth_c), the base of fastsip.auth.Authorize."""
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, final
+
+from typing_extensions import disjoint_base
 
 ALGORITHMS: tuple[str, ...]
 
+@final
 class NonceCounts:
     """The nonce-counts an AuthCore remembers, least recently used first."""
     def __len__(self) -> int: ...
 
+@disjoint_base
 class AuthCore:
     """Settings, nonce key and nonce-count table of a digest check, and the check."""
     realm: str | None

@@ -1,17 +1,22 @@
 """Types of the compiled parser (fastsip._parser_c)."""
 import datetime
-from typing import Iterator
+from typing import Iterator, final
+
+from typing_extensions import disjoint_base
 
 PING: bytes
 PONG: bytes
 HEADER_NAMES: tuple[tuple[str, str, int], ...]
 CANONICAL_NAME: dict[int, str]
+AUTH_REASONS: tuple[str, ...]
 
+@final
 class CSeq:
     seq: int
     method: str
     def __init__(self, seq: int, method: str) -> None: ...
 
+@final
 class Address:
     """A name-addr / addr-spec with header parameters (From, To, Contact, Path, Route)."""
     @property
@@ -33,6 +38,7 @@ class Address:
     @property
     def reg_id(self) -> int | None: ...
 
+@final
 class Via:
     @property
     def protocol(self) -> str: ...
@@ -47,6 +53,7 @@ class Via:
     @property
     def params(self) -> dict[str, str | None]: ...
 
+@final
 class SipURI:
     scheme: str
     user: str | None
@@ -58,15 +65,17 @@ class SipURI:
     aor: str
     text: str
 
+@final
 class Headers:
     def get(self, name: str, default: str | None = None) -> str | None: ...
     def getall(self, name: str) -> list[str]: ...
     def items(self) -> list[tuple[str, str]]: ...
-    def __getitem__(self, name: str) -> str: ...
-    def __contains__(self, name: object) -> bool: ...
+    def __getitem__(self, name: str, /) -> str: ...
+    def __contains__(self, name: object, /) -> bool: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[tuple[str, str]]: ...
 
+@disjoint_base
 class SipMessage:
     @property
     def headers(self) -> Headers: ...
@@ -127,18 +136,21 @@ class SipMessage:
     def date(self) -> datetime.datetime | None: ...
     def validate(self) -> "SipMessage": ...
 
+@final
 class Request(SipMessage):
     @property
     def method(self) -> str: ...
     @property
     def uri(self) -> str: ...
 
+@final
 class Response(SipMessage):
     @property
     def status(self) -> int: ...
     @property
     def reason(self) -> str: ...
 
+@disjoint_base
 class Parser:
     def __init__(self, *, max_size: int = 65535, max_headers: int = 256, max_line: int = 8192,
                  max_uri: int = 4096, max_contacts: int = 256) -> None: ...
@@ -146,6 +158,7 @@ class Parser:
     def limits(self) -> dict[str, int]: ...
     def parse(self, data: bytes | bytearray | memoryview) -> Request | Response: ...
 
+@disjoint_base
 class StreamFramer:
     def __init__(self, *, max_size: int = 65535) -> None: ...
     @property

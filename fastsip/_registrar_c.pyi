@@ -1,16 +1,21 @@
 """Types of the compiled registrar engine (fastsip._registrar_c)."""
 from typing import Iterable
 
+from typing_extensions import disjoint_base
+
 from fastsip._store_c import Binding, Store
 
 SUPPORTED_OPTIONS: tuple[str, ...]
+METHODS: frozenset[str]
 
+@disjoint_base
 class Reply:
     status: int
     reason: str
     headers: list[tuple[str, str]]
     def __init__(self, status: int, reason: str, headers: list | None = None) -> None: ...
 
+@disjoint_base
 class RegistrarCore:
     store: Store
     min_expires: int

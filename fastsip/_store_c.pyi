@@ -1,10 +1,13 @@
 """Types of the compiled binding store (fastsip._store_c)."""
-from typing import Iterable
+from typing import Iterable, final
+
+from typing_extensions import disjoint_base
 
 TRANSPORTS: tuple[str, ...]
 
 def transport_code(name: str) -> int: ...
 
+@final
 class Binding:
     uri: str
     expires_at: float
@@ -25,6 +28,7 @@ class Binding:
     def expires_in(self, now: float) -> int: ...
     def as_dict(self) -> dict: ...
 
+@disjoint_base
 class Store:
     n_aors: int
     n_live_aors: int

@@ -394,6 +394,9 @@ def test_sighup_reloads_live_settings(start, tmp_path, phone):
     r = ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60,
                         call_id=os.urandom(4).hex()))
     assert (r.status, r.min_expires) == (423, 120)
+    # the supervisor logs that line after every worker has answered the reload, and the
+    # workers answer REGISTERs from that moment: wait for it (bounded)
+    assert wait_for(lambda: "SIGHUP: logs reopened" in srv.log(), 5)
     log = srv.log()
     assert "batch changed" in log and "next start" in log
     last = log.strip().splitlines()[-1]

@@ -53,7 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from load.report import _descendants, process_cpu_ns
+from load.report import _descendants, process_cpu_ns  # noqa: E402 (needs the sys.path line: run as a script)
 
 DEFAULT_SERVER = ("{python} -m fastsip.server --listen udp:{host}:{port} --listen tcp:{host}:{port} "
                   "--workers {workers} --no-state --metrics {host}:{mport} --log-level warning")

@@ -5,6 +5,7 @@
     >>> msg.method, msg.to.uri, [c.uri for c in msg.contacts], msg.expires
 """
 from fastsip._version import __version__
+from fastsip.auth import Authorize, AuthResult, Credentials, parse_credentials
 from fastsip.errors import (
     BadContact,
     BadContentLength,
@@ -24,24 +25,13 @@ from fastsip.errors import (
     SipError,
     TooManyContacts,
 )
-from fastsip.auth import Authorize, AuthResult, Credentials, parse_credentials
-from fastsip.registrar import (
-    Binding,
-    ReceiveChain,
-    Registrar,
-    Store,
-    aor_key,
-    make_response,
-    shard_of,
-    stable_hash,
-)
 from fastsip.parser import (
+    PING,
+    PONG,
     Address,
     Contact,
     CSeq,
     Headers,
-    PING,
-    PONG,
     Parser,
     Request,
     Response,
@@ -51,6 +41,16 @@ from fastsip.parser import (
     Via,
     parse,
     parse_uri,
+)
+from fastsip.registrar import (
+    Binding,
+    ReceiveChain,
+    Registrar,
+    Store,
+    aor_key,
+    make_response,
+    shard_of,
+    stable_hash,
 )
 
 __all__ = [

@@ -1,10 +1,10 @@
 """The public face of the parser (the work is done in ``fastsip.core._core``)."""
 from fastsip.core._core import (
+    PING,
+    PONG,
     Address,
     CSeq,
     Headers,
-    PING,
-    PONG,
     Parser,
     Request,
     Response,

@@ -29,7 +29,7 @@ def _missing_scapy() -> bool:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .scenario import SCENARIOS     # imports scapy
+    from .scenario import SCENARIOS  # imports scapy
 
     p = argparse.ArgumentParser(
         prog="fastsip-load",

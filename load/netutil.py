@@ -142,7 +142,7 @@ def open_tcp_connections(host: str, port: int, n: int, sources) -> list:
             s.settimeout(5)
             try:
                 s.connect((host, port))
-            except (ConnectionRefusedError, socket.timeout) as exc:
+            except (TimeoutError, ConnectionRefusedError) as exc:
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 what = "refused" if isinstance(exc, ConnectionRefusedError) else "timed out"
                 raise ConnectionRefusedError(f"TCP connection to {where} {what}: "

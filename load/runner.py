@@ -14,12 +14,30 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from .netutil import (check_target, family_of, open_raw_socket, open_tcp_connections,
-                      open_udp_sockets, parse_target, phone_address, sockaddr)
+from .netutil import (
+    check_target,
+    family_of,
+    open_raw_socket,
+    open_tcp_connections,
+    open_udp_sockets,
+    parse_target,
+    phone_address,
+    sockaddr,
+)
 from .report import CpuMeter, ProcCpu, build_result
-from .scenario import (MALFORMED, SCENARIOS, BuildConfig, Phone, answer_challenge,
-                       build_templates, mix_pattern, parse_mix, read_replay,
-                       scenario_requests, write_pcap)
+from .scenario import (
+    MALFORMED,
+    SCENARIOS,
+    BuildConfig,
+    Phone,
+    answer_challenge,
+    build_templates,
+    mix_pattern,
+    parse_mix,
+    read_replay,
+    scenario_requests,
+    write_pcap,
+)
 
 try:
     from ._loadio_c import Engine

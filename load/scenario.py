@@ -28,8 +28,17 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import PcapWriter, rdpcap
 
-from .sip import (SEQ_BASE, SEQ_MARKER, SIP, Template, bind_sip_port, digest_authorization,
-                  normalize_foreign, parse_challenge, templatize)
+from .sip import (
+    SEQ_BASE,
+    SEQ_MARKER,
+    SIP,
+    Template,
+    bind_sip_port,
+    digest_authorization,
+    normalize_foreign,
+    parse_challenge,
+    templatize,
+)
 
 __all__ = [
     "Phone",
@@ -120,8 +129,8 @@ def parse_mix(text: str) -> dict:
 def mix_pattern(weights: dict, kinds: tuple) -> list:
     """A cycle of kind indices in proportion to ``weights``, spread evenly
     (smooth weighted round robin), reduced by the weights' common divisor."""
-    from math import gcd
     from functools import reduce
+    from math import gcd
     items = [(kinds.index(k), w) for k, w in weights.items() if w > 0]
     g = reduce(gcd, [w for _, w in items])
     items = [(k, w // g) for k, w in items]

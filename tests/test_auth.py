@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from fastsip.auth import (
-    AuthResult,
     Authorize,
+    AuthResult,
     BadCredentials,
     Credentials,
     digest_response,
@@ -31,37 +31,37 @@ REALM = "127.0.0.1"
 # ---------------------------------------------------------------------------
 REAL = [
     ("sipsak-udp-auth-2", "sip:127.0.0.1:5271",
-     'Authorization: Digest username="sipsak179566466027399", uri="sip:127.0.0.1:5271", algorithm=MD5, realm="127.0.0.1", nonce="awesQGsHqxRJMKWZzVS/baJzgVuVnSOD", response="d9e14dd8b4ccba607e5d52418e6a04fd"',
+     'Authorization: Digest username="sipsak179566466027399", uri="sip:127.0.0.1:5271", algorithm=MD5, realm="127.0.0.1", nonce="awesQGsHqxRJMKWZzVS/baJzgVuVnSOD", response="d9e14dd8b4ccba607e5d52418e6a04fd"',  # noqa: E501 (verbatim header)
      {"username": "sipsak179566466027399", "uri": "sip:127.0.0.1:5271", "algorithm": "MD5",
       "realm": "127.0.0.1", "nonce": "awesQGsHqxRJMKWZzVS/baJzgVuVnSOD",
       "response": "d9e14dd8b4ccba607e5d52418e6a04fd"}),
     ("netsip-udp-auth-2", "sip:127.0.0.1:5271",
-     'Authorization: Digest username="netsip179566466127603",realm="127.0.0.1",nonce="awesQWsHqxXrsryVaiq+tJB9ofcz8yQT",uri="sip:127.0.0.1:5271",response="83d8410ea44c956505773fdec0511f6f"',
+     'Authorization: Digest username="netsip179566466127603",realm="127.0.0.1",nonce="awesQWsHqxXrsryVaiq+tJB9ofcz8yQT",uri="sip:127.0.0.1:5271",response="83d8410ea44c956505773fdec0511f6f"',  # noqa: E501 (verbatim header)
      {"username": "netsip179566466127603", "realm": "127.0.0.1",
       "nonce": "awesQWsHqxXrsryVaiq+tJB9ofcz8yQT", "uri": "sip:127.0.0.1:5271",
       "response": "83d8410ea44c956505773fdec0511f6f"}),
     ("netsip-tcp-auth-2", "<sip:127.0.0.1:5271;transport=tcp>",
-     'Authorization: Digest username="netsip179566473929619",realm="127.0.0.1",nonce="awesj2sHq2OxeFEcTm+UKubB4QAkPvns",uri="<sip:127.0.0.1:5271;transport=tcp>",response="3e0f4c9fdb572b1a18f8befcbee5d5f2"',
+     'Authorization: Digest username="netsip179566473929619",realm="127.0.0.1",nonce="awesj2sHq2OxeFEcTm+UKubB4QAkPvns",uri="<sip:127.0.0.1:5271;transport=tcp>",response="3e0f4c9fdb572b1a18f8befcbee5d5f2"',  # noqa: E501 (verbatim header)
      {"username": "netsip179566473929619", "realm": "127.0.0.1",
       "nonce": "awesj2sHq2OxeFEcTm+UKubB4QAkPvns", "uri": "<sip:127.0.0.1:5271;transport=tcp>",
       "response": "3e0f4c9fdb572b1a18f8befcbee5d5f2"}),
     ("baresip-tcp-auth-2", "sip:127.0.0.1:5271;transport=tcp",
-     'Authorization: Digest username="baresip179566474129818", realm="127.0.0.1", nonce="aweskWsHq2XV0zOGJx7MRAktKnbtcst1", uri="sip:127.0.0.1:5271;transport=tcp", response="483a0fe1bac67072ef5d4363ea08ed31"',
+     'Authorization: Digest username="baresip179566474129818", realm="127.0.0.1", nonce="aweskWsHq2XV0zOGJx7MRAktKnbtcst1", uri="sip:127.0.0.1:5271;transport=tcp", response="483a0fe1bac67072ef5d4363ea08ed31"',  # noqa: E501 (verbatim header)
      {"username": "baresip179566474129818", "realm": "127.0.0.1",
       "nonce": "aweskWsHq2XV0zOGJx7MRAktKnbtcst1", "uri": "sip:127.0.0.1:5271;transport=tcp",
       "response": "483a0fe1bac67072ef5d4363ea08ed31"}),
     ("linphone-udp-auth-2", "sip:127.0.0.1",
-     'Authorization:  Digest realm="127.0.0.1", nonce="awesUWsHqyWsHdVs1wGoFpzDXdyV0Sl9", username="linphone179566467628054",  uri="sip:127.0.0.1", response="30e4ed03f30b83d2cad6406b63d3b78c"',
+     'Authorization:  Digest realm="127.0.0.1", nonce="awesUWsHqyWsHdVs1wGoFpzDXdyV0Sl9", username="linphone179566467628054",  uri="sip:127.0.0.1", response="30e4ed03f30b83d2cad6406b63d3b78c"',  # noqa: E501 (verbatim header)
      {"realm": "127.0.0.1", "nonce": "awesUWsHqyWsHdVs1wGoFpzDXdyV0Sl9",
       "username": "linphone179566467628054", "uri": "sip:127.0.0.1",
       "response": "30e4ed03f30b83d2cad6406b63d3b78c"}),
     ("pjsua-tcp-auth-2", "sip:127.0.0.1:5271;transport=tcp",
-     'Authorization: Digest username="pjsua179566476930243", realm="127.0.0.1", nonce="awesrWsHq4GOCx9aKOUifPSIDjrfgI7F", uri="sip:127.0.0.1:5271;transport=tcp", response="de58b7af4c5a23a55f813a8fbb954aaa"',
+     'Authorization: Digest username="pjsua179566476930243", realm="127.0.0.1", nonce="awesrWsHq4GOCx9aKOUifPSIDjrfgI7F", uri="sip:127.0.0.1:5271;transport=tcp", response="de58b7af4c5a23a55f813a8fbb954aaa"',  # noqa: E501 (verbatim header)
      {"username": "pjsua179566476930243", "realm": "127.0.0.1",
       "nonce": "awesrWsHq4GOCx9aKOUifPSIDjrfgI7F", "uri": "sip:127.0.0.1:5271;transport=tcp",
       "response": "de58b7af4c5a23a55f813a8fbb954aaa"}),
     ("sipp-udp-auth-2", "sip:127.0.0.1:5271",
-     'Authorization: Digest username="sippreg179566469728295",realm="127.0.0.1",uri="sip:127.0.0.1:5271",nonce="awesZmsHqzoRzo+MTm1j/N0BjUgp4HSs",response="b7404f94c304e8163f339843a237815f",algorithm=MD5',
+     'Authorization: Digest username="sippreg179566469728295",realm="127.0.0.1",uri="sip:127.0.0.1:5271",nonce="awesZmsHqzoRzo+MTm1j/N0BjUgp4HSs",response="b7404f94c304e8163f339843a237815f",algorithm=MD5',  # noqa: E501 (verbatim header)
      {"username": "sippreg179566469728295", "realm": "127.0.0.1", "uri": "sip:127.0.0.1:5271",
       "nonce": "awesZmsHqzoRzo+MTm1j/N0BjUgp4HSs", "response": "b7404f94c304e8163f339843a237815f",
       "algorithm": "MD5"}),
@@ -416,7 +416,7 @@ def test_load_htdigest_rejects_duplicates(tmp_path):
 def test_challenge_one_per_algorithm_sha256_first():
     values = make_auth().challenge(REALM, NOW)
     assert len(values) == 2
-    for value, alg in zip(values, ["SHA-256", "MD5"]):
+    for value, alg in zip(values, ["SHA-256", "MD5"], strict=True):
         assert re.fullmatch(r'Digest realm="127\.0\.0\.1", nonce="[A-Za-z0-9_-]+", '
                             rf'algorithm={alg}, qop="auth"', value)
     assert "stale" not in values[0]

@@ -18,8 +18,8 @@ from hypothesis import given, settings, strategies as st
 
 import fastsip
 from fastsip import Authorize, Registrar
-from fastsip.core import _core
 from fastsip.auth import digest_response, parse_credentials
+from fastsip.core import _core
 from fastsip.core.authorize import _bytes
 from test_registrar import NOW, SRC, request
 
@@ -312,8 +312,8 @@ def _old_response(alg, ha1, method, uri, nonce, qop, nc, cnonce):
     return _old_hex_hash(base, f"{ha1}:{nonce}:{nc}:{cnonce}:{qop}:{ha2}")
 
 
-TEXT = st.text(alphabet=st.characters(codec=None, categories=None, exclude_categories=()), max_size=12) | st.sampled_from(
-    ["\udcff", "\ud800", "a\udc80b", "é", ""])
+TEXT = (st.text(alphabet=st.characters(codec=None, categories=None, exclude_categories=()), max_size=12)
+        | st.sampled_from(["\udcff", "\ud800", "a\udc80b", "é", ""]))
 
 
 @settings(max_examples=300, deadline=None)

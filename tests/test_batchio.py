@@ -130,8 +130,7 @@ def test_serve_shard_answers_its_own_and_names_the_owner_of_others():
 def test_handoff_header_is_one_format_for_cython_and_python(udp):
     """The hand-off header (fastsip/server/handoff.pxd) is written by serve_udp and
     encode_handoff and read by serve_inbox and decode_handoff: each reads the other's."""
-    from fastsip.server._io_c import (H_TCP, H_TCP_REPLY, H_UDP, HANDOFF_HEADER,
-                                      decode_handoff, encode_handoff)
+    from fastsip.server._io_c import H_TCP, H_TCP_REPLY, H_UDP, HANDOFF_HEADER, decode_handoff, encode_handoff
     blob = encode_handoff(H_TCP, 3, 7, b"2001:db8::1", (1 << 40) | 5, 5061, b"REGISTER ...")
     assert len(blob) == HANDOFF_HEADER + len(b"2001:db8::1") + len(b"REGISTER ...")
     assert decode_handoff(blob) == (H_TCP, 3, 7, b"2001:db8::1", (1 << 40) | 5, 5061,

@@ -33,7 +33,6 @@ import pytest
 from conftest import require_client
 from interop import USERS, assert_gone, assert_refreshed, fetch, fetch_one, serve
 
-
 pytestmark = pytest.mark.server
 MODULE_PATH = "/usr/lib/baresip/modules"
 
@@ -94,7 +93,7 @@ class Baresip:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"baresip did not exit within {timeout} s of /quit\n"
-                                 f"{self.log()[-6000:]}")
+                                 f"{self.log()[-6000:]}") from None
 
     def kill(self):
         if self.proc.poll() is None:
@@ -120,13 +119,18 @@ def wait_binding(srv, pred, timeout=15.0):
         time.sleep(0.1)
 
 
+def header(head, name):
+    """The value of header ``name`` in a message head (first one), or None."""
+    m = re.search(rf"^{name}: *(.*?)\r?$", head, re.M | re.I)
+    return m and m[1]
+
+
 def registers(log, port):
     """The REGISTERs of the SIP trace that went to the registrar's port: [(to, contact, cseq)]."""
     out = []
     for block in log.split("REGISTER sip:127.0.0.1:%d" % port)[1:]:
         head = block.split("\r\n\r\n")[0].split("\n\n")[0]
-        get = lambda name: (re.search(r"^%s: *(.*?)\r?$" % name, head, re.M | re.I) or [None, None])[1]
-        out.append((get("To"), get("Contact"), get("CSeq")))
+        out.append((header(head, "To"), header(head, "Contact"), header(head, "CSeq")))
     return out
 
 

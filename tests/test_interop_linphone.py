@@ -42,7 +42,6 @@ import pytest
 from conftest import require_client
 from interop import REALM, USERS, assert_gone, assert_refreshed, fetch, write_htdigest
 
-
 pytestmark = pytest.mark.server
 RUNS = [("udp", False), ("tcp", False), ("udp", True), ("tcp", True)]
 REFRESH_WAIT = 75.0         # refresh due 54 s after the first 200; the bound on the wait
@@ -159,13 +158,18 @@ def sip_trace(log):
                      if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d:\d+ ", line))
 
 
+def header(head, name):
+    """The value of header ``name`` in a message head (first one), or None."""
+    m = re.search(rf"^{name}: *(.*?)\r?$", head, re.M | re.I)
+    return m and m[1]
+
+
 def registers(log, port):
     """The REGISTERs in the trace: [(to, expires, call_id, cseq)]."""
     out = []
     for block in log.split("REGISTER sip:127.0.0.1:%d" % port)[1:]:
-        head = re.split(r"\n\s*\n", block, 1)[0]
-        get = lambda name: (re.search(r"^%s: *(.*?)\r?$" % name, head, re.M | re.I) or [None, None])[1]
-        out.append((get("To"), get("Expires"), get("Call-ID"), get("CSeq")))
+        head = re.split(r"\n\s*\n", block, maxsplit=1)[0]
+        out.append(tuple(header(head, name) for name in ("To", "Expires", "Call-ID", "CSeq")))
     return out
 
 

@@ -20,9 +20,7 @@ import sys
 import pytest
 
 from conftest import require_client
-from interop import (HERE, USERS, LineClient, assert_gone, assert_refreshed, fetch_one,
-                     serve)
-
+from interop import HERE, USERS, LineClient, assert_gone, assert_refreshed, fetch_one, serve
 
 pytestmark = pytest.mark.server
 DRIVER = os.path.join(HERE, "pjsua2", "register.py")

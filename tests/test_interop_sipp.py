@@ -17,7 +17,6 @@ import pytest
 from conftest import require_client
 from interop import USERS, assert_gone, fetch_one, serve
 
-
 pytestmark = pytest.mark.server
 SCENARIOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp")
 TRANSPORTS = {"udp": "u1", "tcp": "t1"}

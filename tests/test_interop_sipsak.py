@@ -22,7 +22,6 @@ import pytest
 from conftest import require_client
 from interop import USERS, assert_gone, assert_refreshed, fetch_one, serve
 
-
 pytestmark = pytest.mark.server
 CONTACT = "sip:alice@127.0.0.1:5999"
 

@@ -23,8 +23,15 @@ from load import sip
 from load._loadio_c import _build_ok, _frame_length, _hist_roundtrip, _scan_reply
 from load.netutil import TargetError, phone_address
 from load.runner import LoadRun, Options, OptionsError
-from load.scenario import (BuildConfig, Phone, answer_challenge, build_sip, build_templates,
-                           mix_pattern, read_replay)
+from load.scenario import (
+    BuildConfig,
+    Phone,
+    answer_challenge,
+    build_sip,
+    build_templates,
+    mix_pattern,
+    read_replay,
+)
 
 LOAD_ROOT = str(Path(sip.__file__).resolve().parent.parent)
 
@@ -83,6 +90,7 @@ PHONE = Phone(7, "u000007", "secret", "127.1.0.8", 40000, 0)
                                   "bad-expires", "bad-contact", "no-to", "cseq-method"])
 def test_scapy_dissects_what_was_built(kind):
     from scapy.layers.inet import IP, UDP
+
     from load.scenario import ip_udp
     pkt = ip_udp(PHONE, CFG, build_sip(PHONE, kind, CFG))
     back = IP(bytes(pkt))

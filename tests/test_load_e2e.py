@@ -28,7 +28,6 @@ from collections import Counter
 
 import pytest
 
-
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,9 +2,20 @@
 import pytest
 
 import fastsip
-from fastsip import (BadContact, BadContentLength, BadCSeq, BadHeader, BadNameAddr,
-                     BadStartLine, BadURI, BadVersion, BadVia, LimitExceeded, MessageTooLarge,
-                     ParseError)
+from fastsip import (
+    BadContact,
+    BadContentLength,
+    BadCSeq,
+    BadHeader,
+    BadNameAddr,
+    BadStartLine,
+    BadURI,
+    BadVersion,
+    BadVia,
+    LimitExceeded,
+    MessageTooLarge,
+    ParseError,
+)
 
 
 def msg(*lines, body=b""):
@@ -28,7 +39,7 @@ BASE = [
 
 def with_header(name, value, drop=()):
     drop = {d.lower() for d in drop}
-    return msg(*[l for l in BASE if l.split(":")[0].lower() not in drop], f"{name}: {value}")
+    return msg(*[line for line in BASE if line.split(":")[0].lower() not in drop], f"{name}: {value}")
 
 
 # -- request and response lines ------------------------------------------------
@@ -223,7 +234,7 @@ def test_star_contact():
 def test_bad_contact(value, offset_in_value):
     data = with_header("Contact", value, drop=["Contact"])
     with pytest.raises(BadContact) as exc:
-        fastsip.parse(data).contacts
+        _ = fastsip.parse(data).contacts
     assert exc.value.offset == data.index(b"Contact: " + value.encode()) + 9 + offset_in_value
 
 
@@ -249,7 +260,7 @@ def test_bad_qvalues(q):
         assert m.contacts[0].q == 0.0      # "0" "." 0*3DIGIT allows no digits
         return
     with pytest.raises(BadContact):
-        m.contacts[0].q
+        _ = m.contacts[0].q
 
 
 @pytest.mark.parametrize("name,value,attr,err", [
@@ -283,7 +294,7 @@ def test_bad_typed_values(name, value, attr, err):
 def test_single_valued_header_with_two_values_raises_on_access():
     m = fastsip.parse(with_header("Call-ID", "other"))
     with pytest.raises(BadHeader) as exc:
-        m.call_id
+        _ = m.call_id
     assert "Call-ID" in str(exc.value)
     same = fastsip.parse(with_header("Call-ID", "843817637684230@998sdasdh09"))
     assert same.call_id == "843817637684230@998sdasdh09"
@@ -318,7 +329,7 @@ def test_date():
     m = fastsip.parse(with_header("Date", "Sat, 13 Nov 2010 23:29:00 GMT"))
     assert m.date.year == 2010 and m.date.tzinfo is not None
     with pytest.raises(BadHeader):
-        fastsip.parse(with_header("Date", "Sat, 13 Nov 2010 23:29:00 EST")).date
+        _ = fastsip.parse(with_header("Date", "Sat, 13 Nov 2010 23:29:00 EST")).date
 
 
 def test_utf8_values_and_nul_in_quoted_display_name():
@@ -375,7 +386,7 @@ def test_bad_uri(text, offset, status):
 def test_error_message_has_offset_and_caret():
     data = with_header("Contact", "<sip:a@h>;;", drop=["Contact"])
     with pytest.raises(ParseError) as exc:
-        fastsip.parse(data).contacts
+        _ = fastsip.parse(data).contacts
     text = str(exc.value)
     first, line, caret = text.split("\n")
     assert first == f"bad Contact header (byte {exc.value.offset})"
@@ -413,7 +424,7 @@ def test_limits_name_themselves():
         p.parse(b"OPTIONS sip:" + b"a" * 30 + b" SIP/2.0\r\n\r\n")
     m = p.parse(b"REGISTER sip:a SIP/2.0\r\nm: <sip:a@b>,<sip:c@d>,<sip:e@f>\r\n\r\n")
     with pytest.raises(LimitExceeded, match=r"max_contacts \(2\)"):
-        m.contacts
+        _ = m.contacts
     assert fastsip.Parser().limits["max_size"] == 65535
 
 

@@ -6,9 +6,9 @@ import re
 import pytest
 
 import fastsip
+from conftest import REAL, torture_bytes, torture_entries
 from fastsip import Authorize, Registrar
 from fastsip.auth import digest_response
-from conftest import REAL, torture_bytes, torture_entries
 
 NOW = 1_764_115_200.0
 SRC = ("192.0.2.7", 5060)

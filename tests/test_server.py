@@ -16,28 +16,10 @@ import time
 import pytest
 
 import fastsip
-from fastsip.server.testing import Phone, contacts_of, register, request
+from fastsip.server.testing import contacts_of, register, request
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-
-@pytest.fixture
-def phone():
-    """phone(server_addr, transport="udp") -> a Phone, closed at the end."""
-    phones = []
-
-    def _phone(addr, transport="udp"):
-        p = Phone(addr, transport)
-        phones.append(p)
-        return p
-    try:
-        yield _phone
-    finally:
-        for p in phones:
-            p.close()
 
 
 def cli(*args, timeout=30):
@@ -454,6 +436,9 @@ def test_sighup_reloads_live_settings(start, tmp_path, phone):
     r = ua.ask(register("h", "example.net", contact="sip:h@127.0.0.1:9", expires=60,
                         call_id=os.urandom(4).hex()))
     assert (r.status, r.min_expires) == (423, 120)
+    # the supervisor logs that line after every worker has answered the reload, and the
+    # workers answer REGISTERs from that moment: wait for it (bounded)
+    assert wait_for(lambda: "SIGHUP: logs reopened" in srv.log(), 5)
     log = srv.log()
     assert "batch changed" in log and "next start" in log
     last = log.strip().splitlines()[-1]

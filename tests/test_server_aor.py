@@ -9,8 +9,7 @@ import pytest
 
 from fastsip.server.state import StateFile
 from fastsip.server.testing import contacts_of, register
-
-from test_server import cli, phone  # noqa: F401 (phone: a fixture)
+from test_server import cli
 
 pytestmark = pytest.mark.server
 
@@ -97,6 +96,7 @@ def test_a_state_file_with_ports_in_its_aors_loads_under_user_at_host(start, tmp
     sip:user@host (a contact in both keeps the later expiry), and the file is
     rewritten so; nothing alive is lost."""
     import time
+
     from fastsip import Binding
     path = tmp_path / "old.sqlite3"
     now = time.time()

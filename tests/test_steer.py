@@ -8,9 +8,8 @@ import re
 import pytest
 
 import fastsip
-from fastsip.server import steer
-
 from conftest import VECTORS
+from fastsip.server import steer
 
 
 def _load(by_user):

@@ -1,19 +1,25 @@
 """Types of fastsip's compiled core (fastsip.core._core): parser, store, digest, registrar."""
 import datetime
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, final
+
+from typing_extensions import disjoint_base
 
 # -- parser (scan, values, objects, message, framer, hashing, credentials)
 
 PING: bytes
+AUTH_REASONS: tuple[str, ...]
 PONG: bytes
 HEADER_NAMES: tuple[tuple[str, str, int], ...]
 CANONICAL_NAME: dict[int, str]
 
+@final
 class CSeq:
     seq: int
     method: str
     def __init__(self, seq: int, method: str) -> None: ...
 
+@disjoint_base
 class Address:
     """A name-addr / addr-spec with header parameters (From, To, Contact, Path, Route)."""
     @property
@@ -35,6 +41,7 @@ class Address:
     @property
     def reg_id(self) -> int | None: ...
 
+@final
 class Via:
     @property
     def protocol(self) -> str: ...
@@ -49,6 +56,7 @@ class Via:
     @property
     def params(self) -> dict[str, str | None]: ...
 
+@final
 class SipURI:
     scheme: str
     user: str | None
@@ -60,15 +68,17 @@ class SipURI:
     aor: str
     text: str
 
+@final
 class Headers:
     def get(self, name: str, default: str | None = None) -> str | None: ...
     def getall(self, name: str) -> list[str]: ...
     def items(self) -> list[tuple[str, str]]: ...
-    def __getitem__(self, name: str) -> str: ...
-    def __contains__(self, name: object) -> bool: ...
+    def __getitem__(self, name: str, /) -> str: ...
+    def __contains__(self, name: object, /) -> bool: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[tuple[str, str]]: ...
 
+@disjoint_base
 class SipMessage:
     @property
     def headers(self) -> Headers: ...
@@ -127,20 +137,23 @@ class SipMessage:
     def www_authenticate(self) -> list: ...
     @property
     def date(self) -> datetime.datetime | None: ...
-    def validate(self) -> "SipMessage": ...
+    def validate(self) -> SipMessage: ...
 
+@final
 class Request(SipMessage):
     @property
     def method(self) -> str: ...
     @property
     def uri(self) -> str: ...
 
+@final
 class Response(SipMessage):
     @property
     def status(self) -> int: ...
     @property
     def reason(self) -> str: ...
 
+@disjoint_base
 class Parser:
     def __init__(self, *, max_size: int = 65535, max_headers: int = 256, max_line: int = 8192,
                  max_uri: int = 4096, max_contacts: int = 256) -> None: ...
@@ -148,6 +161,7 @@ class Parser:
     def limits(self) -> dict[str, int]: ...
     def parse(self, data: bytes | bytearray | memoryview) -> Request | Response: ...
 
+@disjoint_base
 class StreamFramer:
     def __init__(self, *, max_size: int = 65535) -> None: ...
     @property
@@ -163,11 +177,13 @@ def uri_compare_key(uri: str | bytes) -> int: ...
 def scan_credentials(data: bytes) -> tuple: ...
 
 
+@final
 class Credentials:
     scheme: str
     params: dict[str, str]
     token68: str | None
-    def __init__(self, scheme: str, params: dict[str, str] | None = None, token68: str | None = None) -> None: ...
+    def __init__(self, scheme: str, params: dict[str, str] | None = None,
+                 token68: str | None = None) -> None: ...
     @property
     def username(self) -> str | None: ...
     @property
@@ -197,6 +213,7 @@ TRANSPORTS: tuple[str, ...]
 
 def transport_code(name: str) -> int: ...
 
+@final
 class Binding:
     uri: str
     expires_at: float
@@ -217,6 +234,7 @@ class Binding:
     def expires_in(self, now: float) -> int: ...
     def as_dict(self) -> dict: ...
 
+@disjoint_base
 class BindingTable:
     """The store's memory: AOR table, binding slab, expiry heap (compiled callers only)."""
     n_aors: int
@@ -247,10 +265,12 @@ class Store(BindingTable):
 
 ALGORITHMS: tuple[str, ...]
 
+@final
 class NonceCounts:
     """The nonce-counts an AuthCore remembers, least recently used first."""
     def __len__(self) -> int: ...
 
+@disjoint_base
 class AuthCore:
     """Settings, nonce key and nonce-count table of a digest check, and the check."""
     realm: str | None
@@ -272,6 +292,7 @@ def response_digest(algorithm: str, ha1: str, method: str, uri: str, nonce: str,
                     qop: str | None = None, nc: str | None = None,
                     cnonce: str | None = None) -> str: ...
 
+@final
 class AuthResult:
     ok: bool
     status: int
@@ -284,11 +305,16 @@ class AuthResult:
 # -- registrar
 
 SUPPORTED_OPTIONS: tuple[str, ...]
+METHODS: frozenset[str]
+# (status, reason, counted as a parse error) by Refusal
+REFUSALS: tuple[tuple[int, bytes, bool], ...]
 
+@final
 class ReplyWriter:
     """Writes responses to scanned requests (compiled callers only)."""
     def __init__(self, server: str | None = "fastsip") -> None: ...
 
+@disjoint_base
 class RegistrarCore:
     store: Store
     min_expires: int

@@ -29,7 +29,7 @@ def _call(args, path, method="GET", **query):
     try:
         url = _endpoint_url(args.metrics, path, **query)
     except ConfigError as exc:
-        raise SystemExit(_fail(str(exc)))
+        raise SystemExit(_fail(str(exc))) from None
     req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
@@ -40,11 +40,11 @@ def _call(args, path, method="GET", **query):
         except ValueError:
             detail = exc.reason
         # a refused argument (400) is the user's to fix: just say why
-        raise SystemExit(_fail(detail if exc.code == 400 else f"{url}: {detail}"))
+        raise SystemExit(_fail(detail if exc.code == 400 else f"{url}: {detail}")) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise SystemExit(_fail(f"no fastsip server answers at {args.metrics} ({reason}); "
-                               "is it running? (--metrics HOST:PORT)"))
+                               "is it running? (--metrics HOST:PORT)")) from None
 
 
 def _fail(msg) -> int:

@@ -10,7 +10,6 @@ gone) the worker stops.
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import fastsip
@@ -60,7 +59,7 @@ class Commands:
     def on_readable(self, events: int = 0) -> None:
         try:
             data = self.sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        except (TimeoutError, BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""

@@ -194,7 +194,7 @@ def _histogram(out: list, m: Metric, hist) -> None:
     out.append(f"# HELP {name} {m.help}")
     out.append(f"# TYPE {name} histogram")
     acc = 0
-    for bound, n in zip(LATENCY_BUCKETS, hist["counts"]):
+    for bound, n in zip(LATENCY_BUCKETS, hist["counts"][:-1], strict=True):   # then +Inf
         acc += n
         out.append(f'{name}_bucket{{le="{bound:g}"}} {acc}')
     acc += hist["counts"][-1]

@@ -43,7 +43,7 @@ def binding_row(b) -> list:
             list(b.path or ()), b.instance, b.reg_id, b.user_agent]
 
 
-def binding_from_row(r) -> "fastsip.Binding":
+def binding_from_row(r) -> fastsip.Binding:
     uri, expires_at, q, call_id, cseq, host, port, transport, conn_id, path, instance, reg_id, ua = r
     return fastsip.Binding(uri, expires_at, q=q, call_id=call_id, cseq=cseq, source=(host, port),
                            transport=transport, conn_id=conn_id, path=tuple(path),

@@ -242,7 +242,7 @@ class Phone:
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 return None
             if self.transport == "udp":
                 return data

@@ -36,8 +36,9 @@ exts = [
     )
     for m in MODULES
 ]
-# the load tool's batched send/receive/match helper (top-level package load/)
-LOAD_MODULES = ("loadio",)
+# the load tool (top-level package load/): the engine (batched send/receive/match)
+# and the C-speed echo responder
+LOAD_MODULES = ("loadio", "echo")
 exts += [
     Extension(f"load._{m}_c", [f"load/_{m}_c.pyx"],
               extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"])

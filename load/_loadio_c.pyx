@@ -11,8 +11,7 @@ timeouts and SIP timer E/F style retransmissions run inside :meth:`Engine.run`,
 which returns to Python every slice so it can draw progress and answer
 digest challenges.
 
-:func:`echo_udp` is the trivial C-speed responder used as the "echo" for
-throughput figures.
+The "echo" responder used for throughput figures is in ``load._echo_c``.
 
 Per packet nothing here creates a Python object, except the copy of a
 401/407 reply that is handed to Python to answer.
@@ -25,71 +24,14 @@ from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport timespec
 
-cdef extern from *:
-    """
-    #include <sys/socket.h>
-    #include <netinet/in.h>
-    #include <poll.h>
-    #include <string.h>
-
-    /* Attach an IP_PKTINFO control message that picks the source address. */
-    static void fl_set_pktinfo(struct msghdr *m, char *cbuf, uint32_t src_be) {
-        struct cmsghdr *c;
-        struct in_pktinfo *pi;
-        m->msg_control = cbuf;
-        m->msg_controllen = CMSG_SPACE(sizeof(struct in_pktinfo));
-        c = CMSG_FIRSTHDR(m);
-        c->cmsg_level = IPPROTO_IP;
-        c->cmsg_type = IP_PKTINFO;
-        c->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
-        pi = (struct in_pktinfo *)CMSG_DATA(c);
-        memset(pi, 0, sizeof(*pi));
-        pi->ipi_spec_dst.s_addr = src_be;
-    }
-    #define FL_CBUF_SIZE CMSG_SPACE(sizeof(struct in_pktinfo))
-    """
-    enum: FL_CBUF_SIZE
-    enum: MSG_DONTWAIT
-    enum: MSG_NOSIGNAL
-    enum: POLLIN
-    enum: POLLOUT
-    enum: POLLERR
-    enum: POLLHUP
-    ctypedef unsigned int socklen_t
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    struct sockaddr_storage:
-        pass
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags) nogil
-    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, timespec *timeout) nogil
-    ssize_t send(int fd, const void *buf, size_t n, int flags) nogil
-    ssize_t recv(int fd, void *buf, size_t n, int flags) nogil
-    int poll(pollfd *fds, unsigned long nfds, int timeout) nogil
-    int ppoll(pollfd *fds, unsigned long nfds, const timespec *tmo, const void *sigmask) nogil
-    void fl_set_pktinfo(msghdr *m, char *cbuf, uint32_t src_be) nogil
-
+from load._common cimport (BATCH, FL_CBUF_SIZE, MSG_DONTWAIT, MSG_MAX, MSG_NOSIGNAL, POLLERR,
+                           POLLHUP, POLLIN, POLLOUT, fl_set_pktinfo, iovec, mmsghdr, name_is,
+                           now_ns, pollfd, ppoll, put_seq, recv, recvmmsg, send, sendmmsg,
+                           socklen_t)
 
 cdef enum:
-    BATCH = 64            # messages per sendmmsg / recvmmsg
-    MSG_MAX = 4096        # largest request or reply handled
     NSTATUS = 700         # status codes 0..699 are counted
     MAX_SITES = 4
     MAX_LEVELS = 32       # retransmission levels
@@ -160,12 +102,6 @@ cdef struct Entry:         # one message of the batch being built
     uint8_t retrans
 
 
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 cdef inline int hist_index(uint64_t v) noexcept nogil:
     """Log-linear bucket: exact below 128 ns, then 64 buckets per power of two."""
     cdef int e
@@ -217,22 +153,6 @@ cdef uint64_t hist_quantile(const Hist *h, double q) noexcept nogil:
 
 
 # ------------------------------------------------------------ SIP scanning
-
-cdef unsigned char LOWER[256]
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
-
-
-cdef inline bint name_is(const char *p, Py_ssize_t n, const char *lname, Py_ssize_t ln) noexcept nogil:
-    """Case-insensitive compare of header name ``p[:n]`` with lower-case ``lname``."""
-    cdef Py_ssize_t i
-    if n != ln:
-        return False
-    for i in range(n):
-        if LOWER[<unsigned char>p[i]] != <unsigned char>lname[i]:
-            return False
-    return True
-
 
 cdef struct ReplyInfo:
     int status
@@ -297,13 +217,6 @@ cdef int scan_reply(const char *p, Py_ssize_t n, ReplyInfo *out) noexcept nogil:
                     found |= 2
         pos = end + 1
     return 0 if found == 3 else -2
-
-
-cdef inline void put_seq(char *digits, uint32_t seq) noexcept nogil:
-    cdef int i
-    for i in range(9, -1, -1):
-        digits[i] = <char>(48 + seq % 10)
-        seq //= 10
 
 
 cdef Py_ssize_t frame_length(const char *p, Py_ssize_t n) noexcept nogil:
@@ -1281,141 +1194,3 @@ def _scan_reply(bytes data):
 def _frame_length(bytes data):
     """Test hook for the TCP framer."""
     return frame_length(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-
-
-# ------------------------------------------------------------ the echo
-
-cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap) noexcept nogil:
-    """A ``200 OK`` answering request ``p[:n]`` (Via, From, To + tag, Call-ID,
-    CSeq copied); 0 when ``p`` is not a request or does not fit."""
-    cdef Py_ssize_t pos, end, ne, o = 0, ll
-    cdef const char *nl
-    cdef const char *colon
-    cdef bint is_to, has_tag
-    if n < 8 or memcmp(p, b"SIP/2.0 ", 8) == 0:
-        return 0
-    if cap < 64:
-        return 0
-    memcpy(out, b"SIP/2.0 200 OK\r\n", 16)
-    o = 16
-    nl = <const char *>memchr(p, 10, n)
-    if nl == NULL:
-        return 0
-    pos = nl - p + 1
-    while pos < n:
-        nl = <const char *>memchr(p + pos, 10, n - pos)
-        end = n if nl == NULL else nl - p
-        ll = end - pos
-        if ll > 0 and p[end - 1] == 13:
-            ll -= 1
-        if ll == 0:
-            break
-        colon = <const char *>memchr(p + pos, 58, ll)
-        if colon != NULL:
-            ne = colon - p
-            while ne > pos and (p[ne - 1] == 32 or p[ne - 1] == 9):
-                ne -= 1
-            is_to = name_is(p + pos, ne - pos, b"to", 2) or name_is(p + pos, ne - pos, b"t", 1)
-            if (is_to or name_is(p + pos, ne - pos, b"via", 3) or name_is(p + pos, ne - pos, b"v", 1)
-                    or name_is(p + pos, ne - pos, b"from", 4) or name_is(p + pos, ne - pos, b"f", 1)
-                    or name_is(p + pos, ne - pos, b"call-id", 7) or name_is(p + pos, ne - pos, b"i", 1)
-                    or name_is(p + pos, ne - pos, b"cseq", 4)):
-                if o + ll + 16 > cap:
-                    return 0
-                memcpy(out + o, p + pos, ll)
-                o += ll
-                if is_to:
-                    has_tag = False
-                    for ne in range(pos, pos + ll - 4):
-                        if memcmp(p + ne, b";tag=", 5) == 0:
-                            has_tag = True
-                            break
-                    if not has_tag:
-                        memcpy(out + o, b";tag=fl", 7)
-                        o += 7
-                out[o] = 13
-                out[o + 1] = 10
-                o += 2
-        pos = end + 1
-    if o + 21 > cap:
-        return 0
-    memcpy(out + o, b"Content-Length: 0\r\n\r\n", 21)
-    return o + 21
-
-
-def _build_ok(bytes request):
-    """Test hook: the echo's reply to ``request`` (``b""`` when none)."""
-    cdef char out[MSG_MAX]
-    cdef Py_ssize_t n = build_ok(PyBytes_AS_STRING(request), PyBytes_GET_SIZE(request), out, MSG_MAX)
-    return PyBytes_FromStringAndSize(out, n)
-
-
-def echo_udp(int fd, double duration, uint64_t max_packets):
-    """Answer every REGISTER on UDP socket ``fd`` with a 200, in batches.
-
-    The trivial C-speed registrar stand-in for throughput figures: no state,
-    no checks, one ``recvmmsg`` and one ``sendmmsg`` per batch.  Stops after
-    ``duration`` seconds or ``max_packets`` received (whichever first), or
-    on a signal.  Returns ``(received, answered)``.
-    """
-    cdef mmsghdr *rm = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
-    cdef mmsghdr *sm = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
-    cdef iovec *ri = <iovec *>calloc(BATCH, sizeof(iovec))
-    cdef iovec *si = <iovec *>calloc(BATCH, sizeof(iovec))
-    cdef char *names = <char *>calloc(BATCH, 128)
-    cdef char *inb = <char *>malloc(BATCH * MSG_MAX)
-    cdef char *outb = <char *>malloc(BATCH * MSG_MAX)
-    cdef pollfd pfd
-    cdef int64_t until = now_ns() + <int64_t>(duration * 1e9)
-    cdef uint64_t received = 0, answered = 0
-    cdef int i, n, k, r
-    cdef Py_ssize_t m
-    if not (rm and sm and ri and si and names and inb and outb):
-        free(rm); free(sm); free(ri); free(si); free(names); free(inb); free(outb)
-        raise MemoryError()
-    pfd.fd = fd
-    pfd.events = POLLIN
-    try:
-        while received < max_packets and now_ns() < until:
-            r = poll(&pfd, 1, 100)
-            if r < 0 and errno != EINTR:
-                raise OSError(errno, "poll failed")
-            PyErr_CheckSignals()
-            if r <= 0:
-                continue
-            while received < max_packets:
-                for i in range(BATCH):
-                    ri[i].iov_base = inb + i * MSG_MAX
-                    ri[i].iov_len = MSG_MAX
-                    rm[i].msg_hdr.msg_iov = &ri[i]
-                    rm[i].msg_hdr.msg_iovlen = 1
-                    rm[i].msg_hdr.msg_name = names + i * 128
-                    rm[i].msg_hdr.msg_namelen = 128
-                    rm[i].msg_hdr.msg_control = NULL
-                    rm[i].msg_hdr.msg_controllen = 0
-                n = recvmmsg(fd, rm, BATCH, MSG_DONTWAIT, NULL)
-                if n <= 0:
-                    break
-                received += n
-                k = 0
-                for i in range(n):
-                    m = build_ok(inb + i * MSG_MAX, rm[i].msg_len, outb + k * MSG_MAX, MSG_MAX)
-                    if m == 0:
-                        continue
-                    si[k].iov_base = outb + k * MSG_MAX
-                    si[k].iov_len = m
-                    memset(&sm[k], 0, sizeof(mmsghdr))
-                    sm[k].msg_hdr.msg_iov = &si[k]
-                    sm[k].msg_hdr.msg_iovlen = 1
-                    sm[k].msg_hdr.msg_name = rm[i].msg_hdr.msg_name
-                    sm[k].msg_hdr.msg_namelen = rm[i].msg_hdr.msg_namelen
-                    k += 1
-                if k:
-                    r = sendmmsg(fd, sm, k, 0)
-                    if r > 0:
-                        answered += r
-                if n < BATCH:
-                    break
-    finally:
-        free(rm); free(sm); free(ri); free(si); free(names); free(inb); free(outb)
-    return received, answered

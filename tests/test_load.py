@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from load import sip
-from load._loadio_c import _build_ok, _frame_length, _hist_roundtrip, _scan_reply
+from load._echo_c import _build_ok
+from load._loadio_c import _frame_length, _hist_roundtrip, _scan_reply
 from load.netutil import TargetError, phone_address
 from load.runner import LoadRun, Options, OptionsError
 from load.scenario import (BuildConfig, Phone, answer_challenge, build_sip, build_templates,

@@ -30,14 +30,12 @@ from load._common cimport (BATCH, FL_CBUF_SIZE, MSG_DONTWAIT, MSG_MAX, MSG_NOSIG
                            POLLHUP, POLLIN, POLLOUT, fl_set_pktinfo, iovec, mmsghdr, name_is,
                            now_ns, pollfd, ppoll, put_seq, recv, recvmmsg, send, sendmmsg,
                            socklen_t)
+from load._stats_c cimport NSTATUS, Counters, hist_add
 
 cdef enum:
-    NSTATUS = 700         # status codes 0..699 are counted
     MAX_SITES = 4
     MAX_LEVELS = 32       # retransmission levels
     KIND_OVERRIDE = 0xFFFF
-    HSUB = 64             # histogram sub-buckets per power of two
-    HBUCKETS = 128 + 40 * 64
     TCP_IN_CAP = 1 << 18  # receive buffer of one TCP connection
 
 # slot states
@@ -77,13 +75,6 @@ cdef struct Slot:
     uint8_t flags
 
 
-cdef struct Hist:
-    uint64_t n
-    uint64_t sum_ns
-    uint64_t max_ns
-    uint64_t b[HBUCKETS]
-
-
 cdef struct Conn:          # one TCP connection
     char *ob
     size_t olen
@@ -100,56 +91,6 @@ cdef struct Entry:         # one message of the batch being built
     uint16_t sock
     uint8_t flags
     uint8_t retrans
-
-
-cdef inline int hist_index(uint64_t v) noexcept nogil:
-    """Log-linear bucket: exact below 128 ns, then 64 buckets per power of two."""
-    cdef int e
-    if v < 128:
-        return <int>v
-    e = 63 - __builtin_clzll(v)
-    if e > 46:
-        return HBUCKETS - 1
-    return 128 + (e - 7) * HSUB + <int>((v >> (e - 6)) & (HSUB - 1))
-
-
-cdef inline uint64_t hist_value(int i) noexcept nogil:
-    """Middle of bucket ``i`` in nanoseconds."""
-    cdef int e, mant
-    if i < 128:
-        return <uint64_t>i
-    e = (i - 128) // HSUB + 7
-    mant = (i - 128) % HSUB
-    return ((<uint64_t>(HSUB + mant) << (e - 6)) + (<uint64_t>1 << (e - 7)))
-
-
-cdef extern from *:
-    int __builtin_clzll(unsigned long long) nogil
-
-
-cdef inline void hist_add(Hist *h, uint64_t v) noexcept nogil:
-    h.n += 1
-    h.sum_ns += v
-    if v > h.max_ns:
-        h.max_ns = v
-    h.b[hist_index(v)] += 1
-
-
-cdef uint64_t hist_quantile(const Hist *h, double q) noexcept nogil:
-    """The value below which a share ``q`` of the samples lie (0 when empty)."""
-    cdef uint64_t rank, acc = 0, v
-    cdef int i
-    if h.n == 0:
-        return 0
-    rank = <uint64_t>(q * h.n)
-    if rank >= h.n:
-        rank = h.n - 1
-    for i in range(HBUCKETS):
-        acc += h.b[i]
-        if acc > rank:
-            v = hist_value(i)
-            return v if v < h.max_ns else h.max_ns
-    return h.max_ns
 
 
 # ------------------------------------------------------------ SIP scanning
@@ -268,7 +209,7 @@ cdef Py_ssize_t frame_length(const char *p, Py_ssize_t n) noexcept nogil:
 # ------------------------------------------------------------ the engine
 
 @cython.final
-cdef class Engine:
+cdef class Engine(Counters):
     """Sends pre-built requests and matches the replies.
 
     Build it with the transport, the target address (a ``sockaddr`` as
@@ -326,20 +267,6 @@ cdef class Engine:
     cdef uint32_t npending
     cdef public list challenges
 
-    # counters
-    cdef readonly uint64_t sent_new, sent_total, retransmissions, outstanding
-    cdef readonly uint64_t finals, ok, provisional, timeouts, duplicates, late
-    cdef readonly uint64_t stale, mismatched, not_response, unparsable
-    cdef readonly uint64_t send_errors, stalls_busy, stalls_ring, challenged
-    cdef readonly uint64_t mal_sent, mal_finals, mal_timeouts, conn_closed
-    cdef readonly int64_t first_send_ns, last_send_ns, last_final_ns
-    cdef readonly int64_t max_lag_ns
-    cdef uint64_t status[NSTATUS]
-    cdef uint64_t mal_status[NSTATUS]
-    cdef Hist *hist_total
-    cdef Hist *hist_ival
-    cdef uint64_t iv_sent, iv_finals, iv_ok, iv_timeouts
-
     # batch buffers
     cdef Entry ent[BATCH]
     cdef mmsghdr msgs[BATCH]
@@ -363,8 +290,6 @@ cdef class Engine:
         self.mal_kinds = NULL
         self.ring = NULL
         self.pending = NULL
-        self.hist_total = NULL
-        self.hist_ival = NULL
         self.sbuf = NULL
         self.cbuf = NULL
         self.rbuf = NULL
@@ -401,14 +326,11 @@ cdef class Engine:
         self.conns = <Conn *>calloc(self.nsock, sizeof(Conn))
         self.mask = (1 << ring_bits) - 1
         self.ring = <Slot *>calloc(self.mask + 1, sizeof(Slot))
-        self.hist_total = <Hist *>calloc(1, sizeof(Hist))
-        self.hist_ival = <Hist *>calloc(1, sizeof(Hist))
         self.sbuf = <char *>malloc(BATCH * MSG_MAX)
         self.cbuf = <char *>calloc(BATCH, FL_CBUF_SIZE)
         self.rbuf = <char *>malloc(BATCH * MSG_MAX)
         if (self.fds == NULL or self.pfds == NULL or self.conns == NULL or self.ring == NULL
-                or self.hist_total == NULL or self.hist_ival == NULL or self.sbuf == NULL
-                or self.cbuf == NULL or self.rbuf == NULL):
+                or self.sbuf == NULL or self.cbuf == NULL or self.rbuf == NULL):
             raise MemoryError()
         for i in range(self.nsock):
             self.fds[i] = fds[i]
@@ -435,7 +357,6 @@ cdef class Engine:
         free(self.phone_sock); free(self.phone_src); free(self.busy)
         free(self.pattern); free(self.mal_kinds)
         free(self.ring); free(self.pending)
-        free(self.hist_total); free(self.hist_ival)
         free(self.sbuf); free(self.cbuf); free(self.rbuf)
 
     # ---------------------------------------------------------- set-up
@@ -586,21 +507,6 @@ cdef class Engine:
         if not closed_loop and duration > 0:
             self.send_until += 250000000
 
-    def reset_counters(self):
-        """Zero every counter and histogram (outstanding requests stay)."""
-        self.sent_new = self.sent_total = self.retransmissions = 0
-        self.finals = self.ok = self.provisional = self.timeouts = self.duplicates = 0
-        self.late = self.stale = self.mismatched = self.not_response = self.unparsable = 0
-        self.send_errors = self.stalls_busy = self.stalls_ring = self.challenged = 0
-        self.mal_sent = self.mal_finals = self.mal_timeouts = self.conn_closed = 0
-        self.first_send_ns = self.last_send_ns = self.last_final_ns = 0
-        self.max_lag_ns = 0
-        memset(self.status, 0, sizeof(self.status))
-        memset(self.mal_status, 0, sizeof(self.mal_status))
-        memset(self.hist_total, 0, sizeof(Hist))
-        memset(self.hist_ival, 0, sizeof(Hist))
-        self.iv_sent = self.iv_finals = self.iv_ok = self.iv_timeouts = 0
-
     def push_override(self, uint32_t phone, tpl):
         """Send ``tpl`` (``(data, sites, cid)``) as ``phone``'s next request,
         ahead of new load (an answer to a digest challenge)."""
@@ -615,30 +521,6 @@ cdef class Engine:
         """Free a phone that Python will not send for (a challenge it cannot answer)."""
         if phone < self.users:
             self.busy[phone] = 0
-
-    # ---------------------------------------------------------- read-out
-
-    def status_counts(self, bint malformed=False):
-        """``{status: count}`` of the final and provisional replies."""
-        cdef uint64_t *a
-        if malformed:
-            a = &self.mal_status[0]
-        else:
-            a = &self.status[0]
-        return {i: a[i] for i in range(NSTATUS) if a[i]}
-
-    def latency(self):
-        """Latency of every matched final reply, in milliseconds."""
-        return _hist_dict(self.hist_total)
-
-    def take_interval(self):
-        """Counts and latency since the previous call (for progress and plots)."""
-        d = _hist_dict(self.hist_ival)
-        d.update(sent=self.iv_sent, finals=self.iv_finals, ok=self.iv_ok,
-                 timeouts=self.iv_timeouts)
-        memset(self.hist_ival, 0, sizeof(Hist))
-        self.iv_sent = self.iv_finals = self.iv_ok = self.iv_timeouts = 0
-        return d
 
     def stop_sending(self):
         """End the phase's sending now (Ctrl-C); outstanding requests drain."""
@@ -1157,29 +1039,6 @@ cdef class Engine:
             if c.ilen == TCP_IN_CAP:     # one message larger than the buffer
                 self.unparsable += 1
                 c.ilen = 0
-
-
-cdef dict _hist_dict(Hist *h):
-    return {
-        "count": h.n,
-        "mean": (h.sum_ns / h.n / 1e6) if h.n else 0.0,
-        "p50": hist_quantile(h, 0.50) / 1e6,
-        "p90": hist_quantile(h, 0.90) / 1e6,
-        "p99": hist_quantile(h, 0.99) / 1e6,
-        "p999": hist_quantile(h, 0.999) / 1e6,
-        "max": h.max_ns / 1e6,
-    }
-
-
-def _hist_roundtrip(values):
-    """Test hook: feed ``values`` (ns) to a histogram; return its summary."""
-    cdef Hist *h = <Hist *>calloc(1, sizeof(Hist))
-    try:
-        for v in values:
-            hist_add(h, v)
-        return _hist_dict(h)
-    finally:
-        free(h)
 
 
 def _scan_reply(bytes data):

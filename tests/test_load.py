@@ -21,7 +21,8 @@ import pytest
 
 from load import sip
 from load._echo_c import _build_ok
-from load._loadio_c import _frame_length, _hist_roundtrip, _scan_reply
+from load._loadio_c import _frame_length, _scan_reply
+from load._stats_c import _hist_roundtrip
 from load.netutil import TargetError, phone_address
 from load.runner import LoadRun, Options, OptionsError
 from load.scenario import (BuildConfig, Phone, answer_challenge, build_sip, build_templates,

@@ -21,7 +21,7 @@ import pytest
 
 from load import sip
 from load._echo_c import _build_ok
-from load._loadio_c import _frame_length, _scan_reply
+from load._scan_c import _frame_length, _scan_reply
 from load._stats_c import _hist_roundtrip
 from load.netutil import TargetError, phone_address
 from load.runner import LoadRun, Options, OptionsError

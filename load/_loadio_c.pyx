@@ -626,7 +626,7 @@ cdef class Engine(Counters):
             self.cursor = phone + 1 if phone + 1 < self.users else 0
             seq = self.head
             self.head += 1
-            h = ((seq * <uint64_t>2654435761) & 0xFFFFFFFF)
+            h = (seq * <uint64_t>2654435761) & <uint64_t>0xFFFFFFFF
             flags = 0
             if h < self.mal_thresh:
                 kind = self.mal_kinds[seq % self.nmal]

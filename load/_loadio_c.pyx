@@ -32,24 +32,14 @@ from load._common cimport (BATCH, FL_CBUF_SIZE, MSG_DONTWAIT, MSG_MAX, MSG_NOSIG
                            socklen_t)
 from load._scan_c cimport ReplyInfo, frame_length, scan_reply
 from load._stats_c cimport NSTATUS, Counters, hist_add
+from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_FREE, ST_OUT, ST_TIMEOUT, Slot,
+                             Window, win_due, win_expire, win_find, win_free, win_full, win_init,
+                             win_next_timer, win_set_timers, win_slot)
 
 cdef enum:
     MAX_SITES = 4
-    MAX_LEVELS = 32       # retransmission levels
     KIND_OVERRIDE = 0xFFFF
     TCP_IN_CAP = 1 << 18  # receive buffer of one TCP connection
-
-# slot states
-cdef enum:
-    ST_FREE = 0       # never sent (or the send failed)
-    ST_OUT = 1        # sent, no final reply yet
-    ST_DONE = 2       # final reply received
-    ST_TIMEOUT = 3    # given up
-
-# slot flags
-cdef enum:
-    F_MALFORMED = 1
-    F_AUTHED = 2      # an answer to a challenge (never challenged again)
 
 # transports
 cdef enum:
@@ -65,15 +55,6 @@ cdef struct Tpl:
     uint32_t cid_len
     int nsites
     uint32_t sites[MAX_SITES]
-
-
-cdef struct Slot:
-    int64_t t_send
-    uint32_t seq
-    uint32_t phone
-    uint16_t kind
-    uint8_t state
-    uint8_t flags
 
 
 cdef struct Conn:          # one TCP connection
@@ -139,18 +120,10 @@ cdef class Engine(Counters):
     cdef uint64_t max_new
     cdef int64_t t0
     cdef int64_t send_until
-    cdef int64_t timeout_ns
-    cdef int nlevels
-    cdef int64_t rtx_off[MAX_LEVELS]
-    cdef uint64_t rtx_ptr[MAX_LEVELS]
     cdef bint answer_challenges
 
     # request numbers and the ring of outstanding requests
-    cdef uint64_t seq_base
-    cdef uint64_t head
-    cdef uint64_t tail
-    cdef uint64_t mask
-    cdef Slot *ring
+    cdef Window win
     cdef uint32_t *pending
     cdef uint32_t npending
     cdef public list challenges
@@ -176,7 +149,6 @@ cdef class Engine(Counters):
         self.busy = NULL
         self.pattern = NULL
         self.mal_kinds = NULL
-        self.ring = NULL
         self.pending = NULL
         self.sbuf = NULL
         self.cbuf = NULL
@@ -212,13 +184,12 @@ cdef class Engine(Counters):
         self.fds = <int *>calloc(self.nsock, sizeof(int))
         self.pfds = <pollfd *>calloc(self.nsock, sizeof(pollfd))
         self.conns = <Conn *>calloc(self.nsock, sizeof(Conn))
-        self.mask = (1 << ring_bits) - 1
-        self.ring = <Slot *>calloc(self.mask + 1, sizeof(Slot))
         self.sbuf = <char *>malloc(BATCH * MSG_MAX)
         self.cbuf = <char *>calloc(BATCH, FL_CBUF_SIZE)
         self.rbuf = <char *>malloc(BATCH * MSG_MAX)
-        if (self.fds == NULL or self.pfds == NULL or self.conns == NULL or self.ring == NULL
-                or self.sbuf == NULL or self.cbuf == NULL or self.rbuf == NULL):
+        if (self.fds == NULL or self.pfds == NULL or self.conns == NULL
+                or self.sbuf == NULL or self.cbuf == NULL or self.rbuf == NULL
+                or win_init(&self.win, ring_bits) < 0):
             raise MemoryError()
         for i in range(self.nsock):
             self.fds[i] = fds[i]
@@ -228,9 +199,6 @@ cdef class Engine(Counters):
             self.riov[i].iov_base = self.rbuf + i * MSG_MAX
             self.riov[i].iov_len = MSG_MAX
         self.challenges = []
-        self.seq_base = 1000000000
-        self.head = self.tail = self.seq_base
-        self.timeout_ns = 2000000000
         self.plen = 0
         self.users = 0
 
@@ -244,7 +212,8 @@ cdef class Engine(Counters):
         free(self.tpls); free(self.ovr)
         free(self.phone_sock); free(self.phone_src); free(self.busy)
         free(self.pattern); free(self.mal_kinds)
-        free(self.ring); free(self.pending)
+        free(self.pending)
+        win_free(&self.win)
         free(self.sbuf); free(self.cbuf); free(self.rbuf)
 
     # ---------------------------------------------------------- set-up
@@ -333,7 +302,6 @@ cdef class Engine(Counters):
         retransmissions at t1, 2*t1, 4*t1 ... capped at ``t2`` apart (RFC
         3261 timer E); ``answer_challenges``: hand 401/407 replies to Python.
         """
-        cdef int64_t off, gap
         cdef int k
         cdef uint32_t u
         if len(pattern) < 1:
@@ -365,21 +333,8 @@ cdef class Engine(Counters):
         self.rate = rate
         self.inflight = inflight
         self.max_new = 0xFFFFFFFFFFFFFFFF if max_new is None else max_new
-        self.timeout_ns = <int64_t>(timeout * 1e9)
         self.answer_challenges = answer_challenges
-        self.nlevels = 0
-        if t1 > 0:
-            off = <int64_t>(t1 * 1e9)
-            gap = off
-            while off < self.timeout_ns and self.nlevels < MAX_LEVELS:
-                self.rtx_off[self.nlevels] = off
-                self.nlevels += 1
-                gap = gap * 2
-                if gap > <int64_t>(t2 * 1e9):
-                    gap = <int64_t>(t2 * 1e9)
-                off += gap
-        for k in range(self.nlevels):
-            self.rtx_ptr[k] = self.head
+        win_set_timers(&self.win, timeout, t1, t2)
         if not closed_loop and duration > 0:
             # open loop: request k is due at k / rate; those due before the end
             # are sent even when the generator runs a little late (the grace
@@ -447,14 +402,14 @@ cdef class Engine(Counters):
                 wait_ns = 0
             elif can_send:
                 if self.closed_loop:
-                    if self.outstanding < self.inflight and not self._ring_full():
+                    if self.outstanding < self.inflight and not win_full(&self.win):
                         wait_ns = 0
                 else:
                     next_due = self.t0 + <int64_t>(self.sent_new * 1e9 / self.rate)
                     if next_due - t < wait_ns:
                         wait_ns = next_due - t if next_due > t else 0
             if self.outstanding:
-                next_due = self._next_timer()
+                next_due = win_next_timer(&self.win)
                 if next_due - t < wait_ns:
                     wait_ns = next_due - t if next_due > t else 0
             if wait_ns < 0:
@@ -488,77 +443,39 @@ cdef class Engine(Counters):
                             break
                         rounds += 1
 
-    cdef bint _ring_full(self) noexcept nogil:
-        return self.head - self.tail > self.mask
-
     cdef bint _may_send_new(self, int64_t t) noexcept nogil:
         return self.sent_new < self.max_new and t < self.send_until
 
-    cdef int64_t _next_timer(self) noexcept nogil:
-        """Earliest time a timeout or a retransmission falls due."""
-        cdef int64_t best = 0x7FFFFFFFFFFFFFFF, c
-        cdef int k
-        cdef Slot *s
-        cdef uint64_t q = self.tail
-        while q < self.head:
-            s = &self.ring[q & self.mask]
-            if s.state == ST_OUT and s.seq == q:
-                best = s.t_send + self.timeout_ns
-                break
-            q += 1
-            if q - self.tail > 64:
-                return 0      # many answered slots to skip: let _expire do it now
-        for k in range(self.nlevels):
-            q = self.rtx_ptr[k]
-            if q < self.head:
-                s = &self.ring[q & self.mask]
-                c = s.t_send + self.rtx_off[k]
-                if c < best:
-                    best = c
-        return best
-
     cdef void _expire(self, int64_t t) noexcept:
-        """Time out what is too old; queue due retransmissions."""
+        """Time out what is too old; send the retransmissions that are due."""
         cdef Slot *s
-        cdef int k, nb = 0
-        cdef uint64_t q
-        while self.tail < self.head:
-            s = &self.ring[self.tail & self.mask]
-            if s.state == ST_OUT and s.seq == self.tail:
-                if t - s.t_send < self.timeout_ns:
-                    break
-                s.state = ST_TIMEOUT
-                self.outstanding -= 1
-                self.busy[s.phone] = 0
-                if s.flags & F_MALFORMED:
-                    self.mal_timeouts += 1
-                else:
-                    self.timeouts += 1
-                    self.iv_timeouts += 1
-            self.tail += 1
-        for k in range(self.nlevels):
-            q = self.rtx_ptr[k]
-            if q < self.tail:
-                q = self.tail
-            while q < self.head:
-                s = &self.ring[q & self.mask]
-                if s.state == ST_OUT and s.seq == q:
-                    if t - s.t_send < self.rtx_off[k]:
-                        break
-                    self.ent[nb].seq = <uint32_t>q
-                    self.ent[nb].phone = s.phone
-                    self.ent[nb].kind = s.kind
-                    self.ent[nb].sock = self.phone_sock[s.phone]
-                    self.ent[nb].flags = s.flags
-                    self.ent[nb].retrans = 1
-                    nb += 1
-                    if nb == BATCH:
-                        self._transmit(nb)
-                        nb = 0
-                q += 1
-            self.rtx_ptr[k] = q
-        if nb:
-            self._transmit(nb)
+        cdef Slot *due[BATCH]
+        cdef int i, nb
+        while True:
+            s = win_expire(&self.win, t)
+            if s == NULL:
+                break
+            self.outstanding -= 1
+            self.busy[s.phone] = 0
+            if s.flags & F_MALFORMED:
+                self.mal_timeouts += 1
+            else:
+                self.timeouts += 1
+                self.iv_timeouts += 1
+        while self.win.nlevels:
+            nb = win_due(&self.win, t, due, BATCH)
+            for i in range(nb):
+                s = due[i]
+                self.ent[i].seq = s.seq
+                self.ent[i].phone = s.phone
+                self.ent[i].kind = s.kind
+                self.ent[i].sock = self.phone_sock[s.phone]
+                self.ent[i].flags = s.flags
+                self.ent[i].retrans = 1
+            if nb:
+                self._transmit(nb)
+            if nb < BATCH:
+                break
 
     cdef bint _send_some(self, int64_t t) noexcept:
         """Send pending challenge answers, then the new requests now due."""
@@ -570,11 +487,11 @@ cdef class Engine(Counters):
         cdef uint8_t flags
         cdef bint sent_any = False
         # answers to challenges first: they finish transactions already counted
-        while self.npending and not self._ring_full():
+        while self.npending and not win_full(&self.win):
             self.npending -= 1
             phone = self.pending[self.npending]
-            seq = self.head
-            self.head += 1
+            seq = self.win.head
+            self.win.head += 1
             self.ent[nb].seq = <uint32_t>seq
             self.ent[nb].phone = phone
             self.ent[nb].kind = KIND_OVERRIDE
@@ -610,7 +527,7 @@ cdef class Engine(Counters):
                 self._transmit(nb)
                 nb = 0
                 sent_any = True
-            if self._ring_full():
+            if win_full(&self.win):
                 self.stalls_ring += 1
                 break
             tries = 0
@@ -624,8 +541,8 @@ cdef class Engine(Counters):
                 self.stalls_busy += 1
                 break
             self.cursor = phone + 1 if phone + 1 < self.users else 0
-            seq = self.head
-            self.head += 1
+            seq = self.win.head
+            self.win.head += 1
             h = (seq * <uint64_t>2654435761) & <uint64_t>0xFFFFFFFF
             flags = 0
             if h < self.mal_thresh:
@@ -709,7 +626,7 @@ cdef class Engine(Counters):
                 if sent < 0:
                     sent = 0
             for i in range(start, start + run):
-                s = &self.ring[self.ent[i].seq & self.mask]
+                s = win_slot(&self.win, self.ent[i].seq)
                 if self.ent[i].retrans:
                     if i - start < sent:
                         self.retransmissions += 1
@@ -773,11 +690,8 @@ cdef class Engine(Counters):
             self.unparsable += 1
             return
         seq = ri.cseq
-        if seq < self.seq_base or seq >= self.head or self.head - seq > self.mask:
-            self.stale += 1
-            return
-        s = &self.ring[seq & self.mask]
-        if s.seq != seq or s.state == ST_FREE:
+        s = win_find(&self.win, seq)
+        if s == NULL:
             self.stale += 1
             return
         # the Call-ID must be the one of that request

@@ -32,6 +32,8 @@ from load._common cimport (BATCH, FL_CBUF_SIZE, MSG_DONTWAIT, MSG_MAX, MSG_NOSIG
                            socklen_t)
 from load._scan_c cimport ReplyInfo, frame_length, scan_reply
 from load._stats_c cimport NSTATUS, Counters, hist_add
+from load._tcp_c cimport (Conn, conn_flush, conn_free, conn_queue, conn_recv, conns_flush,
+                          conns_poll_events)
 from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_FREE, ST_OUT, ST_TIMEOUT, Slot,
                              Window, win_due, win_expire, win_find, win_free, win_full, win_init,
                              win_next_timer, win_set_timers, win_slot)
@@ -39,7 +41,6 @@ from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_FREE, ST_OUT, ST
 cdef enum:
     MAX_SITES = 4
     KIND_OVERRIDE = 0xFFFF
-    TCP_IN_CAP = 1 << 18  # receive buffer of one TCP connection
 
 # transports
 cdef enum:
@@ -55,15 +56,6 @@ cdef struct Tpl:
     uint32_t cid_len
     int nsites
     uint32_t sites[MAX_SITES]
-
-
-cdef struct Conn:          # one TCP connection
-    char *ob
-    size_t olen
-    size_t ocap
-    char *ib
-    size_t ilen
-    int closed
 
 
 cdef struct Entry:         # one message of the batch being built
@@ -206,8 +198,7 @@ cdef class Engine(Counters):
         cdef int i
         if self.conns != NULL:
             for i in range(self.nsock):
-                free(self.conns[i].ob)
-                free(self.conns[i].ib)
+                conn_free(&self.conns[i])
         free(self.fds); free(self.pfds); free(self.conns)
         free(self.tpls); free(self.ovr)
         free(self.phone_sock); free(self.phone_src); free(self.busy)
@@ -415,7 +406,7 @@ cdef class Engine(Counters):
             if wait_ns < 0:
                 wait_ns = 0
             if self.transport == T_TCP:
-                self._poll_out_flags()
+                conns_poll_events(self.conns, self.pfds, self.nsock)
             ts.tv_sec = wait_ns // 1000000000
             ts.tv_nsec = wait_ns % 1000000000
             with nogil:
@@ -432,9 +423,12 @@ cdef class Engine(Counters):
                     continue
                 if self.transport == T_TCP:
                     if self.pfds[i].revents & POLLOUT:
-                        self._flush_conn(i)
+                        if conn_flush(&self.conns[i], self.fds[i]):
+                            self.conn_closed += 1
                     if self.pfds[i].revents & (POLLIN | POLLERR | POLLHUP):
-                        self._recv_tcp(i)
+                        if conn_recv(&self.conns[i], self.fds[i], _on_message, <void *>self,
+                                     &self.unparsable):
+                            self.conn_closed += 1
                 else:
                     rounds = 0
                     while rounds < 8:
@@ -619,7 +613,7 @@ cdef class Engine(Counters):
             while start + run < nb and self.ent[start + run].sock == self.ent[start].sock:
                 run += 1
             if self.transport == T_TCP:
-                sent = self._queue_tcp(self.ent[start].sock, start, run)
+                sent = conn_queue(&self.conns[self.ent[start].sock], &self.iov[start], run)
             else:
                 fd = self.rawfd if self.transport == T_RAW else self.fds[self.ent[start].sock]
                 sent = sendmmsg(fd, &self.msgs[start], run, MSG_DONTWAIT)
@@ -746,98 +740,11 @@ cdef class Engine(Counters):
             return          # the phone stays busy until its answer is final
         self.busy[s.phone] = 0
 
-    # ---------------------------------------------------------- TCP
-
-    cdef int _queue_tcp(self, int ci, int start, int run) noexcept:
-        """Append ``run`` built requests to connection ``ci``'s output."""
-        cdef Conn *c = &self.conns[ci]
-        cdef size_t need = 0, cap
-        cdef int i
-        cdef char *nb
-        if c.closed:
-            return 0
-        for i in range(start, start + run):
-            need += self.iov[i].iov_len
-        if c.olen + need > c.ocap:
-            cap = c.ocap * 2 if c.ocap else 65536
-            while cap < c.olen + need:
-                cap *= 2
-            nb = <char *>realloc(c.ob, cap)
-            if nb == NULL:
-                return 0
-            c.ob = nb
-            c.ocap = cap
-        for i in range(start, start + run):
-            memcpy(c.ob + c.olen, self.iov[i].iov_base, self.iov[i].iov_len)
-            c.olen += self.iov[i].iov_len
-        return run
-
-    cdef void _flush_conn(self, int ci) noexcept:
-        cdef Conn *c = &self.conns[ci]
-        cdef ssize_t w
-        while c.olen and not c.closed:
-            w = send(self.fds[ci], c.ob, c.olen, MSG_DONTWAIT | MSG_NOSIGNAL)
-            if w <= 0:
-                if w < 0 and (errno == EAGAIN or errno == EINTR):
-                    return
-                c.closed = 1
-                self.conn_closed += 1
-                return
-            if <size_t>w < c.olen:
-                memmove(c.ob, c.ob + w, c.olen - w)
-            c.olen -= w
-
     cdef void _flush_tcp(self) noexcept:
-        cdef int i
-        if self.transport != T_TCP:
-            return
-        for i in range(self.nsock):
-            if self.conns[i].olen:
-                self._flush_conn(i)
+        if self.transport == T_TCP:
+            self.conn_closed += conns_flush(self.conns, self.fds, self.nsock)
 
-    cdef void _poll_out_flags(self) noexcept:
-        cdef int i
-        for i in range(self.nsock):
-            self.pfds[i].events = POLLIN | POLLOUT if self.conns[i].olen else POLLIN
-            if self.conns[i].closed:
-                self.pfds[i].fd = -1
 
-    cdef void _recv_tcp(self, int ci) noexcept:
-        cdef Conn *c = &self.conns[ci]
-        cdef ssize_t r
-        cdef Py_ssize_t pos, m
-        cdef int64_t t
-        cdef int rounds = 0
-        if c.ib == NULL:
-            c.ib = <char *>malloc(TCP_IN_CAP)
-            if c.ib == NULL:
-                return
-        while rounds < 8 and not c.closed:
-            rounds += 1
-            r = recv(self.fds[ci], c.ib + c.ilen, TCP_IN_CAP - c.ilen, MSG_DONTWAIT)
-            if r <= 0:
-                if r < 0 and (errno == EAGAIN or errno == EINTR):
-                    return
-                c.closed = 1
-                self.conn_closed += 1
-                return
-            t = now_ns()
-            c.ilen += r
-            pos = 0
-            while pos < <Py_ssize_t>c.ilen:
-                m = frame_length(c.ib + pos, c.ilen - pos)
-                if m == 0:
-                    break
-                if m < 0:           # garbage: drop the buffer
-                    self.unparsable += 1
-                    pos = c.ilen
-                    break
-                if c.ib[pos] != 13 and c.ib[pos] != 10:
-                    self._on_reply(c.ib + pos, m, t)
-                pos += m
-            if pos:
-                memmove(c.ib, c.ib + pos, c.ilen - pos)
-                c.ilen -= pos
-            if c.ilen == TCP_IN_CAP:     # one message larger than the buffer
-                self.unparsable += 1
-                c.ilen = 0
+cdef void _on_message(void *engine, const char *p, Py_ssize_t n, int64_t t) noexcept:
+    """A message from a TCP connection (conn_recv's callback)."""
+    (<Engine>engine)._on_reply(p, n, t)

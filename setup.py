@@ -38,7 +38,7 @@ exts = [
 ]
 # the load tool (top-level package load/): the engine (batched send/receive/match)
 # and the C-speed echo responder
-LOAD_MODULES = ("stats", "scan", "window", "tcp", "loadio", "echo")
+LOAD_MODULES = ("stats", "scan", "window", "tcp", "send", "loadio", "echo")
 exts += [
     Extension(f"load._{m}_c", [f"load/_{m}_c.pyx"],
               extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"])

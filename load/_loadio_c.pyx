@@ -17,7 +17,7 @@ functions, declared in their ``.pxd``):
 ``load._send_c``     templates, phones, the schedule, the send batch
 ``load._window_c``   the ring of outstanding requests, timeouts, retransmissions
 ``load._tcp_c``      TCP connections (output queue, input framing)
-``load._scan_c``     the reply scanner and the TCP framer
+``load._scan_c``     the receive batch, the reply scanner, the TCP framer
 ``load._stats_c``    :class:`Counters` (which :class:`Engine` is) and the histogram
 
 The "echo" responder used for throughput figures is in ``load._echo_c``.
@@ -31,22 +31,24 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStri
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free
 from posix.time cimport timespec
 
 from load._common cimport (BATCH, MSG_DONTWAIT, MSG_MAX, POLLERR, POLLHUP, POLLIN, POLLOUT,
-                           iovec, mmsghdr, now_ns, pollfd, ppoll, recvmmsg, sendmmsg, socklen_t)
-from load._scan_c cimport ReplyInfo, scan_reply
+                           now_ns, pollfd, ppoll, sendmmsg, socklen_t)
+from load._scan_c cimport (RecvBatch, ReplyInfo, rbatch_free, rbatch_init, rbatch_recv,
+                           scan_reply)
 from load._send_c cimport (KIND_OVERRIDE, Batch, Entry, Phones, Schedule, Templates, batch_build,
                            batch_free, batch_init, batch_run, callid_matches, entry_set,
                            phones_set, phones_take, sched_due, sched_kind, sched_next,
                            sched_open, sched_set, sched_start, send_free, templates_set,
                            tpl_fill, tpl_of)
 from load._stats_c cimport NSTATUS, Counters, hist_add
-from load._tcp_c cimport Conn, conn_flush, conn_free, conn_queue, conn_recv, conns_flush, conns_poll_events
-from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_FREE, ST_OUT, ST_TIMEOUT, Slot,
+from load._tcp_c cimport (Conn, conn_flush, conn_free, conn_queue, conn_recv, conns_flush,
+                          conns_poll_events)
+from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_TIMEOUT, Slot,
                              Window, win_due, win_expire, win_find, win_free, win_full, win_init,
-                             win_next_timer, win_set_timers, win_slot)
+                             win_next_timer, win_sent, win_set_timers, win_unsent)
 
 # transports
 cdef enum:
@@ -89,9 +91,7 @@ cdef class Engine(Counters):
     cdef public list challenges
 
     # the receive batch (UDP)
-    cdef mmsghdr rmsgs[BATCH]
-    cdef iovec riov[BATCH]
-    cdef char *rbuf
+    cdef RecvBatch inb
 
     def __init__(self, str transport, bytes dest, fds, int rawfd=-1, int ring_bits=20,
                  bint pktinfo=True):
@@ -123,17 +123,14 @@ cdef class Engine(Counters):
         self.fds = <int *>calloc(self.nsock, sizeof(int))
         self.pfds = <pollfd *>calloc(self.nsock, sizeof(pollfd))
         self.conns = <Conn *>calloc(self.nsock, sizeof(Conn))
-        self.rbuf = <char *>malloc(BATCH * MSG_MAX)
-        if (self.fds == NULL or self.pfds == NULL or self.conns == NULL or self.rbuf == NULL
-                or win_init(&self.win, ring_bits) < 0 or batch_init(&self.out) < 0):
+        if (self.fds == NULL or self.pfds == NULL or self.conns == NULL
+                or rbatch_init(&self.inb) < 0 or win_init(&self.win, ring_bits) < 0
+                or batch_init(&self.out) < 0):
             raise MemoryError()
         for i in range(self.nsock):
             self.fds[i] = fds[i]
             self.pfds[i].fd = fds[i]
             self.pfds[i].events = POLLIN
-        for i in range(BATCH):
-            self.riov[i].iov_base = self.rbuf + i * MSG_MAX
-            self.riov[i].iov_len = MSG_MAX
         self.challenges = []
 
     def __dealloc__(self):
@@ -141,7 +138,8 @@ cdef class Engine(Counters):
         if self.conns != NULL:
             for i in range(self.nsock):
                 conn_free(&self.conns[i])
-        free(self.fds); free(self.pfds); free(self.conns); free(self.rbuf)
+        free(self.fds); free(self.pfds); free(self.conns)
+        rbatch_free(&self.inb)
         send_free(&self.tpl, &self.ph, &self.sch)
         batch_free(&self.out)
         win_free(&self.win)
@@ -394,7 +392,6 @@ cdef class Engine(Counters):
         cdef int i, start, run, sent, fd
         cdef int64_t t
         cdef Entry *e
-        cdef Slot *s
         batch_build(&self.out, nb, &self.tpl,
                     NULL if self.transport == T_TCP else PyBytes_AS_STRING(self.dest),
                     <socklen_t>PyBytes_GET_SIZE(self.dest),
@@ -412,24 +409,17 @@ cdef class Engine(Counters):
                     sent = 0
             for i in range(start, start + run):
                 e = &self.out.ent[i]
-                s = win_slot(&self.win, e.seq)
                 if e.retrans:
                     if i - start < sent:
                         self.retransmissions += 1
                         self.sent_total += 1
                     continue
                 if i - start < sent:
-                    s.t_send = t
-                    s.seq = e.seq
-                    s.phone = e.phone
-                    s.kind = e.kind
-                    s.state = ST_OUT
-                    s.flags = e.flags
+                    win_sent(&self.win, e.seq, e.phone, e.kind, e.flags, t)
                     self.outstanding += 1
                     self.sent_total += 1
                 else:
-                    s.state = ST_FREE
-                    s.seq = e.seq
+                    win_unsent(&self.win, e.seq)
                     self.ph.busy[e.phone] = 0
                     self.send_errors += 1
             start += run
@@ -440,22 +430,14 @@ cdef class Engine(Counters):
     # ---------------------------------------------------------- receive
 
     cdef int _recv_udp(self, int fd) noexcept:
-        cdef int i, n
+        """One batch of replies from ``fd``, each matched; how many."""
+        cdef int i, n = rbatch_recv(&self.inb, fd)
         cdef int64_t t
-        for i in range(BATCH):
-            self.rmsgs[i].msg_hdr.msg_name = NULL
-            self.rmsgs[i].msg_hdr.msg_namelen = 0
-            self.rmsgs[i].msg_hdr.msg_iov = &self.riov[i]
-            self.rmsgs[i].msg_hdr.msg_iovlen = 1
-            self.rmsgs[i].msg_hdr.msg_control = NULL
-            self.rmsgs[i].msg_hdr.msg_controllen = 0
-            self.rmsgs[i].msg_hdr.msg_flags = 0
-        n = recvmmsg(fd, self.rmsgs, BATCH, MSG_DONTWAIT, NULL)
-        if n <= 0:
+        if n == 0:
             return 0
         t = now_ns()
         for i in range(n):
-            self._on_reply(self.rbuf + i * MSG_MAX, self.rmsgs[i].msg_len, t)
+            self._on_reply(self.inb.buf + i * MSG_MAX, self.inb.msgs[i].msg_len, t)
         return n
 
     cdef void _on_reply(self, const char *p, Py_ssize_t n, int64_t t) noexcept:

@@ -1,7 +1,10 @@
 # cython: language_level=3
-"""The reply scanner and the TCP framer of the load engine (see _scan_c.pyx)."""
+"""Reading replies for the load engine: the UDP receive batch, the reply
+scanner and the TCP framer (see _scan_c.pyx)."""
 
 from libc.stdint cimport uint64_t
+
+from load._common cimport BATCH, iovec, mmsghdr
 
 cdef struct ReplyInfo:
     int status
@@ -10,5 +13,14 @@ cdef struct ReplyInfo:
     Py_ssize_t cid_len
 
 
+cdef struct RecvBatch:
+    mmsghdr msgs[BATCH]
+    iovec iov[BATCH]
+    char *buf                 # BATCH * MSG_MAX
+
+
 cdef int scan_reply(const char *p, Py_ssize_t n, ReplyInfo *out) noexcept nogil
 cdef Py_ssize_t frame_length(const char *p, Py_ssize_t n) noexcept nogil
+cdef int rbatch_init(RecvBatch *b) noexcept nogil
+cdef void rbatch_free(RecvBatch *b) noexcept nogil
+cdef int rbatch_recv(RecvBatch *b, int fd) noexcept nogil

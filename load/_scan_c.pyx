@@ -1,16 +1,19 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Reading replies for the load engine, in C, without Python objects.
 
-:func:`scan_reply` finds the status code, the CSeq number and the Call-ID
-span of a response (the engine's match key); :func:`frame_length` cuts a
-TCP stream into messages by their Content-Length.
+:func:`rbatch_recv` receives up to ``BATCH`` datagrams with one
+``recvmmsg``; :func:`scan_reply` finds the status code, the CSeq number
+and the Call-ID span of a response (the engine's match key);
+:func:`frame_length` cuts a TCP stream into messages by their
+Content-Length.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcmp
 
-from load._common cimport name_is
+from load._common cimport MSG_DONTWAIT, MSG_MAX, name_is, recvmmsg
 
 
 cdef int scan_reply(const char *p, Py_ssize_t n, ReplyInfo *out) noexcept nogil:
@@ -115,6 +118,40 @@ cdef Py_ssize_t frame_length(const char *p, Py_ssize_t n) noexcept nogil:
     if pos + cl > n:
         return 0
     return pos + cl
+
+
+cdef int rbatch_init(RecvBatch *b) noexcept nogil:
+    """-1 when out of memory."""
+    cdef int i
+    b.buf = <char *>malloc(BATCH * MSG_MAX)
+    if b.buf == NULL:
+        return -1
+    for i in range(BATCH):
+        b.iov[i].iov_base = b.buf + i * MSG_MAX
+        b.iov[i].iov_len = MSG_MAX
+    return 0
+
+
+cdef void rbatch_free(RecvBatch *b) noexcept nogil:
+    free(b.buf)
+    b.buf = NULL
+
+
+cdef int rbatch_recv(RecvBatch *b, int fd) noexcept nogil:
+    """Receive what waits on ``fd`` (at most ``BATCH`` datagrams, without
+    blocking); how many: datagram ``i`` is ``b.buf + i * MSG_MAX``, its
+    length ``b.msgs[i].msg_len``."""
+    cdef int i, n
+    for i in range(BATCH):
+        b.msgs[i].msg_hdr.msg_name = NULL
+        b.msgs[i].msg_hdr.msg_namelen = 0
+        b.msgs[i].msg_hdr.msg_iov = &b.iov[i]
+        b.msgs[i].msg_hdr.msg_iovlen = 1
+        b.msgs[i].msg_hdr.msg_control = NULL
+        b.msgs[i].msg_hdr.msg_controllen = 0
+        b.msgs[i].msg_hdr.msg_flags = 0
+    n = recvmmsg(fd, b.msgs, BATCH, MSG_DONTWAIT, NULL)
+    return n if n > 0 else 0
 
 
 def _scan_reply(bytes data):

@@ -54,8 +54,23 @@ cdef inline bint win_full(const Window *w) noexcept nogil:
     return w.head - w.tail > w.mask
 
 
-cdef inline Slot *win_slot(Window *w, uint64_t seq) noexcept nogil:
-    return &w.ring[seq & w.mask]
+cdef inline void win_sent(Window *w, uint32_t seq, uint32_t phone, uint16_t kind, uint8_t flags,
+                          int64_t t) noexcept nogil:
+    """Request ``seq`` went out at ``t``: outstanding from now on."""
+    cdef Slot *s = &w.ring[seq & w.mask]
+    s.t_send = t
+    s.seq = seq
+    s.phone = phone
+    s.kind = kind
+    s.state = ST_OUT
+    s.flags = flags
+
+
+cdef inline void win_unsent(Window *w, uint32_t seq) noexcept nogil:
+    """Request ``seq`` could not be sent: its slot stays free."""
+    cdef Slot *s = &w.ring[seq & w.mask]
+    s.state = ST_FREE
+    s.seq = seq
 
 
 cdef inline Slot *win_find(Window *w, uint64_t seq) noexcept nogil:

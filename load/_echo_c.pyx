@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """The echo: a trivial C-speed registrar stand-in for throughput figures.
 
 :func:`echo_udp` answers every request on a UDP socket with a ``200 OK``

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """The hot loop of the load tool: batched send, receive, match, time.
 
 :class:`Engine` holds pre-built requests (templates), patches a ten-digit

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """Reading replies for the load engine, in C, without Python objects.
 
 :func:`rbatch_recv` receives up to ``BATCH`` datagrams with one

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """The send path of the load engine.
 
 Templates are requests built once (by scapy, in Python) per phone and kind,

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """What the load engine counts, and how Python reads it.
 
 :class:`Counters` holds the counters, the replies by status code and two

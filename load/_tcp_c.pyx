@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """TCP connections of the load engine.
 
 Requests are appended to a connection's output queue (:func:`conn_queue`)

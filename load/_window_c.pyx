@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """The window of outstanding requests of the load engine.
 
 Request numbers count up from ``SEQ_BASE``; request ``seq`` lives in slot

@@ -44,8 +44,9 @@ exts = [
     # the server's batched datagram I/O (cimports fastsip/server/handoff.pxd)
     ext("fastsip.server._io_c"),
 ]
-# the load tool (top-level package load/): the batched send/receive/match helper
-LOAD_MODULES = ("loadio",)
+# the load tool (top-level package load/): the engine (batched send/receive/match),
+# its parts, and the C-speed echo responder
+LOAD_MODULES = ("stats", "scan", "window", "tcp", "send", "loadio", "echo")
 exts += [ext(f"load._{m}_c") for m in LOAD_MODULES]
 setup(
     ext_modules=cythonize(

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# cython: auto_pickle=False, autotestdict=False
 """The hot loop of the load tool: batched send, receive, match, time.
 
 :class:`Engine` holds pre-built requests (templates), patches a ten-digit
@@ -11,8 +12,16 @@ timeouts and SIP timer E/F style retransmissions run inside :meth:`Engine.run`,
 which returns to Python every slice so it can draw progress and answer
 digest challenges.
 
-:func:`echo_udp` is the trivial C-speed responder used as the "echo" for
-throughput figures.
+The engine ties together its parts, one module each (C structs and
+functions, declared in their ``.pxd``):
+
+``load._send_c``     templates, phones, the schedule, the send batch
+``load._window_c``   the ring of outstanding requests, timeouts, retransmissions
+``load._tcp_c``      TCP connections (output queue, input framing)
+``load._scan_c``     the receive batch, the reply scanner, the TCP framer
+``load._stats_c``    :class:`Counters` (which :class:`Engine` is) and the histogram
+
+The "echo" responder used for throughput figures is in ``load._echo_c``.
 
 Per packet nothing here creates a Python object, except the copy of a
 401/407 reply that is handed to Python to answer.
@@ -21,94 +30,26 @@ Per packet nothing here creates a Python object, except the copy of a
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcmp, memcpy, memmove, memset
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from libc.stdlib cimport calloc, free
+from posix.time cimport timespec
 
-cdef extern from *:
-    """
-    #include <sys/socket.h>
-    #include <netinet/in.h>
-    #include <poll.h>
-    #include <string.h>
-
-    /* Attach an IP_PKTINFO control message that picks the source address. */
-    static void fl_set_pktinfo(struct msghdr *m, char *cbuf, uint32_t src_be) {
-        struct cmsghdr *c;
-        struct in_pktinfo *pi;
-        m->msg_control = cbuf;
-        m->msg_controllen = CMSG_SPACE(sizeof(struct in_pktinfo));
-        c = CMSG_FIRSTHDR(m);
-        c->cmsg_level = IPPROTO_IP;
-        c->cmsg_type = IP_PKTINFO;
-        c->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
-        pi = (struct in_pktinfo *)CMSG_DATA(c);
-        memset(pi, 0, sizeof(*pi));
-        pi->ipi_spec_dst.s_addr = src_be;
-    }
-    #define FL_CBUF_SIZE CMSG_SPACE(sizeof(struct in_pktinfo))
-    """
-    enum: FL_CBUF_SIZE
-    enum: MSG_DONTWAIT
-    enum: MSG_NOSIGNAL
-    enum: POLLIN
-    enum: POLLOUT
-    enum: POLLERR
-    enum: POLLHUP
-    ctypedef unsigned int socklen_t
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    struct sockaddr_storage:
-        pass
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int sendmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags) nogil
-    int recvmmsg(int fd, mmsghdr *vec, unsigned int vlen, int flags, timespec *timeout) nogil
-    ssize_t send(int fd, const void *buf, size_t n, int flags) nogil
-    ssize_t recv(int fd, void *buf, size_t n, int flags) nogil
-    int poll(pollfd *fds, unsigned long nfds, int timeout) nogil
-    int ppoll(pollfd *fds, unsigned long nfds, const timespec *tmo, const void *sigmask) nogil
-    void fl_set_pktinfo(msghdr *m, char *cbuf, uint32_t src_be) nogil
-
-
-cdef enum:
-    BATCH = 64            # messages per sendmmsg / recvmmsg
-    MSG_MAX = 4096        # largest request or reply handled
-    NSTATUS = 700         # status codes 0..699 are counted
-    MAX_SITES = 4
-    MAX_LEVELS = 32       # retransmission levels
-    KIND_OVERRIDE = 0xFFFF
-    HSUB = 64             # histogram sub-buckets per power of two
-    HBUCKETS = 128 + 40 * 64
-    TCP_IN_CAP = 1 << 18  # receive buffer of one TCP connection
-
-# slot states
-cdef enum:
-    ST_FREE = 0       # never sent (or the send failed)
-    ST_OUT = 1        # sent, no final reply yet
-    ST_DONE = 2       # final reply received
-    ST_TIMEOUT = 3    # given up
-
-# slot flags
-cdef enum:
-    F_MALFORMED = 1
-    F_AUTHED = 2      # an answer to a challenge (never challenged again)
+from load._common cimport (BATCH, MSG_DONTWAIT, MSG_MAX, POLLERR, POLLHUP, POLLIN, POLLOUT,
+                           now_ns, pollfd, ppoll, sendmmsg, socklen_t)
+from load._scan_c cimport (RecvBatch, ReplyInfo, rbatch_free, rbatch_init, rbatch_recv,
+                           scan_reply)
+from load._send_c cimport (KIND_OVERRIDE, Batch, Entry, Phones, Schedule, Templates, batch_build,
+                           batch_free, batch_init, batch_run, callid_matches, entry_set,
+                           phones_set, phones_take, sched_due, sched_kind, sched_next,
+                           sched_open, sched_set, sched_start, send_free, templates_set,
+                           tpl_fill, tpl_of)
+from load._stats_c cimport NSTATUS, Counters, hist_add
+from load._tcp_c cimport (Conn, conn_flush, conn_free, conn_queue, conn_recv, conns_flush,
+                          conns_poll_events)
+from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_TIMEOUT, Slot,
+                             Window, win_due, win_expire, win_find, win_free, win_full, win_init,
+                             win_next_timer, win_sent, win_set_timers, win_unsent)
 
 # transports
 cdef enum:
@@ -117,245 +58,8 @@ cdef enum:
     T_RAW = 2
 
 
-cdef struct Tpl:
-    const char *data
-    uint32_t length
-    uint32_t cid_off
-    uint32_t cid_len
-    int nsites
-    uint32_t sites[MAX_SITES]
-
-
-cdef struct Slot:
-    int64_t t_send
-    uint32_t seq
-    uint32_t phone
-    uint16_t kind
-    uint8_t state
-    uint8_t flags
-
-
-cdef struct Hist:
-    uint64_t n
-    uint64_t sum_ns
-    uint64_t max_ns
-    uint64_t b[HBUCKETS]
-
-
-cdef struct Conn:          # one TCP connection
-    char *ob
-    size_t olen
-    size_t ocap
-    char *ib
-    size_t ilen
-    int closed
-
-
-cdef struct Entry:         # one message of the batch being built
-    uint32_t seq
-    uint32_t phone
-    uint16_t kind
-    uint16_t sock
-    uint8_t flags
-    uint8_t retrans
-
-
-cdef inline int64_t now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
-cdef inline int hist_index(uint64_t v) noexcept nogil:
-    """Log-linear bucket: exact below 128 ns, then 64 buckets per power of two."""
-    cdef int e
-    if v < 128:
-        return <int>v
-    e = 63 - __builtin_clzll(v)
-    if e > 46:
-        return HBUCKETS - 1
-    return 128 + (e - 7) * HSUB + <int>((v >> (e - 6)) & (HSUB - 1))
-
-
-cdef inline uint64_t hist_value(int i) noexcept nogil:
-    """Middle of bucket ``i`` in nanoseconds."""
-    cdef int e, mant
-    if i < 128:
-        return <uint64_t>i
-    e = (i - 128) // HSUB + 7
-    mant = (i - 128) % HSUB
-    return ((<uint64_t>(HSUB + mant) << (e - 6)) + (<uint64_t>1 << (e - 7)))
-
-
-cdef extern from *:
-    int __builtin_clzll(unsigned long long) nogil
-
-
-cdef inline void hist_add(Hist *h, uint64_t v) noexcept nogil:
-    h.n += 1
-    h.sum_ns += v
-    if v > h.max_ns:
-        h.max_ns = v
-    h.b[hist_index(v)] += 1
-
-
-cdef uint64_t hist_quantile(const Hist *h, double q) noexcept nogil:
-    """The value below which a share ``q`` of the samples lie (0 when empty)."""
-    cdef uint64_t rank, acc = 0, v
-    cdef int i
-    if h.n == 0:
-        return 0
-    rank = <uint64_t>(q * h.n)
-    if rank >= h.n:
-        rank = h.n - 1
-    for i in range(HBUCKETS):
-        acc += h.b[i]
-        if acc > rank:
-            v = hist_value(i)
-            return v if v < h.max_ns else h.max_ns
-    return h.max_ns
-
-
-# ------------------------------------------------------------ SIP scanning
-
-cdef unsigned char LOWER[256]
-for _i in range(256):
-    LOWER[_i] = _i + 32 if 65 <= _i <= 90 else _i
-
-
-cdef inline bint name_is(const char *p, Py_ssize_t n, const char *lname, Py_ssize_t ln) noexcept nogil:
-    """Case-insensitive compare of header name ``p[:n]`` with lower-case ``lname``."""
-    cdef Py_ssize_t i
-    if n != ln:
-        return False
-    for i in range(n):
-        if LOWER[<unsigned char>p[i]] != <unsigned char>lname[i]:
-            return False
-    return True
-
-
-cdef struct ReplyInfo:
-    int status
-    uint64_t cseq
-    const char *cid
-    Py_ssize_t cid_len
-
-
-cdef int scan_reply(const char *p, Py_ssize_t n, ReplyInfo *out) noexcept nogil:
-    """Status code, CSeq number and Call-ID span of a response.
-
-    Returns 0 on success, -1 for something that is not a SIP response, -2 when
-    the Call-ID or the CSeq number is missing.
-    """
-    cdef Py_ssize_t pos, end, ne, vs, ve, i
-    cdef const char *nl
-    cdef const char *colon
-    cdef int found = 0
-    cdef uint64_t num
-    if n < 12 or memcmp(p, b"SIP/2.0 ", 8) != 0:
-        return -1
-    if not (48 <= p[8] <= 57 and 48 <= p[9] <= 57 and 48 <= p[10] <= 57):
-        return -1
-    out.status = (p[8] - 48) * 100 + (p[9] - 48) * 10 + (p[10] - 48)
-    out.cid = NULL
-    out.cid_len = 0
-    out.cseq = 0
-    nl = <const char *>memchr(p, 10, n)
-    if nl == NULL:
-        return -2
-    pos = nl - p + 1
-    while pos < n and found != 3:
-        nl = <const char *>memchr(p + pos, 10, n - pos)
-        end = n if nl == NULL else nl - p
-        ve = end
-        if ve > pos and p[ve - 1] == 13:
-            ve -= 1
-        if ve == pos:                       # blank line: end of headers
-            break
-        colon = <const char *>memchr(p + pos, 58, ve - pos)
-        if colon != NULL:
-            ne = colon - p
-            while ne > pos and (p[ne - 1] == 32 or p[ne - 1] == 9):
-                ne -= 1
-            vs = colon - p + 1
-            while vs < ve and (p[vs] == 32 or p[vs] == 9):
-                vs += 1
-            while ve > vs and (p[ve - 1] == 32 or p[ve - 1] == 9):
-                ve -= 1
-            if name_is(p + pos, ne - pos, b"call-id", 7) or name_is(p + pos, ne - pos, b"i", 1):
-                out.cid = p + vs
-                out.cid_len = ve - vs
-                found |= 1
-            elif name_is(p + pos, ne - pos, b"cseq", 4):
-                num = 0
-                i = vs
-                while i < ve and 48 <= p[i] <= 57 and i - vs < 12:
-                    num = num * 10 + (p[i] - 48)
-                    i += 1
-                if i > vs:
-                    out.cseq = num
-                    found |= 2
-        pos = end + 1
-    return 0 if found == 3 else -2
-
-
-cdef inline void put_seq(char *digits, uint32_t seq) noexcept nogil:
-    cdef int i
-    for i in range(9, -1, -1):
-        digits[i] = <char>(48 + seq % 10)
-        seq //= 10
-
-
-cdef Py_ssize_t frame_length(const char *p, Py_ssize_t n) noexcept nogil:
-    """Length of the first complete message in a TCP stream buffer.
-
-    0 when more bytes are needed, -1 when the headers are unreasonably long
-    (the stream is broken).  Leading CRLF keep-alives count as a message of
-    their own length (the caller skips them).
-    """
-    cdef Py_ssize_t i = 0, pos, ve, vs, cl = 0
-    cdef const char *nl
-    cdef const char *colon
-    while i < n and (p[i] == 13 or p[i] == 10):
-        i += 1
-    if i > 0:
-        return i
-    pos = 0
-    while True:
-        if pos >= n:
-            return 0 if n < 65536 else -1
-        nl = <const char *>memchr(p + pos, 10, n - pos)
-        if nl == NULL:
-            return 0 if n < 65536 else -1
-        ve = nl - p
-        if ve > pos and p[ve - 1] == 13:
-            ve -= 1
-        if ve == pos:                        # blank line
-            pos = nl - p + 1
-            break
-        colon = <const char *>memchr(p + pos, 58, ve - pos)
-        if colon != NULL:
-            vs = colon - p
-            while vs > pos and (p[vs - 1] == 32 or p[vs - 1] == 9):
-                vs -= 1
-            if name_is(p + pos, vs - pos, b"content-length", 14) or name_is(p + pos, vs - pos, b"l", 1):
-                vs = colon - p + 1
-                while vs < ve and (p[vs] == 32 or p[vs] == 9):
-                    vs += 1
-                cl = 0
-                while vs < ve and 48 <= p[vs] <= 57 and cl < 1000000:
-                    cl = cl * 10 + (p[vs] - 48)
-                    vs += 1
-        pos = nl - p + 1
-    if pos + cl > n:
-        return 0
-    return pos + cl
-
-
-# ------------------------------------------------------------ the engine
-
 @cython.final
-cdef class Engine:
+cdef class Engine(Counters):
     """Sends pre-built requests and matches the replies.
 
     Build it with the transport, the target address (a ``sockaddr`` as
@@ -364,6 +68,7 @@ cdef class Engine:
     with :meth:`configure`, and call :meth:`run` until it reports done.
     """
 
+    # sockets (the memory of a new object is zeroed: every pointer starts NULL)
     cdef int transport
     cdef int nsock
     cdef int *fds
@@ -373,88 +78,21 @@ cdef class Engine:
     cdef bytes dest
     cdef bint use_pktinfo
 
-    # templates: users * kinds, plus one override per phone
+    # what to send and to whom (the lists keep the templates' bytes alive)
+    cdef Templates tpl
     cdef list _tpl_keep
-    cdef Tpl *tpls
-    cdef int nkinds
     cdef list _ovr_keep
-    cdef Tpl *ovr
-    cdef uint32_t users
-    cdef uint16_t *phone_sock
-    cdef uint32_t *phone_src
-    cdef uint8_t *busy
-    cdef uint32_t cursor
+    cdef Phones ph
+    cdef Schedule sch
+    cdef Batch out
 
-    # what to send
-    cdef uint16_t *pattern
-    cdef uint32_t plen
-    cdef uint16_t *mal_kinds
-    cdef uint32_t nmal
-    cdef uint64_t mal_thresh
-    cdef int closed_loop
-    cdef double rate
-    cdef uint32_t inflight
-    cdef uint64_t max_new
-    cdef int64_t t0
-    cdef int64_t send_until
-    cdef int64_t timeout_ns
-    cdef int nlevels
-    cdef int64_t rtx_off[MAX_LEVELS]
-    cdef uint64_t rtx_ptr[MAX_LEVELS]
+    # the outstanding requests; the replies Python has to answer
+    cdef Window win
     cdef bint answer_challenges
-
-    # request numbers and the ring of outstanding requests
-    cdef uint64_t seq_base
-    cdef uint64_t head
-    cdef uint64_t tail
-    cdef uint64_t mask
-    cdef Slot *ring
-    cdef uint32_t *pending
-    cdef uint32_t npending
     cdef public list challenges
 
-    # counters
-    cdef readonly uint64_t sent_new, sent_total, retransmissions, outstanding
-    cdef readonly uint64_t finals, ok, provisional, timeouts, duplicates, late
-    cdef readonly uint64_t stale, mismatched, not_response, unparsable
-    cdef readonly uint64_t send_errors, stalls_busy, stalls_ring, challenged
-    cdef readonly uint64_t mal_sent, mal_finals, mal_timeouts, conn_closed
-    cdef readonly int64_t first_send_ns, last_send_ns, last_final_ns
-    cdef readonly int64_t max_lag_ns
-    cdef uint64_t status[NSTATUS]
-    cdef uint64_t mal_status[NSTATUS]
-    cdef Hist *hist_total
-    cdef Hist *hist_ival
-    cdef uint64_t iv_sent, iv_finals, iv_ok, iv_timeouts
-
-    # batch buffers
-    cdef Entry ent[BATCH]
-    cdef mmsghdr msgs[BATCH]
-    cdef iovec iov[BATCH]
-    cdef char *sbuf
-    cdef char *cbuf
-    cdef mmsghdr rmsgs[BATCH]
-    cdef iovec riov[BATCH]
-    cdef char *rbuf
-
-    def __cinit__(self):
-        self.fds = NULL
-        self.conns = NULL
-        self.pfds = NULL
-        self.tpls = NULL
-        self.ovr = NULL
-        self.phone_sock = NULL
-        self.phone_src = NULL
-        self.busy = NULL
-        self.pattern = NULL
-        self.mal_kinds = NULL
-        self.ring = NULL
-        self.pending = NULL
-        self.hist_total = NULL
-        self.hist_ival = NULL
-        self.sbuf = NULL
-        self.cbuf = NULL
-        self.rbuf = NULL
+    # the receive batch (UDP)
+    cdef RecvBatch inb
 
     def __init__(self, str transport, bytes dest, fds, int rawfd=-1, int ring_bits=20,
                  bint pktinfo=True):
@@ -486,115 +124,50 @@ cdef class Engine:
         self.fds = <int *>calloc(self.nsock, sizeof(int))
         self.pfds = <pollfd *>calloc(self.nsock, sizeof(pollfd))
         self.conns = <Conn *>calloc(self.nsock, sizeof(Conn))
-        self.mask = (1 << ring_bits) - 1
-        self.ring = <Slot *>calloc(self.mask + 1, sizeof(Slot))
-        self.hist_total = <Hist *>calloc(1, sizeof(Hist))
-        self.hist_ival = <Hist *>calloc(1, sizeof(Hist))
-        self.sbuf = <char *>malloc(BATCH * MSG_MAX)
-        self.cbuf = <char *>calloc(BATCH, FL_CBUF_SIZE)
-        self.rbuf = <char *>malloc(BATCH * MSG_MAX)
-        if (self.fds == NULL or self.pfds == NULL or self.conns == NULL or self.ring == NULL
-                or self.hist_total == NULL or self.hist_ival == NULL or self.sbuf == NULL
-                or self.cbuf == NULL or self.rbuf == NULL):
+        if (self.fds == NULL or self.pfds == NULL or self.conns == NULL
+                or rbatch_init(&self.inb) < 0 or win_init(&self.win, ring_bits) < 0
+                or batch_init(&self.out) < 0):
             raise MemoryError()
         for i in range(self.nsock):
             self.fds[i] = fds[i]
             self.pfds[i].fd = fds[i]
             self.pfds[i].events = POLLIN
-        for i in range(BATCH):
-            self.riov[i].iov_base = self.rbuf + i * MSG_MAX
-            self.riov[i].iov_len = MSG_MAX
         self.challenges = []
-        self.seq_base = 1000000000
-        self.head = self.tail = self.seq_base
-        self.timeout_ns = 2000000000
-        self.plen = 0
-        self.users = 0
 
     def __dealloc__(self):
         cdef int i
         if self.conns != NULL:
             for i in range(self.nsock):
-                free(self.conns[i].ob)
-                free(self.conns[i].ib)
+                conn_free(&self.conns[i])
         free(self.fds); free(self.pfds); free(self.conns)
-        free(self.tpls); free(self.ovr)
-        free(self.phone_sock); free(self.phone_src); free(self.busy)
-        free(self.pattern); free(self.mal_kinds)
-        free(self.ring); free(self.pending)
-        free(self.hist_total); free(self.hist_ival)
-        free(self.sbuf); free(self.cbuf); free(self.rbuf)
+        rbatch_free(&self.inb)
+        send_free(&self.tpl, &self.ph, &self.sch)
+        batch_free(&self.out)
+        win_free(&self.win)
 
     # ---------------------------------------------------------- set-up
-
-    cdef int _fill_tpl(self, Tpl *t, tpl) except -1:
-        cdef bytes data = tpl[0]
-        sites = tpl[1]
-        cid = tpl[2]
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
-        if n > MSG_MAX:
-            raise ValueError(f"a request of {n} bytes is longer than {MSG_MAX}")
-        if not 1 <= len(sites) <= MAX_SITES:
-            raise ValueError("a template needs 1 to 4 request-number sites")
-        t.data = PyBytes_AS_STRING(data)
-        t.length = <uint32_t>n
-        t.nsites = len(sites)
-        for i, s in enumerate(sites):
-            if s < 0 or s + 10 > n:
-                raise ValueError("request-number site outside the template")
-            t.sites[i] = s
-        if cid[0] < 0 or cid[0] + cid[1] > n or cid[1] > 512:
-            raise ValueError("Call-ID span outside the template")
-        t.cid_off = cid[0]
-        t.cid_len = cid[1]
-        return 0
 
     def set_templates(self, list templates, int nkinds):
         """``templates[phone * nkinds + kind]`` = ``(data, sites, (cid_off, cid_len))``.
 
         ``data`` must stay unchanged; the engine keeps a reference.
         """
-        cdef Py_ssize_t i, n = len(templates)
+        cdef Py_ssize_t n = len(templates)
         if nkinds < 1 or n % nkinds:
             raise ValueError("len(templates) must be a multiple of nkinds")
-        if self.users and n // nkinds != self.users:
+        if self.ph.n and n // nkinds != self.ph.n:
             raise ValueError("templates do not match the number of phones")
-        free(self.tpls)
-        self.tpls = <Tpl *>calloc(n, sizeof(Tpl))
-        if self.tpls == NULL:
-            raise MemoryError()
-        for i in range(n):
-            self._fill_tpl(&self.tpls[i], templates[i])
+        templates_set(&self.tpl, templates, nkinds)
         self._tpl_keep = templates
-        self.nkinds = nkinds
 
     def set_phones(self, socks, srcs):
         """Per phone: the index of its socket, and its IPv4 source address
         as an integer (host order; 0 = the socket's own address)."""
-        cdef Py_ssize_t i, n = len(socks)
+        cdef Py_ssize_t n = len(socks)
         if n != len(srcs) or n < 1:
             raise ValueError("socks and srcs must have the same, non-zero length")
-        free(self.phone_sock); free(self.phone_src); free(self.busy); free(self.ovr); free(self.pending)
-        self.phone_sock = <uint16_t *>calloc(n, sizeof(uint16_t))
-        self.phone_src = <uint32_t *>calloc(n, sizeof(uint32_t))
-        self.busy = <uint8_t *>calloc(n, 1)
-        self.ovr = <Tpl *>calloc(n, sizeof(Tpl))
-        self.pending = <uint32_t *>calloc(n, sizeof(uint32_t))
-        if (self.phone_sock == NULL or self.phone_src == NULL or self.busy == NULL
-                or self.ovr == NULL or self.pending == NULL):
-            raise MemoryError()
-        for i in range(n):
-            if not 0 <= socks[i] < self.nsock:
-                raise ValueError("phone socket index out of range")
-            self.phone_sock[i] = socks[i]
-            a = srcs[i]
-            # network byte order for in_pktinfo
-            self.phone_src[i] = (((a >> 24) & 0xff) | ((a >> 8) & 0xff00)
-                                 | ((a << 8) & 0xff0000) | ((a & 0xff) << 24))
-        self.users = n
+        phones_set(&self.ph, &self.tpl, socks, srcs, self.nsock)
         self._ovr_keep = [None] * n
-        self.npending = 0
-        self.cursor = 0
 
     def configure(self, *, pattern, malformed_kinds=(), double malformed_ratio=0.0,
                   bint closed_loop=False, double rate=0.0, int inflight=0,
@@ -611,9 +184,7 @@ cdef class Engine:
         retransmissions at t1, 2*t1, 4*t1 ... capped at ``t2`` apart (RFC
         3261 timer E); ``answer_challenges``: hand 401/407 replies to Python.
         """
-        cdef int64_t off, gap
         cdef int k
-        cdef uint32_t u
         if len(pattern) < 1:
             raise ValueError("empty pattern")
         if max_new is None and duration <= 0:
@@ -627,109 +198,33 @@ cdef class Engine:
         if t1 > 0 and self.transport == T_TCP:
             raise ValueError("no retransmissions over TCP")
         for k in list(pattern) + list(malformed_kinds):
-            if not 0 <= k < self.nkinds:
+            if not 0 <= k < self.tpl.nkinds:
                 raise ValueError("kind out of range")
-        free(self.pattern); free(self.mal_kinds)
-        self.plen = len(pattern)
-        self.pattern = <uint16_t *>malloc(self.plen * sizeof(uint16_t))
-        self.nmal = len(malformed_kinds)
-        self.mal_kinds = <uint16_t *>malloc((self.nmal + 1) * sizeof(uint16_t))
-        for u in range(self.plen):
-            self.pattern[u] = pattern[u]
-        for u in range(self.nmal):
-            self.mal_kinds[u] = malformed_kinds[u]
-        self.mal_thresh = <uint64_t>(malformed_ratio * 4294967296.0) if self.nmal else 0
-        self.closed_loop = closed_loop
-        self.rate = rate
-        self.inflight = inflight
-        self.max_new = 0xFFFFFFFFFFFFFFFF if max_new is None else max_new
-        self.timeout_ns = <int64_t>(timeout * 1e9)
+        sched_set(&self.sch, pattern, malformed_kinds, malformed_ratio, closed_loop, rate,
+                  inflight, max_new, duration)
+        win_set_timers(&self.win, timeout, t1, t2)
         self.answer_challenges = answer_challenges
-        self.nlevels = 0
-        if t1 > 0:
-            off = <int64_t>(t1 * 1e9)
-            gap = off
-            while off < self.timeout_ns and self.nlevels < MAX_LEVELS:
-                self.rtx_off[self.nlevels] = off
-                self.nlevels += 1
-                gap = gap * 2
-                if gap > <int64_t>(t2 * 1e9):
-                    gap = <int64_t>(t2 * 1e9)
-                off += gap
-        for k in range(self.nlevels):
-            self.rtx_ptr[k] = self.head
-        if not closed_loop and duration > 0:
-            # open loop: request k is due at k / rate; those due before the end
-            # are sent even when the generator runs a little late (the grace
-            # below bounds how late), so the count is exactly ceil(rate * duration)
-            sched = <uint64_t>(rate * duration)
-            if sched < rate * duration:
-                sched += 1
-            if sched < self.max_new:
-                self.max_new = sched
         self.reset_counters()
-        self.t0 = now_ns()
-        self.send_until = self.t0 + <int64_t>(duration * 1e9) if duration > 0 else 0x7FFFFFFFFFFFFFFF
-        if not closed_loop and duration > 0:
-            self.send_until += 250000000
-
-    def reset_counters(self):
-        """Zero every counter and histogram (outstanding requests stay)."""
-        self.sent_new = self.sent_total = self.retransmissions = 0
-        self.finals = self.ok = self.provisional = self.timeouts = self.duplicates = 0
-        self.late = self.stale = self.mismatched = self.not_response = self.unparsable = 0
-        self.send_errors = self.stalls_busy = self.stalls_ring = self.challenged = 0
-        self.mal_sent = self.mal_finals = self.mal_timeouts = self.conn_closed = 0
-        self.first_send_ns = self.last_send_ns = self.last_final_ns = 0
-        self.max_lag_ns = 0
-        memset(self.status, 0, sizeof(self.status))
-        memset(self.mal_status, 0, sizeof(self.mal_status))
-        memset(self.hist_total, 0, sizeof(Hist))
-        memset(self.hist_ival, 0, sizeof(Hist))
-        self.iv_sent = self.iv_finals = self.iv_ok = self.iv_timeouts = 0
+        sched_start(&self.sch, duration)
 
     def push_override(self, uint32_t phone, tpl):
         """Send ``tpl`` (``(data, sites, cid)``) as ``phone``'s next request,
         ahead of new load (an answer to a digest challenge)."""
-        if phone >= self.users:
+        if phone >= self.ph.n:
             raise ValueError("phone out of range")
-        self._fill_tpl(&self.ovr[phone], tpl)
+        tpl_fill(&self.tpl.ovr[phone], tpl)
         self._ovr_keep[phone] = tpl
-        self.pending[self.npending] = phone
-        self.npending += 1
+        self.ph.pending[self.ph.npending] = phone
+        self.ph.npending += 1
 
     def release(self, uint32_t phone):
         """Free a phone that Python will not send for (a challenge it cannot answer)."""
-        if phone < self.users:
-            self.busy[phone] = 0
-
-    # ---------------------------------------------------------- read-out
-
-    def status_counts(self, bint malformed=False):
-        """``{status: count}`` of the final and provisional replies."""
-        cdef uint64_t *a
-        if malformed:
-            a = &self.mal_status[0]
-        else:
-            a = &self.status[0]
-        return {i: a[i] for i in range(NSTATUS) if a[i]}
-
-    def latency(self):
-        """Latency of every matched final reply, in milliseconds."""
-        return _hist_dict(self.hist_total)
-
-    def take_interval(self):
-        """Counts and latency since the previous call (for progress and plots)."""
-        d = _hist_dict(self.hist_ival)
-        d.update(sent=self.iv_sent, finals=self.iv_finals, ok=self.iv_ok,
-                 timeouts=self.iv_timeouts)
-        memset(self.hist_ival, 0, sizeof(Hist))
-        self.iv_sent = self.iv_finals = self.iv_ok = self.iv_timeouts = 0
-        return d
+        if phone < self.ph.n:
+            self.ph.busy[phone] = 0
 
     def stop_sending(self):
         """End the phase's sending now (Ctrl-C); outstanding requests drain."""
-        self.send_until = now_ns()
+        self.sch.send_until = now_ns()
 
     # ---------------------------------------------------------- the loop
 
@@ -750,34 +245,31 @@ cdef class Engine:
             self._expire(t)
             progressed = self._send_some(t)
             t = now_ns()
-            can_send = self._may_send_new(t)
+            can_send = sched_open(&self.sch, t, self.sent_new)
             if self.challenges:
                 return "challenges"
-            if not can_send and self.outstanding == 0 and self.npending == 0:
+            if not can_send and self.outstanding == 0 and self.ph.npending == 0:
                 self._flush_tcp()
                 return "done"
             if t >= until:
                 return "slice"
             # how long may we sleep in poll?
             wait_ns = until - t
-            if progressed or self.npending:
+            if progressed or self.ph.npending:
                 wait_ns = 0
             elif can_send:
-                if self.closed_loop:
-                    if self.outstanding < self.inflight and not self._ring_full():
-                        wait_ns = 0
-                else:
-                    next_due = self.t0 + <int64_t>(self.sent_new * 1e9 / self.rate)
-                    if next_due - t < wait_ns:
-                        wait_ns = next_due - t if next_due > t else 0
+                next_due = sched_next(&self.sch, t, self.sent_new, self.outstanding,
+                                      win_full(&self.win))
+                if next_due - t < wait_ns:
+                    wait_ns = next_due - t if next_due > t else 0
             if self.outstanding:
-                next_due = self._next_timer()
+                next_due = win_next_timer(&self.win)
                 if next_due - t < wait_ns:
                     wait_ns = next_due - t if next_due > t else 0
             if wait_ns < 0:
                 wait_ns = 0
             if self.transport == T_TCP:
-                self._poll_out_flags()
+                conns_poll_events(self.conns, self.pfds, self.nsock)
             ts.tv_sec = wait_ns // 1000000000
             ts.tv_nsec = wait_ns % 1000000000
             with nogil:
@@ -794,9 +286,12 @@ cdef class Engine:
                     continue
                 if self.transport == T_TCP:
                     if self.pfds[i].revents & POLLOUT:
-                        self._flush_conn(i)
+                        if conn_flush(&self.conns[i], self.fds[i]):
+                            self.conn_closed += 1
                     if self.pfds[i].revents & (POLLIN | POLLERR | POLLHUP):
-                        self._recv_tcp(i)
+                        if conn_recv(&self.conns[i], self.fds[i], _on_message, <void *>self,
+                                     &self.unparsable):
+                            self.conn_closed += 1
                 else:
                     rounds = 0
                     while rounds < 8:
@@ -805,99 +300,53 @@ cdef class Engine:
                             break
                         rounds += 1
 
-    cdef bint _ring_full(self) noexcept nogil:
-        return self.head - self.tail > self.mask
-
-    cdef bint _may_send_new(self, int64_t t) noexcept nogil:
-        return self.sent_new < self.max_new and t < self.send_until
-
-    cdef int64_t _next_timer(self) noexcept nogil:
-        """Earliest time a timeout or a retransmission falls due."""
-        cdef int64_t best = 0x7FFFFFFFFFFFFFFF, c
-        cdef int k
-        cdef Slot *s
-        cdef uint64_t q = self.tail
-        while q < self.head:
-            s = &self.ring[q & self.mask]
-            if s.state == ST_OUT and s.seq == q:
-                best = s.t_send + self.timeout_ns
-                break
-            q += 1
-            if q - self.tail > 64:
-                return 0      # many answered slots to skip: let _expire do it now
-        for k in range(self.nlevels):
-            q = self.rtx_ptr[k]
-            if q < self.head:
-                s = &self.ring[q & self.mask]
-                c = s.t_send + self.rtx_off[k]
-                if c < best:
-                    best = c
-        return best
+    cdef void _flush_tcp(self) noexcept:
+        if self.transport == T_TCP:
+            self.conn_closed += conns_flush(self.conns, self.fds, self.nsock)
 
     cdef void _expire(self, int64_t t) noexcept:
-        """Time out what is too old; queue due retransmissions."""
+        """Time out what is too old; send the retransmissions that are due."""
         cdef Slot *s
-        cdef int k, nb = 0
-        cdef uint64_t q
-        while self.tail < self.head:
-            s = &self.ring[self.tail & self.mask]
-            if s.state == ST_OUT and s.seq == self.tail:
-                if t - s.t_send < self.timeout_ns:
-                    break
-                s.state = ST_TIMEOUT
-                self.outstanding -= 1
-                self.busy[s.phone] = 0
-                if s.flags & F_MALFORMED:
-                    self.mal_timeouts += 1
-                else:
-                    self.timeouts += 1
-                    self.iv_timeouts += 1
-            self.tail += 1
-        for k in range(self.nlevels):
-            q = self.rtx_ptr[k]
-            if q < self.tail:
-                q = self.tail
-            while q < self.head:
-                s = &self.ring[q & self.mask]
-                if s.state == ST_OUT and s.seq == q:
-                    if t - s.t_send < self.rtx_off[k]:
-                        break
-                    self.ent[nb].seq = <uint32_t>q
-                    self.ent[nb].phone = s.phone
-                    self.ent[nb].kind = s.kind
-                    self.ent[nb].sock = self.phone_sock[s.phone]
-                    self.ent[nb].flags = s.flags
-                    self.ent[nb].retrans = 1
-                    nb += 1
-                    if nb == BATCH:
-                        self._transmit(nb)
-                        nb = 0
-                q += 1
-            self.rtx_ptr[k] = q
-        if nb:
-            self._transmit(nb)
+        cdef Slot *due[BATCH]
+        cdef int i, nb
+        while True:
+            s = win_expire(&self.win, t)
+            if s == NULL:
+                break
+            self.outstanding -= 1
+            self.ph.busy[s.phone] = 0
+            if s.flags & F_MALFORMED:
+                self.mal_timeouts += 1
+            else:
+                self.timeouts += 1
+                self.iv_timeouts += 1
+        while self.win.nlevels:
+            nb = win_due(&self.win, t, due, BATCH)
+            for i in range(nb):
+                s = due[i]
+                entry_set(&self.out.ent[i], s.seq, s.phone, s.kind, self.ph.sock[s.phone],
+                          s.flags, 1)
+            if nb:
+                self._transmit(nb)
+            if nb < BATCH:
+                break
 
     cdef bint _send_some(self, int64_t t) noexcept:
         """Send pending challenge answers, then the new requests now due."""
         cdef int nb = 0
-        cdef int64_t due, lag
-        cdef uint32_t phone, tries
-        cdef uint64_t seq, h
+        cdef int64_t due, phone
+        cdef uint32_t one
+        cdef uint64_t seq
         cdef uint16_t kind
         cdef uint8_t flags
         cdef bint sent_any = False
         # answers to challenges first: they finish transactions already counted
-        while self.npending and not self._ring_full():
-            self.npending -= 1
-            phone = self.pending[self.npending]
-            seq = self.head
-            self.head += 1
-            self.ent[nb].seq = <uint32_t>seq
-            self.ent[nb].phone = phone
-            self.ent[nb].kind = KIND_OVERRIDE
-            self.ent[nb].sock = self.phone_sock[phone]
-            self.ent[nb].flags = F_AUTHED
-            self.ent[nb].retrans = 0
+        while self.ph.npending and not win_full(&self.win):
+            self.ph.npending -= 1
+            one = self.ph.pending[self.ph.npending]
+            entry_set(&self.out.ent[nb], self.win.head, one, KIND_OVERRIDE, self.ph.sock[one],
+                      F_AUTHED, 0)
+            self.win.head += 1
             nb += 1
             if nb == BATCH:
                 self._transmit(nb)
@@ -907,56 +356,26 @@ cdef class Engine:
             self._transmit(nb)
             nb = 0
             sent_any = True
-        if not self._may_send_new(t):
+        if not sched_open(&self.sch, t, self.sent_new):
             self._flush_tcp()
             return sent_any
-        if self.closed_loop:
-            due = <int64_t>self.inflight - <int64_t>self.outstanding
-        else:
-            due = <int64_t>((t - self.t0) * self.rate / 1e9) + 1 - <int64_t>self.sent_new
-            if due > 1:
-                lag = <int64_t>((due - 1) * 1e9 / self.rate)
-                if lag > self.max_lag_ns:
-                    self.max_lag_ns = lag
-        if due > BATCH * 16:
-            due = BATCH * 16
-        if <uint64_t>due > self.max_new - self.sent_new:
-            due = <int64_t>(self.max_new - self.sent_new)
+        due = sched_due(&self.sch, t, self.sent_new, self.outstanding, &self.max_lag_ns)
         while due > 0:
             if nb == BATCH:
                 self._transmit(nb)
                 nb = 0
                 sent_any = True
-            if self._ring_full():
+            if win_full(&self.win):
                 self.stalls_ring += 1
                 break
-            tries = 0
-            phone = self.cursor
-            while self.busy[phone] and tries < self.users:
-                phone += 1
-                if phone == self.users:
-                    phone = 0
-                tries += 1
-            if self.busy[phone]:
+            phone = phones_take(&self.ph)
+            if phone < 0:
                 self.stalls_busy += 1
                 break
-            self.cursor = phone + 1 if phone + 1 < self.users else 0
-            seq = self.head
-            self.head += 1
-            h = ((seq * <uint64_t>2654435761) & 0xFFFFFFFF)
-            flags = 0
-            if h < self.mal_thresh:
-                kind = self.mal_kinds[seq % self.nmal]
-                flags = F_MALFORMED
-            else:
-                kind = self.pattern[self.sent_new % self.plen]
-            self.busy[phone] = 1
-            self.ent[nb].seq = <uint32_t>seq
-            self.ent[nb].phone = phone
-            self.ent[nb].kind = kind
-            self.ent[nb].sock = self.phone_sock[phone]
-            self.ent[nb].flags = flags
-            self.ent[nb].retrans = 0
+            seq = self.win.head
+            self.win.head += 1
+            kind = sched_kind(&self.sch, seq, self.sent_new, &flags)
+            entry_set(&self.out.ent[nb], seq, <uint32_t>phone, kind, self.ph.sock[phone], flags, 0)
             self.sent_new += 1
             self.iv_sent += 1
             if flags & F_MALFORMED:
@@ -969,82 +388,40 @@ cdef class Engine:
         self._flush_tcp()
         return sent_any
 
-    cdef inline Tpl *_tpl(self, uint32_t phone, uint16_t kind) noexcept nogil:
-        if kind == KIND_OVERRIDE:
-            return &self.ovr[phone]
-        return &self.tpls[phone * self.nkinds + kind]
-
     cdef void _transmit(self, int nb) noexcept:
         """Build the ``nb`` entries of the batch, send them, record the slots."""
-        cdef int i, j, start, run, sent, k
-        cdef Entry tmp
-        cdef Tpl *tp
-        cdef char *buf
-        cdef char digits[10]
+        cdef int i, start, run, sent, fd
         cdef int64_t t
-        cdef Slot *s
-        cdef const char *dst = PyBytes_AS_STRING(self.dest)
-        cdef socklen_t dlen = <socklen_t>PyBytes_GET_SIZE(self.dest)
-        cdef int fd
-        # group by socket (insertion sort: the batch is nearly sorted already)
-        for i in range(1, nb):
-            tmp = self.ent[i]
-            j = i - 1
-            while j >= 0 and self.ent[j].sock > tmp.sock:
-                self.ent[j + 1] = self.ent[j]
-                j -= 1
-            self.ent[j + 1] = tmp
-        for i in range(nb):
-            tp = self._tpl(self.ent[i].phone, self.ent[i].kind)
-            buf = self.sbuf + i * MSG_MAX
-            memcpy(buf, tp.data, tp.length)
-            put_seq(digits, self.ent[i].seq)
-            for k in range(tp.nsites):
-                memcpy(buf + tp.sites[k], digits, 10)
-            self.iov[i].iov_base = buf
-            self.iov[i].iov_len = tp.length
-            memset(&self.msgs[i], 0, sizeof(mmsghdr))
-            self.msgs[i].msg_hdr.msg_iov = &self.iov[i]
-            self.msgs[i].msg_hdr.msg_iovlen = 1
-            if self.transport != T_TCP:
-                self.msgs[i].msg_hdr.msg_name = <void *>dst
-                self.msgs[i].msg_hdr.msg_namelen = dlen
-            if self.use_pktinfo and self.phone_src[self.ent[i].phone]:
-                fl_set_pktinfo(&self.msgs[i].msg_hdr, self.cbuf + i * FL_CBUF_SIZE,
-                               self.phone_src[self.ent[i].phone])
+        cdef Entry *e
+        batch_build(&self.out, nb, &self.tpl,
+                    NULL if self.transport == T_TCP else PyBytes_AS_STRING(self.dest),
+                    <socklen_t>PyBytes_GET_SIZE(self.dest),
+                    self.ph.src if self.use_pktinfo else NULL)
         t = now_ns()
         start = 0
         while start < nb:
-            run = 1
-            while start + run < nb and self.ent[start + run].sock == self.ent[start].sock:
-                run += 1
+            run = batch_run(&self.out, start, nb)
             if self.transport == T_TCP:
-                sent = self._queue_tcp(self.ent[start].sock, start, run)
+                sent = conn_queue(&self.conns[self.out.ent[start].sock], &self.out.iov[start], run)
             else:
-                fd = self.rawfd if self.transport == T_RAW else self.fds[self.ent[start].sock]
-                sent = sendmmsg(fd, &self.msgs[start], run, MSG_DONTWAIT)
+                fd = self.rawfd if self.transport == T_RAW else self.fds[self.out.ent[start].sock]
+                sent = sendmmsg(fd, &self.out.msgs[start], run, MSG_DONTWAIT)
                 if sent < 0:
                     sent = 0
             for i in range(start, start + run):
-                s = &self.ring[self.ent[i].seq & self.mask]
-                if self.ent[i].retrans:
+                e = &self.out.ent[i]
+                if e.retrans:
                     if i - start < sent:
                         self.retransmissions += 1
                         self.sent_total += 1
                     continue
                 if i - start < sent:
-                    s.t_send = t
-                    s.seq = self.ent[i].seq
-                    s.phone = self.ent[i].phone
-                    s.kind = self.ent[i].kind
-                    s.state = ST_OUT
-                    s.flags = self.ent[i].flags
+                    win_sent(&self.win, e.seq, e.phone, e.kind, e.flags, t)
                     self.outstanding += 1
                     self.sent_total += 1
                 else:
-                    s.state = ST_FREE
-                    s.seq = self.ent[i].seq
-                    self.busy[self.ent[i].phone] = 0
+                    win_unsent(&self.win, e.seq)
+                    self.ph.busy[e.phone] = 0
                     self.send_errors += 1
             start += run
         if self.first_send_ns == 0:
@@ -1054,34 +431,22 @@ cdef class Engine:
     # ---------------------------------------------------------- receive
 
     cdef int _recv_udp(self, int fd) noexcept:
-        cdef int i, n
+        """One batch of replies from ``fd``, each matched; how many."""
+        cdef int i, n = rbatch_recv(&self.inb, fd)
         cdef int64_t t
-        for i in range(BATCH):
-            self.rmsgs[i].msg_hdr.msg_name = NULL
-            self.rmsgs[i].msg_hdr.msg_namelen = 0
-            self.rmsgs[i].msg_hdr.msg_iov = &self.riov[i]
-            self.rmsgs[i].msg_hdr.msg_iovlen = 1
-            self.rmsgs[i].msg_hdr.msg_control = NULL
-            self.rmsgs[i].msg_hdr.msg_controllen = 0
-            self.rmsgs[i].msg_hdr.msg_flags = 0
-        n = recvmmsg(fd, self.rmsgs, BATCH, MSG_DONTWAIT, NULL)
-        if n <= 0:
+        if n == 0:
             return 0
         t = now_ns()
         for i in range(n):
-            self._on_reply(self.rbuf + i * MSG_MAX, self.rmsgs[i].msg_len, t)
+            self._on_reply(self.inb.buf + i * MSG_MAX, self.inb.msgs[i].msg_len, t)
         return n
 
     cdef void _on_reply(self, const char *p, Py_ssize_t n, int64_t t) noexcept:
         """Match one reply to its request and account for it."""
         cdef ReplyInfo ri
-        cdef int rc, k
-        cdef uint64_t seq, lat
+        cdef int rc
+        cdef uint64_t lat
         cdef Slot *s
-        cdef Tpl *tp
-        cdef char expect[512]
-        cdef char digits[10]
-        cdef uint32_t off
         rc = scan_reply(p, n, &ri)
         if rc == -1:
             self.not_response += 1
@@ -1089,26 +454,13 @@ cdef class Engine:
         if rc < 0:
             self.unparsable += 1
             return
-        seq = ri.cseq
-        if seq < self.seq_base or seq >= self.head or self.head - seq > self.mask:
-            self.stale += 1
-            return
-        s = &self.ring[seq & self.mask]
-        if s.seq != seq or s.state == ST_FREE:
+        s = win_find(&self.win, ri.cseq)
+        if s == NULL:
             self.stale += 1
             return
         # the Call-ID must be the one of that request
-        tp = self._tpl(s.phone, s.kind)
-        if <uint32_t>ri.cid_len != tp.cid_len:
-            self.mismatched += 1
-            return
-        memcpy(expect, tp.data + tp.cid_off, tp.cid_len)
-        put_seq(digits, <uint32_t>seq)
-        for k in range(tp.nsites):
-            off = tp.sites[k]
-            if off >= tp.cid_off and off + 10 <= tp.cid_off + tp.cid_len:
-                memcpy(expect + (off - tp.cid_off), digits, 10)
-        if memcmp(expect, ri.cid, tp.cid_len) != 0:
+        if not callid_matches(tpl_of(&self.tpl, s.phone, s.kind), <uint32_t>ri.cseq,
+                              ri.cid, ri.cid_len):
             self.mismatched += 1
             return
         if ri.status < 200:
@@ -1131,7 +483,7 @@ cdef class Engine:
         if s.flags & F_MALFORMED:
             self.mal_status[ri.status] += 1
             self.mal_finals += 1
-            self.busy[s.phone] = 0
+            self.ph.busy[s.phone] = 0
             return
         lat = <uint64_t>(t - s.t_send) if t > s.t_send else 0
         hist_add(self.hist_total, lat)
@@ -1147,275 +499,9 @@ cdef class Engine:
             self.challenged += 1
             self.challenges.append((s.phone, s.kind, PyBytes_FromStringAndSize(p, n)))
             return          # the phone stays busy until its answer is final
-        self.busy[s.phone] = 0
-
-    # ---------------------------------------------------------- TCP
-
-    cdef int _queue_tcp(self, int ci, int start, int run) noexcept:
-        """Append ``run`` built requests to connection ``ci``'s output."""
-        cdef Conn *c = &self.conns[ci]
-        cdef size_t need = 0, cap
-        cdef int i
-        cdef char *nb
-        if c.closed:
-            return 0
-        for i in range(start, start + run):
-            need += self.iov[i].iov_len
-        if c.olen + need > c.ocap:
-            cap = c.ocap * 2 if c.ocap else 65536
-            while cap < c.olen + need:
-                cap *= 2
-            nb = <char *>realloc(c.ob, cap)
-            if nb == NULL:
-                return 0
-            c.ob = nb
-            c.ocap = cap
-        for i in range(start, start + run):
-            memcpy(c.ob + c.olen, self.iov[i].iov_base, self.iov[i].iov_len)
-            c.olen += self.iov[i].iov_len
-        return run
-
-    cdef void _flush_conn(self, int ci) noexcept:
-        cdef Conn *c = &self.conns[ci]
-        cdef ssize_t w
-        while c.olen and not c.closed:
-            w = send(self.fds[ci], c.ob, c.olen, MSG_DONTWAIT | MSG_NOSIGNAL)
-            if w <= 0:
-                if w < 0 and (errno == EAGAIN or errno == EINTR):
-                    return
-                c.closed = 1
-                self.conn_closed += 1
-                return
-            if <size_t>w < c.olen:
-                memmove(c.ob, c.ob + w, c.olen - w)
-            c.olen -= w
-
-    cdef void _flush_tcp(self) noexcept:
-        cdef int i
-        if self.transport != T_TCP:
-            return
-        for i in range(self.nsock):
-            if self.conns[i].olen:
-                self._flush_conn(i)
-
-    cdef void _poll_out_flags(self) noexcept:
-        cdef int i
-        for i in range(self.nsock):
-            self.pfds[i].events = POLLIN | POLLOUT if self.conns[i].olen else POLLIN
-            if self.conns[i].closed:
-                self.pfds[i].fd = -1
-
-    cdef void _recv_tcp(self, int ci) noexcept:
-        cdef Conn *c = &self.conns[ci]
-        cdef ssize_t r
-        cdef Py_ssize_t pos, m
-        cdef int64_t t
-        cdef int rounds = 0
-        if c.ib == NULL:
-            c.ib = <char *>malloc(TCP_IN_CAP)
-            if c.ib == NULL:
-                return
-        while rounds < 8 and not c.closed:
-            rounds += 1
-            r = recv(self.fds[ci], c.ib + c.ilen, TCP_IN_CAP - c.ilen, MSG_DONTWAIT)
-            if r <= 0:
-                if r < 0 and (errno == EAGAIN or errno == EINTR):
-                    return
-                c.closed = 1
-                self.conn_closed += 1
-                return
-            t = now_ns()
-            c.ilen += r
-            pos = 0
-            while pos < <Py_ssize_t>c.ilen:
-                m = frame_length(c.ib + pos, c.ilen - pos)
-                if m == 0:
-                    break
-                if m < 0:           # garbage: drop the buffer
-                    self.unparsable += 1
-                    pos = c.ilen
-                    break
-                if c.ib[pos] != 13 and c.ib[pos] != 10:
-                    self._on_reply(c.ib + pos, m, t)
-                pos += m
-            if pos:
-                memmove(c.ib, c.ib + pos, c.ilen - pos)
-                c.ilen -= pos
-            if c.ilen == TCP_IN_CAP:     # one message larger than the buffer
-                self.unparsable += 1
-                c.ilen = 0
+        self.ph.busy[s.phone] = 0
 
 
-cdef dict _hist_dict(Hist *h):
-    return {
-        "count": h.n,
-        "mean": (h.sum_ns / h.n / 1e6) if h.n else 0.0,
-        "p50": hist_quantile(h, 0.50) / 1e6,
-        "p90": hist_quantile(h, 0.90) / 1e6,
-        "p99": hist_quantile(h, 0.99) / 1e6,
-        "p999": hist_quantile(h, 0.999) / 1e6,
-        "max": h.max_ns / 1e6,
-    }
-
-
-def _hist_roundtrip(values):
-    """Test hook: feed ``values`` (ns) to a histogram; return its summary."""
-    cdef Hist *h = <Hist *>calloc(1, sizeof(Hist))
-    try:
-        for v in values:
-            hist_add(h, v)
-        return _hist_dict(h)
-    finally:
-        free(h)
-
-
-def _scan_reply(bytes data):
-    """Test hook: ``(status, cseq, call_id)`` of a response, or the error code."""
-    cdef ReplyInfo ri
-    cdef int rc = scan_reply(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &ri)
-    if rc:
-        return rc
-    return ri.status, ri.cseq, PyBytes_FromStringAndSize(ri.cid, ri.cid_len)
-
-
-def _frame_length(bytes data):
-    """Test hook for the TCP framer."""
-    return frame_length(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-
-
-# ------------------------------------------------------------ the echo
-
-cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap) noexcept nogil:
-    """A ``200 OK`` answering request ``p[:n]`` (Via, From, To + tag, Call-ID,
-    CSeq copied); 0 when ``p`` is not a request or does not fit."""
-    cdef Py_ssize_t pos, end, ne, o = 0, ll
-    cdef const char *nl
-    cdef const char *colon
-    cdef bint is_to, has_tag
-    if n < 8 or memcmp(p, b"SIP/2.0 ", 8) == 0:
-        return 0
-    if cap < 64:
-        return 0
-    memcpy(out, b"SIP/2.0 200 OK\r\n", 16)
-    o = 16
-    nl = <const char *>memchr(p, 10, n)
-    if nl == NULL:
-        return 0
-    pos = nl - p + 1
-    while pos < n:
-        nl = <const char *>memchr(p + pos, 10, n - pos)
-        end = n if nl == NULL else nl - p
-        ll = end - pos
-        if ll > 0 and p[end - 1] == 13:
-            ll -= 1
-        if ll == 0:
-            break
-        colon = <const char *>memchr(p + pos, 58, ll)
-        if colon != NULL:
-            ne = colon - p
-            while ne > pos and (p[ne - 1] == 32 or p[ne - 1] == 9):
-                ne -= 1
-            is_to = name_is(p + pos, ne - pos, b"to", 2) or name_is(p + pos, ne - pos, b"t", 1)
-            if (is_to or name_is(p + pos, ne - pos, b"via", 3) or name_is(p + pos, ne - pos, b"v", 1)
-                    or name_is(p + pos, ne - pos, b"from", 4) or name_is(p + pos, ne - pos, b"f", 1)
-                    or name_is(p + pos, ne - pos, b"call-id", 7) or name_is(p + pos, ne - pos, b"i", 1)
-                    or name_is(p + pos, ne - pos, b"cseq", 4)):
-                if o + ll + 16 > cap:
-                    return 0
-                memcpy(out + o, p + pos, ll)
-                o += ll
-                if is_to:
-                    has_tag = False
-                    for ne in range(pos, pos + ll - 4):
-                        if memcmp(p + ne, b";tag=", 5) == 0:
-                            has_tag = True
-                            break
-                    if not has_tag:
-                        memcpy(out + o, b";tag=fl", 7)
-                        o += 7
-                out[o] = 13
-                out[o + 1] = 10
-                o += 2
-        pos = end + 1
-    if o + 21 > cap:
-        return 0
-    memcpy(out + o, b"Content-Length: 0\r\n\r\n", 21)
-    return o + 21
-
-
-def _build_ok(bytes request):
-    """Test hook: the echo's reply to ``request`` (``b""`` when none)."""
-    cdef char out[MSG_MAX]
-    cdef Py_ssize_t n = build_ok(PyBytes_AS_STRING(request), PyBytes_GET_SIZE(request), out, MSG_MAX)
-    return PyBytes_FromStringAndSize(out, n)
-
-
-def echo_udp(int fd, double duration, uint64_t max_packets):
-    """Answer every REGISTER on UDP socket ``fd`` with a 200, in batches.
-
-    The trivial C-speed registrar stand-in for throughput figures: no state,
-    no checks, one ``recvmmsg`` and one ``sendmmsg`` per batch.  Stops after
-    ``duration`` seconds or ``max_packets`` received (whichever first), or
-    on a signal.  Returns ``(received, answered)``.
-    """
-    cdef mmsghdr *rm = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
-    cdef mmsghdr *sm = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
-    cdef iovec *ri = <iovec *>calloc(BATCH, sizeof(iovec))
-    cdef iovec *si = <iovec *>calloc(BATCH, sizeof(iovec))
-    cdef char *names = <char *>calloc(BATCH, 128)
-    cdef char *inb = <char *>malloc(BATCH * MSG_MAX)
-    cdef char *outb = <char *>malloc(BATCH * MSG_MAX)
-    cdef pollfd pfd
-    cdef int64_t until = now_ns() + <int64_t>(duration * 1e9)
-    cdef uint64_t received = 0, answered = 0
-    cdef int i, n, k, r
-    cdef Py_ssize_t m
-    if not (rm and sm and ri and si and names and inb and outb):
-        free(rm); free(sm); free(ri); free(si); free(names); free(inb); free(outb)
-        raise MemoryError()
-    pfd.fd = fd
-    pfd.events = POLLIN
-    try:
-        while received < max_packets and now_ns() < until:
-            r = poll(&pfd, 1, 100)
-            if r < 0 and errno != EINTR:
-                raise OSError(errno, "poll failed")
-            PyErr_CheckSignals()
-            if r <= 0:
-                continue
-            while received < max_packets:
-                for i in range(BATCH):
-                    ri[i].iov_base = inb + i * MSG_MAX
-                    ri[i].iov_len = MSG_MAX
-                    rm[i].msg_hdr.msg_iov = &ri[i]
-                    rm[i].msg_hdr.msg_iovlen = 1
-                    rm[i].msg_hdr.msg_name = names + i * 128
-                    rm[i].msg_hdr.msg_namelen = 128
-                    rm[i].msg_hdr.msg_control = NULL
-                    rm[i].msg_hdr.msg_controllen = 0
-                n = recvmmsg(fd, rm, BATCH, MSG_DONTWAIT, NULL)
-                if n <= 0:
-                    break
-                received += n
-                k = 0
-                for i in range(n):
-                    m = build_ok(inb + i * MSG_MAX, rm[i].msg_len, outb + k * MSG_MAX, MSG_MAX)
-                    if m == 0:
-                        continue
-                    si[k].iov_base = outb + k * MSG_MAX
-                    si[k].iov_len = m
-                    memset(&sm[k], 0, sizeof(mmsghdr))
-                    sm[k].msg_hdr.msg_iov = &si[k]
-                    sm[k].msg_hdr.msg_iovlen = 1
-                    sm[k].msg_hdr.msg_name = rm[i].msg_hdr.msg_name
-                    sm[k].msg_hdr.msg_namelen = rm[i].msg_hdr.msg_namelen
-                    k += 1
-                if k:
-                    r = sendmmsg(fd, sm, k, 0)
-                    if r > 0:
-                        answered += r
-                if n < BATCH:
-                    break
-    finally:
-        free(rm); free(sm); free(ri); free(si); free(names); free(inb); free(outb)
-    return received, answered
+cdef void _on_message(void *engine, const char *p, Py_ssize_t n, int64_t t) noexcept:
+    """A message from a TCP connection (conn_recv's callback)."""
+    (<Engine>engine)._on_reply(p, n, t)

@@ -58,7 +58,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--expires", type=int, default=3600, help="Expires of new bindings")
     g.add_argument("--contacts", type=int, default=3, help="Contacts per request (multi-contact)")
     g.add_argument("--mix", metavar="KIND=W,...",
-                   help="weights of the mixed scenario (default register=10,refresh=70,fetch=15,unregister=5)")
+                   help="weights of the mixed scenario "
+                        "(default register=10,refresh=70,fetch=15,unregister=5)")
     g.add_argument("--malformed-ratio", type=float, default=0.0, metavar="F",
                    help="share of deliberately malformed requests (0..1)")
     g.add_argument("--no-prime", action="store_true",

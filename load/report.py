@@ -221,7 +221,8 @@ def summary(res: dict) -> str:
                        f"p99.9 {lat['p999']:.3f}  max {lat['max']:.3f}" if res["latency_count"]
                        else "none (no reply matched)"),
         ("generator CPU", f"{res['generator_cpu_pct']:.1f} % of a core"
-                          + ("  ** GENERATOR-BOUND: figures are a floor **" if res["generator_bound"] else "")),
+                          + ("  ** GENERATOR-BOUND: figures are a floor **"
+                             if res["generator_bound"] else "")),
     ]
     un = res["unmatched"]
     if any(un.values()) or res["send_errors"]:
@@ -269,9 +270,9 @@ def plot(res: dict, path: str) -> None:
         widths.append(max(t - prev, 1e-9))
         prev = t
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    ax1.plot(ts, [s["sent"] / w for s, w in zip(iv, widths)], label="sent (new)/s")
-    ax1.plot(ts, [s["ok"] / w for s, w in zip(iv, widths)], label="2xx/s")
-    ax1.plot(ts, [s["timeouts"] / w for s, w in zip(iv, widths)], label="timeouts/s")
+    ax1.plot(ts, [s["sent"] / w for s, w in zip(iv, widths, strict=True)], label="sent (new)/s")
+    ax1.plot(ts, [s["ok"] / w for s, w in zip(iv, widths, strict=True)], label="2xx/s")
+    ax1.plot(ts, [s["timeouts"] / w for s, w in zip(iv, widths, strict=True)], label="timeouts/s")
     ax1.set_ylabel("per second")
     ax1.legend(loc="lower right")
     ax1.grid(alpha=0.3)

@@ -9,7 +9,7 @@ Options make it useful for testing a load generator:
                          with a 401 (``--algorithm MD5|SHA-256``, ``--qop``)
                          and check the digest (``--password-pattern``)
 ``--drop F``/``--dup F`` drop / send twice a share F of the replies
-``--fast``               the C-speed echo of ``load._loadio_c`` (UDP, 200 only)
+``--fast``               the C-speed echo of ``load._echo_c`` (UDP, 200 only)
 
 It checks the few things a malformed request from ``--malformed-ratio``
 breaks and answers those with 400.  Every loop is bounded by
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     stats = {}
     try:
         if args.fast:
-            from ._loadio_c import echo_udp
+            from ._echo_c import echo_udp
             s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)

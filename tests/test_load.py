@@ -6,6 +6,8 @@ duration of at most a second or two.  The reference responder
 (``python -m load.responder``) runs as a subprocess.
 """
 
+import ast
+import importlib
 import json
 import os
 import re
@@ -20,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from load import sip
-from load._loadio_c import _build_ok, _frame_length, _hist_roundtrip, _scan_reply
+from load._echo_c import _build_ok
+from load._scan_c import _frame_length, _scan_reply
+from load._stats_c import _hist_roundtrip
 from load.netutil import TargetError, phone_address
 from load.runner import LoadRun, Options, OptionsError
 from load.scenario import (
@@ -218,6 +222,22 @@ def test_latency_histogram_percentiles():
         assert h[key] == pytest.approx(q * 10.0, rel=0.02)
     assert h["mean"] == pytest.approx(5.0005, rel=1e-6)
     assert _hist_roundtrip([])["p99"] == 0
+
+
+LOAD_DIR = Path(sip.__file__).resolve().parent
+COMPILED = sorted(f"load.{p.stem}" for p in LOAD_DIR.glob("_*_c.pyx"))
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_module_and_its_stub(name):
+    """Every load/_*_c.pyx is built and imported as an extension, and its
+    .pyi names what it defines (``mypy.stubtest`` checks the signatures)."""
+    mod = importlib.import_module(name)
+    assert mod.__file__.endswith((".so", ".pyd")), f"{name} is not the compiled extension"
+    tree = ast.parse((LOAD_DIR / (name.split(".")[-1] + ".pyi")).read_text())
+    stub_names = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+    runtime = {n for n in dir(mod) if not n.startswith("__") and callable(getattr(mod, n))}
+    assert stub_names == runtime
 
 
 # ------------------------------------------------------------ against a responder

@@ -23,14 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fastsip", "load")
 ALLOWLIST = ROOT / "tools" / "stubtest-allowlist.txt"
 
-# TEMPORARY: compiled modules whose stub is still being written (issue #10).  Each
-# is reported, not failed.  Remove the entry when its .pyi lands; an entry whose
-# stub exists fails the check, so the list cannot go stale.
-NO_STUB_YET = {
-    "load._loadio_c",
-}
-
-
 INCLUDE = re.compile(r'^include\s+"([^"]+\.pyx)"', re.M)
 
 
@@ -54,19 +46,10 @@ def main():
         stub = pyx.with_suffix(".pyi")
         shown = stub.relative_to(ROOT)
         if stub.exists():
-            if name in NO_STUB_YET:
-                print(f"stubcheck: {name} has its stub now ({shown}): "
-                      f"remove it from NO_STUB_YET in tools/stubcheck.py")
-                failed = True
             checked.append(name)
-        elif name in NO_STUB_YET:
-            print(f"stubcheck: {name}: no stub ({shown}) - allowed for now (NO_STUB_YET)")
         else:
             print(f"stubcheck: {name}: no stub: every compiled module needs {shown}")
             failed = True
-    for name in sorted(NO_STUB_YET - modules.keys()):
-        print(f"stubcheck: NO_STUB_YET names {name}, which is no compiled module: remove it")
-        failed = True
     if not modules:
         print(f"stubcheck: no .pyx found under {', '.join(PACKAGES)}")
         return 1

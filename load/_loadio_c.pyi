@@ -1,0 +1,26 @@
+"""Types of the load tool's engine (load._loadio_c)."""
+from collections.abc import Sequence
+from typing import Literal, final
+
+from load._stats_c import Counters
+
+# (request bytes, offsets of the request number, (Call-ID offset, Call-ID length))
+_Template = tuple[bytes, Sequence[int], tuple[int, int]]
+
+@final
+class Engine(Counters):
+    """Sends pre-built requests and matches the replies."""
+    challenges: list[tuple[int, int, bytes]]
+    def __init__(self, transport: str, dest: bytes, fds: Sequence[int], rawfd: int = -1,
+                 ring_bits: int = 20, pktinfo: bool = True) -> None: ...
+    def set_templates(self, templates: list[_Template], nkinds: int) -> None: ...
+    def set_phones(self, socks: Sequence[int], srcs: Sequence[int]) -> None: ...
+    def configure(self, *, pattern: Sequence[int], malformed_kinds: Sequence[int] = (),
+                  malformed_ratio: float = 0.0, closed_loop: bool = False, rate: float = 0.0,
+                  inflight: int = 0, max_new: int | None = None, duration: float = 0.0,
+                  timeout: float = 2.0, t1: float = 0.0, t2: float = 4.0,
+                  answer_challenges: bool = False) -> None: ...
+    def push_override(self, phone: int, tpl: _Template) -> None: ...
+    def release(self, phone: int) -> None: ...
+    def stop_sending(self) -> None: ...
+    def run(self, slice_s: float) -> Literal["slice", "challenges", "done"]: ...

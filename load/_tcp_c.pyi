@@ -1,0 +1,5 @@
+"""The load engine's TCP connections (load._tcp_c): C-level only (cimported from
+_tcp_c.pxd), nothing for Python."""
+
+# the C functions the other compiled modules cimport (capsules)
+__pyx_capi__: dict[str, object]

@@ -52,7 +52,9 @@ def parsed_calls(monkeypatch):
 
 
 def registrars(**kw):
-    kw = {"users": USERS, "secret": SECRET, **kw}
+    # fail_limit=0: the cases fail on purpose, from one source (the budget is tested
+    # in test_registrar_auth.py)
+    kw = {"users": USERS, "secret": SECRET, "fail_limit": 0, **kw}
     return [Registrar(min_expires=60, max_expires=3600, domains=[DOMAIN], authorize=cls(**kw))
             for cls in (Authorize, Parsed)]
 

@@ -635,3 +635,26 @@ def test_near_aors_suggest_what_was_meant(reg):
                                                  "sip:alice@other.example"]
     assert reg.near("sip:alice@example.com") == ["sip:Alice@example.com", "sip:alice@other.example"]
     assert reg.near("sip:carol@example.com") == []
+
+
+def test_max_bindings_refuses_new_bindings_with_503_but_refreshes_and_removals_go_on():
+    reg = Registrar(min_expires=60, max_expires=3600, max_bindings=3)
+    assert reg.max_bindings == 3
+    for u in ("a", "b", "c"):
+        assert handle(reg, request(user=u, contacts=(f"<sip:{u}@192.0.2.7>",))).status == 200
+    r = handle(reg, request(user="d", contacts=("<sip:d@192.0.2.7>",)))
+    assert (r.status, r.reason) == (503, "Registrar full (max_bindings)")
+    assert r.headers["Retry-After"] == "60" and reg.store.n_bindings == 3
+    assert reg.stats()["max_bindings_refused"] == 1
+    # a refresh, a fetch, and a swap of one contact for another still work when full
+    assert handle(reg, request(user="a", contacts=("<sip:a@192.0.2.7>",), cseq=2)).status == 200
+    assert handle(reg, request(user="a", contacts=(), cseq=3)).status == 200
+    r = handle(reg, request(user="b", contacts=("<sip:b@192.0.2.7>;expires=0", "<sip:b2@h>"),
+                            cseq=2))
+    assert r.status == 200 and list(contacts_of(r)) == ["sip:b2@h"]
+    assert handle(reg, request(user="c", contacts=("*",), expires=0, cseq=2)).status == 200
+    assert handle(reg, request(user="d", contacts=("<sip:d@192.0.2.7>",), cseq=2)).status == 200
+    reg.configure(max_bindings=0)                   # 0: no limit
+    assert handle(reg, request(user="e", contacts=("<sip:e@h>",))).status == 200
+    with pytest.raises(ValueError):
+        reg.configure(max_bindings=-1)

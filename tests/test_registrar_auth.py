@@ -203,3 +203,52 @@ def test_algorithms_for_follows_the_configured_order_and_is_never_empty(htdigest
 
 def status_of(reply):
     return fastsip.parse(reply).status
+
+
+# -- the failure budget (password guessing) ---------------------------------------
+
+def guess(reg, src, password, cseq, user="alice", now=NOW):
+    """One REGISTER for ``user`` from ``src`` answering a fresh challenge with ``password``."""
+    data = request(user=user, cseq=cseq, call_id=f"guess-{src[0]}-{cseq}")
+    first = reg.handle(data, src, now)
+    if fastsip.parse(first).status != 401:
+        return fastsip.parse(first)
+    return fastsip.parse(reg.handle(answer(first, data, user=user, password=password), src, now))
+
+
+def test_password_guessing_is_throttled_per_source_and_user_while_the_right_password_works():
+    reg = Registrar(min_expires=60, max_expires=3600, domains=["example.com"],
+                    authorize=Authorize(users=USERS, fail_limit=5, fail_backoff=60))
+    attacker, phone = ("198.51.100.9", 5060), ("192.0.2.44", 5060)
+    got = [guess(reg, attacker, f"guess{i}", i + 1).status for i in range(8)]
+    assert got == [401] * 5 + [403] * 3            # the 6th try is refused outright
+    r = guess(reg, attacker, "wonderland", 20)     # even the right password, from there
+    assert (r.status, r.reason) == (403, "Too many failed attempts")
+    assert reg.store.n_bindings == 0
+    r = guess(reg, phone, "wonderland", 21)        # the user's phone elsewhere is fine
+    assert r.status == 200 and reg.store.n_bindings == 1
+    # a user attacked from many addresses: each gets its tries until the user's
+    # budget is spent, then those addresses are refused for that user only
+    for i in range(5):
+        assert guess(reg, (f"203.0.113.{i}", 5060), "nope", 30 + i, user="bob").status == 401
+    assert guess(reg, ("203.0.113.0", 5060), "builder", 40, user="bob").status == 403
+    assert guess(reg, ("203.0.113.99", 5060), "builder", 41, user="bob").status == 200
+    assert guess(reg, ("203.0.113.1", 5060), "wonderland", 42).status == 200   # alice from there
+    st = reg.stats()["auth_failures"]
+    assert st["wrong"] == 5 + 5 and st["throttled"] == 3 + 1 + 1
+    kinds = sorted(k for k, _key, _until in reg.authorize.failures.events_since())
+    assert kinds == ["source", "user", "user"]
+    assert reg.authorize.failures.events_since() == []
+    # after the backoff the attacker's address may try again
+    assert guess(reg, attacker, "wonderland", 50, now=NOW + 61).status == 200
+
+
+def test_failure_budget_zero_is_off_and_first_challenges_are_no_failures():
+    reg = Registrar(min_expires=60, max_expires=3600, domains=["example.com"],
+                    authorize=Authorize(users=USERS, fail_limit=0))
+    assert [guess(reg, ("198.51.100.9", 5060), "x", i + 1).status for i in range(20)] == [401] * 20
+    reg = Registrar(min_expires=60, max_expires=3600, domains=["example.com"],
+                    authorize=Authorize(users=USERS, fail_limit=2))
+    for i in range(5):                              # unanswered challenges spend nothing
+        assert status(reg, request(cseq=i + 1)).status == 401
+    assert "wrong" not in reg.stats()["auth_failures"] and len(reg.authorize.failures) == 0

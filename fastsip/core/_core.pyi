@@ -270,10 +270,26 @@ class NonceCounts:
     """The nonce-counts an AuthCore remembers, least recently used first."""
     def __len__(self) -> int: ...
 
+@final
+class FailureBudget:
+    """Failed digest attempts per source and per user, with backoff."""
+    limit: int
+    backoff: float
+    max_entries: int
+    def __init__(self, limit: int = 10, backoff: float = 60.0,
+                 max_entries: int = 100_000) -> None: ...
+    def configure(self, limit: int = 10, backoff: float = 60.0,
+                  max_entries: int = 100_000) -> None: ...
+    def __len__(self) -> int: ...
+    def record_failure(self, host: str | bytes, user: str, now: float) -> None: ...
+    def is_refused(self, host: str | bytes, user: str, now: float) -> bool: ...
+    def events_since(self) -> list[tuple[str, str, float]]: ...
+
 @disjoint_base
 class AuthCore:
     """Settings, nonce key and nonce-count table of a digest check, and the check."""
     realm: str | None
+    failures: FailureBudget
     policy: Callable[[str, str, str, str], Any]
     nonce_ttl: float
     algorithms: tuple[str, ...]
@@ -325,13 +341,19 @@ class RegistrarCore:
     authorize: object
     last_now: float
     parse_errors: int
+    full_refusals: int
+    auth_failures: dict[str, int]
+    @property
+    def max_bindings(self) -> int: ...
     def __init__(self, *, min_expires: int = 30, max_expires: int = 300,
                  default_expires: int = 3600, max_contacts: int = 16,
                  domains: Iterable[str] | str | None = None, addresses: Iterable[str] = (),
                  authorize: object = None, server: str | None = "fastsip",
-                 track_changes: bool = False, aor_by: str = "user@host") -> None: ...
+                 track_changes: bool = False, aor_by: str = "user@host",
+                 max_bindings: int = 0) -> None: ...
     def configure(self, *, min_expires: int | None = None, max_expires: int | None = None,
-                  default_expires: int | None = None, max_contacts: int | None = None) -> None: ...
+                  default_expires: int | None = None, max_contacts: int | None = None,
+                  max_bindings: int | None = None) -> None: ...
     def set_domains(self, domains: Iterable[str] | str | None) -> None: ...
     def handle(self, data: bytes, source: tuple[str, int], now: float, transport: str = "udp",
                conn_id: int = -1) -> bytes | None: ...

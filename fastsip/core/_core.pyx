@@ -18,6 +18,7 @@ the same name.
     plan         (.pxd only) the seam: request, AOR view, plan
     table        AOR table, binding slab, expiry heap, change list; applies plans
     store        Store (the table's Python API), Binding
+    throttle     the failure budget of digest authentication
     digest       the digest check (AuthCore, AuthResult)
     decide       the REGISTER decision: read the request, decide on a view
     reply        the reply writer (every response), make_response
@@ -51,6 +52,7 @@ include "message.pyx"
 include "framer.pyx"
 include "table.pyx"
 include "store.pyx"
+include "throttle.pyx"
 include "digest.pyx"
 include "decide.pyx"
 include "reply.pyx"

@@ -185,11 +185,16 @@ class Authorize(AuthCore):
     higher than any seen for the nonce or among the last ``replay_window``
     counts (the highest included: requests that arrive out of order); 0 or 1
     accept only increasing counts.  ``max_nonces``: the most (nonce, user)
-    entries whose counts are remembered.  See docs/auth.md.
+    entries whose counts are remembered.  ``fail_limit``, ``fail_backoff``:
+    the failure budget (``failures``, a ``FailureBudget``): a source, or a
+    user from the sources that failed for it, is refused (403) for
+    ``fail_backoff`` seconds after ``fail_limit`` wrong passwords within as
+    many seconds (0 turns it off; the registrar applies it).  See docs/auth.md.
     """
 
     def __init__(self, realm=None, users=None, *, algorithms=("SHA-256", "MD5"), nonce_ttl=300,
-                 secret=None, qop=("auth",), policy=None, replay_window=1024, max_nonces=100_000):
+                 secret=None, qop=("auth",), policy=None, replay_window=1024, max_nonces=100_000,
+                 fail_limit=10, fail_backoff=60.0):
         if users is None:
             raise TypeError("Authorize needs users: a dict, an htdigest path or a callable")
         if isinstance(users, (str, os.PathLike)):
@@ -217,6 +222,7 @@ class Authorize(AuthCore):
         self.policy = policy or own_aor_only
         self.replay_window = replay_window
         self.max_nonces = max_nonces
+        self.failures.configure(fail_limit, fail_backoff)
         # The nonce-counts live in AuthCore (``_counts``).
         self._dummy_password = secrets.token_hex(16)
         self._ha1_cache = {}

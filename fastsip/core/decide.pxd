@@ -38,6 +38,8 @@ cdef enum Refusal:
     RF_NOT_FOUND
     RF_METHOD
     RF_BAD_AUTHORIZATION
+    RF_FULL
+    RF_THROTTLED
     RF__COUNT
 
 
@@ -47,3 +49,4 @@ cdef struct Settings:
     int max_expires
     int default_expires
     int max_contacts
+    int64_t max_bindings          # bindings the whole store may hold, 0: no limit

@@ -45,6 +45,8 @@ REFUSALS = (
     (404, b"Not Found (domain not served here)", False),
     (405, b"Method Not Allowed", False),
     (400, b"Bad Authorization header", False),
+    (503, b"Registrar full (max_bindings)", False),
+    (403, b"Too many failed attempts", False),
 )
 assert len(REFUSALS) == RF__COUNT
 
@@ -222,9 +224,10 @@ cdef inline bint same_bytes(const char* a, Py_ssize_t an, const char* b,
 
 
 cdef int decide(const char* buf, const RegisterIn* reg, const Settings* s, const AorView* v,
-                double now, Plan* plan) noexcept nogil:
-    """Steps 6-8 against the AOR's bindings ``v`` (valid at ``now``): the plan,
-    or a Refusal (then ``plan`` is not to be applied)."""
+                int64_t stored, double now, Plan* plan) noexcept nogil:
+    """Steps 6-8 against the AOR's bindings ``v`` (valid at ``now``; the store
+    holds ``stored`` bindings in all): the plan, or a Refusal (then ``plan`` is
+    not to be applied)."""
     cdef int i, k, j, added = 0, removed = 0
     cdef int64_t e
     cdef const ContactIn* c
@@ -316,6 +319,8 @@ cdef int decide(const char* buf, const RegisterIn* reg, const Settings* s, const
             removed += 1
     if v.n - removed + added > s.max_contacts:
         return RF_TOO_MANY
+    if s.max_bindings and added > removed and stored - removed + added > s.max_bindings:
+        return RF_FULL
 
     # The plan: the changes in request order (plan.changes[i].b was filled above).
     for i in range(reg.ncontacts):

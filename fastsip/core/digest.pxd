@@ -84,6 +84,7 @@ cdef class AuthCore:
     cdef list _rkeep
     cdef Field _rfield
     cdef NonceCounts counts
+    cdef readonly FailureBudget failures
 
     cdef object host_of(self, object aor_domain)
     cdef object realm_for(self, object aor_domain)

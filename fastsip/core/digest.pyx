@@ -796,6 +796,7 @@ cdef class AuthCore:
 
     def __cinit__(self):
         self.counts = NonceCounts()
+        self.failures = FailureBudget()
         self._dom = _UNSET
         self._rstr = _UNSET
         self._rkeep = []

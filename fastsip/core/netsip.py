@@ -51,12 +51,14 @@ class Registrar(RegistrarCore):
     ``store.changes()`` (persistence).  ``aor_by``: what keys the bindings,
     "user@host" (the To URI without port or parameters) or "user" (the user
     part alone, for a single-domain deployment: ``sip:alice@a`` and
-    ``sip:alice@b`` are then one AOR, ``sip:alice``).
+    ``sip:alice@b`` are then one AOR, ``sip:alice``).  ``max_bindings``: the
+    most bindings the store may hold, 0 for no limit (503 with Retry-After
+    for a REGISTER that would add beyond it).
     """
 
     def __init__(self, min_expires=30, max_expires=300, domains=None, *, domain=None,
                  default_expires=3600, max_contacts=16, addresses=(), authorize=None,
-                 server=None, track_changes=False, aor_by="user@host"):
+                 server=None, track_changes=False, aor_by="user@host", max_bindings=0):
         if domain is not None:
             if domains is not None:
                 raise TypeError("give domains or domain, not both")
@@ -67,7 +69,8 @@ class Registrar(RegistrarCore):
         super().__init__(min_expires=min_expires, max_expires=max_expires,
                          default_expires=default_expires, max_contacts=max_contacts,
                          domains=domains, addresses=addresses, authorize=authorize,
-                         server=server, track_changes=track_changes, aor_by=aor_by)
+                         server=server, track_changes=track_changes, aor_by=aor_by,
+                         max_bindings=max_bindings)
 
     def _now(self, now):
         if now is not None:

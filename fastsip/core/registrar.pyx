@@ -13,6 +13,7 @@ SUPPORTED_OPTIONS = ("path", "outbound")
 METHODS = frozenset(("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE",
                      "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "MESSAGE", "INFO"))
 _ALLOW = [("Allow", "REGISTER, OPTIONS")]
+_RETRY_LATER = [("Retry-After", "60")]
 _OPTIONS_HEADERS = [("Allow", "REGISTER, OPTIONS"), ("Supported", ", ".join(SUPPORTED_OPTIONS)),
                     ("Accept", "application/sdp")]
 
@@ -28,6 +29,8 @@ cdef class RegistrarCore:
     cdef frozenset _addresses              # bytes, lower-case
     cdef object _authorize_obj
     cdef AuthCore _auth_core               # the same object, when its check is AuthCore's
+    cdef FailureBudget _budget             # its failure budget, or None
+    cdef readonly dict auth_failures       # reason -> failed digest attempts
     cdef readonly double last_now
     cdef int aor_form                      # AOR_HOST or AOR_USER (canonical_aor)
     cdef Settings settings
@@ -41,13 +44,16 @@ cdef class RegistrarCore:
     cdef uint64_t register_count
     cdef dict other_requests               # method -> count, for all but REGISTER
     cdef readonly Py_ssize_t parse_errors
+    cdef readonly uint64_t full_refusals   # 503 for max_bindings
 
     def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
                  int max_contacts=16, domains=None, addresses=(), authorize=None,
-                 server="fastsip", bint track_changes=False, str aor_by="user@host"):
+                 server="fastsip", bint track_changes=False, str aor_by="user@host",
+                 int64_t max_bindings=0):
         self.aor_form = _aor_form(aor_by)
         self.configure(min_expires=min_expires, max_expires=max_expires,
-                       default_expires=default_expires, max_contacts=max_contacts)
+                       default_expires=default_expires, max_contacts=max_contacts,
+                       max_bindings=max_bindings)
         self.store = Store(track_changes=track_changes)
         self.set_domains(domains)
         self._addresses = frozenset(a.lower().strip("[]").encode() for a in addresses)
@@ -55,6 +61,7 @@ cdef class RegistrarCore:
         self.lim = default_limits()
         self.writer = ReplyWriter(server)
         self.other_requests = {}
+        self.auth_failures = {}
         self.last_now = 0.0
 
     @property
@@ -80,13 +87,16 @@ cdef class RegistrarCore:
         self._authorize_obj = value
         # An Authorize whose check is not overridden is run on the header
         # bytes (the same compiled check, without parsing into Credentials).
+        self._budget = (<AuthCore>value).failures if isinstance(value, AuthCore) else None
         self._auth_core = value if isinstance(value, AuthCore) and \
             getattr(type(value), "check", None) is AuthCore.check else None
 
     def configure(self, *, min_expires=None, max_expires=None, default_expires=None,
-                  max_contacts=None):
+                  max_contacts=None, max_bindings=None):
         """Change the expiry and contact limits (None keeps a value), e.g. on a
-        configuration reload; bindings already stored keep their expiry."""
+        configuration reload; bindings already stored keep their expiry.
+        ``max_bindings``: the most bindings the store may hold (0: no limit);
+        a REGISTER that would add beyond it gets 503 and changes nothing."""
         lo = self.min_expires if min_expires is None else int(min_expires)
         hi = self.max_expires if max_expires is None else int(max_expires)
         dflt = self.default_expires if default_expires is None else int(default_expires)
@@ -105,6 +115,15 @@ cdef class RegistrarCore:
         self.settings.max_expires = hi
         self.settings.default_expires = self.default_expires
         self.settings.max_contacts = most
+        if max_bindings is not None:
+            if max_bindings < 0:
+                raise ValueError("max_bindings must be >= 0 (0: no limit)")
+            self.settings.max_bindings = max_bindings
+
+    @property
+    def max_bindings(self):
+        """The most bindings the store may hold (0: no limit)."""
+        return self.settings.max_bindings
 
     def set_domains(self, domains):
         """Set the served domains (None: any).  "*.example.com" serves subdomains."""
@@ -212,7 +231,7 @@ cdef class RegistrarCore:
             return self._refuse(rq, rc)
         # 3-4. Authentication, then authorization (the AOR's user and domain).
         if self._authorize_obj is not None:
-            refusal = self._authorize(data, rq)
+            refusal = self._authenticate(data, rq)
             if refusal is not None:
                 status, reason, headers = refusal
                 return self.writer.reply(rq, status, reason, headers)
@@ -222,9 +241,13 @@ cdef class RegistrarCore:
             return self._refuse(rq, rc)
         self.store.purge(reg.aor, reg.aor_len, rq.now)       # its lapsed bindings go first
         self.store.view(reg.aor, reg.aor_len, rq.now, &self.before)
-        rc = decide(buf, reg, &self.settings, &self.before, rq.now, &self.plan)
+        rc = decide(buf, reg, &self.settings, &self.before, self.store.n_bindings, rq.now,
+                    &self.plan)
         if rc == RF_TOO_BRIEF:
             return self._refuse(rq, rc, [("Min-Expires", str(self.min_expires))])
+        if rc == RF_FULL:
+            self.full_refusals += 1
+            return self._refuse(rq, rc, _RETRY_LATER)
         if rc == RF_TOO_MANY:
             return self.writer.reply(rq, 503, f"Too many contacts for this AOR "
                                      f"(max_contacts={self.max_contacts})", None)
@@ -241,9 +264,45 @@ cdef class RegistrarCore:
         return self.writer.ok(rq, listing, self.plan.outbound,
                               rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
 
-    cdef object _authorize(self, bytes data, const Req* rq):
-        """Digest authentication and the AOR policy: None, or the refusal as
-        (status, reason, headers).
+    cdef object _authenticate(self, bytes data, const Req* rq):
+        """Digest authentication and the AOR policy, behind the failure budget:
+        None, or the refusal as (status, reason, headers).  Failures are
+        counted by reason; wrong passwords and forged nonces spend the budget
+        of the source and of the user named in To."""
+        cdef const char* buf = rq.buf
+        cdef UriSpans* to_uri = &self.reg.to_uri
+        cdef FailureBudget budget = self._budget
+        cdef bytes host = None
+        aor_user = "" if to_uri.user.off < 0 else unescape(buf + to_uri.user.off,
+                                                           to_uri.user.length)
+        aor_domain = decode(buf, to_uri.host.off, to_uri.host.length)
+        if budget is not None and budget.watching():
+            host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
+            if budget.refuses(host, aor_user, rq.now):
+                self._failed("throttled")
+                return REFUSALS[RF_THROTTLED][:2] + (None,)
+        result = self._authorize(data, rq, aor_user, aor_domain)
+        if result is None:
+            return None
+        if type(result) is tuple:               # malformed credentials
+            self._failed("bad")
+            return result
+        if result.status == 401 and result.reason == "authentication required":
+            return _refusal(result)             # a first request: nothing failed
+        label = _FAILURE_LABEL.get(result.reason, "other" if result.status != 400 else "bad")
+        self._failed(label)
+        if budget is not None and label in _SPENDS_BUDGET:
+            if host is None:
+                host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
+            budget.failed(host, aor_user, rq.now)
+        return _refusal(result)
+
+    cdef void _failed(self, str label):
+        self.auth_failures[label] = self.auth_failures.get(label, 0) + 1
+
+    cdef object _authorize(self, bytes data, const Req* rq, aor_user, aor_domain):
+        """Digest authentication and the AOR policy: None, the failed
+        AuthResult, or (400, reason, None) for malformed credentials.
 
         With an Authorize, its compiled check runs on spans of the
         Authorization values (``scan_digest``); a value that needs more than
@@ -258,9 +317,6 @@ cdef class RegistrarCore:
         cdef Field rf, method, ruri
         cdef int i, rc, alg = 0, outcome
         cdef Header* h
-        aor_user = "" if to_uri.user.off < 0 else unescape(buf + to_uri.user.off,
-                                                           to_uri.user.length)
-        aor_domain = decode(buf, to_uri.host.off, to_uri.host.length)
         if core is None:
             return self._authorize_parsed(data, rq, aor_user, aor_domain)
         realm = core.realm_for(aor_domain)
@@ -286,7 +342,7 @@ cdef class RegistrarCore:
                               aor_domain, rq.now)
         if outcome == 0:
             return None
-        return _refusal(core._result(outcome, realm, rq.now, None, aor_user))
+        return core._result(outcome, realm, rq.now, None, aor_user)
 
     cdef object _authorize_parsed(self, bytes data, const Req* rq, aor_user, aor_domain):
         """The same through ``parse_credentials`` and ``authorize.check``."""
@@ -307,7 +363,7 @@ cdef class RegistrarCore:
                                            rq.now)
         if result.ok:
             return None
-        return _refusal(result)
+        return result
 
     # -- every datagram --------------------------------------------------------
 
@@ -402,10 +458,20 @@ cdef class RegistrarCore:
         """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
         return {"bindings": self.store.n_bindings, "aors": self.store.n_live_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
+                "max_bindings_refused": self.full_refusals,
+                "auth_failures": dict(self.auth_failures),
                 "replies": {code: self.writer.counts[code] for code in range(100, 700)
                             if self.writer.counts[code]},
                 "requests": dict(self.other_requests, **(
                     {"REGISTER": self.register_count} if self.register_count else {}))}
+
+
+# failed digest attempts by reason (AuthResult.reason -> label); those in
+# _SPENDS_BUDGET are what password guessing and nonce forging produce
+_FAILURE_LABEL = {"wrong credentials": "wrong", "unknown nonce": "unknown_nonce",
+                  "nonce expired": "stale", "nonce count replayed": "replayed",
+                  "user may not register this AOR": "forbidden"}
+_SPENDS_BUDGET = frozenset(("wrong", "unknown_nonce"))
 
 
 cdef tuple _refusal(result):

@@ -23,7 +23,16 @@ def make_authorize(cfg, secret):
     if cfg.realm is None:
         return None
     return fastsip.Authorize(realm=cfg.realm, users=cfg.users, secret=secret,
-                             algorithms=cfg.auth_algorithms)
+                             algorithms=cfg.auth_algorithms, nonce_ttl=cfg.nonce_ttl,
+                             fail_limit=cfg.auth_fail_limit, fail_backoff=cfg.auth_fail_backoff)
+
+
+def worker_max_bindings(cfg) -> int:
+    """This worker's share of --max-bindings (AORs are spread evenly over the
+    workers by hash, so each holds about 1/N of them); 0: no limit."""
+    if not cfg.max_bindings:
+        return 0
+    return -(-cfg.max_bindings // cfg.workers)
 
 
 def binding_dict(aor, b, now) -> dict:
@@ -121,7 +130,8 @@ class Commands:
             reg.set_domains(cfg.domain or None)
         try:
             reg.configure(min_expires=cfg.min_expires, max_expires=cfg.max_expires,
-                          default_expires=cfg.default_expires, max_contacts=cfg.max_contacts)
+                          default_expires=cfg.default_expires, max_contacts=cfg.max_contacts,
+                          max_bindings=worker_max_bindings(cfg))
         except ValueError as exc:
             LOG.error("reload: %s (keeping the old limits)", exc)
         if cfg.realm is not None:

@@ -103,6 +103,37 @@ def _string(name):
     return conv
 
 
+def _positive_float(name):
+    def conv(v):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name} {v!r}: expected a number") from None
+        if not x > 0 or x == float("inf"):
+            raise ConfigError(f"--{name} {v!r}: must be above 0")
+        return x
+    return conv
+
+
+#: bytes a binding costs: the store's ~300 plus the state file's rows and cache
+BINDING_BYTES = 400
+
+
+def auto_max_bindings() -> int:
+    """--max-bindings auto: a quarter of the physical memory at BINDING_BYTES each."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 4 << 30
+    return max(10_000, memory // 4 // BINDING_BYTES)
+
+
+def _bindings_cap(v):
+    if str(v).strip().lower() == "auto":
+        return auto_max_bindings()
+    return _nonneg_int("max-bindings")(v)
+
+
 def _algorithms(v):
     from fastsip.auth import ALGORITHMS
     names = [a.strip() for a in (v if isinstance(v, list) else str(v).split(",")) if a.strip()]
@@ -147,6 +178,18 @@ OPTIONS = [
      "digest algorithms that may be offered, in order, one challenge each (SHA-256, MD5, "
      "SHA-256-sess, MD5-sess); a 401 offers only those the users file holds a hash for, for "
      "the user in To (a plain htdigest line: MD5) (default: SHA-256,MD5)"),
+    ("nonce-ttl", _positive_float("nonce-ttl"), 300.0, False, True, "S",
+     "seconds a digest nonce stays valid; an older one gets 401 stale=true (default: 300)"),
+    ("auth-fail-limit", _nonneg_int("auth-fail-limit"), 10, False, True, "N",
+     "wrong passwords allowed per source address, and per user from the addresses that got "
+     "it wrong, within --auth-fail-backoff seconds; beyond them 403 for that long; 0 turns "
+     "it off (default: 10)"),
+    ("auth-fail-backoff", _positive_float("auth-fail-backoff"), 60.0, False, True, "S",
+     "the window and the refusal time of --auth-fail-limit, seconds (default: 60)"),
+    ("max-bindings", _bindings_cap, "auto", False, True, "N",
+     "most bindings all workers hold together; a REGISTER that would add beyond gets 503 "
+     "with Retry-After; 0 for no limit; auto: a quarter of this machine's memory at 400 "
+     "bytes per binding (default: auto, here %(max_bindings)d)"),
     ("state", _string("state"), "./fastsip-state.sqlite3", False, False, "PATH",
      "SQLite state file for the bindings (default: ./fastsip-state.sqlite3)"),
     ("no-state", bool, False, False, False, None,
@@ -216,6 +259,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "SIGHUP re-reads the settings marked 'live' in docs/server.md")
     for name, _conv, _default, many, _live, metavar, help_ in OPTIONS:
         help_ = help_.replace("%(cpus)d", str(os.cpu_count() or 1))
+        help_ = help_.replace("%(max_bindings)d", str(auto_max_bindings()))
         if _conv is bool:
             p.add_argument(f"--{name}", action="store_true", default=None, help=help_)
         else:

@@ -52,6 +52,13 @@ METRICS: tuple[Metric, ...] = (
     Metric("fastsip_parse_errors_total", COUNTER,
            "Malformed messages (unparseable datagrams, and TCP streams that could not be framed).",
            ("core.parse_errors", "framing_errors")),
+    Metric("fastsip_auth_failures_total", COUNTER,
+           "Failed digest authentications, by reason (wrong: a wrong password or unknown "
+           "user; throttled: refused by the failure budget; stale, replayed, unknown_nonce, "
+           "forbidden, bad).", ("core.auth_failures",), "reason"),
+    Metric("fastsip_max_bindings_refused_total", COUNTER,
+           "REGISTERs refused with 503 because they would add bindings beyond --max-bindings.",
+           ("core.max_bindings_refused",)),
     Metric("fastsip_handoffs_total", COUNTER,
            "Requests handed from the worker that received them to the worker owning their AOR.",
            ("handoffs_sent",)),

@@ -135,6 +135,7 @@ class Timers:
         if now >= self.next_flush:
             self.next_flush = now + self.cfg.flush_interval
             self.writer.collect()
+            log_throttles(self.reg)
         if self.writer.pending:
             self.writer.write(SLICE)
         if now >= self.next_sweep:
@@ -148,3 +149,23 @@ class Timers:
         deadline = time.perf_counter() + SLICE
         while self.reg.expire(now, EXPIRE_WORK) >= EXPIRE_WORK and time.perf_counter() < deadline:
             pass
+
+
+#: throttle log lines written per flush at most (the rest are counted in one line)
+THROTTLE_LINES = 10
+
+
+def log_throttles(reg) -> None:
+    """One WARNING per source or user the digest failure budget began to refuse."""
+    auth = reg.authorize
+    failures = getattr(auth, "failures", None)
+    if failures is None:
+        return
+    events = failures.events_since()
+    for kind, key, _until in events[:THROTTLE_LINES]:
+        LOG.warning("digest: too many wrong passwords %s %s: refused (403) for %.0f s",
+                    "from" if kind == "source" else "for user", key, failures.backoff)
+    if len(events) > THROTTLE_LINES:
+        LOG.warning("digest: %d more sources or users refused for wrong passwords",
+                    len(events) - THROTTLE_LINES)
+

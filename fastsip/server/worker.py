@@ -24,7 +24,7 @@ from functools import partial
 
 import fastsip
 from fastsip.server import control, logs
-from fastsip.server.commands import Commands, make_authorize
+from fastsip.server.commands import Commands, make_authorize, worker_max_bindings
 from fastsip.server.inbox import Handoffs
 from fastsip.server.loop import Loop
 from fastsip.server.metrics import Histogram, WorkerCounters
@@ -44,7 +44,8 @@ def make_registrar(cfg, addresses, secret):
                              default_expires=cfg.default_expires, max_contacts=cfg.max_contacts,
                              domains=cfg.domain or None, addresses=tuple(addresses),
                              authorize=make_authorize(cfg, secret),
-                             track_changes=bool(cfg.state), aor_by=cfg.aor_by)
+                             track_changes=bool(cfg.state), aor_by=cfg.aor_by,
+                             max_bindings=worker_max_bindings(cfg))
 
 
 class Worker:

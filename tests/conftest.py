@@ -122,13 +122,13 @@ def start(tmp_path):
 
 @pytest.fixture
 def phone():
-    """phone(server_addr, transport="udp") -> a Phone (fastsip.server.testing),
-    closed at the end."""
+    """phone(server_addr, transport="udp", source=None) -> a Phone (fastsip.server.testing),
+    closed at the end; ``source``: the local address to send from."""
     from fastsip.server.testing import Phone
     phones = []
 
-    def _phone(addr, transport="udp"):
-        p = Phone(addr, transport)
+    def _phone(addr, transport="udp", source=None):
+        p = Phone(addr, transport, source)
         phones.append(p)
         return p
     try:

@@ -122,8 +122,8 @@ def start(tmp_path):
 
 @pytest.fixture
 def phone():
-    """phone(server_addr, transport="udp", source=None) -> a Phone
-    (fastsip.server.testing), closed at the end."""
+    """phone(server_addr, transport="udp", source=None) -> a Phone (fastsip.server.testing),
+    closed at the end; ``source``: the local address to send from."""
     from fastsip.server.testing import Phone
     phones = []
 

@@ -212,6 +212,15 @@ OPTIONS = [
      "close a TCP connection silent for this long, seconds; 0 never (default: 300)"),
     ("max-connections", _positive_int("max-connections"), 10000, False, False, "N",
      "most TCP connections per worker; more are closed at once (default: 10000)"),
+    # TCP hardening (issue #14): a deadline per message, a cap per source
+    ("tcp-message-timeout", _nonneg_float("tcp-message-timeout"), 10.0, False, True, "S",
+     "close a TCP connection whose message (headers and body) is not complete this many "
+     "seconds after its first byte, against slowloris; CRLF keep-alives do not start the "
+     "clock; 0 never (default: 10)"),
+    ("max-connections-per-source", _positive_int("max-connections-per-source"), 1000, False,
+     True, "N",
+     "most TCP connections one source (an IPv4 address, an IPv6 /64) may hold per worker; "
+     "more are refused; raise it behind an edge proxy (default: 1000)"),
     ("no-steer", bool, False, False, False, None,
      "do not load the eBPF program that makes the kernel deliver each UDP REGISTER to the "
      "worker owning its AOR (without it, most REGISTERs are handed between workers)"),

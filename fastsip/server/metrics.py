@@ -76,6 +76,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("fastsip_tcp_connections", GAUGE, "Open TCP connections.", ("tcp_connections",)),
     Metric("fastsip_tcp_keepalives_total", COUNTER, "RFC 5626 CRLFCRLF keep-alives answered.",
            ("keepalives",)),
+    # TCP hardening (issue #14)
+    Metric("fastsip_tcp_refused_total", COUNTER,
+           "TCP connections closed as they were accepted, by reason: every slot taken "
+           "(--max-connections), or the source's cap reached (--max-connections-per-source).",
+           ("tcp_refused",), "reason", ("max_connections", "per_source")),
+    Metric("fastsip_tcp_closed_total", COUNTER,
+           "TCP connections closed by the server, by reason: a message not complete in time "
+           "(--tcp-message-timeout), silent too long (--tcp-idle-timeout), or evicted for a "
+           "newcomer when every slot was taken (the oldest of the source holding the most).",
+           ("tcp_closed",), "reason", ("evicted", "idle", "message_timeout")),
+    Metric("fastsip_tcp_sources", GAUGE,
+           "Sources (IPv4 addresses, IPv6 /64s) holding TCP connections, summed over workers.",
+           ("tcp_sources",)),
     Metric("fastsip_state_rows_written_total", COUNTER, "AOR rows written to the state file.",
            ("state_rows_written",)),
     Metric("fastsip_state_pending_changes", GAUGE,

@@ -1,4 +1,4 @@
-"""TCP connections: accept, read and frame, serve or hand off, write, close, the idle sweep.
+"""TCP connections: accept, read and frame, serve or hand off, write, close, the sweeps.
 
 Each connection has a ``StreamFramer`` (RFC 3261 section 18.3 framing by
 Content-Length, bounded by ``--max-message-size``; a stream that cannot be
@@ -8,11 +8,27 @@ CRLF (RFC 5626).  A request for an AOR of another shard is handed to its
 owner with the connection id; the owner's reply comes back through the
 hand-off channel and is written here (``deliver``).  Connection ids are
 unique across workers and restarts: the worker index is in their low 8 bits.
+
+Limits (issue #14, docs/server.md *Limits and protection*), each refusal or
+close counted (``tcp_refused``, ``tcp_closed``):
+
+- ``--tcp-message-timeout``: a message must be complete (headers and body)
+  within that many seconds of its first byte, else the connection is closed
+  (``deadlines``); CRLF keep-alives do not start the clock.  Against
+  slowloris, which every byte would otherwise keep alive under the idle
+  timeout alone.
+- ``--max-connections-per-source``: one source (an IPv4 address, an IPv6
+  /64) holds at most that many of this worker's connections.
+- ``--max-connections``: when every slot is taken, a newcomer whose source
+  holds fewer connections than the biggest holder minus one takes the oldest
+  connection of that holder (``evicted``); otherwise it is refused.  So one
+  source, or a few, can never lock the others out, whatever the numbers.
 """
 from __future__ import annotations
 
 import errno
 import socket
+import struct
 import time
 from functools import partial
 
@@ -25,21 +41,102 @@ LOG = logs.LOG
 TCP_READ = 65536
 TCP_MAX_OUT = 1 << 20       # bytes queued to one connection before it is closed
 ACCEPTS_PER_EVENT = 64
+_RST = struct.pack("ii", 1, 0)      # SO_LINGER on, 0 s: close() sends RST, leaves no TIME_WAIT
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def source_key(host: str) -> str:
+    """What one source is, for the per-source cap: an IPv4 address, an IPv6 /64
+    (one subscriber's prefix), an IPv4-mapped IPv6 address as its IPv4 address."""
+    if ":" not in host:
+        return host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    except OSError:
+        return host
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
+
+
+def _crlf_only(data: bytes) -> bool:
+    return not data.strip(b"\r\n")
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "cid", "peer", "host", "framer", "out", "last", "writing")
+    __slots__ = ("sock", "fd", "cid", "peer", "host", "source", "framer", "out", "last",
+                 "started", "writing")
 
-    def __init__(self, sock, cid, peer, max_size, now):
+    def __init__(self, sock, cid, peer, source, max_size, now):
         self.sock = sock
         self.fd = sock.fileno()
         self.cid = cid
         self.peer = peer
         self.host = peer[0].encode()
+        self.source = source            # source_key(peer[0])
         self.framer = fastsip.StreamFramer(max_size=max_size)
         self.out = bytearray()
-        self.last = now
+        self.last = now                 # last byte received (the idle timeout)
+        self.started = 0.0              # first byte of the incomplete message, 0: none
         self.writing = False
+
+
+class Sources:
+    """The connections each source holds, in accept order, and which source holds the most.
+
+    ``by_count[n]`` is the set of sources holding ``n`` connections and
+    ``top`` the largest such ``n``, so adding, removing and finding the
+    biggest holder cost O(1) however many sources there are.
+    """
+
+    __slots__ = ("conns", "by_count", "top")
+
+    def __init__(self) -> None:
+        self.conns: dict = {}           # source -> {fd: Conn}, oldest first
+        self.by_count: dict = {}        # n -> {source holding n connections}
+        self.top = 0
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def count(self, source) -> int:
+        d = self.conns.get(source)
+        return len(d) if d else 0
+
+    def _move(self, source, old: int, new: int) -> None:
+        if old:
+            bucket = self.by_count[old]
+            bucket.discard(source)
+            if not bucket:
+                del self.by_count[old]
+                if old == self.top and new < old:
+                    self.top = new
+        if new:
+            self.by_count.setdefault(new, set()).add(source)
+            if new > self.top:
+                self.top = new
+
+    def add(self, conn: Conn) -> None:
+        d = self.conns.setdefault(conn.source, {})
+        d[conn.fd] = conn
+        self._move(conn.source, len(d) - 1, len(d))
+
+    def remove(self, conn: Conn) -> None:
+        d = self.conns.get(conn.source)
+        if not d or d.pop(conn.fd, None) is None:
+            return
+        if not d:
+            del self.conns[conn.source]
+        self._move(conn.source, len(d) + 1, len(d))
+
+    def victim(self, held: int):
+        """The oldest connection of the biggest holder, if that holder has more than
+        ``held + 1`` (a newcomer holding ``held`` then takes it: the split gets fairer,
+        never the other way round), else None."""
+        if self.top <= held + 1:
+            return None
+        source = next(iter(self.by_count[self.top]))
+        return next(iter(self.conns[source].values()))
 
 
 class TcpServer:
@@ -60,6 +157,8 @@ class TcpServer:
         self.bug = bug
         self.conns: dict = {}           # fd -> Conn
         self.conn_ids: dict = {}        # conn id -> Conn
+        self.sources = Sources()
+        self.partial: dict = {}         # fd -> Conn holding part of a message, by Conn.started
         self.next_cid = (int(time.time() * 1000) & 0xFFFFFFFFFF) << 8 | index
         handoffs.deliver = self.deliver
 
@@ -80,17 +179,30 @@ class TcpServer:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     LOG.warning("TCP accept failed: %s", exc.strerror)
                 return
-            if len(self.conns) >= self.cfg.max_connections:
-                self.c.dropped_max_connections += 1
-                sock.close()
+            source = source_key(peer[0])
+            held = self.sources.count(source)
+            if held >= self.cfg.max_connections_per_source:
+                self.c.tcp_refused_per_source += 1
+                self._refuse(sock)
                 continue
+            if len(self.conns) >= self.cfg.max_connections:
+                victim = self.sources.victim(held)
+                if victim is None:
+                    self.c.dropped_max_connections += 1
+                    self.c.tcp_refused_max_connections += 1
+                    self._refuse(sock)
+                    continue
+                self.c.tcp_closed_evicted += 1
+                self.close(victim)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             cid = self.next_cid
             self.next_cid += 256
-            conn = Conn(sock, cid, (peer[0], peer[1]), self.cfg.max_message_size, time.time())
+            conn = Conn(sock, cid, (peer[0], peer[1]), source, self.cfg.max_message_size,
+                        time.time())
             self.conns[conn.fd] = conn
             self.conn_ids[cid] = conn
+            self.sources.add(conn)
             self.loop.add(conn.fd, partial(self.on_event, conn))
 
     def on_event(self, conn: Conn, events: int) -> None:
@@ -117,6 +229,7 @@ class TcpServer:
             self.c.framing_errors += 1
             self.close(conn)
             return
+        self._message_clock(conn, data, bool(items), now)
         if not items:
             return
         t0 = time.perf_counter()
@@ -150,6 +263,28 @@ class TcpServer:
                 self.write(conn, reply)
         if handled:
             self.hist.observe(time.perf_counter() - t0, handled)
+
+    def _message_clock(self, conn: Conn, data: bytes, completed: bool, now: float) -> None:
+        """Start, restart or stop the clock of ``--tcp-message-timeout`` after a read.
+
+        It runs while the framer holds part of a message, from that message's
+        first byte: a read that completed a message and left more restarts it.
+        Up to 3 bytes of CR and LF are a keep-alive on its way (or a lone CRLF):
+        they do not start it.
+        """
+        pending = conn.framer.buffered
+        if pending and pending <= 3 and (
+                _crlf_only(data[-pending:]) if len(data) >= pending
+                else not conn.started and _crlf_only(data)):
+            pending = 0
+        if not pending:
+            if conn.started:
+                conn.started = 0.0
+                del self.partial[conn.fd]
+        elif completed or not conn.started:
+            conn.started = now
+            self.partial.pop(conn.fd, None)     # to the end: the dict stays in clock order
+            self.partial[conn.fd] = conn
 
     def deliver(self, conn_id: int, data: bytes) -> None:
         """Write ``data`` to connection ``conn_id`` if it is still open."""
@@ -193,19 +328,52 @@ class TcpServer:
             conn.writing = False
             self.loop.modify(conn.fd, EP_IN)
 
-    def close(self, conn: Conn) -> None:
+    def close(self, conn: Conn, reset: bool = False) -> None:
+        """Close ``conn`` (with a RST if ``reset``)."""
         if self.conns.pop(conn.fd, None) is None:
             return
         self.conn_ids.pop(conn.cid, None)
+        self.sources.remove(conn)
+        if conn.started:
+            self.partial.pop(conn.fd, None)
         self.loop.remove(conn.fd)
-        conn.sock.close()
+        if reset:
+            self._refuse(conn.sock)
+        else:
+            conn.sock.close()
+
+    @staticmethod
+    def _refuse(sock) -> None:
+        """Close with a RST: no TIME_WAIT left behind for a flood."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+        except OSError:
+            pass
+        sock.close()
 
     def sweep(self, now: float) -> None:
         """Close connections silent for ``--tcp-idle-timeout`` seconds."""
         idle = self.cfg.tcp_idle_timeout
         if idle and self.conns:
             for conn in [c for c in self.conns.values() if now - c.last > idle]:
+                self.c.tcp_closed_idle += 1
                 self.close(conn)
+
+    def deadlines(self, now: float) -> None:
+        """Close connections whose message is not complete ``--tcp-message-timeout``
+        seconds after its first byte.  ``partial`` is in clock order: only the
+        expired ones and one more are looked at."""
+        limit = self.cfg.tcp_message_timeout
+        if not limit:
+            return
+        expired = []
+        for conn in self.partial.values():
+            if now - conn.started <= limit:
+                break
+            expired.append(conn)
+        for conn in expired:
+            self.c.tcp_closed_message_timeout += 1
+            self.close(conn, reset=True)
 
     def close_all(self) -> None:
         """At stop: stop accepting, close every connection."""

@@ -214,17 +214,16 @@ class Phone:
     """One client socket (UDP, or a TCP connection) talking to the server."""
 
     def __init__(self, server_addr, transport="udp", source=None):
-        """``source``: the local address to send from (another 127/8 address
-        is another client to the server), default the loopback address."""
+        """``source``: the local address to send from (e.g. another of 127/8)."""
         self.server = server_addr
         self.transport = transport
         v6 = ":" in server_addr[0]
-        source = source or ("::1" if v6 else "127.0.0.1")
         if transport == "udp":
             self.sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind((source, 0))
+            self.sock.bind((source or ("::1" if v6 else "127.0.0.1"), 0))
         else:
-            self.sock = socket.create_connection(server_addr, timeout=5, source_address=(source, 0))
+            self.sock = socket.create_connection(server_addr, timeout=5,
+                                                 source_address=(source, 0) if source else None)
         self.local = self.sock.getsockname()[:2]
         self.framer = fastsip.StreamFramer()
         self.pending = []

@@ -1,4 +1,4 @@
-"""A worker's timers, run between receive batches: expiry, the state file, the TCP idle sweep.
+"""A worker's timers, run between receive batches: expiry, the state file, the TCP sweeps.
 
 - Expiry: ``Registrar.expire`` every second, ``EXPIRE_WORK`` bindings per
   call, for at most ``SLICE`` seconds.
@@ -7,7 +7,10 @@
   ``STATE_CHUNK`` AORs per transaction, ``SLICE`` seconds at a time, so the
   sockets are never left waiting long; at stop, everything is written.
   Worker 0 also purges the rows whose bindings have all expired, once a minute.
-- The TCP idle sweep (``tcp.TcpServer.sweep``) every second.
+- The TCP idle sweep (``tcp.TcpServer.sweep``) every second, and the TCP
+  message deadlines (``tcp.TcpServer.deadlines``, ``--tcp-message-timeout``)
+  every ``DEADLINE_EVERY`` seconds: a connection is closed at most that much
+  (plus one loop wait) after its deadline.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ SLICE = 0.02                # seconds of expiry or state writing before going ba
 STATE_CHUNK = 2000          # AOR rows per state transaction
 MAX_PENDING_STATE = 2_000_000
 SWEEP_EVERY = 1.0           # seconds between TCP idle sweeps
+DEADLINE_EVERY = 0.25       # seconds between checks of the TCP message deadlines
 PURGE_EVERY = 60.0          # seconds between purges of expired rows (worker 0)
 FIRST_PURGE = 5.0
 
@@ -112,15 +116,18 @@ class StateWriter:
 class Timers:
     """``run(now)`` after every wait of the loop does what is due."""
 
-    def __init__(self, reg, cfg, writer: StateWriter, sweep, purges: bool, now: float) -> None:
+    def __init__(self, reg, cfg, writer: StateWriter, sweep, purges: bool, now: float,
+                 deadlines=None) -> None:
         self.reg = reg
         self.cfg = cfg                  # flush_interval is live (SIGHUP)
         self.writer = writer
         self.sweep = sweep              # sweep(now): close idle TCP connections
+        self.deadlines = deadlines      # deadlines(now): close TCP connections late with a message
         self.purges = purges and writer.file is not None
         self.next_expire = now + EXPIRE_EVERY
         self.next_flush = now + cfg.flush_interval
         self.next_sweep = now + SWEEP_EVERY
+        self.next_deadlines = now + DEADLINE_EVERY
         self.next_purge = now + FIRST_PURGE
 
     @property
@@ -141,6 +148,9 @@ class Timers:
         if now >= self.next_sweep:
             self.next_sweep = now + SWEEP_EVERY
             self.sweep(now)
+        if self.deadlines is not None and now >= self.next_deadlines:
+            self.next_deadlines = now + DEADLINE_EVERY
+            self.deadlines(now)
         if self.purges and now >= self.next_purge:
             self.next_purge = now + PURGE_EVERY
             self.writer.purge(now)

@@ -9,7 +9,8 @@ supervisor is gone.  The work is done in rooms, one job each:
 - ``inbox.py``: hand-offs to the workers owning other shards, and this
   worker's inbox;
 - ``ratelimit.py``: the per-source token bucket (``--rate-limit``);
-- ``timers.py``: expiry, the state file writer, the TCP idle sweep;
+- ``timers.py``: expiry, the state file writer, the TCP idle sweep and
+  message deadlines;
 - ``commands.py``: the control channel (stats, admin requests, reload).
 
 The clock is read once per receive batch, as wall-clock seconds, and passed
@@ -89,7 +90,8 @@ class Worker:
                              self.handoffs, c, hist, bug)
         self.tcp = TcpServer(self.tcp_socks, loop, self.index, self.n, reg, cfg, self.limiter,
                              self.handoffs, c, hist, bug)
-        self.timers = Timers(reg, cfg, self.writer, self.tcp.sweep, self.index == 0, time.time())
+        self.timers = Timers(reg, cfg, self.writer, self.tcp.sweep, self.index == 0, time.time(),
+                             self.tcp.deadlines)
         self.commands = Commands(self.ctrl, self.index, cfg, self.secret, reg, self.report,
                                  self._reloaded, self._stop)
         for li, s in enumerate(self.udp_socks):
@@ -153,6 +155,7 @@ class Worker:
         c.rate_limited = self.limiter.refused
         c.rate_limit_sources = len(self.limiter)
         c.tcp_connections = len(self.tcp)
+        c.tcp_sources = len(self.tcp.sources)
         c.state_pending = len(self.writer.pending)
         c.state_rows_written = self.writer.rows_written
         c.batch_waits = self.loop.batch_waits

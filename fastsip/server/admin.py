@@ -2,9 +2,11 @@
 
 ``fastsip show``, ``bindings`` and ``remove`` use the API; the routes, their
 answers and errors are in docs/server.md.  The HTTP side is the standard
-library's (``http.server.ThreadingHTTPServer``, a daemon thread per client,
-at most ``MAX_CLIENTS`` at a time, each socket with a ``REQUEST_TIMEOUT``),
-so a slow or stuck client never stalls the supervisor.  Answering needs the
+library's (``http.server.ThreadingHTTPServer``, a daemon thread per client),
+bounded so that no client can stall it: at most ``MAX_CLIENTS`` clients at a
+time (``MAX_PER_SOURCE`` from one address; the next get 503 at once), each
+with ``REQUEST_DEADLINE`` seconds for its whole request (not per ``recv``) of
+at most ``MAX_HEAD`` bytes of head and ``MAX_BODY`` of body.  Answering needs the
 workers, over control channels that only the supervisor's loop uses: a
 client's thread parses the request and hands it to that loop (a queue and a
 wake-up socket, :meth:`AdminServer.fileno` / :meth:`AdminServer.run_pending`);
@@ -13,11 +15,13 @@ the loop routes it (:func:`route`) and the thread writes the answer.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import logging
 import socket
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,10 +31,13 @@ from fastsip.server.metrics import render
 
 LOG = logs.LOG
 
-REQUEST_TIMEOUT = 5.0       # seconds a client may take to send its request or read the answer
-MAX_HEAD = 65536            # bytes of request line and headers (431 beyond)
+REQUEST_DEADLINE = 5.0      # seconds a client has to send its whole request (line, headers, body)
+ANSWER_DEADLINE = 30.0      # seconds a client has to take in the whole answer
+LOOP_DEADLINE = 30.0        # seconds a request waits for the supervisor's loop (503 then)
+MAX_HEAD = 16384            # bytes of request line and headers (431 beyond)
 MAX_BODY = 65536            # bytes of body (413 beyond)
-MAX_CLIENTS = 32            # clients served at once; more wait in the listen backlog
+MAX_CLIENTS = 32            # clients served at once; more get 503 at once
+MAX_PER_SOURCE = 8          # of which from one address
 TEXT = "text/plain"
 
 
@@ -114,12 +121,74 @@ def route(sup, method: str, path: str, q: dict):
 
 # ---------------------------------------------------------------------- HTTP
 
+class _TooLarge(Exception):
+    """The request is longer than ``MAX_HEAD + MAX_BODY`` bytes."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A client socket's bytes, until ``deadline`` (``time.monotonic()``) and at
+    most ``budget`` of them: the whole request must arrive within
+    ``REQUEST_DEADLINE``, however slowly it trickles in (a timeout per ``recv``
+    would let one byte every few seconds hold a thread for ever)."""
+
+    def __init__(self, sock, deadline: float, budget: int) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+        self.budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long")
+        if self.budget <= 0:
+            raise _TooLarge
+        self.sock.settimeout(left)
+        with memoryview(buf) as view:
+            n = self.sock.recv_into(view[:self.budget])
+        self.budget -= n
+        return n
+
+
+class _Writer(io.RawIOBase):
+    """The answer, written at once with ``sendall`` (bounded by ``ANSWER_DEADLINE``
+    in all: Python's ``sendall`` timeout is the total)."""
+
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sock.settimeout(ANSWER_DEADLINE)
+        self.sock.sendall(data)
+        return len(data)
+
+
 class _Handler(BaseHTTPRequestHandler):
     """One request per connection (HTTP/1.0, ``Connection: close``), any method."""
 
     protocol_version = "HTTP/1.0"
     default_request_version = "HTTP/1.0"    # an error answer always has a status line
-    timeout = REQUEST_TIMEOUT
+
+    def setup(self):
+        self.connection = self.request
+        self.rfile = io.BufferedReader(_DeadlineReader(
+            self.connection, time.monotonic() + REQUEST_DEADLINE, MAX_HEAD + MAX_BODY))
+        self.wfile = _Writer(self.connection)
+
+    def handle(self):
+        self.close_connection = True
+        try:
+            self.handle_one_request()
+        except _TooLarge:
+            self.command, self.request_version = "", self.default_request_version
+            self._answer("431 Request Header Fields Too Large", TEXT, b"too large\n")
 
     def __getattr__(self, name):
         if name.startswith("do_"):          # every method is routed (404 for what is unknown)
@@ -151,17 +220,14 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _answer(self, status, ctype, body):
-        code, _, phrase = status.partition(" ")
-        self.send_response_only(int(code), phrase)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+    def _answer(self, status, ctype, body, headers=()):
+        head = [f"HTTP/1.0 {status}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}",
+                *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]
+        self.wfile.write("\r\n".join(head).encode("latin-1") + body)
         self.close_connection = True
 
     def _serve(self):
+        url = urlsplit(self.path)
         try:
             length = int((self.headers.get("Content-Length") or "0").strip() or 0)
         except ValueError:
@@ -170,7 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer("413 Payload Too Large", TEXT, b"too large\n")
             return
         body = self.rfile.read(length) if length > 0 else b""
-        url = urlsplit(self.path)
+        if len(body) < length:
+            return                          # the client closed before its body was in
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if body and self.command == "POST":
             try:
@@ -187,15 +254,22 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(*answer)
 
 
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n")
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False          # close() does not wait for clients: their deadlines end them
     allow_reuse_address = True
     request_queue_size = 64
 
     def __init__(self, address, family, admin):
         self.address_family = family
         self.admin = admin
-        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.lock = threading.Lock()
+        self.served = 0                         # clients being served
+        self.by_source: dict = {}               # client address -> clients being served
         super().__init__(address, _Handler)
 
     def server_bind(self):
@@ -204,23 +278,40 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(timeout=REQUEST_TIMEOUT):
+        source = client_address[0]
+        with self.lock:
+            busy = self.served >= MAX_CLIENTS or self.by_source.get(source, 0) >= MAX_PER_SOURCE
+            if not busy:
+                self.served += 1
+                self.by_source[source] = self.by_source.get(source, 0) + 1
+        if busy:                    # answered at once, without reading: this thread never waits
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
             self.shutdown_request(request)
             return
         self.admin.conns.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.admin.conns.discard(request)
-            self.slots.release()
+            self._done(request, source)
             raise
+
+    def _done(self, request, source):
+        self.admin.conns.discard(request)
+        with self.lock:
+            self.served -= 1
+            left = self.by_source.pop(source, 1) - 1
+            if left:
+                self.by_source[source] = left
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.admin.conns.discard(request)
-            self.slots.release()
+            self._done(request, client_address[0])
 
     def handle_error(self, request, client_address):
         LOG.debug("admin endpoint: a request from %s failed", client_address, exc_info=True)
@@ -273,7 +364,8 @@ class AdminServer:
         self._thread.start()
 
     def ask(self, method: str, path: str, q: dict):
-        """From a client's thread: the supervisor loop's answer (None when it is stopping)."""
+        """From a client's thread: the supervisor loop's answer (None when it is stopping;
+        503 when the loop has not answered in ``LOOP_DEADLINE`` seconds)."""
         pending = _Pending(method, path, q)
         with self._lock:
             if self._closed:
@@ -283,7 +375,8 @@ class AdminServer:
             self._wake_w.send(b"\0")
         except OSError:                 # full: the loop has a wake-up waiting already
             pass
-        pending.done.wait()
+        if not pending.done.wait(LOOP_DEADLINE):
+            return "503 Service Unavailable", TEXT, b"the server did not answer in time\n"
         return pending.answer
 
     def run_pending(self) -> None:

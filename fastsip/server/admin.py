@@ -15,7 +15,9 @@ the loop routes it (:func:`route`) and the thread writes the answer.
 from __future__ import annotations
 
 import collections
+import hmac
 import io
+import ipaddress
 import json
 import logging
 import socket
@@ -117,6 +119,105 @@ def route(sup, method: str, path: str, q: dict):
             for s in sup.slots], "restarts": sup.restarts,
             "listen": sup.listen_names(), "state": sup.cfg.state})
     return _json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
+
+
+# ---------------------------------------------------------------------- who may ask
+
+MIN_TOKEN = 16              # characters of an admin token, at least
+
+
+def read_token(path: str) -> str:
+    """The admin token in ``path`` (``--admin-token-file``): the file's text
+    without surrounding white space, at least ``MIN_TOKEN`` printable ASCII
+    characters and no spaces; ``ConfigError`` saying why not."""
+    from fastsip.server.config import ConfigError
+    what = f"--admin-token-file {path}"
+    try:
+        with open(path, "rb") as f:
+            token = f.read(4096).strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{what}: the file is empty")
+    if any(not 0x21 <= c <= 0x7E for c in token):
+        raise ConfigError(f"{what}: the token must be one word of printable ASCII "
+                          "(no spaces or line breaks inside)")
+    if len(token) < MIN_TOKEN:
+        raise ConfigError(f"{what}: the token is shorter than {MIN_TOKEN} characters")
+    return token.decode("ascii")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address (as bound) is a loopback one: 127.0.0.0/8, ::1."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _host_is_literal(value: str) -> bool:
+    """Whether a Host header names an IP address or localhost (not a DNS name, which a
+    web page could rebind to this machine)."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _refused(status, why, headers=()):
+    body = (json.dumps({"error": why}) + "\n").encode()
+    return status, "application/json", body, headers
+
+
+def check_access(admin, method: str, headers) -> tuple | None:
+    """None when an admin API request may go on, else the refusal (status,
+    content type, body, extra headers).  The rules (docs/server.md, *Admin API*):
+
+    - a request with an ``Origin`` header (a web page's) is refused: 403;
+    - on a listener beyond loopback without ``--admin-token-file``, the API is off: 403;
+    - with a token, ``Authorization: Bearer <token>`` is required (compared in
+      constant time): 401 without it or with another;
+    - without a token, the ``Host`` header must name an IP address or localhost
+      (DNS rebinding): 403;
+    - a POST must be ``application/json``: 403.
+    """
+    if headers.get("Origin") is not None:
+        return _refused("403 Forbidden", "cross-origin request refused: the admin API does not "
+                        "answer requests with an Origin header (web pages)")
+    token = admin.token
+    if token is None and not admin.loopback:
+        host, port = admin.address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _refused("403 Forbidden", f"the admin API is off: this endpoint listens on "
+                        f"{where}, beyond loopback, and the server has no "
+                        "--admin-token-file (/metrics stays open)")
+    if token is not None:
+        scheme, _, given = (headers.get("Authorization") or "").strip().partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("latin-1", "replace"), token.encode())):
+            return _refused("401 Unauthorized",
+                            "the admin API needs the server's token (Authorization: Bearer ...; "
+                            "fastsip show/bindings/remove --admin-token-file FILE)"
+                            if not scheme else "wrong admin token",
+                            (("WWW-Authenticate", 'Bearer realm="fastsip"'),))
+    elif headers.get("Host") is not None and not _host_is_literal(headers["Host"]):
+        return _refused("403 Forbidden", "the Host header must name an IP address or localhost "
+                        "(without --admin-token-file)")
+    if method == "POST":
+        ctype = (headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        if ctype != "application/json":
+            return _refused("403 Forbidden", "a POST to the admin API must be application/json")
+    return None
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -228,6 +329,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self):
         url = urlsplit(self.path)
+        if url.path != "/metrics":          # the admin API (and what is unknown): checked
+            refusal = check_access(self.server.admin, self.command, self.headers)
+            if refusal is not None:
+                self._answer(*refusal)
+                return
         try:
             length = int((self.headers.get("Content-Length") or "0").strip() or 0)
         except ValueError:
@@ -245,10 +351,12 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 self._answer("400 Bad Request", TEXT, b"body is not JSON\n")
                 return
-            if not isinstance(extra, dict):
-                self._answer("400 Bad Request", TEXT, b"body is not a JSON object\n")
+            if not isinstance(extra, dict) or not all(
+                    isinstance(v, str) or v is None for v in extra.values()):
+                self._answer("400 Bad Request", TEXT,
+                             b"body is not a JSON object of strings\n")
                 return
-            q.update(extra)
+            q.update((k, v) for k, v in extra.items() if v is not None)
         answer = self.server.admin.ask(self.command, url.path, q)
         if answer is not None:
             self._answer(*answer)
@@ -333,9 +441,11 @@ class AdminServer:
     ``fileno()`` and calls ``run_pending()`` when it is readable.
     """
 
-    def __init__(self, host: str, port: int, sup) -> None:
+    def __init__(self, host: str, port: int, sup, token: str | None = None) -> None:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         self.sup = sup
+        self.token = token              # --admin-token-file's, or None
+        self.loopback = is_loopback(address[0])
         self.conns: set = set()         # client sockets being served (closed in a forked worker)
         self._pending: collections.deque = collections.deque()
         self._lock = threading.Lock()

@@ -31,7 +31,7 @@ import sys
 import time
 
 from fastsip.server import control, logs, steer
-from fastsip.server.admin import AdminServer
+from fastsip.server.admin import AdminServer, read_token
 from fastsip.server.config import ConfigError, resolve
 from fastsip.server.metrics import add_reports
 
@@ -171,8 +171,12 @@ class Supervisor:
                 for i, s in enumerate(socks):
                     (self.udp if transport == "udp" else self.tcp)[i].append(s)
             host, port = cfg.metrics
+            token = read_token(cfg.admin_token_file) if cfg.admin_token_file else None
+            if token is not None and os.stat(cfg.admin_token_file).st_mode & 0o077:
+                LOG.warning("--admin-token-file %s: other users may read it (chmod 600 it)",
+                            cfg.admin_token_file)
             try:
-                self.admin = AdminServer(host, port, self)
+                self.admin = AdminServer(host, port, self, token)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {host}:{port}: "
                                   f"{getattr(exc, 'strerror', exc)}") from None
@@ -297,18 +301,28 @@ class Supervisor:
         steering = set(self.steering.values())
         steering = ("; kernel steering by AOR " + (steering.pop() if len(steering) == 1 else
                     ", ".join(f"{k} {v}" for k, v in self.steering.items()))) if steering else ""
+        exposed = not self.admin.loopback
+        if exposed:
+            admin = (" (WARNING: beyond loopback: /metrics open to the network, admin API "
+                     + ("on with the --admin-token-file token)" if self.admin.token
+                        else "off without --admin-token-file)"))
+        else:
+            admin = " (admin API with the --admin-token-file token)" if self.admin.token else ""
         line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
                 f"{'s' if cfg.workers != 1 else ''}; state {state}; "
-                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics; {auth}{steering}")
+                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics{admin}; "
+                f"{auth}{steering}")
         # stdout gets the start line (scripts and fastsip.server.testing read it there); the
         # log gets it too, unless the log is the very same file or terminal (a plain
         # `fastsip serve` in a shell, or `>out 2>&1`), where it would show twice
         print(line, flush=True)
         if not logs.same_as_stdout():
-            logs.event(logging.WARNING if cfg.realm is not None and self.auth_users == 0
+            logs.event(logging.WARNING if exposed or (cfg.realm is not None and self.auth_users == 0)
                        else logging.INFO, line,
                        listen=[_fmt(*b) for b in self.listen], workers=cfg.workers,
                        state=cfg.state, metrics=f"{mh}:{mp}", steering=self.steering,
+                       admin="off" if exposed and not self.admin.token else
+                       "token" if self.admin.token else "loopback",
                        realm=cfg.realm, users=self.auth_users if cfg.realm is not None else None)
 
     def _reap(self):
@@ -397,6 +411,11 @@ class Supervisor:
             logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)
         else:
             values, changed = self.cfg.live_values(), {}
+        if self.cfg.admin_token_file:
+            try:
+                self.admin.token = read_token(self.cfg.admin_token_file)
+            except ConfigError as exc:
+                LOG.error("SIGHUP: %s (keeping the admin token)", exc)
         answers = self.ask_all({"op": "reload", "values": values})
         logs.event(logging.INFO, "SIGHUP: logs reopened; configuration reloaded"
                    + (f" (changed: {', '.join(sorted(changed))})" if changed else " (no change)")

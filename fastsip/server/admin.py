@@ -110,13 +110,16 @@ def route(sup, method: str, path: str, q: dict):
         return _json({"aor": aor, "removed": removed, "near": sorted(near)[:5]})
     if path == "/api/workers" and method == "GET":
         sup.collect()
-        return _json({"workers": [
-            {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
-             "received_udp": s.last.get("received", {}).get("udp", 0) if s.ready else None,
-             "received_tcp": s.last.get("received", {}).get("tcp", 0) if s.ready else None,
-             "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None,
-             "batch_waits": s.last.get("batch_waits", 0) if s.ready else None}
-            for s in sup.slots], "restarts": sup.restarts,
+        workers = []
+        for s in sup.slots:     # counters: the slot's since the start (across restarts)
+            t = s.totals()
+            workers.append({
+                "index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
+                "received_udp": t.get("received", {}).get("udp", 0),
+                "received_tcp": t.get("received", {}).get("tcp", 0),
+                "bindings": t.get("core", {}).get("bindings", 0) if s.ready else None,
+                "batch_waits": t.get("batch_waits", 0)})
+        return _json({"workers": workers, "restarts": sup.restarts,
             "listen": sup.listen_names(), "state": sup.cfg.state})
     return _json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
 

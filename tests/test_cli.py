@@ -64,3 +64,21 @@ def test_parse_exits_1_when_a_typed_value_is_malformed():
     assert r.stderr.decode() == "-: 1 malformed value (ERROR above; a server answers 400)\n"
     r = fastsip("parse", "-", stdin=msg.replace(b"soon", b"60"))
     assert r.returncode == 0 and r.stderr == b""
+
+
+def test_show_bindings_remove_say_why_a_token_file_or_config_is_unusable(tmp_path):
+    """Before asking any server: one line on standard error, exit status 2."""
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no-such-key = 1\n")
+    for args, why in [
+        (("show", "alice@example.com", "--admin-token-file", str(tmp_path / "none")),
+         f"fastsip: --admin-token-file {tmp_path / 'none'}: No such file or directory\n"),
+        (("bindings", "--admin-token-file", str(short)),
+         f"fastsip: --admin-token-file {short}: the token is shorter than 16 characters\n"),
+        (("remove", "alice@example.com", "--config", str(bad)),
+         f"fastsip: --config {bad}: unknown key 'no-such-key'\n"),
+    ]:
+        r = fastsip(*args)
+        assert r.returncode == 2 and r.stderr.decode() == why, r.stderr

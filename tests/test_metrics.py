@@ -1,10 +1,12 @@
 """The metrics table (fastsip/server/metrics.py): every counter declared up front,
 the worker's counters made from it, the Prometheus text rendered from it."""
 import json
+import os
 
 import pytest
 
-from fastsip.server.metrics import GAUGES, METRICS, WorkerCounters, add_reports, render
+from fastsip.server.metrics import GAUGES, METRICS, WorkerCounters, add_reports, latest_report, render
+from fastsip.server.statsblock import StatsBlock
 
 
 def test_worker_counters_are_the_declared_ones_and_nothing_else():
@@ -39,3 +41,35 @@ def test_render_names_every_exported_metric_once_from_the_table():
     assert 'fastsip_replies_total{code="200"} 6\n' in text
     assert "\nfastsip_workers 2\n" in text and "\nfastsip_worker_restarts_total 1\n" in text
     assert ("core", "bindings") in GAUGES and ("tcp_connections",) in GAUGES
+
+
+def test_latest_report_takes_the_later_of_two_reports_of_one_worker():
+    early = {"received": {"udp": 5, "tcp": 1}, "core": {"replies": {"200": 4}},
+             "latency": {"counts": [1, 2], "sum": 0.5, "count": 3}}
+    late = {"received": {"udp": 9, "tcp": 1}, "core": {"replies": {"200": 7, "404": 1}},
+            "latency": {"counts": [1, 5], "sum": 0.9, "count": 6}}
+    assert latest_report(early, late) == late == latest_report(late, early)
+    assert latest_report({}, late) == late and latest_report(early, {}) == early
+
+
+def test_stats_block_is_shared_with_a_child_and_survives_a_torn_write():
+    block = StatsBlock(half=4096)
+    assert block.read() == {}
+    pid = os.fork()
+    if pid == 0:                            # the "worker": writes twice, then dies at once
+        block.write({"received": {"udp": 1}})
+        block.write({"received": {"udp": 2}})
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert block.read() == {"received": {"udp": 2}}
+    # a third write cut short: its JSON in place, its header half written
+    block.generation = 2
+    block.write({"received": {"udp": 3}})
+    block.mem[4096 + 8:4096 + 12] = b"\xff\xff\x00\x00"    # half 1: the length torn
+    assert block.read() == {"received": {"udp": 2}}         # the previous one (half 0)
+    block.mem[4096 + 8:4096 + 16] = bytes(8)                # length and CRC zeroed
+    assert block.read() == {"received": {"udp": 2}}
+    assert not block.write({"big": "x" * 5000})             # does not fit: nothing written
+    block.clear()
+    assert block.read() == {}
+    block.close()

@@ -403,6 +403,61 @@ def test_kill_9_of_a_worker_restarts_it_with_its_shard(start, phone):
     assert "died (killed by signal 9); restarting" in srv.log()
 
 
+def _restarted(srv, index, old_pid, timeout=10):
+    return wait_for(lambda: (lambda w: w["pid"] not in (0, old_pid) and w["ready"])(
+        srv.api("/api/workers")["workers"][index]), timeout)
+
+
+def test_counters_carry_on_across_a_kill_9_of_a_worker_exactly(start, phone):
+    """A worker's counts since the last scrape are not lost with it: it writes them to
+    shared memory every PUBLISH_EVERY seconds (and at exit), and the restarted
+    worker's counts are added to its predecessors'.  Counted exactly, twice over."""
+    from fastsip.server.worker import PUBLISH_EVERY
+    srv = start(workers=2, state=None)
+    ua = phone(srv.udp)
+    key, reg = 'fastsip_replies_total{code="200"}', 'fastsip_requests_total{method="REGISTER"}'
+    sent = 0
+
+    def burst(tag, n=30):
+        nonlocal sent
+        for i in range(n):
+            ua.ask(register(f"{tag}{i}", contact=f"sip:{tag}{i}@127.0.0.1:7000", call_id=f"{tag}{i}"))
+        ua.ask(request("OPTIONS", call_id=f"o-{tag}"))
+        sent += n + 1
+
+    burst("a")
+    assert srv.metrics()[key] == sent
+    for kill in range(2):
+        pid = srv.worker_pids()[0]
+        burst(f"k{kill}-")                  # not scraped before the kill
+        time.sleep(4 * PUBLISH_EVERY)
+        before = sent
+        os.kill(pid, signal.SIGKILL)
+        assert _restarted(srv, 0, pid)
+        m = srv.metrics()
+        assert m[key] == before, (m[key], before)     # none lost, and never down
+        assert m[reg] == before - 2 - kill
+        workers = srv.api("/api/workers")["workers"]
+        assert sum(w["received_udp"] for w in workers) == before
+        assert workers[0]["restarts"] == kill + 1
+    burst("z")
+    assert srv.metrics()[key] == sent
+
+
+def test_a_worker_that_exits_cleanly_hands_over_its_final_counts(start, phone):
+    """SIGTERM to one worker: it writes its final counters as it exits, so even what
+    it answered a moment before counts, with no wait."""
+    srv = start(workers=1, state=None)
+    ua = phone(srv.udp)
+    pid = srv.worker_pids()[0]
+    for i in range(50):
+        ua.ask(register(f"t{i}", contact=f"sip:t{i}@127.0.0.1:7000", call_id=f"t{i}"))
+    os.kill(pid, signal.SIGTERM)
+    assert _restarted(srv, 0, pid)
+    assert srv.metrics()['fastsip_replies_total{code="200"}'] == 50
+    assert "died (exit status 0)" in srv.log()
+
+
 def test_metrics_never_go_down_while_a_worker_is_slow(start, phone):
     srv = start(workers=2)
     ua = phone(srv.udp)

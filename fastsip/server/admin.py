@@ -2,9 +2,11 @@
 
 ``fastsip show``, ``bindings`` and ``remove`` use the API; the routes, their
 answers and errors are in docs/server.md.  The HTTP side is the standard
-library's (``http.server.ThreadingHTTPServer``, a daemon thread per client,
-at most ``MAX_CLIENTS`` at a time, each socket with a ``REQUEST_TIMEOUT``),
-so a slow or stuck client never stalls the supervisor.  Answering needs the
+library's (``http.server.ThreadingHTTPServer``, a daemon thread per client),
+bounded so that no client can stall it: at most ``MAX_CLIENTS`` clients at a
+time (``MAX_PER_SOURCE`` from one address; the next get 503 at once), each
+with ``REQUEST_DEADLINE`` seconds for its whole request (not per ``recv``) of
+at most ``MAX_HEAD`` bytes of head and ``MAX_BODY`` of body.  Answering needs the
 workers, over control channels that only the supervisor's loop uses: a
 client's thread parses the request and hands it to that loop (a queue and a
 wake-up socket, :meth:`AdminServer.fileno` / :meth:`AdminServer.run_pending`);
@@ -13,11 +15,15 @@ the loop routes it (:func:`route`) and the thread writes the answer.
 from __future__ import annotations
 
 import collections
+import hmac
+import io
+import ipaddress
 import json
 import logging
 import socket
 import socketserver
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,10 +33,13 @@ from fastsip.server.metrics import render
 
 LOG = logs.LOG
 
-REQUEST_TIMEOUT = 5.0       # seconds a client may take to send its request or read the answer
-MAX_HEAD = 65536            # bytes of request line and headers (431 beyond)
+REQUEST_DEADLINE = 5.0      # seconds a client has to send its whole request (line, headers, body)
+ANSWER_DEADLINE = 30.0      # seconds a client has to take in the whole answer
+LOOP_DEADLINE = 30.0        # seconds a request waits for the supervisor's loop (503 then)
+MAX_HEAD = 16384            # bytes of request line and headers (431 beyond)
 MAX_BODY = 65536            # bytes of body (413 beyond)
-MAX_CLIENTS = 32            # clients served at once; more wait in the listen backlog
+MAX_CLIENTS = 32            # clients served at once; more get 503 at once
+MAX_PER_SOURCE = 8          # of which from one address
 TEXT = "text/plain"
 
 
@@ -101,25 +110,189 @@ def route(sup, method: str, path: str, q: dict):
         return _json({"aor": aor, "removed": removed, "near": sorted(near)[:5]})
     if path == "/api/workers" and method == "GET":
         sup.collect()
-        return _json({"workers": [
-            {"index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
-             "received_udp": s.last.get("received", {}).get("udp", 0) if s.ready else None,
-             "received_tcp": s.last.get("received", {}).get("tcp", 0) if s.ready else None,
-             "bindings": s.last.get("core", {}).get("bindings", 0) if s.ready else None,
-             "batch_waits": s.last.get("batch_waits", 0) if s.ready else None}
-            for s in sup.slots], "restarts": sup.restarts,
+        workers = []
+        for s in sup.slots:     # counters: the slot's since the start (across restarts)
+            t = s.totals()
+            workers.append({
+                "index": s.index, "pid": s.pid, "ready": s.ready, "restarts": s.restarts,
+                "received_udp": t.get("received", {}).get("udp", 0),
+                "received_tcp": t.get("received", {}).get("tcp", 0),
+                "bindings": t.get("core", {}).get("bindings", 0) if s.ready else None,
+                "batch_waits": t.get("batch_waits", 0)})
+        return _json({"workers": workers, "restarts": sup.restarts,
             "listen": sup.listen_names(), "state": sup.cfg.state})
     return _json({"error": f"no such endpoint: {method} {path}"}, "404 Not Found")
 
 
+# ---------------------------------------------------------------------- who may ask
+
+MIN_TOKEN = 16              # characters of an admin token, at least
+
+
+def read_token(path: str) -> str:
+    """The admin token in ``path`` (``--admin-token-file``): the file's text
+    without surrounding white space, at least ``MIN_TOKEN`` printable ASCII
+    characters and no spaces; ``ConfigError`` saying why not."""
+    from fastsip.server.config import ConfigError
+    what = f"--admin-token-file {path}"
+    try:
+        with open(path, "rb") as f:
+            token = f.read(4096).strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{what}: the file is empty")
+    if any(not 0x21 <= c <= 0x7E for c in token):
+        raise ConfigError(f"{what}: the token must be one word of printable ASCII "
+                          "(no spaces or line breaks inside)")
+    if len(token) < MIN_TOKEN:
+        raise ConfigError(f"{what}: the token is shorter than {MIN_TOKEN} characters")
+    return token.decode("ascii")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address (as bound) is a loopback one: 127.0.0.0/8, ::1."""
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _host_is_literal(value: str) -> bool:
+    """Whether a Host header names an IP address or localhost (not a DNS name, which a
+    web page could rebind to this machine)."""
+    host = value.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _refused(status, why, headers=()):
+    body = (json.dumps({"error": why}) + "\n").encode()
+    return status, "application/json", body, headers
+
+
+def check_access(admin, method: str, headers) -> tuple | None:
+    """None when an admin API request may go on, else the refusal (status,
+    content type, body, extra headers).  The rules (docs/server.md, *Admin API*):
+
+    - a request with an ``Origin`` header (a web page's) is refused: 403;
+    - on a listener beyond loopback without ``--admin-token-file``, the API is off: 403;
+    - with a token, ``Authorization: Bearer <token>`` is required (compared in
+      constant time): 401 without it or with another;
+    - without a token, the ``Host`` header must name an IP address or localhost
+      (DNS rebinding): 403;
+    - a POST must be ``application/json``: 403.
+    """
+    if headers.get("Origin") is not None:
+        return _refused("403 Forbidden", "cross-origin request refused: the admin API does not "
+                        "answer requests with an Origin header (web pages)")
+    token = admin.token
+    if token is None and not admin.loopback:
+        host, port = admin.address
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return _refused("403 Forbidden", f"the admin API is off: this endpoint listens on "
+                        f"{where}, beyond loopback, and the server has no "
+                        "--admin-token-file (/metrics stays open)")
+    if token is not None:
+        scheme, _, given = (headers.get("Authorization") or "").strip().partition(" ")
+        if not (scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode("latin-1", "replace"), token.encode())):
+            return _refused("401 Unauthorized",
+                            "the admin API needs the server's token (Authorization: Bearer ...; "
+                            "fastsip show/bindings/remove --admin-token-file FILE)"
+                            if not scheme else "wrong admin token",
+                            (("WWW-Authenticate", 'Bearer realm="fastsip"'),))
+    elif headers.get("Host") is not None and not _host_is_literal(headers["Host"]):
+        return _refused("403 Forbidden", "the Host header must name an IP address or localhost "
+                        "(without --admin-token-file)")
+    if method == "POST":
+        ctype = (headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        if ctype != "application/json":
+            return _refused("403 Forbidden", "a POST to the admin API must be application/json")
+    return None
+
+
 # ---------------------------------------------------------------------- HTTP
+
+class _TooLarge(Exception):
+    """The request is longer than ``MAX_HEAD + MAX_BODY`` bytes."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A client socket's bytes, until ``deadline`` (``time.monotonic()``) and at
+    most ``budget`` of them: the whole request must arrive within
+    ``REQUEST_DEADLINE``, however slowly it trickles in (a timeout per ``recv``
+    would let one byte every few seconds hold a thread for ever)."""
+
+    def __init__(self, sock, deadline: float, budget: int) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+        self.budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long")
+        if self.budget <= 0:
+            raise _TooLarge
+        self.sock.settimeout(left)
+        with memoryview(buf) as view:
+            n = self.sock.recv_into(view[:self.budget])
+        self.budget -= n
+        return n
+
+
+class _Writer(io.RawIOBase):
+    """The answer, written at once with ``sendall`` (bounded by ``ANSWER_DEADLINE``
+    in all: Python's ``sendall`` timeout is the total)."""
+
+    def __init__(self, sock) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sock.settimeout(ANSWER_DEADLINE)
+        self.sock.sendall(data)
+        return len(data)
+
 
 class _Handler(BaseHTTPRequestHandler):
     """One request per connection (HTTP/1.0, ``Connection: close``), any method."""
 
     protocol_version = "HTTP/1.0"
     default_request_version = "HTTP/1.0"    # an error answer always has a status line
-    timeout = REQUEST_TIMEOUT
+
+    def setup(self):
+        self.connection = self.request
+        self.rfile = io.BufferedReader(_DeadlineReader(
+            self.connection, time.monotonic() + REQUEST_DEADLINE, MAX_HEAD + MAX_BODY))
+        self.wfile = _Writer(self.connection)
+
+    def handle(self):
+        self.close_connection = True
+        try:
+            self.handle_one_request()
+        except _TooLarge:
+            self.command, self.request_version = "", self.default_request_version
+            self._answer("431 Request Header Fields Too Large", TEXT, b"too large\n")
 
     def __getattr__(self, name):
         if name.startswith("do_"):          # every method is routed (404 for what is unknown)
@@ -151,17 +324,19 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _answer(self, status, ctype, body):
-        code, _, phrase = status.partition(" ")
-        self.send_response_only(int(code), phrase)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+    def _answer(self, status, ctype, body, headers=()):
+        head = [f"HTTP/1.0 {status}", f"Content-Type: {ctype}", f"Content-Length: {len(body)}",
+                *(f"{k}: {v}" for k, v in headers), "Connection: close", "", ""]
+        self.wfile.write("\r\n".join(head).encode("latin-1") + body)
         self.close_connection = True
 
     def _serve(self):
+        url = urlsplit(self.path)
+        if url.path != "/metrics":          # the admin API (and what is unknown): checked
+            refusal = check_access(self.server.admin, self.command, self.headers)
+            if refusal is not None:
+                self._answer(*refusal)
+                return
         try:
             length = int((self.headers.get("Content-Length") or "0").strip() or 0)
         except ValueError:
@@ -170,7 +345,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer("413 Payload Too Large", TEXT, b"too large\n")
             return
         body = self.rfile.read(length) if length > 0 else b""
-        url = urlsplit(self.path)
+        if len(body) < length:
+            return                          # the client closed before its body was in
         q = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if body and self.command == "POST":
             try:
@@ -178,24 +354,33 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 self._answer("400 Bad Request", TEXT, b"body is not JSON\n")
                 return
-            if not isinstance(extra, dict):
-                self._answer("400 Bad Request", TEXT, b"body is not a JSON object\n")
+            if not isinstance(extra, dict) or not all(
+                    isinstance(v, str) or v is None for v in extra.values()):
+                self._answer("400 Bad Request", TEXT,
+                             b"body is not a JSON object of strings\n")
                 return
-            q.update(extra)
+            q.update((k, v) for k, v in extra.items() if v is not None)
         answer = self.server.admin.ask(self.command, url.path, q)
         if answer is not None:
             self._answer(*answer)
 
 
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n")
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    block_on_close = False          # close() does not wait for clients: their deadlines end them
     allow_reuse_address = True
     request_queue_size = 64
 
     def __init__(self, address, family, admin):
         self.address_family = family
         self.admin = admin
-        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+        self.lock = threading.Lock()
+        self.served = 0                         # clients being served
+        self.by_source: dict = {}               # client address -> clients being served
         super().__init__(address, _Handler)
 
     def server_bind(self):
@@ -204,23 +389,40 @@ class _HTTPServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(timeout=REQUEST_TIMEOUT):
+        source = client_address[0]
+        with self.lock:
+            busy = self.served >= MAX_CLIENTS or self.by_source.get(source, 0) >= MAX_PER_SOURCE
+            if not busy:
+                self.served += 1
+                self.by_source[source] = self.by_source.get(source, 0) + 1
+        if busy:                    # answered at once, without reading: this thread never waits
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
             self.shutdown_request(request)
             return
         self.admin.conns.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.admin.conns.discard(request)
-            self.slots.release()
+            self._done(request, source)
             raise
+
+    def _done(self, request, source):
+        self.admin.conns.discard(request)
+        with self.lock:
+            self.served -= 1
+            left = self.by_source.pop(source, 1) - 1
+            if left:
+                self.by_source[source] = left
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.admin.conns.discard(request)
-            self.slots.release()
+            self._done(request, client_address[0])
 
     def handle_error(self, request, client_address):
         LOG.debug("admin endpoint: a request from %s failed", client_address, exc_info=True)
@@ -242,9 +444,11 @@ class AdminServer:
     ``fileno()`` and calls ``run_pending()`` when it is readable.
     """
 
-    def __init__(self, host: str, port: int, sup) -> None:
+    def __init__(self, host: str, port: int, sup, token: str | None = None) -> None:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         self.sup = sup
+        self.token = token              # --admin-token-file's, or None
+        self.loopback = is_loopback(address[0])
         self.conns: set = set()         # client sockets being served (closed in a forked worker)
         self._pending: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -273,7 +477,8 @@ class AdminServer:
         self._thread.start()
 
     def ask(self, method: str, path: str, q: dict):
-        """From a client's thread: the supervisor loop's answer (None when it is stopping)."""
+        """From a client's thread: the supervisor loop's answer (None when it is stopping;
+        503 when the loop has not answered in ``LOOP_DEADLINE`` seconds)."""
         pending = _Pending(method, path, q)
         with self._lock:
             if self._closed:
@@ -283,7 +488,8 @@ class AdminServer:
             self._wake_w.send(b"\0")
         except OSError:                 # full: the loop has a wake-up waiting already
             pass
-        pending.done.wait()
+        if not pending.done.wait(LOOP_DEADLINE):
+            return "503 Service Unavailable", TEXT, b"the server did not answer in time\n"
         return pending.answer
 
     def run_pending(self) -> None:

@@ -1,7 +1,9 @@
 """The ``serve``, ``show``, ``bindings`` and ``remove`` subcommands of ``fastsip``.
 
 ``show``, ``bindings`` and ``remove`` ask a running server over its HTTP
-endpoint (the one that serves ``/metrics``; ``--metrics HOST:PORT``).
+endpoint (the one that serves ``/metrics``; ``--metrics HOST:PORT``, or the
+server's own ``--config`` file), with the server's admin token when it has one
+(``--admin-token-file``); ``remove`` is a POST of ``application/json``.
 """
 from __future__ import annotations
 
@@ -18,19 +20,41 @@ DEFAULT_ENDPOINT = "127.0.0.1:9060"
 def _endpoint_url(endpoint: str, path: str, **query) -> str:
     from fastsip.server.config import parse_hostport
     host, port = parse_hostport(endpoint, "--metrics")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)     # a wildcard: this machine
     if ":" in host:
         host = f"[{host}]"
     q = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
     return f"http://{host}:{port}{path}" + (f"?{q}" if q else "")
 
 
-def _call(args, path, method="GET", **query):
-    from fastsip.server.config import ConfigError
+def _endpoint(args) -> tuple[str, str | None]:
+    """(HOST:PORT of the server's endpoint, its admin token or None): the flags,
+    else the keys ``metrics`` and ``admin-token-file`` of ``--config``, else the defaults."""
+    from fastsip.server.admin import read_token
+    from fastsip.server.config import ConfigError, _read_toml
     try:
-        url = _endpoint_url(args.metrics, path, **query)
+        conf = _read_toml(args.config) if args.config else {}
+        endpoint = args.metrics or conf.get("metrics") or DEFAULT_ENDPOINT
+        token_file = args.admin_token_file or conf.get("admin-token-file")
+        return str(endpoint), read_token(token_file) if token_file else None
     except ConfigError as exc:
         raise SystemExit(_fail(str(exc))) from None
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+
+
+def _call(args, path, method="GET", **params):
+    """The server's JSON answer; a GET sends ``params`` in the query, a POST as a JSON body."""
+    from fastsip.server.config import ConfigError
+    endpoint, token = _endpoint(args)
+    try:
+        url = _endpoint_url(endpoint, path, **(params if method == "GET" else {}))
+    except ConfigError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if method == "POST":
+        headers["Content-Type"] = "application/json"
+        data = json.dumps({k: v for k, v in params.items() if v is not None}).encode()
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
@@ -43,7 +67,7 @@ def _call(args, path, method="GET", **query):
         raise SystemExit(_fail(detail if exc.code == 400 else f"{url}: {detail}")) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise SystemExit(_fail(f"no fastsip server answers at {args.metrics} ({reason}); "
+        raise SystemExit(_fail(f"no fastsip server answers at {endpoint} ({reason}); "
                                "is it running? (--metrics HOST:PORT)")) from None
 
 
@@ -154,8 +178,14 @@ def add_subcommands(sub) -> None:
     _one_line_errors(p)
 
     def endpoint(p):
-        p.add_argument("--metrics", default=DEFAULT_ENDPOINT, metavar="HOST:PORT",
-                       help=f"the running server's HTTP endpoint (default: {DEFAULT_ENDPOINT})")
+        p.add_argument("--metrics", metavar="HOST:PORT",
+                       help="the running server's HTTP endpoint (default: the metrics key of "
+                            f"--config, else {DEFAULT_ENDPOINT})")
+        p.add_argument("--admin-token-file", metavar="FILE",
+                       help="the server's --admin-token-file: its token goes with the request "
+                            "(default: the admin-token-file key of --config)")
+        p.add_argument("--config", metavar="FILE",
+                       help="the server's TOML file: where its endpoint is and its token file")
 
     p = sub.add_parser("show", help="the bindings of one AOR, from the running server")
     p.add_argument("aor", metavar="AOR", help="address of record: sip:alice@example.com, "

@@ -86,6 +86,8 @@ class Commands:
             except Exception as exc:     # noqa: BLE001 - a bug: log it, answer, go on
                 LOG.exception("control request %r failed", msg.get("op"))
                 answer = {"error": f"{type(exc).__name__}: {exc}"}
+            if "id" in msg:
+                answer["id"] = msg["id"]
             try:
                 self.sock.sendall(control.encode(answer))
             except OSError:

@@ -200,6 +200,10 @@ OPTIONS = [
     ("metrics", lambda v: parse_hostport(v, "--metrics"), "127.0.0.1:9060", False, False, "HOST:PORT",
      "HTTP endpoint for Prometheus /metrics and the admin API of show/bindings/remove "
      "(default: 127.0.0.1:9060)"),
+    ("admin-token-file", _string("admin-token-file"), None, False, False, "FILE",
+     "a file holding a token (one word, 16 characters at least) that every admin API request "
+     "must bring (Authorization: Bearer TOKEN); without it the admin API answers on a loopback "
+     "--metrics address only; re-read on SIGHUP"),
     ("max-message-size", _positive_int("max-message-size"), 16384, False, False, "BYTES",
      "largest SIP message accepted; larger datagrams are dropped and counted, larger TCP "
      "messages close the connection (default: 16384)"),

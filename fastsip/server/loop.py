@@ -73,8 +73,9 @@ class Loop:
         except OSError:
             pass
 
-    def poll(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds and call the handler of every ready descriptor."""
+    def poll(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds and call the handler of every ready descriptor;
+        how many were ready."""
         events = self.ep.poll(timeout)
         if events and self.batch_wait:
             # Steady traffic (woken again within two waits): let the batch grow.
@@ -90,6 +91,7 @@ class Loop:
             handler = handlers.get(fd)
             if handler is not None:
                 handler(ev)
+        return len(events)
 
     def close(self) -> None:
         self.ep.close()

@@ -6,8 +6,9 @@ its own counters in a :class:`WorkerCounters` (one attribute per counter and
 label value, all made from the table and starting at zero: none is added on
 first use) and reports them with the core's (``RegistrarCore.stats()``, under
 ``core``) as a plain dict; the supervisor adds the reports of all workers
-(keeping the counters of workers that died, so that counters never go down,
-see :func:`add_reports`) and renders them with :func:`render`.
+(a restarted worker's on top of its predecessors', so that counters never go
+down, see :func:`add_reports` and :func:`latest_report`) and renders them with
+:func:`render`.
 """
 from __future__ import annotations
 
@@ -191,6 +192,26 @@ def add_reports(total: dict, report: dict, with_gauges: bool = True, _path: tupl
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             total[k] = total.get(k, 0) + v
     return total
+
+
+def latest_report(a: dict, b: dict) -> dict:
+    """Two reports of one worker taken at different times, as one: the larger of each
+    value (a counter only grows, so the later report's).  Gauges come out as
+    meaningless maxima: keep them out (``add_reports(..., with_gauges=False)``)."""
+    out: dict = {}
+    for k in a.keys() | b.keys():
+        x, y = a.get(k), b.get(k)
+        if x is None or y is None:
+            out[k] = x if y is None else y
+        elif isinstance(x, dict) and isinstance(y, dict):
+            out[k] = latest_report(x, y)
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            out[k] = [max(i, j) for i, j in zip(x, y, strict=True)]
+        elif isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            out[k] = max(x, y)
+        else:
+            out[k] = y
+    return out
 
 
 def _esc(v) -> str:

@@ -9,6 +9,11 @@
 - Hand-off inboxes are ``AF_UNIX`` datagram socket pairs, one per worker,
   created once: any worker sends on the writing end of the owner's pair.
 - The control channel is a stream socket pair per worker (``control.py``).
+- Counters: the supervisor asks each worker for its report (at each scrape, and
+  every ``STATS_EVERY`` seconds); a worker also writes it into a block of
+  shared memory (``statsblock.py``) every ``worker.PUBLISH_EVERY`` seconds
+  and when it exits.  When a worker dies its slot keeps its final counters
+  as the base of the next worker's, so no counter goes down.
 - The HTTP endpoint (``/metrics`` and the JSON admin API that ``fastsip show``,
   ``bindings`` and ``remove`` use, ``admin.py``) is served by a thread of its
   own; the requests are answered in the supervisor's loop, which asks the
@@ -31,9 +36,10 @@ import sys
 import time
 
 from fastsip.server import control, logs, steer
-from fastsip.server.admin import AdminServer
+from fastsip.server.admin import AdminServer, read_token
 from fastsip.server.config import ConfigError, resolve
-from fastsip.server.metrics import add_reports
+from fastsip.server.metrics import add_reports, latest_report
+from fastsip.server.statsblock import StatsBlock
 
 LOG = logs.LOG
 STOP_GRACE = 8.0            # seconds workers get to write their state before SIGKILL
@@ -123,6 +129,9 @@ def own_addresses(listen) -> list:
 
 
 class Slot:
+    """One worker's place: the running worker's pid and channel, and the counters of
+    the workers that ran here before it (``base``), so its totals carry on."""
+
     def __init__(self, index):
         self.index = index
         self.pid = 0
@@ -130,9 +139,24 @@ class Slot:
         self.ready = False
         self.started = 0.0
         self.restarts = 0
-        self.last = {}          # the latest counters reported
+        self.last = {}          # the running worker's latest report
+        self.base = {}          # the counters (no gauges) of the workers that died here
+        self.block = StatsBlock()   # shared with the worker: its report, for after its death
         self.reader = None
         self.restart_at = None
+
+    def totals(self) -> dict:
+        """This slot's counters since the server started, and its worker's gauges."""
+        return add_reports(copy.deepcopy(self.base), self.last)
+
+    def retire(self) -> None:
+        """The worker is gone: its last counters become part of the base.  The last
+        of them are in the shared block (written at most PUBLISH_EVERY seconds before
+        a SIGKILL, or at its exit), or were in its last answer, whichever is later."""
+        final = latest_report(self.last, self.block.read())
+        add_reports(self.base, final, with_gauges=False)
+        self.last = {}
+        self.block.clear()
 
 
 class Supervisor:
@@ -143,7 +167,6 @@ class Supervisor:
         self.tcp = []               # per worker: [socket per TCP address]
         self.inboxes = []           # [(recv end, send end)] per worker
         self.slots = []
-        self.retired = {}           # counters of workers that died
         self.restarts = 0
         self.stopping = False
         self.signals = []
@@ -171,8 +194,12 @@ class Supervisor:
                 for i, s in enumerate(socks):
                     (self.udp if transport == "udp" else self.tcp)[i].append(s)
             host, port = cfg.metrics
+            token = read_token(cfg.admin_token_file) if cfg.admin_token_file else None
+            if token is not None and os.stat(cfg.admin_token_file).st_mode & 0o077:
+                LOG.warning("--admin-token-file %s: other users may read it (chmod 600 it)",
+                            cfg.admin_token_file)
             try:
-                self.admin = AdminServer(host, port, self)
+                self.admin = AdminServer(host, port, self, token)
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {host}:{port}: "
                                   f"{getattr(exc, 'strerror', exc)}") from None
@@ -232,6 +259,8 @@ class Supervisor:
                 for other in self.slots:
                     if other.ctrl is not None:
                         other.ctrl.close()
+                    if other is not slot:
+                        other.block.close()
                 for j in range(self.cfg.workers):
                     if j != slot.index:
                         for s in self.udp[j] + self.tcp[j]:
@@ -240,7 +269,7 @@ class Supervisor:
                 from fastsip.server.worker import Worker
                 w = Worker(slot.index, self.cfg, self.udp[slot.index], self.tcp[slot.index],
                            self.inboxes[slot.index][0], [w for _, w in self.inboxes], wk_end,
-                           self.secret, self.addresses)
+                           self.secret, self.addresses, slot.block)
                 code = w.run()
             except BaseException:                       # noqa: BLE001 - report, then exit
                 LOG.exception("worker %d failed", slot.index)
@@ -297,18 +326,28 @@ class Supervisor:
         steering = set(self.steering.values())
         steering = ("; kernel steering by AOR " + (steering.pop() if len(steering) == 1 else
                     ", ".join(f"{k} {v}" for k, v in self.steering.items()))) if steering else ""
+        exposed = not self.admin.loopback
+        if exposed:
+            admin = (" (WARNING: beyond loopback: /metrics open to the network, admin API "
+                     + ("on with the --admin-token-file token)" if self.admin.token
+                        else "off without --admin-token-file)"))
+        else:
+            admin = " (admin API with the --admin-token-file token)" if self.admin.token else ""
         line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
                 f"{'s' if cfg.workers != 1 else ''}; state {state}; "
-                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics; {auth}{steering}")
+                f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics{admin}; "
+                f"{auth}{steering}")
         # stdout gets the start line (scripts and fastsip.server.testing read it there); the
         # log gets it too, unless the log is the very same file or terminal (a plain
         # `fastsip serve` in a shell, or `>out 2>&1`), where it would show twice
         print(line, flush=True)
         if not logs.same_as_stdout():
-            logs.event(logging.WARNING if cfg.realm is not None and self.auth_users == 0
+            logs.event(logging.WARNING if exposed or (cfg.realm is not None and self.auth_users == 0)
                        else logging.INFO, line,
                        listen=[_fmt(*b) for b in self.listen], workers=cfg.workers,
                        state=cfg.state, metrics=f"{mh}:{mp}", steering=self.steering,
+                       admin="off" if exposed and not self.admin.token else
+                       "token" if self.admin.token else "loopback",
                        realm=cfg.realm, users=self.auth_users if cfg.realm is not None else None)
 
     def _reap(self):
@@ -326,8 +365,7 @@ class Supervisor:
     def _died(self, slot, status):
         how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exit status {os.WEXITSTATUS(status)}")
-        add_reports(self.retired, slot.last, with_gauges=False)
-        slot.last = {}
+        slot.retire()
         if slot.ctrl is not None:
             try:
                 self.sel.unregister(slot.ctrl)
@@ -354,17 +392,19 @@ class Supervisor:
         out = []
         for slot in self.slots:
             if slot.ready and slot.ctrl is not None:
-                out.append((slot, control.request(slot.ctrl, msg, timeout)))
+                out.append((slot, control.request(slot.ctrl, msg, timeout, slot.reader)))
         return out
 
     def collect(self) -> dict:
-        """Every worker's counters added up.  A worker that does not answer in
-        time counts with the last report it gave, so counters never go down."""
-        total = copy.deepcopy(self.retired)
+        """Every slot's counters added up: those of the workers that died there and
+        its worker's.  A worker that does not answer in time counts with the last
+        report it gave, so counters never go down."""
+        total: dict = {}
         for slot, answer in self.ask_all({"op": "stats"}):
             if answer and "report" in answer:
                 slot.last = answer["report"]
         for slot in self.slots:
+            add_reports(total, slot.base)
             add_reports(total, slot.last)
         return total
 
@@ -397,6 +437,11 @@ class Supervisor:
             logs.setup(self.cfg.log_level, self.cfg.log_format, self.cfg.log_file)
         else:
             values, changed = self.cfg.live_values(), {}
+        if self.cfg.admin_token_file:
+            try:
+                self.admin.token = read_token(self.cfg.admin_token_file)
+            except ConfigError as exc:
+                LOG.error("SIGHUP: %s (keeping the admin token)", exc)
         answers = self.ask_all({"op": "reload", "values": values})
         logs.event(logging.INFO, "SIGHUP: logs reopened; configuration reloaded"
                    + (f" (changed: {', '.join(sorted(changed))})" if changed else " (no change)")

@@ -22,7 +22,7 @@ import urllib.request
 import fastsip
 
 _LINE = re.compile(r"listening on (?P<listen>[^;]+); (?P<workers>\d+) workers?; state (?P<state>.+?); "
-                   r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics; "
+                   r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics(?: \((?P<admin>[^)]*)\))?; "
                    r"digest authentication (?P<auth>off|on, realm .*?: (?P<users>\d+) users? in [^;]+)"
                    r"(?:; kernel steering by AOR (?P<steering>.+))?$")
 
@@ -52,6 +52,7 @@ class ServerProcess:
         self.proc = None
         self.udp = self.tcp = None      # ("127.0.0.1", port)
         self.metrics_addr = None
+        self.token = None               # sent with every admin request when set
         self.start_line = ""
         self.stderr_path = None
 
@@ -86,7 +87,9 @@ class ServerProcess:
             self.listen.append((t, addr))
             if getattr(self, t) is None:
                 setattr(self, t, addr)
-        self.metrics_addr = (m.group("mhost"), int(m.group("mport")))
+        # a wildcard listener is reached over loopback
+        mhost = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(m.group("mhost"), m.group("mhost"))
+        self.metrics_addr = (mhost, int(m.group("mport")))
         return self
 
     def _readline(self, timeout):
@@ -139,15 +142,23 @@ class ServerProcess:
         self._err.close()
 
     # -- the HTTP endpoint ---------------------------------------------------
-    def http(self, path, method="GET", timeout=10.0):
+    def http(self, path, method="GET", timeout=10.0, body=None, headers=None):
+        """The answer's body; a POST sends ``body`` (a dict, default none) as JSON.  With
+        :attr:`token` set, the request carries it (``Authorization: Bearer``)."""
         host, port = self.metrics_addr
-        req = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
-                                     data=b"" if method == "POST" else None)
+        hdrs = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        data = None
+        if method == "POST":
+            hdrs["Content-Type"] = "application/json"
+            data = json.dumps(body or {}).encode()
+        hdrs.update(headers or {})
+        req = urllib.request.Request(f"http://{host}:{port}{path}", method=method, data=data,
+                                     headers=hdrs)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read()
 
-    def api(self, path, method="GET"):
-        return json.loads(self.http(path, method))
+    def api(self, path, method="GET", body=None):
+        return json.loads(self.http(path, method, body=body))
 
     def metrics(self) -> dict:
         """``{'name{labels}': value}`` from /metrics."""

@@ -13,6 +13,11 @@ supervisor is gone.  The work is done in rooms, one job each:
   message deadlines;
 - ``commands.py``: the control channel (stats, admin requests, reload).
 
+The worker writes its counters into a block of memory shared with the
+supervisor (``statsblock.py``) every ``PUBLISH_EVERY`` seconds while sockets
+are served (``PUBLISH_IDLE`` while idle) and as it exits, so that they
+outlive a SIGKILL.
+
 The clock is read once per receive batch, as wall-clock seconds, and passed
 to the core as ``now``.  The worker never builds a SIP message itself: every
 reply comes from the core.
@@ -37,6 +42,8 @@ from fastsip.server.udp import UdpServer
 LOG = logs.LOG
 
 IDLE_WAIT = 0.2             # seconds the loop waits when nothing is pending
+PUBLISH_EVERY = 0.05        # seconds between reports written to the shared block, while busy
+PUBLISH_IDLE = 1.0          # ... when no socket was ready (timers may still count)
 
 
 def make_registrar(cfg, addresses, secret):
@@ -50,7 +57,8 @@ def make_registrar(cfg, addresses, secret):
 
 
 class Worker:
-    def __init__(self, index, cfg, udp_socks, tcp_socks, inbox, peers, ctrl, secret, addresses):
+    def __init__(self, index, cfg, udp_socks, tcp_socks, inbox, peers, ctrl, secret, addresses,
+                 stats_block=None):
         self.index = index
         self.n = cfg.workers
         self.cfg = cfg
@@ -61,6 +69,8 @@ class Worker:
         self.ctrl = ctrl
         self.secret = secret
         self.addresses = addresses
+        self.block = stats_block        # statsblock.StatsBlock shared with the supervisor, or None
+        self._published = 0.0           # time.monotonic() of the last report written there
         self.stopping = False
         self.c = WorkerCounters()
         self.hist = Histogram()
@@ -112,12 +122,24 @@ class Worker:
         self.ctrl.sendall(control.encode(ready))
         self._rooms()
         loop, handoffs, timers = self.loop, self.handoffs, self.timers
-        while not self.stopping:
-            loop.poll(0 if timers.busy or handoffs.pending else IDLE_WAIT)
-            if handoffs.pending:
-                handoffs.flush()
-            timers.run(time.time())
-        return self._shutdown()
+        unpublished = False             # sockets were served since the last report written
+        try:
+            while not self.stopping:
+                wait = 0 if timers.busy or handoffs.pending else IDLE_WAIT
+                if unpublished:         # wake up in time to write it
+                    wait = min(wait, max(0.0, self._published + PUBLISH_EVERY - time.monotonic()))
+                if loop.poll(wait):
+                    unpublished = True
+                if handoffs.pending:
+                    handoffs.flush()
+                timers.run(time.time())
+                t = time.monotonic()
+                if t - self._published >= (PUBLISH_EVERY if unpublished else PUBLISH_IDLE):
+                    self.publish(t)
+                    unpublished = False
+            return self._shutdown()
+        finally:
+            self.publish()              # the final counters, whatever ended the loop
 
     def _stop(self) -> None:
         self.stopping = True
@@ -146,6 +168,16 @@ class Worker:
                           "dropped; further ones this minute are only counted)", len(data))
 
     # ------------------------------------------------------------------ report
+    def publish(self, now: float | None = None) -> None:
+        """Write the report into the block the supervisor reads when this worker is gone."""
+        if self.block is None:
+            return
+        self._published = time.monotonic() if now is None else now
+        try:
+            self.block.write(self.report())
+        except Exception:               # noqa: BLE001 - never let the counters stop the worker
+            LOG.debug("writing the counters to the shared block failed", exc_info=True)
+
     def report(self) -> dict:
         """This worker's counters and the core's, for the supervisor (metrics.py)."""
         c = self.c

@@ -83,6 +83,7 @@ def test_nonce_ttl_flag(start, tmp_path, phone):
 
 def test_max_bindings_is_enforced_with_503_and_counted(start, phone):
     srv = start("--max-bindings", "3", workers=1)
+    assert "rate limit per source off" in srv.start_line      # off, but not silently
     ua = phone(srv.udp)
     got = [ua.ask(register(f"u{i}", contact=f"sip:u{i}@127.0.0.1:{5000 + i}", call_id=f"m{i}",
                            expires=600)) for i in range(5)]
@@ -94,3 +95,8 @@ def test_max_bindings_is_enforced_with_503_and_counted(start, phone):
     # a refresh of a stored binding goes on when full
     assert ua.ask(register("u0", contact="sip:u0@127.0.0.1:5000", call_id="m0", cseq=2,
                            expires=600)).status == 200
+
+
+def test_start_line_names_the_rate_limit(start):
+    srv = start("--rate-limit", "20", workers=1)
+    assert "rate limit per source 20/s" in srv.start_line

@@ -333,10 +333,13 @@ class Supervisor:
                         else "off without --admin-token-file)"))
         else:
             admin = " (admin API with the --admin-token-file token)" if self.admin.token else ""
+        # not silently off: the right value depends on what stands in front (docs/security.md)
+        rate = (f"rate limit per source {cfg.rate_limit:g}/s" if cfg.rate_limit
+                else "rate limit per source off")
         line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
                 f"{'s' if cfg.workers != 1 else ''}; state {state}; "
                 f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics{admin}; "
-                f"{auth}{steering}")
+                f"{rate}; {auth}{steering}")
         # stdout gets the start line (scripts and fastsip.server.testing read it there); the
         # log gets it too, unless the log is the very same file or terminal (a plain
         # `fastsip serve` in a shell, or `>out 2>&1`), where it would show twice

@@ -23,6 +23,7 @@ import fastsip
 
 _LINE = re.compile(r"listening on (?P<listen>[^;]+); (?P<workers>\d+) workers?; state (?P<state>.+?); "
                    r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics(?: \((?P<admin>[^)]*)\))?; "
+                   r"rate limit per source (?P<rate>off|[\d.]+/s); "
                    r"digest authentication (?P<auth>off|on, realm .*?: (?P<users>\d+) users? in [^;]+)"
                    r"(?:; kernel steering by AOR (?P<steering>.+))?$")
 

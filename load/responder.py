@@ -20,6 +20,7 @@ it prints its own counters as JSON (or writes them to ``--stats FILE``).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import ipaddress
 import json
@@ -196,29 +197,44 @@ def _frame(buf: bytearray):
         del buf[:n]
 
 
+def _bind(host: str, port: int, transport: str) -> tuple[list, int]:
+    """The UDP and/or TCP sockets on ``host:port``, and the port.  With port 0 the
+    kernel picks the UDP port and TCP takes the same number: when another program
+    holds that TCP port, another number is tried (a few times)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for attempt in range(20):
+        socks, p = [], port
+        try:
+            if transport in ("udp", "both"):
+                u = socket.socket(family, socket.SOCK_DGRAM)
+                socks.append(u)
+                u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                u.bind((host, p))
+                p = u.getsockname()[1]
+            if transport in ("tcp", "both"):
+                t = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(t)
+                t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                t.bind((host, p))
+                p = t.getsockname()[1]
+                t.listen(1024)
+            return socks, p
+        except OSError as exc:
+            for s in socks:
+                s.close()
+            if port != 0 or exc.errno != errno.EADDRINUSE or attempt == 19:
+                raise
+    raise AssertionError("unreachable")
+
+
 def serve(host: str, port: int, responder: Responder, transport: str = "both",
           duration: float = 300.0, max_requests: int = 10_000_000, ready=None) -> dict:
     """Answer requests on ``host:port`` until ``duration`` or ``max_requests``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sel = selectors.DefaultSelector()
-    socks = []
-    if transport in ("udp", "both"):
-        u = socket.socket(family, socket.SOCK_DGRAM)
-        u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        u.bind((host, port))
-        port = u.getsockname()[1]
-        u.setblocking(False)
-        sel.register(u, selectors.EVENT_READ, "udp")
-        socks.append(u)
-    if transport in ("tcp", "both"):
-        t = socket.socket(family, socket.SOCK_STREAM)
-        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        t.bind((host, port))
-        port = t.getsockname()[1]
-        t.listen(1024)
-        t.setblocking(False)
-        sel.register(t, selectors.EVENT_READ, "listen")
-        socks.append(t)
+    socks, port = _bind(host, port, transport)
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, "udp" if s.type == socket.SOCK_DGRAM else "listen")
     if ready:
         ready(port)
     until = time.monotonic() + duration

@@ -52,6 +52,10 @@ class Responder:
              *args], stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.match(r"listening (\S+):(\d+)", line)
+        if not m:                       # reap it: a dead child left behind fails a later test
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+            self.proc.stdout.close()
         assert m, f"responder did not start: {line!r}"
         self.target = f"127.0.0.1:{m.group(2)}"
         self.pid = self.proc.pid

@@ -40,12 +40,19 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+#: What --listen accepts: the datagram transport and the stream ones (docs/transports.md).
+TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
+#: Stream transports that need --tls-cert and --tls-key.
+SECURE = ("tls", "wss")
+
+
 def parse_listen(text: str) -> tuple[str, str, int]:
-    """``udp:HOST:PORT`` / ``tcp:HOST:PORT`` -> (transport, host, port)."""
+    """``PROTO:HOST:PORT`` (PROTO one of ``TRANSPORTS``) -> (transport, host, port)."""
     transport, sep, rest = str(text).partition(":")
     transport = transport.lower()
-    if not sep or transport not in ("udp", "tcp"):
-        raise ConfigError(f"--listen {text!r}: expected udp:HOST:PORT or tcp:HOST:PORT")
+    if not sep or transport not in TRANSPORTS:
+        raise ConfigError(f"--listen {text!r}: expected PROTO:HOST:PORT, PROTO one of "
+                          f"{', '.join(TRANSPORTS)}")
     host, port = parse_hostport(rest, f"--listen {text!r}:")
     return transport, host, port
 
@@ -151,8 +158,22 @@ def _algorithms(v):
 # name, converter, default, list?, live (SIGHUP may change it), metavar, help
 OPTIONS = [
     ("listen", parse_listen, ["udp:0.0.0.0:5060", "tcp:0.0.0.0:5060"], True, False, "PROTO:HOST:PORT",
-     "where to listen, udp:HOST:PORT or tcp:HOST:PORT (IPv6: udp:[::1]:5060); repeat for several "
+     "where to listen: udp, tcp, tls, ws or wss, then HOST:PORT (IPv6: udp:[::1]:5060); "
+     "repeat for several; tls and wss need --tls-cert and --tls-key "
      "(default: udp and tcp on 0.0.0.0:5060)"),
+    # TLS and WebSocket (issue #13, docs/transports.md)
+    ("tls-cert", _string("tls-cert"), None, False, False, "PEM",
+     "the server's certificate for tls: and wss: listeners, a PEM file (with its chain "
+     "after it); re-read on SIGHUP"),
+    ("tls-key", _string("tls-key"), None, False, False, "PEM",
+     "the private key of --tls-cert, a PEM file (it may be the same file); re-read on SIGHUP"),
+    ("tls-ca", _string("tls-ca"), None, False, False, "PEM",
+     "CA certificates that client certificates are checked against (with --tls-verify-client)"),
+    ("tls-verify-client", bool, False, False, False, None,
+     "mutual TLS: a tls: or wss: client must present a certificate signed by --tls-ca"),
+    ("ws-origin", _string("ws-origin"), [], True, True, "ORIGIN",
+     "a browser Origin allowed on ws: and wss: listeners, e.g. https://phone.example.com; "
+     "repeat for several (default: any; a handshake from another Origin gets 403)"),
     ("workers", _positive_int("workers"), os.cpu_count() or 1, False, False, "N",
      "worker processes (default: the number of CPUs, here %(cpus)d)"),
     ("domain", _string("domain"), [], True, True, "D",
@@ -327,6 +348,14 @@ def resolve(args: argparse.Namespace | None = None, config_path: str | None = No
         raise ConfigError("--listen: at least one address is needed")
     if len(set(cfg.listen)) != len(cfg.listen):
         raise ConfigError("--listen: an address is given twice")
+    secure = sorted({t for t, _h, _p in cfg.listen if t in SECURE})
+    if secure and not (cfg.tls_cert and cfg.tls_key):
+        raise ConfigError(f"--listen {secure[0]}:... needs --tls-cert and --tls-key")
+    for flag, path in (("tls-cert", cfg.tls_cert), ("tls-key", cfg.tls_key), ("tls-ca", cfg.tls_ca)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{flag} {path}: no such file")
+    if cfg.tls_verify_client and not cfg.tls_ca:
+        raise ConfigError("--tls-verify-client needs --tls-ca (the CA that signs client certificates)")
     if (cfg.realm is None) != (cfg.users is None):
         raise ConfigError("--realm and --users go together (digest authentication needs both)")
     if cfg.users is not None and not os.path.isfile(cfg.users):

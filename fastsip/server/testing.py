@@ -52,6 +52,7 @@ class ServerProcess:
         self.env = env
         self.proc = None
         self.udp = self.tcp = None      # ("127.0.0.1", port)
+        self.tls = self.ws = self.wss = None
         self.metrics_addr = None
         self.token = None               # sent with every admin request when set
         self.start_line = ""
@@ -178,6 +179,39 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.kill()
+
+
+# -- a test PKI ------------------------------------------------------------------------------
+
+def make_test_pki(directory) -> dict:
+    """A CA, a server certificate for 127.0.0.1, ::1 and localhost signed by it, and a client
+    certificate (for mutual TLS), made with the ``openssl`` command in ``directory``:
+    ``{"ca": path, "cert": path, "key": path, "client_cert": path, "client_key": path}``.
+    EC P-256 keys, valid for 30 days."""
+    d = os.fspath(directory)
+    out = {k: os.path.join(d, f) for k, f in (
+        ("ca", "ca.pem"), ("ca_key", "ca.key"), ("cert", "server.pem"), ("key", "server.key"),
+        ("client_cert", "client.pem"), ("client_key", "client.key"))}
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", out["ca_key"], "-out", out["ca"], "-days", "30",
+        "-subj", "/CN=fastsip test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, cn, ext in (
+            ("", "localhost", "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n"
+                              "extendedKeyUsage=serverAuth"),
+            ("client_", "fastsip test client", "extendedKeyUsage=clientAuth")):
+        csr = os.path.join(d, f"{name or 'server_'}req.csr")
+        extfile = os.path.join(d, f"{name or 'server_'}ext.cnf")
+        with open(extfile, "w") as f:
+            f.write(ext + "\nbasicConstraints=CA:FALSE\n")
+        run("req", "-new", *ec, "-keyout", out[name + "key"], "-out", csr, "-subj", f"/CN={cn}")
+        run("x509", "-req", "-in", csr, "-CA", out["ca"], "-CAkey", out["ca_key"],
+            "-CAcreateserial", "-out", out[name + "cert"], "-days", "30", "-extfile", extfile)
+    return out
 
 
 # -- SIP requests, as a phone writes them ------------------------------------------------------

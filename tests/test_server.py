@@ -506,7 +506,7 @@ def test_sighup_reloads_live_settings(start, tmp_path, phone):
 def test_bad_flags_and_unusable_addresses_exit_2(tmp_path):
     for args, words in [
         (["--bogus"], "unrecognized arguments: --bogus"),
-        (["--listen", "sctp:1.2.3.4:5"], "expected udp:HOST:PORT"),
+        (["--listen", "sctp:1.2.3.4:5"], "expected PROTO:HOST:PORT, PROTO one of udp, tcp, tls, ws, wss"),
         (["--workers", "zero"], "expected a whole number"),
         (["--realm", "x"], "--realm and --users go together"),
         (["--listen", "udp:192.0.2.1:5060"], "cannot listen on udp:192.0.2.1:5060"),

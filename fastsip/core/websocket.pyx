@@ -320,7 +320,7 @@ cdef class WsFramer:
             return -WS_END_PROTOCOL       # reserved opcode
         plen = b1 & 0x7F
         hdr = 8 if plen == 126 else 14 if plen == 127 else 6
-        if n < hdr:
+        if n < hdr - 4:                   # the length is checked before the masking key is in
             return hdr
         if plen == 126:
             plen = (<uint64_t>p[2] << 8) | p[3]
@@ -334,7 +334,7 @@ cdef class WsFramer:
             return -WS_END_TOO_BIG
         if op < 0x8 and <uint64_t>self.mlen + plen > <uint64_t>self.max_message:
             return -WS_END_TOO_BIG
-        return hdr + <Py_ssize_t>plen
+        return hdr + <Py_ssize_t>plen     # (more than n while the key is missing: wait)
 
     cdef int take_frame(self, const unsigned char* p, Py_ssize_t size, list got) except -2:
         """Acts on one complete frame that ``frame_need`` accepted."""

@@ -81,6 +81,10 @@ class WsConnection:
     is ignored from there on.
     """
 
+    # one per connection, tens of thousands held idle: no __dict__
+    __slots__ = ("_origins", "_framer", "_head", "_searched", "_method_seen", "_reason",
+                 "_ended", "open")
+
     def __init__(self, max_message=16384, origins=None, *, max_frame=None):
         if isinstance(origins, (str, bytes)):
             raise TypeError("origins is a collection of Origin values, not one string")
@@ -166,7 +170,7 @@ class WsConnection:
             self._searched = len(head)
             return None
         request, rest = bytes(head[:end]), bytes(head[past:])
-        self._head = bytearray()
+        self._head = None
         return request, rest
 
     def _check_method(self, head):
@@ -230,7 +234,7 @@ class WsConnection:
         """The HTTP answer that ends the connection."""
         self._reason = r.reason
         self._ended = True
-        self._head = bytearray()
+        self._head = None
         body = r.text.encode("utf-8")
         head = ["HTTP/1.1 %d %s" % (r.status, _PHRASES[r.status]),
                 "Content-Type: text/plain; charset=utf-8",

@@ -470,6 +470,25 @@ def test_utf8_of_fragmented_text_agrees_with_python(pieces, data):
         assert got == [] and closing and ws.reason == "utf8"
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=40) | st.sampled_from([cframe(REGISTER[:30]), cframe(b"p", 0x9),
+                                                          cframe(b"x", fin=False), b"\x88\x80" + MASK]),
+                max_size=12))
+def test_any_input_is_read_or_closed_never_raised(chunks):
+    # the oracle of the parser's fuzzing, for frames: no exception, and a connection
+    # that ends says why and leaves one close frame last in what it writes
+    ws, out = opened(max_message=64), b""
+    for chunk in chunks:
+        o, msgs, closing = ws.receive(chunk)
+        out += o
+        assert all(isinstance(m, bytes) and len(m) <= 64 for m in msgs)
+        if closing:
+            assert ws.reason in ("unmasked", "too-big", "protocol", "utf8", "closed")
+            assert sframes(out)[-1][1] == 0x8 and ws.buffered == 0
+            break
+    assert all(op in (0x8, 0xA) for _, op, _ in sframes(out))
+
+
 # -- the close handshake ----------------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ cdef class WsFramer:
     cdef Py_ssize_t mlen, mcap
     cdef int mop                 # that message's opcode (WS_TEXT, WS_BINARY), 0 when none
     cdef Utf8State u8
-    cdef bytearray out           # pongs and the close, for data_to_send()
+    cdef bytearray out           # pongs and the close, for data_to_send() (None before the first)
 
     cdef Py_ssize_t frame_need(self, const unsigned char* p, Py_ssize_t n) noexcept nogil
     cdef int take_frame(self, const unsigned char* p, Py_ssize_t size, list got) except -2

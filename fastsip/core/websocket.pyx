@@ -156,7 +156,6 @@ cdef class WsFramer:
             raise ValueError("max_message must be positive, max_frame >= 0 (0: max_message)")
         self.max_message = max_message
         self.max_frame = max_frame if 0 < max_frame < max_message else max_message
-        self.out = bytearray()
         utf8_reset(&self.u8)
 
     def __dealloc__(self):
@@ -435,5 +434,7 @@ cdef class WsFramer:
         cdef Py_ssize_t h = ws_header(f, 0x80 | opcode, n)
         if n:
             memcpy(f + h, body, n)
+        if self.out is None:
+            self.out = bytearray()        # made at the first pong or close: idle connections are many
         self.out += PyBytes_FromStringAndSize(<const char*>f, h + n)
         return 0

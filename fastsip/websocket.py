@@ -71,8 +71,9 @@ class WsConnection:
     ``max_message`` bounds a message (a frame above it is refused with close 1009
     before its payload is read), ``max_frame`` a single frame (default: the
     same).  ``origins``: None accepts any Origin, else a collection of the Origin
-    values allowed (exact, scheme and host case-insensitive); a handshake
-    without Origin (not a browser) is accepted either way.
+    values allowed (exact, scheme and host case-insensitive; a frozenset of
+    lower-case values is shared, not copied); a handshake without Origin (not a
+    browser) is accepted either way.
 
     ``receive(data)`` returns ``(out, messages, closing)``: bytes to write now
     (the handshake's answer, pongs, a close), the SIP messages completed (one
@@ -88,7 +89,11 @@ class WsConnection:
     def __init__(self, max_message=16384, origins=None, *, max_frame=None):
         if isinstance(origins, (str, bytes)):
             raise TypeError("origins is a collection of Origin values, not one string")
-        self._origins = None if origins is None else frozenset(_origin_key(o) for o in origins)
+        if origins is not None:
+            keys = frozenset(_origin_key(o) for o in origins)
+            # a frozenset already in lower case is kept: connections share it
+            origins = origins if isinstance(origins, frozenset) and keys == origins else keys
+        self._origins = origins
         self._framer = WsFramer(max_message=max_message, max_frame=max_frame or 0)
         self._head = bytearray()
         self._searched = 0      # bytes of _head known to hold no blank line (but the last 3)

@@ -4,6 +4,7 @@ flow index.  Sans-I/O, with a fake clock; a hypothesis state machine holds the
 index against a plain-Python model."""
 import random
 import zlib
+from types import SimpleNamespace
 
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -284,6 +285,27 @@ def test_load_without_the_flag_indexes_the_flows():
     assert store.load(AOR, stored_bindings()) == 5
     assert store.n_flows == 2 and store.connection_closed(7, NOW) == 2
     assert len(store.lookup(AOR)) == 3
+
+
+def test_restart_does_not_bring_back_flows_and_rewrites_their_rows(tmp_path):
+    from fastsip.server.state import StateFile
+    from fastsip.server.timers import StateWriter
+    path = str(tmp_path / "state.db")
+    f = StateFile(path)
+    f.write([(AOR, stored_bindings()),
+             ("sip:bob@example.com", stored_bindings()[2:3]),          # a browser only
+             ("sip:carol@example.com", stored_bindings()[3:4])])       # UDP only
+    f.close()
+    reg = Registrar(min_expires=60, max_expires=3600, track_changes=True)
+    writer = StateWriter(path, 0, 1, reg, SimpleNamespace(state_errors=0))
+    assert writer.load(NOW) == (2, 4)                          # (AORs, bindings) loaded
+    assert len(reg.lookup(AOR, NOW)) == 3 and reg.lookup("sip:bob@example.com", NOW) == []
+    assert reg.store.n_flows == 0
+    writer.write(None)                                         # the rows as the store has them
+    rows = {aor: sorted(b.uri for b in bs) for aor, bs in StateFile(path).load(0, 1, NOW)}
+    assert rows == {AOR: sorted(b.uri for b in reg.lookup(AOR, NOW)),
+                    "sip:carol@example.com": ["sip:alice@192.0.2.7:5060"]}
+    writer.finish()
 
 
 # -- the flow index against a model ------------------------------------------------------

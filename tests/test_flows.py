@@ -227,6 +227,7 @@ def test_thousands_of_connections_closed_in_any_order():
                    [Binding(f"sip:u{k}@10.0.0.1:{5000 + j};transport=tcp", 1e10, transport="tcp",
                             conn_id=cid, instance=f"<urn:uuid:{k}>", reg_id=j) for j in (1, 2)])
     assert (store.n_flows, store.n_conns) == (9000, 3000)
+    assert sorted(store.flow_connections()) == conns
     order = list(range(3000))
     random.Random(13).shuffle(order)
     for n, k in enumerate(order):
@@ -278,6 +279,15 @@ def test_load_drops_flow_bindings_when_asked():
     assert (store.n_flows, store.n_conns) == (0, 0)
     assert store.load("sip:bob@example.com", stored_bindings()[:1], drop_flows=True) == 0
     assert store.n_aors == 1                                   # no empty AOR left behind
+
+
+def test_load_drops_the_flows_of_the_connections_said_gone():
+    # a worker restarted: its own connections died with it, other workers' live on
+    store = Store()
+    alive = Binding("sip:y7@k2.invalid;transport=ws", NOW + 600, transport="ws", conn_id=9)
+    assert store.load(AOR, stored_bindings() + [alive], drop_flows=lambda cid: cid == 7) == 4
+    assert store.flow_connections() == [9]
+    assert [b.uri for _, b in store.flow_bindings(9)] == [alive.uri]
 
 
 def test_load_without_the_flag_indexes_the_flows():

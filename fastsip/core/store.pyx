@@ -171,13 +171,14 @@ cdef class Store(BindingTable):
         self.n_dirty = 0
         return out
 
-    def load(self, aor, bindings, *, bint drop_flows=False):
+    def load(self, aor, bindings, *, drop_flows=False):
         """Add bindings to ``aor`` as they are (bulk load at start-up).  A binding
-        with the same contact URI as one already there replaces it.  With
-        ``drop_flows``, flow bindings (those that live only as long as their
-        stream connection, see :meth:`connection_closed`) are not loaded: after
-        a restart their connections are gone.  Returns how many bindings were
-        loaded."""
+        with the same contact URI as one already there replaces it.  Flow
+        bindings (those that live only as long as their stream connection, see
+        :meth:`connection_closed`) whose connection is gone are not loaded:
+        ``drop_flows`` True says every connection is gone (as after a restart),
+        a callable ``gone(conn_id) -> bool`` says which.  Returns how many
+        bindings were loaded."""
         cdef bytes key = _b(aor)
         cdef int32_t a = self.find_or_add(key, len(key)), s
         cdef BindingIn bi
@@ -206,7 +207,8 @@ cdef class Store(BindingTable):
                 bi.path, bi.path_len = path, len(path)
                 bi.ua, bi.ua_len = ua, len(ua)
                 bi.src_host, bi.src_host_len = host, len(host)
-                if drop_flows and is_flow(&bi):
+                if drop_flows is not False and is_flow(&bi) and (
+                        drop_flows is True or drop_flows(bi.conn_id)):
                     continue
                 loaded += 1
                 s = self.aors[a].first
@@ -274,6 +276,12 @@ cdef class Store(BindingTable):
         ``n_flow_removed``; lapsed ones count as expired).  The AORs changed are
         in the next :meth:`changes`."""
         return self.close_connection(conn_id, now)
+
+    def flow_connections(self):
+        """The connection ids that hold flow bindings (for a server that lost
+        several connections at once, e.g. with a worker)."""
+        cdef Py_ssize_t i
+        return [self.conns[i].conn_id for i in range(self.conns_cap) if self.conns[i].head >= 0]
 
     def flow_bindings(self, int64_t conn_id):
         """The flow bindings of the stream connection ``conn_id`` as

@@ -10,7 +10,10 @@ UDP sockets (IPv4 and IPv6) and on connected ``AF_UNIX`` datagram sockets
 The server's workers use ``serve_udp`` and ``serve_inbox``: one call reads a
 batch, passes each datagram to the registrar core and sends the replies with
 one ``sendmmsg`` to the addresses they came from, so no Python code runs per
-datagram.
+datagram.  The worker's event loop (:class:`EventLoop`, ``_evloop.pxi``)
+calls them itself, with the latency :class:`Histogram` and the per-source
+:class:`RateLimiter` (``_meters.pxi``), so no Python code runs per wake-up
+either.
 
 A datagram longer than ``max_size`` is dropped and counted in
 :attr:`BatchIO.oversized`; nothing else is ever raised for what a peer sends.
@@ -24,6 +27,9 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t
 from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport timespec
+
+cimport cython
 
 from fastsip.server cimport handoff as ho
 
@@ -49,8 +55,6 @@ cdef extern from "<sys/socket.h>" nogil:
     struct mmsghdr:
         msghdr msg_hdr
         unsigned int msg_len
-    struct timespec:
-        pass
     int recvmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags, timespec* timeout)
     int sendmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags)
     enum:
@@ -197,6 +201,9 @@ cdef int _fill_addr(object addr, sockaddr_storage* ss, socklen_t* namelen) excep
     return 1
 
 
+include "_meters.pxi"
+
+
 cdef class BatchIO:
     """Receive and send many datagrams per system call.
 
@@ -302,6 +309,9 @@ cdef class BatchIO:
         other reasons (not bytes, an unusable address, an error for one
         destination) are skipped and counted in ``send_errors``.
         """
+        return self._send(fd, items)
+
+    cdef Py_ssize_t _send(self, int fd, list items) except -1:
         cdef Py_ssize_t total = len(items), k = 0
         cdef int i, n, cnt
         cdef object item, data
@@ -349,6 +359,30 @@ cdef class BatchIO:
             return total
         finally:
             PyMem_Free(idx)
+
+    def flush(self, list fds, list queues, Py_ssize_t max_pending):
+        """Send each ``queues[j]`` (a list for ``send``) to ``fds[j]``; what a full
+        socket leaves stays queued, at most ``max_pending`` items per queue (the
+        oldest are dropped).  Returns how many were dropped."""
+        return self._flush(fds, queues, max_pending)
+
+    cdef Py_ssize_t _flush(self, list fds, list queues, Py_ssize_t max_pending) except -1:
+        cdef Py_ssize_t j, sent, dropped = 0, left
+        cdef list q
+        for j in range(len(queues)):
+            q = <list>queues[j]
+            if not q:
+                continue
+            sent = self._send(<int>fds[j], q)
+            if sent >= len(q):
+                del q[:]
+                continue
+            del q[:sent]
+            left = len(q)
+            if left > max_pending:
+                del q[:left - max_pending]
+                dropped += left - max_pending
+        return dropped
 
     # -- the server's receive loop, one batch per call ----------------------------
 
@@ -420,8 +454,16 @@ cdef class BatchIO:
         raises.  Returns ``(received, handed)``; 0 received means nothing was
         waiting.  Only the system's own socket errors raise ``OSError``.
         """
+        cdef int handed = 0
+        cdef int n = self._serve_udp(fd, serve_shard, now, shard, nshards, li, queues, allow, bug,
+                                     &handed)
+        return n, handed
+
+    cdef int _serve_udp(self, int fd, object serve_shard, double now, int shard, int nshards,
+                        int li, list queues, object allow, object bug, int* handed_out) except -1:
         cdef int n = self._recv(fd), i, cnt = 0, handed = 0, port
         cdef Py_ssize_t stride = self.max_size + 1
+        cdef RateLimiter limiter = allow if type(allow) is RateLimiter else None
         cdef mmsghdr* h
         cdef sockaddr_storage* ss
         cdef bytes data, host
@@ -441,7 +483,10 @@ cdef class BatchIO:
             if host is None:
                 continue
             port = ntohs((<sockaddr_in*>ss).sin_port)     # same offset in sockaddr_in6
-            if allow is not None and not allow(host, now):
+            if limiter is not None:
+                if not limiter._allow(host, now):
+                    continue
+            elif allow is not None and not allow(host, now):
                 continue
             data = PyBytes_FromStringAndSize(self._bufs + i * stride, h.msg_len)
             try:
@@ -465,7 +510,8 @@ cdef class BatchIO:
             cnt += 1
         if cnt:
             self._send_replies(fd, self._shdrs, cnt)
-        return n, handed
+        handed_out[0] = handed
+        return n
 
     def serve_inbox(self, int fd, object serve_shard, double now, list udp_fds,
                     object bug=None):
@@ -477,6 +523,15 @@ cdef class BatchIO:
         connections) are returned as ``(kind, listener, origin, host (bytes),
         conn_id, port, data)`` tuples.  Returns ``(received, served, others)``.
         """
+        cdef int served = 0
+        cdef list others = []
+        cdef int n = self._serve_inbox(fd, serve_shard, now, udp_fds, bug, &served, others)
+        return n, served, others
+
+    cdef int _serve_inbox(self, int fd, object serve_shard, double now, list udp_fds, object bug,
+                          int* served_out, list others) except -1:
+        """``serve_inbox``: the others appended to ``others``, the count of UDP ones
+        served in ``served_out``; returns how many datagrams were read."""
         cdef int n = self._recv(fd), i, cnt = 0, served = 0, li, port, hl, k, fdi, j
         cdef Py_ssize_t stride = self.max_size + 1, size
         cdef unsigned char* p
@@ -484,7 +539,7 @@ cdef class BatchIO:
         cdef ho.Handoff hand
         cdef bytes data, host
         cdef object r
-        cdef list keep = [], others = []
+        cdef list keep = []
         cdef int lis[MAX_VLEN]
         cdef sockaddr_in* a4
         cdef sockaddr_in6* a6
@@ -546,4 +601,8 @@ cdef class BatchIO:
                         k += 1
                 if k:
                     self._send_replies(<int>udp_fds[fdi], self._hdrs, k)
-        return n, served, others
+        served_out[0] = served
+        return n
+
+
+include "_evloop.pxi"

@@ -1,58 +1,29 @@
-"""A worker's event loop: one epoll, a handler per file descriptor, signals, ``--batch-wait``.
+"""A worker's event loop: one epoll in C (``_io_c.EventLoop``), signals, ``--batch-wait``.
 
-Every socket a worker reads (UDP listeners, TCP listeners and connections,
-the hand-off inbox, the control channel) is registered with a handler,
-called with the epoll event mask.  Signals arrive through a wake-up socket
-(``signal.set_wakeup_fd``), so a SIGTERM ends a wait at once.  Between two
-waits the worker runs its timers (``timers.py``); the loop itself knows
-nothing of SIP.
+The UDP listeners and the hand-off inbox are served by the compiled loop
+itself (``EventLoop.add_udp`` / ``add_inbox``: ``BatchIO.serve_udp`` /
+``serve_inbox``, the counters and the latency histogram in C, hand-offs sent
+after the wake-up that queued them).  Every other descriptor (TCP listeners
+and connections, the control channel, the signal wake-up) is registered with
+a Python handler, called with the epoll event mask.  Signals arrive through
+a wake-up socket (``signal.set_wakeup_fd``), so a SIGTERM ends a wait at
+once.  Python timers run from ``tick`` (``EventLoop.run``), only when the
+time they asked for has come; the loop itself knows nothing of SIP.
 """
 from __future__ import annotations
 
-import select
 import signal
 import socket
-import time
 
-EP_IN = select.EPOLLIN
-EP_OUT = select.EPOLLOUT
-EP_ERR = select.EPOLLHUP | select.EPOLLERR
+from fastsip.server._io_c import BATCHES_PER_EVENT, EP_ERR, EP_IN, EP_OUT, EventLoop
 
-#: Batches read from one socket per readiness event before the others get their turn.
-BATCHES_PER_EVENT = 16
+__all__ = ["BATCHES_PER_EVENT", "EP_ERR", "EP_IN", "EP_OUT", "Loop"]
 
 
-class Loop:
-    """``add(fd, handler)``, then ``poll(timeout)`` again and again.
+class Loop(EventLoop):
+    """``EventLoop`` and the worker's signal handling."""
 
-    ``batch_wait`` (seconds, ``--batch-wait``; may change at a SIGHUP): when
-    the loop is woken again within two waits of the last wake-up (steady
-    traffic), it sleeps that long before reading, so a receive batch collects
-    what arrives meanwhile; slower traffic is read at once.  Those sleeps are
-    counted in :attr:`batch_waits`.
-    """
-
-    def __init__(self) -> None:
-        self.ep = select.epoll()
-        self.handlers: dict = {}         # fd -> handler(events)
-        self.batch_wait = 0.0
-        self.batch_waits = 0
-        self._last_wake = 0.0
-        self._wake_r = self._wake_w = None
-
-    def add(self, fd: int, handler, mask: int = EP_IN) -> None:
-        self.ep.register(fd, mask)
-        self.handlers[fd] = handler
-
-    def modify(self, fd: int, mask: int) -> None:
-        self.ep.modify(fd, mask)
-
-    def remove(self, fd: int) -> None:
-        self.handlers.pop(fd, None)
-        try:
-            self.ep.unregister(fd)
-        except (OSError, ValueError):
-            pass
+    _wake_r = _wake_w = None
 
     def catch_signals(self, on_term) -> None:
         """SIGTERM calls ``on_term()``; SIGINT and SIGHUP are the supervisor's to act on."""
@@ -72,26 +43,3 @@ class Loop:
                 pass
         except OSError:
             pass
-
-    def poll(self, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds and call the handler of every ready descriptor;
-        how many were ready."""
-        events = self.ep.poll(timeout)
-        if events and self.batch_wait:
-            # Steady traffic (woken again within two waits): let the batch grow.
-            # Slower traffic would pay a second wake-up for nothing.
-            t = time.monotonic()
-            wait = self.batch_wait
-            if t - self._last_wake < 2 * wait:
-                time.sleep(wait)
-                self.batch_waits += 1
-            self._last_wake = t
-        handlers = self.handlers
-        for fd, ev in events:
-            handler = handlers.get(fd)
-            if handler is not None:
-                handler(ev)
-        return len(events)
-
-    def close(self) -> None:
-        self.ep.close()

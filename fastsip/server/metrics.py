@@ -4,16 +4,18 @@
 text, its label and where its value is in a worker's report.  A worker keeps
 its own counters in a :class:`WorkerCounters` (one attribute per counter and
 label value, all made from the table and starting at zero: none is added on
-first use) and reports them with the core's (``RegistrarCore.stats()``, under
-``core``) as a plain dict; the supervisor adds the reports of all workers
-(a restarted worker's on top of its predecessors', so that counters never go
-down, see :func:`add_reports` and :func:`latest_report`) and renders them with
-:func:`render`.
+first use; the counts of every datagram are kept by the compiled loop and
+added at report time, ``report(loop.counters())``) and reports them with the
+core's (``RegistrarCore.stats()``, under ``core``) as a plain dict; the
+supervisor adds the reports of all workers (a restarted worker's on top of its
+predecessors', so that counters never go down, see :func:`add_reports` and
+:func:`latest_report`) and renders them with :func:`render`.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import NamedTuple
+
+from fastsip.server._io_c import Histogram as _CHistogram
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 
@@ -177,29 +179,24 @@ class WorkerCounters:
         name = f"{key}_{value}"
         setattr(self, name, getattr(self, name) + n)
 
-    def report(self) -> dict:
-        """The counters as a worker reports them: ``{key: n}`` or ``{key: {value: n}}``."""
-        return {key: ({v: getattr(self, _attr(key, v)) for v in values} if values
-                      else getattr(self, key))
+    def report(self, extra: dict | None = None) -> dict:
+        """The counters as a worker reports them: ``{key: n}`` or ``{key: {value: n}}``;
+        ``extra``: counts kept elsewhere (the compiled loop's ``EventLoop.counters()``),
+        by attribute name, added to these."""
+        extra = extra or {}
+
+        def get(name):
+            return getattr(self, name) + extra.get(name, 0)
+        return {key: ({v: get(_attr(key, v)) for v in values} if values else get(key))
                 for key, values, _ in WORKER_KEYS}
 
 
-class Histogram:
-    __slots__ = ("bounds", "counts", "sum", "count")
+class Histogram(_CHistogram):
+    """The processing-latency histogram (compiled, ``_io_c.Histogram``: the worker's
+    loop adds to it without entering Python): ``observe(seconds, n)``, ``as_dict()``."""
 
-    def __init__(self, bounds=LATENCY_BUCKETS):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float, n: int = 1) -> None:
-        self.counts[bisect_left(self.bounds, value)] += n
-        self.sum += value * n
-        self.count += n
-
-    def as_dict(self) -> dict:
-        return {"counts": list(self.counts), "sum": self.sum, "count": self.count}
+    def __init__(self, bounds=LATENCY_BUCKETS) -> None:
+        super().__init__(bounds)
 
 
 def add_reports(total: dict, report: dict, with_gauges: bool = True, _path: tuple = ()) -> dict:

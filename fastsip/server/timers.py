@@ -1,4 +1,4 @@
-"""A worker's timers, run between receive batches: expiry, the state file, the TCP sweeps.
+"""A worker's timers, run when due between receive batches: expiry, the state file, the TCP sweeps.
 
 - Expiry: ``Registrar.expire`` every second, ``EXPIRE_WORK`` bindings per
   call, for at most ``SLICE`` seconds.
@@ -124,7 +124,8 @@ class StateWriter:
 
 
 class Timers:
-    """``run(now)`` after every wait of the loop does what is due."""
+    """``run(now)`` does what is due; ``due_in(now)``: seconds until something is
+    (the compiled loop calls the worker's tick, and so ``run``, only then)."""
 
     def __init__(self, reg, cfg, writer: StateWriter, sweep, purges: bool, now: float,
                  deadlines=None) -> None:
@@ -144,6 +145,17 @@ class Timers:
     def busy(self) -> bool:
         """Changes wait to be written: the loop should not sleep."""
         return bool(self.writer.pending)
+
+    def due_in(self, now: float) -> float:
+        """Seconds until ``run`` has something to do (0 while changes wait to be written)."""
+        if self.writer.pending:
+            return 0.0
+        due = min(self.next_expire, self.next_flush, self.next_sweep)
+        if self.deadlines is not None:
+            due = min(due, self.next_deadlines)
+        if self.purges:
+            due = min(due, self.next_purge)
+        return max(0.0, due - now)
 
     def run(self, now: float) -> None:
         if now >= self.next_expire:

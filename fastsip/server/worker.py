@@ -4,6 +4,9 @@ The worker builds the core (``fastsip.Registrar``), loads its shard from the
 state file, and then runs the loop (``loop.py``) until SIGTERM or until the
 supervisor is gone.  The work is done in rooms, one job each:
 
+- ``loop.py``: the event loop, compiled (``_io_c.EventLoop``): it serves
+  the UDP listeners and the inbox itself and enters Python only for the
+  other descriptors and, when due, for ``_tick`` (timers, the report);
 - ``udp.py``: UDP listeners, served in batches in Cython (``_io_c.pyx``);
 - ``tcp.py``: stream listeners and connections: TCP, TLS (``tls.py``),
   WebSocket and secure WebSocket;
@@ -27,12 +30,11 @@ from __future__ import annotations
 
 import os
 import time
-from functools import partial
 
 import fastsip
 from fastsip.server import control, logs
 from fastsip.server.commands import Commands, make_authorize, worker_max_bindings
-from fastsip.server.inbox import Handoffs
+from fastsip.server.inbox import MAX_PENDING_HANDOFF, Handoffs
 from fastsip.server.loop import Loop
 from fastsip.server.metrics import Histogram, WorkerCounters
 from fastsip.server.ratelimit import RateLimiter
@@ -42,7 +44,7 @@ from fastsip.server.udp import UdpServer
 
 LOG = logs.LOG
 
-IDLE_WAIT = 0.2             # seconds the loop waits when nothing is pending
+IDLE_WAIT = 0.2             # seconds the loop waits at most between two ticks
 PUBLISH_EVERY = 0.05        # seconds between reports written to the shared block, while busy
 PUBLISH_IDLE = 1.0          # ... when no socket was ready (timers may still count)
 
@@ -73,6 +75,7 @@ class Worker:
         self.block = stats_block        # statsblock.StatsBlock shared with the supervisor, or None
         self.restarted = restarted      # a predecessor died: the other workers' connections live
         self._published = 0.0           # time.monotonic() of the last report written there
+        self._unpublished = False       # sockets were served since the last report written
         self.stopping = False
         self.c = WorkerCounters()
         self.hist = Histogram()
@@ -102,19 +105,20 @@ class Worker:
         cfg, reg, c, hist, bug = self.cfg, self.reg, self.c, self.hist, self._bug
         loop = self.loop
         self.handoffs = Handoffs(self.index, self.n, self.inbox, self.peers, self.udp_socks, reg,
-                                 cfg, c, hist, bug)
-        self.udp = UdpServer(self.udp_socks, self.index, self.n, reg, cfg, self.limiter,
-                             self.handoffs, c, hist, bug)
+                                 cfg, c, bug)
+        self.udp = UdpServer(self.udp_socks, cfg)
         self.tcp = TcpServer(self.tcp_socks, loop, self.index, self.n, reg, cfg, self.limiter,
                              self.handoffs, c, hist, bug)
         self.timers = Timers(reg, cfg, self.writer, self.tcp.sweep, self.index == 0, time.time(),
                              self.tcp.deadlines)
         self.commands = Commands(self.ctrl, self.index, cfg, self.secret, reg, self.report,
                                  self._reloaded, self._stop)
-        for li, s in enumerate(self.udp_socks):
-            loop.add(s.fileno(), partial(self.udp.on_readable, li))
+        loop.serve(self.udp.io, self.handoffs.io, reg.serve_shard, self.index, self.n,
+                   self.handoffs.queues, self.handoffs.peer_fds, self.udp.fds, self.limiter,
+                   hist, bug, self.handoffs.serve_others, MAX_PENDING_HANDOFF)
+        self.udp.listen(loop)
         self.tcp.listen()
-        loop.add(self.inbox.fileno(), self.handoffs.on_readable)
+        loop.add_inbox(self.inbox.fileno())
         loop.add(self.ctrl.fileno(), self.commands.on_readable)
         self._reloaded()
 
@@ -128,28 +132,33 @@ class Worker:
         ready = self.start()
         self.ctrl.sendall(control.encode(ready))
         self._rooms()
-        loop, handoffs, timers = self.loop, self.handoffs, self.timers
-        unpublished = False             # sockets were served since the last report written
         try:
-            while not self.stopping:
-                wait = 0 if timers.busy or handoffs.pending else IDLE_WAIT
-                if unpublished:         # wake up in time to write it
-                    wait = min(wait, max(0.0, self._published + PUBLISH_EVERY - time.monotonic()))
-                if loop.poll(wait):
-                    unpublished = True
-                if handoffs.pending:
-                    handoffs.flush()
-                timers.run(time.time())
-                t = time.monotonic()
-                if t - self._published >= (PUBLISH_EVERY if unpublished else PUBLISH_IDLE):
-                    self.publish(t)
-                    unpublished = False
+            if not self.stopping:
+                self.loop.run(self._tick)
             return self._shutdown()
         finally:
             self.publish()              # the final counters, whatever ended the loop
 
+    def _tick(self, active: bool) -> tuple[float, float]:
+        """The Python side of the loop (``EventLoop.run``), called only when due: the
+        timers, and the report written every ``PUBLISH_EVERY`` seconds while sockets
+        are served (``active``: some were since the last call), ``PUBLISH_IDLE``
+        while idle.  Returns when to be called next, and how soon once sockets are
+        ready (both ``time.monotonic()``)."""
+        timers = self.timers
+        timers.run(time.time())
+        t = time.monotonic()
+        self._unpublished = self._unpublished or active
+        if t - self._published >= (PUBLISH_EVERY if self._unpublished else PUBLISH_IDLE):
+            self.publish(t)
+            self._unpublished = False
+        publish_at = self._published + (PUBLISH_EVERY if self._unpublished else PUBLISH_IDLE)
+        nxt = min(t + min(timers.due_in(time.time()), IDLE_WAIT), publish_at)
+        return nxt, min(nxt, self._published + PUBLISH_EVERY)
+
     def _stop(self) -> None:
         self.stopping = True
+        self.loop.stop()
 
     def _shutdown(self) -> int:
         """Stop accepting, close connections, write every pending change, exit 0."""
@@ -180,9 +189,9 @@ class Worker:
     # ------------------------------------------------------------------ report
     def publish(self, now: float | None = None) -> None:
         """Write the report into the block the supervisor reads when this worker is gone."""
+        self._published = time.monotonic() if now is None else now
         if self.block is None:
             return
-        self._published = time.monotonic() if now is None else now
         try:
             self.block.write(self.report())
         except Exception:               # noqa: BLE001 - never let the counters stop the worker
@@ -202,8 +211,7 @@ class Worker:
         c.tcp_sources = len(self.tcp.sources)
         c.state_pending = len(self.writer.pending)
         c.state_rows_written = self.writer.rows_written
-        c.batch_waits = self.loop.batch_waits
-        r = c.report()
+        r = c.report(self.loop.counters())
         r["core"] = self.reg.stats()
         r["latency"] = self.hist.as_dict()
         return r

@@ -116,9 +116,11 @@ def test_udp_and_inbox_served_in_c_with_handoffs_counters_and_latency(udp):
     time.sleep(0.05)
 
     def once(loop):
-        def tick(active, n=[0]):
-            n[0] += 1
-            if n[0] == 2:
+        calls = []
+
+        def tick(active):
+            calls.append(active)
+            if len(calls) == 2:
                 loop.stop()
             return monotonic() + 0.02, monotonic()
         loop.run(tick)

@@ -552,8 +552,8 @@ def _stream(p, n=200):
 def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
     """--batch-wait 2000: a worker woken again within 4 ms sleeps 2 ms before
     reading (counted: batch_waits in /api/workers); a stream of 200 requests is
-    still answered in full, and so is a request after a quiet spell.  Without
-    the flag the worker never waits."""
+    still answered in full, and so is a request after a quiet spell.  With
+    --batch-wait 0 the worker never waits."""
     srv = start("--batch-wait", "2000", workers=1, state=None)
     p = phone(srv.udp)
     assert _stream(p) == {f"burst{i}" for i in range(200)}
@@ -563,7 +563,7 @@ def test_batch_wait_answers_a_steady_stream_and_a_lone_request(start, phone):
     (w,) = srv.api("/api/workers")["workers"]
     assert w["batch_waits"] >= 1 and w["received_udp"] == 201
 
-    srv = start(workers=1, state=None)
+    srv = start("--batch-wait", "0", workers=1, state=None)
     p = phone(srv.udp)
     assert len(_stream(p)) == 200
     (w,) = srv.api("/api/workers")["workers"]

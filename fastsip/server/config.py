@@ -249,10 +249,11 @@ OPTIONS = [
     ("no-steer", bool, False, False, False, None,
      "do not load the eBPF program that makes the kernel deliver each UDP REGISTER to the "
      "worker owning its AOR (without it, most REGISTERs are handed between workers)"),
-    ("batch-wait", _nonneg_float("batch-wait"), 0.0, False, True, "US",
-     "under steady load, wait this many microseconds after a wake-up before reading, so "
-     "that one system call reads more datagrams: less CPU per request for that much "
-     "latency; 0 reads at once (default: 0)"),
+    ("batch-wait", _nonneg_float("batch-wait"), 200.0, False, True, "US",
+     "under steady load (woken again within two such waits), wait this many microseconds "
+     "after a wake-up before reading, so that one system call reads more datagrams: less "
+     "CPU per request for at most that much latency; slower traffic is read at once; 0 "
+     "never waits (default: 200)"),
     ("batch", _positive_int("batch"), 64, False, False, "N",
      "datagrams received or sent per system call (default: 64)"),
     ("log-level", _choice("log-level", ("debug", "info", "warning", "error")), "info", False, True,

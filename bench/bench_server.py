@@ -14,6 +14,13 @@ calls over the workers) for ``--duration`` seconds, and reports:
     python3 bench/bench_server.py                       # 5k..30k/s, no auth, state file on
     python3 bench/bench_server.py --no-state --rates 10000,20000
     python3 bench/bench_server.py --auth                # REGISTER, 401, REGISTER with digest, 200
+    python3 bench/bench_server.py --rates 10000 --echo --kamailio   # and the floor and Kamailio
+
+With ``--echo`` and ``--kamailio`` the same SIPp run is made, turn by turn, against
+the I/O floor (``load.responder --fast``: a compiled echo that answers 200 and
+stores nothing) and Kamailio (``bench/kamailio/registrar.cfg``, ``-x tlsf``,
+``--workers`` UDP processes), and the summary gives each one's median and fastsip's
+CPU per REGISTER divided by it.
 
 Needs sipp (Debian: apt-get install sip-tester) and the compiled modules
 (``python setup.py build_ext --inplace``).  Only 127.0.0.1 is used.
@@ -32,13 +39,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from bench_e2e import KAMAILIO, Server, group_cpu_ns  # noqa: E402
 from fastsip.server.testing import ServerProcess  # noqa: E402
 
 SCENARIOS = os.path.join(ROOT, "tests", "sipp")
+
+#: Other servers measured in the same run (``--echo``, ``--kamailio``; bench_e2e templates).
+#: echo: the I/O floor, a compiled UDP echo that answers 200 and stores nothing (one process).
+PEERS = {"echo": "{python} -m load.responder --fast --listen {host}:{port} --duration 100000",
+         "kamailio": KAMAILIO}
 
 
 def cpu_ns(pid: int) -> int:
@@ -67,6 +83,65 @@ def _raise_nofile():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def run_sipp(args, target, rate, workdir, inject_file):
+    """SIPp against ``target`` (host, port) at ``rate`` for ``--duration`` seconds:
+    (its output, its rusage, its exit code, the wall time, the calls asked for)."""
+    calls = int(rate * args.duration)
+    scenario = "register_auth.xml" if args.auth else "register.xml"
+    cmd = [args.sipp, "%s:%d" % target, "-sf", os.path.join(SCENARIOS, scenario),
+           "-t", "un", "-r", str(rate), "-m", str(calls), "-i", "127.0.0.1", "-p", "0",
+           "-nostdin", "-max_socket", str(args.max_socket), "-timeout",
+           str(int(args.duration * 4 + 20)), "-recv_timeout", "2000"]
+    if args.auth:
+        cmd += ["-inf", inject_file]
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile("w+") as so:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile, cwd=workdir)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        so.seek(0)
+        text = so.read()
+    return text, usage, os.waitstatus_to_exitcode(status), time.monotonic() - t0, calls
+
+
+def result(server, rate, text, usage, code, wall, calls, server_ns, switches=None, metrics=None):
+    """The figures of one run, from SIPp's output and the server's CPU time."""
+    def cumulative(label):
+        m = re.findall(rf"{label}\s*\|\s*\S+\s*\|\s*(\S+)", text)
+        return m[-1] if m else None
+    ok = int(cumulative("Successful call") or 0)
+    failed = int(cumulative("Failed call") or 0)
+    start = re.findall(r"Start Time\s*\|.*?(\d+\.\d+)\s*$", text, re.M)
+    end = re.findall(r"Current Time\s*\|.*?(\d+\.\d+)\s*$", text, re.M)
+    elapsed_s = float(end[-1]) - float(start[-1]) if start and end else wall
+    retrans = sum(int(r) for r in re.findall(r"REGISTER -+>\s+\d+\s+(\d+)", text))
+    started = max(calls, ok + failed)
+    metrics = metrics or {}
+    replies = sum(v for k, v in metrics.items() if k.startswith("fastsip_replies_total")) or ok
+    return {
+        "server": server,
+        "offered_rate": rate,
+        "calls": calls,
+        "successful": ok,
+        "failed": failed,
+        "failure_pct": round(100.0 * (started - ok) / started, 3),
+        "achieved_rate": round(ok / elapsed_s, 1) if elapsed_s else 0,
+        "server_cpu_s": round(server_ns / 1e9, 3),
+        "server_cpu_us_per_register": round(server_ns / 1e3 / ok, 2) if ok else None,
+        "server_replies": int(replies),
+        "server_cpu_us_per_reply": round(server_ns / 1e3 / replies, 2) if replies else None,
+        "handoffs": int(metrics.get("fastsip_handoffs_total", 0)),
+        "switches_per_register": round(switches / ok, 2) if ok and switches is not None else None,
+        "sipp_exit": code,
+        "retransmissions": retrans,
+        "sipp_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+    }
+
+
 def run_rate(args, rate, workdir, users_file, inject_file):
     flags = ["--log-level", "warning", "--max-expires", "3600"] + args.server_flags
     if args.auth:
@@ -77,29 +152,9 @@ def run_rate(args, rate, workdir, users_file, inject_file):
     srv.start()
     try:
         pids = server_pids(srv)
-        calls = int(rate * args.duration)
-        scenario = "register_auth.xml" if args.auth else "register.xml"
-        cmd = [args.sipp, "%s:%d" % srv.udp, "-sf", os.path.join(SCENARIOS, scenario),
-               "-t", "un", "-r", str(rate), "-m", str(calls), "-i", "127.0.0.1", "-p", "0",
-               "-nostdin", "-max_socket", str(args.max_socket), "-timeout",
-               str(int(args.duration * 4 + 20)), "-recv_timeout", "2000"]
-        if args.auth:
-            cmd += ["-inf", inject_file]
         before = {p: cpu_ns(p) for p in pids}
         switches = {p: ctx_switches(p) for p in pids}
-        t0 = time.monotonic()
-        with tempfile.TemporaryFile("w+") as so:
-            proc = subprocess.Popen(cmd, stdout=so, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile, cwd=workdir)
-            try:
-                _, status, usage = os.wait4(proc.pid, 0)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            so.seek(0)
-            text = so.read()
-        wall = time.monotonic() - t0
+        text, usage, code, wall, calls = run_sipp(args, srv.udp, rate, workdir, inject_file)
         # the state writer runs behind: count its work too (bounded wait)
         deadline = time.monotonic() + 30
         while args.state and time.monotonic() < deadline:
@@ -114,35 +169,20 @@ def run_rate(args, rate, workdir, users_file, inject_file):
         metrics = srv.metrics()
     finally:
         srv.stop()
+    return result("fastsip", rate, text, usage, code, wall, calls, server_ns, switches, metrics)
 
-    def cumulative(label):
-        m = re.findall(rf"{label}\s*\|\s*\S+\s*\|\s*(\S+)", text)
-        return m[-1] if m else None
-    ok = int(cumulative("Successful call") or 0)
-    failed = int(cumulative("Failed call") or 0)
-    start = re.findall(r"Start Time\s*\|.*?(\d+\.\d+)\s*$", text, re.M)
-    end = re.findall(r"Current Time\s*\|.*?(\d+\.\d+)\s*$", text, re.M)
-    elapsed_s = float(end[-1]) - float(start[-1]) if start and end else wall
-    retrans = sum(int(r) for r in re.findall(r"REGISTER -+>\s+\d+\s+(\d+)", text))
-    started = max(calls, ok + failed)
-    replies = sum(v for k, v in metrics.items() if k.startswith("fastsip_replies_total"))
-    return {
-        "offered_rate": rate,
-        "calls": calls,
-        "successful": ok,
-        "failed": failed,
-        "failure_pct": round(100.0 * (started - ok) / started, 3),
-        "achieved_rate": round(ok / elapsed_s, 1) if elapsed_s else 0,
-        "server_cpu_s": round(server_ns / 1e9, 3),
-        "server_cpu_us_per_register": round(server_ns / 1e3 / ok, 2) if ok else None,
-        "server_replies": int(replies),
-        "server_cpu_us_per_reply": round(server_ns / 1e3 / replies, 2) if replies else None,
-        "handoffs": int(metrics.get("fastsip_handoffs_total", 0)),
-        "switches_per_register": round(switches / ok, 2) if ok else None,
-        "sipp_exit": proc.returncode,
-        "retransmissions": retrans,
-        "sipp_cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-    }
+
+def run_peer(args, name, rate, workdir):
+    """The same SIPp run against a peer of ``PEERS`` (its CPU: the process and its children)."""
+    srv = Server(PEERS[name], SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None),
+                 args.workers)
+    try:
+        before = group_cpu_ns(srv.pid)
+        text, usage, code, wall, calls = run_sipp(args, (srv.host, srv.port), rate, workdir, None)
+        server_ns = group_cpu_ns(srv.pid) - before
+    finally:
+        srv.stop()
+    return result(name, rate, text, usage, code, wall, calls, server_ns)
 
 
 def main(argv=None) -> int:
@@ -158,6 +198,10 @@ def main(argv=None) -> int:
                     help="no state file (as Kamailio's in-memory usrloc)")
     ap.add_argument("--max-socket", type=int, default=15000, help="sipp -max_socket")
     ap.add_argument("--sipp", default=shutil.which("sipp"), help="path to sipp")
+    ap.add_argument("--echo", action="store_true",
+                    help="also measure the I/O floor: load.responder --fast (a C echo)")
+    ap.add_argument("--kamailio", action="store_true",
+                    help="also measure Kamailio (bench/kamailio/registrar.cfg, -x tlsf)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("server_flags", nargs="*", metavar="-- FLAG",
                     help="more flags for fastsip serve, after --, e.g. -- --batch-wait 200")
@@ -166,6 +210,13 @@ def main(argv=None) -> int:
         print("bench_server: sipp not found (apt-get install sip-tester)", file=sys.stderr)
         return 2
     rates = [int(r) for r in args.rates.split(",")]
+    peers = [p for p in PEERS if getattr(args, p)]
+    if peers and args.auth:
+        print("bench_server: --echo and --kamailio measure REGISTER without auth", file=sys.stderr)
+        return 2
+    if args.kamailio and not shutil.which("kamailio"):
+        print("bench_server: kamailio not found (apt-get install kamailio)", file=sys.stderr)
+        return 2
     results = []
     with tempfile.TemporaryDirectory(prefix="fastsip-bench-") as workdir:
         users_file = os.path.join(workdir, "users.htdigest")
@@ -181,25 +232,35 @@ def main(argv=None) -> int:
         print(f"# fastsip serve, {args.workers} workers, {'digest auth, ' if args.auth else ''}"
               f"{'state file' if args.state else 'no state'}; SIPp -t un, {args.duration:g} s per rate; "
               f"{os.cpu_count()} CPUs")
-        print(f"{'offered/s':>10} {'achieved/s':>11} {'fail %':>7} {'µs CPU/REG':>11} "
-              f"{'µs/reply':>9} {'hand-offs':>10} {'ctxsw/REG':>10} {'retrans':>8} {'SIPp CPU s':>11}")
+        print(f"{'server':>9} {'offered/s':>10} {'achieved/s':>11} {'fail %':>7} "
+              f"{'µs CPU/REG':>11} {'µs/reply':>9} {'hand-offs':>10} {'ctxsw/REG':>10} "
+              f"{'retrans':>8} {'SIPp CPU s':>11}")
         for rate in rates:
             for _ in range(args.repeat):
-                r = run_rate(args, rate, workdir, users_file, inject_file)
-                results.append(r)
-                print(f"{r['offered_rate']:>10} {r['achieved_rate']:>11} {r['failure_pct']:>7} "
-                      f"{r['server_cpu_us_per_register']!s:>11} {r['server_cpu_us_per_reply']!s:>9} "
-                      f"{r['handoffs']:>10} {r['switches_per_register']!s:>10} {r['retransmissions']:>8} "
-                      f"{r['sipp_cpu_s']:>11}",
-                      flush=True)
-    if args.repeat > 1:
-        print("# medians per offered rate: achieved/s, failure %, µs CPU per REGISTER")
+                for server in ["fastsip"] + peers:     # the servers take turns
+                    r = (run_rate(args, rate, workdir, users_file, inject_file)
+                         if server == "fastsip" else run_peer(args, server, rate, workdir))
+                    results.append(r)
+                    print(f"{r['server']:>9} {r['offered_rate']:>10} {r['achieved_rate']:>11} "
+                          f"{r['failure_pct']:>7} {r['server_cpu_us_per_register']!s:>11} "
+                          f"{r['server_cpu_us_per_reply']!s:>9} {r['handoffs']:>10} "
+                          f"{r['switches_per_register']!s:>10} {r['retransmissions']:>8} "
+                          f"{r['sipp_cpu_s']:>11}", flush=True)
+    if args.repeat > 1 or peers:
+        print("# medians per server and offered rate: achieved/s, failure %, µs CPU per REGISTER"
+              + (", fastsip's µs / this server's" if peers else ""))
         for rate in rates:
-            rs = [r for r in results if r["offered_rate"] == rate]
-            print(f"# {rate:>8} {statistics.median(r['achieved_rate'] for r in rs):>11} "
-                  f"{statistics.median(r['failure_pct'] for r in rs):>7} "
-                  f"{statistics.median(r['server_cpu_us_per_register'] or 0 for r in rs):>11}")
-    sustained = [r["achieved_rate"] for r in results if r["failure_pct"] <= 1.0]
+            mine = statistics.median(r["server_cpu_us_per_register"] or 0 for r in results
+                                     if r["offered_rate"] == rate and r["server"] == "fastsip")
+            for server in ["fastsip"] + peers:
+                rs = [r for r in results if r["offered_rate"] == rate and r["server"] == server]
+                us = statistics.median(r["server_cpu_us_per_register"] or 0 for r in rs)
+                ratio = f" {mine / us:>6.2f}×" if peers and us else ""
+                print(f"# {server:>9} {rate:>8} "
+                      f"{statistics.median(r['achieved_rate'] for r in rs):>11} "
+                      f"{statistics.median(r['failure_pct'] for r in rs):>7} {us:>11}{ratio}")
+    sustained = [r["achieved_rate"] for r in results
+                 if r["failure_pct"] <= 1.0 and r["server"] == "fastsip"]
     print(f"# highest achieved rate with <= 1 % failures: {max(sustained) if sustained else 0}/s")
     if args.json:
         with open(args.json, "w") as f:

@@ -279,6 +279,8 @@ class TcpServer:
         conn.handshake = False
         if conn.ws is None and not conn.framer.buffered:
             self._clock_stop(conn)
+        if conn.out:                    # written while the handshake ran
+            self._want_write(conn)
         return True
 
     def _recv(self, conn: Conn):

@@ -449,8 +449,9 @@ cdef class BatchIO:
         shard, nshards)`` (``RegistrarCore.serve_shard``).  Reply bytes go back
         to the sender with one ``sendmmsg``; an int return (the AOR belongs to
         that shard) queues a hand-off datagram ``(blob, None)`` on
-        ``queues[owner]``.  ``allow(host, now)``, when given, may refuse a
-        datagram (rate limiting); ``bug(data)`` is called when ``serve_shard``
+        ``queues[owner]``.  ``allow``, when given, may refuse a datagram (rate
+        limiting): a :class:`RateLimiter` (checked in C) or any ``allow(host,
+        now)`` callable; ``bug(data)`` is called when ``serve_shard``
         raises.  Returns ``(received, handed)``; 0 received means nothing was
         waiting.  Only the system's own socket errors raise ``OSError``.
         """

@@ -1,0 +1,431 @@
+"""TLS and WebSocket benchmark: fastsip beside Kamailio, in one run.
+
+Starts each registrar with a TLS and a WSS listener and a certificate from a
+test CA (``fastsip.server.testing.make_test_pki``), pinned to one core with
+``taskset``, and measures, with the bundled load tool pinned to another:
+
+1. TLS REGISTER/s: ``python -m load --transport tls`` closed loop;
+2. WSS REGISTER/s: the same with ``--transport wss`` (the ``sip``
+   subprotocol, masked frames, one message per frame);
+3. TLS handshakes/s: ``python -m load.handshake rate``: new connection, TLS
+   handshake, one REGISTER answered, close (``--handshake-only``: without the
+   REGISTER); the server's CPU per handshake gives the per-core figure even
+   when the (Python) client is the limit;
+4. memory per idle TLS connection: the server's processes' memory (PSS and
+   RSS, summed over all of them, from /proc) before and after ``--idle``
+   connections past their handshakes are held open by ``python -m
+   load.handshake hold`` processes, divided by the number held; for
+   Kamailio also its own accounting (shared memory and every process's pkg
+   memory, through ``kamcmd``).
+
+    python bench/bench_tls.py --server-cpus 0 --load-cpus 1 --out /tmp/bt
+    python bench/bench_tls.py --servers kamailio --idle 10000       # one server only
+
+fastsip: ``fastsip serve --workers 1 --no-state --listen tls:127.0.0.1:0
+--listen wss:127.0.0.1:0 --tls-cert --tls-key`` (defaults otherwise, but
+``--max-connections`` raised above ``--idle``).  Kamailio (Debian packages
+kamailio, kamailio-tls-modules, kamailio-websocket-modules):
+``bench/kamailio/tls.cfg``, ``-x tlsf``, in-memory usrloc, 2 TLS readers.
+Every step gets a freshly started server, the two servers taking turns step
+by step.  Each server process may hold at most ``RLIMIT_NOFILE`` descriptors
+(the hard limit; raising it needs CAP_SYS_RESOURCE): ``--idle`` is cut to
+fit, and the table says so.  Loopback only; every loop is bounded in count
+and time.  This is a script, not a pytest-benchmark suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_e2e import Cores, _env, _pin, free_port  # noqa: E402 (run as a script)
+
+from fastsip.server.testing import ServerProcess, make_test_pki  # noqa: E402
+from load.report import _descendants  # noqa: E402
+
+KAMAILIO = ("kamailio -DD -E -f {root}/bench/kamailio/tls.cfg -l tls:127.0.0.1:{tls} "
+            "-l tls:127.0.0.1:{wss} -A 'TLS_CERT=\"{cert}\"' -A 'TLS_KEY=\"{key}\"' "
+            "-A 'CTL_SOCKET=\"unix:{rundir}/ctl.sock\"' -m 4096 -M 64 -x tlsf -Y {rundir} -w {rundir}")
+
+
+class BenchError(Exception):
+    """A step that cannot run: main() prints it on one line and exits 1."""
+
+
+def _tls_ready(port: int, ca: str, proc, timeout: float = 20.0) -> bool:
+    """Poll ``port`` with TLS handshakes until one succeeds (bounded)."""
+    ctx = ssl.create_default_context(cafile=ca)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s, \
+                    ctx.wrap_socket(s, server_hostname="127.0.0.1"):
+                return True
+        except (OSError, ssl.SSLError):
+            time.sleep(0.2)
+    return False
+
+
+class Fastsip:
+    name = "fastsip"
+
+    def __init__(self, args, pki):
+        extra = ["--tls-cert", pki["cert"], "--tls-key", pki["key"],
+                 "--max-connections", str(max(60000, args.idle + 1000)),
+                 "--log-level", "warning"]
+        self.srv = ServerProcess(*extra, workers=1, transports=("tls", "wss"),
+                                 prefix=["taskset", "-c", args.server_cpus] if args.server_cpus
+                                 else (), cwd=args.rundir)
+        try:
+            self.srv.start()
+        except RuntimeError as exc:
+            self.srv.kill()
+            raise BenchError(f"fastsip did not start: {str(exc).splitlines()[0]}") from None
+        if self.srv.tls is None or self.srv.wss is None:
+            self.srv.kill()
+            raise BenchError(f"fastsip did not listen on tls and wss: {self.srv.start_line.strip()}")
+        self.tls, self.wss = self.srv.tls[1], self.srv.wss[1]
+        self.pid = self.srv.proc.pid
+        if not _tls_ready(self.tls, pki["ca"], self.srv.proc):
+            self.stop()
+            raise BenchError("fastsip does not complete a TLS handshake")
+        time.sleep(0.5)
+
+    def own_memory(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        self.srv.stop(timeout=10)
+
+
+class Kamailio:
+    name = "kamailio"
+
+    def __init__(self, args, pki):
+        self.rundir = tempfile.mkdtemp(prefix="bench-tls-kam-")
+        self.tls = free_port("127.0.0.1")
+        self.wss = free_port("127.0.0.1", avoid=(self.tls,))
+        cmd = KAMAILIO.format(root=shlex.quote(str(ROOT)), tls=self.tls, wss=self.wss,
+                              cert=pki["cert"], key=pki["key"], rundir=self.rundir)
+        self.cmd = _pin(shlex.split(cmd), args.server_cpus)
+        self.errpath = Path(self.rundir) / "stderr.log"
+        self._err = open(self.errpath, "wb")       # noqa: SIM115 - open while Kamailio runs
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self._err,
+                                     stdin=subprocess.DEVNULL, cwd=self.rundir,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        if not _tls_ready(self.tls, pki["ca"], self.proc):
+            err = self.stop()
+            raise BenchError(f"kamailio did not start: {err.strip().splitlines()[-1:]}")
+        time.sleep(1.0)
+
+    def _kamcmd(self, *cmd) -> str:
+        cp = subprocess.run(["kamcmd", "-s", f"unix:{self.rundir}/ctl.sock", *cmd],
+                            capture_output=True, text=True, timeout=30, check=False)
+        return cp.stdout
+
+    def own_memory(self) -> dict:
+        """Kamailio's own accounting: shared memory in use, pkg memory of every process."""
+        shm = re.search(r"real_used: (\d+)", self._kamcmd("core.shmmem"))
+        pkg = sum(int(x) for x in re.findall(r"real_used: (\d+)", self._kamcmd("pkg.stats")))
+        return {"shm_used": int(shm.group(1)) if shm else None, "pkg_used": pkg}
+
+    def stop(self) -> str:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._err.close()
+        err = self.errpath.read_text(errors="replace")
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        return err[-2000:]
+
+
+SERVERS = {"fastsip": Fastsip, "kamailio": Kamailio}
+
+
+def memory(pid: int) -> dict:
+    """RSS and PSS, bytes, summed over ``pid`` and its descendants."""
+    rss = pss = 0
+    pids = _descendants([pid])
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return {"rss": rss, "pss": pss, "processes": len(pids)}
+
+
+def _run_json(cmd: list, limit: float, what: str) -> dict:
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=_env(),
+                            check=False)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: no result within {limit:g} s") from None
+    lines = [x for x in cp.stdout.splitlines() if x.startswith("{")]
+    if cp.returncode not in (0, 1) or not lines:
+        tail = (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
+        raise BenchError(f"{what} failed: {tail}")
+    return json.loads(lines[-1])
+
+
+def step_register(args, srv, pki, transport: str) -> dict:
+    port = srv.tls if transport == "tls" else srv.wss
+    out = Path(args.rundir) / f"{srv.name}-{transport}.json"
+    cmd = _pin([sys.executable, "-m", "load", "--target", f"127.0.0.1:{port}",
+                "--transport", transport, "--tls-ca", pki["ca"], "--inflight", str(args.inflight),
+                "--sockets", str(args.sockets), "--duration", f"{args.duration:g}",
+                "--users", str(args.users), "--scenario", args.scenario, "--timeout", "2",
+                "-q", "--json", str(out), "--server-pid", str(srv.pid)], args.load_cpus)
+    b0 = Cores.busy_ns()
+    t0 = time.monotonic()
+    try:
+        cp = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False,
+                            timeout=args.duration + 120)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{srv.name} {transport}: the load tool did not finish") from None
+    if cp.returncode not in (0, 1) or not out.is_file():
+        tail = (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
+        raise BenchError(f"{srv.name} {transport}: the load tool failed: {tail}")
+    wall = time.monotonic() - t0
+    r = json.loads(out.read_text())
+    busy = sum(Cores.busy_ns().values()) - sum(b0.values())
+    return {"rate": r["achieved_rate"], "ok": r["ok"], "timeouts": r["timeouts"],
+            "replies": r["replies"], "p50_ms": r["latency_ms"]["p50"],
+            "p99_ms": r["latency_ms"]["p99"], "server_cpu_pct": r.get("server_cpu_pct"),
+            "server_us": r.get("server_cpu_us_per_request"),
+            "tool_cpu_pct": r["generator_cpu_pct"],
+            "tool_us": round(r["generator_cpu_pct"] / 100 * r["elapsed_s"] * 1e6 / r["ok"], 2)
+            if r["ok"] else None,
+            "busy_all_cpus_pct": round(100 * busy / 1e9 / wall, 1)}
+
+
+def step_handshakes(args, srv, pki) -> dict:
+    cmd = _pin([sys.executable, "-m", "load.handshake", "rate", "--target", f"127.0.0.1:{srv.tls}",
+                "--transport", "tls", "--tls-ca", pki["ca"], "--duration", f"{args.duration:g}",
+                "--concurrency", str(args.concurrency), "--server-pid", str(srv.pid)]
+               + (["--handshake-only"] if args.handshake_only else []), args.load_cpus)
+    return _run_json(cmd, args.duration + 60, f"{srv.name} handshakes")
+
+
+def step_idle(args, srv, pki, n: int) -> dict:
+    """Memory before and after ``n`` idle TLS connections are held."""
+    time.sleep(1.0)
+    before, own0 = memory(srv.pid), srv.own_memory()
+    per = args.idle_per_process
+    holders = []
+    try:
+        for k in range(0, n, per):
+            cmd = _pin([sys.executable, "-m", "load.handshake", "hold", "--target",
+                        f"127.0.0.1:{srv.tls}", "--transport", "tls", "--tls-ca", pki["ca"],
+                        "--count", str(min(per, n - k)), "--first", str(k), "--duration", "900",
+                        "--concurrency", "32"], args.load_cpus)
+            holders.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, env=_env(),
+                                            start_new_session=True))
+        held, failed = 0, {}
+        for h in holders:
+            line = h.stdout.readline()          # bounded: the holder gives up after 600 s
+            if not line.startswith("{"):
+                raise BenchError(f"{srv.name} idle: a holder failed: "
+                                 f"{h.stderr.read().strip().splitlines()[-1:]}")
+            got = json.loads(line)
+            held += got["held"]
+            for why, c in got["failed"].items():
+                failed[why] = failed.get(why, 0) + c
+        time.sleep(3.0)                     # the server finishes the last handshakes
+        after, own1 = memory(srv.pid), srv.own_memory()
+    finally:
+        for h in holders:
+            try:
+                h.stdin.close()
+            except OSError:
+                pass
+        for h in holders:
+            try:
+                h.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(h.pid, signal.SIGKILL)
+                h.wait(timeout=10)
+            h.stdout.close()
+            h.stderr.close()
+    res = {"held": held, "failed": failed, "before": before, "after": after,
+           "pss_per_conn": round((after["pss"] - before["pss"]) / held) if held else None,
+           "rss_per_conn": round((after["rss"] - before["rss"]) / held) if held else None}
+    if own0:
+        res["shm_per_conn"] = round((own1["shm_used"] - own0["shm_used"]) / held) if held else None
+        res["pkg_per_conn"] = round((own1["pkg_used"] - own0["pkg_used"]) / held) if held else None
+        res["own_before"], res["own_after"] = own0, own1
+    return res
+
+
+def _fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and v < 100:
+        return f"{v:,.1f}{unit}"
+    return f"{v:,.0f}{unit}"
+
+
+def _ratio(a, b, inverse=False):
+    if not a or not b:
+        return "–"
+    return f"{(b / a if inverse else a / b):.2f}×"
+
+
+def table(res: dict, n_idle: int) -> str:
+    f, k = res.get("fastsip", {}), res.get("kamailio", {})
+    rows = ["| figure | fastsip | Kamailio | fastsip / Kamailio |", "|---|---|---|---|"]
+    for tp in ("tls", "wss"):
+        a, b = f.get(tp), k.get(tp)
+        name = tp.upper()
+        rows.append(f"| {name} REGISTER/s (1 core; server CPU %) | "
+                    + " | ".join(f"{_fmt(x['rate'])} ({_fmt(x['server_cpu_pct'])} %)" if x else "–"
+                                 for x in (a, b))
+                    + f" | {_ratio(a and a['rate'], b and b['rate'])} |")
+        rows.append(f"| {name}: server CPU µs per REGISTER | "
+                    + " | ".join(_fmt(x["server_us"]) if x else "–" for x in (a, b))
+                    + f" | {_ratio(a and a['server_us'], b and b['server_us'])} "
+                      "(per-core capacity: the inverse) |")
+    a, b = f.get("hs"), k.get("hs")
+    rows.append("| TLS handshakes/s achieved (server CPU %) | "
+                + " | ".join(f"{_fmt(x['rate'])} ({_fmt(x.get('server_cpu_pct'))} %)" if x else "–"
+                             for x in (a, b))
+                + f" | {_ratio(a and a['rate'], b and b['rate'])} |")
+    pa = a and a.get("server_cpu_us") and 1e6 / a["server_cpu_us"]
+    pb = b and b.get("server_cpu_us") and 1e6 / b["server_cpu_us"]
+    rows.append("| TLS handshakes/s per core (1 / server CPU per handshake) | "
+                f"{_fmt(pa)} | {_fmt(pb)} | {_ratio(pa, pb)} |")
+    a, b = f.get("idle"), k.get("idle")
+    rows.append(f"| memory per idle TLS connection, PSS ({n_idle:,} held) | "
+                + " | ".join(_fmt(x["pss_per_conn"] / 1024, " KiB") if x else "–" for x in (a, b))
+                + f" | {_ratio(a and a['pss_per_conn'], b and b['pss_per_conn'])} |")
+    rows.append("| memory per idle TLS connection, RSS summed | "
+                + " | ".join(_fmt(x["rss_per_conn"] / 1024, " KiB") if x else "–" for x in (a, b))
+                + f" | {_ratio(a and a['rss_per_conn'], b and b['rss_per_conn'])} |")
+    if b and b.get("shm_per_conn") is not None:
+        rows.append(f"| Kamailio's own: shm + pkg per connection | – | "
+                    f"{_fmt(b['shm_per_conn'] / 1024, ' KiB')} + "
+                    f"{_fmt(b['pkg_per_conn'] / 1024, ' KiB')} | |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--servers", default="fastsip,kamailio", help="comma-separated (default %(default)s)")
+    p.add_argument("--server-cpus", default="0", help="taskset CPU list for the server")
+    p.add_argument("--load-cpus", default="1", help="taskset CPU list for the clients")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per rate step")
+    p.add_argument("--inflight", type=int, default=256)
+    p.add_argument("--sockets", type=int, default=16, help="connections of the REGISTER steps")
+    p.add_argument("--users", type=int, default=20000)
+    p.add_argument("--scenario", default="register")
+    p.add_argument("--concurrency", type=int, default=32, help="handshakes under way at once")
+    p.add_argument("--handshake-only", action="store_true",
+                   help="handshake steps without the REGISTER")
+    p.add_argument("--idle", type=int, default=50000, help="idle TLS connections to hold")
+    p.add_argument("--idle-per-process", type=int, default=8000)
+    p.add_argument("--steps", default="tls,wss,hs,idle", help="which steps (default %(default)s)")
+    p.add_argument("--out", default="bench-tls-out")
+    args = p.parse_args(argv)
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if any(s not in SERVERS for s in servers) or any(s not in ("tls", "wss", "hs", "idle")
+                                                     for s in steps):
+        p.error("--servers: fastsip, kamailio; --steps: tls, wss, hs, idle")
+    if "kamailio" in servers and not shutil.which("kamailio"):
+        print("kamailio is not installed (Debian: kamailio kamailio-tls-modules "
+              "kamailio-websocket-modules): skipped", file=sys.stderr)
+        servers.remove("kamailio")
+    if not 1 <= args.idle <= 200000 or not 0 < args.duration <= 600:
+        p.error("--idle within 1..200000, --duration within (0, 600]")
+    # every server process holds its connections' descriptors: the hard limit bounds --idle
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n_idle = min(args.idle, hard - 1000)
+    if n_idle < args.idle:
+        print(f"bench_tls: holding {n_idle:,} idle connections, not {args.idle:,}: a process may "
+              f"have {hard:,} open files here (RLIMIT_NOFILE hard limit)", file=sys.stderr)
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    args.rundir = tempfile.mkdtemp(prefix="bench-tls-")
+    load0 = os.getloadavg()
+    res = {s: {} for s in servers}
+    try:
+        pki = make_test_pki(args.rundir)
+        for step in steps:
+            for name in servers:
+                srv = SERVERS[name](args, pki)
+                try:
+                    if step in ("tls", "wss"):
+                        r = step_register(args, srv, pki, step)
+                        print(f"{name:>9} {step:>4}: {r['rate']:>9,.0f} REGISTER/s, server "
+                              f"{r['server_cpu_pct']} % {r['server_us']} us each, tool "
+                              f"{r['tool_cpu_pct']} % {r['tool_us']} us each, timeouts "
+                              f"{r['timeouts']}, p99 {r['p99_ms']} ms", flush=True)
+                    elif step == "hs":
+                        r = step_handshakes(args, srv, pki)
+                        print(f"{name:>9}   hs: {r['rate']:>9,.0f} connections/s, server "
+                              f"{r.get('server_cpu_pct')} % {r.get('server_cpu_us')} us each, "
+                              f"client {r['client_cpu_pct']} % {r['client_cpu_us']} us each, "
+                              f"failed {r['failed']}", flush=True)
+                    else:
+                        r = step_idle(args, srv, pki, n_idle)
+                        print(f"{name:>9} idle: {r['held']:,} held, PSS "
+                              f"{r['pss_per_conn']} B, RSS {r['rss_per_conn']} B per connection"
+                              + (f", shm {r['shm_per_conn']} B, pkg {r['pkg_per_conn']} B"
+                                 if "shm_per_conn" in r else "") + f"; failed {r['failed']}",
+                              flush=True)
+                    res[name][step] = r
+                finally:
+                    srv.stop()
+    except BenchError as exc:
+        print(f"bench_tls: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(args.rundir, ignore_errors=True)
+    load1 = os.getloadavg()
+    text = table(res, n_idle)
+    head = (f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`\n\n"
+            f"Load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+            f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}\n\n")
+    (outdir / "results.md").write_text(head + text + "\n")
+    (outdir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    print("\n" + head + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

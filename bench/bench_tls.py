@@ -55,7 +55,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_e2e import Cores, _env, _pin, free_port  # noqa: E402 (run as a script)
-
 from fastsip.server.testing import ServerProcess, make_test_pki  # noqa: E402
 from load.report import _descendants  # noqa: E402
 

@@ -423,7 +423,7 @@ cdef class Engine(Counters):
                 return True
             t = now_ns()
             inbio.write(PyMemoryView_FromMemory(self.rbuf, r, PyBUF_READ))
-            while inbio.pending or sslobj.pending():
+            while True:                 # one read per TLS record, until the BIO runs dry
                 room = TCP_IN_CAP - <Py_ssize_t>c.inb.len
                 if room <= 0:           # one message larger than the buffer
                     self.unparsable += 1

@@ -214,7 +214,9 @@ cdef class Engine(Counters):
         self._tls = []
         for i in range(self.nsock):
             sslobj, inbio, outbio, plain = objs[i]
-            self._tls.append((sslobj, inbio, outbio))
+            # the C object under ssl.SSLObject: the same read/write without a Python frame
+            # per call (one per TLS record received)
+            self._tls.append((getattr(sslobj, "_sslobj", sslobj), inbio, outbio))
             if plain and buf_append(&self.conns[i].inb, plain, len(plain)) < 0:
                 raise MemoryError()
 
@@ -423,7 +425,7 @@ cdef class Engine(Counters):
                 return True
             t = now_ns()
             inbio.write(PyMemoryView_FromMemory(self.rbuf, r, PyBUF_READ))
-            while True:                 # one read per TLS record, until the BIO runs dry
+            while inbio.pending:        # one read per TLS record, until the BIO runs dry
                 room = TCP_IN_CAP - <Py_ssize_t>c.inb.len
                 if room <= 0:           # one message larger than the buffer
                     self.unparsable += 1
@@ -443,6 +445,8 @@ cdef class Engine(Counters):
                 c.inb.len += n
             if conn_deliver(c, t, _on_message, <void *>self, &self.unparsable):
                 return True
+            if r < TLS_RBUF:            # drained for now: ppoll says when there is more
+                break
         return False
 
     cdef void _expire(self, int64_t t) noexcept:

@@ -170,12 +170,14 @@ cdef bint conn_recv(Conn *c, int fd, on_message_fn on_message, void *ctx,
     every complete message.  True when the peer closed the connection (or it
     failed)."""
     cdef ssize_t r
+    cdef size_t room
     cdef int rounds = 0
     if buf_reserve(&c.inb, TCP_IN_CAP - c.inb.len) < 0:
         return False
     while rounds < 8 and not c.closed:
         rounds += 1
-        r = recv(fd, c.inb.p + c.inb.len, TCP_IN_CAP - c.inb.len, MSG_DONTWAIT)
+        room = TCP_IN_CAP - c.inb.len
+        r = recv(fd, c.inb.p + c.inb.len, room, MSG_DONTWAIT)
         if r <= 0:
             if r < 0 and (errno == EAGAIN or errno == EINTR):
                 return False
@@ -184,6 +186,8 @@ cdef bint conn_recv(Conn *c, int fd, on_message_fn on_message, void *ctx,
         c.inb.len += r
         if conn_deliver(c, now_ns(), on_message, ctx, garbage):
             return True
+        if <size_t>r < room:        # drained for now: ppoll says when there is more
+            break
     return False
 
 

@@ -142,10 +142,15 @@ class Kamailio:
         return cp.stdout
 
     def own_memory(self) -> dict:
-        """Kamailio's own accounting: shared memory in use, pkg memory of every process."""
-        shm = re.search(r"real_used: (\d+)", self._kamcmd("core.shmmem"))
-        pkg = sum(int(x) for x in re.findall(r"real_used: (\d+)", self._kamcmd("pkg.stats")))
-        return {"shm_used": int(shm.group(1)) if shm else None, "pkg_used": pkg}
+        """Kamailio's own accounting: shared memory in use, pkg memory of every process
+        (a few tries: busy with many connections, it may not answer the first)."""
+        for _ in range(5):
+            shm = re.search(r"real_used: (\d+)", self._kamcmd("core.shmmem"))
+            pkg = re.findall(r"real_used: (\d+)", self._kamcmd("pkg.stats"))
+            if shm and pkg:
+                return {"shm_used": int(shm.group(1)), "pkg_used": sum(int(x) for x in pkg)}
+            time.sleep(1.0)
+        return {"shm_used": None, "pkg_used": None}
 
     def stop(self) -> str:
         try:
@@ -283,7 +288,7 @@ def step_idle(args, srv, pki, n: int) -> dict:
     res = {"held": held, "failed": failed, "before": before, "after": after,
            "pss_per_conn": round((after["pss"] - before["pss"]) / held) if held else None,
            "rss_per_conn": round((after["rss"] - before["rss"]) / held) if held else None}
-    if own0:
+    if own0 and None not in (own0["shm_used"], own1["shm_used"]):
         res["shm_per_conn"] = round((own1["shm_used"] - own0["shm_used"]) / held) if held else None
         res["pkg_per_conn"] = round((own1["pkg_used"] - own0["pkg_used"]) / held) if held else None
         res["own_before"], res["own_after"] = own0, own1

@@ -52,6 +52,7 @@ from fastsip.registrar import (
     shard_of,
     stable_hash,
 )
+from fastsip.websocket import WsConnection, WsFramer
 
 __all__ = [
     "__version__",
@@ -61,6 +62,8 @@ __all__ = [
     # registrar
     "Registrar", "ReceiveChain", "Authorize", "AuthResult", "Credentials", "parse_credentials",
     "Binding", "Store", "aor_key", "make_response", "shard_of", "stable_hash",
+    # SIP over WebSocket
+    "WsConnection", "WsFramer",
     # errors
     "SipError", "ParseError", "BadStartLine", "BadVersion", "BadHeader", "BadContentLength",
     "BadURI", "BadNameAddr", "BadContact", "BadExpires", "BadCSeq", "BadVia", "LimitExceeded",

@@ -342,7 +342,7 @@ def test_utf8_values_and_nul_in_quoted_display_name():
 @pytest.mark.parametrize("text,fields", [
     ("sip:alice@Example.COM", ("sip", "alice", None, "Example.COM", None, "sip:alice@example.com")),
     ("sips:%61lice:pw@h.example.com:5061;transport=tcp?subject=x",
-     ("sips", "alice", "pw", "h.example.com", 5061, "sips:alice@h.example.com")),
+     ("sips", "alice", "pw", "h.example.com", 5061, "sip:alice@h.example.com")),   # the AOR: sip (RFC 5630)
     ("sip:user;par=u%40example.net@example.com",
      ("sip", "user;par=u@example.net", None, "example.com", None,
       "sip:user;par=u@example.net@example.com")),

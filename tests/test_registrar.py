@@ -583,7 +583,22 @@ def test_the_port_in_to_is_not_part_of_the_aor(reg):
     assert set(contacts_of(r)) == {"sip:alice@192.0.2.7:5060", "sip:alice@192.0.2.8:5060"}
     assert reg.store.n_live_aors == 1
     assert reg.remove("sip:alice@example.com:5061") == 2
-    assert fastsip.parse_uri("sips:bob@H.example:5061;user=phone").aor == "sips:bob@h.example"
+    assert fastsip.parse_uri("sips:bob@H.example:5061;user=phone").aor == "sip:bob@h.example"
+
+
+def test_a_sips_aor_is_the_sip_aor_of_the_same_user():
+    """RFC 5630 3.1.3: sip: and sips: URIs that differ only by the scheme are one resource,
+    so a phone registering sips:alice over TLS is found by a lookup of sip:alice, and
+    the two registrations share one AOR (and its max-contacts)."""
+    reg = Registrar(min_expires=60)
+    r = handle(reg, request(to="<sips:alice@example.com>", expires=600,
+                            contacts=("<sips:alice@192.0.2.7:5061>",)))
+    assert r.status == 200
+    handle(reg, request(contacts=("<sip:alice@192.0.2.8>",), call_id="cid-2", expires=600))
+    assert reg.query("sip:alice@example.com") == ["sips:alice@192.0.2.7:5061",
+                                                  "sip:alice@192.0.2.8"]
+    assert reg.query("sips:alice@example.com") == reg.query("sip:alice@example.com")
+    assert [aor for aor, _ in reg.bindings()] == ["sip:alice@example.com"] * 2
 
 
 def test_aor_by_user_keys_one_domain_by_the_user_alone():

@@ -23,6 +23,7 @@ the same name.
     decide       the REGISTER decision: read the request, decide on a view
     reply        the reply writer (every response), make_response
     registrar    RegistrarCore: runs the steps, dispatches every datagram
+    websocket    WsFramer: WebSocket frames of a server connection (RFC 6455, 7118)
 
 Errors are the classes of ``fastsip.errors``; the public faces are
 ``fastsip.parser``, ``fastsip.registrar`` and ``fastsip.auth``.
@@ -57,3 +58,4 @@ include "digest.pyx"
 include "decide.pyx"
 include "reply.pyx"
 include "registrar.pyx"
+include "websocket.pyx"

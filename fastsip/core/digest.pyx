@@ -229,8 +229,6 @@ cdef bint names_ieq(const char* a, const char* b, Py_ssize_t n) noexcept nogil:
 cdef enum:
     MAX_OTHER_PARAMS = 16
 
-cdef uint64_t HIGH_BITS = 0x8080808080808080     # the top bit of each of 8 bytes
-
 
 cdef int scan_digest(const char* b, Py_ssize_t n, Cred* c) noexcept nogil:
     """One Authorization value into ``c``, with the grammar of

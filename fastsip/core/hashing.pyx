@@ -70,12 +70,19 @@ cdef Py_ssize_t canonical_aor(const char* buf, const UriSpans* u, char* out, Py_
     address-of-record of RFC 3261 10.3 step 5 without the port (a phone that
     writes the registrar's host:port into To registers the same AOR as one
     that does not); AOR_USER keeps only the user (single-domain deployments;
-    a URI without a user keeps its host); AOR_URI keeps the port (the prefix
-    of the comparison form).  Returns the length, or -1 when it does not fit."""
+    a URI without a user keeps its host); both write the scheme as ``sip:``,
+    for sip: and sips: URIs that differ only by their scheme name the same
+    resource (RFC 5630 3.1.3): a phone registering sips:alice over TLS is
+    found by a lookup of sip:alice.  AOR_URI keeps the scheme and the port
+    (the prefix of the comparison form, where sip and sips never match, RFC
+    3261 19.1.4).  Returns the length, or -1 when it does not fit."""
     cdef Py_ssize_t at = 0
     cdef char digits[8]
     cdef int port = u.port, nd = 0
-    at = _put(out, at, cap, b"sips:" if u.sips else b"sip:", 5 if u.sips else 4, False, False)
+    if u.sips and form == AOR_URI:
+        at = _put(out, at, cap, b"sips:", 5, False, False)
+    else:
+        at = _put(out, at, cap, b"sip:", 4, False, False)
     if at >= 0 and u.user.off >= 0:
         at = _put(out, at, cap, buf + u.user.off, u.user.length, False, True)
         if form == AOR_USER:

@@ -29,6 +29,7 @@ cdef enum:
     U_PVAL = 64      # unquoted generic-param value: token / host characters
 
 cdef int64_t U32MAX = 4294967295
+cdef uint64_t HIGH_BITS = 0x8080808080808080     # the top bit of each of 8 bytes (ASCII tests)
 cdef const char* HEXDIGITS = b"0123456789abcdef"
 cdef uint16_t CC[256]
 cdef unsigned char UC[256]

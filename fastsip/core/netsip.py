@@ -94,6 +94,11 @@ class Registrar(RegistrarCore):
         ``max_work`` heap entries are examined per call (call again for more)."""
         return self.store.expire(self._now(now), max_work)
 
+    def connection_closed(self, conn_id, now=None):
+        """The stream connection ``conn_id`` closed: remove its flow bindings
+        (RFC 5626 flows, ``.invalid`` WebSocket contacts); returns how many."""
+        return super().connection_closed(conn_id, self._now(now))
+
     def bindings(self, now=None):
         """Every (aor, Binding) still valid at ``now``."""
         return self.store.bindings(self._now(now))

@@ -256,7 +256,7 @@ cdef SipURI _make_uri(bytes data, UriSpans* u):
         for part in b[u.headers.off:u.headers.off + u.headers.length].split(b"&"):
             name, _, value = part.partition(b"=")
             r.headers[unescape(name, len(name))] = unescape(value, len(value))
-    aor = r.scheme + ":"
+    aor = "sip:"                            # sips: too (canonical_aor, RFC 5630 3.1.3)
     if r.user is not None:
         aor += r.user + "@"
     r.aor = aor + r.host.lower()            # canonical_aor's AOR_HOST: no port

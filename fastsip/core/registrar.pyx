@@ -454,10 +454,23 @@ cdef class RegistrarCore:
         """The bindings of ``aor`` valid at ``now`` (default: the latest time seen)."""
         return self.store.lookup(self.aor_of(aor), self.last_now if now is None else now)
 
+    def connection_closed(self, int64_t conn_id, double now):
+        """The stream connection ``conn_id`` closed (or its keep-alives stopped):
+        remove its flow bindings (RFC 5626 flows and ``.invalid`` contacts that
+        came over it without Path, see :meth:`Store.connection_closed`) from
+        this registrar's store, whatever their AOR.  Returns how many were
+        removed; the AORs changed are in ``store.changes()``.  A server whose
+        workers hold shards calls it in every worker: a request handed over
+        from another worker's connection binds in the owner's store."""
+        return self.store.close_connection(conn_id, now)
+
     def stats(self):
-        """Counters for metrics: bindings, AORs, expired, parse errors, replies by code."""
+        """Counters for metrics: bindings, AORs, expired, flow bindings (held, and
+        removed with their connection), parse errors, replies by code."""
         return {"bindings": self.store.n_bindings, "aors": self.store.n_live_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
+                "flow_bindings": self.store.n_flows,
+                "flow_bindings_removed": self.store.n_flow_removed,
                 "max_bindings_refused": self.full_refusals,
                 "auth_failures": dict(self.auth_failures),
                 "replies": {code: self.writer.counts[code] for code in range(100, 700)

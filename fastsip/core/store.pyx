@@ -171,14 +171,20 @@ cdef class Store(BindingTable):
         self.n_dirty = 0
         return out
 
-    def load(self, aor, bindings):
+    def load(self, aor, bindings, *, drop_flows=False):
         """Add bindings to ``aor`` as they are (bulk load at start-up).  A binding
-        with the same contact URI as one already there replaces it."""
+        with the same contact URI as one already there replaces it.  Flow
+        bindings (those that live only as long as their stream connection, see
+        :meth:`connection_closed`) whose connection is gone are not loaded:
+        ``drop_flows`` True says every connection is gone (as after a restart),
+        a callable ``gone(conn_id) -> bool`` says which.  Returns how many
+        bindings were loaded."""
         cdef bytes key = _b(aor)
         cdef int32_t a = self.find_or_add(key, len(key)), s
         cdef BindingIn bi
         cdef Binding bd
         cdef bytes uri, call_id, instance, path, ua, host
+        cdef Py_ssize_t loaded = 0
         try:
             for bd in bindings:
                 uri = _b(bd.uri)
@@ -201,6 +207,10 @@ cdef class Store(BindingTable):
                 bi.path, bi.path_len = path, len(path)
                 bi.ua, bi.ua_len = ua, len(ua)
                 bi.src_host, bi.src_host_len = host, len(host)
+                if drop_flows is not False and is_flow(&bi) and (
+                        drop_flows is True or drop_flows(bi.conn_id)):
+                    continue
+                loaded += 1
                 s = self.aors[a].first
                 while s >= 0 and self.b[s].key_hash != bi.key_hash:
                     s = self.b[s].next
@@ -210,6 +220,7 @@ cdef class Store(BindingTable):
                     self.add_binding(a, &bi)
         finally:
             self.release_if_empty(a)     # a bad Binding must not leave an empty AOR behind
+        return loaded
 
     def remove_aor(self, aor, contact=None):
         """Remove every binding of ``aor`` (or only the one whose URI equals
@@ -253,6 +264,37 @@ cdef class Store(BindingTable):
                 removed += 1
         self.n_expired += removed
         return removed
+
+    def connection_closed(self, int64_t conn_id, double now):
+        """The stream connection ``conn_id`` closed: remove its flow bindings, of
+        whatever AOR.  A flow binding came over a stream connection (TCP, TLS,
+        WS, WSS) without Path and is an RFC 5626 flow (``+sip.instance`` with
+        ``reg-id``) or has a contact at a ``.invalid`` host (RFC 7118 5, the
+        browsers' WebSocket contacts); other bindings that came over the
+        connection stay.  Costs O(its flow bindings): the store keeps an index
+        of them.  Returns how many valid at ``now`` were removed (counted in
+        ``n_flow_removed``; lapsed ones count as expired).  The AORs changed are
+        in the next :meth:`changes`."""
+        return self.close_connection(conn_id, now)
+
+    def flow_connections(self):
+        """The connection ids that hold flow bindings (for a server that lost
+        several connections at once, e.g. with a worker)."""
+        cdef Py_ssize_t i
+        return [self.conns[i].conn_id for i in range(self.conns_cap) if self.conns[i].head >= 0]
+
+    def flow_bindings(self, int64_t conn_id):
+        """The flow bindings of the stream connection ``conn_id`` as
+        (aor, Binding), the latest indexed first (whether valid or lapsed)."""
+        cdef Py_ssize_t i = self._conn_bucket(conn_id)
+        cdef int32_t f = self.conns[i].head, s
+        out = []
+        while f >= 0:
+            s = self.flows[f].slot
+            out.append((_s(self.aors[self.b[s].aor].name, self.aors[self.b[s].aor].name_len),
+                        self.make_binding(s)))
+            f = self.flows[f].next
+        return out
 
     @property
     def heap_size(self):

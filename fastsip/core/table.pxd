@@ -25,6 +25,7 @@ cdef struct BindingRec:
     uint16_t path_len
     uint16_t ua_len
     uint16_t src_host_len
+    int32_t flow         # its entry in the flow index (FlowRec), -1: not a flow binding
     char* blob
 
 
@@ -37,6 +38,23 @@ cdef struct AorRec:
     int32_t next_free
     uint8_t dirty        # changed since the last changes() call
     uint8_t live
+
+
+# The flow index: conn_id -> the flow bindings of that stream connection
+# (is_flow), a doubly linked list of FlowRec per connection, its head found
+# through an open-addressing table of ConnBucket.  Only flow bindings have a
+# FlowRec; BindingRec.flow sits in what was padding.
+cdef struct FlowRec:
+    int64_t conn_id
+    int32_t slot         # the binding
+    int32_t prev         # previous entry of the same connection, -1: the head
+    int32_t next         # next entry of the same connection (of the free list when free), -1 ends
+
+
+cdef struct ConnBucket:
+    int64_t conn_id
+    int32_t head         # first FlowRec of the connection, -1: empty bucket
+    int32_t count        # its flow bindings
 
 
 cdef struct HeapEntry:
@@ -75,6 +93,14 @@ cdef class BindingTable:
     cdef int32_t* dirty
     cdef Py_ssize_t n_dirty, dirty_cap
     cdef bint track_changes
+    cdef FlowRec* flows
+    cdef int32_t flows_cap
+    cdef int32_t flow_free
+    cdef ConnBucket* conns
+    cdef Py_ssize_t conns_cap     # a power of two
+    cdef readonly Py_ssize_t n_conns          # connections that hold a flow binding
+    cdef readonly Py_ssize_t n_flows          # flow bindings (in the flow index)
+    cdef readonly Py_ssize_t n_flow_removed   # removed because their connection closed
 
     cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept
     cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2
@@ -100,3 +126,8 @@ cdef class BindingTable:
     cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1
     cdef void _pop(self) noexcept
     cdef int _compact_heap(self) except -1
+    cdef Py_ssize_t _conn_bucket(self, int64_t conn_id) noexcept
+    cdef int _reserve_flows(self, int32_t n) except -1
+    cdef void _flow_link(self, int32_t slot, int64_t conn_id) noexcept
+    cdef void _flow_unlink(self, int32_t slot) noexcept
+    cdef Py_ssize_t close_connection(self, int64_t conn_id, double now) noexcept

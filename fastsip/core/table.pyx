@@ -11,11 +11,46 @@
 # * The expiry heap holds ``(expires_at, gen, slot)``.  A refresh pushes a new
 #   entry and bumps the binding's ``gen``; popped entries whose gen no longer
 #   matches are stale and skipped, so nothing is ever removed from the middle.
+# * The flow index: conn_id -> the flow bindings of that stream connection
+#   (``is_flow``), so that a closed connection's are removed without a scan.
+#   Each flow binding has a FlowRec (its ``flow``), linked with the others of
+#   its connection; a table of ConnBucket finds a connection's first one.  It is
+#   kept where a binding's fields are set (``_set``) and where a binding is
+#   removed (``remove_binding``): adding, refreshing, expiring, purging.
 #
 # The store decides nothing about SIP: the registrar (``the registrar``) does.
 #
 cdef enum:
     MIN_TABLE = 64
+    MIN_CONNS = 64
+
+
+cdef bint invalid_host(const char* uri, Py_ssize_t n) noexcept nogil:
+    """Is ``uri`` a SIP URI whose host is under the ``.invalid`` top-level domain
+    (RFC 6761)?  Browsers register such contacts over WebSocket (RFC 7118 5):
+    they are reachable only through the connection they came over."""
+    cdef UriSpans u
+    cdef Py_ssize_t err = 0, k
+    if scan_sip_uri(uri, 0, n, &u, &err) != 0:
+        return False
+    k = u.host.length
+    if k and uri[u.host.off + k - 1] == b'.':       # a fully qualified "x.invalid."
+        k -= 1
+    return ieq(uri + u.host.off, k, b"invalid", 7) or \
+        (k > 8 and ieq(uri + u.host.off + k - 8, 8, b".invalid", 8))
+
+
+cdef bint is_flow(const BindingIn* bi) noexcept nogil:
+    """Does the binding ``bi`` live only as long as its stream connection?  It came
+    over one (TCP, TLS, WS, WSS: a connection id), without Path (the far end is
+    the UA, not an edge proxy that keeps the flow, RFC 5626 5.2), and it is an
+    RFC 5626 flow (``+sip.instance`` with ``reg-id``) or its contact's host is
+    under ``.invalid`` (RFC 7118 5)."""
+    if bi.conn_id < 0 or bi.transport == T_UDP or bi.path_len:
+        return False
+    if bi.instance_len > 0 and bi.reg_id >= 0:
+        return True
+    return invalid_host(bi.uri, bi.uri_len)
 
 
 cdef class BindingTable:
@@ -39,14 +74,25 @@ cdef class BindingTable:
         self.heap = <HeapEntry*>malloc(self.heap_cap * sizeof(HeapEntry))
         self.dirty_cap = 64
         self.dirty = <int32_t*>malloc(self.dirty_cap * sizeof(int32_t))
-        if not (self.aors and self.table and self.b and self.heap and self.dirty):
+        self.flows_cap = MAX_REQUEST_CONTACTS
+        self.flows = <FlowRec*>malloc(self.flows_cap * sizeof(FlowRec))
+        self.conns_cap = MIN_CONNS
+        self.conns = <ConnBucket*>malloc(self.conns_cap * sizeof(ConnBucket))
+        if not (self.aors and self.table and self.b and self.heap and self.dirty and
+                self.flows and self.conns):
             raise MemoryError()
         self.aor_free = -1
         self.b_free = -1
+        self.flow_free = -1
         self._init_aor_slab(0)
         self._init_b_slab(0)
         for i in range(self.table_cap):
             self.table[i] = 0
+        for i in range(self.flows_cap - 1, -1, -1):
+            self.flows[i].next = self.flow_free
+            self.flow_free = <int32_t>i
+        for i in range(self.conns_cap):
+            self.conns[i].head = -1
 
     def __init__(self, *, bint track_changes=False):
         """``track_changes``: remember changed AORs for :meth:`changes` (persistence)."""
@@ -57,6 +103,7 @@ cdef class BindingTable:
         for i in range(self.b_cap - 1, start - 1, -1):
             self.b[i].aor = -1
             self.b[i].gen = 0
+            self.b[i].flow = -1
             self.b[i].blob = NULL
             self.b[i].next = self.b_free
             self.b_free = i
@@ -76,6 +123,8 @@ cdef class BindingTable:
         free(self.b)
         free(self.heap)
         free(self.dirty)
+        free(self.flows)
+        free(self.conns)
 
     # -- the AOR table -----------------------------------------------------
 
@@ -225,7 +274,14 @@ cdef class BindingTable:
         return blob
 
     cdef void _set(self, BindingRec* r, const BindingIn* bi, char* blob) noexcept:
-        """A binding record's fields from ``bi``, its variable part ``blob`` (owned now)."""
+        """A binding record's fields from ``bi``, its variable part ``blob`` (owned
+        now), and its place in the flow index (room reserved: ``_reserve_flows``)."""
+        cdef int32_t slot = <int32_t>(r - self.b)
+        cdef bint flow = is_flow(bi)
+        if r.flow >= 0 and not (flow and self.flows[r.flow].conn_id == bi.conn_id):
+            self._flow_unlink(slot)         # no flow binding now, or of another connection
+        if flow and r.flow < 0:
+            self._flow_link(slot, bi.conn_id)
         free(r.blob)
         r.blob = blob
         r.uri_len = <uint16_t>bi.uri_len
@@ -321,6 +377,7 @@ cdef class BindingTable:
                 raise MemoryError()
             self.heap = heap
             self.heap_cap *= 2
+        self._reserve_flows(bindings)
         return 0
 
     cdef int32_t _link(self, int32_t aor, const BindingIn* bi, char* blob) noexcept:
@@ -363,6 +420,7 @@ cdef class BindingTable:
 
     cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1:
         cdef BindingRec* r = &self.b[slot]
+        self._reserve_flows(1)
         self._fill(r, bi)
         self._push(r.expires_at, r.gen, slot)
         if self.heap_len > 2 * self.n_bindings + 1024:
@@ -384,6 +442,8 @@ cdef class BindingTable:
         if self.aors[aor].count == 0:
             self.n_live_aors -= 1
         self.n_bindings -= 1
+        if r.flow >= 0:
+            self._flow_unlink(slot)
         free(r.blob)
         r.blob = NULL
         r.gen += 1
@@ -392,6 +452,133 @@ cdef class BindingTable:
         self.b_free = slot
         self.touch(aor)
         return 0
+
+    # -- the flow index ------------------------------------------------------
+
+    cdef Py_ssize_t _conn_bucket(self, int64_t conn_id) noexcept:
+        """The bucket of ``conn_id``, or the empty one where it would go."""
+        cdef Py_ssize_t mask = self.conns_cap - 1
+        cdef Py_ssize_t i = <Py_ssize_t>(_mix(<uint64_t>conn_id) & <uint64_t>mask)
+        while self.conns[i].head >= 0 and self.conns[i].conn_id != conn_id:
+            i = (i + 1) & mask
+        return i
+
+    cdef int _reserve_flows(self, int32_t n) except -1:
+        """Room for ``n`` more flow bindings, all of one connection (the bindings
+        one request writes), so that indexing them cannot fail."""
+        cdef FlowRec* grown
+        cdef ConnBucket* old = self.conns
+        cdef ConnBucket* t
+        cdef Py_ssize_t old_cap = self.conns_cap, cap = old_cap, i, j, mask
+        cdef int32_t k
+        while self.flows_cap - self.n_flows < n:
+            grown = <FlowRec*>realloc(self.flows, 2 * self.flows_cap * sizeof(FlowRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.flows = grown
+            for k in range(2 * self.flows_cap - 1, self.flows_cap - 1, -1):
+                self.flows[k].next = self.flow_free
+                self.flow_free = k
+            self.flows_cap *= 2
+        # at most half full, with one more connection
+        while 2 * (self.n_conns + 1) > cap:
+            cap *= 2
+        if cap == old_cap:
+            return 0
+        t = <ConnBucket*>malloc(cap * sizeof(ConnBucket))
+        if t == NULL:
+            raise MemoryError()
+        for i in range(cap):
+            t[i].head = -1
+        self.conns = t
+        self.conns_cap = cap
+        mask = cap - 1
+        for i in range(old_cap):
+            if old[i].head >= 0:
+                j = <Py_ssize_t>(_mix(<uint64_t>old[i].conn_id) & <uint64_t>mask)
+                while t[j].head >= 0:
+                    j = (j + 1) & mask
+                t[j] = old[i]
+        free(old)
+        return 0
+
+    cdef void _flow_link(self, int32_t slot, int64_t conn_id) noexcept:
+        """Index the binding ``slot`` as a flow binding of ``conn_id`` (room reserved)."""
+        cdef int32_t f = self.flow_free
+        cdef Py_ssize_t i = self._conn_bucket(conn_id)
+        cdef ConnBucket* c = &self.conns[i]
+        self.flow_free = self.flows[f].next
+        if c.head < 0:
+            c.conn_id = conn_id
+            c.count = 0
+            self.n_conns += 1
+        else:
+            self.flows[c.head].prev = f
+        self.flows[f].conn_id = conn_id
+        self.flows[f].slot = slot
+        self.flows[f].prev = -1
+        self.flows[f].next = c.head
+        c.head = f
+        c.count += 1
+        self.b[slot].flow = f
+        self.n_flows += 1
+
+    cdef void _flow_unlink(self, int32_t slot) noexcept:
+        """Take the binding ``slot`` out of the flow index.  A connection left
+        with none loses its bucket (the entries after it shift back, so the
+        table has no tombstones)."""
+        cdef int32_t f = self.b[slot].flow
+        cdef FlowRec* e = &self.flows[f]
+        cdef Py_ssize_t i = self._conn_bucket(e.conn_id), j, home, mask = self.conns_cap - 1
+        if e.prev >= 0:
+            self.flows[e.prev].next = e.next
+        else:
+            self.conns[i].head = e.next
+        if e.next >= 0:
+            self.flows[e.next].prev = e.prev
+        self.conns[i].count -= 1
+        e.next = self.flow_free
+        self.flow_free = f
+        self.b[slot].flow = -1
+        self.n_flows -= 1
+        if self.conns[i].head >= 0:
+            return
+        self.n_conns -= 1
+        j = i
+        while True:                 # backward-shift deletion (linear probing)
+            j = (j + 1) & mask
+            if self.conns[j].head < 0:
+                break
+            home = <Py_ssize_t>(_mix(<uint64_t>self.conns[j].conn_id) & <uint64_t>mask)
+            if (j > i and (home <= i or home > j)) or (j < i and home <= i and home > j):
+                self.conns[i] = self.conns[j]
+                i = j
+        self.conns[i].head = -1
+
+    cdef Py_ssize_t close_connection(self, int64_t conn_id, double now) noexcept:
+        """Remove the flow bindings of the stream connection ``conn_id`` (it
+        closed), whatever AORs they belong to; AORs left empty are released
+        like expiry releases them.  Costs O(its flow bindings).  Returns how
+        many were valid at ``now``; those that had lapsed are counted as
+        expired."""
+        cdef Py_ssize_t i = self._conn_bucket(conn_id), removed = 0
+        cdef int32_t f, nxt, slot, aor
+        if self.conns[i].head < 0:
+            return 0
+        f = self.conns[i].head
+        while f >= 0:
+            nxt = self.flows[f].next
+            slot = self.flows[f].slot
+            aor = self.b[slot].aor
+            if self.b[slot].expires_at > now:
+                removed += 1
+            else:
+                self.n_expired += 1
+            self.remove_binding(slot)       # unlinks f; the entries after it stay put
+            self.release_if_empty(aor)
+            f = nxt
+        self.n_flow_removed += removed
+        return removed
 
     # -- the registrar's API: a read view, and applying a plan ---------------
 

@@ -13,8 +13,9 @@ The program is a hint, never the authority: workers still check the shard of
 every request with the full parser and hand over what is not theirs.  It
 hashes the To URI's bytes from the scheme to the end of the host, before any
 port (scheme and host lower-cased; with ``by_user``, to the end of the user),
-which is the canonical AOR whenever the URI has no escapes and no password
-and its host is no bracketed IPv6 address; anything else (To after
+which is the canonical AOR whenever the URI has no escapes and no password,
+its host is no bracketed IPv6 address and its scheme is sip: (the AOR of a
+sips: URI is its sip: form); anything else (To after
 ``STEER_SCAN`` bytes, another spelling, no To) gets the kernel's usual hash
 and at worst a hand-off.  ``fastsip.stable_hash`` is the same function
 (FNV-1a 64 with a final mix), so both sides agree.

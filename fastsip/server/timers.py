@@ -51,16 +51,26 @@ class StateWriter:
     def rows_written(self) -> int:
         return self.file.rows_written if self.file is not None else 0
 
-    def load(self, now: float) -> tuple[int, int]:
-        """Load this shard's live bindings into the store: (AORs, bindings)."""
+    def load(self, now: float, flows_gone=True) -> tuple[int, int]:
+        """Load this shard's live bindings into the store: (AORs, bindings).  Flow
+        bindings (RFC 5626 flows, ``.invalid`` WebSocket contacts: see
+        ``Store.connection_closed``) whose connection is gone are not loaded, and
+        the rows that held them are rewritten without them.  ``flows_gone``:
+        True, every connection is gone (no connection survives a restart), or
+        ``gone(conn_id) -> bool`` (``Store.load``'s ``drop_flows``)."""
         aors = loaded = 0
+        rewrite = []
         if self.file is None:
             return 0, 0
         for aor, bindings in self.file.load(self.index, self.n, now, self.reg.aor_of):
-            self.reg.store.load(aor, bindings)
-            aors += 1
-            loaded += len(bindings)
+            kept = self.reg.store.load(aor, bindings, drop_flows=flows_gone)
+            if kept < len(bindings):
+                rewrite.append(aor)
+            if kept:
+                aors += 1
+            loaded += kept
         self.reg.store.changes()        # what was just loaded is already in the file
+        self.pending.extend((aor, self.reg.store.lookup(aor)) for aor in rewrite)
         return aors, loaded
 
     def collect(self) -> None:

@@ -107,7 +107,7 @@ class WsConnection:
     def reason(self):
         """None, or why the connection ends: "handshake" (malformed, 400/431),
         "subprotocol" (no sip offered), "version", "origin", "http" (plain HTTP
-        answered), "unmasked", "too-big", "protocol", "utf8", "closed" (the peer's
+        answered), "unmasked", "too_big", "protocol", "utf8", "closed" (the peer's
         close)."""
         return self._reason if self._reason is not None else self._framer.reason
 
@@ -140,6 +140,14 @@ class WsConnection:
         """One frame holding ``message`` (a SIP message), server to client: text,
         or binary when ``message`` is not UTF-8 (a text frame must be)."""
         return self._framer.frame(message)
+
+    def ping(self):
+        """An empty ping frame, to learn whether a silent peer is still there (a
+        browser's WebSocket answers it whatever its page does); b"" before the
+        handshake is done or once a close was sent."""
+        if not self.open or self._ended:
+            return b""
+        return self._framer.ping_frame()
 
     def close_frame(self, code=1001):
         """A close frame (1001: going away), for the server's own close; b"" before

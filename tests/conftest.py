@@ -122,13 +122,14 @@ def start(tmp_path):
 
 @pytest.fixture
 def phone():
-    """phone(server_addr, transport="udp", source=None) -> a Phone (fastsip.server.testing),
-    closed at the end; ``source``: the local address to send from."""
+    """phone(server_addr, transport="udp", source=None, ca=None) -> a Phone
+    (fastsip.server.testing), closed at the end; ``source``: the local address to send
+    from; ``ca``: for "tls", the CA file the server's certificate is checked against."""
     from fastsip.server.testing import Phone
     phones = []
 
-    def _phone(addr, transport="udp", source=None):
-        p = Phone(addr, transport, source)
+    def _phone(addr, transport="udp", source=None, ca=None):
+        p = Phone(addr, transport, source, ca)
         phones.append(p)
         return p
     try:

@@ -12,10 +12,13 @@ from fastsip.server.statsblock import StatsBlock
 def test_worker_counters_are_the_declared_ones_and_nothing_else():
     c = WorkerCounters()
     report = c.report()
-    assert report["received"] == {"tcp": 0, "udp": 0}
+    assert report["received"] == {"tcp": 0, "tls": 0, "udp": 0, "ws": 0, "wss": 0}
     assert report["dropped"]["tcp_overflow"] == 0 and report["internal_errors"] == 0
     c.received_udp += 3
-    assert c.report()["received"]["udp"] == 3
+    c.count("received", "wss", 2)
+    assert c.report()["received"]["udp"] == 3 and c.report()["received"]["wss"] == 2
+    with pytest.raises(AttributeError):
+        c.count("received", "sctp")     # nor a label value
     with pytest.raises(AttributeError):
         c.not_declared = 1          # no counter is added on first use
     declared = {key for m in METRICS for key in m.keys

@@ -93,6 +93,9 @@ class _Reg:
         self.served.append(item)
         return None
 
+    def connection_closed(self, cid, now):
+        return 0
+
 
 @pytest.fixture
 def tcp_server():
@@ -103,13 +106,13 @@ def tcp_server():
     def _make(**settings):
         cfg = SimpleNamespace(max_connections=100, max_connections_per_source=1000,
                               max_message_size=16384, tcp_idle_timeout=300.0,
-                              tcp_message_timeout=1.0)
+                              tcp_message_timeout=1.0, ws_origin=[])
         cfg.__dict__.update(settings)
         lsock = socket.socket()
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(128)
         lsock.setblocking(False)
-        srv = TcpServer([lsock], _Loop(), 0, 1, _Reg(), cfg, RateLimiter(), SimpleNamespace(),
+        srv = TcpServer([("tcp", lsock)], _Loop(), 0, 1, _Reg(), cfg, RateLimiter(), SimpleNamespace(),
                         WorkerCounters(), Histogram(), lambda data: None)
         clients = []
 
@@ -117,7 +120,7 @@ def tcp_server():
             c = socket.create_connection(lsock.getsockname(), timeout=2,
                                          source_address=(source, 0))
             clients.append(c)
-            srv.on_accept(lsock)
+            srv.on_accept("tcp", lsock)
             return c
         made.append((srv, clients))
         return srv, connect

@@ -373,20 +373,20 @@ def test_frame_above_max_frame_closes_1009_from_its_header():
     ws = opened(max_message=4096, max_frame=1000)
     assert ws.receive(cframe(b"a" * 1000))[1] == [b"a" * 1000]
     head = cframe(b"a" * 1001)[:4]          # 0x81, 0xFE, 16-bit length: no mask key, no payload yet
-    assert_closed(ws, ws.receive(head), 1009, "too-big")
+    assert_closed(ws, ws.receive(head), 1009, "too_big")
 
 
 def test_message_above_max_message_closes_1009():
     ws = opened(max_message=1000)
     assert ws.receive(cframe(b"a" * 1000))[1] == [b"a" * 1000]          # exactly the limit
-    assert_closed(ws, ws.receive(cframe(b"a" * 1001)), 1009, "too-big")
+    assert_closed(ws, ws.receive(cframe(b"a" * 1001)), 1009, "too_big")
     # reassembled: the fragment that would pass the limit is refused
     ws = opened(max_message=1000)
     assert ws.receive(cframe(b"a" * 600, fin=False))[1:] == ([], False)
-    assert_closed(ws, ws.receive(cframe(b"a" * 401, 0x0)[:4]), 1009, "too-big")
+    assert_closed(ws, ws.receive(cframe(b"a" * 401, 0x0)[:4]), 1009, "too_big")
     # a 64-bit length far beyond it
     ws = opened()
-    assert_closed(ws, ws.receive(bytes([0x82, 0xFF, 0, 0, 1, 0, 0, 0, 0, 0])), 1009, "too-big")
+    assert_closed(ws, ws.receive(bytes([0x82, 0xFF, 0, 0, 1, 0, 0, 0, 0, 0])), 1009, "too_big")
 
 
 def test_messages_before_an_error_in_the_same_read_are_returned():
@@ -483,7 +483,7 @@ def test_any_input_is_read_or_closed_never_raised(chunks):
         out += o
         assert all(isinstance(m, bytes) and len(m) <= 64 for m in msgs)
         if closing:
-            assert ws.reason in ("unmasked", "too-big", "protocol", "utf8", "closed")
+            assert ws.reason in ("unmasked", "too_big", "protocol", "utf8", "closed")
             assert sframes(out)[-1][1] == 0x8 and ws.buffered == 0
             break
     assert all(op in (0x8, 0xA) for _, op, _ in sframes(out))
@@ -526,6 +526,16 @@ def test_server_close_then_peer_close():
     assert ws.receive(cframe(REGISTER)) == (b"", [], False)
     assert ws.receive(cframe(struct.pack("!H", 1001), 0x8)) == (b"", [], True)
     assert ws.reason == "closed"
+
+
+def test_ping_is_an_empty_ping_frame_and_its_pong_is_taken_quietly():
+    ws = opened()
+    assert ws.ping() == b"\x89\x00"
+    out, messages, closing = ws.receive(cframe(b"", 0xA))
+    assert (out, messages, closing) == (b"", [], False)
+    ws.close_frame()
+    assert ws.ping() == b""
+    assert WsConnection().ping() == b""
 
 
 def test_close_frame_before_the_handshake_is_empty():
@@ -639,4 +649,4 @@ def test_websockets_client_sees_the_close_of_a_too_big_message():
     client.events_received()
     client.send_text(REGISTER)          # ~400 bytes
     assert pump(client, ws) == ([], True)
-    assert ws.reason == "too-big" and client.close_code == 1009
+    assert ws.reason == "too_big" and client.close_code == 1009

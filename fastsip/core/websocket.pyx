@@ -6,7 +6,7 @@
 # --------------------------------------------------------------------------
 
 # the tokens of WsEnd, in its order (WsFramer.reason)
-cdef tuple WS_REASONS = (None, "unmasked", "too-big", "protocol", "utf8", "closed")
+cdef tuple WS_REASONS = (None, "unmasked", "too_big", "protocol", "utf8", "closed")
 
 
 cdef inline bint ws_unmask(unsigned char* dst, const unsigned char* src, Py_ssize_t n,
@@ -174,7 +174,7 @@ cdef class WsFramer:
 
     @property
     def reason(self):
-        """Why the connection ends: None, or "unmasked", "too-big", "protocol",
+        """Why the connection ends: None, or "unmasked", "too_big", "protocol",
         "utf8" (the close sent for the peer's error), "closed" (the peer's close)."""
         return WS_REASONS[<int>self.end]
 
@@ -219,6 +219,13 @@ cdef class WsFramer:
         body[0] = <unsigned char>(code >> 8)
         body[1] = <unsigned char>code
         return ws_frame(0x80 | WS_CLOSE, body, 2)
+
+    def ping_frame(self):
+        """An empty ping frame: a live peer answers it with a pong (RFC 6455
+        5.5.2).  b"" once a close was sent."""
+        if self.state != WS_OPEN:
+            return b""
+        return ws_frame(0x80 | WS_PING, NULL, 0)
 
     def feed(self, data):
         """The data messages completed by ``data`` (a list of bytes, often empty)."""

@@ -7,6 +7,7 @@ HANDOFF_HEADER: int
 H_UDP: int
 H_TCP: int
 H_TCP_REPLY: int
+H_CONN_CLOSED: int
 MAX_HOST: int
 
 def encode_handoff(kind: int, listener: int, origin: int, host: bytes, conn_id: int, port: int,

@@ -92,6 +92,7 @@ HANDOFF_HEADER = ho.HANDOFF_HEADER
 H_UDP = ho.H_UDP
 H_TCP = ho.H_TCP
 H_TCP_REPLY = ho.H_TCP_REPLY
+H_CONN_CLOSED = ho.H_CONN_CLOSED
 MAX_HOST = ho.MAX_HOST
 
 
@@ -110,7 +111,7 @@ def encode_handoff(int kind, int listener, int origin, bytes host, int64_t conn_
                    bytes data):
     """A hand-off datagram: the header, ``host`` (the source host, ASCII) and ``data``.
 
-    ``kind`` is ``H_UDP``, ``H_TCP`` or ``H_TCP_REPLY``; ``listener`` and
+    ``kind`` is ``H_UDP``, ``H_TCP``, ``H_TCP_REPLY`` or ``H_CONN_CLOSED``; ``listener`` and
     ``origin`` are 0..255, ``port`` 0..65535, ``host`` at most ``MAX_HOST``
     bytes (``ValueError`` otherwise).
     """

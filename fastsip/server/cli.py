@@ -83,7 +83,7 @@ def _line(b) -> str:
     if b.get("q") is not None:
         parts.append(f"q={b['q']:g}")
     parts.append(f"{b['transport']} from {host}:{src[1]}")
-    if b.get("transport") == "tcp" and b.get("conn_id", -1) != -1:
+    if b.get("transport") != "udp" and b.get("conn_id", -1) != -1:
         parts.append(f"conn {b['conn_id']}")
     if b.get("instance"):
         parts.append(f"instance {b['instance']}")

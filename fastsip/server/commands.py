@@ -50,7 +50,7 @@ def binding_dict(aor, b, now) -> dict:
 class Commands:
     """Answers the requests that arrive on ``sock``.
 
-    ``report()`` gives the worker's counters; ``reloaded()`` is called after a
+    ``report()`` gives the worker's counters; ``reloaded(tls)`` is called after a
     reload changed ``cfg``; ``gone()`` when the supervisor is gone.
     """
 
@@ -116,13 +116,21 @@ class Commands:
             removed = reg.remove(aor, msg.get("contact"), now)
             return {"aor": aor, "removed": removed,
                     "near": [] if removed or msg.get("contact") else reg.near(aor)}
+        if op == "conns_gone":
+            # worker msg["worker"] died: its connections are gone, and the flows
+            # held here for them end (connection ids carry their worker in 8 bits)
+            gone = msg["worker"]
+            return {"removed": sum(reg.connection_closed(cid, now)
+                                   for cid in reg.store.flow_connections()
+                                   if cid & 0xFF == gone)}
         if op == "reload":
-            self.reload(msg["values"])
+            self.reload(msg["values"], msg.get("tls", False))
             return {"ok": True}
         return {"error": f"unknown op {op!r}"}
 
-    def reload(self, values: dict) -> None:
-        """Apply the live settings of a SIGHUP (see config.LIVE)."""
+    def reload(self, values: dict, tls: bool = False) -> None:
+        """Apply the live settings of a SIGHUP (see config.LIVE); with ``tls``, the
+        certificate files are read again (the supervisor found them usable)."""
         cfg, reg = self.cfg, self.reg
         old_users, old_domains = cfg.users, cfg.domain
         for k, v in values.items():
@@ -143,4 +151,4 @@ class Commands:
             except (OSError, ValueError) as exc:
                 cfg.users = old_users
                 LOG.error("reload: users file: %s (keeping the old one)", exc)
-        self.reloaded()
+        self.reloaded(tls)

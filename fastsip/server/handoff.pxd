@@ -6,8 +6,10 @@
 # bytes) and the SIP message.  The header, 14 bytes, big-endian:
 #
 #   offset  size  field
-#        0     1  kind       H_UDP, H_TCP (a request) or H_TCP_REPLY (a reply to deliver)
-#        1     1  listener   the UDP listener the client sent to (its reply leaves from it)
+#        0     1  kind       H_UDP, H_TCP (a request over a stream), H_TCP_REPLY (a reply
+#                            to deliver) or H_CONN_CLOSED (a stream connection closed)
+#        1     1  listener   H_UDP: the UDP listener the client sent to (its reply leaves
+#                            from it); H_TCP: the transport's number (fastsip.core TRANSPORTS)
 #        2     1  origin     the worker that received it (holds the TCP connection)
 #        3     1  host_len   length of the source host that follows (at most MAX_HOST)
 #        4     8  conn_id    the TCP connection id (signed; -1 for UDP)
@@ -20,6 +22,7 @@ cdef enum:
     H_UDP = 1
     H_TCP = 2
     H_TCP_REPLY = 3
+    H_CONN_CLOSED = 4
     MAX_HOST = 64           # an IPv6 address in text is at most 45 bytes
 
 

@@ -8,16 +8,27 @@ to ``MAX_PENDING_HANDOFF`` datagrams (older ones are dropped and counted).
 
 This worker's inbox is read in batches by ``BatchIO.serve_inbox``, which
 serves the UDP hand-offs and answers them from the listener their client
-sent to.  TCP requests are served here and their replies go back to the
-worker that holds the connection (as an ``H_TCP_REPLY`` hand-off, or
-straight to the connection when that is this worker); TCP replies handed in
-are written to their connection.
+sent to.  Requests that came over a stream connection (TCP, TLS, WS, WSS)
+are served here and their replies go back to the worker that holds the
+connection (as an ``H_TCP_REPLY`` hand-off, or straight to the connection
+when that is this worker); replies handed in are written to their
+connection.  When a connection closes, the workers it handed requests to
+are told (``H_CONN_CLOSED``), so that each removes the flows it holds for
+that connection.
 """
 from __future__ import annotations
 
 import time
 
-from fastsip.server._io_c import H_TCP, H_TCP_REPLY, HANDOFF_HEADER, BatchIO, encode_handoff
+from fastsip.core._core import TRANSPORTS
+from fastsip.server._io_c import (
+    H_CONN_CLOSED,
+    H_TCP,
+    H_TCP_REPLY,
+    HANDOFF_HEADER,
+    BatchIO,
+    encode_handoff,
+)
 from fastsip.server.loop import BATCHES_PER_EVENT
 
 MAX_PENDING_HANDOFF = 20000  # per peer, while its inbox is full
@@ -26,8 +37,10 @@ MAX_PENDING_HANDOFF = 20000  # per peer, while its inbox is full
 class Handoffs:
     """``queues[j]``: hand-off datagrams ``(blob, None)`` waiting for worker j.
 
-    ``deliver(conn_id, data)`` writes to one of this worker's TCP connections
-    (``TcpServer.deliver``); it is set once the TCP side exists.
+    ``deliver(conn_id, data)`` sends on one of this worker's stream connections
+    (``TcpServer.deliver``) and ``closed(conn_id)`` removes the flows of a
+    connection another worker closed (``TcpServer.reg_closed``); both are set
+    once the stream side exists.
     """
 
     def __init__(self, index: int, n: int, inbox, peers, udp_socks, reg, cfg, counters, hist,
@@ -44,6 +57,7 @@ class Handoffs:
         self.queues: list = [[] for _ in range(n)]
         self.io = BatchIO(cfg.batch, min(65535, cfg.max_message_size + HANDOFF_HEADER + 300))
         self.deliver = None
+        self.closed = None
 
     @property
     def pending(self) -> bool:
@@ -64,10 +78,19 @@ class Handoffs:
                     del q[:drop]
                     self.c.dropped_handoff_overflow += drop
 
-    def tcp_request(self, owner: int, host: bytes, conn_id: int, port: int, data: bytes) -> None:
-        """Queue a request that came over one of this worker's TCP connections for its owner."""
+    def tcp_request(self, owner: int, host: bytes, conn_id: int, port: int, data: bytes,
+                    transport: int) -> None:
+        """Queue a request that came over one of this worker's stream connections (transport
+        number ``transport``, an index of TRANSPORTS) for its owner."""
         self.queues[owner].append(
-            (encode_handoff(H_TCP, 0, self.index, host, conn_id, port, data), None))
+            (encode_handoff(H_TCP, transport, self.index, host, conn_id, port, data), None))
+
+    def conn_closed(self, workers: int, conn_id: int) -> None:
+        """Tell each worker j with bit j set in ``workers`` that ``conn_id`` closed."""
+        blob = encode_handoff(H_CONN_CLOSED, 0, self.index, b"", conn_id, 0, b"")
+        for j in range(self.n):
+            if workers >> j & 1:
+                self.queues[j].append((blob, None))
 
     def tcp_reply(self, origin: int, conn_id: int, reply: bytes) -> None:
         """Send a reply to the TCP connection ``conn_id`` that worker ``origin`` holds."""
@@ -79,7 +102,7 @@ class Handoffs:
 
     def on_readable(self, events: int = 0) -> None:
         """Serve what other workers handed over: UDP requests in ``serve_inbox``,
-        TCP requests and TCP replies here (they need this worker's connections)."""
+        stream requests, replies and closes here (they need this worker's connections)."""
         serve_inbox = self.io.serve_inbox
         serve_shard = self.reg.serve_shard
         fd = self.inbox.fileno()
@@ -90,15 +113,18 @@ class Handoffs:
             got, count, others = serve_inbox(fd, serve_shard, now, udp_fds, self.bug)
             if not got:
                 break
-            for kind, _li, origin, host, cid, port, data in others:
+            for kind, code, origin, host, cid, port, data in others:
                 if kind == H_TCP_REPLY:
                     self.deliver(cid, data)
                     continue
-                if kind != H_TCP:
+                if kind == H_CONN_CLOSED:
+                    self.closed(cid)
+                    continue
+                if kind != H_TCP or code >= len(TRANSPORTS):
                     continue
                 count += 1
                 try:
-                    reply = serve_shard(data, host, port, now, "tcp", cid, 0, 1)
+                    reply = serve_shard(data, host, port, now, TRANSPORTS[code], cid, 0, 1)
                 except Exception:       # noqa: BLE001 - a bug in the core: log, go on
                     self.bug(data)
                     continue

@@ -70,11 +70,15 @@ METRICS: tuple[Metric, ...] = (
            ("handoff_overflow", "max_connections", "oversized", "send_failed", "state_overflow",
             "tcp_overflow")),
     Metric("fastsip_received_total", COUNTER, "SIP messages received, by transport.",
-           ("received",), "transport", ("tcp", "udp")),
+           ("received",), "transport", ("tcp", "tls", "udp", "ws", "wss")),
     Metric("fastsip_receive_batches_total", COUNTER,
            "recvmmsg calls that returned datagrams, by socket kind (UDP, or the hand-off inbox).",
            ("batches",), "socket", ("inbox", "udp")),
-    Metric("fastsip_tcp_connections", GAUGE, "Open TCP connections.", ("tcp_connections",)),
+    Metric("fastsip_tcp_connections", GAUGE,
+           "Open stream connections (TCP, and TLS and WebSocket over TCP).",
+           ("tcp_connections",)),
+    Metric("fastsip_connections", GAUGE, "Open stream connections, by transport.",
+           ("connections",), "transport", ("tcp", "tls", "ws", "wss")),
     Metric("fastsip_tcp_keepalives_total", COUNTER, "RFC 5626 CRLFCRLF keep-alives answered.",
            ("keepalives",)),
     # TCP hardening (issue #14)
@@ -84,9 +88,26 @@ METRICS: tuple[Metric, ...] = (
            ("tcp_refused",), "reason", ("max_connections", "per_source")),
     Metric("fastsip_tcp_closed_total", COUNTER,
            "TCP connections closed by the server, by reason: a message not complete in time "
-           "(--tcp-message-timeout), silent too long (--tcp-idle-timeout), or evicted for a "
-           "newcomer when every slot was taken (the oldest of the source holding the most).",
-           ("tcp_closed",), "reason", ("evicted", "idle", "message_timeout")),
+           "(--tcp-message-timeout), a TLS handshake or WebSocket upgrade not complete in that "
+           "time, silent too long (--tcp-idle-timeout), or evicted for a newcomer when every "
+           "slot was taken (the oldest of the source holding the most).",
+           ("tcp_closed",), "reason", ("evicted", "handshake_timeout", "idle", "message_timeout")),
+    # TLS and WebSocket (issue #13)
+    Metric("fastsip_tls_handshake_failures_total", COUNTER,
+           "TLS handshakes that failed, by reason: not TLS at all (plaintext on a TLS port), "
+           "a version older than TLS 1.2, a client certificate missing or not trusted "
+           "(--tls-verify-client), other.",
+           ("tls_handshake_failures",), "reason", ("certificate", "not_tls", "other", "version")),
+    Metric("fastsip_ws_refused_total", COUNTER,
+           "WebSocket connections closed for a bad upgrade or frame, by reason (handshake: "
+           "malformed upgrade; subprotocol: no 'sip' offered; version; origin: not in "
+           "--ws-origin; unmasked, too_big, utf8, protocol: a frame breaking RFC 6455).",
+           ("ws_refused",), "reason",
+           ("handshake", "origin", "protocol", "subprotocol", "too_big", "unmasked", "utf8",
+            "version")),
+    Metric("fastsip_flow_bindings_removed_total", COUNTER,
+           "Bindings removed because the connection they lived through closed (RFC 5626 "
+           "flows, RFC 7118 .invalid contacts).", ("core.flow_bindings_removed",)),
     Metric("fastsip_tcp_sources", GAUGE,
            "Sources (IPv4 addresses, IPv6 /64s) holding TCP connections, summed over workers.",
            ("tcp_sources",)),
@@ -150,6 +171,11 @@ class WorkerCounters:
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
+
+    def count(self, key: str, value: str, n: int = 1) -> None:
+        """Add ``n`` to the counter of ``key`` for label ``value`` (``count("received", "tls")``)."""
+        name = f"{key}_{value}"
+        setattr(self, name, getattr(self, name) + n)
 
     def report(self) -> dict:
         """The counters as a worker reports them: ``{key: n}`` or ``{key: {value: n}}``."""

@@ -37,9 +37,10 @@ import time
 
 from fastsip.server import control, logs, steer
 from fastsip.server.admin import AdminServer, read_token
-from fastsip.server.config import ConfigError, resolve
+from fastsip.server.config import SECURE, ConfigError, resolve
 from fastsip.server.metrics import add_reports, latest_report
 from fastsip.server.statsblock import StatsBlock
+from fastsip.server.tls import make_context as make_tls_context
 
 LOG = logs.LOG
 STOP_GRACE = 8.0            # seconds workers get to write their state before SIGKILL
@@ -164,7 +165,7 @@ class Supervisor:
         self.cfg = cfg
         self.listen = []            # [(transport, host, port)] as bound
         self.udp = []               # per worker: [socket per UDP address]
-        self.tcp = []               # per worker: [socket per TCP address]
+        self.tcp = []               # per worker: [(transport, socket) per stream address]
         self.inboxes = []           # [(recv end, send end)] per worker
         self.slots = []
         self.restarts = 0
@@ -192,7 +193,12 @@ class Supervisor:
                            steer.attach(socks, cfg.aor_by == "user"))
                     self.steering[_fmt(*bound)] = f"off ({why})" if why else "on"
                 for i, s in enumerate(socks):
-                    (self.udp if transport == "udp" else self.tcp)[i].append(s)
+                    if transport == "udp":
+                        self.udp[i].append(s)
+                    else:
+                        self.tcp[i].append((transport, s))
+            if any(t in SECURE for t, _h, _p in cfg.listen):
+                make_tls_context(cfg)   # a certificate or key that will not do: say it now
             host, port = cfg.metrics
             token = read_token(cfg.admin_token_file) if cfg.admin_token_file else None
             if token is not None and os.stat(cfg.admin_token_file).st_mode & 0o077:
@@ -231,8 +237,11 @@ class Supervisor:
                 raise ConfigError(f"--users {cfg.users}: {exc}") from None
 
     def close_sockets(self):
-        for group in self.udp + self.tcp:
+        for group in self.udp:
             for s in group:
+                s.close()
+        for group in self.tcp:
+            for _t, s in group:
                 s.close()
         for r, w in self.inboxes:
             r.close()
@@ -263,13 +272,13 @@ class Supervisor:
                         other.block.close()
                 for j in range(self.cfg.workers):
                     if j != slot.index:
-                        for s in self.udp[j] + self.tcp[j]:
+                        for s in self.udp[j] + [s for _t, s in self.tcp[j]]:
                             s.close()
                 logs.set_role(f"worker {slot.index}")
                 from fastsip.server.worker import Worker
                 w = Worker(slot.index, self.cfg, self.udp[slot.index], self.tcp[slot.index],
                            self.inboxes[slot.index][0], [w for _, w in self.inboxes], wk_end,
-                           self.secret, self.addresses, slot.block)
+                           self.secret, self.addresses, slot.block, restarted=slot.restarts > 0)
                 code = w.run()
             except BaseException:                       # noqa: BLE001 - report, then exit
                 LOG.exception("worker %d failed", slot.index)
@@ -388,6 +397,8 @@ class Supervisor:
         logs.event(logging.WARNING, f"worker {slot.index} (pid {old}) died ({how}); restarting"
                    + (f" in {RESTART_BACKOFF:g} s" if quick else ""),
                    worker=slot.index, pid=old, status=how)
+        if any(self.tcp):               # its connections died with it: so do their flows
+            self.ask_all({"op": "conns_gone", "worker": slot.index})
 
     # ------------------------------------------------------------------ asking workers
     def ask_all(self, msg, timeout=5.0):
@@ -445,7 +456,14 @@ class Supervisor:
                 self.admin.token = read_token(self.cfg.admin_token_file)
             except ConfigError as exc:
                 LOG.error("SIGHUP: %s (keeping the admin token)", exc)
-        answers = self.ask_all({"op": "reload", "values": values})
+        tls_ok = False
+        if any(t in SECURE for t, _h, _p in self.listen):
+            try:
+                make_tls_context(self.cfg)
+                tls_ok = True
+            except ConfigError as exc:
+                LOG.error("SIGHUP: %s (keeping the old TLS certificate)", exc)
+        answers = self.ask_all({"op": "reload", "values": values, "tls": tls_ok})
         logs.event(logging.INFO, "SIGHUP: logs reopened; configuration reloaded"
                    + (f" (changed: {', '.join(sorted(changed))})" if changed else " (no change)")
                    + f"; {sum(1 for _, a in answers if a and a.get('ok'))} workers updated",

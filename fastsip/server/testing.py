@@ -14,6 +14,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -257,10 +258,11 @@ def request(method, uri="sip:example.com", *, transport="UDP", local=("127.0.0.1
 
 
 class Phone:
-    """One client socket (UDP, or a TCP connection) talking to the server."""
+    """One client socket (UDP, or a TCP or TLS connection) talking to the server."""
 
-    def __init__(self, server_addr, transport="udp", source=None):
-        """``source``: the local address to send from (e.g. another of 127/8)."""
+    def __init__(self, server_addr, transport="udp", source=None, ca=None):
+        """``source``: the local address to send from (e.g. another of 127/8); ``ca``:
+        the CA file a TLS server certificate is checked against (``make_test_pki``)."""
         self.server = server_addr
         self.transport = transport
         v6 = ":" in server_addr[0]
@@ -270,6 +272,9 @@ class Phone:
         else:
             self.sock = socket.create_connection(server_addr, timeout=5,
                                                  source_address=(source, 0) if source else None)
+            if transport == "tls":
+                ctx = ssl.create_default_context(cafile=ca)
+                self.sock = ctx.wrap_socket(self.sock, server_hostname=server_addr[0])
         self.local = self.sock.getsockname()[:2]
         self.framer = fastsip.StreamFramer()
         self.pending = []

@@ -5,7 +5,8 @@ state file, and then runs the loop (``loop.py``) until SIGTERM or until the
 supervisor is gone.  The work is done in rooms, one job each:
 
 - ``udp.py``: UDP listeners, served in batches in Cython (``_io_c.pyx``);
-- ``tcp.py``: TCP listeners and connections;
+- ``tcp.py``: stream listeners and connections: TCP, TLS (``tls.py``),
+  WebSocket and secure WebSocket;
 - ``inbox.py``: hand-offs to the workers owning other shards, and this
   worker's inbox;
 - ``ratelimit.py``: the per-source token bucket (``--rate-limit``);
@@ -58,18 +59,19 @@ def make_registrar(cfg, addresses, secret):
 
 class Worker:
     def __init__(self, index, cfg, udp_socks, tcp_socks, inbox, peers, ctrl, secret, addresses,
-                 stats_block=None):
+                 stats_block=None, restarted=False):
         self.index = index
         self.n = cfg.workers
         self.cfg = cfg
         self.udp_socks = udp_socks      # [socket] in listener order (index = listener number)
-        self.tcp_socks = tcp_socks      # [socket]
+        self.tcp_socks = tcp_socks      # [(transport, socket)]: tcp, tls, ws, wss listeners
         self.inbox = inbox              # this worker's receiving end
         self.peers = peers              # [sending end of worker j's inbox]
         self.ctrl = ctrl
         self.secret = secret
         self.addresses = addresses
         self.block = stats_block        # statsblock.StatsBlock shared with the supervisor, or None
+        self.restarted = restarted      # a predecessor died: the other workers' connections live
         self._published = 0.0           # time.monotonic() of the last report written there
         self.stopping = False
         self.c = WorkerCounters()
@@ -86,7 +88,12 @@ class Worker:
         self.reg = make_registrar(self.cfg, self.addresses, self.secret)
         t0 = time.monotonic()
         self.writer = StateWriter(self.cfg.state, self.index, self.n, self.reg, self.c)
-        aors, loaded = self.writer.load(time.time())
+        # Flow bindings whose connection is gone are not loaded: at a start every
+        # connection is; after this worker's death only its own (the 8 low bits of
+        # a connection id are the worker's index), the others' workers still hold theirs.
+        index = self.index
+        aors, loaded = self.writer.load(
+            time.time(), (lambda cid: cid & 0xFF == index) if self.restarted else True)
         return {"op": "ready", "index": self.index, "pid": os.getpid(), "bindings": loaded,
                 "aors": aors, "seconds": round(time.monotonic() - t0, 3)}
 
@@ -113,8 +120,8 @@ class Worker:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
-        for s in self.udp_socks + self.tcp_socks + [self.inbox] + [p for p in self.peers
-                                                                   if p is not None]:
+        for s in self.udp_socks + [s for _t, s in self.tcp_socks] + [self.inbox] + [
+                p for p in self.peers if p is not None]:
             s.setblocking(False)
         self.ctrl.settimeout(10.0)
         self.loop.catch_signals(self._stop)
@@ -154,8 +161,11 @@ class Worker:
         self.writer.finish()
         return 0
 
-    def _reloaded(self) -> None:
-        """The live settings the rooms keep for themselves (at start and after a SIGHUP)."""
+    def _reloaded(self, tls: bool = False) -> None:
+        """The live settings the rooms keep for themselves (at start and after a SIGHUP);
+        ``tls``: a new TLS certificate for the connections accepted from now."""
+        if tls:
+            self.tcp.reload_tls()
         self.limiter.configure(self.cfg.rate_limit, self.cfg.rate_burst)
         self.loop.batch_wait = self.cfg.batch_wait * 1e-6
 
@@ -187,6 +197,8 @@ class Worker:
         c.rate_limited = self.limiter.refused
         c.rate_limit_sources = len(self.limiter)
         c.tcp_connections = len(self.tcp)
+        for t, n in self.tcp.per_transport.items():
+            setattr(c, "connections_" + t, n)
         c.tcp_sources = len(self.tcp.sources)
         c.state_pending = len(self.writer.pending)
         c.state_rows_written = self.writer.rows_written

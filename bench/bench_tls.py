@@ -20,6 +20,7 @@ test CA (``fastsip.server.testing.make_test_pki``), pinned to one core with
 
     python bench/bench_tls.py --server-cpus 0 --load-cpus 1 --out /tmp/bt
     python bench/bench_tls.py --servers kamailio --idle 10000       # one server only
+    python bench/bench_tls.py --steps tls,wss --quiet-wait 60        # wait for a quiet machine
 
 fastsip: ``fastsip serve --workers 1 --no-state --listen tls:127.0.0.1:0
 --listen wss:127.0.0.1:0 --tls-cert --tls-key`` (defaults otherwise, but
@@ -54,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_e2e import Cores, _env, _pin, free_port  # noqa: E402 (run as a script)
+from bench_e2e import Cores, _env, _pin, free_port, wait_quiet  # noqa: E402 (run as a script)
 from fastsip.server.testing import ServerProcess, make_test_pki  # noqa: E402
 from load.report import _descendants  # noqa: E402
 
@@ -226,6 +227,8 @@ def step_register(args, srv, pki, transport: str) -> dict:
     wall = time.monotonic() - t0
     r = json.loads(out.read_text())
     busy = sum(Cores.busy_ns().values()) - sum(b0.values())
+    tool_ns = r["generator_cpu_pct"] / 100 * r["elapsed_s"] * 1e9
+    server_ns = (r.get("server_cpu_pct") or 0) / 100 * r["elapsed_s"] * 1e9
     return {"rate": r["achieved_rate"], "ok": r["ok"], "timeouts": r["timeouts"],
             "replies": r["replies"], "p50_ms": r["latency_ms"]["p50"],
             "p99_ms": r["latency_ms"]["p99"], "server_cpu_pct": r.get("server_cpu_pct"),
@@ -233,7 +236,11 @@ def step_register(args, srv, pki, transport: str) -> dict:
             "tool_cpu_pct": r["generator_cpu_pct"],
             "tool_us": round(r["generator_cpu_pct"] / 100 * r["elapsed_s"] * 1e6 / r["ok"], 2)
             if r["ok"] else None,
-            "busy_all_cpus_pct": round(100 * busy / 1e9 / wall, 1)}
+            "busy_all_cpus_pct": round(100 * busy / 1e9 / wall, 1),
+            # other work on the machine during the run, % of a core (approximate: the tool's
+            # set-up is in the wall time but not in its measured CPU)
+            "others_pct": round(max(0.0, 100 * (busy - tool_ns - server_ns) / 1e9 / wall
+                                    - r["build_s"] * 100 / wall), 1)}
 
 
 def step_handshakes(args, srv, pki) -> dict:
@@ -352,7 +359,7 @@ def main(argv=None) -> int:
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for the server")
     p.add_argument("--load-cpus", default="1", help="taskset CPU list for the clients")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per rate step")
-    p.add_argument("--inflight", type=int, default=256)
+    p.add_argument("--inflight", type=int, default=1024)
     p.add_argument("--sockets", type=int, default=16, help="connections of the REGISTER steps")
     p.add_argument("--users", type=int, default=20000)
     p.add_argument("--scenario", default="register")
@@ -362,6 +369,9 @@ def main(argv=None) -> int:
     p.add_argument("--idle", type=int, default=50000, help="idle TLS connections to hold")
     p.add_argument("--idle-per-process", type=int, default=8000)
     p.add_argument("--steps", default="tls,wss,hs,idle", help="which steps (default %(default)s)")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                   help="before each step, wait up to S seconds for other work on the machine "
+                        "to drop below 15 %% of a core")
     p.add_argument("--out", default="bench-tls-out")
     args = p.parse_args(argv)
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
@@ -391,6 +401,11 @@ def main(argv=None) -> int:
         pki = make_test_pki(args.rundir)
         for step in steps:
             for name in servers:
+                if args.quiet_wait:
+                    waited, busy = wait_quiet(args.quiet_wait, 15.0)
+                    if busy > 15.0:
+                        print(f"  (machine still busy after {waited:.0f} s: {busy:.0f} % of a core "
+                              "used by other work)", flush=True)
                 srv = SERVERS[name](args, pki)
                 try:
                     if step in ("tls", "wss"):
@@ -398,7 +413,8 @@ def main(argv=None) -> int:
                         print(f"{name:>9} {step:>4}: {r['rate']:>9,.0f} REGISTER/s, server "
                               f"{r['server_cpu_pct']} % {r['server_us']} us each, tool "
                               f"{r['tool_cpu_pct']} % {r['tool_us']} us each, timeouts "
-                              f"{r['timeouts']}, p99 {r['p99_ms']} ms", flush=True)
+                              f"{r['timeouts']}, p99 {r['p99_ms']} ms, other work "
+                              f"{r['others_pct']} %", flush=True)
                     elif step == "hs":
                         r = step_handshakes(args, srv, pki)
                         print(f"{name:>9}   hs: {r['rate']:>9,.0f} connections/s, server "

@@ -16,11 +16,21 @@ test CA (``fastsip.server.testing.make_test_pki``), pinned to one core with
    connections past their handshakes are held open by ``python -m
    load.handshake hold`` processes, divided by the number held; for
    Kamailio also its own accounting (shared memory and every process's pkg
-   memory, through ``kamcmd``).
+   memory, through ``kamcmd``);
+5. (``--steps ...,floor``) the load tool's own floor: the same closed loop over
+   TCP, TLS, WS and WSS against the responder's C stream echo on the server's
+   core; the tool's CPU per REGISTER there gives its ceiling on one core.
+
+With ``--repeat N`` each rate step runs N times per server (the servers taking
+turns); the table gives the median and the range.  Each rate step also says
+how much CPU other work on the machine took meanwhile (/proc/stat busy time
+minus the server's and the tool's, from the tool's first progress line to its
+last).
 
     python bench/bench_tls.py --server-cpus 0 --load-cpus 1 --out /tmp/bt
     python bench/bench_tls.py --servers kamailio --idle 10000       # one server only
     python bench/bench_tls.py --steps tls,wss --quiet-wait 60        # wait for a quiet machine
+    python bench/bench_tls.py --repeat 3 --steps tls,wss,hs,idle,floor --quiet-wait 30
 
 fastsip: ``fastsip serve --workers 1 --no-state --listen tls:127.0.0.1:0
 --listen wss:127.0.0.1:0 --tls-cert --tls-key`` (defaults otherwise, but
@@ -55,9 +65,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_e2e import Cores, _env, _pin, free_port, wait_quiet  # noqa: E402 (run as a script)
+from bench_e2e import Cores, _env, _pin, free_port, group_cpu_ns, wait_quiet  # noqa: E402 (run as a script)
 from fastsip.server.testing import ServerProcess, make_test_pki  # noqa: E402
-from load.report import _descendants  # noqa: E402
+from load.report import _descendants, process_cpu_ns  # noqa: E402
 
 KAMAILIO = ("kamailio -DD -E -f {root}/bench/kamailio/tls.cfg -l tls:127.0.0.1:{tls} "
             "-l tls:127.0.0.1:{wss} -A 'TLS_CERT=\"{cert}\"' -A 'TLS_KEY=\"{key}\"' "
@@ -206,29 +216,82 @@ def _run_json(cmd: list, limit: float, what: str) -> dict:
     return json.loads(lines[-1])
 
 
+class Echo:
+    """The load tool's own floor: the responder's C stream echo (``python -m
+    load.responder --fast``) on the server's core, one listener per transport."""
+
+    name = "echo"
+
+    def __init__(self, args, pki, transport):
+        cmd = _pin([sys.executable, "-m", "load.responder", "--fast", "--listen", "127.0.0.1:0",
+                    "--transport", transport, "--tls-cert", pki["cert"], "--tls-key", pki["key"],
+                    "--duration", "600"], args.server_cpus)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, text=True, env=_env(),
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        line = self.proc.stdout.readline()
+        m = re.match(r"listening \S+:(\d+)", line)
+        if not m:
+            self.stop()
+            raise BenchError(f"the echo did not start: {line!r}")
+        self.tls = self.wss = int(m.group(1))
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+
+
+def _others(busy0: dict, wall: float, used_ns: float) -> float:
+    """Other work on the machine since ``busy0`` (/proc/stat), % of one core: busy time
+    of every CPU minus ``used_ns`` (what the server and the client used)."""
+    busy = sum(Cores.busy_ns().values()) - sum(busy0.values())
+    return round(max(0.0, 100 * (busy - used_ns) / 1e9 / wall), 1)
+
+
 def step_register(args, srv, pki, transport: str) -> dict:
-    port = srv.tls if transport == "tls" else srv.wss
+    """One closed-loop run of the load tool over ``transport`` against ``srv``."""
+    port = srv.wss if transport in ("ws", "wss") else srv.tls
     out = Path(args.rundir) / f"{srv.name}-{transport}.json"
     cmd = _pin([sys.executable, "-m", "load", "--target", f"127.0.0.1:{port}",
-                "--transport", transport, "--tls-ca", pki["ca"], "--inflight", str(args.inflight),
+                "--transport", transport, "--inflight", str(args.inflight),
                 "--sockets", str(args.sockets), "--duration", f"{args.duration:g}",
                 "--users", str(args.users), "--scenario", args.scenario, "--timeout", "2",
-                "-q", "--json", str(out), "--server-pid", str(srv.pid)], args.load_cpus)
-    b0 = Cores.busy_ns()
-    t0 = time.monotonic()
+                "--json", str(out), "--server-pid", str(srv.pid)]
+               + (["--tls-ca", pki["ca"]] if transport in ("tls", "wss") else []), args.load_cpus)
+    cp = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env=_env())
+    # other work on the machine over the measured phase: from the tool's first progress line
+    # (one a second, only while it measures) to the last
+    lines, mark, others = [], None, None
     try:
-        cp = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False,
-                            timeout=args.duration + 120)
+        for line in cp.stderr:          # ends when the tool exits (bounded by --duration)
+            lines.append(line)
+            if line.startswith("["):
+                now = (Cores.busy_ns(), time.monotonic(), group_cpu_ns(srv.pid),
+                       process_cpu_ns(cp.pid) or 0)
+                if mark is None:
+                    mark = now
+                elif now[1] - mark[1] > 0.5:
+                    used = (now[2] - mark[2]) + (now[3] - mark[3])
+                    busy = sum(now[0].values()) - sum(mark[0].values())
+                    others = round(max(0.0, 100 * (busy - used) / 1e9 / (now[1] - mark[1])), 1)
+        cp.wait(timeout=args.duration + 120)
     except subprocess.TimeoutExpired:
+        cp.kill()
         raise BenchError(f"{srv.name} {transport}: the load tool did not finish") from None
+    finally:
+        cp.stderr.close()
+    err = "".join(x for x in lines if not x.startswith("["))
     if cp.returncode not in (0, 1) or not out.is_file():
-        tail = (cp.stderr.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
+        tail = (err.strip().splitlines() or [f"exit status {cp.returncode}"])[-1]
         raise BenchError(f"{srv.name} {transport}: the load tool failed: {tail}")
-    wall = time.monotonic() - t0
     r = json.loads(out.read_text())
-    busy = sum(Cores.busy_ns().values()) - sum(b0.values())
-    tool_ns = r["generator_cpu_pct"] / 100 * r["elapsed_s"] * 1e9
-    server_ns = (r.get("server_cpu_pct") or 0) / 100 * r["elapsed_s"] * 1e9
+    out.unlink()
     return {"rate": r["achieved_rate"], "ok": r["ok"], "timeouts": r["timeouts"],
             "replies": r["replies"], "p50_ms": r["latency_ms"]["p50"],
             "p99_ms": r["latency_ms"]["p99"], "server_cpu_pct": r.get("server_cpu_pct"),
@@ -236,11 +299,7 @@ def step_register(args, srv, pki, transport: str) -> dict:
             "tool_cpu_pct": r["generator_cpu_pct"],
             "tool_us": round(r["generator_cpu_pct"] / 100 * r["elapsed_s"] * 1e6 / r["ok"], 2)
             if r["ok"] else None,
-            "busy_all_cpus_pct": round(100 * busy / 1e9 / wall, 1),
-            # other work on the machine during the run, % of a core (approximate: the tool's
-            # set-up is in the wall time but not in its measured CPU)
-            "others_pct": round(max(0.0, 100 * (busy - tool_ns - server_ns) / 1e9 / wall
-                                    - r["build_s"] * 100 / wall), 1)}
+            "others_pct": others}
 
 
 def step_handshakes(args, srv, pki) -> dict:
@@ -248,7 +307,13 @@ def step_handshakes(args, srv, pki) -> dict:
                 "--transport", "tls", "--tls-ca", pki["ca"], "--duration", f"{args.duration:g}",
                 "--concurrency", str(args.concurrency), "--server-pid", str(srv.pid)]
                + (["--handshake-only"] if args.handshake_only else []), args.load_cpus)
-    return _run_json(cmd, args.duration + 60, f"{srv.name} handshakes")
+    b0, t0 = Cores.busy_ns(), time.monotonic()
+    r = _run_json(cmd, args.duration + 60, f"{srv.name} handshakes")
+    # the client's start-up is in the wall time but not in its CPU: a rough figure
+    used = (r.get("server_cpu_pct", 0) + r["client_cpu_pct"]) / 100 * r["elapsed_s"] * 1e9
+    r["others_pct"] = _others(b0, time.monotonic() - t0, used + 0.5e9)
+    r["server_us"] = r.get("server_cpu_us")
+    return r
 
 
 def step_idle(args, srv, pki, n: int) -> dict:
@@ -302,55 +367,109 @@ def step_idle(args, srv, pki, n: int) -> dict:
     return res
 
 
+def _median(rs: list, key: str):
+    vals = sorted(r[key] for r in rs if r.get(key) is not None)
+    return vals[len(vals) // 2] if vals else None
+
+
+def _cell(rs, key, unit="", scale=1.0):
+    """The median of the repeats, with their range when there are several."""
+    if not rs:
+        return "–"
+    m = _median(rs, key)
+    if m is None:
+        return "–"
+    txt = _fmt(m * scale, unit)
+    vals = [r[key] * scale for r in rs if r.get(key) is not None]
+    if len(vals) > 1:
+        txt += f" ({_fmt(min(vals))}–{_fmt(max(vals))})"
+    return txt
+
+
 def _fmt(v, unit=""):
     if v is None:
         return "–"
-    if isinstance(v, float) and v < 100:
+    if isinstance(v, float) and abs(v) < 10:
+        return f"{v:,.2f}{unit}"
+    if isinstance(v, float) and abs(v) < 100:
         return f"{v:,.1f}{unit}"
     return f"{v:,.0f}{unit}"
 
 
-def _ratio(a, b, inverse=False):
-    if not a or not b:
-        return "–"
-    return f"{(b / a if inverse else a / b):.2f}×"
+def _ratio(a, b):
+    return f"{a / b:.2f}×" if a and b else "–"
 
 
 def table(res: dict, n_idle: int) -> str:
     f, k = res.get("fastsip", {}), res.get("kamailio", {})
-    rows = ["| figure | fastsip | Kamailio | fastsip / Kamailio |", "|---|---|---|---|"]
+    rows = ["| figure (median of the repeats; their range) | fastsip | Kamailio | fastsip / Kamailio |",
+            "|---|---|---|---|"]
+
+    def row(label, step, key, unit="", scale=1.0):
+        a, b = f.get(step), k.get(step)
+        ma, mb = a and _median(a, key), b and _median(b, key)
+        rows.append(f"| {label} | {_cell(a, key, unit, scale)} | {_cell(b, key, unit, scale)} | "
+                    f"{_ratio(ma, mb)} |")
+
     for tp in ("tls", "wss"):
-        a, b = f.get(tp), k.get(tp)
-        name = tp.upper()
-        rows.append(f"| {name} REGISTER/s (1 core; server CPU %) | "
-                    + " | ".join(f"{_fmt(x['rate'])} ({_fmt(x['server_cpu_pct'])} %)" if x else "–"
-                                 for x in (a, b))
-                    + f" | {_ratio(a and a['rate'], b and b['rate'])} |")
-        rows.append(f"| {name}: server CPU µs per REGISTER | "
-                    + " | ".join(_fmt(x["server_us"]) if x else "–" for x in (a, b))
-                    + f" | {_ratio(a and a['server_us'], b and b['server_us'])} "
-                      "(per-core capacity: the inverse) |")
-    a, b = f.get("hs"), k.get("hs")
-    rows.append("| TLS handshakes/s achieved (server CPU %) | "
-                + " | ".join(f"{_fmt(x['rate'])} ({_fmt(x.get('server_cpu_pct'))} %)" if x else "–"
-                             for x in (a, b))
-                + f" | {_ratio(a and a['rate'], b and b['rate'])} |")
-    pa = a and a.get("server_cpu_us") and 1e6 / a["server_cpu_us"]
-    pb = b and b.get("server_cpu_us") and 1e6 / b["server_cpu_us"]
-    rows.append("| TLS handshakes/s per core (1 / server CPU per handshake) | "
-                f"{_fmt(pa)} | {_fmt(pb)} | {_ratio(pa, pb)} |")
-    a, b = f.get("idle"), k.get("idle")
-    rows.append(f"| memory per idle TLS connection, PSS ({n_idle:,} held) | "
-                + " | ".join(_fmt(x["pss_per_conn"] / 1024, " KiB") if x else "–" for x in (a, b))
-                + f" | {_ratio(a and a['pss_per_conn'], b and b['pss_per_conn'])} |")
-    rows.append("| memory per idle TLS connection, RSS summed | "
-                + " | ".join(_fmt(x["rss_per_conn"] / 1024, " KiB") if x else "–" for x in (a, b))
-                + f" | {_ratio(a and a['rss_per_conn'], b and b['rss_per_conn'])} |")
-    if b and b.get("shm_per_conn") is not None:
-        rows.append(f"| Kamailio's own: shm + pkg per connection | – | "
-                    f"{_fmt(b['shm_per_conn'] / 1024, ' KiB')} + "
-                    f"{_fmt(b['pkg_per_conn'] / 1024, ' KiB')} | |")
+        row(f"{tp.upper()} REGISTER/s, server on 1 core", tp, "rate")
+        row(f"{tp.upper()}: server CPU % during it", tp, "server_cpu_pct")
+        row(f"{tp.upper()}: server CPU µs per REGISTER", tp, "server_us")
+        for r in f.get(tp, []) + k.get(tp, []):
+            r["per_core"] = 1e6 / r["server_us"] if r.get("server_us") else None
+        row(f"{tp.upper()}: REGISTER/s per core (1 / CPU per REGISTER)", tp, "per_core")
+    row("TLS handshakes/s achieved" + (" (handshake only)" if res.get("_handshake_only")
+                                       else " (+ 1 REGISTER, close)"), "hs", "rate")
+    row("TLS handshakes: server CPU µs per connection", "hs", "server_us")
+    for r in f.get("hs", []) + k.get("hs", []):
+        r["per_core"] = 1e6 / r["server_us"] if r.get("server_us") else None
+    row("TLS handshakes/s per core (1 / CPU per connection)", "hs", "per_core")
+    row(f"memory per idle TLS connection, PSS ({n_idle:,} held)", "idle", "pss_per_conn",
+        " KiB", 1 / 1024)
+    row("memory per idle TLS connection, RSS summed over the processes", "idle", "rss_per_conn",
+        " KiB", 1 / 1024)
+    if k.get("idle") and k["idle"][0].get("shm_per_conn") is not None:
+        rows.append(f"| Kamailio's own count per connection: shm, pkg | – | "
+                    f"{_cell(k['idle'], 'shm_per_conn', ' KiB', 1 / 1024)}, "
+                    f"{_cell(k['idle'], 'pkg_per_conn', ' KiB', 1 / 1024)} | |")
+    others = [r["others_pct"] for srv in (f, k) for step in ("tls", "wss", "hs")
+              for r in srv.get(step, []) if r.get("others_pct") is not None]
+    if others:
+        rows.append(f"\nOther work on the machine during the rate steps: {min(others):.0f}–"
+                    f"{max(others):.0f} % of a core.")
     return "\n".join(rows)
+
+
+def floor_table(res: dict) -> str:
+    rows = ["| transport | tool and C echo, REGISTER/s | tool CPU % | tool CPU µs per REGISTER | "
+            "tool's ceiling on 1 core (1 / CPU per REGISTER) | echo CPU % |", "|---|---|---|---|---|---|"]
+    for tp, rs in res.items():
+        for r in rs:
+            r["ceiling"] = 1e6 / r["tool_us"] if r.get("tool_us") else None
+        rows.append(f"| {tp} | {_cell(rs, 'rate')} | {_cell(rs, 'tool_cpu_pct')} | "
+                    f"{_cell(rs, 'tool_us')} | {_cell(rs, 'ceiling')} | {_cell(rs, 'server_cpu_pct')} |")
+    return "\n".join(rows)
+
+
+def _say(name, step, r) -> None:
+    if step == "idle":
+        print(f"{name:>9} idle: {r['held']:,} held, PSS {r['pss_per_conn']} B, RSS "
+              f"{r['rss_per_conn']} B per connection"
+              + (f", shm {r['shm_per_conn']} B, pkg {r['pkg_per_conn']} B" if "shm_per_conn" in r
+                 else "") + f"; failed {r['failed']}", flush=True)
+    elif step == "hs":
+        print(f"{name:>9}   hs: {r['rate']:>9,.0f} connections/s, server {r.get('server_cpu_pct')} % "
+              f"{r.get('server_cpu_us')} us each, client {r['client_cpu_pct']} % "
+              f"{r['client_cpu_us']} us each, failed {r['failed']}, other work "
+              f"{r['others_pct']} %", flush=True)
+    else:
+        print(f"{name:>9} {step:>4}: {r['rate']:>9,.0f} REGISTER/s, server {r['server_cpu_pct']} % "
+              f"{r['server_us']} us each, tool {r['tool_cpu_pct']} % {r['tool_us']} us each, "
+              f"timeouts {r['timeouts']}, p99 {r['p99_ms']} ms, other work {r['others_pct']} %",
+              flush=True)
+
+
+STEPS = ("tls", "wss", "hs", "idle", "floor")
 
 
 def main(argv=None) -> int:
@@ -368,7 +487,11 @@ def main(argv=None) -> int:
                    help="handshake steps without the REGISTER")
     p.add_argument("--idle", type=int, default=50000, help="idle TLS connections to hold")
     p.add_argument("--idle-per-process", type=int, default=8000)
-    p.add_argument("--steps", default="tls,wss,hs,idle", help="which steps (default %(default)s)")
+    p.add_argument("--steps", default="tls,wss,hs,idle",
+                   help="of tls, wss, hs, idle, floor (the tool against its C echo over tcp, "
+                        "tls, ws, wss); default %(default)s")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each rate step per server, taking turns (default %(default)s)")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                    help="before each step, wait up to S seconds for other work on the machine "
                         "to drop below 15 %% of a core")
@@ -376,20 +499,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    if any(s not in SERVERS for s in servers) or any(s not in ("tls", "wss", "hs", "idle")
-                                                     for s in steps):
-        p.error("--servers: fastsip, kamailio; --steps: tls, wss, hs, idle")
+    if any(s not in SERVERS for s in servers) or any(s not in STEPS for s in steps):
+        p.error(f"--servers: fastsip, kamailio; --steps: {', '.join(STEPS)}")
     if "kamailio" in servers and not shutil.which("kamailio"):
         print("kamailio is not installed (Debian: kamailio kamailio-tls-modules "
               "kamailio-websocket-modules): skipped", file=sys.stderr)
         servers.remove("kamailio")
-    if not 1 <= args.idle <= 200000 or not 0 < args.duration <= 600:
-        p.error("--idle within 1..200000, --duration within (0, 600]")
+    if (not 1 <= args.idle <= 200000 or not 0 < args.duration <= 600
+            or not 1 <= args.repeat <= 20):
+        p.error("--idle within 1..200000, --duration within (0, 600], --repeat within 1..20")
     # every server process holds its connections' descriptors: the hard limit bounds --idle
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     n_idle = min(args.idle, hard - 1000)
-    if n_idle < args.idle:
+    if n_idle < args.idle and "idle" in steps:
         print(f"bench_tls: holding {n_idle:,} idle connections, not {args.idle:,}: a process may "
               f"have {hard:,} open files here (RLIMIT_NOFILE hard limit)", file=sys.stderr)
     outdir = Path(args.out)
@@ -397,52 +520,59 @@ def main(argv=None) -> int:
     args.rundir = tempfile.mkdtemp(prefix="bench-tls-")
     load0 = os.getloadavg()
     res = {s: {} for s in servers}
+    floor = {}
+
+    def quiet():
+        if args.quiet_wait:
+            waited, busy = wait_quiet(args.quiet_wait, 15.0)
+            if busy > 15.0:
+                print(f"  (machine still busy after {waited:.0f} s: {busy:.0f} % of a core "
+                      "used by other work)", flush=True)
+
     try:
         pki = make_test_pki(args.rundir)
         for step in steps:
-            for name in servers:
-                if args.quiet_wait:
-                    waited, busy = wait_quiet(args.quiet_wait, 15.0)
-                    if busy > 15.0:
-                        print(f"  (machine still busy after {waited:.0f} s: {busy:.0f} % of a core "
-                              "used by other work)", flush=True)
-                srv = SERVERS[name](args, pki)
-                try:
-                    if step in ("tls", "wss"):
-                        r = step_register(args, srv, pki, step)
-                        print(f"{name:>9} {step:>4}: {r['rate']:>9,.0f} REGISTER/s, server "
-                              f"{r['server_cpu_pct']} % {r['server_us']} us each, tool "
-                              f"{r['tool_cpu_pct']} % {r['tool_us']} us each, timeouts "
-                              f"{r['timeouts']}, p99 {r['p99_ms']} ms, other work "
-                              f"{r['others_pct']} %", flush=True)
-                    elif step == "hs":
-                        r = step_handshakes(args, srv, pki)
-                        print(f"{name:>9}   hs: {r['rate']:>9,.0f} connections/s, server "
-                              f"{r.get('server_cpu_pct')} % {r.get('server_cpu_us')} us each, "
-                              f"client {r['client_cpu_pct']} % {r['client_cpu_us']} us each, "
-                              f"failed {r['failed']}", flush=True)
-                    else:
-                        r = step_idle(args, srv, pki, n_idle)
-                        print(f"{name:>9} idle: {r['held']:,} held, PSS "
-                              f"{r['pss_per_conn']} B, RSS {r['rss_per_conn']} B per connection"
-                              + (f", shm {r['shm_per_conn']} B, pkg {r['pkg_per_conn']} B"
-                                 if "shm_per_conn" in r else "") + f"; failed {r['failed']}",
-                              flush=True)
-                    res[name][step] = r
-                finally:
-                    srv.stop()
+            for _ in range(1 if step == "idle" else args.repeat):
+                if step == "floor":
+                    for tp in ("tcp", "tls", "ws", "wss"):
+                        quiet()
+                        srv = Echo(args, pki, tp)
+                        try:
+                            r = step_register(args, srv, pki, tp)
+                        finally:
+                            srv.stop()
+                        _say(f"echo {tp}", tp, r)
+                        floor.setdefault(tp, []).append(r)
+                    continue
+                for name in servers:
+                    quiet()
+                    srv = SERVERS[name](args, pki)
+                    try:
+                        if step in ("tls", "wss"):
+                            r = step_register(args, srv, pki, step)
+                        elif step == "hs":
+                            r = step_handshakes(args, srv, pki)
+                        else:
+                            r = step_idle(args, srv, pki, n_idle)
+                    finally:
+                        srv.stop()
+                    _say(name, step, r)
+                    res[name].setdefault(step, []).append(r)
     except BenchError as exc:
         print(f"bench_tls: error: {exc}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(args.rundir, ignore_errors=True)
     load1 = os.getloadavg()
-    text = table(res, n_idle)
+    res["_handshake_only"] = args.handshake_only
+    text = table(res, n_idle) if any(res[s] for s in servers) else ""
+    if floor:
+        text += "\n\nThe load tool against its own floor (the C stream echo):\n\n" + floor_table(floor)
     head = (f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`\n\n"
             f"Load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
             f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}\n\n")
     (outdir / "results.md").write_text(head + text + "\n")
-    (outdir / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (outdir / "results.json").write_text(json.dumps({"servers": res, "floor": floor}, indent=2) + "\n")
     print("\n" + head + text)
     return 0
 

@@ -122,6 +122,11 @@ class Fastsip:
     def own_memory(self) -> dict:
         return {}
 
+    def trouble(self) -> str | None:
+        """What went wrong in the server so far (a worker that died), or None."""
+        m = re.search(r"worker \d+ \(pid \d+\) died[^\n]*", self.srv.log())
+        return m.group(0) if m else None
+
     def stop(self) -> None:
         self.srv.stop(timeout=10)
 
@@ -146,6 +151,19 @@ class Kamailio:
             err = self.stop()
             raise BenchError(f"kamailio did not start: {err.strip().splitlines()[-1:]}")
         time.sleep(1.0)
+
+    def trouble(self) -> str | None:
+        """What went wrong in Kamailio so far (a process killed by a signal, a memory
+        BUG report), or None.  Kamailio 5.6.3 with OpenSSL 3 (Debian 12) has a known
+        double free in its tls module (kamailio issue #3791; 5.7.5 and later add
+        tls_threads_mode against it), seen here when many TLS connections close or
+        give up their handshakes at once."""
+        try:
+            text = self.errpath.read_text(errors="replace")
+        except OSError:
+            return None
+        m = re.search(r"[^\n]*(exited by a signal|BUG: [^\n]*)[^\n]*", text)
+        return m.group(0).strip() if m else None
 
     def _kamcmd(self, *cmd) -> str:
         cp = subprocess.run(["kamcmd", "-s", f"unix:{self.rundir}/ctl.sock", *cmd],
@@ -236,6 +254,9 @@ class Echo:
             self.stop()
             raise BenchError(f"the echo did not start: {line!r}")
         self.tls = self.wss = int(m.group(1))
+
+    def trouble(self) -> str | None:
+        return None if self.proc.poll() is None else "the echo exited"
 
     def stop(self) -> None:
         try:
@@ -343,6 +364,7 @@ def step_idle(args, srv, pki, n: int) -> dict:
                 failed[why] = failed.get(why, 0) + c
         time.sleep(3.0)                     # the server finishes the last handshakes
         after, own1 = memory(srv.pid), srv.own_memory()
+        trouble = srv.trouble()             # before the holders close their connections
     finally:
         for h in holders:
             try:
@@ -357,7 +379,8 @@ def step_idle(args, srv, pki, n: int) -> dict:
                 h.wait(timeout=10)
             h.stdout.close()
             h.stderr.close()
-    res = {"held": held, "failed": failed, "before": before, "after": after,
+    res = {"held": held, "failed": failed, "before": before, "after": after, "trouble": trouble,
+           "trouble_at_close": srv.trouble() if srv.trouble() != trouble else None,
            "pss_per_conn": round((after["pss"] - before["pss"]) / held) if held else None,
            "rss_per_conn": round((after["rss"] - before["rss"]) / held) if held else None}
     if own0 and None not in (own0["shm_used"], own1["shm_used"]):
@@ -367,8 +390,13 @@ def step_idle(args, srv, pki, n: int) -> dict:
     return res
 
 
+def _good(rs):
+    """The runs during which the server did not crash."""
+    return [r for r in rs or [] if not r.get("trouble")]
+
+
 def _median(rs: list, key: str):
-    vals = sorted(r[key] for r in rs if r.get(key) is not None)
+    vals = sorted(r[key] for r in _good(rs) if r.get(key) is not None)
     return vals[len(vals) // 2] if vals else None
 
 
@@ -380,7 +408,7 @@ def _cell(rs, key, unit="", scale=1.0):
     if m is None:
         return "–"
     txt = _fmt(m * scale, unit)
-    vals = [r[key] * scale for r in rs if r.get(key) is not None]
+    vals = [r[key] * scale for r in _good(rs) if r.get(key) is not None]
     if len(vals) > 1:
         txt += f" ({_fmt(min(vals))}–{_fmt(max(vals))})"
     return txt
@@ -432,6 +460,10 @@ def table(res: dict, n_idle: int) -> str:
         rows.append(f"| Kamailio's own count per connection: shm, pkg | – | "
                     f"{_cell(k['idle'], 'shm_per_conn', ' KiB', 1 / 1024)}, "
                     f"{_cell(k['idle'], 'pkg_per_conn', ' KiB', 1 / 1024)} | |")
+    bad = [f"{name} {step}: {r['trouble']}" for name, srv in (("fastsip", f), ("Kamailio", k))
+           for step, rs in srv.items() for r in rs if r.get("trouble")]
+    if bad:
+        rows.append("\nLeft out (the server crashed during the step): " + "; ".join(bad))
     others = [r["others_pct"] for srv in (f, k) for step in ("tls", "wss", "hs")
               for r in srv.get(step, []) if r.get("others_pct") is not None]
     if others:
@@ -452,6 +484,9 @@ def floor_table(res: dict) -> str:
 
 
 def _say(name, step, r) -> None:
+    if r.get("trouble") or r.get("trouble_at_close"):
+        print(f"{name:>9} {step}: SERVER TROUBLE: {r.get('trouble') or ''} "
+              f"{r.get('trouble_at_close') or ''}", flush=True)
     if step == "idle":
         print(f"{name:>9} idle: {r['held']:,} held, PSS {r['pss_per_conn']} B, RSS "
               f"{r['rss_per_conn']} B per connection"
@@ -539,6 +574,7 @@ def main(argv=None) -> int:
                         srv = Echo(args, pki, tp)
                         try:
                             r = step_register(args, srv, pki, tp)
+                            r["trouble"] = srv.trouble()
                         finally:
                             srv.stop()
                         _say(f"echo {tp}", tp, r)
@@ -548,10 +584,13 @@ def main(argv=None) -> int:
                     quiet()
                     srv = SERVERS[name](args, pki)
                     try:
+                        # a step during which the server crashed measured something else
                         if step in ("tls", "wss"):
                             r = step_register(args, srv, pki, step)
+                            r["trouble"] = srv.trouble()
                         elif step == "hs":
                             r = step_handshakes(args, srv, pki)
+                            r["trouble"] = srv.trouble()
                         else:
                             r = step_idle(args, srv, pki, n_idle)
                     finally:

@@ -386,9 +386,15 @@ def main(argv=None) -> int:
     print(json.dumps({"held": len(held), "failed": failed}), flush=True)
     until = time.monotonic() + args.duration
     sel = selectors.DefaultSelector()
-    sel.register(sys.stdin, selectors.EVENT_READ)
+    try:
+        sel.register(sys.stdin, selectors.EVENT_READ)
+    except (OSError, ValueError):       # not a pipe or a terminal (/dev/null): time and SIGTERM
+        pass
     closed = 0
     while not stop and time.monotonic() < until:
+        if not sel.get_map():
+            time.sleep(0.5)
+            continue
         for _ in sel.select(timeout=0.5):
             if not sys.stdin.buffer.read1(4096):     # the parent closed our standard input
                 stop.append(1)

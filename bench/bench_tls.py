@@ -414,6 +414,12 @@ def _cell(rs, key, unit="", scale=1.0):
     return txt
 
 
+def _trouble_short(text: str) -> str:
+    m = re.search(r"(freeing already freed pointer|exited by a signal \d+|died \([^)]*\)|BUG: \w+)",
+                  text or "")
+    return m.group(1) if m else (text or "")[:60]
+
+
 def _fmt(v, unit=""):
     if v is None:
         return "–"
@@ -460,10 +466,12 @@ def table(res: dict, n_idle: int) -> str:
         rows.append(f"| Kamailio's own count per connection: shm, pkg | – | "
                     f"{_cell(k['idle'], 'shm_per_conn', ' KiB', 1 / 1024)}, "
                     f"{_cell(k['idle'], 'pkg_per_conn', ' KiB', 1 / 1024)} | |")
-    bad = [f"{name} {step}: {r['trouble']}" for name, srv in (("fastsip", f), ("Kamailio", k))
+    bad = [f"{name} {step} ({_trouble_short(r['trouble'])})"
+           for name, srv in (("fastsip", f), ("Kamailio", k))
            for step, rs in srv.items() for r in rs if r.get("trouble")]
     if bad:
-        rows.append("\nLeft out (the server crashed during the step): " + "; ".join(bad))
+        rows.append("\nLeft out of the medians, the server having reported memory corruption or "
+                    "lost a process during the step: " + "; ".join(bad) + ".")
     others = [r["others_pct"] for srv in (f, k) for step in ("tls", "wss", "hs")
               for r in srv.get(step, []) if r.get("others_pct") is not None]
     if others:
@@ -526,7 +534,7 @@ def main(argv=None) -> int:
                    help="of tls, wss, hs, idle, floor (the tool against its C echo over tcp, "
                         "tls, ws, wss); default %(default)s")
     p.add_argument("--repeat", type=int, default=1,
-                   help="runs of each rate step per server, taking turns (default %(default)s)")
+                   help="runs of each step per server, taking turns (default %(default)s)")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                    help="before each step, wait up to S seconds for other work on the machine "
                         "to drop below 15 %% of a core")
@@ -567,7 +575,7 @@ def main(argv=None) -> int:
     try:
         pki = make_test_pki(args.rundir)
         for step in steps:
-            for _ in range(1 if step == "idle" else args.repeat):
+            for _ in range(args.repeat):
                 if step == "floor":
                     for tp in ("tcp", "tls", "ws", "wss"):
                         quiet()

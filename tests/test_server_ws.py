@@ -311,3 +311,15 @@ def test_a_killed_worker_takes_its_connections_flows_from_every_shard(start, pki
     assert wait_for(lambda: len(srv.worker_pids()) == 2 and contacts() == survivors,
                     timeout=15), contacts() ^ survivors
     assert other.ask("s0", call_id="fetch").status == 200     # its connection lives
+
+
+def test_a_register_and_a_close_in_one_read_get_the_reply_then_the_close(start, pki,
+                                                                           connect):
+    srv = ws_serve(start, pki, workers=1)
+    raw = _raw_upgrade(connect, srv.ws)
+    raw.sendall(_frame(register("alice", contact="sip:alice@192.0.2.1", transport="WS"))
+                + _frame(struct.pack("!H", 1000), opcode=8))
+    got = _closed(raw)
+    assert got[:2] == b"\x81\x7e" and b"SIP/2.0 200 OK" in got      # the reply's text frame
+    assert got.endswith(b"\x88\x02\x03\xe8")                         # then the close, last
+    assert srv.api("/api/bindings")["bindings"][0]["contact"] == "sip:alice@192.0.2.1"

@@ -1,24 +1,25 @@
 """The state file: the flush path and the load path, the previous code beside this
 one, in one run (issue #11: ≤ 2 µs per changed AOR for the flush).
 
-    python3 -m pytest bench/bench_state.py -s --benchmark-columns=min,median,rounds
+    python3 -m pytest bench/bench_state.py -s -q
 
-flush/new     Store.change_records (one record per AOR, made in C) + StateFile.write
-              (one transaction: the records in AOR order by one executemany)
-flush/old     the previous path, kept here as it was (fastsip 995be28): Store.changes
-              (a Binding per binding) + marshal of 13-field rows + INSERT OR REPLACE
-feed/new      Store.change_records alone (no SQLite)
-feed/old      Store.changes + the marshal rows alone (no SQLite)
-load/new      StateWriter.load: the shard's rows -> Store.load_record (C)
-load/old      the previous load: marshal.loads -> a Binding per binding -> Store.load
+flush   new: Store.change_records (one record per AOR, made in C) + StateFile.write
+        (one transaction: the records in AOR order by one executemany);
+        old: the previous path, kept here as it was (fastsip 995be28): Store.changes
+        (a Binding per binding) + marshal of 13-field rows + INSERT OR REPLACE
+feed    the same without SQLite: Store.change_records; Store.changes + the marshal rows
+load    new: StateWriter.load, the shard's rows -> Store.load_record (C);
+        old: marshal.loads -> a Binding per binding -> Store.load
 
 Each flush round takes CHANGED AORs (a random sample, 1 or 2 bindings each, ~220
-bytes of record) of a file holding FILE_AORS (10,000: every row changes; 100,000:
-one in ten), in a WAL file checkpointed between rounds as the supervisor does.
-The setup of a round (marking the AORs changed, the checkpoint) is not timed.
-Loading reads a file of 100,000 AORs (150,000 bindings).  With -s, the last test
-prints µs per changed AOR and bindings loaded per second (the best round and the
-median) and the gain (old time / new time, from the best rounds).
+bytes of record) of a file holding 10,000 (every row changes) or 100,000 AORs (one
+in ten), in a WAL file checkpointed between rounds as the supervisor does; the
+setup of a round (marking the AORs changed, the checkpoint) is not timed.  Loading
+reads a file of 100,000 AORs (150,000 bindings).  Old and new rounds alternate, so
+that both run under the same noise of a shared machine (pytest-benchmark would run
+one after the other).  With -s the last test prints µs per changed AOR and bindings
+loaded per second (the best round and the median) and the gain (old time / new
+time, best rounds).
 """
 import marshal
 import os
@@ -153,67 +154,59 @@ def rounds_setup(store, checkpoint, n):
     return setup
 
 
-def keep(benchmark, key, per, rate=False):
-    """Record min and median of a finished benchmark: µs per ``per`` items, or items/s."""
-    if benchmark.stats is None:
-        return
-    s = benchmark.stats.stats
-    if rate:
-        RESULTS[key] = (per / s.min, per / s.median)       # the fastest round: the most per s
-    else:
-        RESULTS[key] = (s.min / per * 1e6, s.median / per * 1e6)
+def measure(key, per, pairs, rounds=ROUNDS, rate=False):
+    """Run the old and the new path alternately, ``rounds`` times each (the machine
+    is shared: interleaving puts both under the same noise); ``pairs``: {"old" |
+    "new": (setup, run)}, setup untimed.  Keeps the best round and the median:
+    µs per ``per`` items, or items per second."""
+    times = {side: [] for side in pairs}
+    for _ in range(rounds):
+        for side, (setup, run) in pairs.items():
+            setup()
+            t = time.perf_counter()
+            run()
+            times[side].append(time.perf_counter() - t)
+    for side, ts in times.items():
+        ts.sort()
+        best, median = ts[0], ts[len(ts) // 2]
+        RESULTS[(key, side)] = (per / best, per / median) if rate else (
+            best / per * 1e6, median / per * 1e6)
 
 
 # -- flush ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("file_aors", [10_000, 100_000])
-def test_flush_new(benchmark, tmp_path, file_aors):
-    benchmark.group = f"flush: {CHANGED} changed AORs of {file_aors}"
+def test_flush(tmp_path, file_aors):
     store, f = new_file(str(tmp_path / "new.db"), file_aors)
-
-    def flush():
-        return f.write(store.change_records())
-    assert benchmark.pedantic(flush, setup=rounds_setup(store, f.checkpoint, file_aors),
-                              rounds=ROUNDS, iterations=1) == CHANGED
-    keep(benchmark, (f"flush, file of {file_aors}", "new"), CHANGED)
-    f.close()
-
-
-@pytest.mark.parametrize("file_aors", [10_000, 100_000])
-def test_flush_old(benchmark, tmp_path, file_aors):
-    benchmark.group = f"flush: {CHANGED} changed AORs of {file_aors}"
-    store, db = old_file(str(tmp_path / "old.db"), file_aors)
-    benchmark.pedantic(lambda: old_write(db, store.changes()),
-                       setup=rounds_setup(store, lambda: db.execute(
-                           "PRAGMA wal_checkpoint(PASSIVE)"), file_aors),
-                       rounds=ROUNDS, iterations=1)
-    keep(benchmark, (f"flush, file of {file_aors}", "old"), CHANGED)
+    old_store, db = old_file(str(tmp_path / "old.db"), file_aors)
+    written = []
+    measure(f"flush, file of {file_aors}", CHANGED, {
+        "new": (rounds_setup(store, f.checkpoint, file_aors),
+                lambda: written.append(f.write(store.change_records()))),
+        "old": (rounds_setup(old_store, lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)"),
+                             file_aors),
+                lambda: old_write(db, old_store.changes())),
+    })
+    assert written == [CHANGED] * ROUNDS
     assert db.execute("SELECT count(*) FROM aors").fetchone() == (file_aors,)
+    assert f.db.execute("SELECT count(*) FROM aors").fetchone() == (file_aors,)
+    f.close()
     db.close()
 
 
-def test_feed_new(benchmark):
-    benchmark.group = f"feed: {CHANGED} changed AORs, no SQLite"
-    store = Store(track_changes=True)
+def test_feed():
+    store, old_store = Store(track_changes=True), Store(track_changes=True)
     for i in range(CHANGED):
         store.load(aor(i), bindings_of(i))
-    out = benchmark.pedantic(store.change_records, setup=rounds_setup(store, lambda: None,
-                                                                      CHANGED),
-                             rounds=ROUNDS, iterations=1)
-    assert len(out) == CHANGED and 200 < sum(len(r[1]) for r in out) / CHANGED < 260
-    keep(benchmark, ("feed (no SQLite)", "new"), CHANGED)
-
-
-def test_feed_old(benchmark):
-    benchmark.group = f"feed: {CHANGED} changed AORs, no SQLite"
-    store = Store(track_changes=True)
-    for i in range(CHANGED):
-        store.load(aor(i), bindings_of(i))
-    out = benchmark.pedantic(lambda: old_rows(store.changes()),
-                             setup=rounds_setup(store, lambda: None, CHANGED),
-                             rounds=ROUNDS, iterations=1)
-    assert len(out[0]) == CHANGED
-    keep(benchmark, ("feed (no SQLite)", "old"), CHANGED)
+        old_store.load(aor(i), bindings_of(i))
+    sizes = []
+    measure("feed (no SQLite)", CHANGED, {
+        "new": (rounds_setup(store, lambda: None, CHANGED),
+                lambda: sizes.append(sum(len(r[1]) for r in store.change_records()))),
+        "old": (rounds_setup(old_store, lambda: None, CHANGED),
+                lambda: old_rows(old_store.changes())),
+    })
+    assert 200 < sizes[0] / CHANGED < 260           # bytes of record per AOR
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -221,50 +214,36 @@ def test_feed_old(benchmark):
 LOAD_BINDINGS = sum(len(bindings_of(i)) for i in range(LOAD_AORS))
 
 
-@pytest.fixture(scope="module")
-def load_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("load")
-    new_store, f = new_file(str(d / "new.db"), LOAD_AORS)
-    f.close()
-    old_store, db = old_file(str(d / "old.db"), LOAD_AORS)
-    db.close()
-    return str(d / "new.db"), str(d / "old.db")
+def test_load(tmp_path):
+    new_path, old_path = str(tmp_path / "new.db"), str(tmp_path / "old.db")
+    new_file(new_path, LOAD_AORS)[1].close()
+    old_file(old_path, LOAD_AORS)[1].close()
+    got = {}
 
-
-def test_load_new(benchmark, load_files):
-    benchmark.group = f"load: {LOAD_AORS} AORs, {LOAD_BINDINGS} bindings"
-    path = load_files[0]
-
-    def load():
+    def load_new():
         reg = Registrar(min_expires=60, max_expires=3600, track_changes=True)
-        w = StateWriter(path, 0, 1, reg, None)
-        out = w.load(NOW)
+        w = StateWriter(new_path, 0, 1, reg, None)
+        got["new"] = w.load(NOW)
         w.file.close()
-        return out
-    assert benchmark.pedantic(load, rounds=5, iterations=1) == (LOAD_AORS, LOAD_BINDINGS)
-    keep(benchmark, (f"load, {LOAD_AORS} AORs (bindings/s)", "new"), LOAD_BINDINGS, rate=True)
 
-
-def test_load_old(benchmark, load_files):
-    benchmark.group = f"load: {LOAD_AORS} AORs, {LOAD_BINDINGS} bindings"
-    path = load_files[1]
-
-    def load():
+    def load_old():
         reg = Registrar(min_expires=60, max_expires=3600, track_changes=True)
-        db = sqlite3.connect(path, isolation_level=None)
-        out = old_load(db, reg.store, reg.aor_of, NOW)
+        db = sqlite3.connect(old_path, isolation_level=None)
+        got["old"] = old_load(db, reg.store, reg.aor_of, NOW)
         db.close()
-        return out
-    assert benchmark.pedantic(load, rounds=5, iterations=1) == LOAD_BINDINGS
-    keep(benchmark, (f"load, {LOAD_AORS} AORs (bindings/s)", "old"), LOAD_BINDINGS, rate=True)
+    measure(f"load, {LOAD_AORS} AORs (bindings/s)", LOAD_BINDINGS,
+            {"new": (lambda: None, load_new), "old": (lambda: None, load_old)},
+            rounds=5, rate=True)
+    assert got == {"new": (LOAD_AORS, LOAD_BINDINGS), "old": LOAD_BINDINGS}
 
 
 def test_summary():
     if len(RESULTS) < 8:
-        pytest.skip("run the benchmarks above first (not with --benchmark-disable)")
+        pytest.skip("run the measurements above first")
     print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'':38s} {'new min':>9s} {'median':>9s} {'old min':>9s} {'median':>9s} "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}; old and new rounds "
+          f"alternate")
+    print(f"{'':38s} {'new best':>9s} {'median':>9s} {'old best':>9s} {'median':>9s} "
           f"{'gain':>8s}")
     for group in dict.fromkeys(g for g, _ in RESULTS):
         new, old = RESULTS[(group, "new")], RESULTS[(group, "old")]
@@ -277,4 +256,4 @@ def test_summary():
     feed = RESULTS[("feed (no SQLite)", "new")][0]
     for group in dict.fromkeys(g for g, _ in RESULTS if g.startswith("flush")):
         print(f"{group}: SQLite's share of the new flush {RESULTS[(group, 'new')][0] - feed:.2f} "
-              f"µs/AOR (the flush less the feed, minima)")
+              f"µs/AOR (the flush less the feed, best rounds)")

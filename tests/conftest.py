@@ -9,6 +9,7 @@ import pytest
 VECTORS = Path(__file__).parent / "vectors"
 TORTURE = VECTORS / "torture"
 REAL = VECTORS / "real"
+JS = Path(__file__).parent / "js"         # the JavaScript clients (package.json, npm ci)
 
 
 def crlf(data: bytes) -> bytes:
@@ -34,13 +35,22 @@ def require_client(name: str, apt_package: str) -> str:
 
     Missing: the test is skipped on a developer machine, but under CI (``CI`` set,
     where .ci/run installs every client of the matrix) it FAILS: a client that
-    cannot be installed must not turn the interop matrix green.  Two other forms:
+    cannot be installed must not turn the interop matrix green.  Three other forms:
     ``python:MODULE`` (``apt_package`` is then the pip package; the path returned is
-    the module's file) and ``perl:Module::Name`` (the path returned is perl's)."""
-    kind, _, module = name.partition(":") if name.startswith(("python:", "perl:")) else ("", "", name)
+    the module's file), ``perl:Module::Name`` (the path returned is perl's) and
+    ``npm:PACKAGE``, a package of tests/js/package.json in tests/js/node_modules, with
+    the ``node`` command (``apt_package`` is then the npm package; the path returned
+    is the package's folder)."""
+    kind, _, module = (name.partition(":") if name.startswith(("python:", "perl:", "npm:"))
+                       else ("", "", name))
     how = f"apt-get install {apt_package}"
     path = None
-    if kind == "python":
+    if kind == "npm":
+        folder = JS / "node_modules" / module
+        if shutil.which("node") is not None and (folder / "package.json").is_file():
+            path = str(folder)
+        how = f"cd tests/js && npm ci: {apt_package}"
+    elif kind == "python":
         import importlib.util
         try:
             spec = importlib.util.find_spec(module)

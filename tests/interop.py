@@ -32,6 +32,22 @@ def serve(start, tmp_path, auth: bool):
     return start("--realm", REALM, "--users", str(write_htdigest(tmp_path / "users.htdigest")))
 
 
+def serve_tls(start, tmp_path, auth: bool = False):
+    """``fastsip serve`` on its defaults plus only the TLS flags (``--tls-cert``,
+    ``--tls-key``: a server certificate for 127.0.0.1, ::1 and localhost from a test
+    CA), listening on UDP, TCP, TLS, WS and WSS; with ``auth`` also ``--realm`` and
+    ``--users``.  Returns the server and the test PKI (make_test_pki: ``pki["ca"]``
+    is the CA file the clients are given)."""
+    from fastsip.server.testing import make_test_pki
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    pki = make_test_pki(folder)
+    args = ["--tls-cert", pki["cert"], "--tls-key", pki["key"]]
+    if auth:
+        args += ["--realm", REALM, "--users", str(write_htdigest(tmp_path / "users.htdigest"))]
+    return start(*args, transports=("udp", "tcp", "tls", "ws", "wss")), pki
+
+
 def fetch(srv, user, host=REALM):
     """The bindings the admin API finds for ``sip:user@host``, the AOR WITHOUT a port
     (what a caller looks up), whatever port the client wrote into To."""
@@ -53,6 +69,15 @@ def assert_gone(srv, user, host=REALM):
     assert fetch(srv, user, host) == []
     assert srv.api("/api/bindings")["bindings"] == []
     assert srv.metrics()["fastsip_bindings"] == 0
+
+
+def wait_gone(srv, user, timeout=10.0, host=REALM):
+    """Poll the admin API (bounded) until sip:user@host has no binding left, then
+    assert that no binding of any AOR is left (assert_gone)."""
+    deadline = time.monotonic() + timeout
+    while fetch(srv, user, host) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_gone(srv, user, host)
 
 
 def assert_refreshed(before, after):
@@ -120,6 +145,20 @@ class LineClient:
             os.killpg(self.proc.pid, 9)
             return self.proc.wait(5)
         finally:
+            self.proc.stdout.close()
+            self._log.close()
+
+    def kill(self):
+        """SIGKILL to the client's process group: its connections are closed by the
+        kernel, with no unregister or goodbye first.  The exit status (-9)."""
+        try:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        try:
+            return self.proc.wait(5)
+        finally:
+            self.proc.stdin.close()
             self.proc.stdout.close()
             self._log.close()
 

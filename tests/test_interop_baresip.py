@@ -46,7 +46,8 @@ class Baresip:
     """baresip in its own process group, commands on its standard input,
     everything it prints (with the SIP trace) in ``log_path``."""
 
-    def __init__(self, exe, tmp_path, account):
+    def __init__(self, exe, tmp_path, account, config=""):
+        """``config``: lines added to baresip's config file (e.g. ``sip_cafile``)."""
         conf = tmp_path / "baresip"
         conf.mkdir()
         home = tmp_path / "home"
@@ -56,7 +57,7 @@ class Baresip:
             "sip_listen\t127.0.0.1:0\n"
             "module\t\tstdio.so\n"
             "module\t\tmenu.so\n"
-            "module\t\taccount.so\n")
+            "module\t\taccount.so\n" + config)
         (conf / "accounts").write_text(account + "\n")
         self.log_path = tmp_path / "baresip.log"
         self._log = open(self.log_path, "wb")

@@ -266,3 +266,60 @@ def test_replies_of_both_workers_come_back_as_frames_on_the_one_connection(start
     with pytest.raises(ConnectionClosed):
         b.conn.send("x" * 40000)            # above --max-message-size: closed with 1009
         b.recv()
+
+
+def test_a_killed_worker_takes_its_connections_flows_from_every_shard(start, pki, browser):
+    """kill -9 of the worker holding a browser's connection: the flows it registered,
+    in both workers' shards, are gone once the worker is restarted, from memory and
+    from the state file; the flows of a connection the other worker holds stay, in
+    both shards (the restarted worker reloads those from the state file), and so do
+    bindings with routable contacts."""
+    import signal
+    srv = ws_serve(start, pki, "--flush-interval", "0.05", workers=2)
+
+    def holder_of(b, tag):
+        """Register 24 AORs over ``b``; the worker holding its connection."""
+        for i in range(24):
+            ok = b.ask(f"{tag}{i}", contact=f"sip:{tag}{i}@df7jal23ls0d.invalid;transport=ws")
+            assert ok.status == 200
+        conns = {s["conn_id"] & 0xFF for s in srv.api("/api/bindings")["bindings"]
+                 if s["aor"].startswith(f"sip:{tag}")}
+        assert len(conns) == 1
+        return conns.pop()
+    doomed = browser(srv, "ws")
+    holder = holder_of(doomed, "d")
+    for k in range(50):                 # a connection the other worker accepts (the
+        other = browser(srv, "ws")      # ones the same worker took die with it)
+        if holder_of(other, f"s{k}x") != holder:
+            break
+    else:
+        pytest.fail("the kernel gave every connection to one worker")
+    assert doomed.ask("keep", contact="sip:keep@192.0.2.1;transport=ws").status == 200
+    survivors = {s["contact"] for s in srv.api("/api/bindings")["bindings"]
+                 if s["aor"].startswith((f"sip:s{k}x", "sip:keep"))}
+    assert len(survivors) == 25
+    assert {s["worker"] for s in srv.api("/api/bindings")["bindings"]
+            if s["contact"] in survivors} == {0, 1}
+    time.sleep(0.3)                     # the state file has them all
+    os.kill(srv.worker_pids()[holder], signal.SIGKILL)
+
+    def contacts():
+        try:
+            return {s["contact"] for s in srv.api("/api/bindings")["bindings"]}
+        except OSError:
+            return None
+    assert wait_for(lambda: len(srv.worker_pids()) == 2 and contacts() == survivors,
+                    timeout=15), contacts() ^ survivors
+    assert other.ask("s0", call_id="fetch").status == 200     # its connection lives
+
+
+def test_a_register_and_a_close_in_one_read_get_the_reply_then_the_close(start, pki,
+                                                                           connect):
+    srv = ws_serve(start, pki, workers=1)
+    raw = _raw_upgrade(connect, srv.ws)
+    raw.sendall(_frame(register("alice", contact="sip:alice@192.0.2.1", transport="WS"))
+                + _frame(struct.pack("!H", 1000), opcode=8))
+    got = _closed(raw)
+    assert got[:2] == b"\x81\x7e" and b"SIP/2.0 200 OK" in got      # the reply's text frame
+    assert got.endswith(b"\x88\x02\x03\xe8")                         # then the close, last
+    assert srv.api("/api/bindings")["bindings"][0]["contact"] == "sip:alice@192.0.2.1"

@@ -279,6 +279,8 @@ class TcpServer:
         conn.handshake = False
         if conn.ws is None and not conn.framer.buffered:
             self._clock_stop(conn)
+        if conn.out:                    # written while the handshake ran
+            self._want_write(conn)
         return True
 
     def _recv(self, conn: Conn):
@@ -311,14 +313,21 @@ class TcpServer:
         now = time.time()
         conn.last = now
         if conn.ws is not None:
+            was_open = conn.ws.open
             out, items, closing = conn.ws.receive(data)
-            if out:
-                self.write(conn, out)
             if closing:
+                # messages that came before the close (or the error) are answered,
+                # and the close frame goes after their replies (RFC 6455 5.5.1)
+                if items and was_open:
+                    self.serve(conn, items, now)
+                if out:
+                    self.write(conn, out)
                 if conn.ws.reason not in (None, "closed", "http"):
                     self.c.count("ws_refused", conn.ws.reason)
                 self.close(conn)
                 return
+            if out:
+                self.write(conn, out)
             self._message_clock(conn, conn.ws.buffered if conn.ws.open else 1, items, now)
         else:
             try:

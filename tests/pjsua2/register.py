@@ -2,12 +2,15 @@
 tests/test_interop_pjsua2.py; run as a subprocess so that a crash or a hang in
 the library ends with its process.
 
-    python register.py HOST PORT udp|tcp USER [PASSWORD]
+    python register.py HOST PORT udp|tcp|tls USER [PASSWORD]
 
 One account on pjsua2's defaults (registration interval 300 s, its own
 Contact with ;ob, +sip.instance and reg-id, Contact rewriting), with only its
-identity sip:USER@HOST:PORT, the registrar sip:HOST:PORT (;transport=tcp for
-TCP) and, given a password, a digest credential.  Commands, one a line, on
+identity sip:USER@HOST:PORT, the registrar sip:HOST:PORT (;transport=tcp or
+;transport=tls) and, given a password, a digest credential.  Over TLS the
+server's certificate is verified (TlsConfig.verifyServer, off by default in
+pjsua2) against the CA file named by PJSUA2_CA; the rest of TlsConfig is
+pjsua2's default.  Commands, one a line, on
 standard input:
     register     the first: create the account (pjsua2 registers it); later:
                  a refresh (Account.setRegistration(True))
@@ -52,14 +55,19 @@ def main():
     ep.libInit(cfg)
     tcfg = pj.TransportConfig()
     tcfg.boundAddress = "127.0.0.1"
-    kind = pj.PJSIP_TRANSPORT_TCP if transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
+    kind = {"udp": pj.PJSIP_TRANSPORT_UDP, "tcp": pj.PJSIP_TRANSPORT_TCP,
+            "tls": pj.PJSIP_TRANSPORT_TLS}[transport]
+    if transport == "tls":
+        tcfg.tlsConfig.CaListFile = os.environ["PJSUA2_CA"]
+        tcfg.tlsConfig.verifyServer = True
     ep.transportCreate(kind, tcfg)
     ep.libStart()
     ep.audDevManager().setNullDev()
 
     acfg = pj.AccountConfig()
     acfg.idUri = f"sip:{user}@{host}:{port}"
-    acfg.regConfig.registrarUri = f"sip:{host}:{port}" + (";transport=tcp" if transport == "tcp" else "")
+    acfg.regConfig.registrarUri = f"sip:{host}:{port}" + (
+        "" if transport == "udp" else f";transport={transport}")
     if password is not None:
         acfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", user, 0, password))
     acc = Account()

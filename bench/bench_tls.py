@@ -97,11 +97,11 @@ def _tls_ready(port: int, ca: str, proc, timeout: float = 20.0) -> bool:
 class Fastsip:
     name = "fastsip"
 
-    def __init__(self, args, pki):
+    def __init__(self, args, pki, workers=1):
         extra = ["--tls-cert", pki["cert"], "--tls-key", pki["key"],
                  "--max-connections", str(max(60000, args.idle + 1000)),
                  "--log-level", "warning"]
-        self.srv = ServerProcess(*extra, workers=1, transports=("tls", "wss"),
+        self.srv = ServerProcess(*extra, workers=workers, transports=("tls", "wss"),
                                  prefix=["taskset", "-c", args.server_cpus] if args.server_cpus
                                  else (), cwd=args.rundir)
         try:
@@ -434,7 +434,7 @@ def _ratio(a, b):
     return f"{a / b:.2f}×" if a and b else "–"
 
 
-def table(res: dict, n_idle: int) -> str:
+def table(res: dict) -> str:
     f, k = res.get("fastsip", {}), res.get("kamailio", {})
     rows = ["| figure (median of the repeats; their range) | fastsip | Kamailio | fastsip / Kamailio |",
             "|---|---|---|---|"]
@@ -458,8 +458,11 @@ def table(res: dict, n_idle: int) -> str:
     for r in f.get("hs", []) + k.get("hs", []):
         r["per_core"] = 1e6 / r["server_us"] if r.get("server_us") else None
     row("TLS handshakes/s per core (1 / CPU per connection)", "hs", "per_core")
-    row(f"memory per idle TLS connection, PSS ({n_idle:,} held)", "idle", "pss_per_conn",
-        " KiB", 1 / 1024)
+    held = {name: _median(res.get(name, {}).get("idle"), "held")
+            for name in ("fastsip", "kamailio")}
+    row("memory per idle TLS connection, PSS (held: "
+        + ", ".join(f"{name} {n:,}" for name, n in held.items() if n) + ")", "idle",
+        "pss_per_conn", " KiB", 1 / 1024)
     row("memory per idle TLS connection, RSS summed over the processes", "idle", "rss_per_conn",
         " KiB", 1 / 1024)
     if k.get("idle") and k["idle"][0].get("shm_per_conn") is not None:
@@ -554,10 +557,14 @@ def main(argv=None) -> int:
     # every server process holds its connections' descriptors: the hard limit bounds --idle
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Kamailio's TCP main process holds every connection; fastsip's workers share them,
+    # so for the idle step fastsip runs as many workers as the connections need
     n_idle = min(args.idle, hard - 1000)
-    if n_idle < args.idle and "idle" in steps:
-        print(f"bench_tls: holding {n_idle:,} idle connections, not {args.idle:,}: a process may "
-              f"have {hard:,} open files here (RLIMIT_NOFILE hard limit)", file=sys.stderr)
+    idle_workers = -(-args.idle * 11 // 10 // (hard - 1000))   # 10 % spare: the kernel's spread
+    if n_idle < args.idle and "idle" in steps and "kamailio" in servers:
+        print(f"bench_tls: Kamailio holds {n_idle:,} idle connections, not {args.idle:,}: a "
+              f"process may have {hard:,} open files here (RLIMIT_NOFILE hard limit); fastsip "
+              f"holds {args.idle:,} with {idle_workers} workers", file=sys.stderr)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     args.rundir = tempfile.mkdtemp(prefix="bench-tls-")
@@ -590,7 +597,9 @@ def main(argv=None) -> int:
                     continue
                 for name in servers:
                     quiet()
-                    srv = SERVERS[name](args, pki)
+                    idle = step == "idle" and name == "fastsip"
+                    srv = (SERVERS[name](args, pki, workers=idle_workers) if idle
+                           else SERVERS[name](args, pki))
                     try:
                         # a step during which the server crashed measured something else
                         if step in ("tls", "wss"):
@@ -600,7 +609,7 @@ def main(argv=None) -> int:
                             r = step_handshakes(args, srv, pki)
                             r["trouble"] = srv.trouble()
                         else:
-                            r = step_idle(args, srv, pki, n_idle)
+                            r = step_idle(args, srv, pki, args.idle if idle else n_idle)
                     finally:
                         srv.stop()
                     _say(name, step, r)
@@ -612,7 +621,7 @@ def main(argv=None) -> int:
         shutil.rmtree(args.rundir, ignore_errors=True)
     load1 = os.getloadavg()
     res["_handshake_only"] = args.handshake_only
-    text = table(res, n_idle) if any(res[s] for s in servers) else ""
+    text = table(res) if any(res[s] for s in servers) else ""
     if floor:
         text += "\n\nThe load tool against its own floor (the C stream echo):\n\n" + floor_table(floor)
     head = (f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`\n\n"

@@ -46,7 +46,7 @@ exts = [
 ]
 # the load tool (top-level package load/): the engine (batched send/receive/match),
 # its parts, and the C-speed echo responder
-LOAD_MODULES = ("stats", "scan", "window", "tcp", "send", "loadio", "echo")
+LOAD_MODULES = ("stats", "scan", "window", "ws", "tcp", "send", "loadio", "echo")
 exts += [ext(f"load._{m}_c") for m in LOAD_MODULES]
 setup(
     ext_modules=cythonize(

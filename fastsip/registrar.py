@@ -7,6 +7,8 @@ from fastsip.core._core import (
     Binding,
     Store,
     aor_key,
+    decode_record,
+    encode_record,
     make_response,
     shard_of,
     stable_hash,
@@ -14,4 +16,5 @@ from fastsip.core._core import (
 from fastsip.core.netsip import ReceiveChain, Registrar, aor_from_text
 
 __all__ = ["Registrar", "ReceiveChain", "Binding", "Store", "aor_key", "aor_from_text",
-           "shard_of", "stable_hash", "make_response", "SUPPORTED_OPTIONS"]
+           "shard_of", "stable_hash", "make_response", "SUPPORTED_OPTIONS",
+           "encode_record", "decode_record"]

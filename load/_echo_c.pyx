@@ -6,18 +6,23 @@
 that copies Via, From, To (adding a tag), Call-ID and CSeq, in batches of
 ``recvmmsg``/``sendmmsg``; no state, no checks.  It is the "echo floor"
 that the load tool's rate is measured against
-(``python -m load.responder --fast``).
+(``python -m load.responder --fast``).  :func:`echo_stream` does the same
+for the plaintext of a stream connection (TCP, TLS, WebSocket frames):
+all the complete requests of a buffer in, all their replies out, in one
+call; the responder's Python loop around it does the sockets and TLS.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memset
 
 from load._common cimport (BATCH, MSG_DONTWAIT, MSG_MAX, POLLIN, iovec, mmsghdr, name_is,
                            now_ns, poll, pollfd, recvmmsg, sendmmsg)
+from load._scan_c cimport frame_length
+from load._ws_c cimport WS_BINARY, WS_HDR_MAX, WS_TEXT, WsFrame, ws_parse, ws_put, ws_xor
 
 
 cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap) noexcept nogil:
@@ -154,3 +159,66 @@ def echo_udp(int fd, double duration, uint64_t max_packets):
     finally:
         free(rm); free(sm); free(ri); free(si); free(names); free(inb); free(outb)
     return received, answered
+
+
+def echo_stream(bytes data, bint ws):
+    """The replies to every complete request in ``data``, the plaintext
+    received on a stream connection: ``(consumed, replies, requests, bad)``.
+
+    Requests are framed by Content-Length, or one per WebSocket frame with
+    ``ws`` (the replies then go in unmasked frames).  ``consumed`` bytes of
+    ``data`` were used (the rest is an incomplete message); ``bad`` counts
+    what breaks the stream: an unmasked client frame, a fragmented or
+    broken one, garbage.  After a bad one the caller closes the connection.
+    """
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos = 0, m, r, o = 0, cap
+    cdef char *out
+    cdef char *nb
+    cdef char scratch[MSG_MAX]
+    cdef char reply[MSG_MAX]
+    cdef WsFrame f
+    cdef uint64_t reqs = 0, bad = 0
+    cap = n + 4096
+    out = <char *>malloc(cap)
+    if out == NULL:
+        raise MemoryError()
+    try:
+        while pos < n and not bad:
+            if ws:
+                m = ws_parse(p + pos, n - pos, &f)
+                if m == 0:
+                    break
+                if (m < 0 or not f.masked or not f.fin or f.plen > MSG_MAX
+                        or (f.opcode != WS_TEXT and f.opcode != WS_BINARY)):
+                    bad += 1
+                    break
+                ws_xor(scratch, p + pos + f.hlen, f.plen,
+                       <const unsigned char *>(p + pos + f.hlen - 4))
+                r = build_ok(scratch, f.plen, reply, MSG_MAX)
+            else:
+                m = frame_length(p + pos, n - pos)
+                if m == 0:
+                    break
+                if m < 0:
+                    bad += 1
+                    break
+                r = build_ok(p + pos, m, reply, MSG_MAX) if p[pos] != 13 and p[pos] != 10 else 0
+            pos += m
+            if r == 0:
+                continue
+            reqs += 1
+            if o + r + WS_HDR_MAX > cap:
+                cap = 2 * cap + r + WS_HDR_MAX
+                nb = <char *>realloc(out, cap)
+                if nb == NULL:
+                    raise MemoryError()
+                out = nb
+            if ws:
+                o += ws_put(out + o, WS_TEXT, reply, r, False, 0)
+            else:
+                memcpy(out + o, reply, r)
+                o += r
+        return pos, PyBytes_FromStringAndSize(out, o), reqs, bad
+    finally:
+        free(out)

@@ -48,6 +48,7 @@ cdef struct Schedule:         # the new requests of a phase
     int closed_loop
     double rate               # open loop: per second
     uint32_t inflight         # closed loop: the window
+    uint32_t refill           # closed loop: new requests go out once this many slots are free
     uint64_t max_new
     int64_t t0
     int64_t send_until
@@ -138,6 +139,8 @@ cdef inline int64_t sched_due(const Schedule *s, int64_t t, uint64_t sent_new,
     cdef int64_t due, lag
     if s.closed_loop:
         due = <int64_t>s.inflight - <int64_t>outstanding
+        if due < <int64_t>s.refill and <uint64_t>due < s.max_new - sent_new:
+            return 0            # wait for a fuller refill (see sched_set)
     else:
         due = <int64_t>((t - s.t0) * s.rate / 1e9) + 1 - <int64_t>sent_new
         if due > 1:
@@ -156,7 +159,10 @@ cdef inline int64_t sched_next(const Schedule *s, int64_t t, uint64_t sent_new,
     """When the next new request falls due (``t``: now; the far future: not
     before a reply or a timeout frees the window)."""
     if s.closed_loop:
-        if outstanding < s.inflight and not ring_full:
+        if ring_full or outstanding >= s.inflight:
+            return 0x7FFFFFFFFFFFFFFF
+        if (s.inflight - outstanding >= s.refill
+                or s.inflight - outstanding >= s.max_new - sent_new):
             return t
         return 0x7FFFFFFFFFFFFFFF
     return s.t0 + <int64_t>(sent_new * 1e9 / s.rate)

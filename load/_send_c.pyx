@@ -107,6 +107,10 @@ cdef int sched_set(Schedule *s, pattern, malformed_kinds, double malformed_ratio
     s.closed_loop = closed_loop
     s.rate = rate
     s.inflight = inflight
+    # a closed loop refills its window an eighth at a time, not one request per reply:
+    # against a server that answers one by one, per-reply refills cost the tool a
+    # send (and a wake-up) per request, and the tool, not the server, became the limit
+    s.refill = inflight // 8 if inflight >= 8 else 1
     s.max_new = 0xFFFFFFFFFFFFFFFF if max_new is None else max_new
     if not closed_loop and duration > 0:
         # open loop: request k is due at k / rate; those due before the end

@@ -1,4 +1,4 @@
-"""The load engine's TCP connections (load._tcp_c): C-level only (cimported from
+"""The load engine's stream connections (load._tcp_c): C-level only (cimported from
 _tcp_c.pxd), nothing for Python."""
 
 # the C functions the other compiled modules cimport (capsules)

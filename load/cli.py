@@ -41,7 +41,14 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("target")
     g.add_argument("--target", default="127.0.0.1:5060", metavar="HOST:PORT",
                    help="registrar address (an IP; [::1]:PORT for IPv6); default %(default)s")
-    g.add_argument("--transport", choices=("udp", "tcp"), default="udp")
+    g.add_argument("--transport", choices=("udp", "tcp", "tls", "ws", "wss"), default="udp",
+                   help="ws and wss: SIP over WebSocket (RFC 7118), the sip subprotocol, "
+                        "one message per masked frame (default %(default)s)")
+    g.add_argument("--tls-ca", metavar="PEM",
+                   help="tls, wss: check the server's certificate against these CAs "
+                        "(default: the system's)")
+    g.add_argument("--tls-insecure", action="store_true",
+                   help="tls, wss: do not check the server's certificate")
     g.add_argument("--allow-remote", action="store_true",
                    help="allow a target outside 127.0.0.0/8 and ::1")
     g.add_argument("--raw", action="store_true",
@@ -78,7 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--t1", type=float, default=0.5, help="timer T1 in seconds (default %(default)s)")
     g.add_argument("--t2", type=float, default=4.0, help="timer T2 in seconds (default %(default)s)")
     g.add_argument("--sockets", type=int,
-                   help="UDP source ports (default 16) or TCP connections (default min(users, 64))")
+                   help="UDP source ports (default 16) or connections (default min(users, 64))")
     g = p.add_argument_group("output")
     g.add_argument("--server-pid", type=int, nargs="+", default=[], metavar="PID",
                    help="measure the CPU of these processes and their children")
@@ -112,7 +119,8 @@ def main(argv=None) -> int:
         expires=args.expires, contacts=args.contacts, mix=args.mix,
         malformed_ratio=args.malformed_ratio, timeout=args.timeout, retransmit=args.retransmit,
         t1=args.t1, t2=args.t2, sockets=args.sockets, pcap_out=args.pcap_out, replay=args.replay,
-        raw=args.raw, allow_remote=args.allow_remote, server_pid=args.server_pid,
+        raw=args.raw, tls_ca=args.tls_ca, tls_insecure=args.tls_insecure,
+        allow_remote=args.allow_remote, server_pid=args.server_pid,
         interval=args.interval, no_prime=args.no_prime, dry_run=args.dry_run)
     try:
         run = LoadRun(opts, log=log)

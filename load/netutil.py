@@ -1,11 +1,17 @@
 """Addresses and sockets of the load tool: loopback checks, phones' source
-addresses, the UDP sockets, TCP connections and the raw socket."""
+addresses, the UDP sockets, TCP connections (with their TLS and WebSocket
+handshakes) and the raw socket."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
+import os
 import socket
+import ssl
 import struct
+import time
 
 __all__ = [
     "TargetError",
@@ -15,6 +21,11 @@ __all__ = [
     "phone_address",
     "open_udp_sockets",
     "open_tcp_connections",
+    "tls_client_context",
+    "StreamSetupError",
+    "tls_handshake",
+    "ws_handshake",
+    "open_stream_connections",
     "open_raw_socket",
     "raise_fd_limit",
 ]
@@ -125,9 +136,9 @@ def open_udp_sockets(family: int, n: int, ports=None, any_address: bool = True) 
     return socks
 
 
-def open_tcp_connections(host: str, port: int, n: int, sources) -> list:
-    """``n`` non-blocking TCP connections to ``(host, port)``; connection
-    ``i`` binds to source address ``sources[i]`` (``None``: any)."""
+def open_tcp_connections(host: str, port: int, n: int, sources, blocking: bool = False) -> list:
+    """``n`` non-blocking (or ``blocking``) TCP connections to ``(host, port)``;
+    connection ``i`` binds to source address ``sources[i]`` (``None``: any)."""
     raise_fd_limit(n)
     family = family_of(host)
     socks = []
@@ -147,12 +158,153 @@ def open_tcp_connections(host: str, port: int, n: int, sources) -> list:
                 what = "refused" if isinstance(exc, ConnectionRefusedError) else "timed out"
                 raise ConnectionRefusedError(f"TCP connection to {where} {what}: "
                                              f"is a registrar listening on {where}?") from None
-            s.setblocking(False)
+            if not blocking:
+                s.setblocking(False)
     except BaseException:
         for s in socks:
             s.close()
         raise
     return socks
+
+
+class StreamSetupError(ConnectionError):
+    """A TLS or WebSocket handshake that failed (the message says which and why)."""
+
+
+def tls_client_context(ca: str | None = None, insecure: bool = False) -> ssl.SSLContext:
+    """The client side of TLS: TLS 1.2 or newer, the server's certificate
+    checked against ``ca`` (a PEM file; None: the system's CAs) and its
+    address, or not checked at all with ``insecure``."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _recv_some(sock: socket.socket, deadline: float) -> bytes:
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        data = sock.recv(65536)
+    except TimeoutError:
+        raise StreamSetupError("timed out") from None
+    if not data:
+        raise StreamSetupError("the server closed the connection")
+    return data
+
+
+def tls_handshake(sock: socket.socket, ctx: ssl.SSLContext, server_hostname: str,
+                  timeout: float = 5.0) -> tuple:
+    """A TLS handshake over the connected (blocking) ``sock`` through memory
+    BIOs: ``(SSLObject, incoming MemoryBIO, outgoing MemoryBIO)``."""
+    inbio, outbio = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inbio, outbio, server_hostname=server_hostname)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outbio.pending:
+                sock.sendall(outbio.read())
+            inbio.write(_recv_some(sock, deadline))
+        except ssl.SSLCertVerificationError as exc:
+            raise StreamSetupError(f"TLS: the server's certificate: {exc.verify_message} "
+                                   "(give --tls-ca PEM, or --tls-insecure)") from None
+        except ssl.SSLError as exc:
+            raise StreamSetupError(f"TLS handshake failed: {exc}") from None
+    if outbio.pending:
+        sock.sendall(outbio.read())
+    return obj, inbio, outbio
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept value for ``key`` (RFC 6455 section 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def ws_handshake(send, recv, host: str, port: int, path: str = "/",
+                 timeout: float = 5.0) -> bytes:
+    """The client's opening handshake (RFC 6455 section 4.1) offering the
+    ``sip`` subprotocol (RFC 7118), over ``send(bytes)`` and ``recv() ->
+    bytes``; checks the 101, the accept key and that the server chose
+    ``sip``.  Returns the bytes that followed the answer (normally none)."""
+    key = base64.b64encode(os.urandom(16))
+    h = f"[{host}]" if ":" in host else host
+    send((f"GET {path} HTTP/1.1\r\nHost: {h}:{port}\r\nUpgrade: websocket\r\n"
+          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+          "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: sip\r\n\r\n").encode())
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > 16384 or time.monotonic() > deadline:
+            raise StreamSetupError("WebSocket: no complete answer to the upgrade request")
+        buf += recv(deadline)
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)
+    if len(status) < 2 or status[1] != "101":
+        raise StreamSetupError(f"WebSocket: the server answered {lines[0]!r} to the upgrade")
+    hdrs = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        hdrs[name.strip().lower()] = value.strip()
+    if hdrs.get("sec-websocket-accept", "").encode() != ws_accept(key):
+        raise StreamSetupError("WebSocket: wrong Sec-WebSocket-Accept in the answer")
+    if hdrs.get("sec-websocket-protocol", "").lower() != "sip":
+        raise StreamSetupError("WebSocket: the server did not choose the sip subprotocol "
+                               f"(Sec-WebSocket-Protocol: {hdrs.get('sec-websocket-protocol')!r})")
+    return rest
+
+
+def open_stream_connections(host: str, port: int, n: int, sources, transport: str,
+                            ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple:
+    """``n`` connections to ``(host, port)`` past their handshakes, non-blocking:
+    TCP (``tcp``), TLS (``tls``), WebSocket (``ws``) or WebSocket over TLS
+    (``wss``).  Returns ``(sockets, tls)``: ``tls`` is None without TLS, else
+    one ``(SSLObject, incoming BIO, outgoing BIO, plaintext after the
+    handshakes)`` per connection, as ``Engine.set_tls`` takes them."""
+    socks = open_tcp_connections(host, port, n, sources, blocking=True)
+    tls = [] if transport in ("tls", "wss") else None
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        for s in socks:
+            s.settimeout(timeout)
+            rest = b""
+            try:
+                if tls is not None:
+                    obj, inbio, outbio = tls_handshake(s, ctx, host, timeout)
+                    if transport == "wss":
+                        def send(data, obj=obj, outbio=outbio, s=s):
+                            obj.write(data)
+                            s.sendall(outbio.read())
+
+                        def recv(deadline, obj=obj, inbio=inbio, s=s):
+                            while True:
+                                try:
+                                    return obj.read(65536)
+                                except ssl.SSLWantReadError:
+                                    inbio.write(_recv_some(s, deadline))
+
+                        rest = ws_handshake(send, recv, host, port, timeout=timeout)
+                    tls.append((obj, inbio, outbio, rest))
+                elif transport == "ws":
+                    rest = ws_handshake(s.sendall, lambda d, s=s: _recv_some(s, d), host, port,
+                                        timeout=timeout)
+                    if rest:
+                        raise StreamSetupError("WebSocket: data right after the handshake")
+            except (StreamSetupError, OSError) as exc:
+                raise StreamSetupError(f"{transport} connection to {where}: {exc}") from None
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks, tls
 
 
 def open_raw_socket() -> socket.socket:

@@ -3,13 +3,19 @@
 ``python -m load.responder --listen 127.0.0.1:5070`` answers every REGISTER
 over UDP and TCP with a ``200 OK`` that copies Via, From, To (adding a tag),
 Call-ID and CSeq and lists the request's Contacts.  It keeps no bindings.
-Options make it useful for testing a load generator:
+``--transport tls|ws|wss`` serves SIP over TLS, WebSocket (RFC 7118: the
+handshake must offer the ``sip`` subprotocol, else 400; client frames must
+be masked, else the connection is closed) or WebSocket over TLS instead
+(``--tls-cert``/``--tls-key``).  Options make it useful for testing a load
+generator:
 
 ``--auth``               challenge every request without valid credentials
                          with a 401 (``--algorithm MD5|SHA-256``, ``--qop``)
                          and check the digest (``--password-pattern``)
 ``--drop F``/``--dup F`` drop / send twice a share F of the replies
-``--fast``               the C-speed echo of ``load._echo_c`` (UDP, 200 only)
+``--fast``               the C-speed echo of ``load._echo_c`` (200 only): over UDP
+                         ``echo_udp``; over the stream transports the loop
+                         below with ``echo_stream`` answering whole buffers
 
 It checks the few things a malformed request from ``--malformed-ratio``
 breaks and answers those with 400.  Every loop is bounded by
@@ -30,6 +36,8 @@ import re
 import selectors
 import signal
 import socket
+import ssl
+import struct
 import sys
 import time
 
@@ -197,6 +205,177 @@ def _frame(buf: bytearray):
         del buf[:n]
 
 
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A server's frame (unmasked, FIN set) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
+
+
+def ws_frames(buf: bytearray):
+    """Complete frames off the front of ``buf``: ``[(fin, opcode, masked, payload)]``,
+    the payload unmasked."""
+    out = []
+    while len(buf) >= 2:
+        b0, b1 = buf[0], buf[1]
+        n, h = b1 & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n, h = struct.unpack("!H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n, h = struct.unpack("!Q", buf[2:10])[0], 10
+        masked = bool(b1 & 0x80)
+        key = bytes(buf[h:h + 4]) if masked else b""
+        h += 4 if masked else 0
+        if len(buf) < h + n:
+            break
+        payload = bytes(buf[h:h + n])
+        if masked:
+            payload = bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+        out.append((bool(b0 & 0x80), b0 & 0x0F, masked, payload))
+        del buf[:h + n]
+    return out
+
+
+def ws_answer(request: bytes):
+    """``(answer, accepted)`` to a WebSocket opening handshake (RFC 6455 4.2, RFC 7118:
+    the ``sip`` subprotocol is required)."""
+    lines = request.decode("latin-1").split("\r\n")
+    hdrs = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        hdrs[name.strip().lower()] = value.strip()
+    protos = [p.strip().lower() for p in hdrs.get("sec-websocket-protocol", "").split(",")]
+    key = hdrs.get("sec-websocket-key", "")
+    if (not lines[0].startswith("GET ") or "websocket" not in hdrs.get("upgrade", "").lower()
+            or not key or "sip" not in protos):
+        body = b"a SIP WebSocket upgrade with the sip subprotocol is needed\n"
+        return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: %d"
+                b"\r\nConnection: close\r\n\r\n%s" % (len(body), body)), False
+    import base64
+    import hashlib
+    accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest())
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\nSec-WebSocket-Protocol: sip\r\n\r\n"), True
+
+
+class _Stream:
+    """One accepted connection: TLS through memory BIOs (optional), then a
+    WebSocket (optional), then SIP messages."""
+
+    def __init__(self, sock, ctx, ws):
+        self.sock = sock
+        self.ws = ws
+        self.upgraded = not ws
+        self.tls = None
+        self.tls_done = False
+        if ctx is not None:
+            self.inbio, self.outbio = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = ctx.wrap_bio(self.inbio, self.outbio, server_side=True)
+        self.plain = bytearray()
+
+    def feed(self, data: bytes) -> bool:
+        """Take bytes from the socket; False when the connection is to be closed."""
+        if self.tls is None:
+            self.plain += data
+            return True
+        self.inbio.write(data)
+        if not self.tls_done:
+            try:
+                self.tls.do_handshake()
+                self.tls_done = True
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, OSError):
+                return False
+            self.send(b"")
+            if not self.tls_done:
+                return True
+        while True:
+            try:
+                chunk = self.tls.read(1 << 18)
+            except ssl.SSLWantReadError:
+                return True
+            except (ssl.SSLError, OSError):
+                return False
+            if not chunk:
+                return False
+            self.plain += chunk
+
+    def send(self, data: bytes) -> None:
+        if self.tls is not None:
+            if data:
+                self.tls.write(data)
+            data = self.outbio.read()
+        if data:
+            self.sock.setblocking(True)
+            try:
+                self.sock.sendall(data)
+            finally:
+                self.sock.setblocking(False)
+
+
+def _serve_stream(conn: _Stream, responder, fast: bool) -> bool:
+    """Answer what ``conn`` has received; False when it is to be closed."""
+    st = responder.stats
+    if not conn.upgraded:
+        end = conn.plain.find(b"\r\n\r\n")
+        if end < 0:
+            return len(conn.plain) < 16384
+        answer, ok = ws_answer(bytes(conn.plain[:end]))
+        del conn.plain[:end + 4]
+        st["ws_upgrades" if ok else "ws_refused"] += 1
+        conn.send(answer)
+        if not ok:
+            return False
+        conn.upgraded = True
+    if fast:
+        from ._echo_c import echo_stream
+        used, out, reqs, bad = echo_stream(bytes(conn.plain), conn.ws)
+        del conn.plain[:used]
+        if reqs:
+            st["received"] += reqs
+            responder._count(200, reqs)
+        if out:
+            conn.send(out)
+        if bad:
+            st["broken_streams"] += 1
+        return not bad
+    if conn.ws:
+        out = []
+        for fin, opcode, masked, payload in ws_frames(conn.plain):
+            if not masked:                  # RFC 6455 5.1: close on an unmasked client frame
+                st["unmasked_frames"] += 1
+                conn.send(ws_frame(struct.pack("!H", 1002), 8))
+                return False
+            if opcode == 8:
+                conn.send(ws_frame(payload[:2], 8))
+                return False
+            if opcode == 9:
+                out.append(ws_frame(payload, 10))
+            elif opcode in (1, 2) and fin:
+                st["ws_frames"] += 1
+                out += [ws_frame(r) for r in responder.handle(payload)]
+        if out:
+            conn.send(b"".join(out))
+        return True
+    out = b"".join(r for m in _frame(conn.plain) for r in responder.handle(m, tcp=True))
+    if out:
+        conn.send(out)
+    return True
+
+
 def _bind(host: str, port: int, transport: str) -> tuple[list, int]:
     """The UDP and/or TCP sockets on ``host:port``, and the port.  With port 0 the
     kernel picks the UDP port and TCP takes the same number: when another program
@@ -211,7 +390,7 @@ def _bind(host: str, port: int, transport: str) -> tuple[list, int]:
                 u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 u.bind((host, p))
                 p = u.getsockname()[1]
-            if transport in ("tcp", "both"):
+            if transport != "udp":
                 t = socket.socket(family, socket.SOCK_STREAM)
                 socks.append(t)
                 t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -228,8 +407,15 @@ def _bind(host: str, port: int, transport: str) -> tuple[list, int]:
 
 
 def serve(host: str, port: int, responder: Responder, transport: str = "both",
-          duration: float = 300.0, max_requests: int = 10_000_000, ready=None) -> dict:
-    """Answer requests on ``host:port`` until ``duration`` or ``max_requests``."""
+          duration: float = 300.0, max_requests: int = 10_000_000, ready=None,
+          tls_ctx: ssl.SSLContext | None = None, fast: bool = False) -> dict:
+    """Answer requests on ``host:port`` until ``duration`` or ``max_requests``
+    (``tls_ctx``: the server context for ``tls`` and ``wss``; ``fast``: answer
+    stream connections with the C echo)."""
+    for key in ("connections", "ws_upgrades", "ws_refused", "ws_frames", "unmasked_frames",
+                "broken_streams"):
+        responder.stats.setdefault(key, 0)
+    ws = transport in ("ws", "wss")
     sel = selectors.DefaultSelector()
     socks, port = _bind(host, port, transport)
     for s in socks:
@@ -257,27 +443,27 @@ def serve(host: str, port: int, responder: Responder, transport: str = "both",
                     except BlockingIOError:
                         continue
                     c.setblocking(False)
-                    bufs[c] = bytearray()
+                    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    responder.stats["connections"] += 1
+                    bufs[c] = _Stream(c, tls_ctx if transport in ("tls", "wss") else None, ws)
                     sel.register(c, selectors.EVENT_READ, "conn")
                 else:
                     try:
-                        data = s.recv(1 << 16)
+                        data = s.recv(1 << 18)
                     except BlockingIOError:
                         continue
                     except OSError:
                         data = b""
-                    if not data:
+                    conn = bufs[s]
+                    try:
+                        keep = bool(data) and conn.feed(data) and _serve_stream(conn, responder,
+                                                                               fast)
+                    except OSError:
+                        keep = False
+                    if not keep:
                         sel.unregister(s)
                         s.close()
                         bufs.pop(s, None)
-                        continue
-                    buf = bufs[s]
-                    buf += data
-                    out = b"".join(r for m in _frame(buf) for r in responder.handle(m, tcp=True))
-                    if out:
-                        s.setblocking(True)
-                        s.sendall(out)
-                        s.setblocking(False)
     finally:
         for s in list(bufs) + socks:
             s.close()
@@ -292,8 +478,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m load.responder", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default="127.0.0.1:5070", metavar="HOST:PORT",
                    help="loopback address to listen on (port 0: any free; printed on stdout)")
-    p.add_argument("--transport", choices=("udp", "tcp", "both"), default="both")
-    p.add_argument("--fast", action="store_true", help="C-speed UDP echo (no auth/drop/dup)")
+    p.add_argument("--transport", choices=("udp", "tcp", "both", "tls", "ws", "wss"),
+                   default="both", help="both: UDP and TCP on the same port (default)")
+    p.add_argument("--tls-cert", metavar="PEM", help="the certificate for tls and wss")
+    p.add_argument("--tls-key", metavar="PEM", help="its private key")
+    p.add_argument("--fast", action="store_true",
+                   help="C-speed echo (no auth/drop/dup): UDP, or with --transport tcp, tls, "
+                        "ws, wss the stream echo")
     p.add_argument("--auth", action="store_true", help="challenge with 401 and check the digest")
     p.add_argument("--realm", default="fastsip-load")
     p.add_argument("--algorithm", choices=tuple(_HASH), default="MD5")
@@ -311,6 +502,14 @@ def main(argv=None) -> int:
     host = host.strip("[]")
     if not ipaddress.ip_address(host).is_loopback:
         p.error("the responder listens on loopback only")
+    tls_ctx = None
+    if args.transport in ("tls", "wss"):
+        if not (args.tls_cert and args.tls_key):
+            p.error(f"--transport {args.transport} needs --tls-cert and --tls-key")
+        tls_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        tls_ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    streams = args.transport in ("tcp", "tls", "ws", "wss")
     signal.signal(signal.SIGTERM, _interrupt)
 
     def ready(port):
@@ -318,7 +517,7 @@ def main(argv=None) -> int:
 
     stats = {}
     try:
-        if args.fast:
+        if args.fast and not streams:
             from ._echo_c import echo_udp
             s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -335,7 +534,8 @@ def main(argv=None) -> int:
                           password_pattern=args.password_pattern, drop=args.drop, dup=args.dup,
                           seed=args.seed)
             stats = r.stats
-            serve(host, int(port), r, args.transport, args.duration, args.max_requests, ready)
+            serve(host, int(port), r, args.transport, args.duration, args.max_requests, ready,
+                  tls_ctx=tls_ctx, fast=args.fast)
     except KeyboardInterrupt:
         pass
     text = json.dumps(stats)

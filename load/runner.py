@@ -18,16 +18,18 @@ from .netutil import (
     check_target,
     family_of,
     open_raw_socket,
-    open_tcp_connections,
+    open_stream_connections,
     open_udp_sockets,
     parse_target,
     phone_address,
     sockaddr,
+    tls_client_context,
 )
 from .report import CpuMeter, ProcCpu, build_result
 from .scenario import (
     MALFORMED,
     SCENARIOS,
+    STREAMS,
     BuildConfig,
     Phone,
     answer_challenge,
@@ -80,6 +82,8 @@ class Options:
     pcap_out: str | None = None
     replay: str | None = None
     raw: bool = False
+    tls_ca: str | None = None
+    tls_insecure: bool = False
     allow_remote: bool = False
     server_pid: list = field(default_factory=list)
     interval: float = 1.0
@@ -105,8 +109,12 @@ class LoadRun:
 
     def _validate(self):
         o = self.opts
-        if o.transport not in ("udp", "tcp"):
-            raise OptionsError("--transport must be udp or tcp")
+        if o.transport not in ("udp", *STREAMS):
+            raise OptionsError(f"--transport must be one of udp, {', '.join(STREAMS)}")
+        if (o.tls_ca or o.tls_insecure) and o.transport not in ("tls", "wss"):
+            raise OptionsError("--tls-ca and --tls-insecure go with --transport tls or wss")
+        if o.tls_ca and o.tls_insecure:
+            raise OptionsError("give --tls-ca or --tls-insecure, not both")
         if o.scenario not in SCENARIOS:
             raise OptionsError(f"unknown scenario {o.scenario!r} (one of {', '.join(SCENARIOS)})")
         if (o.rate is None) == (o.inflight is None):
@@ -127,8 +135,8 @@ class LoadRun:
             raise OptionsError("--malformed-ratio must be within [0, 1)")
         if o.timeout <= 0 or o.timeout > 64:
             raise OptionsError("--timeout must be within (0, 64] seconds")
-        if o.retransmit and o.transport == "tcp":
-            raise OptionsError("no retransmissions over TCP (a reliable transport)")
+        if o.retransmit and o.transport in STREAMS:
+            raise OptionsError(f"no retransmissions over {o.transport.upper()} (a reliable transport)")
         if o.raw and o.transport != "udp":
             raise OptionsError("--raw sends UDP")
         if o.replay and o.transport != "udp":
@@ -168,11 +176,15 @@ class LoadRun:
             addrs = [self.host] * users
 
         # sockets (source ports) or connections
-        if o.transport == "tcp":
+        tls = None
+        if o.transport in STREAMS:
             n = min(o.sockets or min(users, 64), users)
-            self.log(f"opening {n} TCP connections")
-            self.socks = open_tcp_connections(self.host, self.port, n,
-                                              [addrs[i * users // n] if v4 else None for i in range(n)])
+            self.log(f"opening {n} {o.transport.upper()} connections")
+            ctx = (tls_client_context(o.tls_ca, o.tls_insecure)
+                   if o.transport in ("tls", "wss") else None)
+            self.socks, tls = open_stream_connections(
+                self.host, self.port, n, [addrs[i * users // n] if v4 else None for i in range(n)],
+                o.transport, ctx)
             sock_of = [i * n // users for i in range(users)]
             addrs = [s.getsockname()[0] for s in (self.socks[k] for k in sock_of)]
             ports = [self.socks[k].getsockname()[1] for k in sock_of]
@@ -209,7 +221,9 @@ class LoadRun:
             flat = [(x.data, x.sites, x.callid) for x in self.tpls]
             weights = {"replay": 1}
         else:
-            mal = [k for k, tcp_ok in MALFORMED.items() if tcp_ok or o.transport != "tcp"]
+            # over TCP and TLS a Content-Length beyond the body would stall the stream
+            mal = [k for k, tcp_ok in MALFORMED.items()
+                   if tcp_ok or o.transport not in ("tcp", "tls")]
             self.mal_kinds = mal if o.malformed_ratio > 0 else []
             all_kinds = tuple(self.kinds) + tuple(self.mal_kinds)
             self.log(f"building {users * len(all_kinds)} requests with scapy")
@@ -233,6 +247,8 @@ class LoadRun:
         srcs = [_ip_int(p.addr) if v4 else 0 for p in self.phones]
         self.engine.set_phones([p.sock for p in self.phones], srcs)
         self.engine.set_templates(flat, self.nkinds)
+        if tls is not None:
+            self.engine.set_tls(tls)
 
     def write_pcap(self, path: str) -> int:
         """Write the scenario (what the run sends, in order) to ``path``."""

@@ -52,9 +52,12 @@ __all__ = [
     "answer_challenge",
     "write_pcap",
     "read_replay",
+    "STREAMS",
 ]
 
 AGENT = "fastsip-load/0.1"
+#: The stream transports (one connection carries many phones' requests).
+STREAMS = ("tcp", "tls", "ws", "wss")
 
 
 @dataclass
@@ -165,7 +168,12 @@ def build_sip(phone: Phone, kind: str, cfg: BuildConfig) -> SIP:
     dom = cfg.domain
     tp = cfg.transport.upper() if cfg.transport != "raw" else "UDP"
     hostport = f"[{phone.addr}]:{phone.port}" if ":" in phone.addr else f"{phone.addr}:{phone.port}"
-    tparam = ";transport=tcp" if cfg.transport == "tcp" else ""
+    if cfg.transport in ("ws", "wss"):
+        # RFC 7118 section 5.2: a WebSocket client has no SIP address of its own; its
+        # Via and Contact name a made-up host under .invalid, reachable through the
+        # connection only (as JsSIP and SIP.js write them)
+        hostport = f"{cfg.run_id}{phone.index:x}.invalid"
+    tparam = f";transport={cfg.transport}" if cfg.transport in STREAMS else ""
     contact_uri = f"sip:{phone.user}@{hostport}{tparam}"
     if kind == "register":
         call_id = f"{cfg.run_id}-{phone.index:x}-{m}@{phone.addr}"

@@ -298,13 +298,14 @@ def test_load_without_the_flag_indexes_the_flows():
 
 
 def test_restart_does_not_bring_back_flows_and_rewrites_their_rows(tmp_path):
-    from fastsip.server.state import StateFile
+    from fastsip.registrar import decode_record
+    from fastsip.server.state import StateFile, row_of
     from fastsip.server.timers import StateWriter
     path = str(tmp_path / "state.db")
     f = StateFile(path)
-    f.write([(AOR, stored_bindings()),
-             ("sip:bob@example.com", stored_bindings()[2:3]),          # a browser only
-             ("sip:carol@example.com", stored_bindings()[3:4])])       # UDP only
+    f.write([row_of(AOR, stored_bindings()),
+             row_of("sip:bob@example.com", stored_bindings()[2:3]),    # a browser only
+             row_of("sip:carol@example.com", stored_bindings()[3:4])]) # UDP only
     f.close()
     reg = Registrar(min_expires=60, max_expires=3600, track_changes=True)
     writer = StateWriter(path, 0, 1, reg, SimpleNamespace(state_errors=0))
@@ -312,7 +313,8 @@ def test_restart_does_not_bring_back_flows_and_rewrites_their_rows(tmp_path):
     assert len(reg.lookup(AOR, NOW)) == 3 and reg.lookup("sip:bob@example.com", NOW) == []
     assert reg.store.n_flows == 0
     writer.write(None)                                         # the rows as the store has them
-    rows = {aor: sorted(b.uri for b in bs) for aor, bs in StateFile(path).load(0, 1, NOW)}
+    rows = {aor: sorted(b.uri for b in decode_record(rec)[1])
+            for aor, rec in StateFile(path).load(0, 1, NOW)}
     assert rows == {AOR: sorted(b.uri for b in reg.lookup(AOR, NOW)),
                     "sip:carol@example.com": ["sip:alice@192.0.2.7:5060"]}
     writer.finish()

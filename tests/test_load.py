@@ -430,6 +430,11 @@ def test_refuses_non_loopback_target():
     {"inflight": 1},                                     # unbounded
     {"count": 1, "inflight": 100, "users": 10},          # more in flight than phones
     {"count": 1, "inflight": 1, "transport": "tcp", "retransmit": True},
+    {"count": 1, "inflight": 1, "transport": "wss", "retransmit": True},
+    {"count": 1, "inflight": 1, "transport": "udp", "tls_insecure": True},   # no TLS there
+    {"count": 1, "inflight": 1, "transport": "ws", "tls_ca": "ca.pem"},
+    {"count": 1, "inflight": 1, "transport": "tls", "tls_ca": "ca.pem", "tls_insecure": True},
+    {"count": 1, "inflight": 1, "transport": "sctp"},
 ])
 def test_bad_options(kw):
     with pytest.raises(OptionsError):
@@ -537,3 +542,147 @@ def test_raw_socket_mode(responder):
     res = run(target=r.target, raw=True, inflight=10, count=200)
     r.stop()
     assert res["transport"] == "raw-udp" and res["ok"] == 200
+
+
+# ------------------------------------------------------------ TLS and WebSocket
+
+from load._echo_c import echo_stream  # noqa: E402
+from load._ws_c import _frame, _parse  # noqa: E402
+from load.handshake import handshake_rate, hold_idle  # noqa: E402
+from load.netutil import StreamSetupError, tls_client_context  # noqa: E402
+from load.responder import ws_frame, ws_frames  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from fastsip.server.testing import make_test_pki
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory):
+    from fastsip.server.testing import make_test_pki
+    return make_test_pki(tmp_path_factory.mktemp("other-pki"))
+
+
+@pytest.mark.parametrize("n", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_ws_frame_round_trip_against_the_python_framer(n):
+    """The C frames (masked, FIN, text) read back by the responder's Python framer,
+    which is written apart from them; the payload on the wire is masked."""
+    payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    frame = _frame(payload, key=0xA1B2C3D4)
+    assert frame[0] == 0x81 and frame[1] & 0x80                    # FIN + text, masked
+    buf = bytearray(frame + b"\x81")                               # a partial next frame
+    assert ws_frames(buf) == [(True, 1, True, payload)] and buf == b"\x81"
+    assert _parse(frame) == (len(frame), True, 1, True, payload)
+    if n >= 8:
+        assert payload not in frame
+    assert _parse(frame[:-1] if n else frame[:1]) == 0              # incomplete
+    assert _parse(ws_frame(payload)) == (len(ws_frame(payload)), True, 1, False, payload)
+
+
+def test_ws_parse_refuses_reserved_bits_and_huge_frames():
+    assert _parse(b"\xc1\x00") == -1                              # RSV1 set
+    assert _parse(b"\x81\x7f" + (1 << 40).to_bytes(8, "big")) == -1
+
+
+def test_echo_stream_plain_and_websocket():
+    req = build_sip(PHONE, "register", CFG).__bytes__()
+    used, out, n, bad = echo_stream(req + req + req[:30], False)
+    assert (used, n, bad) == (2 * len(req), 2, 0)
+    assert out.count(b"SIP/2.0 200 OK") == 2
+    frames = _frame(req) + _frame(req, key=7)
+    used, out, n, bad = echo_stream(frames + _frame(req)[:5], True)
+    assert (used, n, bad) == (len(frames), 2, 0)
+    replies = ws_frames(bytearray(out))
+    assert [r[:3] for r in replies] == [(True, 1, False)] * 2      # unmasked, as a server's
+    assert all(r[3].startswith(b"SIP/2.0 200 OK") for r in replies)
+    assert echo_stream(ws_frame(req), True)[3] == 1                 # an unmasked client frame
+
+
+@pytest.mark.parametrize("transport", ["tls", "ws", "wss"])
+def test_stream_transports_match_everything(responder, pki, transport):
+    r = responder("--transport", transport, "--tls-cert", pki["cert"], "--tls-key", pki["key"])
+    tls = {"tls_ca": pki["ca"]} if transport != "ws" else {}
+    res = run(target=r.target, transport=transport, inflight=20, count=400, sockets=3, **tls)
+    stats = r.stop()
+    assert res["ok"] == 400 and res["replies"] == {"200": 400} and res["timeouts"] == 0
+    assert not any(res["unmatched"].values()) and res["connections_closed"] == 0
+    assert res["transport"] == transport and res["sockets"] == 3
+    assert stats["received"] == 400 and stats["connections"] == 3
+    ws = transport != "tls"
+    assert stats["ws_upgrades"] == (3 if ws else 0) and stats["ws_frames"] == (400 if ws else 0)
+    assert stats["unmasked_frames"] == 0 and stats["broken_streams"] == 0
+
+
+def test_wss_against_the_c_echo_and_digest_auth_over_tls(responder, pki):
+    r = responder("--transport", "wss", "--fast", "--tls-cert", pki["cert"], "--tls-key", pki["key"])
+    res = run(target=r.target, transport="wss", tls_insecure=True, inflight=64, count=3000,
+              sockets=4, users=200)
+    stats = r.stop()
+    assert res["ok"] == 3000 and stats["received"] == 3000 and stats["broken_streams"] == 0
+    r = responder("--transport", "tls", "--auth", "--algorithm", "SHA-256", "--qop",
+                  "--tls-cert", pki["cert"], "--tls-key", pki["key"])
+    res = run(target=r.target, transport="tls", tls_ca=pki["ca"], scenario="auth", inflight=5,
+              count=30, sockets=2)
+    stats = r.stop()
+    assert res["ok"] == 30 and res["replies"] == {"200": 30, "401": 30}
+    assert stats["auth_ok"] == 30
+
+
+def test_server_certificate_is_checked(responder, pki, other_pki):
+    r = responder("--transport", "tls", "--tls-cert", pki["cert"], "--tls-key", pki["key"])
+    with pytest.raises(StreamSetupError, match="certificate.*--tls-ca"):
+        run(target=r.target, transport="tls", tls_ca=other_pki["ca"], inflight=1, count=1)
+    res = run(target=r.target, transport="tls", tls_insecure=True, inflight=1, count=5, sockets=1)
+    assert res["ok"] == 5
+
+
+def _ws_upgrade(port, protocol):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+              + (b"Sec-WebSocket-Protocol: " + protocol + b"\r\n" if protocol else b"") + b"\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return s, head
+
+
+def test_responder_refuses_what_rfc_7118_forbids(responder):
+    """The responder (the tool's test peer) holds clients to RFC 6455/7118: no sip
+    subprotocol, no upgrade; an unmasked frame closes the connection."""
+    r = responder("--transport", "ws")
+    port = int(r.target.rsplit(":", 1)[1])
+    s, head = _ws_upgrade(port, None)
+    assert head.startswith(b"HTTP/1.1 400")
+    s.close()
+    s, head = _ws_upgrade(port, b"chat, sip")
+    assert head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+    s.sendall(ws_frame(build_sip(PHONE, "register", CFG).__bytes__()))      # unmasked
+    data = s.recv(4096)
+    assert data[:1] == b"\x88"                                     # a close frame
+    s.close()
+    stats = r.stop()
+    assert stats["ws_refused"] == 1 and stats["unmasked_frames"] == 1 and stats["received"] == 0
+
+
+@pytest.mark.parametrize("transport", ["tls", "wss"])
+def test_handshake_rate_and_idle_connections(responder, pki, transport):
+    r = responder("--transport", transport, "--tls-cert", pki["cert"], "--tls-key", pki["key"])
+    host, port = r.target.rsplit(":", 1)
+    ctx = tls_client_context(pki["ca"])
+    res = handshake_rate(host, int(port), transport, ctx, concurrency=4, duration=20, count=12,
+                         sources=3)
+    assert res["done"] == 12 and res["failed"] == {} and res["client_cpu_us"] > 0
+    held, failed = hold_idle(host, int(port), 7, transport, ctx, concurrency=3, sources=2)
+    assert len(held) == 7 and failed == {}
+    assert {s.getsockname()[0] for s in held} == {"127.2.0.1", "127.2.0.2"}
+    for s in held:
+        s.close()
+    stats = r.stop()
+    assert stats["connections"] == 19 and stats["received"] == 12
+    assert stats["ws_upgrades"] == (19 if transport == "wss" else 0)

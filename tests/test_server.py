@@ -381,6 +381,33 @@ def test_graceful_restart_keeps_bindings_and_reshards(start, tmp_path, phone):
         assert 880 <= exp <= 900                                        # not reset by the restart
 
 
+def test_a_state_file_of_the_previous_format_is_converted_at_start(start, tmp_path, phone):
+    """A file written before records (marshal of 13-field rows) is converted by the
+    first start, which says so; its bindings are served and written back as records."""
+    from fastsip.registrar import decode_record
+    from fastsip.server.state import FORMAT, StateFile
+    from test_record import write_old_state_file
+    path = str(tmp_path / "old.sqlite3")
+    now = time.time()
+    write_old_state_file(path, {
+        f"sip:m{i}@example.com": [fastsip.Binding(f"sip:m{i}@127.0.0.1:{7000 + i}", now + 900,
+                                                  call_id=f"m{i}", cseq=1,
+                                                  source=("127.0.0.1", 7000 + i))]
+        for i in range(20)})
+    srv = start(workers=2, state=path)
+    assert f"converted 20 rows from format marshal4-rows13 to {FORMAT}" in srv.log()
+    assert srv.metrics()["fastsip_bindings"] == 20
+    r = phone(srv.udp).ask(register("m7", call_id="fetch"))
+    assert list(contacts_of(r)) == ["sip:m7@127.0.0.1:7007"]
+    assert srv.stop() == 0
+    state = StateFile(path)
+    rows = dict(state.db.execute("SELECT aor, bindings FROM aors").fetchall())
+    state.close()
+    assert len(rows) == 20
+    assert [b.uri for b in decode_record(rows["sip:m3@example.com"])[1]] == [
+        "sip:m3@127.0.0.1:7003"]
+
+
 def test_kill_9_of_a_worker_restarts_it_with_its_shard(start, phone):
     srv = start("--flush-interval", "0.2", workers=2)
     ua = phone(srv.udp)

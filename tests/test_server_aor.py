@@ -7,7 +7,7 @@ import urllib.parse
 
 import pytest
 
-from fastsip.server.state import StateFile
+from fastsip.server.state import StateFile, row_of
 from fastsip.server.testing import contacts_of, register
 from test_server import cli
 
@@ -105,9 +105,9 @@ def test_a_state_file_with_ports_in_its_aors_loads_under_user_at_host(start, tmp
     def b(port, ttl):
         return Binding(f"sip:carol@127.0.0.1:{port}", now + ttl, call_id=f"c{port}", cseq=1,
                        source=("127.0.0.1", port))
-    old.write([("sip:carol@example.com:5060", [b(7000, 300), b(7001, 900)]),
-               ("sip:carol@example.com", [b(7001, 600), b(7002, 600)]),
-               ("sip:dave@example.com:5070", [b(7003, 600)])])
+    old.write([row_of("sip:carol@example.com:5060", [b(7000, 300), b(7001, 900)]),
+               row_of("sip:carol@example.com", [b(7001, 600), b(7002, 600)]),
+               row_of("sip:dave@example.com:5070", [b(7003, 600)])])
     old.close()
     srv = start(workers=2, state=path)
     carol = {b["contact"]: b["expires"]

@@ -17,6 +17,7 @@ the same name.
     framer       StreamFramer (TCP)
     plan         (.pxd only) the seam: request, AOR view, plan
     table        AOR table, binding slab, expiry heap, change list; applies plans
+    record       an AOR's bindings as one record (the change feed, the state file)
     store        Store (the table's Python API), Binding
     throttle     the failure budget of digest authentication
     digest       the digest check (AuthCore, AuthResult)
@@ -52,6 +53,7 @@ include "objects.pyx"
 include "message.pyx"
 include "framer.pyx"
 include "table.pyx"
+include "record.pyx"
 include "store.pyx"
 include "throttle.pyx"
 include "digest.pyx"

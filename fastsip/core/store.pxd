@@ -3,3 +3,6 @@
 cdef class Store(BindingTable):
     cdef object make_binding(self, int32_t slot)
     cdef int32_t _find_str(self, aor) except -2
+    cdef void _drain(self) noexcept
+    cdef int _load_in(self, int32_t a, const BindingIn* bi, object drop_flows) except -1
+

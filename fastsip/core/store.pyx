@@ -85,30 +85,57 @@ cdef class Binding:
         return f"<Binding {self.uri} expires_at={self.expires_at:.0f}>"
 
 
+cdef Binding binding_from_in(const BindingIn* b):
+    """A :class:`Binding` of the fields ``b`` points to (the one place a stored
+    or recorded binding becomes a Python object)."""
+    cdef Binding out = Binding.__new__(Binding)
+    out.uri = _s(b.uri, b.uri_len)
+    out.call_id = _s(b.call_id, b.call_id_len)
+    out.instance = _s(b.instance, b.instance_len) if b.instance_len else None
+    out.path = tuple(_s(b.path, b.path_len).split("\n")) if b.path_len else ()
+    out.user_agent = _s(b.ua, b.ua_len) if b.ua_len else None
+    out.source = (_s(b.src_host, b.src_host_len), b.src_port)
+    out.expires_at = b.expires_at
+    out.q = None if b.q < 0 else b.q / 1000.0
+    out.cseq = b.cseq
+    out.transport = TRANSPORTS[b.transport]
+    out.conn_id = b.conn_id
+    out.reg_id = None if b.reg_id < 0 else b.reg_id
+    return out
+
+
+cdef int binding_in_of(Binding bd, BindingIn* bi, list keep) except -1:
+    """Point ``bi`` at the fields of ``bd`` (UTF-8 bytes kept alive in ``keep``);
+    ``key_hash`` is left 0."""
+    cdef bytes uri = _b(bd.uri), call_id = _b(bd.call_id), instance = _b(bd.instance or "")
+    cdef bytes path = _b("\n".join(bd.path)), ua = _b(bd.user_agent or "")
+    cdef bytes host = _b(bd.source[0])
+    keep.extend((uri, call_id, instance, path, ua, host))
+    bi.expires_at = bd.expires_at
+    bi.key_hash = 0
+    bi.cseq = bd.cseq
+    bi.reg_id = -1 if bd.reg_id is None else bd.reg_id
+    bi.conn_id = bd.conn_id
+    bi.q = -1 if bd.q is None else <int16_t>(bd.q * 1000 + 0.5)
+    bi.transport = transport_code(bd.transport)
+    bi.src_port = bd.source[1]
+    bi.uri, bi.uri_len = uri, len(uri)
+    bi.call_id, bi.call_id_len = call_id, len(call_id)
+    bi.instance, bi.instance_len = instance, len(instance)
+    bi.path, bi.path_len = path, len(path)
+    bi.ua, bi.ua_len = ua, len(ua)
+    bi.src_host, bi.src_host_len = host, len(host)
+    return 0
+
+
 cdef class Store(BindingTable):
     """AOR -> bindings.  Python callers use lookup/bindings/changes/load/
     remove_aor/expire; the registrar uses the table's cdef API."""
 
     cdef object make_binding(self, int32_t slot):
-        cdef BindingRec* r = &self.b[slot]
-        cdef const char* p = r.blob
-        cdef Binding out = Binding.__new__(Binding)
-        out.uri = _s(p, r.uri_len); p += r.uri_len
-        out.call_id = _s(p, r.call_id_len); p += r.call_id_len
-        out.instance = _s(p, r.instance_len) if r.instance_len else None
-        p += r.instance_len
-        out.path = tuple(_s(p, r.path_len).split("\n")) if r.path_len else ()
-        p += r.path_len
-        out.user_agent = _s(p, r.ua_len) if r.ua_len else None
-        p += r.ua_len
-        out.source = (_s(p, r.src_host_len), r.src_port)
-        out.expires_at = r.expires_at
-        out.q = None if r.q < 0 else r.q / 1000.0
-        out.cseq = r.cseq
-        out.transport = TRANSPORTS[r.transport]
-        out.conn_id = r.conn_id
-        out.reg_id = None if r.reg_id < 0 else r.reg_id
-        return out
+        cdef BindingIn bi
+        self.binding_in(slot, &bi)
+        return binding_from_in(&bi)
 
     # -- Python API ----------------------------------------------------------
 
@@ -153,23 +180,105 @@ cdef class Store(BindingTable):
                 for i in range(self.n_aors_cap) if self.aors[i].live and self.aors[i].count]
 
     def changes(self):
-        """AORs changed since the last call, each with its current bindings
-        (an empty list: the AOR has none left).  Needs track_changes=True."""
+        """AORs changed since the last call (of this or :meth:`change_records`),
+        each with its current bindings as :class:`Binding` objects (an empty
+        list: the AOR has none left).  Needs track_changes=True."""
         cdef Py_ssize_t k
         cdef int32_t a, s
         out = []
         for k in range(self.n_dirty):
             a = self.dirty[k]
-            self.aors[a].dirty = 0
             rows = []
             s = self.aors[a].first
             while s >= 0:
                 rows.append(self.make_binding(s))
                 s = self.b[s].next
             out.append((_s(self.aors[a].name, self.aors[a].name_len), rows))
+        self._drain()
+        return out
+
+    def change_records(self):
+        """The change feed: the AORs changed since the last call (of this or
+        :meth:`changes`), each as ``(aor, record, expires_at)``: its bindings as
+        one record (docs/record.md, AOR version 0) written in C, with no Python
+        object per binding, and the latest expiry among them.  An AOR left
+        with no binding gives ``(aor, None, 0.0)``.  Needs track_changes=True."""
+        cdef Py_ssize_t k, size
+        cdef int32_t a, s
+        cdef double latest
+        cdef BindingIn bi
+        cdef bytes rec
+        cdef char* p
+        cdef list out = []
+        for k in range(self.n_dirty):
+            a = self.dirty[k]
+            name = _s(self.aors[a].name, self.aors[a].name_len)
+            if self.aors[a].count == 0:
+                out.append((name, None, 0.0))
+                continue
+            size = RECORD_HEAD
+            latest = -INFINITY
+            s = self.aors[a].first
+            while s >= 0:
+                self.binding_in(s, &bi)
+                size += record_size(&bi)
+                if bi.expires_at > latest:
+                    latest = bi.expires_at
+                s = self.b[s].next
+            rec = PyBytes_FromStringAndSize(NULL, size)
+            p = record_put_head(PyBytes_AS_STRING(rec), 0, <uint32_t>self.aors[a].count)
+            s = self.aors[a].first
+            while s >= 0:
+                self.binding_in(s, &bi)
+                p = record_put_binding(p, &bi)
+                s = self.b[s].next
+            out.append((name, rec, latest))
+        self._drain()
+        return out
+
+    cdef void _drain(self) noexcept:
+        """Forget the changed AORs (they were handed out): AORs left empty go."""
+        cdef Py_ssize_t k
+        cdef int32_t a
+        for k in range(self.n_dirty):
+            a = self.dirty[k]
+            self.aors[a].dirty = 0
             self.release_if_empty(a)
         self.n_dirty = 0
-        return out
+
+    def clear_changes(self):
+        """Forget the changed AORs without reading them (e.g. what was just
+        loaded from where it is stored); returns how many there were."""
+        cdef Py_ssize_t n = self.n_dirty
+        self._drain()
+        return n
+
+    def mark_changed(self, aor):
+        """Count ``aor`` as changed (it is in the next :meth:`changes` or
+        :meth:`change_records`), e.g. to have its stored copy rewritten.  False
+        when the store has no such AOR or does not track changes."""
+        cdef int32_t a = self._find_str(aor)
+        if a < 0 or not self.track_changes:
+            return False
+        self.touch(a)
+        return True
+
+    cdef int _load_in(self, int32_t a, const BindingIn* bi, object drop_flows) except -1:
+        """Add ``bi`` (its key_hash set) to the AOR ``a``, replacing the binding
+        with the same contact URI: 1, or 0 when it is a flow binding that
+        ``drop_flows`` says is gone (see :meth:`load`)."""
+        cdef int32_t s
+        if drop_flows is not False and is_flow(bi) and (
+                drop_flows is True or drop_flows(bi.conn_id)):
+            return 0
+        s = self.aors[a].first
+        while s >= 0 and self.b[s].key_hash != bi.key_hash:
+            s = self.b[s].next
+        if s >= 0:
+            self.update_binding(s, bi)
+        else:
+            self.add_binding(a, bi)
+        return 1
 
     def load(self, aor, bindings, *, drop_flows=False):
         """Add bindings to ``aor`` as they are (bulk load at start-up).  A binding
@@ -180,47 +289,56 @@ cdef class Store(BindingTable):
         a callable ``gone(conn_id) -> bool`` says which.  Returns how many
         bindings were loaded."""
         cdef bytes key = _b(aor)
-        cdef int32_t a = self.find_or_add(key, len(key)), s
+        cdef int32_t a = self.find_or_add(key, len(key))
         cdef BindingIn bi
-        cdef Binding bd
-        cdef bytes uri, call_id, instance, path, ua, host
+        cdef list keep
         cdef Py_ssize_t loaded = 0
         try:
             for bd in bindings:
-                uri = _b(bd.uri)
-                call_id = _b(bd.call_id)
-                instance = _b(bd.instance or "")
-                path = _b("\n".join(bd.path))
-                ua = _b(bd.user_agent or "")
-                host = _b(bd.source[0])
-                bi.expires_at = bd.expires_at
-                bi.key_hash = uri_key_hash(uri, 0, len(uri))
-                bi.cseq = bd.cseq
-                bi.reg_id = -1 if bd.reg_id is None else bd.reg_id
-                bi.conn_id = bd.conn_id
-                bi.q = -1 if bd.q is None else <int16_t>(bd.q * 1000 + 0.5)
-                bi.transport = transport_code(bd.transport)
-                bi.src_port = bd.source[1]
-                bi.uri, bi.uri_len = uri, len(uri)
-                bi.call_id, bi.call_id_len = call_id, len(call_id)
-                bi.instance, bi.instance_len = instance, len(instance)
-                bi.path, bi.path_len = path, len(path)
-                bi.ua, bi.ua_len = ua, len(ua)
-                bi.src_host, bi.src_host_len = host, len(host)
-                if drop_flows is not False and is_flow(&bi) and (
-                        drop_flows is True or drop_flows(bi.conn_id)):
-                    continue
-                loaded += 1
-                s = self.aors[a].first
-                while s >= 0 and self.b[s].key_hash != bi.key_hash:
-                    s = self.b[s].next
-                if s >= 0:
-                    self.update_binding(s, &bi)
-                else:
-                    self.add_binding(a, &bi)
+                keep = []
+                binding_in_of(bd, &bi, keep)
+                bi.key_hash = uri_key_hash(bi.uri, 0, bi.uri_len)
+                loaded += self._load_in(a, &bi, drop_flows)
         finally:
             self.release_if_empty(a)     # a bad Binding must not leave an empty AOR behind
         return loaded
+
+    def load_record(self, aor, record, double now=float("-inf"), *, drop_flows=False):
+        """Load ``record`` (docs/record.md, as :meth:`change_records` writes it)
+        into ``aor``, read in C: no Python object per binding.  Bindings expired
+        at ``now`` are skipped; a binding with the same contact URI as one
+        already there replaces it; flow bindings whose connection is gone are
+        left out (``drop_flows``, as for :meth:`load`).  The record is checked
+        whole first: one that does not read raises ValueError, naming the byte,
+        and loads nothing.  Returns (bindings loaded, flow bindings left out)."""
+        cdef bytes data = record if type(record) is bytes else bytes(record)
+        cdef const char* p = PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data), pos, err_pos = 0, code
+        cdef Py_ssize_t loaded = 0, dropped = 0
+        cdef uint64_t version
+        cdef uint32_t count = 0, i
+        cdef BindingIn bi
+        cdef bytes key
+        cdef int32_t a
+        code = record_check(p, n, &count, &err_pos)
+        if code < 0:
+            raise record_error(code, err_pos)
+        key = _b(aor)
+        a = self.find_or_add(key, len(key))
+        pos = record_head(p, n, &version, &count)
+        try:
+            for i in range(count):
+                pos = record_next(p, pos, n, &bi)
+                if bi.expires_at <= now:
+                    continue
+                bi.key_hash = uri_key_hash(bi.uri, 0, bi.uri_len)
+                if self._load_in(a, &bi, drop_flows):
+                    loaded += 1
+                else:
+                    dropped += 1
+        finally:
+            self.release_if_empty(a)
+        return loaded, dropped
 
     def remove_aor(self, aor, contact=None):
         """Remove every binding of ``aor`` (or only the one whose URI equals

@@ -108,6 +108,7 @@ cdef class BindingTable:
     cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1
     cdef int remove_binding(self, int32_t slot) except -1
     cdef void touch(self, int32_t aor) noexcept
+    cdef void binding_in(self, int32_t slot, BindingIn* out) noexcept
     cdef void release_if_empty(self, int32_t aor) noexcept
     cdef void _init_aor_slab(self, int32_t start) noexcept
     cdef void _init_b_slab(self, int32_t start) noexcept

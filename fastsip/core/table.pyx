@@ -245,6 +245,31 @@ cdef class BindingTable:
         self.dirty[self.n_dirty] = aor
         self.n_dirty += 1
 
+    cdef void binding_in(self, int32_t slot, BindingIn* out) noexcept:
+        """The stored binding ``slot`` as a BindingIn (its strings point into the
+        table: valid until the binding changes)."""
+        cdef BindingRec* r = &self.b[slot]
+        cdef const char* p = r.blob
+        out.expires_at = r.expires_at
+        out.key_hash = r.key_hash
+        out.cseq = r.cseq
+        out.reg_id = r.reg_id
+        out.conn_id = r.conn_id
+        out.q = r.q
+        out.transport = r.transport
+        out.src_port = r.src_port
+        out.uri, out.uri_len = p, r.uri_len
+        p += r.uri_len
+        out.call_id, out.call_id_len = p, r.call_id_len
+        p += r.call_id_len
+        out.instance, out.instance_len = p, r.instance_len
+        p += r.instance_len
+        out.path, out.path_len = p, r.path_len
+        p += r.path_len
+        out.ua, out.ua_len = p, r.ua_len
+        p += r.ua_len
+        out.src_host, out.src_host_len = p, r.src_host_len
+
     cdef void release_if_empty(self, int32_t aor) noexcept:
         cdef AorRec* a = &self.aors[aor]
         if a.live and a.count == 0 and not a.dirty:

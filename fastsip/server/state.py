@@ -3,11 +3,18 @@
 Every worker opens the same file and writes only its own shard's AORs, in
 short transactions (``busy_timeout`` covers the moments another worker holds
 the write lock).  A row holds the AOR, the latest expiry among its bindings
-(so that loading can skip dead rows in SQL) and the bindings, a list of
-13-field lists (``binding_row``) in Python's ``marshal`` format (version 4:
-str, float, int, None and lists only), which costs a third of JSON's time on
-the write path.  ``meta.format`` names that encoding; a row that does not
-decode is skipped and counted, never fatal.
+(so that loading can skip dead rows in SQL) and the bindings as one record
+(docs/record.md), the bytes the store writes in C for its change feed
+(``Store.change_records``) and reads back in C (``Store.load_record``): no
+Python object per binding on either path.  ``meta.format`` names that
+encoding.  A flush is one transaction: one ``executemany`` of the records in
+AOR order (neighbouring keys share B-tree pages), and one of the deletes of
+the AORs left with no binding.  A row that does not decode is skipped and
+logged, never fatal.
+
+A file of the previous format (``marshal4-rows13``: marshal of 13-field
+lists) is converted when it is opened, in one transaction, and the log says
+so.
 
 At start a worker loads the rows whose AOR hashes to its shard
 (``shard_of(aor, workers)``) and whose bindings have not expired, so
@@ -21,37 +28,45 @@ from __future__ import annotations
 import marshal
 import sqlite3
 import time
+from operator import itemgetter
 
 import fastsip
-from fastsip.core._core import uri_compare_key
+from fastsip.core._core import decode_record, encode_record, uri_compare_key
+from fastsip.server import logs
+
+LOG = logs.LOG
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS aors (
     aor        TEXT PRIMARY KEY,
     expires_at REAL NOT NULL,      -- the latest expiry among the bindings (wall clock)
-    bindings   BLOB NOT NULL       -- marshal (version 4) of [binding_row(b), ...]
+    bindings   BLOB NOT NULL       -- the AOR's record (docs/record.md)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
 """
-FORMAT = "marshal4-rows13"
-
-
-def binding_row(b) -> list:
-    """A Binding as a JSON-able list (the order is the file format)."""
-    src = b.source or ("", 0)
-    return [b.uri, b.expires_at, b.q, b.call_id, b.cseq, src[0], src[1], b.transport, b.conn_id,
-            list(b.path or ()), b.instance, b.reg_id, b.user_agent]
+FORMAT = "record1"
+OLD_FORMAT = "marshal4-rows13"
+UPSERT = "INSERT OR REPLACE INTO aors (aor, bindings, expires_at) VALUES (?, ?, ?)"
+DELETE = "DELETE FROM aors WHERE aor = ?"
+CONVERT_BATCH = 10000       # rows of an old file read at a time while converting it
 
 
 def binding_from_row(r) -> fastsip.Binding:
+    """A Binding from a row of the previous format (``marshal4-rows13``), to convert it."""
     uri, expires_at, q, call_id, cseq, host, port, transport, conn_id, path, instance, reg_id, ua = r
     return fastsip.Binding(uri, expires_at, q=q, call_id=call_id, cseq=cseq, source=(host, port),
                            transport=transport, conn_id=conn_id, path=tuple(path),
                            instance=instance, reg_id=reg_id, user_agent=ua)
 
 
-def _dumps(bindings) -> bytes:
-    return marshal.dumps([binding_row(b) for b in bindings], 4)
+def row_of(aor: str, bindings) -> tuple:
+    """The row ``(aor, record, expires_at)`` of ``aor`` holding ``bindings``
+    (Binding objects), as ``Store.change_records`` gives it: what
+    :meth:`StateFile.write` takes."""
+    bindings = list(bindings)
+    if not bindings:
+        return (aor, None, 0.0)
+    return (aor, encode_record(bindings), max(b.expires_at for b in bindings))
 
 
 class StateFile:
@@ -69,12 +84,17 @@ class StateFile:
         self._exec_retry(lambda: self.db.executescript(SCHEMA))
         self._exec_retry(lambda: self.db.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('format', ?)", (FORMAT,)))
-        fmt = self.db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
-        if fmt != FORMAT:
+        fmt = self._format()
+        if fmt == OLD_FORMAT:
+            self._exec_retry(self._convert)
+        elif fmt != FORMAT:
             raise ValueError(f"state file {path}: format {fmt!r}, this fastsip writes {FORMAT!r}")
         self.db.create_function("fastsip_shard", 2, fastsip.shard_of, deterministic=True)
         self.rows_written = 0
         self.errors = 0
+
+    def _format(self) -> str:
+        return self.db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
 
     def _exec_retry(self, fn, tries=5):
         for i in range(tries):
@@ -85,12 +105,53 @@ class StateFile:
                     raise
                 time.sleep(0.05 * (i + 1))
 
+    def _convert(self) -> None:
+        """Rewrite a file of the previous format (marshal of 13-field rows) with
+        records, in one transaction (another process that got there first
+        leaves nothing to do).  Rows that do not decode are dropped (they could
+        not load either); the log says how many rows were converted and dropped."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if self._format() != OLD_FORMAT:
+                db.execute("COMMIT")
+                return
+            converted = dropped = 0
+            last = ""
+            while True:
+                rows = db.execute("SELECT aor, bindings FROM aors WHERE aor > ? ORDER BY aor "
+                                  "LIMIT ?", (last, CONVERT_BATCH)).fetchall()
+                if not rows:
+                    break
+                last = rows[-1][0]
+                records, bad = [], []
+                for aor, blob in rows:
+                    try:
+                        bindings = [binding_from_row(r) for r in marshal.loads(blob)]
+                        records.append((encode_record(bindings), aor))
+                    except (ValueError, TypeError, EOFError, OverflowError):
+                        bad.append((aor,))
+                db.executemany("UPDATE aors SET bindings = ? WHERE aor = ?", records)
+                db.executemany("DELETE FROM aors WHERE aor = ?", bad)
+                converted += len(records)
+                dropped += len(bad)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (FORMAT,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        LOG.info("state file %s: converted %d rows from format %s to %s%s", self.path,
+                 converted, OLD_FORMAT, FORMAT,
+                 f" ({dropped} rows that did not decode dropped)" if dropped else "")
+
     def load(self, shard: int, shards: int, now: float, key=None):
-        """Yield (aor, [Binding]) for this shard's rows with bindings still alive
-        at ``now``.  ``key``: the canonical form of an AOR (default: as stored).
-        Rows stored under another form come last, each merged with the row of
-        its canonical AOR (a contact in both keeps the later expiry); the file
-        is then rewritten to hold the merged row alone."""
+        """Yield (aor, record) for this shard's rows with bindings still alive at
+        ``now`` (the record may still hold expired ones: ``Store.load_record``
+        skips them).  ``key``: the canonical form of an AOR (default: as
+        stored).  Rows stored under another form come last, each merged with
+        the row of its canonical AOR (a contact in both keeps the later
+        expiry); the file is then rewritten to hold the merged row alone.  A
+        row of those that does not decode is counted in ``errors`` and logged."""
         canon = key or (lambda aor: aor)
         self.db.create_function("fastsip_canonical_shard", 2,
                                 lambda aor, n: fastsip.shard_of(canon(aor), n))
@@ -103,56 +164,58 @@ class StateFile:
             if k != aor:
                 moved.setdefault(k, []).append(aor)
                 continue
-            live = self._live(blob, now)
-            if live:
-                yield aor, live
+            yield aor, blob
         for k, olds in moved.items():
             merged = {}
             for stored in [k] + olds:
                 row = self.db.execute("SELECT bindings FROM aors WHERE aor = ?",
                                       (stored,)).fetchone()
-                for b in self._live(row[0], now) if row else ():
+                for b in self._live(stored, row[0], now) if row else ():
                     ck = uri_compare_key(b.uri)
                     if ck not in merged or merged[ck].expires_at < b.expires_at:
                         merged[ck] = b
             bindings = list(merged.values())
-            self.write([(k, bindings)] + [(old, []) for old in olds])
+            self.write([row_of(k, bindings)] + [(old, None, 0.0) for old in olds])
             if bindings:
-                yield k, bindings
+                yield k, encode_record(bindings)
 
-    def _live(self, blob, now):
-        """The bindings of a row still alive at ``now`` ([] for a row that does not decode)."""
+    def _live(self, aor, blob, now):
+        """The bindings of a record still alive at ``now`` ([] for one that does not decode)."""
         try:
-            return [binding_from_row(r) for r in marshal.loads(blob) if r[1] > now]
-        except (ValueError, TypeError, EOFError):
+            return [b for b in decode_record(blob)[1] if b.expires_at > now]
+        except (ValueError, TypeError) as exc:
             self.errors += 1
+            LOG.warning("state file %s: the row of %s does not decode (%s): skipped",
+                        self.path, aor, exc)
             return []
 
-    def write(self, changes) -> int:
-        """Write ``[(aor, [Binding] or [])]`` in one transaction; returns rows touched."""
-        upserts = []
-        deletes = []
-        for aor, bindings in changes:
-            if bindings:
-                upserts.append((aor, max(b.expires_at for b in bindings), _dumps(bindings)))
-            else:
-                deletes.append((aor,))
+    def write(self, rows) -> int:
+        """Write ``[(aor, record or None, expires_at)]`` (``Store.change_records``)
+        in one transaction: a record replaces the AOR's row, None deletes it.
+        When an AOR is in ``rows`` more than once, its last entry counts.  The
+        records go in AOR order, in one ``executemany``.  Returns the rows
+        written or deleted."""
+        upserts = [r for r in rows if r[1] is not None]
+        deletes = None
+        if len(upserts) < len(rows):
+            last = {r[0]: r for r in rows}
+            if len(last) < len(rows):           # an AOR twice: its last change wins
+                upserts = [r for r in last.values() if r[1] is not None]
+            deletes = [(aor,) for aor, record, _ in last.values() if record is None]
+        upserts.sort(key=itemgetter(0))
 
         def tx():
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                if upserts:
-                    self.db.executemany(
-                        "INSERT OR REPLACE INTO aors (aor, expires_at, bindings) VALUES (?, ?, ?)",
-                        upserts)
+                self.db.executemany(UPSERT, upserts)
                 if deletes:
-                    self.db.executemany("DELETE FROM aors WHERE aor = ?", deletes)
+                    self.db.executemany(DELETE, deletes)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
         self._exec_retry(tx)
-        n = len(upserts) + len(deletes)
+        n = len(upserts) + (len(deletes) if deletes else 0)
         self.rows_written += n
         return n
 

@@ -346,20 +346,22 @@ class TcpServer:
             self.serve(conn, items, now)
 
     def serve(self, conn: Conn, items: list, now: float) -> None:
-        """Serve the complete messages ``items`` of ``conn``, or hand them off."""
+        """Serve the complete messages ``items`` of ``conn``, or hand them off.  The
+        replies of one read go out in one write (one TLS record, one system call),
+        framed for the connection's transport."""
         t0 = time.perf_counter()
         handled = pings = 0
         host = conn.host
         serve_shard = self.reg.serve_shard
         limiter = self.limiter
         c = self.c
+        frame = conn.ws.frame if conn.ws is not None else None
+        replies = []
         for item in items:
             if item == fastsip.PING:
                 pings += 1
-                self.send(conn, fastsip.PONG)
+                replies.append(fastsip.PONG if frame is None else frame(fastsip.PONG))
                 continue
-            if conn.fd not in self.conns:
-                return
             if limiter.rate and not limiter.allow(host, now):
                 continue
             try:
@@ -375,7 +377,9 @@ class TcpServer:
                 continue
             handled += 1
             if reply is not None:
-                self.send(conn, reply)
+                replies.append(reply if frame is None else frame(reply))
+        if replies:
+            self.write(conn, replies[0] if len(replies) == 1 else b"".join(replies))
         c.keepalives += pings
         c.count("received", conn.transport, len(items) - pings)
         if handled:

@@ -3,8 +3,10 @@
 - Expiry: ``Registrar.expire`` every second, ``EXPIRE_WORK`` bindings per
   call, for at most ``SLICE`` seconds.
 - The state file (:class:`StateWriter`): this shard is loaded at start; every
-  ``--flush-interval`` the store's changes are taken and then written,
-  ``STATE_CHUNK`` AORs per transaction, ``SLICE`` seconds at a time, so the
+  ``--flush-interval`` the store's change feed is taken (one record per
+  changed AOR, made in C: ``Store.change_records``) and then written, one
+  transaction of up to ``STATE_CHUNK`` AORs at a time (a flush is one
+  transaction up to that size), until ``SLICE`` seconds have passed, so the
   sockets are never left waiting long; at stop, everything is written.
   Worker 0 also purges the rows whose bindings have all expired, once a minute.
 - The TCP idle sweep (``tcp.TcpServer.sweep``) every second, and the TCP
@@ -24,11 +26,12 @@ LOG = logs.LOG
 EXPIRE_EVERY = 1.0          # seconds between expiry slices
 EXPIRE_WORK = 10000         # bindings removed per Registrar.expire call
 SLICE = 0.02                # seconds of expiry or state writing before going back to the sockets
-STATE_CHUNK = 2000          # AOR rows per state transaction
+STATE_CHUNK = 10000         # AOR rows per state transaction (~20-40 ms of SQLite here)
 MAX_PENDING_STATE = 2_000_000
 SWEEP_EVERY = 1.0           # seconds between TCP idle sweeps
 DEADLINE_EVERY = 0.25       # seconds between checks of the TCP message deadlines
 PURGE_EVERY = 60.0          # seconds between purges of expired rows (worker 0)
+BAD_ROW_LINES = 10          # log lines about rows that do not decode, per load (then one count)
 FIRST_PURGE = 5.0
 
 
@@ -52,33 +55,50 @@ class StateWriter:
         return self.file.rows_written if self.file is not None else 0
 
     def load(self, now: float, flows_gone=True) -> tuple[int, int]:
-        """Load this shard's live bindings into the store: (AORs, bindings).  Flow
-        bindings (RFC 5626 flows, ``.invalid`` WebSocket contacts: see
-        ``Store.connection_closed``) whose connection is gone are not loaded, and
-        the rows that held them are rewritten without them.  ``flows_gone``:
-        True, every connection is gone (no connection survives a restart), or
-        ``gone(conn_id) -> bool`` (``Store.load``'s ``drop_flows``)."""
-        aors = loaded = 0
+        """Load this shard's live bindings into the store: (AORs, bindings).  The
+        rows' records go into the store in C (``Store.load_record``); a row
+        that does not decode is skipped and logged.  Flow bindings (RFC 5626
+        flows, ``.invalid`` WebSocket contacts: see ``Store.connection_closed``)
+        whose connection is gone are not loaded, and the rows that held them are
+        rewritten without them.  ``flows_gone``: True, every connection is gone
+        (no connection survives a restart), or ``gone(conn_id) -> bool``
+        (``Store.load_record``'s ``drop_flows``)."""
+        aors = loaded = bad = 0
         rewrite = []
         if self.file is None:
             return 0, 0
-        for aor, bindings in self.file.load(self.index, self.n, now, self.reg.aor_of):
-            kept = self.reg.store.load(aor, bindings, drop_flows=flows_gone)
-            if kept < len(bindings):
+        store = self.reg.store
+        for aor, record in self.file.load(self.index, self.n, now, self.reg.aor_of):
+            try:
+                kept, dropped = store.load_record(aor, record, now, drop_flows=flows_gone)
+            except ValueError as exc:
+                self.file.errors += 1
+                bad += 1
+                if bad <= BAD_ROW_LINES:
+                    LOG.warning("state file %s: the row of %s does not decode (%s): skipped",
+                                self.path, aor, exc)
+                continue
+            if dropped:
                 rewrite.append(aor)
             if kept:
                 aors += 1
             loaded += kept
-        self.reg.store.changes()        # what was just loaded is already in the file
-        self.pending.extend((aor, self.reg.store.lookup(aor)) for aor in rewrite)
+        if bad > BAD_ROW_LINES:
+            LOG.warning("state file %s: %d more rows did not decode: skipped", self.path,
+                        bad - BAD_ROW_LINES)
+        store.clear_changes()           # what was just loaded is already in the file
+        for aor in rewrite:             # ... but for the flows left out
+            if not store.mark_changed(aor):
+                self.pending.append((aor, None, 0.0))   # it held flows only: the row goes
+        self.collect()
         return aors, loaded
 
     def collect(self) -> None:
-        """Take the store's changes (to write them)."""
+        """Take the store's changes as records (to write them)."""
         if self.file is None:
-            self.reg.store.changes()        # nobody needs them: do not let them pile up
+            self.reg.store.clear_changes()      # nobody needs them: do not let them pile up
             return
-        self.pending.extend(self.reg.store.changes())
+        self.pending.extend(self.reg.store.change_records())
         if len(self.pending) > MAX_PENDING_STATE:
             drop = len(self.pending) - MAX_PENDING_STATE
             del self.pending[:drop]

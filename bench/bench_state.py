@@ -1,0 +1,259 @@
+"""The state file: the flush path and the load path, the previous code beside this
+one, in one run (issue #11: ≤ 2 µs per changed AOR for the flush).
+
+    python3 -m pytest bench/bench_state.py -s -q
+
+flush   new: Store.change_records (one record per AOR, made in C) + StateFile.write
+        (one transaction: the records in AOR order by one executemany);
+        old: the previous path, kept here as it was (fastsip 995be28): Store.changes
+        (a Binding per binding) + marshal of 13-field rows + INSERT OR REPLACE
+feed    the same without SQLite: Store.change_records; Store.changes + the marshal rows
+load    new: StateWriter.load, the shard's rows -> Store.load_record (C);
+        old: marshal.loads -> a Binding per binding -> Store.load
+
+Each flush round takes CHANGED AORs (a random sample, 1 or 2 bindings each, ~220
+bytes of record) of a file holding 10,000 (every row changes) or 100,000 AORs (one
+in ten), in a WAL file checkpointed between rounds as the supervisor does; the
+setup of a round (marking the AORs changed, the checkpoint) is not timed.  Loading
+reads a file of 100,000 AORs (150,000 bindings).  Old and new rounds alternate, so
+that both run under the same noise of a shared machine (pytest-benchmark would run
+one after the other).  With -s the last test prints µs per changed AOR and bindings
+loaded per second (the best round and the median) and the gain (old time / new
+time, best rounds).
+"""
+import marshal
+import os
+import random
+import sqlite3
+import time
+
+import pytest
+
+from fastsip import Binding, Registrar, Store, shard_of
+from fastsip.server.state import StateFile
+from fastsip.server.timers import StateWriter
+
+NOW = 1_764_115_200.0
+CHANGED = 10_000
+ROUNDS = 15
+LOAD_AORS = 100_000
+RESULTS = {}        # (group, "new" | "old") -> (min, median) in µs per AOR or bindings/s
+
+
+def bindings_of(i):
+    """AOR i's bindings: a softphone's UDP binding, and every other AOR a second phone."""
+    out = []
+    for k in range(1 + i % 2):
+        host = f"192.0.2.{1 + k}"
+        out.append(Binding(f"sip:user{i}@{host}:5060;transport=udp", NOW + 600 + i % 100,
+                           call_id=f"{i:08x}-4c1f8e2a9b7d@{host}", cseq=1 + i % 1000,
+                           source=(host, 5060 + k), transport="udp",
+                           user_agent="BenchPhone/1.0"))
+    return out
+
+
+def aor(i):
+    return f"sip:user{i}@example.com"
+
+
+# -- the previous state file, as fastsip 995be28 wrote and read it -------------------------
+
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS aors (aor TEXT PRIMARY KEY, expires_at REAL NOT NULL,
+                                 bindings BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta (key, value) VALUES ('format', 'marshal4-rows13');
+"""
+
+
+def old_binding_row(b):
+    src = b.source or ("", 0)
+    return [b.uri, b.expires_at, b.q, b.call_id, b.cseq, src[0], src[1], b.transport, b.conn_id,
+            list(b.path or ()), b.instance, b.reg_id, b.user_agent]
+
+
+def old_binding_from_row(r):
+    uri, expires_at, q, call_id, cseq, host, port, transport, conn_id, path, instance, reg_id, ua = r
+    return Binding(uri, expires_at, q=q, call_id=call_id, cseq=cseq, source=(host, port),
+                   transport=transport, conn_id=conn_id, path=tuple(path), instance=instance,
+                   reg_id=reg_id, user_agent=ua)
+
+
+def old_rows(changes):
+    upserts, deletes = [], []
+    for name, bindings in changes:
+        if bindings:
+            upserts.append((name, max(b.expires_at for b in bindings),
+                            marshal.dumps([old_binding_row(b) for b in bindings], 4)))
+        else:
+            deletes.append((name,))
+    return upserts, deletes
+
+
+def old_write(db, changes):
+    upserts, deletes = old_rows(changes)
+    db.execute("BEGIN IMMEDIATE")
+    if upserts:
+        db.executemany("INSERT OR REPLACE INTO aors (aor, expires_at, bindings) VALUES (?, ?, ?)",
+                       upserts)
+    if deletes:
+        db.executemany("DELETE FROM aors WHERE aor = ?", deletes)
+    db.execute("COMMIT")
+
+
+def old_load(db, store, canon, now):
+    """The previous StateFile.load + StateWriter.load (rows under their canonical AOR)."""
+    db.create_function("fastsip_canonical_shard", 2, lambda a, n: shard_of(canon(a), n))
+    loaded = 0
+    for name, blob in db.execute("SELECT aor, bindings FROM aors WHERE expires_at > ? "
+                                 "AND fastsip_canonical_shard(aor, ?) = ?", (now, 1, 0)):
+        if canon(name) != name:
+            continue
+        live = [old_binding_from_row(r) for r in marshal.loads(blob) if r[1] > now]
+        loaded += store.load(name, live, drop_flows=True)
+    store.changes()
+    return loaded
+
+
+# -- the files ------------------------------------------------------------------------------
+
+def new_file(path, n):
+    """A state file of this build holding AORs 0..n-1 and a store holding the same."""
+    store = Store(track_changes=True)
+    for i in range(n):
+        store.load(aor(i), bindings_of(i))
+    f = StateFile(path, checkpoints=False)
+    f.write(store.change_records())
+    f.checkpoint("TRUNCATE")
+    return store, f
+
+
+def old_file(path, n):
+    store = Store(track_changes=True)
+    for i in range(n):
+        store.load(aor(i), bindings_of(i))
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.executescript(OLD_SCHEMA)
+    old_write(db, store.changes())
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return store, db
+
+
+def rounds_setup(store, checkpoint, n):
+    """The untimed part of a round: CHANGED random AORs of n marked changed, the
+    WAL checkpointed (the supervisor does it every second)."""
+    rng = random.Random(n)
+
+    def setup():
+        checkpoint()
+        for i in rng.sample(range(n), CHANGED):
+            store.mark_changed(aor(i))
+    return setup
+
+
+def measure(key, per, pairs, rounds=ROUNDS, rate=False):
+    """Run the old and the new path alternately, ``rounds`` times each (the machine
+    is shared: interleaving puts both under the same noise); ``pairs``: {"old" |
+    "new": (setup, run)}, setup untimed.  Keeps the best round and the median:
+    µs per ``per`` items, or items per second."""
+    times = {side: [] for side in pairs}
+    for _ in range(rounds):
+        for side, (setup, run) in pairs.items():
+            setup()
+            t = time.perf_counter()
+            run()
+            times[side].append(time.perf_counter() - t)
+    for side, ts in times.items():
+        ts.sort()
+        best, median = ts[0], ts[len(ts) // 2]
+        RESULTS[(key, side)] = (per / best, per / median) if rate else (
+            best / per * 1e6, median / per * 1e6)
+
+
+# -- flush ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("file_aors", [10_000, 100_000])
+def test_flush(tmp_path, file_aors):
+    store, f = new_file(str(tmp_path / "new.db"), file_aors)
+    old_store, db = old_file(str(tmp_path / "old.db"), file_aors)
+    written = []
+    measure(f"flush, file of {file_aors}", CHANGED, {
+        "new": (rounds_setup(store, f.checkpoint, file_aors),
+                lambda: written.append(f.write(store.change_records()))),
+        "old": (rounds_setup(old_store, lambda: db.execute("PRAGMA wal_checkpoint(PASSIVE)"),
+                             file_aors),
+                lambda: old_write(db, old_store.changes())),
+    })
+    assert written == [CHANGED] * ROUNDS
+    assert db.execute("SELECT count(*) FROM aors").fetchone() == (file_aors,)
+    assert f.db.execute("SELECT count(*) FROM aors").fetchone() == (file_aors,)
+    f.close()
+    db.close()
+
+
+def test_feed():
+    store, old_store = Store(track_changes=True), Store(track_changes=True)
+    for i in range(CHANGED):
+        store.load(aor(i), bindings_of(i))
+        old_store.load(aor(i), bindings_of(i))
+    sizes = []
+    measure("feed (no SQLite)", CHANGED, {
+        "new": (rounds_setup(store, lambda: None, CHANGED),
+                lambda: sizes.append(sum(len(r[1]) for r in store.change_records()))),
+        "old": (rounds_setup(old_store, lambda: None, CHANGED),
+                lambda: old_rows(old_store.changes())),
+    })
+    assert 200 < sizes[0] / CHANGED < 260           # bytes of record per AOR
+
+
+# -- load -----------------------------------------------------------------------------------
+
+LOAD_BINDINGS = sum(len(bindings_of(i)) for i in range(LOAD_AORS))
+
+
+def test_load(tmp_path):
+    new_path, old_path = str(tmp_path / "new.db"), str(tmp_path / "old.db")
+    new_file(new_path, LOAD_AORS)[1].close()
+    old_file(old_path, LOAD_AORS)[1].close()
+    got = {}
+
+    def load_new():
+        reg = Registrar(min_expires=60, max_expires=3600, track_changes=True)
+        w = StateWriter(new_path, 0, 1, reg, None)
+        got["new"] = w.load(NOW)
+        w.file.close()
+
+    def load_old():
+        reg = Registrar(min_expires=60, max_expires=3600, track_changes=True)
+        db = sqlite3.connect(old_path, isolation_level=None)
+        got["old"] = old_load(db, reg.store, reg.aor_of, NOW)
+        db.close()
+    measure(f"load, {LOAD_AORS} AORs (bindings/s)", LOAD_BINDINGS,
+            {"new": (lambda: None, load_new), "old": (lambda: None, load_old)},
+            rounds=5, rate=True)
+    assert got == {"new": (LOAD_AORS, LOAD_BINDINGS), "old": LOAD_BINDINGS}
+
+
+def test_summary():
+    if len(RESULTS) < 8:
+        pytest.skip("run the measurements above first")
+    print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}; old and new rounds "
+          f"alternate")
+    print(f"{'':38s} {'new best':>9s} {'median':>9s} {'old best':>9s} {'median':>9s} "
+          f"{'gain':>8s}")
+    for group in dict.fromkeys(g for g, _ in RESULTS):
+        new, old = RESULTS[(group, "new")], RESULTS[(group, "old")]
+        if "bindings/s" in group:       # a rate: the best round is the highest
+            print(f"{group:38s} {new[0]:9.0f} {new[1]:9.0f} {old[0]:9.0f} {old[1]:9.0f} "
+                  f"{new[0] / old[0]:7.1f}x")
+        else:
+            print(f"{group + ' µs/AOR':38s} {new[0]:9.2f} {new[1]:9.2f} {old[0]:9.2f} "
+                  f"{old[1]:9.2f} {old[0] / new[0]:7.1f}x")
+    feed = RESULTS[("feed (no SQLite)", "new")][0]
+    for group in dict.fromkeys(g for g, _ in RESULTS if g.startswith("flush")):
+        print(f"{group}: SQLite's share of the new flush {RESULTS[(group, 'new')][0] - feed:.2f} "
+              f"µs/AOR (the flush less the feed, best rounds)")

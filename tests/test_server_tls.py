@@ -183,9 +183,18 @@ def test_openssl_s_client_registers(start, pki):
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(start, phone, pki):
     srv = tls_serve(start, pki, "--tls-ca", pki["ca"], "--tls-verify-client", workers=1)
-    anonymous = phone(srv.tls, "tls", ca=pki["ca"])        # TLS 1.3: refused after the handshake
-    anonymous.send(register("eve", transport="TLS", local=anonymous.local))
-    assert closed_by_server(anonymous.sock)
+    # TLS 1.3: the client's side of the handshake may end before the server's refusal
+    # arrives (then the connection is closed), or the refusal may end it
+    try:
+        anonymous = phone(srv.tls, "tls", ca=pki["ca"])
+    except (ssl.SSLError, ConnectionResetError):
+        pass
+    else:
+        try:
+            anonymous.send(register("eve", transport="TLS", local=anonymous.local))
+        except (ssl.SSLError, OSError):
+            pass
+        assert closed_by_server(anonymous.sock)
     ctx = ssl.create_default_context(cafile=pki["ca"])
     ctx.load_cert_chain(pki["client_cert"], pki["client_key"])
     with ctx.wrap_socket(socket.create_connection(srv.tls, timeout=5),

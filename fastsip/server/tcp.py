@@ -503,17 +503,17 @@ class TcpServer:
         """Close connections silent for ``--tcp-idle-timeout`` seconds.  A WebSocket
         connection silent for half of it gets a ping: a live browser answers (its
         WebSocket does, whatever the page's SIP stack does), a gone one is closed
-        at the timeout and its flows end."""
+        at the timeout (never before a sweep after its ping) and its flows end."""
         idle = self.cfg.tcp_idle_timeout
         if idle and self.conns:
             half = idle / 2
             for conn in [c for c in self.conns.values() if now - c.last > half]:
-                if now - conn.last > idle:
-                    self.c.tcp_closed_idle += 1
-                    self.close(conn)
-                elif conn.ws is not None and conn.ws.open and conn.pinged < conn.last:
+                if conn.ws is not None and conn.ws.open and conn.pinged <= conn.last:
                     conn.pinged = now
                     self.write(conn, conn.ws.ping())
+                elif now - conn.last > idle:
+                    self.c.tcp_closed_idle += 1
+                    self.close(conn)
 
     def deadlines(self, now: float) -> None:
         """Close connections whose message (or handshake) is not complete

@@ -76,6 +76,22 @@ def require_client(name: str, apt_package: str) -> str:
 
 
 @pytest.fixture
+def connect():
+    """connect(addr) -> a plain TCP socket to addr (5 s timeout), closed at the end."""
+    import socket
+    made = []
+
+    def _connect(addr):
+        made.append(socket.create_connection(addr, timeout=5))
+        return made[-1]
+    try:
+        yield _connect
+    finally:
+        for s in made:
+            s.close()
+
+
+@pytest.fixture
 def softphone_register() -> bytes:
     return (VECTORS / "valid" / "softphone-register.sip").read_bytes()
 

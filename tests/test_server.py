@@ -16,7 +16,7 @@ import time
 import pytest
 
 import fastsip
-from fastsip.server.testing import contacts_of, register, request
+from fastsip.server.testing import contacts_of, register, request, wait_for
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,16 +26,6 @@ def cli(*args, timeout=30):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-def wait_for(predicate, timeout=10.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 # ----------------------------------------------------------------------------- basics

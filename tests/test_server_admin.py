@@ -19,7 +19,7 @@ import urllib.error
 import pytest
 
 from fastsip.server.admin import MAX_BODY, MAX_CLIENTS, MAX_HEAD, MAX_PER_SOURCE, REQUEST_DEADLINE
-from fastsip.server.testing import register
+from fastsip.server.testing import register, wait_for
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +29,6 @@ def cli(*args, timeout=30):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-def wait_for(predicate, timeout=10.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 def raw(addr, request: bytes, timeout=5.0, source=None):

@@ -17,18 +17,7 @@ import fastsip
 from fastsip.server.metrics import Histogram, WorkerCounters
 from fastsip.server.ratelimit import RateLimiter
 from fastsip.server.tcp import Sources, TcpServer, source_key
-from fastsip.server.testing import contacts_of, register, request
-
-
-def wait_for(predicate, timeout=10.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
-
+from fastsip.server.testing import contacts_of, register, request, wait_for
 
 # ----------------------------------------------------------------------------- in process
 

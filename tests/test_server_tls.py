@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 
-from fastsip.server.testing import contacts_of, make_test_pki, register
+from fastsip.server.testing import contacts_of, make_test_pki, register, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -30,34 +30,9 @@ def pki(tmp_path_factory):
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def connect():
-    """connect(addr) -> a plain TCP socket to addr, closed at the end."""
-    made = []
-
-    def _connect(addr):
-        made.append(socket.create_connection(addr, timeout=5))
-        return made[-1]
-    try:
-        yield _connect
-    finally:
-        for s in made:
-            s.close()
-
-
 def tls_serve(start, pki, *args, transports=("udp", "tls"), **kw):
     return start("--tls-cert", pki["cert"], "--tls-key", pki["key"], *args,
                  transports=transports, **kw)
-
-
-def wait_for(predicate, timeout=10.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 def closed_by_server(sock, timeout=5.0) -> bool:

@@ -9,7 +9,6 @@ offered, an Origin not allowed, unmasked and oversized frames, a stalled upgrade
 each refused, counted, and the server serves on.
 """
 import os
-import socket
 import ssl
 import struct
 import time
@@ -19,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import fastsip
-from fastsip.server.testing import contacts_of, make_test_pki, register
+from fastsip.server.testing import contacts_of, make_test_pki, register, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -32,16 +31,6 @@ def pki(tmp_path_factory):
 def ws_serve(start, pki, *args, **kw):
     return start("--tls-cert", pki["cert"], "--tls-key", pki["key"], *args,
                  transports=("udp", "ws", "wss"), **kw)
-
-
-def wait_for(predicate, timeout=10.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    return predicate()
 
 
 class Browser:
@@ -154,21 +143,6 @@ def test_keepalives_and_the_servers_ping_of_a_silent_connection(start, pki, brow
                                 transport="WS")))
     assert b"SIP/2.0 200 OK" in raw.recv(65536)
     assert wait_for(lambda: len(srv.api("/api/bindings")["bindings"]) == 1, timeout=8)
-
-
-@pytest.fixture
-def connect():
-    """connect(addr) -> a plain TCP socket to addr, closed at the end."""
-    made = []
-
-    def _connect(addr):
-        made.append(socket.create_connection(addr, timeout=5))
-        return made[-1]
-    try:
-        yield _connect
-    finally:
-        for s in made:
-            s.close()
 
 
 def _raw_upgrade(connect, addr):

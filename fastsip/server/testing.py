@@ -182,6 +182,18 @@ class ServerProcess:
         self.kill()
 
 
+def wait_for(predicate, timeout=10.0, every=0.05):
+    """Call ``predicate`` every ``every`` seconds until it returns something true (which
+    is returned) or ``timeout`` seconds pass (then its last value is returned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return predicate()
+
+
 # -- a test PKI ------------------------------------------------------------------------------
 
 def make_test_pki(directory) -> dict:

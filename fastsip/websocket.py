@@ -51,6 +51,14 @@ def _origin_key(origin):
     return origin.strip().rstrip("/").lower()
 
 
+def origin_set(origins):
+    """``origins`` (a collection of Origin values, or None for any) as the frozenset
+    WsConnection keeps: made once, it is shared by every connection given it."""
+    if origins is None:
+        return None
+    return frozenset(_origin_key(o) for o in origins)
+
+
 def _tokens(values):
     """The comma-separated tokens of header values, lower case."""
     return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]

@@ -53,7 +53,7 @@ import fastsip
 from fastsip.core._core import TRANSPORTS
 from fastsip.server import logs, tls
 from fastsip.server.loop import EP_ERR, EP_IN, EP_OUT
-from fastsip.websocket import WsConnection
+from fastsip.websocket import WsConnection, origin_set
 
 LOG = logs.LOG
 
@@ -189,6 +189,7 @@ class TcpServer:
         self.partial: dict = {}         # fd -> Conn holding part of a message, by Conn.started
         self.next_cid = (int(time.time() * 1000) & 0xFFFFFFFFFF) << 8 | index
         self.per_transport = dict.fromkeys(("tcp", "tls", "ws", "wss"), 0)   # open connections
+        self._origins = (None, None)    # (--ws-origin as given, origin_set of it): shared
         self.tls_ctx = None
         if any(t in ("tls", "wss") for t, _s in listeners):
             self.tls_ctx = tls.make_context(cfg)
@@ -239,13 +240,17 @@ class TcpServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if transport in ("tls", "wss"):
-                sock = self.tls_ctx.wrap_socket(sock, server_side=True,
-                                                do_handshake_on_connect=False)
+                try:
+                    sock = self.tls_ctx.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+                except OSError:         # gone already
+                    sock.close()
+                    continue
             cid = self.next_cid
             self.next_cid += 256
             now = time.time()
             conn = Conn(sock, cid, (peer[0], peer[1]), source, transport,
-                        self.cfg.max_message_size, self.cfg.ws_origin or None, now)
+                        self.cfg.max_message_size, self._ws_origins(), now)
             self.conns[conn.fd] = conn
             self.conn_ids[cid] = conn
             self.sources.add(conn)
@@ -254,6 +259,13 @@ class TcpServer:
                 conn.started = now      # the handshake's deadline
                 self.partial[conn.fd] = conn
             self.loop.add(conn.fd, partial(self.on_event, conn))
+
+    def _ws_origins(self):
+        """--ws-origin (live: SIGHUP) as one frozenset all WebSocket connections share."""
+        given = self.cfg.ws_origin or None
+        if given != self._origins[0]:
+            self._origins = (given, origin_set(given))
+        return self._origins[1]
 
     def on_event(self, conn: Conn, events: int) -> None:
         if events & (EP_IN | EP_ERR):

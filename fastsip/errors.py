@@ -24,6 +24,8 @@ __all__ = [
     "RegistrarError",
     "IntervalTooBrief",
     "TooManyContacts",
+    "ConfigError",
+    "ClusterError",
 ]
 
 
@@ -173,3 +175,13 @@ class TooManyContacts(RegistrarError):
     """The AOR would hold more bindings than the limit allows."""
 
     status = 503
+
+
+class ConfigError(Exception):
+    """A setting is unusable: the command line prints it on one line and exits 2."""
+
+
+class ClusterError(Exception):
+    """The shared location (``--cluster``, a Redis Cluster) cannot be used: no
+    seed node answers, a node refuses the login or the function library, or a
+    reply makes no sense."""

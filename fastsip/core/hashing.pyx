@@ -178,3 +178,33 @@ def shard_of(aor, int n):
     if n <= 0:
         raise ValueError("n must be positive")
     return stable_hash(aor) % n
+
+
+cdef uint16_t _crc16(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """CRC-16/XMODEM (polynomial 0x1021, initial 0), bit by bit: what Redis
+    Cluster hashes keys with."""
+    cdef uint16_t crc = 0
+    cdef Py_ssize_t i
+    cdef int b
+    for i in range(n):
+        crc ^= (<uint16_t>p[i]) << 8
+        for b in range(8):
+            crc = <uint16_t>((crc << 1) ^ 0x1021) if crc & 0x8000 else <uint16_t>(crc << 1)
+    return crc
+
+
+def key_slot(bytes key):
+    """The Redis Cluster slot (0..16383) of ``key``: CRC16 of its hash tag, the
+    part between the first "{" and the next "}" when that is not empty, else of
+    the whole key (the Redis Cluster specification)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(key)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(key), s, e
+    for s in range(n):
+        if p[s] == b'{':
+            for e in range(s + 1, n):
+                if p[e] == b'}':
+                    if e > s + 1:
+                        return _crc16(p + s + 1, e - s - 1) & 16383
+                    break
+            break
+    return _crc16(p, n) & 16383

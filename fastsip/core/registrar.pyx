@@ -13,6 +13,9 @@ SUPPORTED_OPTIONS = ("path", "outbound")
 METHODS = frozenset(("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "PRACK", "UPDATE",
                      "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "MESSAGE", "INFO"))
 _ALLOW = [("Allow", "REGISTER, OPTIONS")]
+# shared mode (fastsip.cluster): what serve_shard returns instead of a reply
+STAGED = -1     # the REGISTER's write is staged (RegistrarCore.staged); answer when it is done
+WAIT = -2       # its AOR has a write under way (waiting_aor); serve it again when that is done
 _RETRY_LATER = [("Retry-After", "60")]
 _OPTIONS_HEADERS = [("Allow", "REGISTER, OPTIONS"), ("Supported", ", ".join(SUPPORTED_OPTIONS)),
                     ("Accept", "application/sdp")]
@@ -45,16 +48,21 @@ cdef class RegistrarCore:
     cdef dict other_requests               # method -> count, for all but REGISTER
     cdef readonly Py_ssize_t parse_errors
     cdef readonly uint64_t full_refusals   # 503 for max_bindings
+    cdef readonly bint shared              # the store caches a shared location (fastsip.cluster)
+    cdef bint _trusted                     # serve_again: authentication already passed
+    cdef readonly object staged            # shared: the write a REGISTER waits for (stage())
+    cdef readonly object waiting_aor       # shared: the busy AOR a REGISTER waits on (WAIT)
 
     def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
                  int max_contacts=16, domains=None, addresses=(), authorize=None,
                  server="fastsip", bint track_changes=False, str aor_by="user@host",
-                 int64_t max_bindings=0):
+                 int64_t max_bindings=0, bint shared=False):
         self.aor_form = _aor_form(aor_by)
+        self.shared = shared
         self.configure(min_expires=min_expires, max_expires=max_expires,
                        default_expires=default_expires, max_contacts=max_contacts,
                        max_bindings=max_bindings)
-        self.store = Store(track_changes=track_changes)
+        self.store = Store(track_changes=track_changes and not shared, shared=shared)
         self.set_domains(domains)
         self._addresses = frozenset(a.lower().strip("[]").encode() for a in addresses)
         self.authorize = authorize
@@ -230,7 +238,7 @@ cdef class RegistrarCore:
         if rc:
             return self._refuse(rq, rc)
         # 3-4. Authentication, then authorization (the AOR's user and domain).
-        if self._authorize_obj is not None:
+        if self._authorize_obj is not None and not self._trusted:
             refusal = self._authenticate(data, rq)
             if refusal is not None:
                 status, reason, headers = refusal
@@ -239,6 +247,9 @@ cdef class RegistrarCore:
         rc = read_contacts(rq, reg, self.aor_form)
         if rc:
             return self._refuse(rq, rc)
+        if self.shared and self.store.is_busy(reg.aor, reg.aor_len):
+            self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
+            return WAIT
         self.store.purge(reg.aor, reg.aor_len, rq.now)       # its lapsed bindings go first
         self.store.view(reg.aor, reg.aor_len, rq.now, &self.before)
         rc = decide(buf, reg, &self.settings, &self.before, self.store.n_bindings, rq.now,
@@ -261,8 +272,33 @@ cdef class RegistrarCore:
             self.store.apply(reg.aor, reg.aor_len, &self.plan, &self.before, rq.now)
             self.store.view(reg.aor, reg.aor_len, rq.now, &self.after)
             listing = &self.after
+            if self.shared:
+                return self._stage(reg, rq.now, self.writer.ok(
+                    rq, listing, self.plan.outbound,
+                    rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq)))
         return self.writer.ok(rq, listing, self.plan.outbound,
                               rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
+
+    cdef object _stage(self, const RegisterIn* reg, double now, bytes reply):
+        """Shared mode: the plan is applied to the cache; stage its write (the
+        AOR's new record with the next version, see ``staged``), mark the AOR
+        busy until the write is done, and return STAGED instead of the reply."""
+        cdef Store st = self.store
+        cdef int32_t a = st.find_or_add(reg.aor, reg.aor_len)
+        cdef uint64_t expected = st.versions[a]
+        cdef uint64_t version = <uint64_t>(now * 1e6)
+        cdef double latest = 0.0
+        cdef object record = None
+        if version <= expected:
+            version = expected + 1
+        if st.aors[a].count:
+            record = st.encode(a, version, &latest)
+        st.versions[a] = version
+        st.aors[a].busy = 1
+        st.aors[a].pinned = 0
+        self.staged = (PyBytes_FromStringAndSize(reg.aor, reg.aor_len), expected, version, record,
+                       latest, reply)
+        return STAGED
 
     cdef object _authenticate(self, bytes data, const Req* rq):
         """Digest authentication and the AOR policy, behind the failure budget:
@@ -447,6 +483,18 @@ cdef class RegistrarCore:
             return self.writer.reply(&rq, 200, b"OK", _OPTIONS_HEADERS)
         finally:
             msg_release(&m)
+
+    def serve_again(self, bytes data, src_host, int src_port, double now, str transport="udp",
+                    int64_t conn_id=-1):
+        """Shared mode: serve a REGISTER again that waited (WAIT) or whose write
+        met a newer version (the cache now holds it): as ``serve_shard`` for one
+        shard, without authenticating it again (it passed once; a second check
+        would take its nonce count for a replay)."""
+        self._trusted = True
+        try:
+            return self.serve_shard(data, src_host, src_port, now, transport, conn_id, 0, 1)
+        finally:
+            self._trusted = False
 
     # -- queries (lookups never change the store) -------------------------------
 

@@ -128,6 +128,15 @@ cdef int binding_in_of(Binding bd, BindingIn* bi, list keep) except -1:
     return 0
 
 
+cdef uint64_t record_version(bytes record) except? 0:
+    """The AOR version in a record's head (docs/record.md)."""
+    cdef uint64_t version
+    cdef uint32_t count
+    if record_head(PyBytes_AS_STRING(record), PyBytes_GET_SIZE(record), &version, &count) < 0:
+        raise ValueError("bad record (byte 0): shorter than its head")
+    return version
+
+
 cdef class Store(BindingTable):
     """AOR -> bindings.  Python callers use lookup/bindings/changes/load/
     remove_aor/expire; the registrar uses the table's cdef API."""
@@ -203,12 +212,9 @@ cdef class Store(BindingTable):
         one record (docs/record.md, AOR version 0) written in C, with no Python
         object per binding, and the latest expiry among them.  An AOR left
         with no binding gives ``(aor, None, 0.0)``.  Needs track_changes=True."""
-        cdef Py_ssize_t k, size
-        cdef int32_t a, s
+        cdef Py_ssize_t k
+        cdef int32_t a
         cdef double latest
-        cdef BindingIn bi
-        cdef bytes rec
-        cdef char* p
         cdef list out = []
         for k in range(self.n_dirty):
             a = self.dirty[k]
@@ -216,23 +222,7 @@ cdef class Store(BindingTable):
             if self.aors[a].count == 0:
                 out.append((name, None, 0.0))
                 continue
-            size = RECORD_HEAD
-            latest = -INFINITY
-            s = self.aors[a].first
-            while s >= 0:
-                self.binding_in(s, &bi)
-                size += record_size(&bi)
-                if bi.expires_at > latest:
-                    latest = bi.expires_at
-                s = self.b[s].next
-            rec = PyBytes_FromStringAndSize(NULL, size)
-            p = record_put_head(PyBytes_AS_STRING(rec), 0, <uint32_t>self.aors[a].count)
-            s = self.aors[a].first
-            while s >= 0:
-                self.binding_in(s, &bi)
-                p = record_put_binding(p, &bi)
-                s = self.b[s].next
-            out.append((name, rec, latest))
+            out.append((name, self.encode(a, 0, &latest), latest))
         self._drain()
         return out
 
@@ -361,6 +351,68 @@ cdef class Store(BindingTable):
             s = nxt
         self.release_if_empty(a)
         return n
+
+    # -- a cache of a shared location (shared=True, fastsip.cluster) -----------
+
+    def cache_version(self, aor):
+        """The version of ``aor`` in the shared location as this cache knows
+        it; 0 when it holds no copy (0 is never a stored version)."""
+        cdef int32_t a = self._find_str(aor)
+        return 0 if a < 0 or self.versions == NULL else self.versions[a]
+
+    def cache_put(self, aor, record, double now):
+        """Make this cache's copy of ``aor`` what ``record`` says (as read from
+        the shared location; None: the key is absent): its bindings valid at
+        ``now`` and its version, kept even when none is valid, so that the
+        next write expects that version.  Ends a write under way (busy)."""
+        cdef int32_t a
+        self._unmark(aor)
+        self.remove_aor(aor)
+        if record is None:
+            return
+        self.load_record(aor, record, now)
+        key = _b(aor)
+        a = self.find_or_add(key, len(key))
+        self.versions[a] = record_version(record)
+        self.aors[a].pinned = self.aors[a].count == 0
+
+    def cache_drop(self, aor):
+        """Forget this cache's copy of ``aor`` (invalidated, or a write of it
+        failed): the next request reads it again.  Ends a write under way."""
+        self._unmark(aor)
+        self.remove_aor(aor)
+
+    def cache_done(self, aor):
+        """The write of ``aor`` staged by the registrar is acknowledged: the
+        copy here is the stored one."""
+        cdef int32_t a = self._unmark(aor)
+        if a >= 0:
+            self.release_if_empty(a)
+
+    def cache_busy(self, aor):
+        """Is a write of ``aor`` under way?"""
+        cdef int32_t a = self._find_str(aor)
+        return a >= 0 and self.aors[a].busy != 0
+
+    def cache_clear(self):
+        """Forget every copy that no write is under way for (the invalidations
+        that keep them true were lost with a connection); returns how many AORs
+        went."""
+        cdef int32_t i
+        cdef Py_ssize_t n = 0
+        for i in range(self.n_aors_cap):
+            if self.aors[i].live and not self.aors[i].busy:
+                self.aors[i].pinned = 0
+                self.cache_drop(_s(self.aors[i].name, self.aors[i].name_len))
+                n += 1
+        return n
+
+    cdef int32_t _unmark(self, aor) except -2:
+        cdef int32_t a = self._find_str(aor)
+        if a >= 0:
+            self.aors[a].busy = 0
+            self.aors[a].pinned = 0
+        return a
 
     def expire(self, double now, Py_ssize_t max_work=10000):
         """Remove bindings due at ``now``; pops at most ``max_work`` heap entries

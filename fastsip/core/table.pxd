@@ -38,6 +38,8 @@ cdef struct AorRec:
     int32_t next_free
     uint8_t dirty        # changed since the last changes() call
     uint8_t live
+    uint8_t busy         # a shared store's write of it is under way (kept while empty)
+    uint8_t pinned       # a shared store's empty AOR whose version is known (kept while empty)
 
 
 # The flow index: conn_id -> the flow bindings of that stream connection
@@ -93,6 +95,7 @@ cdef class BindingTable:
     cdef int32_t* dirty
     cdef Py_ssize_t n_dirty, dirty_cap
     cdef bint track_changes
+    cdef uint64_t* versions      # per AOR slot, its version in a shared location (shared=True)
     cdef FlowRec* flows
     cdef int32_t flows_cap
     cdef int32_t flow_free
@@ -132,3 +135,5 @@ cdef class BindingTable:
     cdef void _flow_link(self, int32_t slot, int64_t conn_id) noexcept
     cdef void _flow_unlink(self, int32_t slot) noexcept
     cdef Py_ssize_t close_connection(self, int64_t conn_id, double now) noexcept
+    cdef bytes encode(self, int32_t a, uint64_t version, double* latest)
+    cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept

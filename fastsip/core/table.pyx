@@ -94,9 +94,19 @@ cdef class BindingTable:
         for i in range(self.conns_cap):
             self.conns[i].head = -1
 
-    def __init__(self, *, bint track_changes=False):
-        """``track_changes``: remember changed AORs for :meth:`changes` (persistence)."""
+    def __init__(self, *, bint track_changes=False, bint shared=False):
+        """``track_changes``: remember changed AORs for :meth:`changes` (persistence).
+        ``shared``: the table is a cache of a shared location (fastsip.cluster): it
+        keeps each AOR's version there and a busy mark while a write of it is under
+        way."""
+        cdef int32_t i
         self.track_changes = track_changes
+        if shared and self.versions == NULL:
+            self.versions = <uint64_t*>malloc(self.n_aors_cap * sizeof(uint64_t))
+            if self.versions == NULL:
+                raise MemoryError()
+            for i in range(self.n_aors_cap):
+                self.versions[i] = 0
 
     cdef void _init_b_slab(self, int32_t start) noexcept:
         cdef int32_t i
@@ -119,6 +129,7 @@ cdef class BindingTable:
                 if self.aors[i].live:
                     free(self.aors[i].name)
         free(self.aors)
+        free(self.versions)
         free(self.table)
         free(self.b)
         free(self.heap)
@@ -172,6 +183,7 @@ cdef class BindingTable:
         cdef uint64_t h
         cdef Py_ssize_t mask, j
         cdef AorRec* grown
+        cdef uint64_t* grown_v
         cdef AorRec* a
         if slot >= 0:
             return slot
@@ -182,6 +194,11 @@ cdef class BindingTable:
             if grown == NULL:
                 raise MemoryError()
             self.aors = grown
+            if self.versions != NULL:
+                grown_v = <uint64_t*>realloc(self.versions, 2 * self.n_aors_cap * sizeof(uint64_t))
+                if grown_v == NULL:
+                    raise MemoryError()
+                self.versions = grown_v
             i = self.n_aors_cap
             self.n_aors_cap *= 2
             self._init_aor_slab(i)
@@ -199,6 +216,10 @@ cdef class BindingTable:
         a.count = 0
         a.dirty = 0
         a.live = 1
+        a.busy = 0
+        a.pinned = 0
+        if self.versions != NULL:
+            self.versions[slot] = 0
         mask = self.table_cap - 1
         j = <Py_ssize_t>(h & mask)
         while self.table[j] > 0:
@@ -270,9 +291,37 @@ cdef class BindingTable:
         p += r.ua_len
         out.src_host, out.src_host_len = p, r.src_host_len
 
+    cdef bytes encode(self, int32_t a, uint64_t version, double* latest):
+        """The bindings of the AOR slot ``a`` as one record (docs/record.md) with
+        ``version``, written in C; the latest expiry among them in ``latest``."""
+        cdef Py_ssize_t size = RECORD_HEAD
+        cdef int32_t s = self.aors[a].first
+        cdef BindingIn bi
+        cdef bytes rec
+        cdef char* p
+        latest[0] = -INFINITY
+        while s >= 0:
+            self.binding_in(s, &bi)
+            size += record_size(&bi)
+            if bi.expires_at > latest[0]:
+                latest[0] = bi.expires_at
+            s = self.b[s].next
+        rec = PyBytes_FromStringAndSize(NULL, size)
+        p = record_put_head(PyBytes_AS_STRING(rec), version, <uint32_t>self.aors[a].count)
+        s = self.aors[a].first
+        while s >= 0:
+            self.binding_in(s, &bi)
+            p = record_put_binding(p, &bi)
+            s = self.b[s].next
+        return rec
+
+    cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept:
+        cdef int32_t a = self.find(aor, n)
+        return a >= 0 and self.aors[a].busy
+
     cdef void release_if_empty(self, int32_t aor) noexcept:
         cdef AorRec* a = &self.aors[aor]
-        if a.live and a.count == 0 and not a.dirty:
+        if a.live and a.count == 0 and not a.dirty and not a.busy and not a.pinned:
             self._drop_aor(aor)
 
     # -- bindings ------------------------------------------------------------

@@ -93,7 +93,7 @@ cdef class EventLoop:
     cdef double _last_wake
     cdef bint _stopping
     cdef BatchIO _udp_io, _inbox_io
-    cdef object _serve_shard, _bug, _on_handoffs
+    cdef object _serve_shard, _bug, _on_handoffs, _after
     cdef RateLimiter _limiter
     cdef Histogram _hist
     cdef list _queues, _peer_fds, _udp_fds, _others
@@ -181,6 +181,12 @@ cdef class EventLoop:
         self._on_handoffs = on_handoffs
         self._max_pending = max_pending
 
+    def set_after(self, after):
+        """``after(li)``: called when the batches read from UDP listener li on one
+        wake-up are served (the shared location sends their writes then); None:
+        nothing is."""
+        self._after = after
+
     def counters(self):
         """The counters kept here, by their names in ``metrics.WorkerCounters``."""
         return {"received_udp": self.received_udp, "batches_udp": self.batches_udp,
@@ -212,6 +218,8 @@ cdef class EventLoop:
         if handed_total:
             self.handoffs_sent += handed_total
             self._flush()
+        if self._after is not None:
+            self._after(li)
         return 0
 
     cdef int _on_inbox(self, int fd) except -1:

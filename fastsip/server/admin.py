@@ -27,6 +27,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from fastsip.errors import ClusterError
 from fastsip.registrar import aor_from_text
 from fastsip.server import logs
 from fastsip.server.metrics import render
@@ -60,9 +61,50 @@ def _aor_param(q):
         return None, _json({"error": str(exc)}, "400 Bad Request")
 
 
+def _shared(sup, method: str, path: str, q: dict):
+    """The admin API with --cluster: the shared location is asked (every node's
+    bindings, as ``fastsip show --cluster``), not this node's workers."""
+    from fastsip.cluster import location
+    from fastsip.server.commands import binding_dict
+    now = time.time()
+    try:
+        if path == "/api/bindings":
+            limit = int(q.get("limit", 100000))
+            found, truncated = sup.location(lambda sync: location.bindings(sync, limit, now))
+            return _json({"bindings": [binding_dict(a, b, now) for a, b in found],
+                          "truncated": truncated})
+        aor, refusal = _aor_param(q)
+        if refusal:
+            return refusal
+        aor = sup.aor_of(aor)
+        if path == "/api/aor":
+            found = sup.location(lambda sync: location.lookup(sync, aor, now))
+            return _json({"aor": aor, "bindings": [binding_dict(aor, b, now) for b in found]})
+        contact = _contact_param(q)
+        removed = sup.location(lambda sync: location.remove(sync, aor, contact, now))
+        logs.event(logging.INFO, f"admin: removed {removed} binding(s) of {aor}",
+                   aor=aor, contact=contact, removed=removed)
+        return _json({"aor": aor, "removed": removed})
+    except ClusterError as exc:
+        return _json({"error": f"the shared location: {exc}"}, "503 Service Unavailable")
+
+
+def _contact_param(q):
+    """The ``contact`` parameter as `fastsip show` prints it (<sip:...> allowed)."""
+    contact = q.get("contact")
+    if contact:
+        contact = contact.strip()
+        if contact.startswith("<") and contact.endswith(">"):
+            contact = contact[1:-1].strip()
+    return contact or None
+
+
 def route(sup, method: str, path: str, q: dict):
     """``(status, content type, body)`` for one request; runs in the supervisor's loop
     (``sup`` is the Supervisor: it asks the workers)."""
+    if sup.cfg.cluster is not None and (method, path) in (
+            ("GET", "/api/aor"), ("GET", "/api/bindings"), ("POST", "/api/remove")):
+        return _shared(sup, method, path, q)
     if path == "/metrics" and method == "GET":
         total = sup.collect()
         alive = sum(1 for s in sup.slots if s.pid)
@@ -94,11 +136,7 @@ def route(sup, method: str, path: str, q: dict):
         aor, refusal = _aor_param(q)
         if refusal:
             return refusal
-        contact = q.get("contact")
-        if contact:     # as `fastsip show` prints it: <sip:...>
-            contact = contact.strip()
-            if contact.startswith("<") and contact.endswith(">"):
-                contact = contact[1:-1].strip()
+        contact = _contact_param(q)
         removed, near = 0, set()
         for _slot, answer in sup.ask_all({"op": "remove", "aor": aor, "contact": contact}):
             answer = answer or {}

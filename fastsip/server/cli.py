@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -102,8 +103,56 @@ def _near(data) -> str:
     return f"; did you mean {' or '.join(near)}?" if near else ""
 
 
+def _cluster(args, op, **params) -> dict:
+    """What the admin API would answer, read from the shared location itself
+    (``--cluster``: no node need be running)."""
+    from fastsip.cluster import location
+    from fastsip.cluster.sync import SyncCluster
+    from fastsip.cluster.url import parse_url
+    from fastsip.errors import ClusterError, ConfigError
+    from fastsip.server.commands import binding_dict
+    try:
+        url = parse_url(args.cluster).with_password_file(args.cluster_password_file)
+        sync = SyncCluster(url)
+    except (ConfigError, ClusterError) as exc:
+        raise SystemExit(_fail(str(exc))) from None
+    try:
+        now = time.time()
+        if op == "bindings":
+            found, truncated = location.bindings(sync, params["limit"], now)
+            return {"bindings": [binding_dict(a, b, now) for a, b in found],
+                    "truncated": truncated}
+        aor = _canonical(params["aor"], args)
+        if op == "lookup":
+            return {"aor": aor, "bindings": [binding_dict(aor, b, now)
+                                             for b in location.lookup(sync, aor, now)]}
+        return {"aor": aor, "removed": location.remove(sync, aor, params.get("contact"), now)}
+    except ClusterError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+    finally:
+        sync.close()
+
+
+def _canonical(text: str, args) -> str:
+    """The AOR key of ``text`` as a node would make it (``--aor-by`` of --config)."""
+    import fastsip
+    from fastsip.registrar import aor_from_text
+    try:
+        uri = aor_from_text(text)
+    except ValueError as exc:
+        raise SystemExit(_fail(str(exc))) from None
+    by = "user@host"
+    if getattr(args, "config", None):
+        from fastsip.server.config import resolve
+        by = resolve(None, args.config).aor_by
+    return fastsip.Registrar(aor_by=by).aor_of(uri)
+
+
 def cmd_show(args) -> int:
-    data = _call(args, "/api/aor", aor=args.aor)
+    if args.cluster:
+        data = _cluster(args, "lookup", aor=args.aor)
+    else:
+        data = _call(args, "/api/aor", aor=args.aor)
     if args.json:
         print(json.dumps(data["bindings"], indent=1))
         return 0
@@ -118,7 +167,10 @@ def cmd_show(args) -> int:
 
 
 def cmd_bindings(args) -> int:
-    data = _call(args, "/api/bindings", limit=args.limit)
+    if args.cluster:
+        data = _cluster(args, "bindings", limit=args.limit)
+    else:
+        data = _call(args, "/api/bindings", limit=args.limit)
     if args.json:
         print(json.dumps(data["bindings"], indent=1))
         return 0
@@ -135,7 +187,10 @@ def cmd_bindings(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    data = _call(args, "/api/remove", method="POST", aor=args.aor, contact=args.contact)
+    if args.cluster:
+        data = _cluster(args, "remove", aor=args.aor, contact=args.contact)
+    else:
+        data = _call(args, "/api/remove", method="POST", aor=args.aor, contact=args.contact)
     aor = data.get("aor", args.aor)
     what = f"{aor} {args.contact}" if args.contact else aor
     print(f"removed {data['removed']} binding(s) of {what}" + ("" if data["removed"] else _near(data)))
@@ -186,6 +241,11 @@ def add_subcommands(sub) -> None:
                             "(default: the admin-token-file key of --config)")
         p.add_argument("--config", metavar="FILE",
                        help="the server's TOML file: where its endpoint is and its token file")
+        p.add_argument("--cluster", metavar="URL",
+                       help="read the shared location (a Redis Cluster, as serve --cluster) "
+                            "directly instead of asking a running server")
+        p.add_argument("--cluster-password-file", metavar="FILE",
+                       help="the Redis password, as for serve")
 
     p = sub.add_parser("show", help="the bindings of one AOR, from the running server")
     p.add_argument("aor", metavar="AOR", help="address of record: sip:alice@example.com, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 if sys.version_info >= (3, 11):
@@ -16,9 +17,8 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI (a dependency there, see pyproject.toml)
     import tomli as tomllib
 
-
-class ConfigError(Exception):
-    """A setting is unusable: the command line prints it on one line and exits 2."""
+from fastsip.cluster.url import parse_url
+from fastsip.errors import ConfigError as ConfigError  # the server's modules import it here
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -218,6 +218,19 @@ OPTIONS = [
     ("flush-interval", _nonneg_float("flush-interval"), 1.0, False, True, "S",
      "seconds between writes of binding changes to the state file; the most a crash loses "
      "(default: 1)"),
+    # the shared location (issue #12, docs/cluster.md)
+    ("cluster", parse_url, None, False, False, "URL",
+     "keep the bindings in a Redis Cluster shared with other nodes instead of the state file: "
+     "redis://HOST:PORT[,HOST:PORT...] (seed nodes; one standalone Redis works too), "
+     "rediss:// for TLS (?ca=FILE for a private CA), a password as redis://:PASSWORD@... or "
+     "with --cluster-password-file"),
+    ("cluster-password-file", _string("cluster-password-file"), None, False, False, "FILE",
+     "the Redis password (its first line), kept off the command line"),
+    ("cluster-wait", _positive_float("cluster-wait"), 5.0, False, True, "S",
+     "how long a REGISTER may wait for the shared location (a primary failing over) before "
+     "500 with Retry-After, seconds (default: 5)"),
+    ("node-id", _string("node-id"), None, False, False, "NAME",
+     "this node's name in logs and on the start line (default: the host name)"),
     ("metrics", lambda v: parse_hostport(v, "--metrics"), "127.0.0.1:9060", False, False, "HOST:PORT",
      "HTTP endpoint for Prometheus /metrics and the admin API of show/bindings/remove "
      "(default: 127.0.0.1:9060)"),
@@ -343,8 +356,14 @@ def resolve(args: argparse.Namespace | None = None, config_path: str | None = No
         else:
             value = conv(raw)
         setattr(cfg, name.replace("-", "_"), value)
-    if cfg.no_state:
-        cfg.state = None
+    if cfg.no_state or cfg.cluster is not None:
+        cfg.state = None                # the shared location replaces the state file
+    if cfg.cluster is not None:
+        cfg.cluster = cfg.cluster.with_password_file(cfg.cluster_password_file)
+    elif cfg.cluster_password_file:
+        raise ConfigError("--cluster-password-file needs --cluster")
+    if cfg.node_id is None:
+        cfg.node_id = socket.gethostname()
     if not cfg.listen:
         raise ConfigError("--listen: at least one address is needed")
     if len(set(cfg.listen)) != len(cfg.listen):

@@ -35,6 +35,7 @@ import sqlite3
 import sys
 import time
 
+from fastsip.errors import ClusterError
 from fastsip.server import control, logs, steer
 from fastsip.server.admin import AdminServer, read_token
 from fastsip.server.config import SECURE, ConfigError, resolve
@@ -163,6 +164,9 @@ class Slot:
 class Supervisor:
     def __init__(self, cfg):
         self.cfg = cfg
+        self._sync = None           # SyncCluster of the admin API, with --cluster
+        self._aor_form = None       # a Registrar that only canonicalizes AORs (aor_of)
+        self.cluster_primaries = 0
         self.listen = []            # [(transport, host, port)] as bound
         self.udp = []               # per worker: [socket per UDP address]
         self.tcp = []               # per worker: [(transport, socket) per stream address]
@@ -219,6 +223,8 @@ class Supervisor:
             _force_buf(r, socket.SO_RCVBUF, 33, BUF)
             self.inboxes.append((r, w))
         self.addresses = own_addresses(self.listen)
+        if cfg.cluster is not None:
+            self.cluster_primaries = self._check_cluster()
         if cfg.state:
             try:
                 from fastsip.server.state import StateFile
@@ -323,6 +329,10 @@ class Supervisor:
         cfg = self.cfg
         where = ", ".join(_fmt(*b) for b in self.listen)
         state = os.path.abspath(cfg.state) if cfg.state else "none (--no-state: bindings in memory only)"
+        if cfg.cluster is not None:
+            n = self.cluster_primaries
+            state = (f"shared at {cfg.cluster.redacted()} ({n} primar{'ies' if n != 1 else 'y'}), "
+                     f"node {cfg.node_id}")
         mh, mp = self.metrics_addr
         if cfg.realm is None:
             auth = "digest authentication off"
@@ -361,6 +371,44 @@ class Supervisor:
                        admin="off" if exposed and not self.admin.token else
                        "token" if self.admin.token else "loopback",
                        realm=cfg.realm, users=self.auth_users if cfg.realm is not None else None)
+
+    def _check_cluster(self) -> int:
+        """--cluster: the slot map can be read and the function library loads on
+        every primary (FUNCTION LOAD REPLACE: a newer fastsip's replaces an older
+        one's); otherwise one error line.  Returns the number of primaries."""
+        from fastsip.cluster.sync import SyncCluster
+        try:
+            sync = SyncCluster(self.cfg.cluster)
+            try:
+                sync.load_library()
+            finally:
+                sync.close()
+        except ClusterError as exc:
+            self.close_sockets()
+            raise ConfigError(f"--cluster: {exc}") from None
+        return len(sync.slots.primaries)
+
+    def location(self, read):
+        """``read(sync)`` on the shared location (--cluster), through a connection
+        kept between calls; one lost is made again once."""
+        from fastsip.cluster.sync import SyncCluster
+        for attempt in (1, 2):
+            if self._sync is None:
+                self._sync = SyncCluster(self.cfg.cluster)
+            try:
+                return read(self._sync)
+            except ClusterError:
+                self._sync.close()
+                self._sync = None
+                if attempt == 2:
+                    raise
+
+    def aor_of(self, uri) -> str:
+        """The canonical AOR of ``uri``, as the workers key it (--aor-by)."""
+        if self._aor_form is None:
+            import fastsip
+            self._aor_form = fastsip.Registrar(aor_by=self.cfg.aor_by)
+        return self._aor_form.aor_of(uri)
 
     def _reap(self):
         while True:

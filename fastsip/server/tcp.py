@@ -195,6 +195,8 @@ class TcpServer:
             self.tls_ctx = tls.make_context(cfg)
         handoffs.deliver = self.deliver
         handoffs.closed = self.reg_closed
+        self.serve_shard = reg.serve_shard  # the shared location's, with --cluster
+        self.after = None               # called after a read's messages are served (--cluster)
 
     def __len__(self) -> int:
         return len(self.conns)
@@ -364,7 +366,7 @@ class TcpServer:
         t0 = time.perf_counter()
         handled = pings = 0
         host = conn.host
-        serve_shard = self.reg.serve_shard
+        serve_shard = self.serve_shard
         limiter = self.limiter
         c = self.c
         frame = conn.ws.frame if conn.ws is not None else None
@@ -392,6 +394,8 @@ class TcpServer:
                 replies.append(reply if frame is None else frame(reply))
         if replies:
             self.write(conn, replies[0] if len(replies) == 1 else b"".join(replies))
+        if self.after is not None:
+            self.after()
         c.keepalives += pings
         c.count("received", conn.transport, len(items) - pings)
         if handled:
@@ -496,7 +500,10 @@ class TcpServer:
             self.handoffs.conn_closed(owners, conn.cid)
 
     def reg_closed(self, conn_id: int) -> None:
-        """Connection ``conn_id`` is gone: remove its flows from this worker's shard."""
+        """Connection ``conn_id`` is gone: remove its flows from this worker's shard
+        (with --cluster they stay until they expire: docs/cluster.md)."""
+        if self.reg.shared:
+            return
         try:
             self.reg.connection_closed(conn_id, time.time())
         except Exception:               # noqa: BLE001 - a bug in the core: log, go on

@@ -38,6 +38,7 @@ from fastsip.server.inbox import MAX_PENDING_HANDOFF, Handoffs
 from fastsip.server.loop import Loop
 from fastsip.server.metrics import Histogram, WorkerCounters
 from fastsip.server.ratelimit import RateLimiter
+from fastsip.server.shared import SharedLocation
 from fastsip.server.tcp import TcpServer
 from fastsip.server.timers import StateWriter, Timers
 from fastsip.server.udp import UdpServer
@@ -56,7 +57,8 @@ def make_registrar(cfg, addresses, secret):
                              domains=cfg.domain or None, addresses=tuple(addresses),
                              authorize=make_authorize(cfg, secret),
                              track_changes=bool(cfg.state), aor_by=cfg.aor_by,
-                             max_bindings=worker_max_bindings(cfg))
+                             max_bindings=worker_max_bindings(cfg),
+                             shared=cfg.cluster is not None)
 
 
 class Worker:
@@ -83,6 +85,7 @@ class Worker:
         self.loop = Loop()
         self.reg = self.writer = None
         self.udp = self.tcp = self.handoffs = self.timers = self.commands = None
+        self.shared = None              # SharedLocation, with --cluster
         self._bug_logged = -1e9
 
     # ------------------------------------------------------------------ start
@@ -113,7 +116,15 @@ class Worker:
                              self.tcp.deadlines)
         self.commands = Commands(self.ctrl, self.index, cfg, self.secret, reg, self.report,
                                  self._reloaded, self._stop)
-        loop.serve(self.udp.io, self.handoffs.io, reg.serve_shard, self.index, self.n,
+        serve_shard = reg.serve_shard
+        if cfg.cluster is not None:
+            self.shared = SharedLocation(reg, cfg.cluster, loop, self.udp_socks, self.tcp.deliver,
+                                         c, cfg.cluster_wait)
+            self.shared.start()
+            serve_shard = self.tcp.serve_shard = self.shared.serve_shard
+            self.tcp.after = self.shared.after_batch
+            loop.set_after(self.shared.after_batch)
+        loop.serve(self.udp.io, self.handoffs.io, serve_shard, self.index, self.n,
                    self.handoffs.queues, self.handoffs.peer_fds, self.udp.fds, self.limiter,
                    hist, bug, self.handoffs.serve_others, MAX_PENDING_HANDOFF)
         self.udp.listen(loop)
@@ -146,14 +157,18 @@ class Worker:
         while idle.  Returns when to be called next, and how soon once sockets are
         ready (both ``time.monotonic()``)."""
         timers = self.timers
-        timers.run(time.time())
+        now = time.time()
+        timers.run(now)
+        due = timers.due_in(now)
+        if self.shared is not None:
+            due = min(due, self.shared.tick(now))
         t = time.monotonic()
         self._unpublished = self._unpublished or active
         if t - self._published >= (PUBLISH_EVERY if self._unpublished else PUBLISH_IDLE):
             self.publish(t)
             self._unpublished = False
         publish_at = self._published + (PUBLISH_EVERY if self._unpublished else PUBLISH_IDLE)
-        nxt = min(t + min(timers.due_in(time.time()), IDLE_WAIT), publish_at)
+        nxt = min(t + min(due, IDLE_WAIT), publish_at)
         return nxt, min(nxt, self._published + PUBLISH_EVERY)
 
     def _stop(self) -> None:
@@ -166,6 +181,8 @@ class Worker:
             self.loop.remove(s.fileno())
             s.close()
         self.tcp.close_all()
+        if self.shared is not None:
+            self.shared.close()
         self.handoffs.flush()
         self.writer.finish()
         return 0
@@ -177,6 +194,8 @@ class Worker:
             self.tcp.reload_tls()
         self.limiter.configure(self.cfg.rate_limit, self.cfg.rate_burst)
         self.loop.batch_wait = self.cfg.batch_wait * 1e-6
+        if self.shared is not None:
+            self.shared.wait_s = self.cfg.cluster_wait
 
     def _bug(self, data) -> None:
         """The core raised: a bug.  Count it, log the traceback (at most once a minute)."""

@@ -1,0 +1,152 @@
+"""The worker's connections to the Redis primaries: non-blocking, pipelined, in the
+worker's event loop.
+
+Each ``Conn`` is one TCP (or TLS) connection to one primary, logged in with
+RESP3 and ``CLIENT TRACKING ON NOLOOP``: the keys this worker reads through it
+are tracked by Redis, and another client's write of one arrives as an
+``invalidate`` push on the same connection, in order with the replies.
+Commands are queued with a callback (``push``) and written together when the
+batch ends (``flush``); hiredis' reader parses the replies, and each goes to
+the callback of its command, in order.  A lost connection calls every
+callback left with ``LOST`` and tells the owner (``on_lost``).
+"""
+from __future__ import annotations
+
+import collections
+import ssl
+
+import hiredis
+
+from fastsip.cluster.sync import Node
+from fastsip.cluster.url import ClusterURL
+from fastsip.server.loop import EP_IN, EP_OUT
+
+LOST = object()         # the reply of a command whose connection was lost before it came
+READ_SIZE = 1 << 18
+
+
+class Conn:
+    """One connection to one primary."""
+
+    __slots__ = ("addr", "sock", "fd", "reader", "out", "pending", "waiting", "loop",
+                 "on_push", "on_lost", "on_replies", "replicas", "closed", "want_out")
+
+    def __init__(self, node: Node, loop, owner, replicas: int):
+        self.addr = node.addr
+        self.sock = node.sock
+        self.reader = node.reader       # the login's reader: nothing is lost between the two
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.out = []                   # packed commands not yet written
+        self.pending = b""              # written in part: the rest
+        self.waiting = collections.deque()   # callbacks, one per command written or queued
+        self.loop = loop
+        self.on_push = owner.on_push        # (PushNotification): an invalidation
+        self.on_lost = owner.on_lost        # (Conn): the connection is gone
+        self.on_replies = owner.on_replies  # (): replies were handed to their callbacks
+        self.replicas = replicas        # of this primary, as the slot map says (WAIT needs one)
+        self.closed = False
+        self.want_out = False
+        loop.add(self.fd, self._on_events, EP_IN)
+
+    def push(self, packed: bytes, callback) -> None:
+        self.out.append(packed)
+        self.waiting.append(callback)
+
+    def flush(self) -> None:
+        """Write what is queued (the rest waits for the socket to take it)."""
+        if self.closed or not (self.out or self.pending):
+            return
+        data = self.pending + b"".join(self.out)
+        self.out.clear()
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            n = 0
+        except OSError:
+            self.lose()
+            return
+        self.pending = data[n:]
+        if self.pending and not self.want_out:
+            self.want_out = True
+            self.loop.modify(self.fd, EP_IN | EP_OUT)
+        elif not self.pending and self.want_out:
+            self.want_out = False
+            self.loop.modify(self.fd, EP_IN)
+
+    def _on_events(self, events: int) -> None:
+        if events & EP_OUT:
+            self.flush()
+        if self.closed:
+            return
+        reader = self.reader
+        while True:
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                break
+            except OSError:
+                self.lose()
+                return
+            if not data:
+                self.lose()
+                return
+            reader.feed(data)
+            if len(data) < READ_SIZE and not isinstance(self.sock, ssl.SSLSocket):
+                break
+        waiting = self.waiting
+        try:
+            while True:
+                reply = reader.gets()
+                if reply is False:
+                    break
+                if type(reply) is hiredis.PushNotification:
+                    self.on_push(reply)
+                elif waiting:
+                    waiting.popleft()(reply)
+        except hiredis.ProtocolError:
+            self.lose()
+            return
+        self.on_replies()
+
+    def lose(self) -> None:
+        """The connection is gone: every callback left gets LOST, the owner is told."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove(self.fd)
+        except (OSError, KeyError):
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        waiting, self.waiting = self.waiting, collections.deque()
+        for callback in waiting:
+            callback(LOST)
+        self.on_lost(self)
+
+    def close(self) -> None:
+        """Close without telling anyone (the worker is stopping)."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self.loop.remove(self.fd)
+            except (OSError, KeyError):
+                pass
+            self.sock.close()
+
+
+def open_conn(url: ClusterURL, addr, loop, owner, replicas: int, timeout: float = 0.5) -> Conn:
+    """Connect (blocking, at most ``timeout``), log in, turn tracking on, and hand
+    the connection to the loop; ``owner`` has the callbacks (see ``Conn``).
+    Raises ClusterError."""
+    node = Node(url, addr[0], addr[1], timeout)
+    try:
+        node.call(b"CLIENT", b"TRACKING", b"ON", b"NOLOOP")
+    except Exception:
+        node.close()
+        raise
+    return Conn(node, loop, owner, replicas)

@@ -1,0 +1,452 @@
+"""The shared location (``--cluster``): a worker's bindings live in Redis, and its
+core's store is a cache in front of them.
+
+The core decides a REGISTER against the cached copy of its AOR and applies the
+plan to the copy; in shared mode it does not answer yet but *stages* the write
+(``RegistrarCore.staged``: the AOR's new record with the next version) and
+marks the AOR busy.  This room writes it with the ``fastsip_cas`` function
+(``fastsip/cluster/library.lua``: a compare-and-set on the AOR's version) on
+the connection to the primary that serves the AOR's slot, all writes of a
+receive batch in one pipeline, followed by ``WAIT 1`` when the primary has a
+replica.  Then, per write:
+
+- written and taken by a replica: the copy is the stored one, the 200 goes out;
+- the version did not match: the function returned the stored record; the
+  copy becomes it and the request is decided again (at most ``MAX_TRIES``
+  times): two nodes racing on one AOR never lose an update;
+- no replica took it in time (``WAIT`` came short), or the connection was
+  lost: the request is retried against the slot map as it is now, until
+  ``--cluster-wait`` seconds after it arrived; then 500 with Retry-After.
+  The copy is dropped, so the next request reads the stored one.
+
+Requests for an AOR whose write is under way wait for it (``parked``) and
+are decided after it.  Another node's write of an AOR this worker holds
+arrives as an invalidation (CLIENT TRACKING) and drops the copy.  This worker's
+acknowledged records of the last ``RECENT`` seconds are kept, so that one
+that a failover lost (the stored version went backwards) is written again.
+"""
+from __future__ import annotations
+
+import collections
+import time
+
+import hiredis
+
+from fastsip.cluster.client import LOST, open_conn
+from fastsip.cluster.sync import SyncCluster, aor_key
+from fastsip.core._core import STAGED, WAIT, key_slot, make_response
+from fastsip.errors import ClusterError
+from fastsip.server import logs
+
+LOG = logs.LOG
+
+MAX_TRIES = 8               # decisions of one request (version conflicts) before 500
+GRACE = 60.0                # seconds a key outlives its latest binding (PXAT)
+RECENT = 30.0               # seconds an acknowledged record is kept for a re-assertion
+WAIT_MS = 500               # WAIT 1's timeout: a replica must take a batch within it
+REFRESH_EVERY = 0.1         # seconds between slot map refreshes while one is needed
+RETRY_AFTER = [("Retry-After", "5")]
+FCALL = b"FCALL"
+CAS = b"fastsip_cas"
+ONE = b"1"
+EMPTY = b""
+
+
+class Pending:
+    """A write, and the request (if any) whose answer waits for it."""
+
+    __slots__ = ("data", "host", "port", "transport", "conn_id", "li", "first", "tries",
+                 "aor", "expected", "version", "record", "pxat", "reply")
+
+    def __init__(self, data, host, port, transport, conn_id, now):
+        self.data = data                # the request; None for a re-assertion
+        self.host = host
+        self.port = port
+        self.transport = transport
+        self.conn_id = conn_id
+        self.li = -1                    # the UDP listener it came to
+        self.first = now
+        self.tries = 0
+        self.aor = None                 # bytes
+        self.expected = 0               # the version it was decided against (0: no key)
+        self.version = 0                # the version it writes
+        self.record = None              # the record it writes (None: delete the key)
+        self.pxat = 0
+        self.reply = None               # the 200 it waits to send
+
+
+def _text(aor: bytes) -> str:
+    return aor.decode("utf-8", "surrogateescape")
+
+
+def _version(record) -> int:
+    return 0 if record is None else int.from_bytes(record[1:9], "little")
+
+
+class SharedLocation:
+    """A worker's room for ``--cluster`` (see the module's docstring)."""
+
+    def __init__(self, reg, url, loop, udp_socks, deliver, counters, wait_s):
+        self.reg = reg
+        self.store = reg.store
+        self.url = url
+        self.loop = loop
+        self.udp_socks = udp_socks
+        self.deliver = deliver          # (conn_id, bytes): a reply to a stream connection
+        self.c = counters
+        self.wait_s = wait_s            # --cluster-wait
+        self.conns = {}                 # (host, port) -> Conn, one per primary
+        self.slots = None               # SlotMap
+        self.fresh = []                 # writes staged since the last after_batch
+        self.batches = {}               # Conn -> the writes of this batch on it (for WAIT)
+        self.parked = {}                # aor -> [Pending] waiting for its write
+        self.retry = collections.deque()    # writes waiting for the slot map
+        self.recent = collections.OrderedDict()  # aor -> (version, record, pxat, t) acknowledged
+        self.reasserting = set()        # aors being written again
+        self.refresh_due = 0.0          # time.monotonic() of the next slot map read; 0: none
+        self.load_library = False       # a primary has no fastsip library: load it
+        self._serve = reg.serve_shard
+
+    # -- start and stop -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the slot map and connect to every primary (ClusterError if none answers)."""
+        sync = SyncCluster(self.url)
+        sync.close()
+        self.slots = sync.slots
+        for addr in self.slots.primaries:
+            self._conn(addr)
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
+
+    def _conn(self, addr):
+        conn = self.conns.get(addr)
+        if conn is None:
+            try:
+                conn = open_conn(self.url, addr, self.loop, self, self.slots.replicas.get(addr, 0))
+            except ClusterError as e:
+                LOG.debug("cluster: %s", e)
+                self._need_refresh()
+                return None
+            self.conns[addr] = conn
+            self.c.cluster_connects += 1
+        return conn
+
+    # -- the loop's entries --------------------------------------------------------
+
+    def serve_shard(self, data, host, port, now, transport, conn_id, shard, nshards):
+        """The core's ``serve_shard`` for the loop: every request is this worker's
+        (the shared location is the authority, not the worker's shard); a REGISTER
+        that changes bindings is answered when its write is done (None now)."""
+        r = self._serve(data, host, port, now, transport, conn_id, 0, 1)
+        if type(r) is not int:
+            return r
+        self._staged_or_parked(Pending(data, host, port, transport, conn_id, now), r)
+        return None
+
+    def after_batch(self, li: int = -1) -> None:
+        """A batch was read (from UDP listener ``li``; -1: from elsewhere): its writes
+        go out now, in one pipeline per primary, each ended by WAIT 1."""
+        if self.fresh:
+            fresh, self.fresh = self.fresh, []
+            for p in fresh:
+                if p.li < 0:
+                    p.li = li
+                self._send(p)
+        if self.batches:
+            batches, self.batches = self.batches, {}
+            for conn, batch in batches.items():
+                if conn.replicas:
+                    conn.push(WAIT_CMD, lambda reply, batch=batch: self._waited(batch, reply))
+                conn.flush()
+                self.c.cluster_round_trips += 1
+                self.c.cluster_batched += len(batch)
+
+    def tick(self, now: float) -> float:
+        """Read the slot map when due; retry what waited for it, fail what waited
+        longer than ``--cluster-wait``.  Returns seconds until it wants to run again."""
+        if self.refresh_due and time.monotonic() >= self.refresh_due:
+            self._refresh()
+        if self.retry:
+            waiting, self.retry = self.retry, collections.deque()
+            for p in waiting:
+                if now - p.first > self.wait_s:
+                    self._fail(p, "unavailable")
+                elif self.refresh_due:
+                    self.retry.append(p)
+                else:
+                    self.c.cluster_retries += 1
+                    self._again(p, now)
+            self.after_batch()
+        recent = self.recent
+        while recent and now - next(iter(recent.values()))[3] > RECENT:
+            recent.popitem(last=False)
+        return REFRESH_EVERY if (self.retry or self.refresh_due) else 1.0
+
+    # -- the callbacks of a Conn ---------------------------------------------------
+
+    def on_replies(self) -> None:
+        """Replies were handled: send what they staged (decisions made again)."""
+        if self.fresh:
+            self.after_batch()
+
+    def on_push(self, push) -> None:
+        """Another client wrote a key this worker holds a copy of: drop the copy
+        (unless a write of it is under way: its reply, in order behind this push,
+        settles it)."""
+        if len(push) < 2 or push[0] != b"invalidate":
+            return
+        keys = push[1]
+        if keys is None:                # FLUSHALL / FLUSHDB: every copy is stale
+            self.c.cluster_invalidations += self.store.cache_clear()
+            return
+        store = self.store
+        for key in keys:
+            aor = _text(key[len(KEY_HEAD):-1])
+            if not store.cache_busy(aor):
+                store.cache_drop(aor)
+                self.c.cluster_invalidations += 1
+
+    def on_lost(self, conn) -> None:
+        """A primary's connection is gone (it died, or failed over): its tracking
+        went with it, so every copy is dropped, and the map is read again."""
+        self.c.cluster_lost_connections += 1
+        self.conns.pop(conn.addr, None)
+        self.batches.pop(conn, None)
+        self.store.cache_clear()
+        self._need_refresh()
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _staged_or_parked(self, p: Pending, r: int) -> None:
+        reg = self.reg
+        if r == STAGED:
+            p.aor, p.expected, p.version, p.record, latest, p.reply = reg.staged
+            p.pxat = int((latest + GRACE) * 1000) if p.record is not None else 0
+            self.fresh.append(p)
+        elif r == WAIT:
+            self.c.cluster_parked += 1
+            self.parked.setdefault(reg.waiting_aor, []).append(p)
+        else:                           # a shard number: not with one shard
+            raise AssertionError(f"serve_shard gave {r}")
+
+    def _send(self, p: Pending) -> None:
+        key = KEY_HEAD + p.aor + b"}"
+        addr = self.slots.owner[key_slot(key)]
+        conn = self._conn(addr) if addr is not None else None
+        if conn is None:
+            self._wait_for_map(p)
+            return
+        batch = self.batches.get(conn)
+        if batch is None:
+            batch = self.batches[conn] = []
+        conn.push(hiredis.pack_command((
+            b"FCALL", b"fastsip_cas", b"1", key,
+            p.expected.to_bytes(8, "little") if p.expected else b"",
+            b"" if p.record is None else p.record, str(p.pxat).encode())),
+            lambda reply: self._written(p, conn, batch, reply))
+
+    def _written(self, p: Pending, conn, batch: list, reply) -> None:
+        if reply == 1:
+            if conn.replicas:
+                batch.append(p)         # the WAIT behind it says when it is safe
+            else:
+                self._done(p, time.time())
+            return
+        if reply is LOST or isinstance(reply, hiredis.ReplyError):
+            if reply is not LOST:
+                self._error(reply)
+            self._unsure(p)
+            return
+        # The version did not match: ``reply`` is the stored record (None: no key).
+        now = time.time()
+        self.c.cluster_conflicts += 1
+        self.reasserting.discard(p.aor)
+        self.store.cache_put(_text(p.aor), reply, now)
+        self._check_backwards(p.aor, reply, now)
+        self._release_parked(p.aor, now, first=p if p.data is not None else None)
+
+    def _waited(self, batch: list, reply) -> None:
+        now = time.time()
+        if type(reply) is int and reply >= 1:
+            for p in batch:
+                self._done(p, now)
+            return
+        if reply is not LOST:
+            self.c.cluster_wait_shortfalls += 1
+            if isinstance(reply, hiredis.ReplyError):
+                self._error(reply)
+        for p in batch:                 # stored on the primary only: not acknowledged
+            self._unsure(p)
+
+    def _done(self, p: Pending, now: float) -> None:
+        """Acknowledged: the copy is the stored one; answer, remember, and decide
+        what waited for it."""
+        aor = p.aor
+        self.store.cache_done(_text(aor))
+        self.c.cluster_writes += 1
+        self.reasserting.discard(aor)
+        self.recent.pop(aor, None)
+        self.recent[aor] = (p.version, p.record, p.pxat, now)
+        if p.data is not None:
+            self._answer(p, p.reply)
+        self._release_parked(aor, now)
+
+    def _unsure(self, p: Pending) -> None:
+        """The write may or may not be stored: forget the copy; try again when the
+        slot map is right (deciding again, against the stored record)."""
+        self.store.cache_drop(_text(p.aor))
+        self._wait_for_map(p)
+
+    def _wait_for_map(self, p: Pending) -> None:
+        self._need_refresh()
+        self.retry.append(p)
+
+    def _release_parked(self, aor: bytes, now: float, first: Pending | None = None) -> None:
+        """Decide again what waited for ``aor`` (``first`` before them)."""
+        waiting = self.parked.pop(aor, [])
+        if first is not None:
+            waiting.insert(0, first)
+        for p in waiting:
+            self._again(p, now)
+
+    def _again(self, p: Pending, now: float) -> None:
+        """Decide ``p``'s request again (the copy changed), or send a re-assertion again."""
+        p.tries += 1
+        if p.tries > MAX_TRIES:
+            self._fail(p, "conflicts")
+            return
+        if p.data is None:              # a re-assertion: _read_back checks it again
+            self.reasserting.discard(p.aor)
+            return
+        try:
+            r = self.reg.serve_again(p.data, p.host, p.port, now, p.transport, p.conn_id)
+        except Exception:               # noqa: BLE001 - a bug in the core: count, drop
+            self.c.internal_errors += 1
+            LOG.exception("the registrar core raised deciding a request again")
+            return
+        if type(r) is int:
+            self._staged_or_parked(p, r)
+        elif r is not None:
+            self._answer(p, r)
+
+    def _fail(self, p: Pending, reason: str) -> None:
+        """Give up on ``p``: 500 with Retry-After (nothing was acknowledged)."""
+        self.c.count("cluster_failures", reason)
+        if p.aor is not None:
+            self.reasserting.discard(p.aor)
+            self.store.cache_drop(_text(p.aor))
+        if p.data is not None:
+            self._answer(p, make_response(p.data, 500, "Location unavailable, try again",
+                                          RETRY_AFTER, (p.host.decode(), p.port)))
+
+    def _answer(self, p: Pending, reply) -> None:
+        if reply is None:
+            return
+        if p.conn_id >= 0:
+            self.deliver(p.conn_id, reply)
+            return
+        try:
+            self.udp_socks[max(p.li, 0)].sendto(reply, (p.host.decode(), p.port))
+        except OSError:
+            self.c.dropped_send_failed += 1
+
+    # -- the map changing under us ---------------------------------------------------
+
+    def _error(self, reply) -> None:
+        text = str(reply)
+        word = text.split(" ", 1)[0]
+        if word in MAP_ERRORS:
+            self._need_refresh()
+        elif "function not found" in text.lower():
+            self.load_library = True
+            self._need_refresh()
+        else:
+            LOG.warning("cluster: Redis answered %s", text[:200])
+        word = word.lower()
+        self.c.count("cluster_errors", word if word in ERROR_LABELS else "err")
+
+    def _need_refresh(self) -> None:
+        if not self.refresh_due:
+            self.refresh_due = time.monotonic()
+            self.c.cluster_map_refreshes += 1
+
+    def _refresh(self) -> None:
+        """Read the slot map again from any node that answers, connect to its
+        primaries, and read back what this worker acknowledged lately."""
+        addrs = list(self.url.seeds) + (self.slots.primaries if self.slots else [])
+        try:
+            sync = SyncCluster(self.url, REFRESH_TIMEOUT, addrs)
+        except ClusterError as e:
+            LOG.debug("cluster: %s", e)
+            self.refresh_due = time.monotonic() + REFRESH_EVERY
+            return
+        try:
+            if self.load_library:
+                sync.load_library()
+                self.load_library = False
+        except ClusterError as e:
+            LOG.warning("cluster: %s", e)
+        finally:
+            sync.close()
+        slots, changed = sync.slots, self.slots is None or sync.slots.owner != self.slots.owner
+        self.slots = slots
+        for addr in [a for a in self.conns if a not in slots.replicas]:
+            self.conns.pop(addr).close()
+        for addr, conn in self.conns.items():
+            conn.replicas = slots.replicas[addr]
+        if any(self._conn(a) is None for a in slots.primaries):
+            self.refresh_due = time.monotonic() + REFRESH_EVERY
+            return
+        self.refresh_due = 0.0
+        if changed:
+            self._read_back()
+
+    # -- what a failover may have lost --------------------------------------------------
+
+    def _read_back(self) -> None:
+        """After primaries changed: read what this worker acknowledged in the last
+        RECENT seconds, and write again what went missing (``_check_backwards``)."""
+        for aor in list(self.recent):
+            key = KEY_HEAD + aor + b"}"
+            conn = self._conn(self.slots.owner[key_slot(key)])
+            if conn is not None:
+                conn.push(hiredis.pack_command((b"GET", key)),
+                          lambda reply, aor=aor: self._read(aor, reply))
+                self.batches.setdefault(conn, [])
+        self.after_batch()
+
+    def _read(self, aor: bytes, reply) -> None:
+        if reply is LOST or isinstance(reply, hiredis.ReplyError) or \
+                self.store.cache_busy(_text(aor)):
+            return
+        self._check_backwards(aor, reply, time.time())
+
+    def _check_backwards(self, aor: bytes, stored, now: float) -> None:
+        """``stored`` (the stored record of ``aor``) is older than what this worker
+        acknowledged: a failover lost a write.  Write ours again, as it was."""
+        mine = self.recent.get(aor)
+        if mine is None or aor in self.reasserting or _version(stored) >= mine[0]:
+            return
+        if stored is None and mine[1] is None:
+            return                      # ours was a removal, and nothing is stored
+        self.c.cluster_reasserted += 1
+        self.reasserting.add(aor)
+        p = Pending(None, None, 0, "udp", -1, now)
+        p.aor, p.expected, p.version, p.record, p.pxat = aor, _version(stored), mine[0], \
+            mine[1], mine[2]
+        self.store.cache_put(_text(aor), mine[1], now)
+        self.fresh.append(p)
+
+
+KEY_HEAD = aor_key(b"")[:-1]        # b"fs:r:{"
+WAIT_CMD = hiredis.pack_command((b"WAIT", b"1", str(WAIT_MS).encode()))
+REFRESH_TIMEOUT = 0.3       # seconds for each node asked for the slot map
+# errors that say the slot map changed or a primary is failing over
+ERROR_LABELS = frozenset(("ask", "clusterdown", "loading", "masterdown", "moved", "noreplicas",
+                          "readonly", "tryagain"))
+MAP_ERRORS = frozenset(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY", "LOADING",
+                        "MASTERDOWN", "NOREPLICAS"))

@@ -1,0 +1,157 @@
+"""The core in shared mode (``Registrar(shared=True)``): a REGISTER that changes
+bindings is staged, not answered; its AOR is busy until the write is done; the
+cache takes what the shared location holds.  No Redis here: the cluster tests
+(test_cluster.py) run the same against real ones."""
+import pytest
+
+import fastsip
+from fastsip.cluster.url import parse_url
+from fastsip.core._core import STAGED, WAIT, key_slot
+from fastsip.errors import ConfigError
+from fastsip.registrar import decode_record, encode_record
+from fastsip.server.testing import contacts_of, register
+from test_registrar_auth import USERS, answer
+
+AOR = "sip:alice@example.com"
+SRC = (b"127.0.0.1", 5062)
+
+
+def serve(reg, data, now, again=False):
+    if again:
+        return reg.serve_again(data, *SRC, now, "udp", -1)
+    return reg.serve_shard(data, *SRC, now, "udp", -1, 0, 1)
+
+
+@pytest.fixture
+def reg():
+    return fastsip.Registrar(shared=True, max_expires=3600)
+
+
+def test_a_change_is_staged_with_the_next_version_and_the_aor_is_busy(reg):
+    assert serve(reg, register("alice", contact="sip:a@h", expires=600), 1000.0) == STAGED
+    aor, expected, version, record, latest, reply = reg.staged
+    assert (aor, expected, version, latest) == (AOR.encode(), 0, 1_000_000_000, 1600.0)
+    assert decode_record(record)[0] == version
+    assert [b.uri for b in decode_record(record)[1]] == ["sip:a@h"]
+    assert contacts_of(fastsip.parse(reply)) == {"sip:a@h": 600}
+    assert reg.store.cache_busy(AOR)
+    # another request for the AOR waits for the write, whatever it is
+    assert serve(reg, register("alice", contact="sip:b@h", call_id="c2"), 1000.0) == WAIT
+    assert reg.waiting_aor == AOR.encode()
+    # ... and one for another AOR does not
+    assert serve(reg, register("bob", contact="sip:b@h"), 1000.0) == STAGED
+
+
+def test_done_makes_the_copy_the_stored_one(reg):
+    data = register("alice", contact="sip:a@h", expires=600)
+    serve(reg, data, 1000.0)
+    reg.store.cache_done(AOR)
+    assert not reg.store.cache_busy(AOR)
+    assert reg.store.cache_version(AOR) == 1_000_000_000
+    # a retransmission changes nothing: answered at once, from the copy
+    reply = serve(reg, data, 1000.5)
+    assert isinstance(reply, bytes) and b" 200 " in reply
+    # a refresh is decided against the version stored
+    assert serve(reg, register("alice", contact="sip:a@h", cseq=2, expires=600), 1001.0) == STAGED
+    assert reg.staged[1] == 1_000_000_000 and reg.staged[2] == 1_001_000_000
+
+
+def test_versions_never_go_back_even_with_a_clock_behind(reg):
+    reg.store.cache_put(AOR, encode_record([fastsip.Binding("sip:x@h", 5000.0)], 7_000_000_000),
+                        1000.0)
+    serve(reg, register("alice", contact="sip:a@h", expires=600), 1000.0)
+    assert reg.staged[1:3] == (7_000_000_000, 7_000_000_001)
+
+
+def test_a_conflict_loads_the_stored_record_and_decides_again(reg):
+    data = register("alice", contact="sip:a@h", expires=600)
+    serve(reg, data, 1000.0)
+    # another node stored sip:other@h meanwhile: the cache takes it, the request is
+    # decided again (no second authentication) and keeps both
+    stored = encode_record([fastsip.Binding("sip:other@h", 1500.0, call_id="x", cseq=1)], 999)
+    reg.store.cache_put(AOR, stored, 1000.0)
+    assert not reg.store.cache_busy(AOR)
+    assert serve(reg, data, 1000.0, again=True) == STAGED
+    assert reg.staged[1] == 999
+    assert sorted(b.uri for b in decode_record(reg.staged[3])[1]) == ["sip:a@h", "sip:other@h"]
+
+
+def test_an_absent_key_is_expected_as_version_zero_and_a_removal_deletes(reg):
+    data = register("alice", contact="*", expires=0)
+    assert serve(reg, data, 1000.0) == STAGED
+    assert reg.staged[1] == 0 and reg.staged[3] is None      # delete (nothing stored)
+
+
+def test_a_stored_record_with_only_lapsed_bindings_keeps_its_version(reg):
+    stored = encode_record([fastsip.Binding("sip:x@h", 900.0)], 42)
+    reg.store.cache_put(AOR, stored, 1000.0)
+    assert reg.lookup(AOR, 1000.0) == []
+    assert reg.store.cache_version(AOR) == 42           # pinned: the next write expects it
+    serve(reg, register("alice", contact="sip:a@h", expires=600), 1000.0)
+    assert reg.staged[1] == 42
+    reg.store.cache_drop(AOR)                           # an invalidation forgets it all
+    assert reg.store.cache_version(AOR) == 0 and not reg.store.cache_busy(AOR)
+
+
+def test_a_failed_write_drops_the_copy(reg):
+    serve(reg, register("alice", contact="sip:a@h", expires=600), 1000.0)
+    reg.store.cache_drop(AOR)
+    assert reg.lookup(AOR, 1000.0) == [] and reg.store.cache_version(AOR) == 0
+    assert len(reg.store) == 0
+
+
+def test_cache_clear_keeps_the_aors_being_written(reg):
+    serve(reg, register("alice", contact="sip:a@h", expires=600), 1000.0)
+    serve(reg, register("bob", contact="sip:b@h", expires=600), 1000.0)
+    reg.store.cache_done("sip:bob@example.com")
+    assert reg.store.cache_clear() == 1
+    assert reg.store.cache_busy(AOR) and reg.lookup("sip:bob@example.com", 1000.0) == []
+
+
+def test_digest_is_checked_once_not_again_when_decided_again():
+    reg = fastsip.Registrar(shared=True, authorize=fastsip.Authorize(users=USERS))
+    challenge = serve(reg, register("alice", contact="sip:a@h"), 1000.0)
+    assert fastsip.parse(challenge).status == 401
+    data = answer(challenge, register("alice", contact="sip:a@h", cseq=2))
+    assert serve(reg, data, 1000.0) == STAGED
+    reg.store.cache_put(AOR, None, 1000.0)          # a conflict: decided again
+    assert serve(reg, data, 1000.0, again=True) == STAGED   # not a replayed nonce count
+    reg.store.cache_put(AOR, None, 1000.0)
+    assert fastsip.parse(serve(reg, data, 1000.0)).status in (401, 403)    # the replay, as itself
+
+
+def test_key_slot_is_redis_clusters():
+    # values from the Redis Cluster specification and CLUSTER KEYSLOT
+    assert key_slot(b"foo") == 12182
+    assert key_slot(b"{user1000}.following") == key_slot(b"{user1000}.followers") == \
+        key_slot(b"user1000")
+    assert key_slot(b"foo{}{bar}") == key_slot(b"foo{}{bar}")
+    assert key_slot(b"{}foo") != key_slot(b"foo")        # an empty tag: the whole key
+    assert key_slot(b"fs:r:{sip:alice@example.com}") == key_slot(b"sip:alice@example.com")
+
+
+@pytest.mark.parametrize("url, seeds, tls, password", [
+    ("redis://127.0.0.1:7000", (("127.0.0.1", 7000),), False, None),
+    ("redis://a:7000,b:7001,[::1]:7002", (("a", 7000), ("b", 7001), ("::1", 7002)), False, None),
+    ("rediss://:s%40cret@h:6380", (("h", 6380),), True, "s@cret"),
+    ("redis://pw@h", (("h", 6379),), False, "pw"),
+])
+def test_cluster_urls(url, seeds, tls, password):
+    u = parse_url(url)
+    assert (u.seeds, u.tls, u.password) == (seeds, tls, password)
+    assert "cret" not in u.redacted() and "cret" not in repr(u)
+
+
+@pytest.mark.parametrize("url", ["http://h:1", "redis://", "redis://h:x", "redis://h:99999",
+                                 "redis://h:1?foo=1"])
+def test_bad_cluster_urls_say_why(url):
+    with pytest.raises(ConfigError, match="--cluster"):
+        parse_url(url)
+
+
+def test_the_password_file(tmp_path):
+    f = tmp_path / "pw"
+    f.write_text("s3cret\n")
+    assert parse_url("redis://h:1").with_password_file(str(f)).password == "s3cret"
+    with pytest.raises(ConfigError, match="no such|No such"):
+        parse_url("redis://h:1").with_password_file(str(tmp_path / "none"))

@@ -163,3 +163,25 @@ def phone():
     finally:
         for p in phones:
             p.close()
+
+
+# -- Redis (fastsip.server.testing: RedisServer) --------------------------------------------------
+
+def require_redis(cluster=False):
+    """Skip (or under CI fail, see require_client) without redis-server, and for a
+    cluster without redis-cli (Debian's redis-tools, which redis-server depends on)."""
+    require_client("redis-server", "redis-server")
+    if cluster:
+        require_client("redis-cli", "redis-tools")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A running standalone redis-server (fastsip.server.testing.RedisServer: ``.url``,
+    ``.port``, ``.command(*args)``, ``.kill()``, ``.pause()``, ``.resume()``,
+    ``.restart()``) on a free loopback port, no persistence, its directory and log in
+    tmp_path/redis; stopped at the end."""
+    require_redis()
+    from fastsip.server.testing import RedisServer
+    with RedisServer(directory=tmp_path / "redis") as server:
+        yield server

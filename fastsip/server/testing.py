@@ -5,18 +5,26 @@ kernel-chosen ports, reads the ports from its start line, and always kills
 its whole process group at the end.  ``register``/``options`` build plain
 SIP requests as a phone would send them; ``Phone`` sends them over UDP or
 TCP and waits (bounded) for the reply.
+
+``RedisServer`` runs a real ``redis-server`` on loopback for the tests of the cluster
+mode: held as a subprocess in its own session and killed at the end (or at exit);
+``command`` speaks RESP2 to it over a plain socket.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import random
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -341,3 +349,373 @@ class Phone:
 def contacts_of(reply) -> dict:
     """``{contact uri: expires}`` of a 200 to REGISTER."""
     return {c.uri: c.expires for c in reply.contacts}
+
+
+# -- Redis: one server, or a Redis Cluster, on loopback ----------------------------------------
+
+REDIS_HOST = "127.0.0.1"
+CLUSTER_BUS_OFFSET = 10000      # a cluster node's bus listens on its port + 10000
+
+
+class RedisError(Exception):
+    """An error reply from Redis; its text, e.g. ``MOVED 3999 127.0.0.1:21002``."""
+
+
+def _bindable(port, host=REDIS_HOST) -> bool:
+    """Whether a TCP socket can bind ``host:port`` now (no SO_REUSEADDR: a port with a
+    connection in TIME_WAIT counts as taken)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_range(bus):
+    """Where ``free_port`` draws from: below the kernel's ephemeral range (from which
+    outgoing connections take their local ports) when there is room, bus port included."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low_ephemeral = 32768
+    top = low_ephemeral - 1 - (CLUSTER_BUS_OFFSET if bus else 0)
+    if top - 10000 >= 1000:
+        return 10000, top
+    return 1024, 65535 - (CLUSTER_BUS_OFFSET if bus else 0)
+
+
+_rng = random.SystemRandom()    # not the random module's state, which tests may seed
+
+
+def free_port(bus=False, tries=200) -> int:
+    """A TCP port on 127.0.0.1 that can be bound now, drawn at random (see _port_range);
+    with ``bus``, port + 10000 too (a Redis Cluster node's bus).  Probed by binding both,
+    so another process may still take it before its user does: ``RedisServer`` retries."""
+    low, high = _port_range(bus)
+    for _ in range(tries):
+        port = _rng.randint(low, high)
+        if _bindable(port) and (not bus or _bindable(port + CLUSTER_BUS_OFFSET)):
+            return port
+    raise RuntimeError(f"no free port{' pair' if bus else ''} in {low}-{high} after {tries} tries")
+
+
+def _resp_encode(args) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif isinstance(arg, int | float) and not isinstance(arg, bool):
+            arg = str(arg).encode()
+        elif isinstance(arg, bytearray | memoryview):
+            arg = bytes(arg)
+        elif not isinstance(arg, bytes):
+            raise TypeError(f"a Redis argument is str, bytes or a number, not {type(arg).__name__}")
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+class _Resp:
+    """One blocking RESP2 connection: ``call(args, timeout)`` sends a command and reads its
+    whole reply within ``timeout`` seconds."""
+
+    def __init__(self, port, timeout):
+        self.sock = socket.create_connection((REDIS_HOST, port), timeout=timeout)
+        self.buf = bytearray()
+        self.deadline = 0.0
+
+    def call(self, args, timeout):
+        self.deadline = time.monotonic() + timeout
+        self.sock.settimeout(timeout)
+        self.sock.sendall(_resp_encode(args))
+        reply = self._reply()
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    def _fill(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no (whole) reply from redis in time")
+        self.sock.settimeout(left)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("redis closed the connection")
+        self.buf += chunk
+
+    def _line(self) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 2]
+        return line
+
+    def _reply(self):
+        """One reply; an error reply is returned as a RedisError (raised by ``call`` at the
+        top; inside an array, e.g. EXEC's, it stays an element)."""
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return RedisError(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            while len(self.buf) < n + 2:
+                self._fill()
+            data = bytes(self.buf[:n])
+            del self.buf[:n + 2]
+            return data
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply() for _ in range(n)]
+        raise ConnectionError(f"not a RESP2 reply: {line[:80]!r}")
+
+    def close(self):
+        self.sock.close()
+
+
+def parse_info(text) -> dict:
+    """``{field: value}`` (both str) from INFO or CLUSTER INFO text."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+_LIVE_REDIS: set = set()        # the RedisServers whose process may be running
+_prctl = None
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL when the process that started it dies, even
+    killed (Linux PR_SET_PDEATHSIG), so that no redis-server outlives a killed test run.
+    (Strictly when the thread that started it ends: start servers from the main thread.)"""
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+
+
+def _load_prctl():
+    global _prctl
+    if _prctl is None and sys.platform == "linux":
+        import ctypes
+        try:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            pass
+
+
+@atexit.register
+def _kill_live_redis():
+    for server in list(_LIVE_REDIS):
+        server.kill()
+
+
+class RedisServer:
+    """One ``redis-server`` on 127.0.0.1, held as a subprocess (``--daemonize no``, in its
+    own session, SIGKILLed if this process dies).  ``args``: more redis-server options
+    (``"--maxmemory", "10mb"``); unless ``persist``, ``--save '' --appendonly no``.
+    ``port``: None picks a free one (and another if it was taken before the server bound
+    it); ``bus``: keep port + 10000 free as well (a Redis Cluster node).
+    ``directory``: its working directory (its log, ``redis.log``, and whatever it
+    writes); None makes a temporary one, removed by ``stop``.  The port and the directory
+    stay the same across ``restart``.  ``command`` is a small blocking RESP2 client:
+    str, bytes and numbers in; replies as bytes (bulk and status strings), int, list or
+    None; an error reply raises RedisError."""
+
+    def __init__(self, *args, port=None, directory=None, persist=False, bus=False, name="redis",
+                 executable="redis-server"):
+        self.args = list(args)
+        self.port = port
+        self.directory = os.fspath(directory) if directory is not None else None
+        self._own_directory = directory is None
+        self.persist = persist
+        self.bus = bus
+        self.name = name
+        self.executable = executable
+        self.node_id = None         # a cluster node's id, once known
+        self.proc = None
+        self.paused = False
+        self._conn = None
+
+    def __repr__(self):
+        state = ("paused" if self.paused else f"pid {self.pid}") if self.running else "not running"
+        return f"<RedisServer {self.name} {REDIS_HOST}:{self.port} {state}>"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{REDIS_HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self):
+        """The process id while it runs (paused too), else None."""
+        return self.proc.pid if self.running else None
+
+    @property
+    def log_path(self):
+        return os.path.join(self.directory, "redis.log") if self.directory else None
+
+    def log(self, tail=None) -> str:
+        """Its log (stdout and stderr), or the last ``tail`` lines of it."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except (OSError, TypeError):
+            return ""
+        return "\n".join(lines[-tail:] if tail else lines)
+
+    def command_line(self, port) -> list:
+        cmd = [self.executable, "--port", str(port), "--bind", REDIS_HOST, "--daemonize", "no",
+               "--dir", self.directory, "--shutdown-timeout", "0"]
+        if not self.persist:
+            cmd += ["--save", "", "--appendonly", "no"]
+        return cmd + [str(a) for a in self.args]
+
+    def start(self, timeout=10.0):
+        """Start it (no-op when running) and wait until it answers; returns self."""
+        if self.running:
+            return self
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="fastsip-redis-")
+        os.makedirs(self.directory, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        fixed = self.port is not None
+        _load_prctl()
+        for _ in range(1 if fixed else 5):
+            port = self.port if fixed else free_port(bus=self.bus)
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(self.command_line(port), stdin=subprocess.DEVNULL,
+                                             stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+                                             start_new_session=True, preexec_fn=_die_with_parent)
+            _LIVE_REDIS.add(self)
+            self.paused = False
+            why = self._wait_up(port, deadline)
+            if why is None:
+                self.port = port
+                return self
+            self.kill()
+            if fixed or "Address already in use" not in why or time.monotonic() >= deadline:
+                break
+        raise RuntimeError(f"redis-server {self.name} did not start on {REDIS_HOST}:{port}: {why}\n"
+                           f"{self.log(tail=15)}")
+
+    def _wait_up(self, port, deadline):
+        """None once the process we started answers on ``port``, else why not."""
+        why = "no answer"
+        while True:
+            if self.proc.poll() is not None:
+                return f"exited with status {self.proc.returncode}: {self.log(tail=3)}"
+            try:
+                conn = _Resp(port, timeout=0.5)     # short: another process may hold the port
+                try:
+                    info = parse_info(conn.call(["INFO", "server"], 0.5))
+                finally:
+                    conn.close()
+                if info.get("process_id") == str(self.proc.pid):
+                    return None
+                why = f"another process (pid {info.get('process_id')}) answers on that port"
+            except (OSError, RedisError) as exc:
+                why = repr(exc)
+            if time.monotonic() >= deadline:
+                return f"no answer in time (last: {why})"
+            time.sleep(0.02)
+
+    def command(self, *args, timeout=5.0):
+        """Run one command and return its reply (see the class doc).  The connection is
+        kept for the next command, but dropped after anything but an error reply."""
+        if self.port is None:
+            raise RuntimeError(f"{self!r} was never started")
+        try:
+            if self._conn is None:
+                self._conn = _Resp(self.port, timeout)
+            return self._conn.call(args, timeout)
+        except RedisError:
+            raise
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def info(self, section=None, timeout=5.0) -> dict:
+        """INFO [section] as ``{field: value}`` (str)."""
+        return parse_info(self.command("INFO", *([section] if section else []), timeout=timeout))
+
+    def _drop_connection(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _signal(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def pause(self):
+        """SIGSTOP: it stays connected (the kernel still accepts) but answers nothing."""
+        if self.running:
+            self._signal(signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self):
+        """SIGCONT after ``pause``."""
+        if self.running:
+            self._signal(signal.SIGCONT)
+        self.paused = False
+
+    def kill(self):
+        """SIGKILL (its process group), and reap it; idempotent."""
+        self._drop_connection()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self._signal(signal.SIGKILL)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.paused = False
+        _LIVE_REDIS.discard(self)
+
+    def terminate(self, timeout=5.0):
+        """SIGTERM (after a SIGCONT if paused), a bounded wait, then SIGKILL; the directory
+        stays (``restart`` starts it again from there)."""
+        self._drop_connection()
+        if self.running:
+            self._signal(signal.SIGCONT)
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def restart(self, timeout=10.0):
+        """Start it again on the same port from the same directory (a cluster node finds its
+        nodes.conf there and rejoins); a running one is terminated first.  Returns self."""
+        self.terminate()
+        return self.start(timeout)
+
+    def stop(self, timeout=5.0):
+        """``terminate``, and remove the directory if it was made here."""
+        self.terminate(timeout)
+        if self._own_directory and self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

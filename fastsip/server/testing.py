@@ -6,9 +6,10 @@ its whole process group at the end.  ``register``/``options`` build plain
 SIP requests as a phone would send them; ``Phone`` sends them over UDP or
 TCP and waits (bounded) for the reply.
 
-``RedisServer`` runs a real ``redis-server`` on loopback for the tests of the cluster
-mode: held as a subprocess in its own session and killed at the end (or at exit);
-``command`` speaks RESP2 to it over a plain socket.
+``RedisServer`` and ``RedisCluster`` run real ``redis-server`` processes on loopback
+(one server, or a Redis Cluster of several) for the tests of the cluster mode: each
+process is held as a subprocess in its own session and killed at the end (or at exit),
+and ``command`` speaks RESP2 to it over a plain socket.
 """
 from __future__ import annotations
 
@@ -355,6 +356,7 @@ def contacts_of(reply) -> dict:
 
 REDIS_HOST = "127.0.0.1"
 CLUSTER_BUS_OFFSET = 10000      # a cluster node's bus listens on its port + 10000
+CLUSTER_SLOTS = 16384
 
 
 class RedisError(Exception):
@@ -525,7 +527,7 @@ class RedisServer:
     own session, SIGKILLed if this process dies).  ``args``: more redis-server options
     (``"--maxmemory", "10mb"``); unless ``persist``, ``--save '' --appendonly no``.
     ``port``: None picks a free one (and another if it was taken before the server bound
-    it); ``bus``: keep port + 10000 free as well (a Redis Cluster node).
+    it); ``bus``: keep port + 10000 free as well (a cluster node, see RedisCluster).
     ``directory``: its working directory (its log, ``redis.log``, and whatever it
     writes); None makes a temporary one, removed by ``stop``.  The port and the directory
     stay the same across ``restart``.  ``command`` is a small blocking RESP2 client:
@@ -542,7 +544,7 @@ class RedisServer:
         self.bus = bus
         self.name = name
         self.executable = executable
-        self.node_id = None         # a cluster node's id, once known
+        self.node_id = None         # a cluster node's id (RedisCluster sets it)
         self.proc = None
         self.paused = False
         self._conn = None
@@ -710,6 +712,319 @@ class RedisServer:
     def stop(self, timeout=5.0):
         """``terminate``, and remove the directory if it was made here."""
         self.terminate(timeout)
+        if self._own_directory and self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _parse_cluster_nodes(text) -> list:
+    """CLUSTER NODES as ``[{"id", "port", "flags" (set), "master" (id or None),
+    "slots" ([(first, last), ...])}, ...]``; slots being imported or migrated are left out."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    out = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        address = fields[1].split(",")[0].split("@")[0]
+        slots = []
+        for item in fields[8:]:
+            if item.startswith("["):
+                continue
+            first, _, last = item.partition("-")
+            slots.append((int(first), int(last or first)))
+        out.append({"id": fields[0], "port": int(address.rpartition(":")[2] or 0),
+                    "flags": set(fields[2].split(",")),
+                    "master": None if fields[3] == "-" else fields[3], "slots": slots})
+    return out
+
+
+def _serving(view, slot):
+    """The entry of ``view`` (parsed CLUSTER NODES) that serves ``slot``, or None."""
+    for entry in view:
+        if "master" in entry["flags"] and any(a <= slot <= b for a, b in entry["slots"]):
+            return entry
+    return None
+
+
+class RedisCluster:
+    """A real Redis Cluster on 127.0.0.1: ``primaries`` primaries with ``replicas`` replicas
+    each, one ``redis-server`` (a RedisServer, in ``nodes``) per node, each in its own
+    directory under ``directory`` (None: a temporary one, removed by ``stop``) with its
+    nodes.conf, formed with ``redis-cli --cluster create``.  ``start`` returns once every
+    node says ``cluster_state:ok``, knows every node and agrees on the slots and the
+    roles, and every replica's link to its primary is up.
+
+    Roles and slots are read from the cluster (CLUSTER NODES of the first running,
+    unpaused node that answers), so they stay right after a failover.  ``node_timeout``
+    (ms) is cluster-node-timeout: a primary unreachable that long is failed over.
+    ``args``: more redis-server options for every node."""
+
+    def __init__(self, primaries=3, replicas=1, *args, directory=None, node_timeout=2000):
+        if primaries < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 primaries")
+        self.n_primaries = primaries
+        self.n_replicas = replicas
+        self.args = list(args)
+        self.node_timeout = node_timeout
+        self.directory = os.fspath(directory) if directory is not None else None
+        self._own_directory = directory is None
+        self.nodes = []
+        self._slots_seen = {}       # node id -> the slots it was last seen serving
+
+    def __repr__(self):
+        return f"<RedisCluster {self.n_primaries}x{1 + self.n_replicas} {self.url}>"
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:P1,127.0.0.1:P2,...``: every node."""
+        return "redis://" + ",".join(f"{REDIS_HOST}:{n.port}" for n in self.nodes)
+
+    def _node_args(self, i):
+        return ["--cluster-enabled", "yes", "--cluster-node-timeout", str(self.node_timeout),
+                "--cluster-config-file", os.path.join(self.directory, f"node{i}", "nodes.conf"),
+                # a new replica syncs at once (the default waits 5 s for more replicas)
+                "--repl-diskless-sync-delay", "0", *self.args]
+
+    def start(self, timeout=60.0):
+        """Start the nodes, create the cluster and wait until it is ok (see the class doc);
+        returns self.  On any failure every node is stopped before the error is raised."""
+        if self.nodes:
+            return self
+        deadline = time.monotonic() + timeout
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="fastsip-redis-cluster-")
+        try:
+            for i in range(self.n_primaries * (1 + self.n_replicas)):
+                node = RedisServer(*self._node_args(i), directory=os.path.join(self.directory, f"node{i}"),
+                                   bus=True, name=f"node{i}")
+                self.nodes.append(node)
+                node.start(max(1.0, deadline - time.monotonic()))
+            cmd = ["redis-cli", "--cluster", "create", *(f"{REDIS_HOST}:{n.port}" for n in self.nodes),
+                   "--cluster-replicas", str(self.n_replicas), "--cluster-yes"]
+            try:
+                done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                      timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as exc:
+                raise RuntimeError(f"redis-cli --cluster create did not finish in time:\n"
+                                   f"{(exc.stdout or b'').decode(errors='replace')[-2000:]}") from None
+            said = re.sub(r"\x1b\[[0-9;]*m", "", (done.stdout + done.stderr).decode(errors="replace"))
+            if done.returncode != 0 or "[OK] All 16384 slots covered" not in said:
+                raise RuntimeError(f"redis-cli --cluster create failed ({done.returncode}):\n"
+                                   f"{said[-2000:]}")
+            for node in self.nodes:
+                node.node_id = node.command("CLUSTER", "MYID").decode()
+            self._wait(deadline, "form")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    # -- what the cluster says ---------------------------------------------------------------
+    def _live(self):
+        return [n for n in self.nodes if n.running and not n.paused]
+
+    def _by_id(self, node_id):
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise LookupError(f"node id {node_id} is none of this cluster's nodes")
+
+    def _note(self, view):
+        for entry in view:
+            if entry["slots"]:
+                self._slots_seen[entry["id"]] = entry["slots"]
+        return view
+
+    def view(self, timeout=1.0) -> list:
+        """CLUSTER NODES, parsed (see _parse_cluster_nodes), from the first running, unpaused
+        node that answers within ``timeout``."""
+        errors = []
+        for node in self._live():
+            try:
+                return self._note(_parse_cluster_nodes(node.command("CLUSTER", "NODES", timeout=timeout)))
+            except (OSError, RedisError) as exc:
+                errors.append(f"{node.name}: {exc!r}")
+        raise RuntimeError(f"no node of the cluster answers: {'; '.join(errors) or 'none running'}")
+
+    def primaries(self) -> list:
+        """The nodes that serve slots, as the cluster lists them now (one that failed but
+        still holds its slots, before a failover, is listed: ``wait_ok`` waits for live
+        ones), in the order of their first slot."""
+        served = sorted((min(e["slots"]), e["id"]) for e in self.view()
+                        if "master" in e["flags"] and e["slots"])
+        return [self._by_id(node_id) for _, node_id in served]
+
+    def replicas_of(self, node) -> list:
+        """The nodes the cluster lists now as replicas of ``node`` (failed ones too)."""
+        return [self._by_id(e["id"]) for e in self.view() if e["master"] == node.node_id]
+
+    def keyslot(self, key) -> int:
+        for node in self._live():
+            try:
+                return node.command("CLUSTER", "KEYSLOT", key, timeout=1.0)
+            except (OSError, RedisError):
+                continue
+        raise RuntimeError("no node of the cluster answers CLUSTER KEYSLOT")
+
+    def node_for_key(self, key):
+        """The primary that serves ``key``'s slot now (a ``{hash tag}`` in it counts)."""
+        slot = self.keyslot(key)
+        entry = _serving(self.view(), slot)
+        if entry is None:
+            raise RuntimeError(f"no primary serves slot {slot} (key {key!r})")
+        return self._by_id(entry["id"])
+
+    def command_for_key(self, key, *args, timeout=5.0):
+        """Run ``args`` (the whole command: ``"SET", key, value``) on the primary that serves
+        ``key``; a MOVED reply (the slot changed hands meanwhile) is followed, twice at most."""
+        node = self.node_for_key(key)
+        for _ in range(3):
+            try:
+                return node.command(*args, timeout=timeout)
+            except RedisError as exc:
+                if not str(exc).startswith("MOVED "):
+                    raise
+                port = int(str(exc).rpartition(":")[2])
+                node = next((n for n in self.nodes if n.port == port), None)
+                if node is None:
+                    raise
+        raise RedisError(f"still MOVED after 3 tries: {args[:1]} {key!r}")
+
+    def all_keys(self, pattern="*") -> list:
+        """Every key matching ``pattern`` (SCAN over every primary), sorted."""
+        keys = set()
+        for node in self.primaries():
+            cursor = b"0"
+            for _ in range(100_000):
+                cursor, batch = node.command("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+                keys.update(batch)
+                if cursor == b"0":
+                    break
+        return sorted(keys)
+
+    # -- waiting -----------------------------------------------------------------------------
+    def _problem(self):
+        """None when the cluster is ok, else what is wrong, naming the node."""
+        live = self._live()
+        if not live:
+            return "no node is running"
+        topology = None
+        for node in live:
+            who = f"{node.name} ({REDIS_HOST}:{node.port}, pid {node.pid})"
+            try:
+                info = parse_info(node.command("CLUSTER", "INFO", timeout=1.0))
+                view = self._note(_parse_cluster_nodes(node.command("CLUSTER", "NODES", timeout=1.0)))
+                me = next((e for e in view if "myself" in e["flags"]), {"flags": set()})
+                link = node.info("replication", timeout=1.0).get("master_link_status")
+            except (OSError, RedisError) as exc:
+                return f"{who} did not answer: {exc!r}"
+            said = ", ".join(f"{k}:{info.get(k)}" for k in (
+                "cluster_state", "cluster_slots_assigned", "cluster_slots_ok", "cluster_known_nodes"))
+            if (info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != str(CLUSTER_SLOTS)
+                    or info.get("cluster_known_nodes") != str(len(self.nodes))):
+                return f"{who} says {said}"
+            mine = sorted((e["id"], "master" in e["flags"], e["master"] or "", tuple(e["slots"]))
+                          for e in view)
+            if topology is None:
+                topology, first = mine, who
+            elif mine != topology:
+                return f"{who} and {first} do not agree yet on the roles and slots"
+            if "slave" in me["flags"] and link != "up":
+                return f"{who}, a replica, says master_link_status:{link}"
+            for entry in view:
+                if "master" in entry["flags"] and entry["slots"]:
+                    owner = self._by_id(entry["id"])
+                    if not owner.running or owner.paused:
+                        return (f"{who} says {owner.name} serves slots {entry['slots']}, but it is "
+                                f"{'paused' if owner.paused else 'not running'}")
+                    if entry["flags"] & {"fail", "fail?"}:
+                        flags = ",".join(sorted(entry["flags"]))
+                        return f"{who} says {owner.name}, serving slots, is {flags}"
+        return None
+
+    def _wait(self, deadline, what):
+        started = time.monotonic()
+        while True:
+            problem = self._problem()
+            if problem is None:
+                return time.monotonic() - started
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the Redis Cluster did not {what} in "
+                                   f"{time.monotonic() - started:.1f} s: {problem}")
+            time.sleep(0.1)
+
+    def wait_ok(self, timeout=20.0) -> float:
+        """Wait until every running, unpaused node says cluster_state:ok and knows every node,
+        they agree on roles and slots, every slot is served by a running, unpaused primary
+        and every running replica's link is up; returns the seconds waited."""
+        return self._wait(time.monotonic() + timeout, "become ok")
+
+    def wait_failover(self, old_primary, timeout=15.0):
+        """Wait until every running, unpaused node says the slots ``old_primary`` served are
+        served by another node (its promoted replica), running and unflagged; returns it."""
+        slots = self._slots_seen.get(old_primary.node_id)
+        if not slots:
+            raise ValueError(f"{old_primary.name} was never seen serving slots")
+        slot = slots[0][0]
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        last = "nothing yet"
+        while True:
+            owners = set()
+            for node in self._live():
+                try:
+                    view = self._note(_parse_cluster_nodes(node.command("CLUSTER", "NODES", timeout=1.0)))
+                except (OSError, RedisError) as exc:
+                    last = f"{node.name} did not answer: {exc!r}"
+                    owners.add(None)
+                    continue
+                entry = _serving(view, slot)
+                if entry is None:
+                    last = f"{node.name} says no node serves slot {slot}"
+                    owners.add(None)
+                elif entry["id"] == old_primary.node_id or entry["flags"] & {"fail", "fail?"}:
+                    last = (f"{node.name} says slot {slot} is served by {self._by_id(entry['id']).name}"
+                            f" ({','.join(sorted(entry['flags']))})")
+                    owners.add(None)
+                else:
+                    owners.add(entry["id"])
+            if len(owners) > 1 and None not in owners:
+                last = f"the nodes do not agree yet on who serves slot {slot}"
+            elif len(owners) == 1 and None not in owners:
+                new = self._by_id(owners.pop())
+                if new.running and not new.paused:
+                    return new
+                last = f"{new.name}, promoted, is {'paused' if new.paused else 'not running'}"
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no replica of {old_primary.name} was promoted in "
+                                   f"{time.monotonic() - started:.1f} s: {last}")
+            time.sleep(0.1)
+
+    # -- the end -----------------------------------------------------------------------------
+    def stop(self, timeout=5.0):
+        """SIGTERM to every node at once, a bounded wait, SIGKILL to the rest; then the
+        directory is removed if it was made here."""
+        for node in self.nodes:
+            node._drop_connection()
+            if node.running:
+                node._signal(signal.SIGCONT)
+                node._signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.running:
+                try:
+                    node.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            node.kill()
         if self._own_directory and self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

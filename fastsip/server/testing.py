@@ -495,6 +495,7 @@ def parse_info(text) -> dict:
 
 
 _LIVE_REDIS: set = set()        # the RedisServers whose process may be running
+_LIVE_CLUSTERS: set = set()     # the RedisClusters started and not stopped
 _prctl = None
 
 
@@ -518,8 +519,14 @@ def _load_prctl():
 
 @atexit.register
 def _kill_live_redis():
+    """At exit: every cluster stopped (its temporary directory removed), every other
+    server killed and its temporary directory removed."""
+    for cluster in list(_LIVE_CLUSTERS):
+        cluster.stop(timeout=1.0)
     for server in list(_LIVE_REDIS):
         server.kill()
+        if server._own_directory and server.directory:
+            shutil.rmtree(server.directory, ignore_errors=True)
 
 
 class RedisServer:
@@ -801,6 +808,7 @@ class RedisCluster:
         deadline = time.monotonic() + timeout
         if self.directory is None:
             self.directory = tempfile.mkdtemp(prefix="fastsip-redis-cluster-")
+        _LIVE_CLUSTERS.add(self)
         try:
             for i in range(self.n_primaries * (1 + self.n_replicas)):
                 node = RedisServer(*self._node_args(i), directory=os.path.join(self.directory, f"node{i}"),
@@ -1025,6 +1033,7 @@ class RedisCluster:
                 except subprocess.TimeoutExpired:
                     pass
             node.kill()
+        _LIVE_CLUSTERS.discard(self)
         if self._own_directory and self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

@@ -163,3 +163,58 @@ def phone():
     finally:
         for p in phones:
             p.close()
+
+
+# -- Redis (fastsip.server.testing: RedisServer, RedisCluster) -----------------------------------
+
+def require_redis(cluster=False):
+    """Skip (or under CI fail, see require_client) without redis-server, and for a
+    cluster without redis-cli (Debian's redis-tools, which redis-server depends on)."""
+    require_client("redis-server", "redis-server")
+    if cluster:
+        require_client("redis-cli", "redis-tools")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A running standalone redis-server (fastsip.server.testing.RedisServer: ``.url``,
+    ``.port``, ``.command(*args)``, ``.kill()``, ``.pause()``, ``.resume()``,
+    ``.restart()``) on a free loopback port, no persistence, its directory and log in
+    tmp_path/redis; stopped at the end."""
+    require_redis()
+    from fastsip.server.testing import RedisServer
+    with RedisServer(directory=tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """A running Redis Cluster (fastsip.server.testing.RedisCluster) of 3 primaries with a
+    replica each, shared by the tests of a module (forming one takes seconds): do not
+    kill, pause or restart its nodes (make_redis_cluster gives a test its own), and use
+    keys of the test's own.  Stopped after the module."""
+    require_redis(cluster=True)
+    from fastsip.server.testing import RedisCluster
+    with RedisCluster(directory=tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def make_redis_cluster(tmp_path):
+    """make_redis_cluster(primaries=3, replicas=1, *args, **kw) -> a running RedisCluster
+    of the test's own (its nodes may be killed, paused, restarted), in tmp_path; ``args``
+    and ``kw`` go to RedisCluster.  Every one made is stopped at the end."""
+    require_redis(cluster=True)
+    from fastsip.server.testing import RedisCluster
+    made = []
+
+    def _make(primaries=3, replicas=1, *args, **kw):
+        kw.setdefault("directory", tmp_path / f"redis-cluster{len(made)}")
+        cluster = RedisCluster(primaries, replicas, *args, **kw)
+        made.append(cluster)
+        return cluster.start()
+    try:
+        yield _make
+    finally:
+        for cluster in made:
+            cluster.stop()

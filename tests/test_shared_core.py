@@ -155,3 +155,12 @@ def test_the_password_file(tmp_path):
     assert parse_url("redis://h:1").with_password_file(str(f)).password == "s3cret"
     with pytest.raises(ConfigError, match="no such|No such"):
         parse_url("redis://h:1").with_password_file(str(tmp_path / "none"))
+
+
+def test_a_removal_of_every_binding_expects_the_version_it_was_decided_on(reg):
+    stored = encode_record([fastsip.Binding("sip:x@h", 5000.0, call_id="x", cseq=1)], 77)
+    reg.store.cache_put(AOR, stored, 1000.0)
+    assert serve(reg, register("alice", contact="*", call_id="x", cseq=2, expires=0),
+                 1000.0) == STAGED
+    assert reg.staged[1] == 77 and reg.staged[3] is None
+    assert reg.store.cache_busy(AOR)            # kept (empty) while the removal is written

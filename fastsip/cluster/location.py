@@ -14,7 +14,7 @@ from fastsip.errors import ClusterError
 from fastsip.registrar import decode_record, encode_record
 
 MAX_TRIES = 16          # compare-and-set attempts of one removal
-GRACE = 60.0            # as the nodes write it: a key outlives its latest binding by this much
+GRACE = 10.0            # as the nodes write it by default (--cluster-grace)
 
 
 def lookup(sync: SyncCluster, aor: str, now: float | None = None) -> list:

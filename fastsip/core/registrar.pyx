@@ -16,6 +16,7 @@ _ALLOW = [("Allow", "REGISTER, OPTIONS")]
 # shared mode (fastsip.cluster): what serve_shard returns instead of a reply
 STAGED = -1     # the REGISTER's write is staged (RegistrarCore.staged); answer when it is done
 WAIT = -2       # its AOR has a write under way (waiting_aor); serve it again when that is done
+READ = -3       # its AOR is not in the cache (waiting_aor): read it, then serve it again
 _RETRY_LATER = [("Retry-After", "60")]
 _OPTIONS_HEADERS = [("Allow", "REGISTER, OPTIONS"), ("Supported", ", ".join(SUPPORTED_OPTIONS)),
                     ("Accept", "application/sdp")]
@@ -215,6 +216,7 @@ cdef class RegistrarCore:
         cdef const char* buf = rq.buf
         cdef bytes path
         cdef const AorView* listing
+        cdef uint64_t expected = 0
         if rc != OK:
             return self._malformed(rq, rc)
         # 1 and 5 (first half): the Request-URI, the headers, the To URI.
@@ -265,27 +267,36 @@ cdef class RegistrarCore:
         if rc:
             return self._refuse(rq, rc)
         # 8. Apply the plan, answer with the AOR's bindings.
+        if self.shared and not (self.plan.nchanges or self.plan.remove_all) and \
+                self.store.find(reg.aor, reg.aor_len) < 0:
+            # A cache miss, and an answer that would only list the bindings: read
+            # them first.  (A change is decided on the empty view and stored only
+            # if there is no key: the compare-and-set checks it.)
+            self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
+            return READ
         listing = &self.before
         if not self.plan.retransmission and (self.plan.nchanges or self.plan.remove_all):
+            if self.shared:
+                expected = self.store.version_of(reg.aor, reg.aor_len)   # before apply drops it
             path = _path(rq)
             plan_common(&self.plan, rq, reg, path)
             self.store.apply(reg.aor, reg.aor_len, &self.plan, &self.before, rq.now)
             self.store.view(reg.aor, reg.aor_len, rq.now, &self.after)
             listing = &self.after
             if self.shared:
-                return self._stage(reg, rq.now, self.writer.ok(
+                return self._stage(reg, expected, rq.now, self.writer.ok(
                     rq, listing, self.plan.outbound,
                     rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq)))
         return self.writer.ok(rq, listing, self.plan.outbound,
                               rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
 
-    cdef object _stage(self, const RegisterIn* reg, double now, bytes reply):
-        """Shared mode: the plan is applied to the cache; stage its write (the
-        AOR's new record with the next version, see ``staged``), mark the AOR
-        busy until the write is done, and return STAGED instead of the reply."""
+    cdef object _stage(self, const RegisterIn* reg, uint64_t expected, double now, bytes reply):
+        """Shared mode: the plan is applied to the cache (whose version of the AOR
+        was ``expected``); stage its write (the AOR's new record with the next
+        version, see ``staged``), mark the AOR busy until the write is done, and
+        return STAGED instead of the reply."""
         cdef Store st = self.store
         cdef int32_t a = st.find_or_add(reg.aor, reg.aor_len)
-        cdef uint64_t expected = st.versions[a]
         cdef uint64_t version = <uint64_t>(now * 1e6)
         cdef double latest = 0.0
         cdef object record = None

@@ -363,17 +363,17 @@ cdef class Store(BindingTable):
     def cache_put(self, aor, record, double now):
         """Make this cache's copy of ``aor`` what ``record`` says (as read from
         the shared location; None: the key is absent): its bindings valid at
-        ``now`` and its version, kept even when none is valid, so that the
+        ``now`` and its version, kept even when none is valid (or there is no
+        key: version 0), so that the next request is decided on it and the
         next write expects that version.  Ends a write under way (busy)."""
         cdef int32_t a
         self._unmark(aor)
         self.remove_aor(aor)
-        if record is None:
-            return
-        self.load_record(aor, record, now)
+        if record is not None:
+            self.load_record(aor, record, now)
         key = _b(aor)
         a = self.find_or_add(key, len(key))
-        self.versions[a] = record_version(record)
+        self.versions[a] = 0 if record is None else record_version(record)
         self.aors[a].pinned = self.aors[a].count == 0
 
     def cache_drop(self, aor):

@@ -137,3 +137,4 @@ cdef class BindingTable:
     cdef Py_ssize_t close_connection(self, int64_t conn_id, double now) noexcept
     cdef bytes encode(self, int32_t a, uint64_t version, double* latest)
     cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept
+    cdef uint64_t version_of(self, const char* aor, Py_ssize_t n) noexcept

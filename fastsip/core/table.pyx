@@ -315,6 +315,11 @@ cdef class BindingTable:
             s = self.b[s].next
         return rec
 
+    cdef uint64_t version_of(self, const char* aor, Py_ssize_t n) noexcept:
+        """The AOR's version in the shared location as the cache knows it (0: none)."""
+        cdef int32_t a = self.find(aor, n)
+        return self.versions[a] if a >= 0 and self.versions != NULL else 0
+
     cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept:
         cdef int32_t a = self.find(aor, n)
         return a >= 0 and self.aors[a].busy

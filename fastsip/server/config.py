@@ -229,6 +229,9 @@ OPTIONS = [
     ("cluster-wait", _positive_float("cluster-wait"), 5.0, False, True, "S",
      "how long a REGISTER may wait for the shared location (a primary failing over) before "
      "500 with Retry-After, seconds (default: 5)"),
+    ("cluster-grace", _nonneg_float("cluster-grace"), 10.0, False, False, "S",
+     "how long an AOR's key outlives its latest binding in Redis, seconds: room for the "
+     "clocks of nodes and Redis to differ (default: 10)"),
     ("node-id", _string("node-id"), None, False, False, "NAME",
      "this node's name in logs and on the start line (default: the host name)"),
     ("metrics", lambda v: parse_hostport(v, "--metrics"), "127.0.0.1:9060", False, False, "HOST:PORT",

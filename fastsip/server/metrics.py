@@ -130,6 +130,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("fastsip_cluster_batched_writes_total", COUNTER,
            "Writes sent in those pipelines (divided by the round trips: the mean batch).",
            ("cluster_batched",)),
+    Metric("fastsip_cluster_reads_total", COUNTER,
+           "AOR records read from the shared location because the cache had no copy.",
+           ("cluster_reads",)),
     Metric("fastsip_cluster_conflicts_total", COUNTER,
            "Writes refused because the AOR's stored version had moved on (another node or "
            "worker wrote it): the request was decided again.", ("cluster_conflicts",)),

@@ -34,14 +34,13 @@ import hiredis
 
 from fastsip.cluster.client import LOST, open_conn
 from fastsip.cluster.sync import SyncCluster, aor_key
-from fastsip.core._core import STAGED, WAIT, key_slot, make_response
+from fastsip.core._core import READ, STAGED, WAIT, key_slot, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
 
 LOG = logs.LOG
 
 MAX_TRIES = 8               # decisions of one request (version conflicts) before 500
-GRACE = 60.0                # seconds a key outlives its latest binding (PXAT)
 RECENT = 30.0               # seconds an acknowledged record is kept for a re-assertion
 WAIT_MS = 500               # WAIT 1's timeout: a replica must take a batch within it
 REFRESH_EVERY = 0.1         # seconds between slot map refreshes while one is needed
@@ -86,7 +85,7 @@ def _version(record) -> int:
 class SharedLocation:
     """A worker's room for ``--cluster`` (see the module's docstring)."""
 
-    def __init__(self, reg, url, loop, udp_socks, deliver, counters, wait_s):
+    def __init__(self, reg, url, loop, udp_socks, deliver, counters, wait_s, grace):
         self.reg = reg
         self.store = reg.store
         self.url = url
@@ -95,8 +94,10 @@ class SharedLocation:
         self.deliver = deliver          # (conn_id, bytes): a reply to a stream connection
         self.c = counters
         self.wait_s = wait_s            # --cluster-wait
+        self.grace = grace              # --cluster-grace
         self.conns = {}                 # (host, port) -> Conn, one per primary
         self.slots = None               # SlotMap
+        self.born = []                  # requests of this batch that wait (for their listener)
         self.fresh = []                 # writes staged since the last after_batch
         self.batches = {}               # Conn -> the writes of this batch on it (for WAIT)
         self.parked = {}                # aor -> [Pending] waiting for its write
@@ -144,17 +145,21 @@ class SharedLocation:
         r = self._serve(data, host, port, now, transport, conn_id, 0, 1)
         if type(r) is not int:
             return r
-        self._staged_or_parked(Pending(data, host, port, transport, conn_id, now), r)
+        p = Pending(data, host, port, transport, conn_id, now)
+        self.born.append(p)
+        self._staged_or_parked(p, r)
         return None
 
     def after_batch(self, li: int = -1) -> None:
         """A batch was read (from UDP listener ``li``; -1: from elsewhere): its writes
         go out now, in one pipeline per primary, each ended by WAIT 1."""
+        if self.born:
+            for p in self.born:
+                p.li = li
+            self.born.clear()
         if self.fresh:
             fresh, self.fresh = self.fresh, []
             for p in fresh:
-                if p.li < 0:
-                    p.li = li
                 self._send(p)
         if self.batches:
             batches, self.batches = self.batches, {}
@@ -190,7 +195,7 @@ class SharedLocation:
 
     def on_replies(self) -> None:
         """Replies were handled: send what they staged (decisions made again)."""
-        if self.fresh:
+        if self.fresh or self.batches:
             self.after_batch()
 
     def on_push(self, push) -> None:
@@ -225,13 +230,41 @@ class SharedLocation:
         reg = self.reg
         if r == STAGED:
             p.aor, p.expected, p.version, p.record, latest, p.reply = reg.staged
-            p.pxat = int((latest + GRACE) * 1000) if p.record is not None else 0
+            p.pxat = int((latest + self.grace) * 1000) if p.record is not None else 0
             self.fresh.append(p)
         elif r == WAIT:
             self.c.cluster_parked += 1
             self.parked.setdefault(reg.waiting_aor, []).append(p)
+        elif r == READ:
+            p.aor = reg.waiting_aor
+            self._read_through(p)
         else:                           # a shard number: not with one shard
             raise AssertionError(f"serve_shard gave {r}")
+
+    def _read_through(self, p: Pending) -> None:
+        """The AOR of ``p`` is not in the cache: GET it (the read makes Redis track
+        it for this worker), then decide ``p`` again."""
+        key = KEY_HEAD + p.aor + b"}"
+        conn = self._conn(self.slots.owner[key_slot(key)])
+        if conn is None:
+            self._wait_for_map(p)
+            return
+        self.c.cluster_reads += 1
+        conn.push(hiredis.pack_command((b"GET", key)), lambda reply: self._got(p, reply))
+        if conn not in self.batches:
+            self.batches[conn] = []
+
+    def _got(self, p: Pending, reply) -> None:
+        if reply is LOST or isinstance(reply, hiredis.ReplyError):
+            if reply is not LOST:
+                self._error(reply)
+            self._wait_for_map(p)
+            return
+        now = time.time()
+        aor = _text(p.aor)
+        if not self.store.cache_busy(aor):
+            self.store.cache_put(aor, reply, now)
+        self._again(p, now)
 
     def _send(self, p: Pending) -> None:
         key = KEY_HEAD + p.aor + b"}"

@@ -119,7 +119,7 @@ class Worker:
         serve_shard = reg.serve_shard
         if cfg.cluster is not None:
             self.shared = SharedLocation(reg, cfg.cluster, loop, self.udp_socks, self.tcp.deliver,
-                                         c, cfg.cluster_wait)
+                                         c, cfg.cluster_wait, cfg.cluster_grace)
             self.shared.start()
             serve_shard = self.tcp.serve_shard = self.shared.serve_shard
             self.tcp.after = self.shared.after_batch

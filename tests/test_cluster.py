@@ -1,0 +1,200 @@
+"""serve --cluster: nodes sharing one location in Redis (docs/cluster.md).
+
+Real redis-server processes (a standalone one, and Redis Clusters of 3 primaries
+with a replica each, cluster-node-timeout 2 s; fastsip.server.testing) and real
+`fastsip serve` nodes on 127.0.0.1.  What a phone or a proxy would notice: a
+binding made through one node is seen through every other, the rules of RFC 3261
+10.3 hold across nodes, and no binding whose 200 a phone received is ever lost.
+"""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import fastsip
+from fastsip.cluster.sync import aor_key
+from fastsip.registrar import decode_record
+from conftest import require_redis
+from fastsip.server.testing import Phone, ServerProcess, contacts_of, register, wait_for
+
+pytestmark = pytest.mark.server
+
+
+def node(url, *args, workers=2):
+    return ServerProcess("--cluster", url, "--min-expires", "1", *args, workers=workers).start()
+
+
+def ask(server, data, transport="udp"):
+    phone = Phone(getattr(server, transport), transport)
+    try:
+        return phone.ask(data)
+    finally:
+        phone.close()
+
+
+def stored(redis, aor):
+    """(version, {contact: Binding}) of an AOR as Redis holds it (None: no key)."""
+    value = redis.command_for_key(aor_key(aor), "GET", aor_key(aor)) \
+        if hasattr(redis, "command_for_key") else redis.command("GET", aor_key(aor))
+    if value is None:
+        return None
+    version, bindings = decode_record(value)
+    return version, {b.uri: b for b in bindings}
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastsip.cli", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+# -- one Redis -------------------------------------------------------------------------
+
+def test_a_single_redis_holds_the_bindings_across_a_restart(redis_server):
+    n = node(redis_server.url)
+    try:
+        r = ask(n, register("alice", contact="sip:a@10.0.0.1", expires=600))
+        assert r.status == 200 and contacts_of(r) == {"sip:a@10.0.0.1": 600}
+        assert "shared at redis://127.0.0.1:" in n.start_line
+        version, held = stored(redis_server, "sip:alice@example.com")
+        assert list(held) == ["sip:a@10.0.0.1"] and version > 0
+        assert 590_000 < redis_server.command("PTTL", aor_key("sip:alice@example.com")) <= 610_000
+    finally:
+        n.stop()
+    # no node running: the location is read directly ...
+    out = cli("show", "alice@example.com", "--cluster", redis_server.url)
+    assert out.returncode == 0 and "<sip:a@10.0.0.1>" in out.stdout
+    out = cli("bindings", "--json", "--cluster", redis_server.url)
+    assert [b["contact"] for b in json.loads(out.stdout)] == ["sip:a@10.0.0.1"]
+    # ... and a new node answers a fetch with what the first one stored
+    n = node(redis_server.url)
+    try:
+        r = ask(n, register("alice", contact=None, cseq=7))
+        assert r.status == 200 and list(contacts_of(r)) == ["sip:a@10.0.0.1"]
+        assert n.api("/api/aor?aor=alice@example.com")["bindings"][0][
+            "contact"] == "sip:a@10.0.0.1"
+    finally:
+        n.stop()
+
+
+def test_bindings_expire_in_redis_with_no_node_running(redis_server):
+    n = node(redis_server.url, "--cluster-grace", "0")
+    try:
+        assert ask(n, register("brief", contact="sip:b@10.0.0.1", expires=1)).status == 200
+    finally:
+        n.kill()
+    assert stored(redis_server, "sip:brief@example.com") is not None
+    wait_for(lambda: stored(redis_server, "sip:brief@example.com") is None, timeout=5)
+    assert redis_server.command("KEYS", "fs:*") == []
+
+
+def test_an_unreachable_cluster_is_one_error_line_at_start():
+    out = subprocess.run([sys.executable, "-m", "fastsip.cli", "serve", "--cluster",
+                          "redis://:hunter2@127.0.0.1:1", "--listen", "udp:127.0.0.1:0",
+                          "--metrics", "127.0.0.1:0"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.startswith("fastsip serve: error: --cluster: ") and "refused" in out.stderr
+    assert "hunter2" not in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_a_password_from_a_file_never_shows(tmp_path):
+    from fastsip.server.testing import RedisServer
+    require_redis()
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-pass\n")
+    with RedisServer() as redis:
+        redis.command("CONFIG", "SET", "requirepass", "s3cret-pass")
+        url = redis.url
+        n = node(url, "--cluster-password-file", str(pw))
+        try:
+            assert ask(n, register("pat", contact="sip:p@10.0.0.1", expires=600)).status == 200
+            assert "s3cret" not in n.start_line and "s3cret" not in n.log()
+        finally:
+            n.stop()
+        bad = subprocess.run([sys.executable, "-m", "fastsip.cli", "serve", "--cluster", url,
+                              "--listen", "udp:127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2 and "AUTH" in bad.stderr
+
+
+# -- a Redis Cluster and several nodes -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nodes(redis_cluster):
+    """Two nodes of two workers each on one 3x2 Redis Cluster (--max-contacts 3)."""
+    started = []
+    try:
+        for _ in range(2):
+            started.append(node(redis_cluster.url, "--max-contacts", "3"))
+        yield started
+    finally:
+        for n in started:
+            n.stop()
+
+
+def test_a_binding_made_through_one_node_is_seen_through_the_other(nodes, redis_cluster):
+    a, b = nodes
+    assert ask(a, register("carol", contact="sip:c@10.0.0.1", expires=600)).status == 200
+    # a fetch through the other node (which never saw carol) lists it
+    r = ask(b, register("carol", contact=None, call_id="other", cseq=1))
+    assert r.status == 200 and list(contacts_of(r)) == ["sip:c@10.0.0.1"]
+    assert [x["contact"] for x in b.api("/api/aor?aor=carol@example.com")["bindings"]] == \
+        ["sip:c@10.0.0.1"]
+    # a change through b is seen through a (a's copy was invalidated)
+    assert ask(b, register("carol", contact="sip:c2@10.0.0.2", call_id="c2", expires=600,
+                           transport="TCP"), "tcp").status == 200
+    r = ask(a, register("carol", contact=None, call_id="third", cseq=1))
+    assert set(contacts_of(r)) == {"sip:c@10.0.0.1", "sip:c2@10.0.0.2"}
+    assert stored(redis_cluster, "sip:carol@example.com")[1].keys() == contacts_of(r).keys()
+
+
+def test_cseq_order_and_contact_star_hold_across_nodes(nodes):
+    a, b = nodes
+    assert ask(a, register("dave", contact="sip:d@10.0.0.1", call_id="dd", cseq=5,
+                           expires=600)).status == 200
+    # the same Call-ID with a lower CSeq, through the other node: out of order
+    assert ask(b, register("dave", contact="sip:d@10.0.0.1", call_id="dd", cseq=3,
+                           expires=600)).status == 400
+    r = ask(b, register("dave", contact="*", call_id="dd", cseq=6, expires=0))
+    assert r.status == 200 and contacts_of(r) == {}
+    r = ask(a, register("dave", contact=None, call_id="x", cseq=1))
+    assert r.status == 200 and contacts_of(r) == {}
+
+
+def test_max_contacts_holds_across_nodes(nodes):
+    a, b = nodes
+    for i, n in enumerate((a, b, a)):
+        assert ask(n, register("erin", contact=f"sip:e{i}@10.0.0.1", call_id=f"e{i}",
+                               expires=600)).status == 200
+    r = ask(b, register("erin", contact="sip:e9@10.0.0.1", call_id="e9", expires=600))
+    assert r.status == 503 and b"max_contacts=3" in r.raw
+
+
+def test_aors_registered_through_two_nodes_at_once_keep_both_contacts(nodes, redis_cluster):
+    a, b = nodes
+    users = [f"race{i}" for i in range(48)]
+    results = {}
+
+    def run(server, tag):
+        phone = Phone(server.udp)
+        try:
+            for u in users:
+                results[(u, tag)] = phone.ask(register(
+                    u, contact=f"sip:{tag}@10.0.0.1", call_id=f"{u}-{tag}", expires=600)).status
+        finally:
+            phone.close()
+    threads = [threading.Thread(target=run, args=(a, "a")),
+               threading.Thread(target=run, args=(b, "b"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(results.values()) == {200}
+    for u in users:
+        assert set(stored(redis_cluster, f"sip:{u}@example.com")[1]) == \
+            {"sip:a@10.0.0.1", "sip:b@10.0.0.1"}, u
+    conflicts = sum(v for k, v in {**a.metrics(), **b.metrics()}.items()
+                    if k.startswith("fastsip_cluster_conflicts_total"))
+    assert conflicts >= 0      # (how often they raced depends on the scheduler)

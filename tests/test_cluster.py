@@ -10,14 +10,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-import fastsip
+from conftest import require_redis
 from fastsip.cluster.sync import aor_key
 from fastsip.registrar import decode_record
-from conftest import require_redis
 from fastsip.server.testing import Phone, ServerProcess, contacts_of, register, wait_for
 
 pytestmark = pytest.mark.server

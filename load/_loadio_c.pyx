@@ -27,6 +27,14 @@ The "echo" responder used for throughput figures is in ``load._echo_c``.
 Per packet nothing here creates a Python object, except the copy of a
 401/407 reply that is handed to Python to answer.
 
+Several targets (a cluster): every phone holds the target of its next
+request (the same one always, or the next one after each request: round
+robin), set up once by :meth:`Engine.set_phones`; a request carries its
+target's index through the batch (its address, or its connection to that
+target) and the window (its retransmissions, its reply's and its timeout's
+count per target).  Per request that is one load and one store, nothing
+is hashed.
+
 TLS is Python's ``ssl`` with memory BIOs (``SSLObject``), driven from here
 once per batch, not per message: the requests queued on a connection in one
 pass of the loop are encrypted with one ``write`` and sent with one
@@ -50,10 +58,10 @@ from load._scan_c cimport (RecvBatch, ReplyInfo, rbatch_free, rbatch_init, rbatc
                            scan_reply)
 from load._send_c cimport (KIND_OVERRIDE, Batch, Entry, Phones, Schedule, Templates, batch_build,
                            batch_free, batch_init, batch_run, callid_matches, entry_set,
-                           phones_set, phones_take, sched_due, sched_kind, sched_next,
-                           sched_open, sched_set, sched_start, send_free, templates_set,
-                           tpl_fill, tpl_of)
-from load._stats_c cimport NSTATUS, Counters, hist_add
+                           phone_target, phones_set, phones_take, sched_due, sched_kind,
+                           sched_next, sched_open, sched_set, sched_start, send_free,
+                           templates_set, tpl_fill, tpl_of)
+from load._stats_c cimport MAX_TARGETS, NSTATUS, Counters, hist_add
 from load._tcp_c cimport (TCP_IN_CAP, Conn, buf_append, buf_reserve, conn_deliver, conn_flush,
                           conn_free, conn_queue, conn_recv, conns_flush, conns_poll_events)
 from load._window_c cimport (F_AUTHED, F_MALFORMED, ST_DONE, ST_TIMEOUT, Slot,
@@ -101,7 +109,9 @@ cdef class Engine(Counters):
     cdef int rawfd
     cdef Conn *conns
     cdef pollfd *pfds
-    cdef bytes dest
+    cdef bytes dest           # the targets' sockaddrs, dlen bytes each
+    cdef socklen_t dlen
+    cdef int per_target       # streams: connections per target; UDP: every socket serves all
     cdef bint use_pktinfo
 
     # what to send and to whom (the lists keep the templates' bytes alive)
@@ -125,17 +135,25 @@ cdef class Engine(Counters):
     cdef list _tls
     cdef char *rbuf
 
-    def __init__(self, str transport, bytes dest, fds, int rawfd=-1, int ring_bits=20,
+    def __init__(self, str transport, dest, fds, int rawfd=-1, int ring_bits=20,
                  bint pktinfo=True):
         """``transport``: ``"udp"``, ``"tcp"``, ``"raw"``, ``"tls"``, ``"ws"``
-        or ``"wss"``; ``dest``: the target ``sockaddr`` (unused for the
-        stream transports, whose sockets are connected); ``fds``: the UDP
-        sockets (bound) or stream connections (connected, past their TLS
-        and WebSocket handshakes: see :meth:`set_tls`), non-blocking;
+        or ``"wss"``; ``dest``: the target ``sockaddr`` (bytes), or a list
+        of them, one per target, all of one family (the stream transports,
+        whose sockets are connected, use only their number); ``fds``: the UDP
+        sockets (bound; each sends to every target) or stream connections
+        (connected, past their TLS and WebSocket handshakes: see
+        :meth:`set_tls`; with several targets, as many to each, target
+        ``t``'s from index ``t * len(fds) / targets`` on), non-blocking;
         ``rawfd``: the raw socket for ``"raw"``;
         ``ring_bits``: log2 of the most requests that may be outstanding;
         ``pktinfo``: pick each phone's source address with IP_PKTINFO."""
         cdef int i
+        dests = [dest] if isinstance(dest, bytes) else list(dest)
+        if not 1 <= len(dests) <= MAX_TARGETS:
+            raise ValueError(f"need 1 to {MAX_TARGETS} targets")
+        if any(not isinstance(d, bytes) or len(d) != len(dests[0]) or not d for d in dests):
+            raise ValueError("the targets' sockaddrs must be bytes of one family")
         if transport == "udp":
             self.transport = T_UDP
         elif transport in _STREAMS:
@@ -149,12 +167,19 @@ cdef class Engine(Counters):
             raise ValueError(f"unknown transport {transport!r}")
         if not 10 <= ring_bits <= 26:
             raise ValueError("ring_bits must be within 10..26")
-        self.dest = dest
+        self.dest = b"".join(dests)
+        self.dlen = <socklen_t>len(dests[0])
+        self.ntargets = len(dests)
         self.rawfd = rawfd
         self.use_pktinfo = pktinfo and self.transport == T_UDP
         self.nsock = len(fds)
         if self.nsock < 1 or self.nsock > 65535:
             raise ValueError("need 1 to 65535 sockets")
+        self.per_target = self.nsock
+        if self.stream:
+            if self.nsock % self.ntargets:
+                raise ValueError("as many connections to every target")
+            self.per_target = self.nsock // self.ntargets
         self.fds = <int *>calloc(self.nsock, sizeof(int))
         self.pfds = <pollfd *>calloc(self.nsock, sizeof(pollfd))
         self.conns = <Conn *>calloc(self.nsock, sizeof(Conn))
@@ -228,13 +253,18 @@ cdef class Engine(Counters):
             n += self.conns[i].pings
         return n
 
-    def set_phones(self, socks, srcs):
-        """Per phone: the index of its socket, and its IPv4 source address
-        as an integer (host order; 0 = the socket's own address)."""
+    def set_phones(self, socks, srcs, targets=None, bint rotate=False):
+        """Per phone: the index of its socket (streams: of its connection to
+        the first target), its IPv4 source address as an integer (host
+        order; 0 = the socket's own address) and the target of its first
+        request (``targets``; None: the first).  ``rotate``: round robin,
+        each request of a phone goes to the target after its previous one's;
+        else all of a phone's requests go to its target."""
         cdef Py_ssize_t n = len(socks)
-        if n != len(srcs) or n < 1:
-            raise ValueError("socks and srcs must have the same, non-zero length")
-        phones_set(&self.ph, &self.tpl, socks, srcs, self.nsock)
+        if n != len(srcs) or n < 1 or (targets is not None and len(targets) != n):
+            raise ValueError("socks, srcs (and targets) must have the same, non-zero length")
+        phones_set(&self.ph, &self.tpl, socks, srcs, targets, self.per_target, self.ntargets,
+                   rotate, self.per_target if self.stream else 0)
         self._ovr_keep = [None] * n
 
     def configure(self, *, pattern, malformed_kinds=(), double malformed_ratio=0.0,
@@ -465,12 +495,12 @@ cdef class Engine(Counters):
             else:
                 self.timeouts += 1
                 self.iv_timeouts += 1
+                self.tgt_timeouts[s.tgt] += 1
         while self.win.nlevels:
             nb = win_due(&self.win, t, due, BATCH)
             for i in range(nb):
                 s = due[i]
-                entry_set(&self.out.ent[i], s.seq, s.phone, s.kind, self.ph.sock[s.phone],
-                          s.flags, 1)
+                entry_set(&self.out.ent[i], s.seq, s.phone, s.kind, &self.ph, s.tgt, s.flags, 1)
             if nb:
                 self._transmit(nb)
             if nb < BATCH:
@@ -489,8 +519,8 @@ cdef class Engine(Counters):
         while self.ph.npending and not win_full(&self.win):
             self.ph.npending -= 1
             one = self.ph.pending[self.ph.npending]
-            entry_set(&self.out.ent[nb], self.win.head, one, KIND_OVERRIDE, self.ph.sock[one],
-                      F_AUTHED, 0)
+            entry_set(&self.out.ent[nb], self.win.head, one, KIND_OVERRIDE, &self.ph,
+                      phone_target(&self.ph, one), F_AUTHED, 0)
             self.win.head += 1
             nb += 1
             if nb == BATCH:
@@ -520,7 +550,8 @@ cdef class Engine(Counters):
             seq = self.win.head
             self.win.head += 1
             kind = sched_kind(&self.sch, seq, self.sent_new, &flags)
-            entry_set(&self.out.ent[nb], seq, <uint32_t>phone, kind, self.ph.sock[phone], flags, 0)
+            entry_set(&self.out.ent[nb], seq, <uint32_t>phone, kind, &self.ph,
+                      phone_target(&self.ph, <uint32_t>phone), flags, 0)
             self.sent_new += 1
             self.iv_sent += 1
             if flags & F_MALFORMED:
@@ -539,8 +570,7 @@ cdef class Engine(Counters):
         cdef int64_t t
         cdef Entry *e
         batch_build(&self.out, nb, &self.tpl,
-                    NULL if self.stream else PyBytes_AS_STRING(self.dest),
-                    <socklen_t>PyBytes_GET_SIZE(self.dest),
+                    NULL if self.stream else PyBytes_AS_STRING(self.dest), self.dlen,
                     self.ph.src if self.use_pktinfo else NULL)
         t = now_ns()
         start = 0
@@ -561,9 +591,10 @@ cdef class Engine(Counters):
                         self.sent_total += 1
                     continue
                 if i - start < sent:
-                    win_sent(&self.win, e.seq, e.phone, e.kind, e.flags, t)
+                    win_sent(&self.win, e.seq, e.phone, e.kind, e.tgt, e.flags, t)
                     self.outstanding += 1
                     self.sent_total += 1
+                    self.tgt_sent[e.tgt] += 1
                 else:
                     win_unsent(&self.win, e.seq)
                     self.ph.busy[e.phone] = 0
@@ -639,6 +670,9 @@ cdef class Engine(Counters):
         if 200 <= ri.status < 300:
             self.ok += 1
             self.iv_ok += 1
+            self.tgt_ok[s.tgt] += 1
+        else:
+            self.tgt_other[s.tgt] += 1
         if ((ri.status == 401 or ri.status == 407) and self.answer_challenges
                 and not (s.flags & F_AUTHED)):
             self.challenged += 1

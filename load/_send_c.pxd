@@ -31,7 +31,11 @@ cdef struct Templates:
 
 cdef struct Phones:
     uint32_t n
-    uint16_t *sock            # the index of its socket
+    uint16_t *sock            # the index of its socket (stream: its connection to target 0)
+    uint16_t *tgt             # the target of its next request
+    uint16_t ntargets
+    int rotate                # round robin: every request of a phone goes to the next target
+    uint32_t stride           # streams: connections per target (target t's are sock + t * stride)
     uint32_t *src             # its IPv4 source address, network order (0: the socket's)
     uint8_t *busy             # a request outstanding (one at a time, as a real UA)
     uint32_t cursor           # where the search for an idle phone starts
@@ -59,6 +63,7 @@ cdef struct Entry:            # one message of the batch being built
     uint32_t phone
     uint16_t kind
     uint16_t sock
+    uint16_t tgt              # the index of its target
     uint8_t flags
     uint8_t retrans
 
@@ -74,7 +79,8 @@ cdef struct Batch:
 # set-up (Python objects; raise on bad input)
 cdef int tpl_fill(Tpl *t, tpl) except -1
 cdef int templates_set(Templates *ts, list templates, int nkinds) except -1
-cdef int phones_set(Phones *ph, Templates *ts, socks, srcs, int nsock) except -1
+cdef int phones_set(Phones *ph, Templates *ts, socks, srcs, targets, int nsock, int ntargets,
+                    bint rotate, uint32_t stride) except -1
 cdef int sched_set(Schedule *s, pattern, malformed_kinds, double malformed_ratio,
                    bint closed_loop, double rate, int inflight, max_new,
                    double duration) except -1
@@ -84,7 +90,7 @@ cdef void send_free(Templates *ts, Phones *ph, Schedule *s) noexcept nogil
 # the batch
 cdef int batch_init(Batch *b) noexcept nogil
 cdef void batch_free(Batch *b) noexcept nogil
-cdef void batch_build(Batch *b, int nb, const Templates *ts, const char *dst, socklen_t dlen,
+cdef void batch_build(Batch *b, int nb, const Templates *ts, const char *dsts, socklen_t dlen,
                       const uint32_t *src) noexcept nogil
 
 
@@ -168,6 +174,15 @@ cdef inline int64_t sched_next(const Schedule *s, int64_t t, uint64_t sent_new,
     return s.t0 + <int64_t>(sent_new * 1e9 / s.rate)
 
 
+cdef inline uint16_t phone_target(Phones *ph, uint32_t phone) noexcept nogil:
+    """The target of ``phone``'s next request; round robin moves the phone on
+    to the next target for the request after."""
+    cdef uint16_t t = ph.tgt[phone]
+    if ph.rotate:
+        ph.tgt[phone] = t + 1 if t + 1 < ph.ntargets else 0
+    return t
+
+
 cdef inline uint16_t sched_kind(const Schedule *s, uint64_t seq, uint64_t sent_new,
                                 uint8_t *flags) noexcept nogil:
     """The kind of new request ``seq``; a malformed one gets ``F_MALFORMED``."""
@@ -179,12 +194,16 @@ cdef inline uint16_t sched_kind(const Schedule *s, uint64_t seq, uint64_t sent_n
     return s.pattern[sent_new % s.plen]
 
 
-cdef inline void entry_set(Entry *e, uint64_t seq, uint32_t phone, uint16_t kind, uint16_t sock,
-                           uint8_t flags, uint8_t retrans) noexcept nogil:
+cdef inline void entry_set(Entry *e, uint64_t seq, uint32_t phone, uint16_t kind,
+                           const Phones *ph, uint16_t tgt, uint8_t flags,
+                           uint8_t retrans) noexcept nogil:
+    """Request ``seq`` of ``phone`` to target ``tgt`` (on the phone's socket,
+    or its connection to that target)."""
     e.seq = <uint32_t>seq
     e.phone = phone
     e.kind = kind
-    e.sock = sock
+    e.sock = <uint16_t>(ph.sock[phone] + tgt * ph.stride)
+    e.tgt = tgt
     e.flags = flags
     e.retrans = retrans
 

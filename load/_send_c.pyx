@@ -60,17 +60,24 @@ cdef int templates_set(Templates *ts, list templates, int nkinds) except -1:
     return 0
 
 
-cdef int phones_set(Phones *ph, Templates *ts, socks, srcs, int nsock) except -1:
-    """The phones (all idle), with room for one one-off request each."""
+cdef int phones_set(Phones *ph, Templates *ts, socks, srcs, targets, int nsock, int ntargets,
+                    bint rotate, uint32_t stride) except -1:
+    """The phones (all idle), with room for one one-off request each.
+
+    ``socks[i]``: phone i's socket (< ``nsock``); ``targets[i]``: the target
+    of its first request (< ``ntargets``; None: all target 0); ``rotate``:
+    round robin, each request of a phone to the next target; ``stride``:
+    connections per target (streams; 0: the sockets serve every target)."""
     cdef Py_ssize_t i, n = len(socks)
-    free(ph.sock); free(ph.src); free(ph.busy); free(ts.ovr); free(ph.pending)
+    free(ph.sock); free(ph.src); free(ph.busy); free(ts.ovr); free(ph.pending); free(ph.tgt)
     ph.sock = <uint16_t *>calloc(n, sizeof(uint16_t))
     ph.src = <uint32_t *>calloc(n, sizeof(uint32_t))
     ph.busy = <uint8_t *>calloc(n, 1)
     ts.ovr = <Tpl *>calloc(n, sizeof(Tpl))
     ph.pending = <uint32_t *>calloc(n, sizeof(uint32_t))
+    ph.tgt = <uint16_t *>calloc(n, sizeof(uint16_t))
     if (ph.sock == NULL or ph.src == NULL or ph.busy == NULL
-            or ts.ovr == NULL or ph.pending == NULL):
+            or ts.ovr == NULL or ph.pending == NULL or ph.tgt == NULL):
         raise MemoryError()
     for i in range(n):
         if not 0 <= socks[i] < nsock:
@@ -80,9 +87,16 @@ cdef int phones_set(Phones *ph, Templates *ts, socks, srcs, int nsock) except -1
         # network byte order for in_pktinfo
         ph.src[i] = (((a >> 24) & 0xff) | ((a >> 8) & 0xff00)
                      | ((a << 8) & 0xff0000) | ((a & 0xff) << 24))
+        if targets is not None:
+            if not 0 <= targets[i] < ntargets:
+                raise ValueError("phone target index out of range")
+            ph.tgt[i] = targets[i]
     ph.n = n
     ph.npending = 0
     ph.cursor = 0
+    ph.ntargets = ntargets
+    ph.rotate = rotate and ntargets > 1
+    ph.stride = stride
     return 0
 
 
@@ -135,7 +149,7 @@ cdef void sched_start(Schedule *s, double duration) noexcept nogil:
 
 cdef void send_free(Templates *ts, Phones *ph, Schedule *s) noexcept nogil:
     free(ts.tpls); free(ts.ovr)
-    free(ph.sock); free(ph.src); free(ph.busy); free(ph.pending)
+    free(ph.sock); free(ph.src); free(ph.busy); free(ph.pending); free(ph.tgt)
     free(s.pattern); free(s.mal_kinds)
 
 
@@ -153,11 +167,12 @@ cdef void batch_free(Batch *b) noexcept nogil:
     b.sbuf = b.cbuf = NULL
 
 
-cdef void batch_build(Batch *b, int nb, const Templates *ts, const char *dst, socklen_t dlen,
+cdef void batch_build(Batch *b, int nb, const Templates *ts, const char *dsts, socklen_t dlen,
                       const uint32_t *src) noexcept nogil:
     """Build the first ``nb`` entries: sort them by socket, copy each one's
-    template, patch its request number in; address each to ``dst`` (NULL:
-    the socket is connected) from its phone's ``src`` (NULL: no IP_PKTINFO)."""
+    template, patch its request number in; address each to its target, the
+    ``dlen`` bytes at ``dsts + tgt * dlen`` (NULL: the socket is connected),
+    from its phone's ``src`` (NULL: no IP_PKTINFO)."""
     cdef int i, j, k
     cdef Entry tmp
     cdef const Tpl *tp
@@ -183,8 +198,8 @@ cdef void batch_build(Batch *b, int nb, const Templates *ts, const char *dst, so
         memset(&b.msgs[i], 0, sizeof(mmsghdr))
         b.msgs[i].msg_hdr.msg_iov = &b.iov[i]
         b.msgs[i].msg_hdr.msg_iovlen = 1
-        if dst != NULL:
-            b.msgs[i].msg_hdr.msg_name = <void *>dst
+        if dsts != NULL:
+            b.msgs[i].msg_hdr.msg_name = <void *>(dsts + b.ent[i].tgt * dlen)
             b.msgs[i].msg_hdr.msg_namelen = dlen
         if src != NULL and src[b.ent[i].phone]:
             fl_set_pktinfo(&b.msgs[i].msg_hdr, b.cbuf + i * FL_CBUF_SIZE, src[b.ent[i].phone])

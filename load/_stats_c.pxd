@@ -10,6 +10,7 @@ cdef extern from *:
 
 cdef enum:
     NSTATUS = 700         # status codes 0..699 are counted
+    MAX_TARGETS = 64      # targets counted apart
     HSUB = 64             # histogram sub-buckets per power of two
     HBUCKETS = 128 + 40 * 64
 
@@ -51,6 +52,12 @@ cdef class Counters:
     cdef readonly int64_t max_lag_ns
     cdef uint64_t status[NSTATUS]
     cdef uint64_t mal_status[NSTATUS]
+    # per target (the request's): sent (not retransmissions), 2xx, other finals, timeouts
+    cdef readonly int ntargets
+    cdef uint64_t tgt_sent[MAX_TARGETS]
+    cdef uint64_t tgt_ok[MAX_TARGETS]
+    cdef uint64_t tgt_other[MAX_TARGETS]
+    cdef uint64_t tgt_timeouts[MAX_TARGETS]
     cdef Hist *hist_total
     # since the last take_interval()
     cdef Hist *hist_ival

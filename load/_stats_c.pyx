@@ -58,6 +58,7 @@ cdef class Counters:
     status code, latency (read-only attributes and the methods below)."""
 
     def __cinit__(self):
+        self.ntargets = 1
         self.hist_total = <Hist *>calloc(1, sizeof(Hist))
         self.hist_ival = <Hist *>calloc(1, sizeof(Hist))
         if self.hist_total == NULL or self.hist_ival == NULL:
@@ -77,6 +78,10 @@ cdef class Counters:
         self.max_lag_ns = 0
         memset(self.status, 0, sizeof(self.status))
         memset(self.mal_status, 0, sizeof(self.mal_status))
+        memset(self.tgt_sent, 0, sizeof(self.tgt_sent))
+        memset(self.tgt_ok, 0, sizeof(self.tgt_ok))
+        memset(self.tgt_other, 0, sizeof(self.tgt_other))
+        memset(self.tgt_timeouts, 0, sizeof(self.tgt_timeouts))
         memset(self.hist_total, 0, sizeof(Hist))
         memset(self.hist_ival, 0, sizeof(Hist))
         self.iv_sent = self.iv_finals = self.iv_ok = self.iv_timeouts = 0
@@ -89,6 +94,15 @@ cdef class Counters:
         else:
             a = &self.status[0]
         return {i: a[i] for i in range(NSTATUS) if a[i]}
+
+    def target_counts(self):
+        """Per target, in order: ``{"sent", "ok", "non_2xx", "timeouts"}`` of
+        the requests sent to it.  They add up to the totals: ``sent_total -
+        retransmissions`` (new requests, malformed ones included, and answers
+        to challenges), ``ok``, ``finals - ok`` and ``timeouts`` (malformed
+        requests' replies and silences are counted apart, as in the totals)."""
+        return [{"sent": self.tgt_sent[i], "ok": self.tgt_ok[i], "non_2xx": self.tgt_other[i],
+                 "timeouts": self.tgt_timeouts[i]} for i in range(self.ntargets)]
 
     def latency(self):
         """Latency of every matched final reply, in milliseconds."""

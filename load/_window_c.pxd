@@ -27,6 +27,7 @@ cdef struct Slot:
     uint32_t seq
     uint32_t phone
     uint16_t kind
+    uint16_t tgt              # the index of its target
     uint8_t state
     uint8_t flags
 
@@ -54,14 +55,15 @@ cdef inline bint win_full(const Window *w) noexcept nogil:
     return w.head - w.tail > w.mask
 
 
-cdef inline void win_sent(Window *w, uint32_t seq, uint32_t phone, uint16_t kind, uint8_t flags,
-                          int64_t t) noexcept nogil:
-    """Request ``seq`` went out at ``t``: outstanding from now on."""
+cdef inline void win_sent(Window *w, uint32_t seq, uint32_t phone, uint16_t kind, uint16_t tgt,
+                          uint8_t flags, int64_t t) noexcept nogil:
+    """Request ``seq`` went out to target ``tgt`` at ``t``: outstanding from now on."""
     cdef Slot *s = &w.ring[seq & w.mask]
     s.t_send = t
     s.seq = seq
     s.phone = phone
     s.kind = kind
+    s.tgt = tgt
     s.state = ST_OUT
     s.flags = flags
 

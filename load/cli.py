@@ -39,8 +39,13 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="scenarios: " + "; ".join(f"{k}: {v.description}" for k, v in SCENARIOS.items()))
     a = p.add_argument
     g = p.add_argument_group("target")
-    g.add_argument("--target", default="127.0.0.1:5060", metavar="HOST:PORT",
-                   help="registrar address (an IP; [::1]:PORT for IPv6); default %(default)s")
+    g.add_argument("--target", action="append", metavar="HOST:PORT",
+                   help="registrar address (an IP; [::1]:PORT for IPv6); default 127.0.0.1:5060. "
+                        "Repeat it to drive several (a cluster), as --spread says")
+    g.add_argument("--spread", choices=("hash", "round-robin"), default="hash",
+                   help="several targets: hash: all requests of a phone to one target, picked "
+                        "by a hash of its AOR; round-robin: each request of a phone to the next "
+                        "target (default %(default)s)")
     g.add_argument("--transport", choices=("udp", "tcp", "tls", "ws", "wss"), default="udp",
                    help="ws and wss: SIP over WebSocket (RFC 7118), the sip subprotocol, "
                         "one message per masked frame (default %(default)s)")
@@ -104,6 +109,7 @@ def main(argv=None) -> int:
         print(NO_SCAPY, file=sys.stderr)
         return 2
     args = make_parser().parse_args(argv)
+    targets = args.target or ["127.0.0.1:5060"]
     from .report import plot, progress_printer, summary
     try:
         from .runner import LoadRun, Options, OptionsError
@@ -113,7 +119,8 @@ def main(argv=None) -> int:
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"fastsip-load: {msg}", file=sys.stderr))
     opts = Options(
-        target=args.target, transport=args.transport, scenario=args.scenario, users=args.users,
+        target=targets[0] if len(targets) == 1 else targets, spread=args.spread,
+        transport=args.transport, scenario=args.scenario, users=args.users,
         rate=args.rate, inflight=args.inflight, duration=args.duration, count=args.count,
         domain=args.domain, user_pattern=args.user_pattern, password_pattern=args.password_pattern,
         expires=args.expires, contacts=args.contacts, mix=args.mix,
@@ -142,8 +149,13 @@ def main(argv=None) -> int:
     if not args.quiet:
         print(summary(res), file=sys.stderr if args.json == "-" else sys.stdout)
     if not heard_from(res):
-        print(f"fastsip-load: no replies: is a registrar listening on {args.target} "
+        print(f"fastsip-load: no replies: is a registrar listening on {', '.join(targets)} "
               f"({args.transport})?", file=sys.stderr)
+    else:
+        for t in res.get("per_target", ()):
+            if t["sent"] and not (t["ok"] or t["non_2xx"]):
+                print(f"fastsip-load: no replies from {t['target']} ({args.transport}): "
+                      f"{t['sent']} requests sent to it", file=sys.stderr)
     return 0 if res["ok"] and not res["timeouts"] else 1
 
 

@@ -16,6 +16,7 @@ import time
 __all__ = [
     "TargetError",
     "parse_target",
+    "format_target",
     "check_target",
     "sockaddr",
     "phone_address",
@@ -63,6 +64,12 @@ def check_target(host: str, allow_remote: bool) -> None:
         raise TargetError(
             f"refusing non-loopback target {host}: a load test floods its target; "
             "give --allow-remote if you really mean it")
+
+
+def format_target(host: str, port: int) -> str:
+    """``HOST:PORT`` (``[V6]:PORT``), the address in its canonical form."""
+    ip = ipaddress.ip_address(host)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def family_of(host: str) -> int:
@@ -136,10 +143,15 @@ def open_udp_sockets(family: int, n: int, ports=None, any_address: bool = True) 
     return socks
 
 
-def open_tcp_connections(host: str, port: int, n: int, sources, blocking: bool = False) -> list:
+def open_tcp_connections(host: str, port: int, n: int, sources, blocking: bool = False,
+                         shared: bool = False, fd_need: int = 0) -> list:
     """``n`` non-blocking (or ``blocking``) TCP connections to ``(host, port)``;
-    connection ``i`` binds to source address ``sources[i]`` (``None``: any)."""
-    raise_fd_limit(n)
+    connection ``i`` binds to source address ``sources[i]`` (``None``: any),
+    or to ``sources[i]`` = ``(address, port)``.  ``shared``: with
+    ``SO_REUSEADDR``, so that connections to other targets can bind the same
+    source address and port (their 4-tuples differ by the target); ``fd_need``:
+    the open files the caller needs in all (default ``n``)."""
+    raise_fd_limit(max(n, fd_need))
     family = family_of(host)
     socks = []
     try:
@@ -148,8 +160,14 @@ def open_tcp_connections(host: str, port: int, n: int, sources, blocking: bool =
             socks.append(s)
             _bufs(s)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if sources[i]:
+            if shared:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if isinstance(sources[i], tuple):
+                s.bind(sources[i])
+            elif sources[i]:
                 s.bind((sources[i], 0))
+            elif shared:        # a port of its own now, so that the others can take it too
+                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
             s.settimeout(5)
             try:
                 s.connect((host, port))
@@ -262,13 +280,16 @@ def ws_handshake(send, recv, host: str, port: int, path: str = "/",
 
 
 def open_stream_connections(host: str, port: int, n: int, sources, transport: str,
-                            ctx: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple:
+                            ctx: ssl.SSLContext | None = None, timeout: float = 5.0,
+                            shared: bool = False, fd_need: int = 0) -> tuple:
     """``n`` connections to ``(host, port)`` past their handshakes, non-blocking:
     TCP (``tcp``), TLS (``tls``), WebSocket (``ws``) or WebSocket over TLS
     (``wss``).  Returns ``(sockets, tls)``: ``tls`` is None without TLS, else
     one ``(SSLObject, incoming BIO, outgoing BIO, plaintext after the
-    handshakes)`` per connection, as ``Engine.set_tls`` takes them."""
-    socks = open_tcp_connections(host, port, n, sources, blocking=True)
+    handshakes)`` per connection, as ``Engine.set_tls`` takes them.
+    ``sources``, ``shared``, ``fd_need``: as :func:`open_tcp_connections`."""
+    socks = open_tcp_connections(host, port, n, sources, blocking=True, shared=shared,
+                                 fd_need=fd_need)
     tls = [] if transport in ("tls", "wss") else None
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:

@@ -114,7 +114,7 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
         shortfall = max(0, min(due, o.count or due) - eng.sent_new)
     res = {
         "tool": "fastsip-load",
-        "target": o.target,
+        "target": ",".join(run.target_names),
         "transport": "raw-udp" if o.raw else o.transport,
         "scenario": "replay" if o.replay else o.scenario,
         "mode": "closed" if o.inflight is not None else "open",
@@ -163,6 +163,14 @@ def build_result(run, eng, cpu: CpuMeter, server, samples: list, prime) -> dict:
         "intervals": [{**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}}
                       for s in samples],
     }
+    if len(run.target_names) > 1:
+        # per target (the requests' target): they add up to sent, ok, finals - ok, timeouts
+        phones = ([run.phone_targets.count(k) for k in range(len(run.target_names))]
+                  if o.spread == "hash" else [None] * len(run.target_names))
+        res["targets"] = list(run.target_names)
+        res["spread"] = o.spread
+        res["per_target"] = [{"target": name, "phones": n, **counts} for name, n, counts
+                             in zip(run.target_names, phones, eng.target_counts(), strict=True)]
     if server is not None:
         answered = eng.finals + eng.mal_finals
         res["server_pids"] = server.pids
@@ -224,6 +232,12 @@ def summary(res: dict) -> str:
                           + ("  ** GENERATOR-BOUND: figures are a floor **"
                              if res["generator_bound"] else "")),
     ]
+    if res.get("per_target"):
+        rows.append(("spread", f"{res['spread']} over {len(res['per_target'])} targets"))
+        rows += [(f"  {t['target']}", f"{t['sent']} sent, {t['ok']} 2xx, {t['non_2xx']} non-2xx, "
+                  f"{t['timeouts']} timeouts"
+                  + (f" ({t['phones']} phones)" if t["phones"] is not None else ""))
+                 for t in res["per_target"]]
     un = res["unmatched"]
     if any(un.values()) or res["send_errors"]:
         rows.append(("unmatched", ", ".join(f"{k} {v}" for k, v in un.items())

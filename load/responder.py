@@ -13,6 +13,10 @@ generator:
                          with a 401 (``--algorithm MD5|SHA-256``, ``--qop``)
                          and check the digest (``--password-pattern``)
 ``--drop F``/``--dup F`` drop / send twice a share F of the replies
+``--log-users``          record the CSeq numbers of every user's requests
+                         (the From URI's user) in the counters (``users``):
+                         which phone's requests reached which of several
+                         responders, in which order
 ``--fast``               the C-speed echo of ``load._echo_c`` (200 only): over UDP
                          ``echo_udp``; over the stream transports the loop
                          below with ``echo_stream`` answering whole buffers
@@ -48,6 +52,7 @@ _COMPACT = {b"i": b"call-id", b"m": b"contact", b"f": b"from", b"t": b"to", b"v"
             b"l": b"content-length"}
 _PARAM_RE = re.compile(r'([A-Za-z0-9_-]+)[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 _HASH = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+_USER_RE = re.compile(rb"sips?:([^@;>:]+)@")
 
 
 def _split(msg: bytes):
@@ -76,7 +81,7 @@ class Responder:
     """The reply logic, independent of sockets (see the module docstring)."""
 
     def __init__(self, auth=False, realm="fastsip-load", algorithm="MD5", qop=False,
-                 password_pattern="secret", drop=0.0, dup=0.0, seed=1):
+                 password_pattern="secret", drop=0.0, dup=0.0, seed=1, log_users=False):
         self.auth = auth
         self.realm = realm
         self.algorithm = algorithm
@@ -88,6 +93,8 @@ class Responder:
         self.nonces = {}
         self.stats = {"received": 0, "replies": {}, "dropped": 0, "duplicated": 0,
                       "auth_ok": 0, "auth_failed": 0, "not_request": 0}
+        if log_users:
+            self.stats["users"] = {}
 
     def _count(self, status: int, n: int = 1):
         key = str(status)
@@ -134,6 +141,11 @@ class Responder:
             return []
         status, extra = 200, []
         cseq = get[b"cseq"][0].split()
+        users = self.stats.get("users")
+        if users is not None:
+            m = _USER_RE.search(get[b"from"][0])
+            if m and cseq and cseq[0].isdigit():
+                users.setdefault(m.group(1).decode(), []).append(int(cseq[0]))
         clen = get.get(b"content-length", [b"0"])[0]
         contacts = get.get(b"contact", [])
         method = start.split(b" ", 1)[0]
@@ -494,6 +506,8 @@ def main(argv=None) -> int:
     p.add_argument("--drop", type=float, default=0.0, help="share of replies to drop")
     p.add_argument("--dup", type=float, default=0.0, help="share of replies to send twice")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--log-users", action="store_true",
+                   help="record every user's CSeq numbers in the counters (not with --fast)")
     p.add_argument("--duration", type=float, default=300.0, help="stop after this many seconds")
     p.add_argument("--max-requests", type=int, default=100_000_000)
     p.add_argument("--stats", metavar="FILE", help="write the counters here (default: stdout)")
@@ -510,6 +524,8 @@ def main(argv=None) -> int:
         tls_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         tls_ctx.load_cert_chain(args.tls_cert, args.tls_key)
     streams = args.transport in ("tcp", "tls", "ws", "wss")
+    if args.log_users and args.fast:
+        p.error("--log-users reads every request: not with --fast")
     signal.signal(signal.SIGTERM, _interrupt)
 
     def ready(port):
@@ -532,7 +548,7 @@ def main(argv=None) -> int:
         else:
             r = Responder(auth=args.auth, realm=args.realm, algorithm=args.algorithm, qop=args.qop,
                           password_pattern=args.password_pattern, drop=args.drop, dup=args.dup,
-                          seed=args.seed)
+                          seed=args.seed, log_users=args.log_users)
             stats = r.stats
             serve(host, int(port), r, args.transport, args.duration, args.max_requests, ready,
                   tls_ctx=tls_ctx, fast=args.fast)

@@ -6,6 +6,10 @@ end-to-end benchmark can call directly::
 
     run = LoadRun(Options(target="127.0.0.1:5060", count=1000, inflight=50))
     result = run.execute()          # a dict, see load/README.md for the schema
+
+Several targets (a cluster measured as a whole): ``target`` a list of
+``HOST:PORT``, and ``spread`` (``"hash"`` or ``"round-robin"``) says how
+the requests go to them.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import time
 from dataclasses import dataclass, field
 
 from .netutil import (
+    TargetError,
     check_target,
     family_of,
+    format_target,
     open_raw_socket,
     open_stream_connections,
     open_udp_sockets,
@@ -29,6 +35,7 @@ from .report import CpuMeter, ProcCpu, build_result
 from .scenario import (
     MALFORMED,
     SCENARIOS,
+    SPREADS,
     STREAMS,
     BuildConfig,
     Phone,
@@ -38,6 +45,7 @@ from .scenario import (
     parse_mix,
     read_replay,
     scenario_requests,
+    spread_targets,
     write_pcap,
 )
 
@@ -48,7 +56,10 @@ except ImportError as exc:  # pragma: no cover - only without the compiled helpe
         "load._loadio_c is not built: run `pip install -e '.[load]'` in the fastsip tree "
         "(it builds the compiled modules; needs a C compiler)") from exc
 
-__all__ = ["Options", "LoadRun", "OptionsError"]
+__all__ = ["Options", "LoadRun", "OptionsError", "MAX_TARGETS"]
+
+#: The most targets of one run (the engine counts per target up to this many).
+MAX_TARGETS = 64
 
 
 class OptionsError(ValueError):
@@ -59,7 +70,8 @@ class OptionsError(ValueError):
 class Options:
     """Everything a run needs; the command-line flags map onto these fields."""
 
-    target: str = "127.0.0.1:5060"
+    target: str | list = "127.0.0.1:5060"    # or several: a list of HOST:PORT
+    spread: str = "hash"                      # several targets: "hash" or "round-robin"
     transport: str = "udp"
     scenario: str = "register"
     users: int = 1000
@@ -98,9 +110,19 @@ class LoadRun:
         self.opts = opts
         self.log = log or (lambda msg: None)
         self._validate()
-        self.host, self.port = parse_target(opts.target)
-        check_target(self.host, opts.allow_remote)
+        self.target_names = _target_list(opts.target)
+        self.targets = [parse_target(t) for t in self.target_names]
+        for host, _ in self.targets:
+            check_target(host, opts.allow_remote)
+        self.host, self.port = self.targets[0]
         self.family = family_of(self.host)
+        seen = set()
+        for host, port in self.targets:
+            if family_of(host) != self.family:
+                raise TargetError("the targets must all be IPv4 or all IPv6")
+            if format_target(host, port) in seen:
+                raise TargetError(f"target {format_target(host, port)} given twice")
+            seen.add(format_target(host, port))
         self.socks = []
         self.rawsock = None
         self.engine = None
@@ -109,6 +131,13 @@ class LoadRun:
 
     def _validate(self):
         o = self.opts
+        ntargets = len(_target_list(o.target))
+        if ntargets > MAX_TARGETS:
+            raise OptionsError(f"at most {MAX_TARGETS} targets")
+        if o.spread not in SPREADS:
+            raise OptionsError(f"--spread must be one of {', '.join(SPREADS)}")
+        if o.raw and ntargets > 1:
+            raise OptionsError("--raw sends to one target (its packets carry the address)")
         if o.transport not in ("udp", *STREAMS):
             raise OptionsError(f"--transport must be one of udp, {', '.join(STREAMS)}")
         if (o.tls_ca or o.tls_insecure) and o.transport not in ("tls", "wss"):
@@ -177,14 +206,29 @@ class LoadRun:
 
         # sockets (source ports) or connections
         tls = None
+        ntargets = len(self.targets)
         if o.transport in STREAMS:
             n = min(o.sockets or min(users, 64), users)
-            self.log(f"opening {n} {o.transport.upper()} connections")
+            self.log(f"opening {n} {o.transport.upper()} connections"
+                     + (f" to each of {ntargets} targets" if ntargets > 1 else ""))
             ctx = (tls_client_context(o.tls_ca, o.tls_insecure)
                    if o.transport in ("tls", "wss") else None)
-            self.socks, tls = open_stream_connections(
-                self.host, self.port, n, [addrs[i * users // n] if v4 else None for i in range(n)],
-                o.transport, ctx)
+            sources = [addrs[i * users // n] if v4 else None for i in range(n)]
+            tls = [] if o.transport in ("tls", "wss") else None
+            try:
+                for host, port in self.targets:
+                    # connection k to every target from the same address and port: a
+                    # phone's Via and Contact are right whichever target it talks to
+                    socks, states = open_stream_connections(
+                        host, port, n, sources, o.transport, ctx, shared=ntargets > 1,
+                        fd_need=n * ntargets)
+                    self.socks += socks
+                    if tls is not None:
+                        tls += states
+                    sources = [s.getsockname()[:2] for s in self.socks[:n]]
+            except BaseException:
+                self.close()
+                raise
             sock_of = [i * n // users for i in range(users)]
             addrs = [s.getsockname()[0] for s in (self.socks[k] for k in sock_of)]
             ports = [self.socks[k].getsockname()[1] for k in sock_of]
@@ -207,6 +251,10 @@ class LoadRun:
         self.phones = [
             Phone(i, o.user_pattern.format(i=i), "", addrs[i], ports[i], sock_of[i])
             for i in range(users)]
+        # several targets: the one of each phone's first request (all of them, by hash)
+        self.phone_targets = spread_targets(
+            [f"sip:{p.user}@{self.cfg.domain}" for p in self.phones] if ntargets > 1 else (),
+            [format_target(h, p) for h, p in self.targets], o.spread)
         if o.password_pattern:
             for p in self.phones:
                 p.password = o.password_pattern.format(i=p.index, user=p.user)
@@ -240,12 +288,13 @@ class LoadRun:
         ring_bits = min(26, max(12, need.bit_length()))
         if o.raw:
             self.rawsock = open_raw_socket()
-        dest = sockaddr(self.host, self.port)
-        self.engine = Engine("raw" if o.raw else o.transport, dest, [s.fileno() for s in self.socks],
+        dests = [sockaddr(host, port) for host, port in self.targets]
+        self.engine = Engine("raw" if o.raw else o.transport, dests, [s.fileno() for s in self.socks],
                              rawfd=self.rawsock.fileno() if self.rawsock else -1,
                              ring_bits=ring_bits, pktinfo=v4)
         srcs = [_ip_int(p.addr) if v4 else 0 for p in self.phones]
-        self.engine.set_phones([p.sock for p in self.phones], srcs)
+        self.engine.set_phones([p.sock for p in self.phones], srcs, self.phone_targets,
+                               rotate=o.spread == "round-robin")
         self.engine.set_templates(flat, self.nkinds)
         if tls is not None:
             self.engine.set_tls(tls)
@@ -257,8 +306,15 @@ class LoadRun:
         count = min(count, 200_000)
         reqs = scenario_requests(count, len(self.phones), self.pattern, self.mal_idx,
                                  o.malformed_ratio)
+        target_of = None
+        if self.phone_targets is not None:
+            users, first, ntargets = len(self.phones), self.phone_targets, len(self.targets)
+            rotate = o.spread == "round-robin"
+
+            def target_of(n, phone):        # request n is the phone's (n // users)-th
+                return self.targets[(first[phone] + (n // users if rotate else 0)) % ntargets]
         return write_pcap(path, self.phones, self.tpls, self.nkinds, reqs, self.cfg,
-                          o.rate or 10_000.0, raw=o.raw)
+                          o.rate or 10_000.0, raw=o.raw, target_of=target_of)
 
     def close(self):
         for s in self.socks:
@@ -366,6 +422,14 @@ class LoadRun:
             return build_result(self, eng, cpu, server, samples, prime)
         finally:
             self.close()
+
+
+def _target_list(target) -> list:
+    """``--target`` as a list: one ``HOST:PORT`` or several."""
+    names = [target] if isinstance(target, str) else list(target)
+    if not names:
+        raise OptionsError("give a --target")
+    return names
 
 
 def _str_keys(d: dict) -> dict:

@@ -19,6 +19,7 @@ Kinds:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import struct
@@ -52,12 +53,16 @@ __all__ = [
     "answer_challenge",
     "write_pcap",
     "read_replay",
+    "spread_targets",
+    "SPREADS",
     "STREAMS",
 ]
 
 AGENT = "fastsip-load/0.1"
 #: The stream transports (one connection carries many phones' requests).
 STREAMS = ("tcp", "tls", "ws", "wss")
+#: How requests are spread over several targets (``--spread``).
+SPREADS = ("hash", "round-robin")
 
 
 @dataclass
@@ -162,6 +167,31 @@ class BuildConfig:
     run_id: str = field(default_factory=lambda: os.urandom(4).hex())
 
 
+def spread_targets(aors, targets, spread: str = "hash") -> list | None:
+    """The target (an index into ``targets``) of every phone's first request.
+
+    ``hash``: rendezvous hashing; phone ``i`` goes to the target whose
+    keyed BLAKE2b of the phone's AOR (``aors[i]``, key: the target's
+    canonical ``HOST:PORT``) is highest, always (a phone behind DNS SRV).
+    The choice does not change from run to run nor with the targets'
+    order, and a target taken away moves only its own phones.
+    ``round-robin``: phone ``i`` starts at target ``i mod len(targets)``
+    and each of its requests goes to the next (the engine rotates).
+    ``None`` for one target."""
+    n = len(targets)
+    if n == 1:
+        return None
+    if spread == "round-robin":
+        return [i % n for i in range(len(aors))]
+    keys = [t.encode() for t in targets]
+    out = []
+    for aor in aors:
+        a = aor.encode()
+        digests = [hashlib.blake2b(a, digest_size=8, key=k).digest() for k in keys]
+        out.append(digests.index(max(digests)))
+    return out
+
+
 def build_sip(phone: Phone, kind: str, cfg: BuildConfig) -> SIP:
     """The scapy SIP packet of ``kind`` for ``phone`` (with request-number markers)."""
     m = SEQ_MARKER.decode()
@@ -223,17 +253,19 @@ def build_sip(phone: Phone, kind: str, cfg: BuildConfig) -> SIP:
     return SIP(start_line=f"REGISTER sip:{dom} SIP/2.0", headers=headers)
 
 
-def ip_udp(phone: Phone, cfg: BuildConfig, sip: SIP, raw: bool = False):
-    """``sip`` wrapped in scapy IP (or IPv6) and UDP headers, phone to target.
+def ip_udp(phone: Phone, cfg: BuildConfig, sip: SIP, raw: bool = False, dst=None):
+    """``sip`` wrapped in scapy IP (or IPv6) and UDP headers, phone to target
+    (``dst`` = ``(host, port)``; default: the configuration's).
 
     For the raw socket the UDP checksum is 0 ("none", allowed over IPv4),
     since the hot loop patches the payload after the build.
     """
-    ipl = IPv6 if ":" in cfg.target_host else IP
-    udp = UDP(sport=phone.port, dport=cfg.target_port)
+    host, port = dst or (cfg.target_host, cfg.target_port)
+    ipl = IPv6 if ":" in host else IP
+    udp = UDP(sport=phone.port, dport=port)
     if raw:
         udp.chksum = 0
-    return ipl(src=phone.addr, dst=cfg.target_host) / udp / sip
+    return ipl(src=phone.addr, dst=host) / udp / sip
 
 
 def _tpl_tuple(t: Template) -> tuple:
@@ -321,11 +353,12 @@ def scenario_requests(count: int, users: int, pattern: list, malformed_kinds: li
 
 
 def write_pcap(path: str, phones: list, tpls: list, nkinds: int, requests, cfg: BuildConfig,
-               rate: float, raw: bool = False) -> int:
+               rate: float, raw: bool = False, target_of=None) -> int:
     """Write the scenario's requests as IP/UDP/SIP packets, ``1/rate`` apart.
 
-    ``requests``: ``(seq, phone, kind)`` as from :func:`scenario_requests`.
-    Returns the number of packets written.
+    ``requests``: ``(seq, phone, kind)`` as from :func:`scenario_requests`;
+    ``target_of(n, phone)``: the ``(host, port)`` request ``n`` goes to
+    (default: the configuration's target).  Returns the number of packets written.
     """
     bind_sip_port(cfg.target_port)
     gap = 1.0 / rate if rate > 0 else 1e-5
@@ -336,7 +369,8 @@ def write_pcap(path: str, phones: list, tpls: list, nkinds: int, requests, cfg: 
             if raw:
                 pkt = IP(data)
             else:
-                pkt = ip_udp(phones[p], cfg, SIP(data))
+                pkt = ip_udp(phones[p], cfg, SIP(data),
+                             dst=target_of(n, p) if target_of else None)
             pkt.time = 1_700_000_000 + n * gap
             w.write(pkt)
             n += 1

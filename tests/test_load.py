@@ -35,6 +35,7 @@ from load.scenario import (
     build_templates,
     mix_pattern,
     read_replay,
+    spread_targets,
 )
 
 LOAD_ROOT = str(Path(sip.__file__).resolve().parent.parent)
@@ -686,3 +687,165 @@ def test_handshake_rate_and_idle_connections(responder, pki, transport):
     stats = r.stop()
     assert stats["connections"] == 19 and stats["received"] == 12
     assert stats["ws_upgrades"] == (19 if transport == "wss" else 0)
+
+
+# ------------------------------------------------------------ several targets
+
+def _by_user(stats):
+    """``{user: [responder index, ...]}`` in the order of the user's requests (CSeq)
+    over several ``--log-users`` responders."""
+    seen = {}
+    for k, st in enumerate(stats):
+        for user, cseqs in st["users"].items():
+            seen.setdefault(user, []).extend((c, k) for c in cseqs)
+    return {u: [k for _, k in sorted(v)] for u, v in seen.items()}
+
+
+def _check_per_target(res, stats):
+    """Per target, what its responder received (no priming: scenario register);
+    together, the totals."""
+    pt = res["per_target"]
+    assert [t["target"] for t in pt] == res["targets"] == res["target"].split(",")
+    assert [t["sent"] for t in pt] == [st["received"] for st in stats]
+    assert sum(t["sent"] for t in pt) == res["sent"]
+    assert sum(t["ok"] for t in pt) == res["ok"]
+    assert sum(t["non_2xx"] for t in pt) == res["finals"] - res["ok"]
+    assert sum(t["timeouts"] for t in pt) == res["timeouts"]
+
+
+def test_spread_targets_is_a_stable_rendezvous_hash():
+    aors = [f"sip:u{i:06d}@example.com" for i in range(900)]
+    names = ["127.0.0.1:5061", "127.0.0.1:5062", "127.0.0.1:5063"]
+    got = spread_targets(aors, names)
+    assert all(220 <= got.count(k) <= 380 for k in range(3)), [got.count(k) for k in range(3)]
+    assert spread_targets(aors, names) == got                        # the same every time
+    back = spread_targets(aors, names[::-1])                         # whatever the order
+    assert [names[::-1][k] for k in back] == [names[k] for k in got]
+    without = spread_targets(aors, names[:2])                        # only 5063's phones move
+    assert all(w == g for w, g in zip(without, got, strict=True) if g < 2)
+    assert spread_targets(aors, names, "round-robin")[:5] == [0, 1, 2, 0, 1]
+    assert spread_targets(aors, names[:1]) is None
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_hash_spread_keeps_every_phone_on_one_target(responder, transport):
+    rs = [responder("--log-users") for _ in range(3)]
+    res = run(target=[r.target for r in rs], transport=transport, inflight=12, count=300, users=60,
+              **({"sockets": 4} if transport == "tcp" else {}))
+    stats = [r.stop() for r in rs]
+    assert res["ok"] == 300 and res["timeouts"] == 0 and res["spread"] == "hash"
+    _check_per_target(res, stats)
+    users = [set(st["users"]) for st in stats]
+    assert all(users) and sum(map(len, users)) == len(set().union(*users)) == 60
+    assert [t["phones"] for t in res["per_target"]] == [len(u) for u in users]
+    expect = spread_targets([f"sip:u{i:06d}@127.0.0.1" for i in range(60)], res["targets"])
+    assert users == [{f"u{i:06d}" for i in range(60) if expect[i] == k} for k in range(3)]
+    if transport == "tcp":
+        assert res["sockets"] == 12 and res["connections_closed"] == 0
+        assert [st["connections"] for st in stats] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("transport,n", [("udp", 2), ("udp", 3), ("tcp", 3), ("tls", 2)])
+def test_round_robin_sends_each_request_of_a_phone_to_the_next_target(responder, pki, transport, n):
+    tls = ["--transport", "tls", "--tls-cert", pki["cert"], "--tls-key", pki["key"]]
+    rs = [responder("--log-users", *(tls if transport == "tls" else [])) for _ in range(n)]
+    res = run(target=[r.target for r in rs], spread="round-robin", transport=transport, inflight=6,
+              count=240, users=12, **({"sockets": 2} if transport != "udp" else {}),
+              **({"tls_ca": pki["ca"]} if transport == "tls" else {}))
+    stats = [r.stop() for r in rs]
+    assert res["ok"] == 240 and res["timeouts"] == 0 and res["spread"] == "round-robin"
+    _check_per_target(res, stats)
+    assert [t["phones"] for t in res["per_target"]] == [None] * n
+    order = _by_user(stats)
+    assert sorted(order) == [f"u{i:06d}" for i in range(12)]
+    for i in range(12):     # phone i starts at target i mod n, then takes the next each time
+        ks = order[f"u{i:06d}"]
+        assert len(ks) >= 2 and ks == [(i + j) % n for j in range(len(ks))], (i, ks)
+
+
+def test_per_target_counts_with_losses_and_challenges(responder):
+    rs = [responder(), responder("--drop", "0.25", "--seed", "5"), responder("--auth")]
+    res = run(target=[r.target for r in rs], inflight=12, count=300, users=60, timeout=0.3)
+    stats = [r.stop() for r in rs]
+    _check_per_target(res, stats)
+    plain, lossy, auth = res["per_target"]
+    assert plain["ok"] == plain["sent"] > 0 and plain["non_2xx"] == plain["timeouts"] == 0
+    assert lossy["timeouts"] == stats[1]["dropped"] > 0
+    assert lossy["ok"] == lossy["sent"] - lossy["timeouts"] and lossy["non_2xx"] == 0
+    assert auth["non_2xx"] == auth["sent"] == res["replies"]["401"] > 0 and auth["ok"] == 0
+
+
+def test_pcap_of_several_targets(tmp_path):
+    from scapy.layers.inet import UDP
+    from scapy.utils import rdpcap
+    targets = ["127.0.0.1:5061", "127.0.0.1:5062", "127.0.0.1:5063"]
+    for spread in ("hash", "round-robin"):
+        path = str(tmp_path / f"{spread}.pcap")
+        run(target=targets, spread=spread, users=6, count=36, inflight=1, pcap_out=path,
+            dry_run=True)
+        ports = {}
+        for p in rdpcap(path):
+            user = re.search(rb"From: <sip:(\w+)@", bytes(p[UDP].payload)).group(1)
+            ports.setdefault(user, []).append(p[UDP].dport)
+        assert len(ports) == 6 and all(len(v) == 6 for v in ports.values())
+        if spread == "hash":
+            assert all(len(set(v)) == 1 for v in ports.values())
+            assert len({v[0] for v in ports.values()}) > 1
+        else:
+            assert all(v == [5061 + (i + j) % 3 for j in range(6)]
+                       for i, v in enumerate(ports.values()))
+
+
+@pytest.mark.parametrize("kw,error", [
+    ({"target": ["127.0.0.1:5061", "127.0.0.1:5061"]}, TargetError),      # twice
+    ({"target": ["127.0.0.1:5061", "[::1]:5062"]}, TargetError),          # two families
+    ({"target": ["127.0.0.1:5061", "192.0.2.1:5062"]}, TargetError),      # one remote
+    ({"target": ["127.0.0.1:5061", "127.0.0.1:x"]}, TargetError),
+    ({"target": []}, OptionsError),
+    ({"target": [f"127.0.0.1:{5000 + i}" for i in range(65)]}, OptionsError),
+    ({"target": ["127.0.0.1:5061", "127.0.0.1:5062"], "spread": "random"}, OptionsError),
+    ({"target": ["127.0.0.1:5061", "127.0.0.1:5062"], "raw": True}, OptionsError),
+])
+def test_bad_targets(kw, error):
+    with pytest.raises(error):
+        LoadRun(Options(count=1, inflight=1, **kw))
+    if kw["target"] and "192.0.2.1:5062" in kw["target"]:
+        LoadRun(Options(count=1, inflight=1, allow_remote=True, **kw))       # no send
+
+
+def test_cli_several_targets(tmp_path, responder):
+    """Two targets, one of them silent: the summary and the JSON count them apart,
+    and the tool names the one that never answered; bad targets: exit status 2."""
+    r = responder()
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))          # holds the port, never reads
+    quiet = "127.0.0.1:%d" % silent.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=LOAD_ROOT)
+    base = [sys.executable, "-m", "load", "--inflight", "5", "--count", "40", "--users", "10"]
+    try:
+        cp = subprocess.run([*base, "--target", r.target, "--target", quiet, "--timeout", "0.3",
+                             "--spread", "round-robin", "--json", str(tmp_path / "r.json")],
+                            env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        silent.close()
+    r.stop()
+    assert cp.returncode == 1, cp.stderr           # timeouts
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["target"] == f"{r.target},{quiet}" and res["targets"] == [r.target, quiet]
+    assert res["spread"] == "round-robin"
+    live, dead = res["per_target"]
+    assert live == {"target": r.target, "phones": None, "sent": 20, "ok": 20, "non_2xx": 0,
+                    "timeouts": 0}
+    assert dead == {"target": quiet, "phones": None, "sent": 20, "ok": 0, "non_2xx": 0,
+                    "timeouts": 20}
+    assert res["sent"] == 40 and res["ok"] == 20 and res["timeouts"] == 20
+    assert re.search(r"(?m)^spread +round-robin over 2 targets$", cp.stdout)
+    assert re.search(rf"(?m)^  {quiet} +20 sent, 0 2xx, 0 non-2xx, 20 timeouts$", cp.stdout)
+    assert cp.stderr.endswith(f"fastsip-load: no replies from {quiet} (udp): "
+                              "20 requests sent to it\n"), cp.stderr
+    for bad, why in ((["127.0.0.1:5061", "localhost:5062"], "is not an IP address"),
+                     (["127.0.0.1:5061", "10.1.2.3:5062"], "--allow-remote")):
+        cp = subprocess.run([*base, "--target", bad[0], "--target", bad[1]], env=env,
+                            capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 2 and cp.stderr.startswith("fastsip-load: error: ")
+        assert why in cp.stderr and cp.stderr.count("\n") == 1, cp.stderr

@@ -14,13 +14,13 @@ import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import require_client
 from fastsip.server.testing import Phone, register, request, wait_for
 
-pytestmark = pytest.mark.server
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "kamailio", "redirect.cfg")
 SCENARIOS = os.path.join(HERE, "sipp")
@@ -87,6 +87,7 @@ def kamailio(tmp_path):
             p.wait(10)
 
 
+@pytest.mark.server
 def test_kamailio_follows_the_302_to_the_registered_callee(start, kamailio, phone, tmp_path):
     sipp = require_client("sipp", "sip-tester")
     srv = start("--redirect", workers=2)
@@ -128,3 +129,11 @@ def test_kamailio_follows_the_302_to_the_registered_callee(start, kamailio, phon
     assert m['fastsip_redirects_total{outcome="unavailable"}'] == 1
     # the proxy acknowledged each final response itself (hop by hop)
     assert wait_for(lambda: srv.metrics().get('fastsip_requests_total{method="ACK"}') == 2, 5)
+
+
+def test_the_docs_show_the_tested_routing():
+    """docs/server.md (*Redirect server*) shows the routing of the config run above."""
+    config = Path(CONFIG).read_text()
+    routing = config[config.index("request_route {"):].rstrip()
+    docs = (Path(HERE).parent / "docs" / "server.md").read_text()
+    assert "```\n" + routing + "\n```" in docs

@@ -10,13 +10,15 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from conftest import require_redis
 from fastsip.cluster.sync import aor_key
 from fastsip.registrar import decode_record
-from fastsip.server.testing import Phone, ServerProcess, contacts_of, register, wait_for
+from fastsip.server.testing import (Phone, ServerProcess, contacts_of, register, request,
+                                    wait_for)
 
 pytestmark = pytest.mark.server
 
@@ -121,11 +123,12 @@ def test_a_password_from_a_file_never_shows(tmp_path):
 
 @pytest.fixture(scope="module")
 def nodes(redis_cluster):
-    """Two nodes of two workers each on one 3x2 Redis Cluster (--max-contacts 3)."""
+    """Two nodes of two workers each on one 3x2 Redis Cluster (--max-contacts 3,
+    --redirect)."""
     started = []
     try:
         for _ in range(2):
-            started.append(node(redis_cluster.url, "--max-contacts", "3"))
+            started.append(node(redis_cluster.url, "--max-contacts", "3", "--redirect"))
         yield started
     finally:
         for n in started:
@@ -146,6 +149,18 @@ def test_a_binding_made_through_one_node_is_seen_through_the_other(nodes, redis_
     r = ask(a, register("carol", contact=None, call_id="third", cseq=1))
     assert set(contacts_of(r)) == {"sip:c@10.0.0.1", "sip:c2@10.0.0.2"}
     assert stored(redis_cluster, "sip:carol@example.com")[1].keys() == contacts_of(r).keys()
+
+
+def test_a_proxy_is_redirected_by_any_node(nodes):
+    a, b = nodes
+    assert ask(a, register("fred", contact="sip:f@10.0.0.1", expires=600)).status == 200
+    for n in (b, a):        # b has no copy of fred: it reads it first
+        r = ask(n, request("INVITE", "sip:fred@example.com", call_id=f"inv-{n.udp[1]}"))
+        assert r.status == 302 and list(contacts_of(r)) == ["sip:f@10.0.0.1"]
+    r = ask(b, request("MESSAGE", "sip:nobody@example.com"))
+    assert r.status == 480
+    assert ask(b, register("fred", contact="*", call_id="f2", cseq=9, expires=0)).status == 200
+    assert ask(a, request("INVITE", "sip:fred@example.com", call_id="inv2")).status == 480
 
 
 def test_cseq_order_and_contact_star_hold_across_nodes(nodes):
@@ -196,3 +211,98 @@ def test_aors_registered_through_two_nodes_at_once_keep_both_contacts(nodes, red
     conflicts = sum(v for k, v in {**a.metrics(), **b.metrics()}.items()
                     if k.startswith("fastsip_cluster_conflicts_total"))
     assert conflicts >= 0      # (how often they raced depends on the scheduler)
+
+
+# -- failures: nothing acknowledged is lost ----------------------------------------------
+
+def register_many(server, users, tag, *, timeout=3.0, tries=3):
+    """REGISTER each user once through ``server`` (retransmitted like a phone):
+    {user: final status}, no status when nothing came back."""
+    out = {}
+    phone = Phone(server.udp)
+    try:
+        for u in users:
+            try:
+                out[u] = phone.ask(register(u, contact=f"sip:{tag}@10.0.0.9", call_id=f"{u}-{tag}",
+                                            expires=600), timeout=timeout, tries=tries).status
+            except (TimeoutError, OSError):
+                out[u] = None
+    finally:
+        phone.close()
+    return out
+
+
+def lost(redis_cluster, acked, tag):
+    """The users whose 200 was received but whose binding is not stored."""
+    return [u for u in acked
+            if f"sip:{tag}@10.0.0.9" not in (stored(redis_cluster, f"sip:{u}@example.com") or
+                                             (0, {}))[1]]
+
+
+def test_a_node_killed_right_after_its_200s_loses_none(make_redis_cluster):
+    rc = make_redis_cluster()
+    n = node(rc.url)
+    users = [f"k{i}" for i in range(150)]
+    got = register_many(n, users, "k")
+    n.kill()
+    acked = [u for u, s in got.items() if s == 200]
+    assert len(acked) == len(users)
+    assert lost(rc, acked, "k") == []
+
+
+def test_a_killed_primary_loses_no_acknowledged_binding_and_service_returns(make_redis_cluster):
+    rc = make_redis_cluster()
+    n = node(rc.url, "--cluster-wait", "10")
+    try:
+        users = [f"p{i}" for i in range(400)]
+        got, done = {}, threading.Event()
+
+        def load():
+            got.update(register_many(n, users, "p"))
+            done.set()
+        t = threading.Thread(target=load)
+        t.start()
+        time.sleep(0.3)                 # some are acknowledged, more are on their way
+        victim = rc.node_for_key(aor_key("sip:p399@example.com"))
+        victim.kill()
+        rc.wait_failover(victim, timeout=20)
+        t.join(120)
+        assert done.is_set()
+        acked = [u for u, s in got.items() if s == 200]
+        refused = [u for u, s in got.items() if s != 200]
+        assert lost(rc, acked, "p") == []
+        assert all(s in (500, None) for u, s in got.items() if u in refused)
+        # service is back: every AOR registers again, on the new primary too
+        again = register_many(n, users[-40:], "q")
+        assert set(again.values()) == {200}
+        m = n.metrics()
+        assert m["fastsip_cluster_lost_connections_total"] >= 1
+    finally:
+        n.stop()
+
+
+def test_a_primary_killed_while_its_replica_is_paused_loses_no_acknowledged_binding(
+        make_redis_cluster):
+    rc = make_redis_cluster()
+    n = node(rc.url, "--cluster-wait", "3")
+    try:
+        aor = "sip:w0@example.com"
+        primary = rc.node_for_key(aor_key(aor))
+        replica = rc.replicas_of(primary)[0]
+        users = [f"w{i}" for i in range(60)]
+        same_slot = [u for u in users
+                     if rc.node_for_key(aor_key(f"sip:{u}@example.com")) is primary]
+        replica.pause()
+        # the replica takes nothing: WAIT comes short, so no 200 for that primary's AORs
+        got = register_many(n, same_slot[:5], "w", timeout=5, tries=1)
+        assert set(got.values()) == {500}, got
+        assert n.metrics()["fastsip_cluster_wait_shortfalls_total"] >= 1
+        primary.kill()
+        replica.resume()
+        rc.wait_failover(primary, timeout=30)
+        acked = [u for u, s in got.items() if s == 200]
+        assert lost(rc, acked, "w") == []
+        again = register_many(n, same_slot[:5], "w2")
+        assert set(again.values()) == {200}
+    finally:
+        n.stop()

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from conftest import require_client
+from fastsip.server.testing import wait_for
 from interop import USERS, assert_gone, fetch_one, serve
 
 pytestmark = pytest.mark.server
@@ -115,3 +116,23 @@ def test_sipp_register_fetch_refresh_unregister_matrix(sipp, start, tmp_path, tr
     m = srv.metrics()
     assert m['fastsip_replies_total{code="200"}'] == 3 * len(USERS)
     assert m.get('fastsip_replies_total{code="401"}', 0) == (3 * len(USERS) if auth else 0)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_sipp_invite_is_redirected_to_the_registered_contact(sipp, start, tmp_path, transport):
+    """``--redirect``, two workers: SIPp registers two users (phone.xml), then calls each
+    (redirect.xml): a 302 with the registered contact (SIPp checks it), and SIPp's ACK."""
+    srv = start("--redirect", workers=2)
+    addr = srv.udp if transport == "udp" else srv.tcp
+    inject = tmp_path / "users.csv"
+    inject.write_text("\n".join(["SEQUENTIAL"] + list(USERS)) + "\n")
+    run_sipp(sipp, tmp_path, "phone.xml", addr, TRANSPORTS[transport], len(USERS),
+             "-inf", str(inject), "-key", "expires", "600")
+    run_sipp(sipp, tmp_path, "redirect.xml", addr, TRANSPORTS[transport], len(USERS),
+             "-inf", str(inject))
+    m = wait_for(lambda: (lambda m: m if m.get('fastsip_requests_total{method="ACK"}') == len(USERS)
+                          else None)(srv.metrics()), 5) or srv.metrics()
+    assert m['fastsip_requests_total{method="ACK"}'] == len(USERS)
+    assert m['fastsip_requests_total{method="INVITE"}'] == len(USERS)
+    assert m['fastsip_redirects_total{outcome="moved"}'] == len(USERS)
+    assert m['fastsip_replies_total{code="302"}'] == len(USERS)

@@ -125,8 +125,9 @@ class SlotMap:
 
 
 def read_slot_map(node: Node) -> SlotMap:
-    """The slot map as ``node`` sees it (CLUSTER SLOTS; a Redis without cluster
-    mode serves every slot, its replicas counted by INFO replication)."""
+    """The slot map as ``node`` sees it (CLUSTER SLOTS, the replicas from CLUSTER
+    NODES; a Redis without cluster mode serves every slot, its replicas counted
+    by INFO replication)."""
     try:
         slots = node.call(b"CLUSTER", b"SLOTS")
     except ClusterError as e:
@@ -139,14 +140,31 @@ def read_slot_map(node: Node) -> SlotMap:
             if line.startswith("connected_slaves:"):
                 replicas = int(line.split(":")[1])
         return SlotMap([(0, SLOTS - 1, node.addr, replicas)], standalone=True)
+    replicas = replica_counts(node.call(b"CLUSTER", b"NODES"))
     ranges = []
     for entry in slots:
         start, end, primary = entry[0], entry[1], entry[2]
         host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
         if not host or host == "?":
             host = node.addr[0]
-        ranges.append((int(start), int(end), (host, int(primary[1])), len(entry) - 3))
+        node_id = primary[2].decode() if isinstance(primary[2], bytes) else str(primary[2])
+        ranges.append((int(start), int(end), (host, int(primary[1])), replicas.get(node_id, 0)))
     return SlotMap(ranges)
+
+
+def replica_counts(nodes) -> dict:
+    """{primary id: its replicas} from CLUSTER NODES, failing ones counted too: a
+    primary that has a replica must see a write taken by one before it is
+    acknowledged (WAIT 1), so a replica that is down stops its writes rather
+    than letting them be acknowledged unreplicated.  (CLUSTER SLOTS is no
+    guide: it leaves out replicas that have not synced yet.)"""
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and "slave" in fields[2].split(",") and fields[3] != "-":
+            counts[fields[3]] = counts.get(fields[3], 0) + 1
+    return counts
 
 
 class SyncCluster:

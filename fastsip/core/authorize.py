@@ -32,6 +32,7 @@ from fastsip.core._core import (
     AuthResult,
     Request,
     _canonical_algorithm,
+    _host,
     make_response,
     own_aor_only,
     parse,
@@ -267,6 +268,23 @@ class Authorize(AuthCore):
             return None
         leg.send(reply, from_)
         return int(reply[8:11])
+
+    # -- the user list ------------------------------------------------------
+
+    def knows(self, user: str, domain: str) -> bool:
+        """Is ``user`` in the users source, in the realm a request for
+        ``domain`` is checked in (``realm``, else the domain's host)?  A dict of
+        passwords knows its keys whatever the realm; an htdigest dict its
+        ``(user, realm)`` entries of any algorithm; a callable is asked for the
+        password.  The redirect server (``Registrar(redirect=True)``) answers
+        404 to a request for a user it does not know."""
+        users = self._users
+        realm = self.realm or _host(domain)
+        if callable(users):
+            return users(user, realm) is not None
+        if user in users or (user, realm) in users:
+            return True
+        return any((user, realm, base) in users for base in _HASHES)
 
     # -- challenges and nonces ---------------------------------------------
 

@@ -56,12 +56,17 @@ class Registrar(RegistrarCore):
     for a REGISTER that would add beyond it).  ``shared``: the store is a cache
     of a shared location (``fastsip.cluster``): a REGISTER that changes
     bindings is staged rather than answered (see ``RegistrarCore.serve_shard``).
+    ``redirect``: :meth:`serve` answers other requests (INVITE, MESSAGE,
+    SUBSCRIBE, ...) to an AOR of a served domain as a redirect server, 302 to
+    its contacts (480 without any, 404 for another domain or a user
+    ``authorize`` does not know),
+    instead of 405 (docs/server.md, *Redirect server*).
     """
 
     def __init__(self, min_expires=30, max_expires=300, domains=None, *, domain=None,
                  default_expires=3600, max_contacts=16, addresses=(), authorize=None,
                  server=None, track_changes=False, aor_by="user@host", max_bindings=0,
-                 shared=False):
+                 shared=False, redirect=False):
         if domain is not None:
             if domains is not None:
                 raise TypeError("give domains or domain, not both")
@@ -73,7 +78,7 @@ class Registrar(RegistrarCore):
                          default_expires=default_expires, max_contacts=max_contacts,
                          domains=domains, addresses=addresses, authorize=authorize,
                          server=server, track_changes=track_changes, aor_by=aor_by,
-                         max_bindings=max_bindings, shared=shared)
+                         max_bindings=max_bindings, shared=shared, redirect=redirect)
 
     def _now(self, now):
         if now is not None:

@@ -2,7 +2,9 @@
 # --------------------------------------------------------------------------
 # The registrar: RegistrarCore runs a REGISTER through the steps of RFC 3261
 # 10.3 (decide.pyx reads and decides, the store applies the plan, the reply
-# writer answers) and dispatches every other datagram (serve).  Python
+# writer answers) and dispatches every other datagram (serve); with
+# ``redirect`` on it is also the location service's redirect server (RFC 3261
+# 8.3): other requests to a registered AOR get 302 to its contacts.  Python
 # objects appear only for the reply bytes and on the rare paths (refusals,
 # digest authentication).  The Python faces are fastsip.registrar and
 # fastsip.core.netsip.
@@ -35,6 +37,8 @@ cdef class RegistrarCore:
     cdef AuthCore _auth_core               # the same object, when its check is AuthCore's
     cdef FailureBudget _budget             # its failure budget, or None
     cdef readonly dict auth_failures       # reason -> failed digest attempts
+    cdef readonly bint redirect            # other requests to a served AOR get 302 (_redirect)
+    cdef object _knows                     # authorize.knows(user, domain): the user list, or None
     cdef readonly double last_now
     cdef int aor_form                      # AOR_HOST or AOR_USER (canonical_aor)
     cdef Settings settings
@@ -43,6 +47,7 @@ cdef class RegistrarCore:
     cdef RegisterIn reg                    # the REGISTER being decided
     cdef AorView before                    # its AOR's bindings, decided on
     cdef AorView after                     # ... and after the plan was applied
+    cdef AorView located                   # a redirected request's AOR's bindings (_location)
     cdef Plan plan
     # counters (the writer counts replies by status)
     cdef uint64_t register_count
@@ -53,16 +58,18 @@ cdef class RegistrarCore:
     cdef bint _trusted                     # serve_again: authentication already passed
     cdef readonly object staged            # shared: the write a REGISTER waits for (stage())
     cdef readonly object waiting_aor       # shared: the busy AOR a REGISTER waits on (WAIT)
+    cdef dict redirects                    # outcome -> count, for requests redirect answers
+    cdef uint64_t redirects_truncated      # 302s that left contacts out (MAX_DATAGRAM)
 
     def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
                  int max_contacts=16, domains=None, addresses=(), authorize=None,
                  server="fastsip", bint track_changes=False, str aor_by="user@host",
-                 int64_t max_bindings=0, bint shared=False):
+                 int64_t max_bindings=0, bint shared=False, bint redirect=False):
         self.aor_form = _aor_form(aor_by)
         self.shared = shared
         self.configure(min_expires=min_expires, max_expires=max_expires,
                        default_expires=default_expires, max_contacts=max_contacts,
-                       max_bindings=max_bindings)
+                       max_bindings=max_bindings, redirect=redirect)
         self.store = Store(track_changes=track_changes and not shared, shared=shared)
         self.set_domains(domains)
         self._addresses = frozenset(a.lower().strip("[]").encode() for a in addresses)
@@ -71,6 +78,7 @@ cdef class RegistrarCore:
         self.writer = ReplyWriter(server)
         self.other_requests = {}
         self.auth_failures = {}
+        self.redirects = {}
         self.last_now = 0.0
 
     @property
@@ -99,13 +107,20 @@ cdef class RegistrarCore:
         self._budget = (<AuthCore>value).failures if isinstance(value, AuthCore) else None
         self._auth_core = value if isinstance(value, AuthCore) and \
             getattr(type(value), "check", None) is AuthCore.check else None
+        # its user list, for a redirect's 404 to an unknown user
+        self._knows = getattr(value, "knows", None) if value is not None else None
 
     def configure(self, *, min_expires=None, max_expires=None, default_expires=None,
-                  max_contacts=None, max_bindings=None):
+                  max_contacts=None, max_bindings=None, redirect=None):
         """Change the expiry and contact limits (None keeps a value), e.g. on a
         configuration reload; bindings already stored keep their expiry.
         ``max_bindings``: the most bindings the store may hold (0: no limit);
-        a REGISTER that would add beyond it gets 503 and changes nothing."""
+        a REGISTER that would add beyond it gets 503 and changes nothing.
+        ``redirect``: answer requests other than REGISTER, ACK and OPTIONS
+        (INVITE, MESSAGE, SUBSCRIBE, ...) for an AOR of a served domain with
+        302 to its contacts, 480 when it has none, 404 for a domain not served
+        or a user the Authorize does not know (RFC 3261 8.3, docs/server.md);
+        off (the default): 405, as a registrar alone."""
         lo = self.min_expires if min_expires is None else int(min_expires)
         hi = self.max_expires if max_expires is None else int(max_expires)
         dflt = self.default_expires if default_expires is None else int(default_expires)
@@ -128,6 +143,8 @@ cdef class RegistrarCore:
             if max_bindings < 0:
                 raise ValueError("max_bindings must be >= 0 (0: no limit)")
             self.settings.max_bindings = max_bindings
+        if redirect is not None:
+            self.redirect = bool(redirect)
 
     @property
     def max_bindings(self):
@@ -419,20 +436,26 @@ cdef class RegistrarCore:
         """The edge dispatcher: what a registrar server answers to any datagram.
 
         REGISTER goes to :meth:`handle`; a REGISTER for a domain not served gets
-        404; OPTIONS gets 200; other requests 405 with Allow; responses and ACK
-        get nothing; malformed input gets 400 when a reply can be addressed (a
-        request line was read), else nothing.  Never raises for bad input.
+        404; OPTIONS gets 200; other requests 405 with Allow, or with
+        ``redirect`` on what a redirect server answers (302, 480, 404, 481:
+        see ``_redirect``); responses and ACK get nothing; malformed input gets
+        400 when a reply can be addressed (a request line was read), else
+        nothing.  Never raises for bad input.
         """
         return self._serve(data, _host_bytes(source[0]), source[1], now, transport, conn_id, 0, 1)
 
     def serve_shard(self, bytes data, bytes src_host, int src_port, double now, str transport,
                     int64_t conn_id, int shard, int nshards):
-        """:meth:`serve` for one shard of ``nshards``: a REGISTER whose AOR
-        ``shard_of`` gives to another shard is not served but answered with
-        that shard's number (an int).  Otherwise the reply bytes or None, as
-        :meth:`serve`.  The source host comes as ASCII bytes.  One scan of the
-        message decides both, which is why the server's receive loop calls this
-        rather than ``aor_key`` and then ``serve``."""
+        """:meth:`serve` for one shard of ``nshards``: a REGISTER whose AOR (of
+        its To URI) ``shard_of`` gives to another shard is not served but
+        answered with that shard's number (an int); with ``redirect`` on, so is
+        a request to redirect whose Request-URI's AOR is another shard's (its To
+        may name someone else).  Otherwise the reply bytes or None, as
+        :meth:`serve`; a request handed to its owner is served there with
+        ``shard, nshards = 0, 1``, never handed on.  The source host comes as
+        ASCII bytes.  One scan of the message decides both, which is why the
+        server's receive loop calls this rather than ``aor_key`` and then
+        ``serve``."""
         return self._serve(data, src_host, src_port, now, transport, conn_id, shard, nshards)
 
     cdef object _serve(self, bytes data, bytes src_host, int src_port, double now,
@@ -464,7 +487,8 @@ cdef class RegistrarCore:
                         owner = aor_hash(aor, aor_len) % <uint64_t>nshards
                         if owner != shard:
                             return owner
-                self.register_count += 1
+                if not self._trusted:       # (served again: counted the first time)
+                    self.register_count += 1
                 reply = self._register(data, &rq, rc)
                 if reply is None:
                     reply = self._refuse(&rq, RF_NOT_FOUND)
@@ -472,7 +496,14 @@ cdef class RegistrarCore:
             method = PyUnicode_DecodeASCII(buf + m.method.off, m.method.length, NULL)
             if method not in METHODS:
                 method = "other"        # one counter, however many names a sender invents
-            self.other_requests[method] = self.other_requests.get(method, 0) + 1
+            if self.redirect and nshards > 1 and rc == OK and method != "ACK" and \
+                    method != "OPTIONS" and method != "CANCEL":
+                # a request to redirect belongs to the shard of its Request-URI's AOR
+                owner = _target_shard(buf, &m, self.aor_form, nshards)
+                if owner >= 0 and owner != shard:
+                    return owner
+            if not self._trusted:
+                self.other_requests[method] = self.other_requests.get(method, 0) + 1
             if method == "ACK":
                 return None
             # RFC 3261 8.2: a request this server does not register still gets
@@ -485,6 +516,8 @@ cdef class RegistrarCore:
             if scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err) == -2:
                 return self._refuse(&rq, RF_URI_SCHEME)
             if method != "OPTIONS":
+                if self.redirect:
+                    return self._redirect(data, &rq, method)
                 return self._refuse(&rq, RF_METHOD, _ALLOW)
             unsupported = _unsupported(data, &m)
             if unsupported is None:
@@ -497,15 +530,111 @@ cdef class RegistrarCore:
 
     def serve_again(self, bytes data, src_host, int src_port, double now, str transport="udp",
                     int64_t conn_id=-1):
-        """Shared mode: serve a REGISTER again that waited (WAIT) or whose write
-        met a newer version (the cache now holds it): as ``serve_shard`` for one
-        shard, without authenticating it again (it passed once; a second check
-        would take its nonce count for a replay)."""
+        """Shared mode: serve a request again that waited (WAIT), whose AOR was
+        read (READ) or whose write met a newer version (the cache now holds
+        it): as ``serve_shard`` for one shard, without authenticating or
+        counting it again (it passed once; a second check would take its nonce
+        count for a replay)."""
         self._trusted = True
         try:
             return self.serve_shard(data, src_host, src_port, now, transport, conn_id, 0, 1)
         finally:
             self._trusted = False
+
+    # -- the redirect server (RFC 3261 8.3) ---------------------------------------
+
+    cdef object _redirect(self, bytes data, Req* rq, str method):
+        """A request this server redirects (``redirect`` on: any method but
+        REGISTER, ACK and OPTIONS), past the checks of RFC 3261 8.2 that
+        ``_serve`` made (400, 505, 416).  In order:
+
+        - CANCEL: 481.  A redirect server keeps no transaction: it answers an
+          INVITE at once with a final response and never a provisional one, so
+          a CANCEL (which RFC 3261 9.1 lets a UAC send only after a provisional
+          response) matches nothing here (9.2: 481).  It is never redirected;
+        - a Request-URI that does not parse: 400 (8.2.2.1);
+        - its host not a served domain (with ``aor_by="user"``, nor one of
+          ``addresses``): 404 (8.2.2.1), as is an AOR too long to be registered
+          and, when the Authorize has a user list (``knows``), a user it does
+          not know;
+        - Require: 420 with Unsupported (8.2.2.3);
+        - a To tag (a request within a dialog: none was made here): 481 (12.2.2);
+        - the AOR's bindings (``_location``): 302 to them (``ReplyWriter.moved``,
+          within MAX_DATAGRAM bytes), 480 when it has none, 404 when the only
+          contact is the Request-URI itself (8.3).
+
+        Every outcome is counted in ``redirects``."""
+        cdef const char* buf = rq.buf
+        cdef Msg* m = rq.m
+        cdef UriSpans ruri
+        cdef NameAddr to
+        cdef Header* h
+        cdef Py_ssize_t err = 0, n
+        cdef char aor[MAX_AOR + 1]
+        cdef bytes reply
+        cdef int found
+        if method == "CANCEL":
+            self._redirected("cancel")
+            return self.writer.reply(rq, 481, b"Call/Transaction Does Not Exist", None)
+        if scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &ruri, &err) != 0:
+            return self._refuse(rq, RF_BAD_RURI)
+        if not self._serves(buf + ruri.host.off, ruri.host.length) and not (
+                self.aor_form == AOR_USER and PyBytes_FromStringAndSize(
+                    buf + ruri.host.off, ruri.host.length).lower().strip(b"[]") in self._addresses):
+            self._redirected("not_found")
+            return self._refuse(rq, RF_NOT_FOUND)
+        n = canonical_aor(buf, &ruri, aor, MAX_AOR, self.aor_form)
+        if n < 0:
+            self._redirected("not_found")
+            return self.writer.reply(rq, 404, b"Not Found", None)
+        if self._knows is not None and not self._knows(
+                "" if ruri.user.off < 0 else unescape(buf + ruri.user.off, ruri.user.length),
+                decode(buf, ruri.host.off, ruri.host.length)):
+            self._redirected("unknown_user")
+            return self.writer.reply(rq, 404, b"Not Found", None)
+        unsupported = _unsupported(data, m)
+        if unsupported is None:
+            return self._refuse(rq, RF_BAD_REQUIRE)
+        if unsupported:
+            return self._refuse(rq, RF_EXTENSION, [("Unsupported", unsupported)])
+        h = &m.hdrs[m.first[<int>HDR_TO]]
+        if parse_name_addr(buf, h.val_off, h.val_off + h.val_len, &to, False, &err) < 0:
+            return self._refuse(rq, RF_BAD_TO)
+        if to.p_tag.off >= 0:
+            self._redirected("in_dialog")
+            return self.writer.reply(rq, 481, b"Call/Transaction Does Not Exist", None)
+        found = self._location(aor, n, rq.now, &self.located)
+        if found == -2:
+            self.waiting_aor = PyBytes_FromStringAndSize(aor, n)
+            return READ
+        if found == 0:
+            self._redirected("unavailable")
+            return self.writer.reply(rq, 480, b"Temporarily Unavailable", None)
+        reply = self.writer.moved(rq, &self.located,
+                                  uri_key_hash(buf, m.uri.off, m.uri.off + m.uri.length),
+                                  MAX_DATAGRAM)
+        if reply is None:
+            self._redirected("loop")
+            return self.writer.reply(rq, 404, b"Not Found", None)
+        if self.writer.omitted:
+            self.redirects_truncated += 1
+        self._redirected("moved")
+        return reply
+
+    cdef int _location(self, const char* aor, Py_ssize_t n, double now, AorView* out) except -1:
+        """The bindings of the canonical AOR ``aor`` (``n`` bytes) valid at
+        ``now``, into ``out`` in registration order; returns how many.  The one
+        place a redirect looks an AOR up: today this registrar's store (its
+        lapsed bindings are dropped first, as a REGISTER does).  Shared mode:
+        -2 when the cache has no copy of the AOR (it must be read first)."""
+        if self.shared and self.store.find(aor, n) < 0:
+            return -2
+        self.store.purge(aor, n, now)
+        self.store.view(aor, n, now, out)
+        return out.n
+
+    cdef void _redirected(self, str outcome):
+        self.redirects[outcome] = self.redirects.get(outcome, 0) + 1
 
     # -- queries (lookups never change the store) -------------------------------
 
@@ -525,13 +654,17 @@ cdef class RegistrarCore:
 
     def stats(self):
         """Counters for metrics: bindings, AORs, expired, flow bindings (held, and
-        removed with their connection), parse errors, replies by code."""
+        removed with their connection), parse errors, replies by code, requests
+        by method, redirect outcomes (moved, unavailable, not_found,
+        unknown_user, loop, in_dialog, cancel) and 302s that left contacts out."""
         return {"bindings": self.store.n_bindings, "aors": self.store.n_live_aors,
                 "expired": self.store.n_expired, "parse_errors": self.parse_errors,
                 "flow_bindings": self.store.n_flows,
                 "flow_bindings_removed": self.store.n_flow_removed,
                 "max_bindings_refused": self.full_refusals,
                 "auth_failures": dict(self.auth_failures),
+                "redirects": dict(self.redirects),
+                "redirects_truncated": self.redirects_truncated,
                 "replies": {code: self.writer.counts[code] for code in range(100, 700)
                             if self.writer.counts[code]},
                 "requests": dict(self.other_requests, **(
@@ -667,6 +800,22 @@ cdef Py_ssize_t _request_aor(const char* buf, Msg* m, char* aor, int form) noexc
     if scan_sip_uri(buf, to.uri.off, to.uri.off + to.uri.length, &u, &err) != 0:
         return -1
     return canonical_aor(buf, &u, aor, MAX_AOR, form)
+
+
+cdef int _target_shard(const char* buf, Msg* m, int form, int nshards) noexcept:
+    """The shard of a request's Request-URI's canonical AOR, or -1 when the
+    request lacks a header every request needs or its Request-URI is no SIP
+    URI with an AOR (then the receiving shard answers it)."""
+    cdef UriSpans u
+    cdef Py_ssize_t err = 0, n
+    cdef char aor[MAX_AOR + 1]
+    if missing_header(m) != RF_NONE or \
+            scan_sip_uri(buf, m.uri.off, m.uri.off + m.uri.length, &u, &err) != 0:
+        return -1
+    n = canonical_aor(buf, &u, aor, MAX_AOR, form)
+    if n < 0:
+        return -1
+    return <int>(aor_hash(aor, n) % <uint64_t>nshards)
 
 
 def aor_key(bytes data, str by="user@host"):

@@ -1,5 +1,8 @@
 # The reply writer (reply.pyx).
 
+cdef enum:
+    MAX_DATAGRAM = 65507          # the largest UDP payload (IPv4): a 302's size limit
+
 cdef class ReplyWriter:
     cdef char* out
     cdef Py_ssize_t length, cap
@@ -8,7 +11,8 @@ cdef class ReplyWriter:
     cdef long date_sec
     cdef bytes server_line
     cdef uint64_t counts[700]          # replies written, by status
-    cdef int order[MAX_LISTED]         # the 200's listing order
+    cdef int order[MAX_LISTED]         # the listing order of a 200 or 302 (by_q)
+    cdef int omitted                   # contacts the last 302 left out (its size limit)
 
     cdef int w(self, const char* p, Py_ssize_t n) except -1
     cdef int wbytes(self, bytes b) except -1
@@ -21,5 +25,7 @@ cdef class ReplyWriter:
                    Py_ssize_t reason_len) except -1
     cdef bytes finish(self, const Req* rq, int status)
     cdef bytes reply(self, const Req* rq, int status, object reason, object headers)
+    cdef int by_q(self, const AorView* v, double now) noexcept
     cdef bytes ok(self, const Req* rq, const AorView* v, bint outbound, bint path)
+    cdef bytes moved(self, const Req* rq, const AorView* v, uint64_t skip, Py_ssize_t limit)
     cdef int qvalue(self, int q) except -1

@@ -198,23 +198,31 @@ cdef class ReplyWriter:
     cdef int wbytes(self, bytes b) except -1:
         return self.w(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
 
-    cdef bytes ok(self, const Req* rq, const AorView* v, bint outbound, bint path):
-        """200 OK listing every binding of ``v`` with its remaining time, highest
-        q first (RFC 3261 10.3 step 8), Path echoed when the UA supports it
-        (``path``), and Require: outbound when the request registered an
-        outbound flow (RFC 5626 6)."""
+    cdef int by_q(self, const AorView* v, double now) noexcept:
+        """The bindings of ``v`` valid at ``now`` into ``order``, highest q first
+        (bindings without q count as 1.0), equal q in registration order (the
+        view's): how many."""
         cdef int i, k, n = 0
-        cdef const BindingView* b
-        self.start(rq, 200, b"OK", 2)
         for i in range(v.n):
-            if v.b[i].expires_at > rq.now:
-                # insertion sort by q, descending (bindings without q count as 1.0)
+            if v.b[i].expires_at > now:
+                # insertion sort, descending; stable: an equal q stays behind
                 k = n
                 while k > 0 and _q(&v.b[self.order[k - 1]]) < _q(&v.b[i]):
                     self.order[k] = self.order[k - 1]
                     k -= 1
                 self.order[k] = i
                 n += 1
+        return n
+
+    cdef bytes ok(self, const Req* rq, const AorView* v, bint outbound, bint path):
+        """200 OK listing every binding of ``v`` with its remaining time, highest
+        q first (RFC 3261 10.3 step 8), Path echoed when the UA supports it
+        (``path``), and Require: outbound when the request registered an
+        outbound flow (RFC 5626 6)."""
+        cdef int i, n
+        cdef const BindingView* b
+        self.start(rq, 200, b"OK", 2)
+        n = self.by_q(v, rq.now)
         for i in range(n):
             b = &v.b[self.order[i]]
             self.w(b"Contact: <", 10)
@@ -237,6 +245,51 @@ cdef class ReplyWriter:
         if outbound:
             self.w(b"Require: outbound\r\n", 19)
         return self.finish(rq, 200)
+
+    cdef bytes moved(self, const Req* rq, const AorView* v, uint64_t skip, Py_ssize_t limit):
+        """302 Moved Temporarily (RFC 3261 8.3, 21.3.3) to the bindings of ``v``:
+        one Contact each, ``<uri>;expires=N[;q=..]`` (N the seconds left, at
+        least 1), highest q first, equal q in registration order.  Not listed:
+        a binding whose contact is the Request-URI (``skip``, its
+        ``uri_key_hash``: 8.3 forbids redirecting a request to it), and its
+        +sip.instance, reg-id and Path (the registering UA's business with its
+        registrar, not a target's).  At most ``limit`` bytes in all: the
+        contacts that would not fit are left out, the lowest q first, and
+        counted in ``omitted``; the highest one is always listed (only a request
+        whose own copied headers are near the limit makes that exceed it, as
+        any reply to it would).  None when nothing is left to list (no
+        binding, or only the Request-URI): then nothing is written or counted."""
+        cdef int i, j, n = self.by_q(v, rq.now), listed = 0
+        cdef Py_ssize_t mark, tail = 40 + len(self.server_line) + 21     # finish(): at most
+        cdef const BindingView* b
+        cdef int64_t left
+        self.omitted = 0
+        self.start(rq, 302, b"Moved Temporarily", 17)
+        for i in range(n):
+            b = &v.b[self.order[i]]
+            if b.key_hash == skip:
+                continue
+            mark = self.length
+            self.w(b"Contact: <", 10)
+            self.w(b.uri, b.uri_len)
+            self.w(b">;expires=", 10)
+            left = <int64_t>(b.expires_at - rq.now + 0.5)
+            self.wint(left if left > 0 else 1)
+            if b.q >= 0:
+                self.w(b";q=", 3)
+                self.qvalue(b.q)
+            self.w(b"\r\n", 2)
+            if listed and self.length + tail > limit:
+                self.length = mark
+                for j in range(i, n):
+                    if v.b[self.order[j]].key_hash != skip:
+                        self.omitted += 1
+                break
+            listed += 1
+        if not listed:
+            self.length = 0
+            return None
+        return self.finish(rq, 302)
 
     cdef int qvalue(self, int q) except -1:
         """A qvalue from thousandths: 1000 -> "1", 500 -> "0.5", 125 -> "0.125"."""

@@ -141,7 +141,7 @@ class Commands:
         try:
             reg.configure(min_expires=cfg.min_expires, max_expires=cfg.max_expires,
                           default_expires=cfg.default_expires, max_contacts=cfg.max_contacts,
-                          max_bindings=worker_max_bindings(cfg))
+                          max_bindings=worker_max_bindings(cfg), redirect=cfg.redirect)
         except ValueError as exc:
             LOG.error("reload: %s (keeping the old limits)", exc)
         if cfg.realm is not None:

@@ -191,6 +191,11 @@ OPTIONS = [
      "what an AOR is: user@host, the To URI without port or parameters (default), or user, "
      "the user part alone, for one domain (like Kamailio's use_domain=0): alice@a and alice@b "
      "are then one AOR, sip:alice"),
+    ("redirect", bool, False, False, True, None,
+     "also be the location service's redirect server: answer requests other than REGISTER, "
+     "ACK and OPTIONS (INVITE, MESSAGE, SUBSCRIBE, ...) for an AOR of a served domain with "
+     "302 to its contacts, 480 when it has none, 404 for another domain or a user not in "
+     "--users; without it they get 405 (see docs/server.md, Redirect server)"),
     ("realm", _string("realm"), None, False, False, "R",
      "require digest authentication in realm R (with --users)"),
     ("users", _string("users"), None, False, True, "FILE",

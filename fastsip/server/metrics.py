@@ -59,6 +59,14 @@ METRICS: tuple[Metric, ...] = (
            "Failed digest authentications, by reason (wrong: a wrong password or unknown "
            "user; throttled: refused by the failure budget; stale, replayed, unknown_nonce, "
            "forbidden, bad).", ("core.auth_failures",), "reason"),
+    Metric("fastsip_redirects_total", COUNTER,
+           "Requests the redirect server (--redirect) answered, by outcome (moved: 302; "
+           "unavailable: 480, no binding; not_found: 404, a domain not served; unknown_user: "
+           "404, not in --users; loop: 404, the only contact is the Request-URI; in_dialog and "
+           "cancel: 481).", ("core.redirects",), "outcome"),
+    Metric("fastsip_redirects_truncated_total", COUNTER,
+           "302s that listed fewer contacts than the AOR has, to fit one datagram.",
+           ("core.redirects_truncated",)),
     Metric("fastsip_max_bindings_refused_total", COUNTER,
            "REGISTERs refused with 503 because they would add bindings beyond --max-bindings.",
            ("core.max_bindings_refused",)),

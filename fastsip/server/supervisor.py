@@ -358,7 +358,7 @@ class Supervisor:
         line = (f"fastsip serve: listening on {where}; {cfg.workers} worker"
                 f"{'s' if cfg.workers != 1 else ''}; state {state}; "
                 f"metrics http://{f'[{mh}]' if ':' in mh else mh}:{mp}/metrics{admin}; "
-                f"{rate}; {auth}{steering}")
+                f"{rate}; {auth}; redirect server {'on' if cfg.redirect else 'off'}{steering}")
         # stdout gets the start line (scripts and fastsip.server.testing read it there); the
         # log gets it too, unless the log is the very same file or terminal (a plain
         # `fastsip serve` in a shell, or `>out 2>&1`), where it would show twice
@@ -370,7 +370,8 @@ class Supervisor:
                        state=cfg.state, metrics=f"{mh}:{mp}", steering=self.steering,
                        admin="off" if exposed and not self.admin.token else
                        "token" if self.admin.token else "loopback",
-                       realm=cfg.realm, users=self.auth_users if cfg.realm is not None else None)
+                       realm=cfg.realm, users=self.auth_users if cfg.realm is not None else None,
+                       redirect=cfg.redirect)
 
     def _check_cluster(self) -> int:
         """--cluster: the slot map can be read and the function library loads on

@@ -35,6 +35,7 @@ _LINE = re.compile(r"listening on (?P<listen>[^;]+); (?P<workers>\d+) workers?; 
                    r"metrics http://(?P<mhost>[^ ]+):(?P<mport>\d+)/metrics(?: \((?P<admin>[^)]*)\))?; "
                    r"rate limit per source (?P<rate>off|[\d.]+/s); "
                    r"digest authentication (?P<auth>off|on, realm .*?: (?P<users>\d+) users? in [^;]+)"
+                   r"(?:; redirect server (?P<redirect>on|off))?"
                    r"(?:; kernel steering by AOR (?P<steering>.+))?$")
 
 
@@ -263,13 +264,14 @@ def register(user, domain="example.com", *, contact=None, call_id="c1", cseq=1, 
 
 
 def request(method, uri="sip:example.com", *, transport="UDP", local=("127.0.0.1", 5060),
-            call_id="r1", cseq=1, extra=()):
+            call_id="r1", cseq=1, extra=(), to=None):
+    """A request for ``uri``; To is ``<uri>`` unless ``to`` (a URI) is given."""
     lines = [
         f"{method} {uri} SIP/2.0",
         f"Via: SIP/2.0/{transport} {local[0]}:{local[1]};branch=z9hG4bK{os.urandom(6).hex()}",
         "Max-Forwards: 70",
         f"From: <sip:tester@example.com>;tag={os.urandom(4).hex()}",
-        f"To: <{uri}>",
+        f"To: <{to or uri}>",
         f"Call-ID: {call_id}",
         f"CSeq: {cseq} {method}",
         *extra,

@@ -57,7 +57,7 @@ def make_registrar(cfg, addresses, secret):
                              domains=cfg.domain or None, addresses=tuple(addresses),
                              authorize=make_authorize(cfg, secret),
                              track_changes=bool(cfg.state), aor_by=cfg.aor_by,
-                             max_bindings=worker_max_bindings(cfg),
+                             max_bindings=worker_max_bindings(cfg), redirect=cfg.redirect,
                              shared=cfg.cluster is not None)
 
 

@@ -9,6 +9,7 @@ binding made through one node is seen through every other, the rules of RFC 3261
 import json
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.server
 
 
 def node(url, *args, workers=2):
-    return ServerProcess("--cluster", url, "--min-expires", "1", *args, workers=workers).start()
+    return ServerProcess("--cluster", url, "--min-expires", "1", *args, workers=workers,
+                         cwd=tempfile.mkdtemp(prefix="fastsip-node-")).start()
 
 
 def ask(server, data, transport="udp"):

@@ -164,3 +164,17 @@ def test_a_removal_of_every_binding_expects_the_version_it_was_decided_on(reg):
                  1000.0) == STAGED
     assert reg.staged[1] == 77 and reg.staged[3] is None
     assert reg.store.cache_busy(AOR)            # kept (empty) while the removal is written
+
+
+def test_a_retransmission_answered_from_a_read_copy_is_written_again(reg):
+    # the copy came from the shared location: the write of this very request may
+    # be there without a replica having it (its node answered 500); a 200 now
+    # must wait for a write of its own
+    data = register("alice", contact="sip:a@h", call_id="c1", cseq=4, expires=600)
+    stored = encode_record([fastsip.Binding("sip:a@h", 1600.0, call_id="c1", cseq=4)], 555)
+    reg.store.cache_put(AOR, stored, 1000.0)
+    assert serve(reg, data, 1000.0) == STAGED
+    assert reg.staged[1] == 555 and [b.uri for b in decode_record(reg.staged[3])[1]] == ["sip:a@h"]
+    reg.store.cache_done(AOR)
+    # once written (and acknowledged) here, a retransmission is answered at once
+    assert isinstance(serve(reg, data, 1000.5), bytes)

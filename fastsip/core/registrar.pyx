@@ -292,6 +292,15 @@ cdef class RegistrarCore:
             self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
             return READ
         listing = &self.before
+        if self.shared and self.plan.retransmission and \
+                self.store.is_unverified(reg.aor, reg.aor_len):
+            # A retransmission of what a copy read from the shared location holds:
+            # that write may not have reached a replica (its writer got no WAIT
+            # and answered 500).  Write it again, so that its WAIT says it did.
+            return self._stage(reg, self.store.version_of(reg.aor, reg.aor_len), rq.now,
+                               self.writer.ok(rq, listing, self.plan.outbound,
+                                              rq.m.first[<int>HDR_PATH] >= 0 and
+                                              _supports_path(rq)))
         if not self.plan.retransmission and (self.plan.nchanges or self.plan.remove_all):
             if self.shared:
                 expected = self.store.version_of(reg.aor, reg.aor_len)   # before apply drops it

@@ -375,6 +375,7 @@ cdef class Store(BindingTable):
         a = self.find_or_add(key, len(key))
         self.versions[a] = 0 if record is None else record_version(record)
         self.aors[a].pinned = self.aors[a].count == 0
+        self.aors[a].unverified = 1
 
     def cache_drop(self, aor):
         """Forget this cache's copy of ``aor`` (invalidated, or a write of it
@@ -383,10 +384,11 @@ cdef class Store(BindingTable):
         self.remove_aor(aor)
 
     def cache_done(self, aor):
-        """The write of ``aor`` staged by the registrar is acknowledged: the
-        copy here is the stored one."""
+        """The write of ``aor`` staged by the registrar is acknowledged (a
+        replica took it): the copy here is the stored one, and safe."""
         cdef int32_t a = self._unmark(aor)
         if a >= 0:
+            self.aors[a].unverified = 0
             self.release_if_empty(a)
 
     def cache_busy(self, aor):

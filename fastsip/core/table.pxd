@@ -40,6 +40,7 @@ cdef struct AorRec:
     uint8_t live
     uint8_t busy         # a shared store's write of it is under way (kept while empty)
     uint8_t pinned       # a shared store's empty AOR whose version is known (kept while empty)
+    uint8_t unverified   # a shared store's copy read, not written here: maybe not replicated
 
 
 # The flow index: conn_id -> the flow bindings of that stream connection
@@ -138,3 +139,4 @@ cdef class BindingTable:
     cdef bytes encode(self, int32_t a, uint64_t version, double* latest)
     cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept
     cdef uint64_t version_of(self, const char* aor, Py_ssize_t n) noexcept
+    cdef bint is_unverified(self, const char* aor, Py_ssize_t n) noexcept

@@ -218,6 +218,7 @@ cdef class BindingTable:
         a.live = 1
         a.busy = 0
         a.pinned = 0
+        a.unverified = 0
         if self.versions != NULL:
             self.versions[slot] = 0
         mask = self.table_cap - 1
@@ -319,6 +320,10 @@ cdef class BindingTable:
         """The AOR's version in the shared location as the cache knows it (0: none)."""
         cdef int32_t a = self.find(aor, n)
         return self.versions[a] if a >= 0 and self.versions != NULL else 0
+
+    cdef bint is_unverified(self, const char* aor, Py_ssize_t n) noexcept:
+        cdef int32_t a = self.find(aor, n)
+        return a >= 0 and self.aors[a].unverified
 
     cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept:
         cdef int32_t a = self.find(aor, n)

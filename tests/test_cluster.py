@@ -165,6 +165,22 @@ def test_a_proxy_is_redirected_by_any_node(nodes):
     assert ask(a, request("INVITE", "sip:fred@example.com", call_id="inv2")).status == 480
 
 
+def test_remove_through_the_admin_api_and_the_cli_reaches_every_node(nodes, redis_cluster):
+    a, b = nodes
+    for i, n in enumerate((a, b)):
+        assert ask(n, register("gina", contact=f"sip:g{i}@10.0.0.1", call_id=f"g{i}",
+                               expires=600)).status == 200
+    # a's admin API removes one contact; b (whose copy is invalidated) sees it gone
+    assert a.api("/api/remove", "POST", {"aor": "gina@example.com",
+                                         "contact": "<sip:g1@10.0.0.1>"})["removed"] == 1
+    r = ask(b, register("gina", contact=None, call_id="q", cseq=1))
+    assert list(contacts_of(r)) == ["sip:g0@10.0.0.1"]
+    out = cli("remove", "gina@example.com", "--cluster", redis_cluster.url)
+    assert out.returncode == 0 and "removed 1 binding" in out.stdout
+    assert stored(redis_cluster, "sip:gina@example.com") is None
+    assert a.api("/api/aor?aor=gina@example.com")["bindings"] == []
+
+
 def test_cseq_order_and_contact_star_hold_across_nodes(nodes):
     a, b = nodes
     assert ask(a, register("dave", contact="sip:d@10.0.0.1", call_id="dd", cseq=5,

@@ -74,10 +74,6 @@ class Pending:
         self.reply = None               # the 200 it waits to send
 
 
-def _text(aor: bytes) -> str:
-    return aor.decode("utf-8", "surrogateescape")
-
-
 def _version(record) -> int:
     return 0 if record is None else int.from_bytes(record[1:9], "little")
 
@@ -210,7 +206,7 @@ class SharedLocation:
             return
         store = self.store
         for key in keys:
-            aor = _text(key[len(KEY_HEAD):-1])
+            aor = key[len(KEY_HEAD):-1]
             if not store.cache_busy(aor):
                 store.cache_drop(aor)
                 self.c.cluster_invalidations += 1
@@ -261,7 +257,7 @@ class SharedLocation:
             self._wait_for_map(p)
             return
         now = time.time()
-        aor = _text(p.aor)
+        aor = p.aor
         if not self.store.cache_busy(aor):
             self.store.cache_put(aor, reply, now)
         self._again(p, now)
@@ -298,7 +294,7 @@ class SharedLocation:
         now = time.time()
         self.c.cluster_conflicts += 1
         self.reasserting.discard(p.aor)
-        self.store.cache_put(_text(p.aor), reply, now)
+        self.store.cache_put(p.aor, reply, now)
         self._check_backwards(p.aor, reply, now)
         self._release_parked(p.aor, now, first=p if p.data is not None else None)
 
@@ -319,7 +315,7 @@ class SharedLocation:
         """Acknowledged: the copy is the stored one; answer, remember, and decide
         what waited for it."""
         aor = p.aor
-        self.store.cache_done(_text(aor))
+        self.store.cache_done(aor)
         self.c.cluster_writes += 1
         self.reasserting.discard(aor)
         self.recent.pop(aor, None)
@@ -331,7 +327,7 @@ class SharedLocation:
     def _unsure(self, p: Pending) -> None:
         """The write may or may not be stored: forget the copy; try again when the
         slot map is right (deciding again, against the stored record)."""
-        self.store.cache_drop(_text(p.aor))
+        self.store.cache_drop(p.aor)
         self._wait_for_map(p)
 
     def _wait_for_map(self, p: Pending) -> None:
@@ -371,7 +367,7 @@ class SharedLocation:
         self.c.count("cluster_failures", reason)
         if p.aor is not None:
             self.reasserting.discard(p.aor)
-            self.store.cache_drop(_text(p.aor))
+            self.store.cache_drop(p.aor)
         if p.data is not None:
             self._answer(p, make_response(p.data, 500, "Location unavailable, try again",
                                           RETRY_AFTER, (p.host.decode(), p.port)))
@@ -454,7 +450,7 @@ class SharedLocation:
 
     def _read(self, aor: bytes, reply) -> None:
         if reply is LOST or isinstance(reply, hiredis.ReplyError) or \
-                self.store.cache_busy(_text(aor)):
+                self.store.cache_busy(aor):
             return
         self._check_backwards(aor, reply, time.time())
 
@@ -471,7 +467,7 @@ class SharedLocation:
         p = Pending(None, None, 0, "udp", -1, now)
         p.aor, p.expected, p.version, p.record, p.pxat = aor, _version(stored), mine[0], \
             mine[1], mine[2]
-        self.store.cache_put(_text(aor), mine[1], now)
+        self.store.cache_put(aor, mine[1], now)
         self.fresh.append(p)
 
 

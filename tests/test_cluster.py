@@ -324,3 +324,24 @@ def test_a_primary_killed_while_its_replica_is_paused_loses_no_acknowledged_bind
         assert set(again.values()) == {200}
     finally:
         n.stop()
+
+
+def test_rediss_speaks_tls_to_redis(tmp_path):
+    from fastsip.server.testing import RedisServer, free_port, make_test_pki
+    require_redis()
+    pki = make_test_pki(tmp_path)
+    port = free_port()
+    with RedisServer("--tls-port", str(port), "--tls-cert-file", pki["cert"], "--tls-key-file",
+                     pki["key"], "--tls-auth-clients", "no"):
+        url = f"rediss://localhost:{port}?ca={pki['ca']}"
+        n = node(url)
+        try:
+            assert "shared at rediss://localhost:" in n.start_line
+            assert ask(n, register("tina", contact="sip:t@10.0.0.1", expires=600)).status == 200
+        finally:
+            n.stop()
+        out = cli("show", "tina@example.com", "--cluster", url)
+        assert out.returncode == 0 and "<sip:t@10.0.0.1>" in out.stdout
+        # a certificate that does not verify is refused
+        out = cli("show", "tina@example.com", "--cluster", f"rediss://localhost:{port}")
+        assert out.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in out.stderr

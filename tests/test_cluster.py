@@ -81,6 +81,16 @@ def test_a_single_redis_holds_the_bindings_across_a_restart(redis_server):
         n.stop()
 
 
+def test_the_node_id_names_the_node_in_logs_and_metrics(redis_server):
+    n = node(redis_server.url, "--node-id", "edge-7")
+    try:
+        assert "node edge-7" in n.start_line
+        assert n.metrics()['fastsip_node_info{node="edge-7"}'] == 1
+        assert "fastsip[edge-7/supervisor]" in n.log()
+    finally:
+        n.stop()
+
+
 def test_bindings_expire_in_redis_with_no_node_running(redis_server):
     n = node(redis_server.url, "--cluster-grace", "0")
     try:

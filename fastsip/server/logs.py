@@ -33,10 +33,11 @@ class JsonFormatter(logging.Formatter):
 
 class _RoleFilter(logging.Filter):
     role = "supervisor"
+    node = ""           # "NODE-ID/" of a node of a cluster (--node-id with --cluster)
 
     def filter(self, record):
         if not hasattr(record, "role"):
-            record.role = self.role
+            record.role = self.node + self.role
         return True
 
 
@@ -75,6 +76,12 @@ def same_as_stdout() -> bool:
 
 def set_role(role: str) -> None:
     _filter.role = role
+
+
+def set_node(node: str | None) -> None:
+    """Name the node in every line (``fastsip[edge-1/worker 0]``), for the logs of
+    a cluster's nodes gathered in one place."""
+    _filter.node = f"{node}/" if node else ""
 
 
 def event(level: int, msg: str, **fields) -> None:

@@ -321,11 +321,16 @@ def _histogram(out: list, m: Metric, hist) -> None:
     out.append(f"{name}_count {hist['count']}")
 
 
-def render(total: dict, workers_alive: int, workers: int, restarts: int) -> str:
-    """The Prometheus text exposition (format 0.0.4) of the summed reports."""
+def render(total: dict, workers_alive: int, workers: int, restarts: int,
+           node: str | None = None) -> str:
+    """The Prometheus text exposition (format 0.0.4) of the summed reports; ``node``:
+    the --node-id of a node of a cluster, given as ``fastsip_node_info{node=...} 1``."""
     total = dict(total, supervisor={"workers_alive": workers_alive, "workers": workers,
                                     "restarts": restarts})
     out: list[str] = []
+    if node is not None:
+        out += ["# HELP fastsip_node_info This node of a cluster (--node-id); always 1.",
+                "# TYPE fastsip_node_info gauge", f'fastsip_node_info{{node="{_esc(node)}"}} 1']
     for m in METRICS:
         if m.name is None:
             continue

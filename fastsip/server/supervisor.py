@@ -622,6 +622,8 @@ def serve(args) -> int:
         print(f"fastsip serve: error: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level, cfg.log_format, cfg.log_file)
+    if cfg.cluster is not None:
+        logs.set_node(cfg.node_id)
     sup = Supervisor(cfg)
     try:
         sup.open()

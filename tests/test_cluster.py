@@ -18,8 +18,7 @@ import pytest
 from conftest import require_redis
 from fastsip.cluster.sync import aor_key
 from fastsip.registrar import decode_record
-from fastsip.server.testing import (Phone, ServerProcess, contacts_of, register, request,
-                                    wait_for)
+from fastsip.server.testing import Phone, ServerProcess, contacts_of, register, request, wait_for
 
 pytestmark = pytest.mark.server
 

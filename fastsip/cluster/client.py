@@ -5,10 +5,11 @@ Each ``Conn`` is one TCP (or TLS) connection to one primary, logged in with
 RESP3 and ``CLIENT TRACKING ON NOLOOP``: the keys this worker reads through it
 are tracked by Redis, and another client's write of one arrives as an
 ``invalidate`` push on the same connection, in order with the replies.
-Commands are queued with a callback (``push``) and written together when the
-batch ends (``flush``); hiredis' reader parses the replies, and each goes to
-the callback of its command, in order.  A lost connection calls every
-callback left with ``LOST`` and tells the owner (``on_lost``).
+Commands are queued with an item that stands for them (``push``) and written
+together when the batch ends (``flush``); hiredis' reader parses the replies,
+and each goes to the owner with the item of its command, in order
+(``on_reply(item, reply)``).  A lost connection hands every item left to the
+owner with ``LOST`` and tells it (``on_lost``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class Conn:
     """One connection to one primary."""
 
     __slots__ = ("addr", "sock", "fd", "reader", "out", "pending", "waiting", "loop",
-                 "on_push", "on_lost", "on_replies", "replicas", "closed", "want_out")
+                 "on_reply", "on_push", "on_lost", "on_replies", "replicas", "closed",
+                 "want_out")
 
     def __init__(self, node: Node, loop, owner, replicas: int):
         self.addr = node.addr
@@ -39,19 +41,20 @@ class Conn:
         self.fd = self.sock.fileno()
         self.out = []                   # packed commands not yet written
         self.pending = b""              # written in part: the rest
-        self.waiting = collections.deque()   # callbacks, one per command written or queued
+        self.waiting = collections.deque()   # items, one per command written or queued
         self.loop = loop
+        self.on_reply = owner.on_reply      # (item, reply): a command's reply
         self.on_push = owner.on_push        # (PushNotification): an invalidation
         self.on_lost = owner.on_lost        # (Conn): the connection is gone
-        self.on_replies = owner.on_replies  # (): replies were handed to their callbacks
+        self.on_replies = owner.on_replies  # (): replies were handed over
         self.replicas = replicas        # of this primary, as the slot map says (WAIT needs one)
         self.closed = False
         self.want_out = False
         loop.add(self.fd, self._on_events, EP_IN)
 
-    def push(self, packed: bytes, callback) -> None:
+    def push(self, packed: bytes, item) -> None:
         self.out.append(packed)
-        self.waiting.append(callback)
+        self.waiting.append(item)
 
     def flush(self) -> None:
         """Write what is queued (the rest waits for the socket to take it)."""
@@ -96,6 +99,7 @@ class Conn:
             if len(data) < READ_SIZE and not isinstance(self.sock, ssl.SSLSocket):
                 break
         waiting = self.waiting
+        on_reply = self.on_reply
         try:
             while True:
                 reply = reader.gets()
@@ -104,14 +108,14 @@ class Conn:
                 if type(reply) is hiredis.PushNotification:
                     self.on_push(reply)
                 elif waiting:
-                    waiting.popleft()(reply)
+                    on_reply(waiting.popleft(), reply)
         except hiredis.ProtocolError:
             self.lose()
             return
         self.on_replies()
 
     def lose(self) -> None:
-        """The connection is gone: every callback left gets LOST, the owner is told."""
+        """The connection is gone: every item left is answered LOST, the owner is told."""
         if self.closed:
             return
         self.closed = True
@@ -124,8 +128,8 @@ class Conn:
         except OSError:
             pass
         waiting, self.waiting = self.waiting, collections.deque()
-        for callback in waiting:
-            callback(LOST)
+        for item in waiting:
+            self.on_reply(item, LOST)
         self.on_lost(self)
 
     def close(self) -> None:

@@ -181,7 +181,7 @@ cdef int _fill_addr(object addr, sockaddr_storage* ss, socklen_t* namelen) excep
         namelen[0] = 0
         return 0
     try:
-        host = (<str?>addr[0]).encode("ascii")
+        host = addr[0] if type(addr[0]) is bytes else (<str?>addr[0]).encode("ascii")
         port = addr[1]
     except Exception:
         return 1

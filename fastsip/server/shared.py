@@ -37,6 +37,7 @@ from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, key_slot, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
+from fastsip.server._io_c import BatchIO
 
 LOG = logs.LOG
 
@@ -55,7 +56,7 @@ class Pending:
     """A write, and the request (if any) whose answer waits for it."""
 
     __slots__ = ("data", "host", "port", "transport", "conn_id", "li", "first", "tries",
-                 "aor", "expected", "version", "record", "pxat", "reply")
+                 "aor", "expected", "version", "record", "pxat", "reply", "op", "batch")
 
     def __init__(self, data, host, port, transport, conn_id, now):
         self.data = data                # the request; None for a re-assertion
@@ -72,6 +73,18 @@ class Pending:
         self.record = None              # the record it writes (None: delete the key)
         self.pxat = 0
         self.reply = None               # the 200 it waits to send
+        self.op = OP_WRITE              # what its command on a Conn is (OP_*)
+        self.batch = None               # the Batch its write went out in
+
+
+class Batch:
+    """The writes of one pipeline to one primary, and its WAIT."""
+
+    __slots__ = ("size", "acked")
+
+    def __init__(self):
+        self.size = 0                   # writes sent
+        self.acked = []                 # written, waiting for WAIT to say a replica has them
 
 
 def _version(record) -> int:
@@ -95,8 +108,11 @@ class SharedLocation:
         self.slots = None               # SlotMap
         self.born = []                  # requests of this batch that wait (for their listener)
         self.fresh = []                 # writes staged since the last after_batch
+        self.outbox = {}                # UDP listener -> [(reply, (host, port))] to send
+        self.io = BatchIO(64, 1)        # sends them (its receive side is not used)
         self.batches = {}               # Conn -> the writes of this batch on it (for WAIT)
         self.parked = {}                # aor -> [Pending] waiting for its write
+        self.parked_checked = 0.0       # time.time() of the last _expire_parked
         self.retry = collections.deque()    # writes waiting for the slot map
         self.recent = collections.OrderedDict()  # aor -> (version, record, pxat, t) acknowledged
         self.reasserting = set()        # aors being written again
@@ -160,11 +176,21 @@ class SharedLocation:
         if self.batches:
             batches, self.batches = self.batches, {}
             for conn, batch in batches.items():
-                if conn.replicas:
-                    conn.push(WAIT_CMD, lambda reply, batch=batch: self._waited(batch, reply))
+                if conn.replicas and batch.size:
+                    conn.push(WAIT_CMD, batch)
                 conn.flush()
                 self.c.cluster_round_trips += 1
-                self.c.cluster_batched += len(batch)
+                self.c.cluster_batched += batch.size
+        if self.outbox:
+            self._send_replies()
+
+    def _send_replies(self) -> None:
+        """The UDP replies of what was acknowledged, one sendmmsg per listener."""
+        for li, items in self.outbox.items():
+            sent = self.io.send(self.udp_socks[li].fileno(), items)
+            if sent < len(items):
+                self.c.dropped_send_failed += len(items) - sent
+        self.outbox.clear()
 
     def tick(self, now: float) -> float:
         """Read the slot map when due; retry what waited for it, fail what waited
@@ -182,17 +208,47 @@ class SharedLocation:
                     self.c.cluster_retries += 1
                     self._again(p, now)
             self.after_batch()
+        if self.parked and now - self.parked_checked > 1.0:
+            self._expire_parked(now)
         recent = self.recent
         while recent and now - next(iter(recent.values()))[3] > RECENT:
             recent.popitem(last=False)
         return REFRESH_EVERY if (self.retry or self.refresh_due) else 1.0
 
+    def _expire_parked(self, now: float) -> None:
+        """A safety net: a request that waited for another's write longer than twice
+        --cluster-wait gets its 500 (every write ends in time, so none should)."""
+        self.parked_checked = now
+        for aor in list(self.parked):
+            waiting = self.parked[aor]
+            late = [p for p in waiting if now - p.first > 2 * self.wait_s]
+            if late:
+                self.parked[aor] = [p for p in waiting if p not in late]
+                if not self.parked[aor]:
+                    del self.parked[aor]
+                for p in late:
+                    LOG.warning("cluster: a request for %s waited %.1f s for another's write",
+                                aor.decode("utf-8", "replace"), now - p.first)
+                    p.aor = None
+                    self._fail(p, "unavailable")
+
     # -- the callbacks of a Conn ---------------------------------------------------
 
     def on_replies(self) -> None:
         """Replies were handled: send what they staged (decisions made again)."""
-        if self.fresh or self.batches:
+        if self.fresh or self.batches or self.outbox:
             self.after_batch()
+
+    def on_reply(self, item, reply) -> None:
+        """The reply to the command ``item`` stands for (LOST: it will not come)."""
+        if type(item) is Batch:
+            self._waited(item, reply)
+        elif item.op == OP_WRITE:
+            self._written(item, reply)
+        elif item.op == OP_READ:
+            self._got(item, reply)
+        else:
+            self._read(item.aor, reply)
 
     def on_push(self, push) -> None:
         """Another client wrote a key this worker holds a copy of: drop the copy
@@ -246,9 +302,10 @@ class SharedLocation:
             self._wait_for_map(p)
             return
         self.c.cluster_reads += 1
-        conn.push(hiredis.pack_command((b"GET", key)), lambda reply: self._got(p, reply))
+        p.op = OP_READ
+        conn.push(hiredis.pack_command((b"GET", key)), p)
         if conn not in self.batches:
-            self.batches[conn] = []
+            self.batches[conn] = Batch()
 
     def _got(self, p: Pending, reply) -> None:
         if reply is LOST or isinstance(reply, hiredis.ReplyError):
@@ -271,17 +328,19 @@ class SharedLocation:
             return
         batch = self.batches.get(conn)
         if batch is None:
-            batch = self.batches[conn] = []
+            batch = self.batches[conn] = Batch()
+        batch.size += 1
+        p.op = OP_WRITE
+        p.batch = batch if conn.replicas else None
         conn.push(hiredis.pack_command((
             b"FCALL", b"fastsip_cas", b"1", key,
             p.expected.to_bytes(8, "little") if p.expected else b"",
-            b"" if p.record is None else p.record, str(p.pxat).encode())),
-            lambda reply: self._written(p, conn, batch, reply))
+            b"" if p.record is None else p.record, str(p.pxat).encode())), p)
 
-    def _written(self, p: Pending, conn, batch: list, reply) -> None:
+    def _written(self, p: Pending, reply) -> None:
         if reply == 1:
-            if conn.replicas:
-                batch.append(p)         # the WAIT behind it says when it is safe
+            if p.batch is not None:
+                p.batch.acked.append(p)     # the WAIT behind it says when it is safe
             else:
                 self._done(p, time.time())
             return
@@ -298,17 +357,17 @@ class SharedLocation:
         self._check_backwards(p.aor, reply, now)
         self._release_parked(p.aor, now, first=p if p.data is not None else None)
 
-    def _waited(self, batch: list, reply) -> None:
+    def _waited(self, batch: Batch, reply) -> None:
         now = time.time()
         if type(reply) is int and reply >= 1:
-            for p in batch:
+            for p in batch.acked:
                 self._done(p, now)
             return
         if reply is not LOST:
             self.c.cluster_wait_shortfalls += 1
             if isinstance(reply, hiredis.ReplyError):
                 self._error(reply)
-        for p in batch:                 # stored on the primary only: not acknowledged
+        for p in batch.acked:           # stored on the primary only: not acknowledged
             self._unsure(p)
 
     def _done(self, p: Pending, now: float) -> None:
@@ -329,6 +388,7 @@ class SharedLocation:
         slot map is right (deciding again, against the stored record)."""
         self.store.cache_drop(p.aor)
         self._wait_for_map(p)
+        self.retry.extend(self.parked.pop(p.aor, ()))      # what waited for it waits on
 
     def _wait_for_map(self, p: Pending) -> None:
         self._need_refresh()
@@ -368,6 +428,7 @@ class SharedLocation:
         if p.aor is not None:
             self.reasserting.discard(p.aor)
             self.store.cache_drop(p.aor)
+            self.retry.extend(self.parked.pop(p.aor, ()))
         if p.data is not None:
             self._answer(p, make_response(p.data, 500, "Location unavailable, try again",
                                           RETRY_AFTER, (p.host.decode(), p.port)))
@@ -378,10 +439,11 @@ class SharedLocation:
         if p.conn_id >= 0:
             self.deliver(p.conn_id, reply)
             return
-        try:
-            self.udp_socks[max(p.li, 0)].sendto(reply, (p.host.decode(), p.port))
-        except OSError:
-            self.c.dropped_send_failed += 1
+        li = p.li if p.li >= 0 else 0
+        items = self.outbox.get(li)
+        if items is None:
+            items = self.outbox[li] = []
+        items.append((reply, (p.host, p.port)))
 
     # -- the map changing under us ---------------------------------------------------
 
@@ -443,9 +505,11 @@ class SharedLocation:
             key = KEY_HEAD + aor + b"}"
             conn = self._conn(self.slots.owner[key_slot(key)])
             if conn is not None:
-                conn.push(hiredis.pack_command((b"GET", key)),
-                          lambda reply, aor=aor: self._read(aor, reply))
-                self.batches.setdefault(conn, [])
+                p = Pending(None, None, 0, "udp", -1, 0.0)
+                p.aor, p.op = aor, OP_READBACK
+                conn.push(hiredis.pack_command((b"GET", key)), p)
+                if conn not in self.batches:
+                    self.batches[conn] = Batch()
         self.after_batch()
 
     def _read(self, aor: bytes, reply) -> None:
@@ -471,6 +535,7 @@ class SharedLocation:
         self.fresh.append(p)
 
 
+OP_WRITE, OP_READ, OP_READBACK = 0, 1, 2     # Pending.op
 KEY_HEAD = aor_key(b"")[:-1]        # b"fs:r:{"
 WAIT_CMD = hiredis.pack_command((b"WAIT", b"1", str(WAIT_MS).encode()))
 REFRESH_TIMEOUT = 0.3       # seconds for each node asked for the slot map

@@ -279,7 +279,7 @@ def test_a_node_killed_right_after_its_200s_loses_none(make_redis_cluster):
 
 def test_a_killed_primary_loses_no_acknowledged_binding_and_service_returns(make_redis_cluster):
     rc = make_redis_cluster()
-    n = node(rc.url, "--cluster-wait", "10")
+    n = node(rc.url, "--cluster-wait", "4")
     try:
         users = [f"p{i}" for i in range(400)]
         got, done = {}, threading.Event()
@@ -295,15 +295,15 @@ def test_a_killed_primary_loses_no_acknowledged_binding_and_service_returns(make
         rc.wait_failover(victim, timeout=20)
         t.join(120)
         assert done.is_set()
+        diagnosis = f"{dict(n.metrics())}\n{n.log()[-4000:]}"
+        # every request was answered: 200, or 500 once --cluster-wait had passed
+        assert set(got.values()) <= {200, 500}, diagnosis
         acked = [u for u, s in got.items() if s == 200]
-        refused = [u for u, s in got.items() if s != 200]
         assert lost(rc, acked, "p") == []
-        assert all(s in (500, None) for u, s in got.items() if u in refused)
-        # service is back: every AOR registers again, on the new primary too
-        again = register_many(n, users[-40:], "q")
-        assert set(again.values()) == {200}
-        m = n.metrics()
-        assert m["fastsip_cluster_lost_connections_total"] >= 1
+        # service is back for every slot, the new primary's too
+        again = register_many(n, [f"r{i}" for i in range(60)], "r")
+        assert set(again.values()) == {200}, diagnosis
+        assert n.metrics()["fastsip_cluster_lost_connections_total"] >= 1
     finally:
         n.stop()
 

@@ -354,3 +354,24 @@ def test_rediss_speaks_tls_to_redis(tmp_path):
         # a certificate that does not verify is refused
         out = cli("show", "tina@example.com", "--cluster", f"rediss://localhost:{port}")
         assert out.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in out.stderr
+
+
+def test_a_stored_version_gone_backwards_is_written_again(redis_server):
+    """What a failover that lost a write looks like to a node: the stored record is
+    older than one the node acknowledged.  The node writes its own back."""
+    n = node(redis_server.url, workers=1)
+    try:
+        assert ask(n, register("olga", contact="sip:o1@10.0.0.1", call_id="o1",
+                               expires=600)).status == 200
+        before = redis_server.command("GET", aor_key("sip:olga@example.com"))
+        assert ask(n, register("olga", contact="sip:o2@10.0.0.1", call_id="o2",
+                               expires=600)).status == 200
+        # the second write is "lost": Redis holds the first again, with its older version
+        redis_server.command("SET", aor_key("sip:olga@example.com"), before)
+        r = ask(n, register("olga", contact="sip:o3@10.0.0.1", call_id="o3", expires=600))
+        assert r.status == 200
+        assert set(contacts_of(r)) == {"sip:o1@10.0.0.1", "sip:o2@10.0.0.1", "sip:o3@10.0.0.1"}
+        assert set(stored(redis_server, "sip:olga@example.com")[1]) == set(contacts_of(r))
+        assert n.metrics()["fastsip_cluster_reasserted_total"] == 1
+    finally:
+        n.stop()

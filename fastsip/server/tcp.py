@@ -197,6 +197,7 @@ class TcpServer:
         handoffs.closed = self.reg_closed
         self.serve_shard = reg.serve_shard  # the shared location's, with --cluster
         self.after = None               # called after a read's messages are served (--cluster)
+        self.end_flows = True           # a closed connection ends its flows (not with --cluster)
 
     def __len__(self) -> int:
         return len(self.conns)
@@ -502,7 +503,7 @@ class TcpServer:
     def reg_closed(self, conn_id: int) -> None:
         """Connection ``conn_id`` is gone: remove its flows from this worker's shard
         (with --cluster they stay until they expire: docs/cluster.md)."""
-        if self.reg.shared:
+        if not self.end_flows:
             return
         try:
             self.reg.connection_closed(conn_id, time.time())

@@ -330,7 +330,7 @@ def test_a_primary_killed_while_its_replica_is_paused_loses_no_acknowledged_bind
         acked = [u for u, s in got.items() if s == 200]
         assert lost(rc, acked, "w") == []
         again = register_many(n, same_slot[:5], "w2")
-        assert set(again.values()) == {200}
+        assert set(again.values()) == {200}, f"{dict(n.metrics())}\n{n.log()[-4000:]}"
     finally:
         n.stop()
 

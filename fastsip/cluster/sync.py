@@ -125,46 +125,35 @@ class SlotMap:
 
 
 def read_slot_map(node: Node) -> SlotMap:
-    """The slot map as ``node`` sees it (CLUSTER SLOTS, the replicas from CLUSTER
-    NODES; a Redis without cluster mode serves every slot, its replicas counted
-    by INFO replication)."""
+    """The slot map as ``node`` sees it (CLUSTER SLOTS; a Redis without cluster
+    mode serves every slot).  Replicas are not counted here (``count_replicas``)."""
     try:
         slots = node.call(b"CLUSTER", b"SLOTS")
     except ClusterError as e:
         if "cluster support disabled" not in str(e):
             raise
-        info = node.call(b"INFO", b"replication")
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        replicas = 0
-        for line in text.splitlines():
-            if line.startswith("connected_slaves:"):
-                replicas = int(line.split(":")[1])
-        return SlotMap([(0, SLOTS - 1, node.addr, replicas)], standalone=True)
-    replicas = replica_counts(node.call(b"CLUSTER", b"NODES"))
+        return SlotMap([(0, SLOTS - 1, node.addr, 0)], standalone=True)
     ranges = []
     for entry in slots:
         start, end, primary = entry[0], entry[1], entry[2]
         host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
         if not host or host == "?":
             host = node.addr[0]
-        node_id = primary[2].decode() if isinstance(primary[2], bytes) else str(primary[2])
-        ranges.append((int(start), int(end), (host, int(primary[1])), replicas.get(node_id, 0)))
+        ranges.append((int(start), int(end), (host, int(primary[1])), 0))
     return SlotMap(ranges)
 
 
-def replica_counts(nodes) -> dict:
-    """{primary id: its replicas} from CLUSTER NODES, failing ones counted too: a
-    primary that has a replica must see a write taken by one before it is
-    acknowledged (WAIT 1), so a replica that is down stops its writes rather
-    than letting them be acknowledged unreplicated.  (CLUSTER SLOTS is no
-    guide: it leaves out replicas that have not synced yet.)"""
-    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
-    counts = {}
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and "slave" in fields[2].split(",") and fields[3] != "-":
-            counts[fields[3]] = counts.get(fields[3], 0) + 1
-    return counts
+def online_replicas(info) -> int:
+    """The replicas a primary streams to (``INFO replication``: ``slaveN:...,state=online``).
+
+    These are the ones WAIT 1 waits for: a replica that stopped answering stays
+    here until the primary's repl-timeout (60 s by default) drops it, so writes
+    go on being refused rather than acknowledged unreplicated while it may come
+    back; a replica that died with its connection (or a failed primary that the
+    cluster now lists as a replica) is not here, so it stops nothing."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return sum(1 for line in text.splitlines()
+               if line.startswith("slave") and ":" in line and "state=online" in line)
 
 
 class SyncCluster:
@@ -185,11 +174,25 @@ class SyncCluster:
                 continue
             if slots.complete():
                 self.slots = slots
+                self._count_replicas()
                 return
             errors.append(f"{addr[0]}:{addr[1]} does not serve every slot (cluster_state "
                           "is not ok)")
         self.close()
         raise ClusterError(f"no node of {url.redacted()} gives a slot map: " + "; ".join(errors))
+
+    def _count_replicas(self) -> None:
+        """Each primary's online replicas (``online_replicas``); a primary that does
+        not answer counts none (its slots are not writable anyway)."""
+        counts = {}
+        for _s, _e, addr, _r in self.slots.ranges:
+            if addr not in counts:
+                try:
+                    counts[addr] = online_replicas(self.node(addr).call(b"INFO", b"replication"))
+                except ClusterError:
+                    counts[addr] = 0
+        self.slots = SlotMap([(s, e, a, counts[a]) for s, e, a, _ in self.slots.ranges],
+                             self.slots.standalone)
 
     def node(self, addr) -> Node:
         n = self.nodes.get(addr)

@@ -323,8 +323,8 @@ class SharedLocation:
         key = KEY_HEAD + p.aor + b"}"
         addr = self.slots.owner[key_slot(key)]
         conn = self._conn(addr) if addr is not None else None
-        if conn is None:
-            self._wait_for_map(p)
+        if conn is None:                # its primary is gone: the copy was never written
+            self._unsure(p)
             return
         batch = self.batches.get(conn)
         if batch is None:

@@ -355,7 +355,14 @@ class SharedLocation:
         self.reasserting.discard(p.aor)
         self.store.cache_put(p.aor, reply, now)
         self._check_backwards(p.aor, reply, now)
-        self._release_parked(p.aor, now, first=p if p.data is not None else None)
+        p.tries += 1
+        if p.data is None:              # a re-assertion: someone wrote since; _read_back checks
+            self._release_parked(p.aor, now)
+        elif p.tries > MAX_TRIES:
+            self._fail(p, "conflicts")
+            self._release_parked(p.aor, now)
+        else:
+            self._release_parked(p.aor, now, first=p)
 
     def _waited(self, batch: Batch, reply) -> None:
         now = time.time()
@@ -403,12 +410,9 @@ class SharedLocation:
             self._again(p, now)
 
     def _again(self, p: Pending, now: float) -> None:
-        """Decide ``p``'s request again (the copy changed), or send a re-assertion again."""
-        p.tries += 1
-        if p.tries > MAX_TRIES:
-            self._fail(p, "conflicts")
-            return
-        if p.data is None:              # a re-assertion: _read_back checks it again
+        """Decide ``p``'s request again: its AOR's copy changed, or its write is to
+        be retried.  (A re-assertion is not retried: _read_back checks again.)"""
+        if p.data is None:
             self.reasserting.discard(p.aor)
             return
         try:
@@ -425,9 +429,8 @@ class SharedLocation:
     def _fail(self, p: Pending, reason: str) -> None:
         """Give up on ``p``: 500 with Retry-After (nothing was acknowledged)."""
         self.c.count("cluster_failures", reason)
-        if p.aor is not None:
+        if p.aor is not None:           # (its copy: already dropped, or the stored one)
             self.reasserting.discard(p.aor)
-            self.store.cache_drop(p.aor)
             self.retry.extend(self.parked.pop(p.aor, ()))
         if p.data is not None:
             self._answer(p, make_response(p.data, 500, "Location unavailable, try again",

@@ -324,7 +324,9 @@ class SharedLocation:
         addr = self.slots.owner[key_slot(key)]
         conn = self._conn(addr) if addr is not None else None
         if conn is None:
-            self._wait_for_map(p)
+            # The write never left, but the copy holds it and marks the AOR busy: drop
+            # the copy, or the retry would wait behind its own write for ever.
+            self._unsure(p)
             return
         batch = self.batches.get(conn)
         if batch is None:

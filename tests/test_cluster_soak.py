@@ -118,7 +118,8 @@ def cluster_metrics(*nodes) -> dict:
 
 def figures(res) -> str:
     return (f"{res['users']} phones, {res['sent']} requests ({res['retransmissions']} "
-            f"retransmissions), replies {res['replies']}, {res['timeouts']} timeouts, "
+            f"retransmissions), replies {res['replies']}, {res['timeouts']} timeouts "
+            f"({res['late']} replies came later), "
             "per target (2xx, 5xx, timeouts) "
             f"{[(t['target'], t['ok'], t['5xx'], t['timeouts']) for t in res.get('per_target', ())]}"
             f", acked {res['acked']}")
@@ -168,7 +169,7 @@ def check(rc, first, after, problem, metrics, logs):
     gone = lost(rc, first, later_runs={run_id(after)} if after else ())
     gone_after = lost(rc, after)
     print(f"losses: {len(gone)} of {len(first)} acknowledged in the soak, {len(gone_after)} "
-          f"of {len(after)} after it")
+          f"of {len(after)} after it; fastsip_cluster_* {metrics}")
     detail = "".join(f"\n  {line['aor']} acked {line['call_id']} CSeq {line['cseq']} via "
                      f"{line['target']} (later {line['later']}): stored {got}"
                      for line, got in (gone + gone_after)[:20])

@@ -56,11 +56,12 @@ from load._common cimport (BATCH, MSG_DONTWAIT, MSG_MAX, POLLERR, POLLHUP, POLLI
                            now_ns, pollfd, ppoll, recv, sendmmsg, socklen_t)
 from load._scan_c cimport (RecvBatch, ReplyInfo, rbatch_free, rbatch_init, rbatch_recv,
                            scan_reply)
-from load._send_c cimport (KIND_OVERRIDE, Batch, Entry, Phones, Schedule, Templates, batch_build,
-                           batch_free, batch_init, batch_run, callid_matches, entry_set,
-                           phone_target, phones_set, phones_take, sched_due, sched_kind,
-                           sched_next, sched_open, sched_set, sched_start, send_free,
-                           templates_set, tpl_fill, tpl_of)
+from load._send_c cimport (ACK_AUTHED, KIND_OVERRIDE, Ack, Batch, Entry, Phones, Schedule,
+                           Templates, batch_build, batch_free, batch_init, batch_run,
+                           callid_matches, entry_set, phone_ok, phone_target, phones_set,
+                           phones_take, phones_track_acks, sched_due, sched_kind, sched_next,
+                           sched_open, sched_set, sched_start, send_free, templates_set, tpl_fill,
+                           tpl_of)
 from load._stats_c cimport MAX_TARGETS, NSTATUS, Counters, hist_add
 from load._tcp_c cimport (TCP_IN_CAP, Conn, buf_append, buf_reserve, conn_deliver, conn_flush,
                           conn_free, conn_queue, conn_recv, conns_flush, conns_poll_events)
@@ -307,15 +308,49 @@ cdef class Engine(Counters):
         self.reset_counters()
         sched_start(&self.sch, duration)
 
-    def push_override(self, uint32_t phone, tpl):
+    def push_override(self, uint32_t phone, tpl, int kind=-1, uint32_t challenged=0):
         """Send ``tpl`` (``(data, sites, cid)``) as ``phone``'s next request,
-        ahead of new load (an answer to a digest challenge)."""
+        ahead of new load (an answer to a digest challenge: ``kind`` and
+        ``challenged``, the kind and request number of the challenged request,
+        which :meth:`acked` reports for it)."""
         if phone >= self.ph.n:
             raise ValueError("phone out of range")
         tpl_fill(&self.tpl.ovr[phone], tpl)
+        if self.ph.ack != NULL:
+            self.ph.ack[phone].ovr_kind = <uint16_t>kind if 0 <= kind < ACK_AUTHED else 0
+            self.ph.ack[phone].ovr_seq = challenged
         self._ovr_keep[phone] = tpl
         self.ph.pending[self.ph.npending] = phone
         self.ph.npending += 1
+
+    def track_acks(self):
+        """From now on keep, per phone, its last request answered 2xx (see
+        :meth:`acked`), across phases; :meth:`set_phones` drops what was kept."""
+        if self.ph.n == 0:
+            raise ValueError("set_phones() first")
+        if phones_track_acks(&self.ph) < 0:
+            raise MemoryError()
+
+    def acked(self):
+        """Per phone whose request got a 2xx (:meth:`track_acks`), in phone order:
+        ``(phone, seq, kind, cid_seq, authed, target, later)``: its last such
+        request's number (its CSeq number) and kind, the request number its
+        Call-ID was built with (``seq``; for an answer to a digest challenge,
+        ``authed`` true, the challenged request's, and ``kind`` is that one's),
+        the index of the target that answered, and how many of the phone's
+        requests after it got no 2xx (a non-2xx final or no answer in time):
+        0 when it was the phone's last request."""
+        cdef uint32_t i
+        cdef Ack *a
+        out = []
+        if self.ph.ack == NULL:
+            return out
+        for i in range(self.ph.n):
+            a = &self.ph.ack[i]
+            if a.seq:
+                out.append((i, a.seq, a.kind & ~ACK_AUTHED, a.cid, bool(a.kind & ACK_AUTHED),
+                            a.tgt, a.later))
+        return out
 
     def release(self, uint32_t phone):
         """Free a phone that Python will not send for (a challenge it cannot answer)."""
@@ -496,6 +531,8 @@ cdef class Engine(Counters):
                 self.timeouts += 1
                 self.iv_timeouts += 1
                 self.tgt_timeouts[s.tgt] += 1
+                if self.ph.ack != NULL:
+                    self.ph.ack[s.phone].later += 1
         while self.win.nlevels:
             nb = win_due(&self.win, t, due, BATCH)
             for i in range(nb):
@@ -671,8 +708,14 @@ cdef class Engine(Counters):
             self.ok += 1
             self.iv_ok += 1
             self.tgt_ok[s.tgt] += 1
+            if self.ph.ack != NULL:
+                phone_ok(&self.ph, s.phone, s.seq, s.kind, s.tgt)
         else:
             self.tgt_other[s.tgt] += 1
+            if ri.status >= 500:
+                self.tgt_5xx[s.tgt] += 1
+            if self.ph.ack != NULL:
+                self.ph.ack[s.phone].later += 1
         if ((ri.status == 401 or ri.status == 407) and self.answer_challenges
                 and not (s.flags & F_AUTHED)):
             self.challenged += 1

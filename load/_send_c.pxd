@@ -12,6 +12,7 @@ from load._window_c cimport F_MALFORMED
 cdef enum:
     MAX_SITES = 4             # request-number sites in one template
     KIND_OVERRIDE = 0xFFFF    # the kind of a phone's one-off request (see push_override)
+    ACK_AUTHED = 0x8000       # Ack.kind: an answer to a challenge of the request of that kind
 
 
 cdef struct Tpl:              # a pre-built request
@@ -29,6 +30,17 @@ cdef struct Templates:
     Tpl *ovr                  # [phone]: its one-off request
 
 
+cdef struct Ack:              # --acked: a phone's last request answered 2xx
+    uint32_t seq              # its request number (its CSeq number; 0: none yet)
+    uint32_t cid              # the request number its Call-ID was built with (itself, or
+                              # for an answer to a challenge, the challenged request's)
+    uint32_t later            # the phone's requests after it that got no 2xx
+    uint16_t kind             # its kind (| ACK_AUTHED: an answer to a challenge)
+    uint16_t tgt              # the index of its target
+    uint32_t ovr_seq          # the challenged request of the phone's one-off request
+    uint16_t ovr_kind         # and its kind
+
+
 cdef struct Phones:
     uint32_t n
     uint16_t *sock            # the index of its socket (stream: its connection to target 0)
@@ -41,6 +53,7 @@ cdef struct Phones:
     uint32_t cursor           # where the search for an idle phone starts
     uint32_t *pending         # phones whose one-off request waits to be sent (a stack)
     uint32_t npending
+    Ack *ack                  # per phone, when acknowledgements are tracked (else NULL)
 
 
 cdef struct Schedule:         # the new requests of a phase
@@ -86,6 +99,7 @@ cdef int sched_set(Schedule *s, pattern, malformed_kinds, double malformed_ratio
                    double duration) except -1
 cdef void sched_start(Schedule *s, double duration) noexcept nogil
 cdef void send_free(Templates *ts, Phones *ph, Schedule *s) noexcept nogil
+cdef int phones_track_acks(Phones *ph) noexcept nogil
 
 # the batch
 cdef int batch_init(Batch *b) noexcept nogil
@@ -214,3 +228,18 @@ cdef inline int batch_run(const Batch *b, int start, int nb) noexcept nogil:
     while start + run < nb and b.ent[start + run].sock == b.ent[start].sock:
         run += 1
     return run
+
+
+cdef inline void phone_ok(Phones *ph, uint32_t phone, uint32_t seq, uint16_t kind,
+                          uint16_t tgt) noexcept nogil:
+    """Request ``seq`` of ``phone`` got a 2xx (acknowledgements tracked: ``ph.ack``)."""
+    cdef Ack *a = &ph.ack[phone]
+    a.seq = seq
+    a.tgt = tgt
+    a.later = 0
+    if kind == KIND_OVERRIDE:
+        a.kind = a.ovr_kind | ACK_AUTHED
+        a.cid = a.ovr_seq
+    else:
+        a.kind = kind
+        a.cid = seq

@@ -70,6 +70,8 @@ cdef int phones_set(Phones *ph, Templates *ts, socks, srcs, targets, int nsock, 
     connections per target (streams; 0: the sockets serve every target)."""
     cdef Py_ssize_t i, n = len(socks)
     free(ph.sock); free(ph.src); free(ph.busy); free(ts.ovr); free(ph.pending); free(ph.tgt)
+    free(ph.ack)
+    ph.ack = NULL
     ph.sock = <uint16_t *>calloc(n, sizeof(uint16_t))
     ph.src = <uint32_t *>calloc(n, sizeof(uint32_t))
     ph.busy = <uint8_t *>calloc(n, 1)
@@ -147,9 +149,17 @@ cdef void sched_start(Schedule *s, double duration) noexcept nogil:
         s.send_until += 250000000
 
 
+cdef int phones_track_acks(Phones *ph) noexcept nogil:
+    """Keep, per phone, its last request answered 2xx (``Ack``, all zero: none
+    yet); -1 when out of memory.  Kept across phases (set_phones drops it)."""
+    if ph.ack == NULL:
+        ph.ack = <Ack *>calloc(ph.n if ph.n else 1, sizeof(Ack))
+    return -1 if ph.ack == NULL else 0
+
+
 cdef void send_free(Templates *ts, Phones *ph, Schedule *s) noexcept nogil:
     free(ts.tpls); free(ts.ovr)
-    free(ph.sock); free(ph.src); free(ph.busy); free(ph.pending); free(ph.tgt)
+    free(ph.sock); free(ph.src); free(ph.busy); free(ph.pending); free(ph.tgt); free(ph.ack)
     free(s.pattern); free(s.mal_kinds)
 
 

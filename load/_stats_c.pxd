@@ -52,11 +52,13 @@ cdef class Counters:
     cdef readonly int64_t max_lag_ns
     cdef uint64_t status[NSTATUS]
     cdef uint64_t mal_status[NSTATUS]
-    # per target (the request's): sent (not retransmissions), 2xx, other finals, timeouts
+    # per target (the request's): sent (not retransmissions), 2xx, other finals (of which
+    # 5xx), timeouts
     cdef readonly int ntargets
     cdef uint64_t tgt_sent[MAX_TARGETS]
     cdef uint64_t tgt_ok[MAX_TARGETS]
     cdef uint64_t tgt_other[MAX_TARGETS]
+    cdef uint64_t tgt_5xx[MAX_TARGETS]
     cdef uint64_t tgt_timeouts[MAX_TARGETS]
     cdef Hist *hist_total
     # since the last take_interval()

@@ -81,6 +81,7 @@ cdef class Counters:
         memset(self.tgt_sent, 0, sizeof(self.tgt_sent))
         memset(self.tgt_ok, 0, sizeof(self.tgt_ok))
         memset(self.tgt_other, 0, sizeof(self.tgt_other))
+        memset(self.tgt_5xx, 0, sizeof(self.tgt_5xx))
         memset(self.tgt_timeouts, 0, sizeof(self.tgt_timeouts))
         memset(self.hist_total, 0, sizeof(Hist))
         memset(self.hist_ival, 0, sizeof(Hist))
@@ -96,13 +97,15 @@ cdef class Counters:
         return {i: a[i] for i in range(NSTATUS) if a[i]}
 
     def target_counts(self):
-        """Per target, in order: ``{"sent", "ok", "non_2xx", "timeouts"}`` of
-        the requests sent to it.  They add up to the totals: ``sent_total -
+        """Per target, in order: ``{"sent", "ok", "non_2xx", "5xx", "timeouts"}``
+        of the requests sent to it.  They add up to the totals: ``sent_total -
         retransmissions`` (new requests, malformed ones included, and answers
-        to challenges), ``ok``, ``finals - ok`` and ``timeouts`` (malformed
-        requests' replies and silences are counted apart, as in the totals)."""
+        to challenges), ``ok``, ``finals - ok`` (of which ``5xx``: the replies
+        of status 500 to 599) and ``timeouts`` (malformed requests' replies and
+        silences are counted apart, as in the totals)."""
         return [{"sent": self.tgt_sent[i], "ok": self.tgt_ok[i], "non_2xx": self.tgt_other[i],
-                 "timeouts": self.tgt_timeouts[i]} for i in range(self.ntargets)]
+                 "5xx": self.tgt_5xx[i], "timeouts": self.tgt_timeouts[i]}
+                for i in range(self.ntargets)]
 
     def latency(self):
         """Latency of every matched final reply, in milliseconds."""

@@ -95,6 +95,11 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--server-pid", type=int, nargs="+", default=[], metavar="PID",
                    help="measure the CPU of these processes and their children")
     g.add_argument("--json", metavar="FILE", help="write the result as JSON ('-' for stdout)")
+    g.add_argument("--acked", metavar="FILE",
+                   help="at the end, write every phone's last request answered 2xx (user, AOR, "
+                        "contact, Call-ID, CSeq, expires, target, and how many of its later "
+                        "requests got no 2xx), one JSON object a line: what the registrar "
+                        "promised to keep")
     g.add_argument("--plot", metavar="FILE.png", help="plot rate and latency over time")
     g.add_argument("--pcap-out", metavar="FILE", help="write the scenario's requests to a pcap")
     g.add_argument("--dry-run", action="store_true", help="build (and --pcap-out) but send nothing")
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
         t1=args.t1, t2=args.t2, sockets=args.sockets, pcap_out=args.pcap_out, replay=args.replay,
         raw=args.raw, tls_ca=args.tls_ca, tls_insecure=args.tls_insecure,
         allow_remote=args.allow_remote, server_pid=args.server_pid,
-        interval=args.interval, no_prime=args.no_prime, dry_run=args.dry_run)
+        interval=args.interval, no_prime=args.no_prime, dry_run=args.dry_run, acked=args.acked)
     try:
         run = LoadRun(opts, log=log)
         progress = None if args.quiet else progress_printer()

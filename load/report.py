@@ -234,8 +234,8 @@ def summary(res: dict) -> str:
     ]
     if res.get("per_target"):
         rows.append(("spread", f"{res['spread']} over {len(res['per_target'])} targets"))
-        rows += [(f"  {t['target']}", f"{t['sent']} sent, {t['ok']} 2xx, {t['non_2xx']} non-2xx, "
-                  f"{t['timeouts']} timeouts"
+        rows += [(f"  {t['target']}", f"{t['sent']} sent, {t['ok']} 2xx, {t['non_2xx']} non-2xx"
+                  + (f" ({t['5xx']} 5xx)" if t.get("5xx") else "") + f", {t['timeouts']} timeouts"
                   + (f" ({t['phones']} phones)" if t["phones"] is not None else ""))
                  for t in res["per_target"]]
     un = res["unmatched"]
@@ -260,6 +260,10 @@ def summary(res: dict) -> str:
         rows.append(("server CPU", f"{res['server_cpu_pct']:.1f} % of a core, "
                      + (f"{per:.2f} us per answered request" if per is not None else "no replies")
                      + f" (pids {', '.join(map(str, res['server_pids']))})"))
+    if res.get("acked"):
+        a = res["acked"]
+        rows.append(("acked", f"{a['phones']} phones got a 2xx ({a['last']} to their last request)"
+                              f", written to {a['path']}"))
     if res.get("prime"):
         p = res["prime"]
         rows.append(("priming", f"{p['sent']} sent, {p['ok']} 2xx, {p['timeouts']} timeouts"))

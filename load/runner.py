@@ -14,6 +14,7 @@ the requests go to them.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from .scenario import (
     mix_pattern,
     parse_mix,
     read_replay,
+    reply_cseq,
+    request_fields,
     scenario_requests,
     spread_targets,
     write_pcap,
@@ -101,6 +104,7 @@ class Options:
     interval: float = 1.0
     no_prime: bool = False
     dry_run: bool = False
+    acked: str | None = None                  # write each phone's last acknowledged request here
 
 
 class LoadRun:
@@ -298,6 +302,8 @@ class LoadRun:
         self.engine.set_templates(flat, self.nkinds)
         if tls is not None:
             self.engine.set_tls(tls)
+        if o.acked:
+            self.engine.track_acks()
 
     def write_pcap(self, path: str) -> int:
         """Write the scenario (what the run sends, in order) to ``path``."""
@@ -315,6 +321,33 @@ class LoadRun:
                 return self.targets[(first[phone] + (n // users if rotate else 0)) % ntargets]
         return write_pcap(path, self.phones, self.tpls, self.nkinds, reqs, self.cfg,
                           o.rate or 10_000.0, raw=o.raw, target_of=target_of)
+
+    def acked(self) -> list:
+        """Every phone's last request answered 2xx (the priming phase's too), as the
+        dicts ``--acked`` writes (load/README.md): the ones a registrar promised to
+        keep.  Needs ``Options.acked`` (the engine tracks them from the start)."""
+        out = []
+        names = self.target_names
+        for phone, seq, kind, cid_seq, authed, tgt, later in self.engine.acked():
+            tpl = self.tpls[phone * self.nkinds + kind]
+            req = request_fields(tpl.render(cid_seq), tpl.callid, 28 if self.opts.raw else 0)
+            user = self.phones[phone].user or req["user"]
+            out.append({"user": user, "aor": req["aor"],
+                        "contact": req["contacts"][0] if req["contacts"] else None,
+                        "contacts": req["contacts"], "call_id": req["call_id"], "cseq": seq,
+                        "expires": req["expires"], "kind": self.kinds[kind], "auth": authed,
+                        "target": names[tgt], "later": later})
+        return out
+
+    def write_acked(self, path: str) -> dict:
+        """Write :meth:`acked` to ``path``, one JSON object a line, in phone order;
+        returns the result's ``acked`` entry."""
+        lines = self.acked()
+        with open(path, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line, separators=(",", ":")) + "\n")
+        return {"path": path, "phones": len(lines),
+                "last": sum(1 for line in lines if line["later"] == 0)}
 
     def close(self):
         for s in self.socks:
@@ -335,7 +368,8 @@ class LoadRun:
                 if not ph.password:
                     raise ValueError("no password (give --password-pattern)")
                 base = self.tpls[phone * self.nkinds + kind]
-                eng.push_override(phone, answer_challenge(reply, base, ph, raw=self.opts.raw))
+                answer = answer_challenge(reply, base, ph, raw=self.opts.raw)
+                eng.push_override(phone, answer, kind, reply_cseq(reply))
             except ValueError as exc:
                 self.auth_errors += 1
                 if self.auth_errors == 1:
@@ -419,7 +453,10 @@ class LoadRun:
             cpu.stop()
             if server:
                 server.stop()
-            return build_result(self, eng, cpu, server, samples, prime)
+            res = build_result(self, eng, cpu, server, samples, prime)
+            if o.acked:
+                res["acked"] = self.write_acked(o.acked)
+            return res
         finally:
             self.close()
 

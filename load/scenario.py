@@ -54,6 +54,8 @@ __all__ = [
     "write_pcap",
     "read_replay",
     "spread_targets",
+    "reply_cseq",
+    "request_fields",
     "SPREADS",
     "STREAMS",
 ]
@@ -333,6 +335,62 @@ def answer_challenge(reply: bytes, base: Template, phone: Phone, raw: bool = Fal
         struct.pack_into("!HH", head, 24, 8 + len(msg), 0)         # UDP length, no checksum
         head = bytes(head)
     return _tpl_tuple(templatize(head + msg, offset=off))
+
+
+_CSEQ_RE = re.compile(rb"(?im)^cseq[ \t]*:[ \t]*(\d+)")
+_HEADER_RE = re.compile(rb"(?im)^(contact|m|to|t|expires)[ \t]*:[ \t]*([^\r\n]*?)[ \t]*\r?$")
+
+
+def reply_cseq(reply: bytes) -> int:
+    """The CSeq number of a reply (0 without one)."""
+    m = _CSEQ_RE.search(reply)
+    return int(m.group(1)) if m else 0
+
+
+def _uri(value: bytes) -> str:
+    """The URI of a name-addr or addr-spec (``<uri>;params``, ``uri;params``)."""
+    lt = value.find(b"<")
+    if lt >= 0:
+        gt = value.find(b">", lt)
+        return value[lt + 1:gt if gt > 0 else len(value)].decode("utf-8", "replace")
+    return value.split(b";", 1)[0].strip().decode("utf-8", "replace")
+
+
+def request_fields(data: bytes, callid: tuple, offset: int = 0) -> dict:
+    """What ``--acked`` reports of a request as sent (``data``; the SIP message from
+    ``offset`` on; ``callid``: its Call-ID's offset and length): ``aor`` (the To
+    URI), ``user`` (its user part), ``contacts`` (every Contact's URI, in order;
+    ``*`` for a star), ``call_id`` and ``expires`` (the Expires header, None
+    without one)."""
+    aor, contacts, expires = "", [], None
+    end = data.find(b"\r\n\r\n", offset)
+    head = data[offset:end + 2 if end >= 0 else len(data)]
+    for m in _HEADER_RE.finditer(head):
+        name, value = m.group(1).lower(), m.group(2)
+        if name in (b"contact", b"m"):
+            # one header may list several contacts: split at commas outside <...>
+            depth, start = 0, 0
+            for i, c in enumerate(value + b","):
+                if c == 60:
+                    depth += 1
+                elif c == 62:
+                    depth -= 1
+                elif c == 44 and depth <= 0:
+                    part = value[start:i].strip()
+                    if part:
+                        contacts.append("*" if part == b"*" else _uri(part))
+                    start = i + 1
+        elif name in (b"to", b"t") and not aor:
+            aor = _uri(value)
+        elif name == b"expires" and expires is None:
+            try:
+                expires = int(value)
+            except ValueError:
+                expires = None
+    user = aor.split(":", 1)[-1].split("@", 1)[0] if "@" in aor else ""
+    off, n = callid
+    return {"aor": aor, "user": user, "contacts": contacts,
+            "call_id": data[off:off + n].decode("utf-8", "replace"), "expires": expires}
 
 
 def scenario_requests(count: int, users: int, pattern: list, malformed_kinds: list,

@@ -775,6 +775,64 @@ def test_per_target_counts_with_losses_and_challenges(responder):
     assert auth["non_2xx"] == auth["sent"] == res["replies"]["401"] > 0 and auth["ok"] == 0
 
 
+def _acked(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_acked_lists_every_phones_last_2xx(tmp_path, responder):
+    """--acked: one line per phone that got a 2xx, its last one; ``later`` counts its
+    requests after it that got none (replies the responder dropped: timeouts)."""
+    rs = [responder("--log-users"), responder("--log-users", "--drop", "0.3", "--seed", "11")]
+    path = tmp_path / "acked.jsonl"
+    res = run(target=[r.target for r in rs], scenario="refresh", no_prime=True, inflight=6,
+              count=240, users=30, timeout=0.3, domain="example.com", acked=str(path))
+    stats = [r.stop() for r in rs]
+    lines = _acked(path)
+    assert res["acked"] == {"path": str(path), "phones": len(lines),
+                            "last": sum(1 for x in lines if x["later"] == 0)}
+    assert res["per_target"][1]["timeouts"] > 0 and "5xx" in res["per_target"][0]
+    assert [x["user"] for x in lines] == sorted(x["user"] for x in lines)     # phone order
+    by_user = {x["user"]: x for x in lines}
+    for i in range(30):
+        user = f"u{i:06d}"
+        k = next(k for k, st in enumerate(stats) if user in st["users"])
+        got = stats[k]["users"][user]
+        x = by_user.get(user)
+        if x is None:           # every reply of this phone was dropped
+            assert k == 1
+            continue
+        assert x["target"] == res["targets"][k] and x["aor"] == f"sip:{user}@example.com"
+        assert x["contact"].startswith(f"sip:{user}@{phone_address(i)}:")
+        assert x["contacts"] == [x["contact"]] and x["kind"] == "refresh" and not x["auth"]
+        assert x["call_id"].endswith(f"-{i:x}@{phone_address(i)}") and x["expires"] == 3600
+        assert x["cseq"] in got
+        assert x["later"] == sum(1 for c in got if c > x["cseq"]), (user, x, got)
+        if k == 0:
+            assert x["later"] == 0 and x["cseq"] == max(got)
+    assert any(x["later"] for x in lines)
+    assert res["ok"] >= len(lines)
+
+
+@pytest.mark.parametrize("scenario", ["auth", "register"])
+def test_acked_answers_to_challenges_carry_the_challenged_requests_call_id(
+        tmp_path, responder, scenario):
+    r = responder("--auth", "--log-users")
+    path = tmp_path / "acked.jsonl"
+    res = run(target=r.target, scenario=scenario, password_pattern="secret", inflight=4,
+              count=40, users=8, acked=str(path))
+    got = r.stop()["users"]
+    assert res["ok"] == 40 and res["timeouts"] == 0
+    lines = _acked(path)
+    assert len(lines) == 8 == res["acked"]["last"]
+    for x in lines:
+        cseqs = got[x["user"]]
+        assert x["auth"] and x["later"] == 0 and x["cseq"] == max(cseqs)
+        assert x["kind"] == ("refresh" if scenario == "auth" else "register")
+        if scenario == "register":      # the Call-ID is the challenged request's (new each time)
+            challenged = max(c for c in cseqs if c < x["cseq"])
+            assert f"-{challenged:010d}@" in x["call_id"], (x, cseqs)
+
+
 def test_pcap_of_several_targets(tmp_path):
     from scapy.layers.inet import UDP
     from scapy.utils import rdpcap
@@ -835,9 +893,9 @@ def test_cli_several_targets(tmp_path, responder):
     assert res["spread"] == "round-robin"
     live, dead = res["per_target"]
     assert live == {"target": r.target, "phones": None, "sent": 20, "ok": 20, "non_2xx": 0,
-                    "timeouts": 0}
+                    "5xx": 0, "timeouts": 0}
     assert dead == {"target": quiet, "phones": None, "sent": 20, "ok": 0, "non_2xx": 0,
-                    "timeouts": 20}
+                    "5xx": 0, "timeouts": 20}
     assert res["sent"] == 40 and res["ok"] == 20 and res["timeouts"] == 20
     assert re.search(r"(?m)^spread +round-robin over 2 targets$", cp.stdout)
     assert re.search(rf"(?m)^  {quiet} +20 sent, 0 2xx, 0 non-2xx, 20 timeouts$", cp.stdout)

@@ -2,6 +2,8 @@
 bindings is staged, not answered; its AOR is busy until the write is done; the
 cache takes what the shared location holds.  No Redis here: the cluster tests
 (test_cluster.py) run the same against real ones."""
+import socket
+
 import pytest
 
 import fastsip
@@ -178,3 +180,40 @@ def test_a_retransmission_answered_from_a_read_copy_is_written_again(reg):
     reg.store.cache_done(AOR)
     # once written (and acknowledged) here, a retransmission is answered at once
     assert isinstance(serve(reg, data, 1000.5), bytes)
+
+
+def test_a_write_its_primary_cannot_take_leaves_its_aor_free_for_the_retry(reg):
+    # The worker's room with a slot map whose only primary refuses connections (a
+    # primary failing over): a staged write that cannot be sent is forgotten with its
+    # copy, so the retry decides it again instead of waiting behind itself for ever.
+    from fastsip.cluster.sync import SLOTS, SlotMap
+    from fastsip.server.metrics import WorkerCounters
+    from fastsip.server.shared import SharedLocation
+
+    class Loop:                         # no connection is ever made
+        def add(self, *args):
+            raise AssertionError("no primary should answer")
+
+    phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    phone.bind(("127.0.0.1", 0))
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    room = SharedLocation(reg, parse_url("redis://127.0.0.1:1"), Loop(), [listener], None,
+                          WorkerCounters(), 5.0, 10.0)
+    room.slots = SlotMap([(0, SLOTS - 1, ("127.0.0.1", 1), 1)])
+    src = (b"127.0.0.1", phone.getsockname()[1])
+    data = register("alice", contact="sip:a@h", call_id="c1", cseq=1, expires=600)
+    try:
+        assert room.serve_shard(data, *src, 1000.0, "udp", -1, 0, 1) is None
+        room.after_batch()              # the write goes nowhere
+        assert not reg.store.cache_busy(AOR) and len(room.retry) == 1
+        room.refresh_due = 0.0          # as if the slot map were read again: retry
+        room.tick(1000.5)
+        assert room.c.cluster_parked == 0 and room.parked == {}
+        assert not reg.store.cache_busy(AOR) and len(room.retry) == 1
+        room.tick(1006.0)               # --cluster-wait (5 s) is over: a 500
+        assert room.c.cluster_failures_unavailable == 1 and not room.retry
+        phone.settimeout(5)
+        assert phone.recv(65536).startswith(b"SIP/2.0 500 ")
+    finally:
+        phone.close()
+        listener.close()

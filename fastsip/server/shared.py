@@ -323,7 +323,9 @@ class SharedLocation:
         key = KEY_HEAD + p.aor + b"}"
         addr = self.slots.owner[key_slot(key)]
         conn = self._conn(addr) if addr is not None else None
-        if conn is None:                # its primary is gone: the copy was never written
+        if conn is None:
+            # The write never left, but the copy holds it and marks the AOR busy: drop
+            # the copy, or the retry would wait behind its own write for ever.
             self._unsure(p)
             return
         batch = self.batches.get(conn)

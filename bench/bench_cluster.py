@@ -44,7 +44,8 @@ the generator, and in (b) the node core's CPU is the node's alone; Redis and the
 generator share the other core (there is no third).  Per CPU group the table shows the
 other work (/proc/stat user + system time less the processes measured here) and the
 interrupt time (irq + softirq: on loopback much of a packet's way from one socket to
-another runs there, and it is in no process's CPU time), in % of one core.
+another runs there, and it is in no process's CPU time), in % of one core; a row is
+marked `` *`` when other work took more than 10 % of a core on either group.
 
 The machine's cores are shared with other work: compare rows of one run, not runs.
 
@@ -417,6 +418,7 @@ def read_perf(path) -> dict:
 
 # -- the report ----------------------------------------------------------------------------
 
+NOISY = 10.0    # % of a core of other work on a CPU group: the row is marked " *"
 HEAD = (f"{'part':>4} {'setup':>8} {'nodes':>5} {'load':>8} {'2xx/s':>7} {'loss%':>5} "
         f"{'p50ms':>6} {'p99ms':>6} {'nodeµs':>7} {'node%':>6} {'primµs':>7} {'replµs':>7} "
         f"{'redis%':>6} {'REG/bt':>6} {'RT/bt':>6} {'wr/RT':>6} {'tool%':>6}  others%/irq% by CPU group")
@@ -426,11 +428,12 @@ def line(r) -> str:
     load = f"{r['setting']}/s" if r["mode"] == "open" else f"inf{r['setting']}"
     f = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
     cores = " ".join(f"{k}:{v['others_pct']:.0f}/{v['irq_pct']:.0f}" for k, v in r["cores"].items())
+    noisy = " *" if any(v["others_pct"] > NOISY for v in r["cores"].values()) else ""
     return (f"{r['part']:>4} {r['setup']:>8} {r['nodes']:>5} {load:>8} {r['achieved']:>7.0f} "
             f"{r['loss_pct']:>5} {r['p50_ms']:>6.2f} {r['p99_ms']:>6.2f} {r['node_us_per_reg']:>7} "
             f"{r['node_cpu_pct']:>6} {r['primaries_us_per_reg']:>7} {r['replicas_us_per_reg']:>7} "
             f"{r['redis_cpu_pct']:>6} {f(r['regs_per_batch']):>6} {f(r['round_trips_per_batch']):>6} "
-            f"{f(r['writes_per_round_trip']):>6} {r['tool_cpu_pct']:>6}  {cores}")
+            f"{f(r['writes_per_round_trip']):>6} {r['tool_cpu_pct']:>6}  {cores}{noisy}")
 
 
 def find(rows, **kw):
@@ -484,6 +487,54 @@ def summary(rows, args) -> list:
                    f"primary on a core of its own would be saturated near {1e6 / us:,.0f} "
                    f"REGISTER/s to its slots, three near {3e6 / us:,.0f}/s (a projection from "
                    "this cost, not a measurement)")
+    out += targets(rows, args)
+    return out
+
+
+def targets(rows, args) -> list:
+    """Issue #12's targets, each against the rows of this run that bear on it."""
+    out = []
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    cpu = []
+    for part, setting in [("a", r) for r in args.rates] + [("b", args.inflight)]:
+        base = find(rows, part=part, setup="no-state", setting=setting)
+        mine = find(rows, part=part, setup="cluster", setting=setting)
+        if base and mine:
+            cpu.append((f"{part} {setting}", mine["node_us_per_reg"] / base["node_us_per_reg"]))
+    if cpu:
+        out.append("target: node CPU per REGISTER, cluster <= 1.5x no-state: "
+                   + ", ".join(f"{k} {v:.2f}x" for k, v in cpu) + f" -> {ok(max(v for _, v in cpu) <= 1.5)}")
+    b = [r for r in rows if r["part"] == "b" and r["setup"] != "no-state"]
+    if b:
+        caps = {r["setup"]: 1e6 / r["node_us_per_reg"] for r in b}
+        out.append("target: >= 100k REGISTER/s per node core (1e6 / node µs per REGISTER at "
+                   "saturation; the node core was not always full): "
+                   + ", ".join(f"{k} {v:,.0f}/s" for k, v in caps.items())
+                   + f" -> {ok(min(caps.values()) >= 100_000)}")
+    rt = [(f"{r['part']} {r['setup']} {r['setting']}", r["round_trips_per_batch"], r["setup"])
+          for r in rows if r["part"] in "ab" and r["setup"] != "no-state" and r["round_trips_per_batch"]]
+    if rt:
+        # the cluster has 3 primaries: one round trip per batch per primary written to
+        out.append("target: <= 1 Redis round trip per batch (per primary written to): "
+                   + ", ".join(f"{k} {v}" for k, v, _ in rt)
+                   + f" -> {ok(all(v <= (3 if s == 'cluster' else 1) for _, v, s in rt))}")
+    lat = []
+    for rate in args.rates:
+        base = find(rows, part="a", setup="no-state", setting=rate)
+        for setup in ("redis", "cluster"):
+            mine = find(rows, part="a", setup=setup, setting=rate)
+            if base and mine:
+                lat.append((f"{setup} {rate}/s", mine["p99_ms"] - base["p99_ms"]))
+    if lat:
+        out.append("target: p99 latency added <= 2 ms (fixed rates): "
+                   + ", ".join(f"{k} {v:+.2f} ms" for k, v in lat)
+                   + f" -> {ok(max(v for _, v in lat) <= 2.0)}")
+    one = find(rows, part="c", nodes=1) or find(rows, part="b", setup="cluster")
+    three = find(rows, part="c", nodes=3)
+    if one and three:
+        x = three["achieved"] / one["achieved"]
+        out.append(f"target: 3 nodes >= 2.5x one node: {x:.2f}x -> {ok(x >= 2.5)} (on this machine "
+                   "the nodes share one core and Redis another: see (c) for which one was full)")
     return out
 
 

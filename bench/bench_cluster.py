@@ -117,6 +117,20 @@ def proc_stat() -> dict:
     return out
 
 
+def wait_quiet(max_wait: float, threshold: float) -> float:
+    """Wait (at most ``max_wait`` s, in half-second looks) until tasks on the machine use at
+    most ``threshold`` % of a core (between steps nothing of this benchmark runs but idle
+    Redis); returns the last look's figure."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        a = proc_stat()
+        time.sleep(0.5)
+        b = proc_stat()
+        busy = 100.0 * sum(b[c]["task"] - a[c]["task"] for c in b) / 0.5e9
+        if busy <= threshold or time.monotonic() >= deadline:
+            return busy
+
+
 def group_cpu(pids) -> dict:
     """{pid: CPU ns so far} of ``pids`` (each with its threads)."""
     return {p: process_cpu_ns(p) or 0 for p in pids}
@@ -237,6 +251,11 @@ class Bench:
 
     def step(self, part, setup, nodes=1, rate=None, inflight=None, profile=False) -> dict:
         a = self.args
+        if a.quiet_wait:
+            busy = wait_quiet(a.quiet_wait, a.quiet_threshold)
+            if busy > a.quiet_threshold:
+                print(f"#   (other work still at {busy:.0f} % of a core after {a.quiet_wait:g} s)",
+                      flush=True)
         if setup != "no-state":
             self.flush(setup)
         srvs = []
@@ -611,6 +630,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="no taskset at all")
     ap.add_argument("--profile", action="store_true",
                     help="two more steps (no-state, cluster) sampled with perf and py-spy")
+    ap.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                    help="before each step, wait up to S s for other work on the machine to drop "
+                         "below --quiet-threshold (default 0: no wait)")
+    ap.add_argument("--quiet-threshold", type=float, default=15.0, metavar="PCT",
+                    help="%% of one core other work may use for --quiet-wait (default 15)")
     ap.add_argument("--json", metavar="FILE", help="also write every row and the ratios as JSON")
     args = ap.parse_args(argv)
     args.rates = [int(x) for x in args.rates.split(",") if x.strip()]

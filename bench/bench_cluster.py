@@ -47,11 +47,22 @@ interrupt time (irq + softirq: on loopback much of a packet's way from one socke
 another runs there, and it is in no process's CPU time), in % of one core; a row is
 marked `` *`` when other work took more than 10 % of a core on either group.
 
+Columns: ``nodeµs`` the node's CPU µs per REGISTER answered (all its processes) and
+``node%`` its CPU in % of one core; ``primµs``, ``replµs`` the Redis primaries' and
+replicas' CPU µs per REGISTER, ``redis%`` all of Redis in % of a core; ``REG/bt``
+REGISTERs per recvmmsg batch, ``RT/bt`` round trips per batch, ``wr/RT`` writes per
+round trip, ``bw/REG`` ``--batch-wait`` sleeps per REGISTER (``/api/workers``: a
+wake-up within two waits of the previous one sleeps 200 µs first; in cluster mode the
+Redis replies wake the worker too); ``tool%`` the load tool; then other work and
+interrupts per CPU group.  The summary gives the ratios (cluster or redis over
+no-state, in the same run) and checks the issue's targets.
+
 The machine's cores are shared with other work: compare rows of one run, not runs.
 
     python3 bench/bench_cluster.py                         # (a), (b), (c): about 3 minutes
     python3 bench/bench_cluster.py --parts b --duration 8 --json /tmp/bc.json
     python3 bench/bench_cluster.py --parts b --profile     # and where a node's CPU goes
+    python3 bench/bench_cluster.py --parts a -- --batch-wait 0   # flags for every node
 
 ``--profile``: at the end, one more closed-loop step against a ``no-state`` node and one
 against a ``cluster`` node (not in the tables), each sampled with ``perf record`` on its
@@ -95,11 +106,20 @@ METRICS = {      # short name -> /metrics key (summed over the nodes)
     "parked": "fastsip_cluster_parked_total",
     "retries": "fastsip_cluster_retries_total",
     "wait_shortfalls": "fastsip_cluster_wait_shortfalls_total",
+    "batch_waits": "batch_waits",       # from /api/workers (see counters)
 }
 
 
 class BenchError(Exception):
     """A step that cannot run: main() prints it on one line and exits 1."""
+
+
+def counters(node) -> dict:
+    """The node's /metrics, and its workers' --batch-wait sleeps (/api/workers) as
+    ``batch_waits`` (not in /metrics)."""
+    out = node.metrics()
+    out["batch_waits"] = sum(w.get("batch_waits", 0) for w in node.api("/api/workers")["workers"])
+    return out
 
 
 def proc_stat() -> dict:
@@ -150,7 +170,7 @@ class Meters:
         self.t0 = self.t1 = 0
 
     def start(self):
-        self.m0 = [n.metrics() for n in self.nodes]
+        self.m0 = [counters(n) for n in self.nodes]
         self.c0 = {name: group_cpu(pids) for name, pids in self.groups.items()}
         self.self0 = process_cpu_ns(os.getpid()) or 0
         self.stat0 = proc_stat()
@@ -164,7 +184,7 @@ class Meters:
                    for name, c0 in self.c0.items()}
         cpu["tool"] = (process_cpu_ns(os.getpid()) or 0) - self.self0
         per_pid["tool"] = {os.getpid(): cpu["tool"]}
-        m1 = [n.metrics() for n in self.nodes]
+        m1 = [counters(n) for n in self.nodes]
         counts = {k: int(sum(b.get(key, 0) - a.get(key, 0) for a, b in zip(self.m0, m1, strict=True)))
                   for k, key in METRICS.items()}
         stat = {c: {k: v - self.stat0[c][k] for k, v in d.items()} for c, d in stat1.items()}
@@ -238,7 +258,7 @@ class Bench:
 
     # -- one step -------------------------------------------------------------------
     def start_node(self, setup, workers):
-        flags = ["--log-level", "warning", "--max-expires", "3600"]
+        flags = ["--log-level", "warning", "--max-expires", "3600", *self.args.server_flags]
         if setup != "no-state":
             flags += ["--cluster", self.url(setup)]
         srv = ServerProcess(*flags, workers=workers, cwd=self.workdir, transports=("udp",),
@@ -338,6 +358,8 @@ class Bench:
             "per_pid_cpu_pct": per_pid_pct,
             "counts": c,
             "regs_per_batch": round(regs / c["batches"], 2) if c["batches"] else None,
+            # --batch-wait sleeps: a wake-up within two waits of the last one sleeps first
+            "batch_waits_per_reg": round(c["batch_waits"] / regs, 3) if regs else None,
             "round_trips_per_batch": round(c["round_trips"] / c["batches"], 3) if c["batches"] else None,
             # FCALLs per pipeline: writes acknowledged and refused (conflicts) per round trip
             # (fastsip_cluster_batched_writes_total is not used: it reads 0, see the docstring)
@@ -440,7 +462,8 @@ def read_perf(path) -> dict:
 NOISY = 10.0    # % of a core of other work on a CPU group: the row is marked " *"
 HEAD = (f"{'part':>4} {'setup':>8} {'nodes':>5} {'load':>8} {'2xx/s':>7} {'loss%':>5} "
         f"{'p50ms':>6} {'p99ms':>6} {'nodeµs':>7} {'node%':>6} {'primµs':>7} {'replµs':>7} "
-        f"{'redis%':>6} {'REG/bt':>6} {'RT/bt':>6} {'wr/RT':>6} {'tool%':>6}  others%/irq% by CPU group")
+        f"{'redis%':>6} {'REG/bt':>6} {'RT/bt':>6} {'wr/RT':>6} {'bw/REG':>6} {'tool%':>6}  "
+        "others%/irq% by CPU group")
 
 
 def line(r) -> str:
@@ -452,7 +475,8 @@ def line(r) -> str:
             f"{r['loss_pct']:>5} {r['p50_ms']:>6.2f} {r['p99_ms']:>6.2f} {r['node_us_per_reg']:>7} "
             f"{r['node_cpu_pct']:>6} {r['primaries_us_per_reg']:>7} {r['replicas_us_per_reg']:>7} "
             f"{r['redis_cpu_pct']:>6} {f(r['regs_per_batch']):>6} {f(r['round_trips_per_batch']):>6} "
-            f"{f(r['writes_per_round_trip']):>6} {r['tool_cpu_pct']:>6}  {cores}{noisy}")
+            f"{f(r['writes_per_round_trip']):>6} {f(r['batch_waits_per_reg']):>6} "
+            f"{r['tool_cpu_pct']:>6}  {cores}{noisy}")
 
 
 def find(rows, **kw):
@@ -636,6 +660,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-threshold", type=float, default=15.0, metavar="PCT",
                     help="%% of one core other work may use for --quiet-wait (default 15)")
     ap.add_argument("--json", metavar="FILE", help="also write every row and the ratios as JSON")
+    ap.add_argument("server_flags", nargs="*", metavar="-- FLAG",
+                    help="more flags for every fastsip serve, after --, e.g. -- --batch-wait 0")
     args = ap.parse_args(argv)
     args.rates = [int(x) for x in args.rates.split(",") if x.strip()]
     args.nodes = [int(x) for x in args.nodes.split(",") if x.strip()]

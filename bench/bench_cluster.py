@@ -30,8 +30,8 @@ One run, everything on 127.0.0.1, three parts (``--parts``, default all):
 
 Every step is a freshly started node (nodes) and a flushed Redis (FLUSHALL on every
 primary; the Redis processes live for the whole run), the load tool's ``refresh``
-scenario: every phone registered once first (not measured: the node reads each AOR
-from Redis then), then ``--duration`` seconds of refreshes.  CPU is counted from the
+scenario: every phone registered once first (not measured: each AOR's first write,
+into an empty Redis), then ``--duration`` seconds of refreshes.  CPU is counted from the
 end of that priming to the last reply; /metrics is read at the same two moments.
 
 Placement (``taskset``; ``--no-pin`` leaves it to the kernel): the node(s) on

@@ -58,6 +58,15 @@ def monotonic():
     return _clock(CLOCK_MONOTONIC)
 
 
+cdef inline bint _udp_ready(epoll_event* evs, int n) noexcept:
+    """Did this wake-up bring a UDP listener's datagrams?"""
+    cdef int i
+    for i in range(n):
+        if <int>((evs[i].data.u64 >> 32) & 0xFF) == FD_UDP:
+            return True
+    return False
+
+
 cdef class EventLoop:
     """A worker's event loop: one epoll, the UDP listeners and the inbox served in C.
 
@@ -298,9 +307,11 @@ cdef class EventLoop:
                     if next_if_active < next_tick:
                         next_tick = next_if_active
                 wait = self.batch_wait
-                if wait > 0:
+                if wait > 0 and _udp_ready(evs, n):
                     # Steady traffic (woken again within two waits): let the batch grow.
-                    # Slower traffic would pay a second wake-up for nothing.
+                    # Slower traffic would pay a second wake-up for nothing.  Only UDP
+                    # counts: the replies of Redis (--cluster) to a batch wake the loop
+                    # right after it, and are not traffic.
                     t = _clock(CLOCK_MONOTONIC)
                     if t - self._last_wake < 2 * wait:
                         ts.tv_sec = <long>wait

@@ -142,8 +142,11 @@ METRICS: tuple[Metric, ...] = (
            "AOR records read from the shared location because the cache had no copy.",
            ("cluster_reads",)),
     Metric("fastsip_cluster_conflicts_total", COUNTER,
-           "Writes refused because the AOR's stored version had moved on (another node or "
-           "worker wrote it): the request was decided again.", ("cluster_conflicts",)),
+           "Writes refused because the stored version was not the one decided on: another "
+           "node or worker wrote the AOR, or the write was decided on no copy (a first "
+           "sight of the AOR, or after an invalidation or a lost connection) and the key "
+           "existed; the request was decided again on the stored record.",
+           ("cluster_conflicts",)),
     Metric("fastsip_cluster_retries_total", COUNTER,
            "Requests decided again after a lost connection, a moved slot or a WAIT that came "
            "short.", ("cluster_retries",)),

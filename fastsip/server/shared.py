@@ -385,12 +385,16 @@ class SharedLocation:
         aor = p.aor
         self.store.cache_done(aor)
         self.c.cluster_writes += 1
-        self.reasserting.discard(aor)
-        self.recent.pop(aor, None)
-        self.recent[aor] = (p.version, p.record, p.pxat, now)
+        if self.reasserting:
+            self.reasserting.discard(aor)
+        recent = self.recent
+        if aor in recent:
+            recent.move_to_end(aor)
+        recent[aor] = (p.version, p.record, p.pxat, now)
         if p.data is not None:
             self._answer(p, p.reply)
-        self._release_parked(aor, now)
+        if aor in self.parked:
+            self._release_parked(aor, now)
 
     def _unsure(self, p: Pending) -> None:
         """The write may or may not be stored: forget the copy; try again when the

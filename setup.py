@@ -43,6 +43,8 @@ exts = [
     ext("fastsip.core._core"),
     # the server's batched datagram I/O (cimports fastsip/server/handoff.pxd)
     ext("fastsip.server._io_c"),
+    # Redis: key slots and the compare-and-set command of a write (--cluster)
+    ext("fastsip.cluster._resp_c"),
 ]
 # the load tool (top-level package load/): the engine (batched send/receive/match),
 # its parts, and the C-speed echo responder

@@ -7,8 +7,9 @@ import socket
 import pytest
 
 import fastsip
+from fastsip.cluster._resp_c import key_slot, pack_cas
 from fastsip.cluster.url import parse_url
-from fastsip.core._core import STAGED, WAIT, key_slot
+from fastsip.core._core import STAGED, WAIT
 from fastsip.errors import ConfigError
 from fastsip.registrar import decode_record, encode_record
 from fastsip.server.testing import contacts_of, register
@@ -217,3 +218,19 @@ def test_a_write_its_primary_cannot_take_leaves_its_aor_free_for_the_retry(reg):
     finally:
         phone.close()
         listener.close()
+
+
+def test_pack_cas_is_the_fcall_redis_reads():
+    import hiredis
+    slot, command = pack_cas(b"sip:alice@example.com", 0x0102030405060708, b"REC", 1700000000123)
+    assert slot == key_slot(b"sip:alice@example.com")
+    assert command == hiredis.pack_command((
+        b"FCALL", b"fastsip_cas", b"1", b"fs:r:{sip:alice@example.com}",
+        (0x0102030405060708).to_bytes(8, "little"), b"REC", b"1700000000123"))
+    slot, command = pack_cas(b"sip:bob@h", 0, None, 0)      # no key expected; delete
+    assert command == hiredis.pack_command((b"FCALL", b"fastsip_cas", b"1", b"fs:r:{sip:bob@h}",
+                                            b"", b"", b"0"))
+    long = b"sip:" + b"x" * 5000 + b"@h"
+    assert pack_cas(long, 1, b"r" * 70000, 1)[1] == hiredis.pack_command((
+        b"FCALL", b"fastsip_cas", b"1", b"fs:r:{" + long + b"}", (1).to_bytes(8, "little"),
+        b"r" * 70000, b"1"))

@@ -10,8 +10,8 @@ import socket
 
 import hiredis
 
+from fastsip.cluster._resp_c import key_slot
 from fastsip.cluster.url import ClusterURL
-from fastsip.core._core import key_slot
 from fastsip.errors import ClusterError
 
 KEY_PREFIX = b"fs:r:"

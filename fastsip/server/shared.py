@@ -32,9 +32,10 @@ import time
 
 import hiredis
 
+from fastsip.cluster._resp_c import key_slot, pack_cas
 from fastsip.cluster.client import LOST, open_conn
 from fastsip.cluster.sync import SyncCluster, aor_key
-from fastsip.core._core import READ, STAGED, WAIT, key_slot, make_response
+from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
 from fastsip.server._io_c import BatchIO
@@ -320,8 +321,8 @@ class SharedLocation:
         self._again(p, now)
 
     def _send(self, p: Pending) -> None:
-        key = KEY_HEAD + p.aor + b"}"
-        addr = self.slots.owner[key_slot(key)]
+        slot, command = pack_cas(p.aor, p.expected, p.record, p.pxat)
+        addr = self.slots.owner[slot]
         conn = self._conn(addr) if addr is not None else None
         if conn is None:
             # The write never left, but the copy holds it and marks the AOR busy: drop
@@ -334,10 +335,7 @@ class SharedLocation:
         batch.size += 1
         p.op = OP_WRITE
         p.batch = batch if conn.replicas else None
-        conn.push(hiredis.pack_command((
-            b"FCALL", b"fastsip_cas", b"1", key,
-            p.expected.to_bytes(8, "little") if p.expected else b"",
-            b"" if p.record is None else p.record, str(p.pxat).encode())), p)
+        conn.push(command, p)
 
     def _written(self, p: Pending, reply) -> None:
         if reply == 1:

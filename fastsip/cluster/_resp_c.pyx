@@ -1,0 +1,116 @@
+# cython: language_level=3
+"""What the worker sends Redis, made in C: a key's Redis Cluster slot and the
+``FCALL fastsip_cas`` command of a staged write (``fastsip/server/shared.py``),
+one ``bytes`` each, without a Python object per argument."""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport uint16_t, uint64_t
+from libc.stdio cimport snprintf
+from libc.string cimport memcpy
+
+cdef uint16_t CRC16_TABLE[256]
+
+
+cdef void _fill_table() noexcept:
+    """CRC-16/XMODEM (polynomial 0x1021, initial 0), by byte: what Redis Cluster
+    hashes keys with."""
+    cdef int i, b
+    cdef uint16_t crc
+    for i in range(256):
+        crc = <uint16_t>(i << 8)
+        for b in range(8):
+            crc = <uint16_t>((crc << 1) ^ 0x1021) if crc & 0x8000 else <uint16_t>(crc << 1)
+        CRC16_TABLE[i] = crc
+
+
+_fill_table()
+
+
+cdef inline uint16_t _crc16(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    cdef uint16_t crc = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        crc = <uint16_t>((crc << 8) ^ CRC16_TABLE[((crc >> 8) ^ p[i]) & 0xFF])
+    return crc
+
+
+cdef int _slot(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t s, e
+    for s in range(n):
+        if p[s] == b'{':
+            for e in range(s + 1, n):
+                if p[e] == b'}':
+                    if e > s + 1:
+                        return _crc16(p + s + 1, e - s - 1) & 16383
+                    break
+            break
+    return _crc16(p, n) & 16383
+
+
+def key_slot(bytes key):
+    """The Redis Cluster slot (0..16383) of ``key``: CRC16 of its hash tag, the
+    part between the first "{" and the next "}" when that is not empty, else of
+    the whole key (the Redis Cluster specification)."""
+    return _slot(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+
+
+cdef inline Py_ssize_t _digits(Py_ssize_t n) noexcept:
+    cdef Py_ssize_t d = 1
+    while n >= 10:
+        n //= 10
+        d += 1
+    return d
+
+
+cdef inline Py_ssize_t _arg_size(Py_ssize_t n) noexcept:
+    """The size of ``$N\r\nDATA\r\n``."""
+    return 1 + _digits(n) + 2 + n + 2
+
+
+cdef char* _arg(char* p, const char* data, Py_ssize_t n) noexcept:
+    """``$N\r\nDATA\r\n`` at ``p``; returns the end."""
+    p += snprintf(p, 24, "$%zd\r\n", n)
+    if n:
+        memcpy(p, data, n)
+    p += n
+    p[0] = b'\r'
+    p[1] = b'\n'
+    return p + 2
+
+
+cdef bytes HEAD = b"*7\r\n$5\r\nFCALL\r\n$11\r\nfastsip_cas\r\n$1\r\n1\r\n"
+
+
+def pack_cas(bytes aor, uint64_t expected, record, long long pxat_ms):
+    """``(slot, command)``: the slot of the AOR's key ``fs:r:{AOR}`` and the
+    command ``FCALL fastsip_cas 1 KEY EXPECTED RECORD PXAT`` in RESP
+    (``fastsip/cluster/library.lua``): EXPECTED the version as 8 little-endian
+    bytes, empty for 0 (no key); RECORD empty (None) to delete the key."""
+    cdef Py_ssize_t na = PyBytes_GET_SIZE(aor), nk = na + 7
+    cdef Py_ssize_t nr = 0 if record is None else PyBytes_GET_SIZE(<bytes?>record)
+    cdef Py_ssize_t nv = 8 if expected else 0
+    cdef char ver[8]
+    cdef char px[24]
+    cdef int npx = snprintf(px, sizeof(px), "%lld", pxat_ms)
+    cdef int i, slot
+    cdef bytes out = PyBytes_FromStringAndSize(
+        NULL, PyBytes_GET_SIZE(HEAD) + _arg_size(nk) + _arg_size(nv) + _arg_size(nr)
+        + _arg_size(npx))
+    cdef char* p = PyBytes_AS_STRING(out)
+    cdef char* key
+    for i in range(8):
+        ver[i] = <char>((expected >> (8 * i)) & 0xFF)
+    memcpy(p, PyBytes_AS_STRING(HEAD), PyBytes_GET_SIZE(HEAD))
+    p += PyBytes_GET_SIZE(HEAD)
+    p += snprintf(p, 24, "$%zd\r\n", nk)       # the key, fs:r:{AOR}, written in place
+    key = p
+    memcpy(p, b"fs:r:{", 6)
+    memcpy(p + 6, PyBytes_AS_STRING(aor), na)
+    p[6 + na] = b'}'
+    p[nk] = b'\r'
+    p[nk + 1] = b'\n'
+    p += nk + 2
+    slot = _slot(<const unsigned char*>key, nk)
+    p = _arg(p, ver, nv)
+    p = _arg(p, NULL if record is None else PyBytes_AS_STRING(record), nr)
+    _arg(p, px, npx)
+    return slot, out

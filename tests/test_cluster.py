@@ -90,6 +90,26 @@ def test_the_node_id_names_the_node_in_logs_and_metrics(redis_server):
         n.stop()
 
 
+def test_flows_end_with_their_connection_in_the_shared_location(redis_server):
+    """A browser's .invalid contact (and an RFC 5626 flow) over a stream connection
+    is removed from the shared record when that connection closes, as on one
+    machine; the AOR's other bindings stay."""
+    n = node(redis_server.url)
+    try:
+        assert ask(n, register("wes", contact="sip:desk@10.0.0.1", call_id="u",
+                               expires=600)).status == 200
+        phone = Phone(n.tcp, "tcp")
+        r = phone.ask(register("wes", contact="sip:abc@df7jal23ls0d.invalid;transport=tcp",
+                               call_id="w", expires=600, transport="TCP"))
+        assert r.status == 200 and len(contacts_of(r)) == 2
+        assert len(stored(redis_server, "sip:wes@example.com")[1]) == 2
+        phone.close()
+        wait_for(lambda: list(stored(redis_server, "sip:wes@example.com")[1]) ==
+                 ["sip:desk@10.0.0.1"], timeout=5)
+    finally:
+        n.stop()
+
+
 def test_bindings_expire_in_redis_with_no_node_running(redis_server):
     n = node(redis_server.url, "--cluster-grace", "0")
     try:

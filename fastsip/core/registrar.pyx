@@ -297,7 +297,8 @@ cdef class RegistrarCore:
             # A retransmission of what a copy read from the shared location holds:
             # that write may not have reached a replica (its writer got no WAIT
             # and answered 500).  Write it again, so that its WAIT says it did.
-            return self._stage(reg, self.store.version_of(reg.aor, reg.aor_len), rq.now,
+            return self._stage(reg.aor, reg.aor_len, self.store.version_of(reg.aor, reg.aor_len),
+                               rq.now,
                                self.writer.ok(rq, listing, self.plan.outbound,
                                               rq.m.first[<int>HDR_PATH] >= 0 and
                                               _supports_path(rq)))
@@ -310,19 +311,20 @@ cdef class RegistrarCore:
             self.store.view(reg.aor, reg.aor_len, rq.now, &self.after)
             listing = &self.after
             if self.shared:
-                return self._stage(reg, expected, rq.now, self.writer.ok(
+                return self._stage(reg.aor, reg.aor_len, expected, rq.now, self.writer.ok(
                     rq, listing, self.plan.outbound,
                     rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq)))
         return self.writer.ok(rq, listing, self.plan.outbound,
                               rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
 
-    cdef object _stage(self, const RegisterIn* reg, uint64_t expected, double now, bytes reply):
+    cdef object _stage(self, const char* aor, Py_ssize_t aor_len, uint64_t expected, double now,
+                       bytes reply):
         """Shared mode: the plan is applied to the cache (whose version of the AOR
         was ``expected``); stage its write (the AOR's new record with the next
         version, see ``staged``), mark the AOR busy until the write is done, and
         return STAGED instead of the reply."""
         cdef Store st = self.store
-        cdef int32_t a = st.find_or_add(reg.aor, reg.aor_len)
+        cdef int32_t a = st.find_or_add(aor, aor_len)
         cdef uint64_t version = <uint64_t>(now * 1e6)
         cdef double latest = 0.0
         cdef object record = None
@@ -333,8 +335,8 @@ cdef class RegistrarCore:
         st.versions[a] = version
         st.aors[a].busy = 1
         st.aors[a].pinned = 0
-        self.staged = (PyBytes_FromStringAndSize(reg.aor, reg.aor_len), expected, version, record,
-                       latest, reply)
+        self.staged = (PyBytes_FromStringAndSize(aor, aor_len), expected, version, record, latest,
+                       reply)
         return STAGED
 
     cdef object _authenticate(self, bytes data, const Req* rq):
@@ -549,6 +551,26 @@ cdef class RegistrarCore:
             return self.serve_shard(data, src_host, src_port, now, transport, conn_id, 0, 1)
         finally:
             self._trusted = False
+
+    def stage_closed(self, bytes aor, int64_t conn_id, bytes host, int port, double now):
+        """Shared mode: the stream connection ``conn_id`` (from ``host``:``port``)
+        closed; end its flow bindings in the copy of ``aor`` and stage that write
+        (STAGED, the write in ``staged`` with no reply), or WAIT / READ as
+        ``serve_shard`` (``waiting_aor``), or None when the copy holds none of them.
+        The connection's peer must match too: connection ids are this node's own,
+        and another node's flow in the same record may carry the same number."""
+        cdef Store st = self.store
+        cdef int32_t a = st.find(aor, len(aor))
+        cdef uint64_t expected
+        self.waiting_aor = aor
+        if a < 0:
+            return READ
+        if st.aors[a].busy:
+            return WAIT
+        expected = st.versions[a]
+        if not st.end_flows(a, conn_id, host, port):
+            return None
+        return self._stage(aor, len(aor), expected, now, None)
 
     # -- the redirect server (RFC 3261 8.3) ---------------------------------------
 

@@ -140,3 +140,4 @@ cdef class BindingTable:
     cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept
     cdef uint64_t version_of(self, const char* aor, Py_ssize_t n) noexcept
     cdef bint is_unverified(self, const char* aor, Py_ssize_t n) noexcept
+    cdef int end_flows(self, int32_t a, int64_t conn_id, bytes host, int port) except -1

@@ -321,6 +321,26 @@ cdef class BindingTable:
         cdef int32_t a = self.find(aor, n)
         return self.versions[a] if a >= 0 and self.versions != NULL else 0
 
+    cdef int end_flows(self, int32_t a, int64_t conn_id, bytes host, int port) except -1:
+        """Remove from the AOR slot ``a`` the flow bindings of the stream connection
+        ``conn_id`` from ``host``:``port``; returns how many went."""
+        cdef int32_t s = self.aors[a].first, nxt
+        cdef int n = 0
+        cdef BindingRec* r
+        cdef Py_ssize_t hl = len(host)
+        cdef const char* h = host
+        while s >= 0:
+            nxt = self.b[s].next
+            r = &self.b[s]
+            if r.flow >= 0 and r.conn_id == conn_id and r.src_port == port and \
+                    r.src_host_len == hl and memcmp(r.blob + r.uri_len + r.call_id_len +
+                                                    r.instance_len + r.path_len + r.ua_len,
+                                                    h, hl) == 0:
+                self.remove_binding(s)
+                n += 1
+            s = nxt
+        return n
+
     cdef bint is_unverified(self, const char* aor, Py_ssize_t n) noexcept:
         cdef int32_t a = self.find(aor, n)
         return a >= 0 and self.aors[a].unverified

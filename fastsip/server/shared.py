@@ -57,7 +57,8 @@ class Pending:
     """A write, and the request (if any) whose answer waits for it."""
 
     __slots__ = ("data", "host", "port", "transport", "conn_id", "li", "first", "tries",
-                 "aor", "expected", "version", "record", "pxat", "reply", "op", "batch")
+                 "aor", "expected", "version", "record", "pxat", "reply", "op", "batch",
+                 "closed")
 
     def __init__(self, data, host, port, transport, conn_id, now):
         self.data = data                # the request; None for a re-assertion
@@ -76,6 +77,7 @@ class Pending:
         self.reply = None               # the 200 it waits to send
         self.op = OP_WRITE              # what its command on a Conn is (OP_*)
         self.batch = None               # the Batch its write went out in
+        self.closed = False             # the end of a closed connection's flows (no request)
 
 
 class Batch:
@@ -108,6 +110,7 @@ class SharedLocation:
         self.conns = {}                 # (host, port) -> Conn, one per primary
         self.slots = None               # SlotMap
         self.born = []                  # requests of this batch that wait (for their listener)
+        self.conn_aors = {}             # stream connection id -> AORs written over it
         self.fresh = []                 # writes staged since the last after_batch
         self.outbox = {}                # UDP listener -> [(reply, (host, port))] to send
         self.io = BatchIO(64, 1)        # sends them (its receive side is not used)
@@ -356,7 +359,7 @@ class SharedLocation:
         self.store.cache_put(p.aor, reply, now)
         self._check_backwards(p.aor, reply, now)
         p.tries += 1
-        if p.data is None:              # a re-assertion: someone wrote since; _read_back checks
+        if p.data is None and not p.closed:     # a re-assertion: someone wrote since
             self._release_parked(p.aor, now)
         elif p.tries > MAX_TRIES:
             self._fail(p, "conflicts")
@@ -391,6 +394,11 @@ class SharedLocation:
         recent[aor] = (p.version, p.record, p.pxat, now)
         if p.data is not None:
             self._answer(p, p.reply)
+            if p.conn_id >= 0:          # its flows end with the connection (flows_end)
+                aors = self.conn_aors.get(p.conn_id)
+                if aors is None:
+                    aors = self.conn_aors[p.conn_id] = set()
+                aors.add(aor)
         if aor in self.parked:
             self._release_parked(aor, now)
 
@@ -416,6 +424,9 @@ class SharedLocation:
     def _again(self, p: Pending, now: float) -> None:
         """Decide ``p``'s request again: its AOR's copy changed, or its write is to
         be retried.  (A re-assertion is not retried: _read_back checks again.)"""
+        if p.closed:
+            self._end_flows(p, now)
+            return
         if p.data is None:
             self.reasserting.discard(p.aor)
             return
@@ -429,6 +440,25 @@ class SharedLocation:
             self._staged_or_parked(p, r)
         elif r is not None:
             self._answer(p, r)
+
+    def flows_end(self, conn) -> None:
+        """The stream connection ``conn`` closed: its flow bindings (RFC 5626 flows,
+        WebSocket ``.invalid`` contacts, see Store.connection_closed) end in the
+        shared records of the AORs written over it, as on one machine."""
+        aors = self.conn_aors.pop(conn.cid, None)
+        if not aors:
+            return
+        now = time.time()
+        for aor in aors:
+            p = Pending(None, conn.host, conn.peer[1], conn.transport, conn.cid, now)
+            p.closed, p.aor = True, aor
+            self._end_flows(p, now)
+        self.after_batch()
+
+    def _end_flows(self, p: Pending, now: float) -> None:
+        r = self.reg.stage_closed(p.aor, p.conn_id, p.host, p.port, now)
+        if r is not None:
+            self._staged_or_parked(p, r)
 
     def _fail(self, p: Pending, reason: str) -> None:
         """Give up on ``p``: 500 with Retry-After (nothing was acknowledged)."""

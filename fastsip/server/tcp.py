@@ -197,7 +197,7 @@ class TcpServer:
         handoffs.closed = self.reg_closed
         self.serve_shard = reg.serve_shard  # the shared location's, with --cluster
         self.after = None               # called after a read's messages are served (--cluster)
-        self.end_flows = True           # a closed connection ends its flows (not with --cluster)
+        self.flows_end = None           # (conn): ends a closed connection's flows (--cluster)
 
     def __len__(self) -> int:
         return len(self.conns)
@@ -495,16 +495,16 @@ class TcpServer:
             self._refuse(conn.sock)
         else:
             conn.sock.close()
-        self.reg_closed(conn.cid)
+        if self.flows_end is not None:
+            self.flows_end(conn)
+        else:
+            self.reg_closed(conn.cid)
         owners = conn.owners & ~(1 << self.index)
         if owners:
             self.handoffs.conn_closed(owners, conn.cid)
 
     def reg_closed(self, conn_id: int) -> None:
-        """Connection ``conn_id`` is gone: remove its flows from this worker's shard
-        (with --cluster they stay until they expire: docs/cluster.md)."""
-        if not self.end_flows:
-            return
+        """Connection ``conn_id`` is gone: remove its flows from this worker's shard."""
         try:
             self.reg.connection_closed(conn_id, time.time())
         except Exception:               # noqa: BLE001 - a bug in the core: log, go on

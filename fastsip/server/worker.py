@@ -123,7 +123,7 @@ class Worker:
             self.shared.start()
             serve_shard = self.tcp.serve_shard = self.shared.serve_shard
             self.tcp.after = self.shared.after_batch
-            self.tcp.end_flows = False      # flows end by expiry (docs/cluster.md)
+            self.tcp.flows_end = self.shared.flows_end
             loop.set_after(self.shared.after_batch)
         loop.serve(self.udp.io, self.handoffs.io, serve_shard, self.index, self.n,
                    self.handoffs.queues, self.handoffs.peer_fds, self.udp.fds, self.limiter,

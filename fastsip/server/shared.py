@@ -20,10 +20,13 @@ replica.  Then, per write:
   The copy is dropped, so the next request reads the stored one.
 
 Requests for an AOR whose write is under way wait for it (``parked``) and
-are decided after it.  Another node's write of an AOR this worker holds
-arrives as an invalidation (CLIENT TRACKING) and drops the copy.  This worker's
-acknowledged records of the last ``RECENT`` seconds are kept, so that one
-that a failover lost (the stored version went backwards) is written again.
+are decided after it; a request whose AOR has no copy and that would only be
+answered (a fetch, a retransmission, a redirect) reads it first (READ).
+Another node's write of an AOR this worker holds arrives as an invalidation
+(CLIENT TRACKING) and drops the copy.  This worker's acknowledged records of
+the last ``RECENT`` seconds are kept, so that one that a failover lost (the
+stored version went backwards) is written again.  A stream connection that
+closes ends its flows in the records written over it (``flows_end``).
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from fastsip.server.udp import UdpServer
 LOG = logs.LOG
 
 IDLE_WAIT = 0.2             # seconds the loop waits at most between two ticks
-PUBLISH_EVERY = 0.05        # seconds between reports written to the shared block, while busy
+PUBLISH_EVERY = 0.25        # seconds between reports written to the shared block, while busy
 PUBLISH_IDLE = 1.0          # ... when no socket was ready (timers may still count)
 
 

@@ -16,9 +16,9 @@ METHODS = frozenset(("REGISTER", "OPTIONS", "INVITE", "ACK", "BYE", "CANCEL", "P
                      "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "MESSAGE", "INFO"))
 _ALLOW = [("Allow", "REGISTER, OPTIONS")]
 # shared mode (fastsip.cluster): what serve_shard returns instead of a reply
-STAGED = -1     # the REGISTER's write is staged (RegistrarCore.staged); answer when it is done
-WAIT = -2       # its AOR has a write under way (waiting_aor); serve it again when that is done
-READ = -3       # its AOR is not in the cache (waiting_aor): read it, then serve it again
+STAGED = SV_STAGED   # the REGISTER's write is staged (RegistrarCore.staged); answer when done
+WAIT = SV_WAIT       # its AOR has a write under way (waiting_aor); serve it again when done
+READ = SV_READ       # its AOR is not in the cache (waiting_aor): read it, then serve it again
 _RETRY_LATER = [("Retry-After", "60")]
 _OPTIONS_HEADERS = [("Allow", "REGISTER, OPTIONS"), ("Supported", ", ".join(SUPPORTED_OPTIONS)),
                     ("Accept", "application/sdp")]
@@ -27,39 +27,7 @@ _OPTIONS_HEADERS = [("Allow", "REGISTER, OPTIONS"), ("Supported", ", ".join(SUPP
 cdef class RegistrarCore:
     """The sans-I/O registrar engine.  See :class:`fastsip.Registrar`."""
 
-    cdef readonly Store store
-    cdef readonly int min_expires, max_expires, default_expires, max_contacts
-    cdef readonly object domains           # frozenset of lower-case str, or None for any
-    cdef tuple _exact                      # bytes
-    cdef tuple _suffixes                   # bytes like b".example.com"
-    cdef frozenset _addresses              # bytes, lower-case
-    cdef object _authorize_obj
-    cdef AuthCore _auth_core               # the same object, when its check is AuthCore's
-    cdef FailureBudget _budget             # its failure budget, or None
-    cdef readonly dict auth_failures       # reason -> failed digest attempts
-    cdef readonly bint redirect            # other requests to a served AOR get 302 (_redirect)
-    cdef object _knows                     # authorize.knows(user, domain): the user list, or None
-    cdef readonly double last_now
-    cdef int aor_form                      # AOR_HOST or AOR_USER (canonical_aor)
-    cdef Settings settings
-    cdef Limits lim
-    cdef ReplyWriter writer
-    cdef RegisterIn reg                    # the REGISTER being decided
-    cdef AorView before                    # its AOR's bindings, decided on
-    cdef AorView after                     # ... and after the plan was applied
-    cdef AorView located                   # a redirected request's AOR's bindings (_location)
-    cdef Plan plan
-    # counters (the writer counts replies by status)
-    cdef uint64_t register_count
-    cdef dict other_requests               # method -> count, for all but REGISTER
-    cdef readonly Py_ssize_t parse_errors
-    cdef readonly uint64_t full_refusals   # 503 for max_bindings
-    cdef readonly bint shared              # the store caches a shared location (fastsip.cluster)
-    cdef bint _trusted                     # serve_again: authentication already passed
-    cdef readonly object staged            # shared: the write a REGISTER waits for (stage())
-    cdef readonly object waiting_aor       # shared: the busy AOR a REGISTER waits on (WAIT)
-    cdef dict redirects                    # outcome -> count, for requests redirect answers
-    cdef uint64_t redirects_truncated      # 302s that left contacts out (MAX_DATAGRAM)
+    # (its attributes are declared in registrar.pxd)
 
     def __init__(self, *, int min_expires=30, int max_expires=300, default_expires=3600,
                  int max_contacts=16, domains=None, addresses=(), authorize=None,
@@ -184,14 +152,14 @@ cdef class RegistrarCore:
 
     # -- answering ---------------------------------------------------------
 
-    cdef bytes _refuse(self, const Req* rq, int refusal, object headers=None):
+    cdef Py_ssize_t _refuse(self, const Req* rq, int refusal, object headers=None) except SV_ERROR:
         """The reply for a Refusal (REFUSALS), counted as a parse error where it is one."""
         status, reason, parse_error = REFUSALS[refusal]
         if parse_error:
             self.parse_errors += 1
         return self.writer.reply(rq, status, reason, headers)
 
-    cdef bytes _malformed(self, const Req* rq, int rc):
+    cdef Py_ssize_t _malformed(self, const Req* rq, int rc) except SV_ERROR:
         """The answer to a request whose scan failed (rc): 505 for another SIP
         version, else 400; counted as a parse error."""
         self.parse_errors += 1
@@ -211,29 +179,32 @@ cdef class RegistrarCore:
         cdef Req rq
         cdef int rc
         cdef bytes host = _host_bytes(source[0])
+        cdef const char* buf = PyBytes_AS_STRING(data)
         self.last_now = now
-        rc = scan_message(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m, &self.lim)
+        rc = scan_message(buf, PyBytes_GET_SIZE(data), &m, &self.lim)
         try:
             if m.status != 0 or m.method.length == 0 or not (
-                    m.method.length == 8 and
-                    memcmp(PyBytes_AS_STRING(data) + m.method.off, b"REGISTER", 8) == 0):
+                    m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0):
                 if rc != OK:
                     self.parse_errors += 1
                 return None
             self.register_count += 1
-            req_init(&rq, data, &m, host, source[1], now, _transport(transport), conn_id)
-            return self._register(data, &rq, rc)
+            req_init(&rq, buf, PyBytes_GET_SIZE(data), &m, PyBytes_AS_STRING(host),
+                     PyBytes_GET_SIZE(host), source[1], now, _transport(transport), conn_id)
+            return self._result(self._register(&rq, rc))
         finally:
             msg_release(&m)
 
-    cdef object _register(self, bytes data, Req* rq, int rc):
-        """RFC 3261 10.3 for one scanned REGISTER: the reply, or None when its
-        domain is not served here."""
+    cdef Py_ssize_t _register(self, Req* rq, int rc) except SV_ERROR:
+        """RFC 3261 10.3 for one scanned REGISTER: the reply's length (its bytes
+        in the writer), SV_NONE when its domain is not served here, SV_WAIT,
+        SV_READ or SV_STAGED in shared mode."""
         cdef RegisterIn* reg = &self.reg
         cdef const char* buf = rq.buf
         cdef bytes path
         cdef const AorView* listing
         cdef uint64_t expected = 0
+        cdef object unsupported
         if rc != OK:
             return self._malformed(rq, rc)
         # 1 and 5 (first half): the Request-URI, the headers, the To URI.
@@ -241,24 +212,25 @@ cdef class RegistrarCore:
         if rc:
             return self._refuse(rq, rc)
         if not self._serves(buf + reg.to_uri.host.off, reg.to_uri.host.length):
-            return None
+            return SV_NONE
         if self.domains is not None and \
                 not self._serves(buf + reg.ruri.host.off, reg.ruri.host.length) and \
                 PyBytes_FromStringAndSize(buf + reg.ruri.host.off, reg.ruri.host.length) \
                 .lower().strip(b"[]") not in self._addresses:
-            return None
+            return SV_NONE
         # 2. Require: every option tag must be one we support.
-        unsupported = _unsupported(data, rq.m)
-        if unsupported is None:
-            return self._refuse(rq, RF_BAD_REQUIRE)
-        if unsupported:
-            return self._refuse(rq, RF_EXTENSION, [("Unsupported", unsupported)])
+        if rq.m.first[<int>HDR_REQUIRE] >= 0:
+            unsupported = _unsupported(buf, rq.m)
+            if unsupported is None:
+                return self._refuse(rq, RF_BAD_REQUIRE)
+            if unsupported:
+                return self._refuse(rq, RF_EXTENSION, [("Unsupported", unsupported)])
         rc = read_dialog(rq, reg)
         if rc:
             return self._refuse(rq, rc)
         # 3-4. Authentication, then authorization (the AOR's user and domain).
         if self._authorize_obj is not None and not self._trusted:
-            refusal = self._authenticate(data, rq)
+            refusal = self._authenticate(rq)
             if refusal is not None:
                 status, reason, headers = refusal
                 return self.writer.reply(rq, status, reason, headers)
@@ -268,7 +240,7 @@ cdef class RegistrarCore:
             return self._refuse(rq, rc)
         if self.shared and self.store.is_busy(reg.aor, reg.aor_len):
             self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
-            return WAIT
+            return SV_WAIT
         self.store.purge(reg.aor, reg.aor_len, rq.now)       # its lapsed bindings go first
         self.store.view(reg.aor, reg.aor_len, rq.now, &self.before)
         rc = decide(buf, reg, &self.settings, &self.before, self.store.n_bindings, rq.now,
@@ -290,7 +262,7 @@ cdef class RegistrarCore:
             # them first.  (A change is decided on the empty view and stored only
             # if there is no key: the compare-and-set checks it.)
             self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
-            return READ
+            return SV_READ
         listing = &self.before
         if self.shared and self.plan.retransmission and \
                 self.store.is_unverified(reg.aor, reg.aor_len):
@@ -317,12 +289,13 @@ cdef class RegistrarCore:
         return self.writer.ok(rq, listing, self.plan.outbound,
                               rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
 
-    cdef object _stage(self, const char* aor, Py_ssize_t aor_len, uint64_t expected, double now,
-                       bytes reply):
+    cdef Py_ssize_t _stage(self, const char* aor, Py_ssize_t aor_len, uint64_t expected,
+                           double now, Py_ssize_t reply) except SV_ERROR:
         """Shared mode: the plan is applied to the cache (whose version of the AOR
         was ``expected``); stage its write (the AOR's new record with the next
-        version, see ``staged``), mark the AOR busy until the write is done, and
-        return STAGED instead of the reply."""
+        version, see ``staged``) with the reply just written (``reply``: its
+        length; 0: no reply), mark the AOR busy until the write is done, and return
+        SV_STAGED instead of the reply."""
         cdef Store st = self.store
         cdef int32_t a = st.find_or_add(aor, aor_len)
         cdef uint64_t version = <uint64_t>(now * 1e6)
@@ -336,10 +309,10 @@ cdef class RegistrarCore:
         st.aors[a].busy = 1
         st.aors[a].pinned = 0
         self.staged = (PyBytes_FromStringAndSize(aor, aor_len), expected, version, record, latest,
-                       reply)
-        return STAGED
+                       PyBytes_FromStringAndSize(self.writer.out, reply) if reply > 0 else None)
+        return SV_STAGED
 
-    cdef object _authenticate(self, bytes data, const Req* rq):
+    cdef object _authenticate(self, const Req* rq):
         """Digest authentication and the AOR policy, behind the failure budget:
         None, or the refusal as (status, reason, headers).  Failures are
         counted by reason; wrong passwords and forged nonces spend the budget
@@ -356,7 +329,7 @@ cdef class RegistrarCore:
             if budget.refuses(host, aor_user, rq.now):
                 self._failed("throttled")
                 return REFUSALS[RF_THROTTLED][:2] + (None,)
-        result = self._authorize(data, rq, aor_user, aor_domain)
+        result = self._authorize(rq, aor_user, aor_domain)
         if result is None:
             return None
         if type(result) is tuple:               # malformed credentials
@@ -375,7 +348,7 @@ cdef class RegistrarCore:
     cdef void _failed(self, str label):
         self.auth_failures[label] = self.auth_failures.get(label, 0) + 1
 
-    cdef object _authorize(self, bytes data, const Req* rq, aor_user, aor_domain):
+    cdef object _authorize(self, const Req* rq, aor_user, aor_domain):
         """Digest authentication and the AOR policy: None, the failed
         AuthResult, or (400, reason, None) for malformed credentials.
 
@@ -393,7 +366,7 @@ cdef class RegistrarCore:
         cdef int i, rc, alg = 0, outcome
         cdef Header* h
         if core is None:
-            return self._authorize_parsed(data, rq, aor_user, aor_domain)
+            return self._authorize_parsed(rq, aor_user, aor_domain)
         realm = core.realm_for(aor_domain)
         realm_bytes = core.realm_field(realm, &rf)     # keeps rf's bytes alive
         if m.first[<int>HDR_AUTHORIZATION] >= 0:
@@ -403,7 +376,7 @@ cdef class RegistrarCore:
                     continue
                 rc = scan_digest(buf + h.val_off, h.val_len, &c)
                 if rc > 0:
-                    return self._authorize_parsed(data, rq, aor_user, aor_domain)
+                    return self._authorize_parsed(rq, aor_user, aor_domain)
                 if rc < 0:
                     return REFUSALS[RF_BAD_AUTHORIZATION][:2] + (None,)
                 if not alg:
@@ -419,7 +392,7 @@ cdef class RegistrarCore:
             return None
         return core._result(outcome, realm, rq.now, None, aor_user)
 
-    cdef object _authorize_parsed(self, bytes data, const Req* rq, aor_user, aor_domain):
+    cdef object _authorize_parsed(self, const Req* rq, aor_user, aor_domain):
         """The same through ``parse_credentials`` and ``authorize.check``."""
         cdef int i
         cdef Header* h
@@ -453,10 +426,13 @@ cdef class RegistrarCore:
         400 when a reply can be addressed (a request line was read), else
         nothing.  Never raises for bad input.
         """
-        return self._serve(data, _host_bytes(source[0]), source[1], now, transport, conn_id, 0, 1)
+        cdef bytes host = _host_bytes(source[0])
+        return self._result(self.serve_c(
+            PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), PyBytes_AS_STRING(host),
+            PyBytes_GET_SIZE(host), source[1], now, _transport(transport), conn_id, 0, 1, NULL))
 
-    def serve_shard(self, bytes data, bytes src_host, int src_port, double now, str transport,
-                    int64_t conn_id, int shard, int nshards):
+    def serve_shard(self, bytes data not None, bytes src_host not None, int src_port, double now,
+                    str transport, int64_t conn_id, int shard, int nshards):
         """:meth:`serve` for one shard of ``nshards``: a REGISTER whose AOR (of
         its To URI) ``shard_of`` gives to another shard is not served but
         answered with that shard's number (an int); with ``redirect`` on, so is
@@ -466,42 +442,76 @@ cdef class RegistrarCore:
         ``shard, nshards = 0, 1``, never handed on.  The source host comes as
         ASCII bytes.  One scan of the message decides both, which is why the
         server's receive loop calls this rather than ``aor_key`` and then
-        ``serve``."""
-        return self._serve(data, src_host, src_port, now, transport, conn_id, shard, nshards)
+        ``serve``.  (The server's compiled loop calls the same code as
+        ``serve_c``, without the bytes.)"""
+        return self._result(self.serve_c(
+            PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), PyBytes_AS_STRING(src_host),
+            PyBytes_GET_SIZE(src_host), src_port, now, _transport(transport), conn_id, shard,
+            nshards, NULL))
 
-    cdef object _serve(self, bytes data, bytes src_host, int src_port, double now,
-                       str transport, int64_t conn_id, int shard, int nshards):
+    cdef object _result(self, Py_ssize_t r):
+        """What ``serve_shard`` returns for ``serve_c``'s ``r``: the reply's bytes,
+        None, the owner shard, or STAGED, WAIT or READ (shared mode)."""
+        if r > 0:
+            return PyBytes_FromStringAndSize(self.writer.out, r)
+        if r == SV_NONE:
+            return None
+        if r <= SV_SHARD:
+            return SV_SHARD - r
+        return r
+
+    cdef Py_ssize_t serve_c(self, const char* buf, Py_ssize_t n, const char* host,
+                            Py_ssize_t host_len, int port, double now, uint8_t transport,
+                            int64_t conn_id, int shard, int nshards,
+                            const char** reply) except SV_ERROR:
+        """``serve_shard`` in C, for the server's loop: the request is ``n``
+        bytes at ``buf``, its source ``host`` (ASCII, ``host_len`` bytes) and
+        ``port``; ``transport`` a Transport code.  Returns the reply's length
+        (> 0) and points ``reply`` (when not NULL) at its bytes, which stay
+        valid until the next call; SV_NONE for no reply; SV_SHARD - k when the
+        request is shard k's; SV_STAGED, SV_WAIT or SV_READ in shared mode.
+        ``buf`` and ``host`` are only read during the call.  No Python object
+        is made for a REGISTER that is answered 200 (nor for most refusals)."""
+        cdef Py_ssize_t r = self._serve(buf, n, host, host_len, port, now, transport, conn_id,
+                                        shard, nshards)
+        if r > 0 and reply != NULL:
+            reply[0] = self.writer.out
+        return r
+
+    cdef Py_ssize_t _serve(self, const char* buf, Py_ssize_t size, const char* src_host,
+                           Py_ssize_t host_len, int src_port, double now, uint8_t transport,
+                           int64_t conn_id, int shard, int nshards) except SV_ERROR:
         cdef Msg m
         cdef Req rq
-        cdef const char* buf = PyBytes_AS_STRING(data)
         cdef int rc, owner
-        cdef object reply
+        cdef Py_ssize_t reply
+        cdef object method, unsupported
         cdef UriSpans ruri
         cdef Py_ssize_t err = 0
         cdef char aor[MAX_AOR + 1]
         cdef Py_ssize_t aor_len
         self.last_now = now
-        rc = scan_message(buf, PyBytes_GET_SIZE(data), &m, &self.lim)
+        rc = scan_message(buf, size, &m, &self.lim)
         try:
             if m.status != 0:
                 if rc != OK:
                     self.parse_errors += 1
-                return None
+                return SV_NONE
             if m.method.length == 0:
                 self.parse_errors += 1
-                return None
-            req_init(&rq, data, &m, src_host, src_port, now, _transport(transport), conn_id)
+                return SV_NONE
+            req_init(&rq, buf, size, &m, src_host, host_len, src_port, now, transport, conn_id)
             if m.method.length == 8 and memcmp(buf + m.method.off, b"REGISTER", 8) == 0:
                 if nshards > 1:
                     aor_len = _request_aor(buf, &m, aor, self.aor_form)
                     if aor_len >= 0:
                         owner = aor_hash(aor, aor_len) % <uint64_t>nshards
                         if owner != shard:
-                            return owner
+                            return SV_SHARD - owner
                 if not self._trusted:       # (served again: counted the first time)
                     self.register_count += 1
-                reply = self._register(data, &rq, rc)
-                if reply is None:
+                reply = self._register(&rq, rc)
+                if reply == SV_NONE:
                     reply = self._refuse(&rq, RF_NOT_FOUND)
                 return reply
             method = PyUnicode_DecodeASCII(buf + m.method.off, m.method.length, NULL)
@@ -512,11 +522,11 @@ cdef class RegistrarCore:
                 # a request to redirect belongs to the shard of its Request-URI's AOR
                 owner = _target_shard(buf, &m, self.aor_form, nshards)
                 if owner >= 0 and owner != shard:
-                    return owner
+                    return SV_SHARD - owner
             if not self._trusted:
                 self.other_requests[method] = self.other_requests.get(method, 0) + 1
             if method == "ACK":
-                return None
+                return SV_NONE
             # RFC 3261 8.2: a request this server does not register still gets
             # the checks every UAS makes, in this order.
             if rc != OK:
@@ -528,9 +538,9 @@ cdef class RegistrarCore:
                 return self._refuse(&rq, RF_URI_SCHEME)
             if method != "OPTIONS":
                 if self.redirect:
-                    return self._redirect(data, &rq, method)
+                    return self._redirect(&rq, method)
                 return self._refuse(&rq, RF_METHOD, _ALLOW)
-            unsupported = _unsupported(data, &m)
+            unsupported = _unsupported(buf, &m)
             if unsupported is None:
                 return self._refuse(&rq, RF_BAD_REQUIRE)
             if unsupported:
@@ -570,11 +580,11 @@ cdef class RegistrarCore:
         expected = st.versions[a]
         if not st.end_flows(a, conn_id, host, port):
             return None
-        return self._stage(aor, len(aor), expected, now, None)
+        return self._result(self._stage(aor, len(aor), expected, now, 0))
 
     # -- the redirect server (RFC 3261 8.3) ---------------------------------------
 
-    cdef object _redirect(self, bytes data, Req* rq, str method):
+    cdef Py_ssize_t _redirect(self, Req* rq, str method) except SV_ERROR:
         """A request this server redirects (``redirect`` on: any method but
         REGISTER, ACK and OPTIONS), past the checks of RFC 3261 8.2 that
         ``_serve`` made (400, 505, 416).  In order:
@@ -602,7 +612,7 @@ cdef class RegistrarCore:
         cdef Header* h
         cdef Py_ssize_t err = 0, n
         cdef char aor[MAX_AOR + 1]
-        cdef bytes reply
+        cdef Py_ssize_t reply
         cdef int found
         if method == "CANCEL":
             self._redirected("cancel")
@@ -623,7 +633,7 @@ cdef class RegistrarCore:
                 decode(buf, ruri.host.off, ruri.host.length)):
             self._redirected("unknown_user")
             return self.writer.reply(rq, 404, b"Not Found", None)
-        unsupported = _unsupported(data, m)
+        unsupported = _unsupported(buf, m)
         if unsupported is None:
             return self._refuse(rq, RF_BAD_REQUIRE)
         if unsupported:
@@ -637,14 +647,14 @@ cdef class RegistrarCore:
         found = self._location(aor, n, rq.now, &self.located)
         if found == -2:
             self.waiting_aor = PyBytes_FromStringAndSize(aor, n)
-            return READ
+            return SV_READ
         if found == 0:
             self._redirected("unavailable")
             return self.writer.reply(rq, 480, b"Temporarily Unavailable", None)
         reply = self.writer.moved(rq, &self.located,
                                   uri_key_hash(buf, m.uri.off, m.uri.off + m.uri.length),
                                   MAX_DATAGRAM)
-        if reply is None:
+        if reply == 0:
             self._redirected("loop")
             return self.writer.reply(rq, 404, b"Not Found", None)
         if self.writer.omitted:
@@ -776,7 +786,7 @@ cdef bint _supports_path(const Req* rq) noexcept:
     return False
 
 
-cdef object _unsupported(bytes data, Msg* m):
+cdef object _unsupported(const char* buf, Msg* m):
     """The Require option tags we do not support, comma-separated ("" if none);
     None when a Require header is not a token list."""
     cdef TokenIter it
@@ -786,10 +796,10 @@ cdef object _unsupported(bytes data, Msg* m):
     it.htype = HDR_REQUIRE
     it.i = -1
     while True:
-        rc = next_header_token(data, m, &it, &tok)
+        rc = next_header_token(buf, m, &it, &tok)
         if rc <= 0:
             return None if rc < 0 else ", ".join(out)
-        tag = data[tok.off:tok.off + tok.length].decode("utf-8", "replace")
+        tag = buf[tok.off:tok.off + tok.length].decode("utf-8", "replace")
         if tag.lower() not in SUPPORTED_OPTIONS:
             out.append(tag)
 

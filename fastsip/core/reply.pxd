@@ -23,9 +23,13 @@ cdef class ReplyWriter:
     cdef int date(self, double now) except -1
     cdef int start(self, const Req* rq, int status, const char* reason,
                    Py_ssize_t reason_len) except -1
-    cdef bytes finish(self, const Req* rq, int status)
-    cdef bytes reply(self, const Req* rq, int status, object reason, object headers)
+    cdef Py_ssize_t finish(self, const Req* rq, int status) except -1
+    cdef bytes result(self)
+    cdef Py_ssize_t reply(self, const Req* rq, int status, object reason,
+                          object headers) except -1
     cdef int by_q(self, const AorView* v, double now) noexcept
-    cdef bytes ok(self, const Req* rq, const AorView* v, bint outbound, bint path)
-    cdef bytes moved(self, const Req* rq, const AorView* v, uint64_t skip, Py_ssize_t limit)
+    cdef Py_ssize_t ok(self, const Req* rq, const AorView* v, bint outbound,
+                       bint path) except -1
+    cdef Py_ssize_t moved(self, const Req* rq, const AorView* v, uint64_t skip,
+                          Py_ssize_t limit) except -1
     cdef int qvalue(self, int q) except -1

@@ -175,16 +175,22 @@ cdef class ReplyWriter:
         self.copy_header(rq, HDR_CSEQ, b"CSeq: ", 6)
         return 0
 
-    cdef bytes finish(self, const Req* rq, int status):
-        """Date, Server, an empty body: the reply's bytes."""
+    cdef Py_ssize_t finish(self, const Req* rq, int status) except -1:
+        """Date, Server, an empty body: the reply's length (its bytes are
+        ``out``, valid until the next reply is written)."""
         self.date(rq.now)
         self.w(self.server_line, len(self.server_line))
         self.w(b"Content-Length: 0\r\n\r\n", 21)
         if 0 <= status < 700:
             self.counts[status] += 1
+        return self.length
+
+    cdef bytes result(self):
+        """The last reply written, as bytes."""
         return PyBytes_FromStringAndSize(self.out, self.length)
 
-    cdef bytes reply(self, const Req* rq, int status, object reason, object headers):
+    cdef Py_ssize_t reply(self, const Req* rq, int status, object reason,
+                          object headers) except -1:
         """A response without bindings (refusals, challenges, OPTIONS): ``reason``
         str or bytes, ``headers`` an iterable of (name, value) or None."""
         cdef bytes r = reason if type(reason) is bytes else \
@@ -214,7 +220,8 @@ cdef class ReplyWriter:
                 n += 1
         return n
 
-    cdef bytes ok(self, const Req* rq, const AorView* v, bint outbound, bint path):
+    cdef Py_ssize_t ok(self, const Req* rq, const AorView* v, bint outbound,
+                       bint path) except -1:
         """200 OK listing every binding of ``v`` with its remaining time, highest
         q first (RFC 3261 10.3 step 8), Path echoed when the UA supports it
         (``path``), and Require: outbound when the request registered an
@@ -246,7 +253,8 @@ cdef class ReplyWriter:
             self.w(b"Require: outbound\r\n", 19)
         return self.finish(rq, 200)
 
-    cdef bytes moved(self, const Req* rq, const AorView* v, uint64_t skip, Py_ssize_t limit):
+    cdef Py_ssize_t moved(self, const Req* rq, const AorView* v, uint64_t skip,
+                          Py_ssize_t limit) except -1:
         """302 Moved Temporarily (RFC 3261 8.3, 21.3.3) to the bindings of ``v``:
         one Contact each, ``<uri>;expires=N[;q=..]`` (N the seconds left, at
         least 1), highest q first, equal q in registration order.  Not listed:
@@ -258,7 +266,7 @@ cdef class ReplyWriter:
         counted in ``omitted``; the highest one is always listed (only a request
         whose own copied headers are near the limit makes that exceed it, as
         any reply to it would).  None when nothing is left to list (no
-        binding, or only the Request-URI): then nothing is written or counted."""
+        binding, or only the Request-URI): then 0, nothing written or counted."""
         cdef int i, j, n = self.by_q(v, rq.now), listed = 0
         cdef Py_ssize_t mark, tail = 40 + len(self.server_line) + 21     # finish(): at most
         cdef const BindingView* b
@@ -288,7 +296,7 @@ cdef class ReplyWriter:
             listed += 1
         if not listed:
             self.length = 0
-            return None
+            return 0
         return self.finish(rq, 302)
 
     cdef int qvalue(self, int q) except -1:
@@ -312,19 +320,19 @@ cdef inline int _q(const BindingView* b) noexcept nogil:
     return 1000 if b.q < 0 else b.q
 
 
-cdef int req_init(Req* rq, bytes data, Msg* m, bytes src_host, int src_port, double now,
-                  uint8_t transport, int64_t conn_id) except -1:
-    """Fill a request struct (``data`` and ``src_host`` must outlive it)."""
-    rq.buf = PyBytes_AS_STRING(data)
-    rq.n = PyBytes_GET_SIZE(data)
+cdef inline void req_init(Req* rq, const char* buf, Py_ssize_t n, Msg* m, const char* src_host,
+                          Py_ssize_t src_host_len, int src_port, double now, uint8_t transport,
+                          int64_t conn_id) noexcept:
+    """Fill a request struct (``buf`` and ``src_host`` must outlive it)."""
+    rq.buf = buf
+    rq.n = n
     rq.m = m
-    rq.src_host = PyBytes_AS_STRING(src_host)
-    rq.src_host_len = PyBytes_GET_SIZE(src_host)
+    rq.src_host = src_host
+    rq.src_host_len = src_host_len
     rq.src_port = src_port
     rq.now = now
     rq.transport = transport
     rq.conn_id = conn_id
-    return 0
 
 
 cdef ReplyWriter _writer = ReplyWriter(None)
@@ -337,6 +345,7 @@ def make_response(request, status, reason, headers=(), source=("0.0.0.0", 0), no
     ``request`` is not a request.  ``now``: wall-clock seconds for the Date
     (None: the clock is read)."""
     cdef bytes data = bytes(request)
+    cdef bytes host
     cdef Msg m
     cdef Req rq
     if now is None:
@@ -346,8 +355,11 @@ def make_response(request, status, reason, headers=(), source=("0.0.0.0", 0), no
     try:
         if m.status != 0 or m.method.length == 0:
             return None
-        req_init(&rq, data, &m, _host_bytes(source[0]), source[1], now, 0, -1)
-        return _writer.reply(&rq, status, reason, headers)
+        host = _host_bytes(source[0])
+        req_init(&rq, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), &m,
+                 PyBytes_AS_STRING(host), PyBytes_GET_SIZE(host), source[1], now, 0, -1)
+        _writer.reply(&rq, status, reason, headers)
+        return _writer.result()
     finally:
         msg_release(&m)
 

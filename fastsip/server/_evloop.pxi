@@ -103,6 +103,7 @@ cdef class EventLoop:
     cdef bint _stopping
     cdef BatchIO _udp_io, _inbox_io
     cdef object _serve_shard, _bug, _on_handoffs, _after
+    cdef RegistrarCore _core            # the core of _serve_shard, called in C (or None)
     cdef RateLimiter _limiter
     cdef Histogram _hist
     cdef list _queues, _peer_fds, _udp_fds, _others
@@ -170,7 +171,8 @@ cdef class EventLoop:
               list udp_fds not None, RateLimiter limiter not None, Histogram hist not None,
               bug, on_handoffs, Py_ssize_t max_pending):
         """What the C-served descriptors need.  ``serve_shard``: the core's
-        (``RegistrarCore.serve_shard``); ``queues[j]``: hand-offs for worker j,
+        (``RegistrarCore.serve_shard``, then called in C: ``serve_c``) or any
+        callable like it (the shared location's); ``queues[j]``: hand-offs for worker j,
         sent to ``peer_fds[j]``, at most ``max_pending`` kept while its inbox is
         full; ``udp_fds[li]``: listener li, where replies to hand-offs leave;
         ``on_handoffs(others, now)``: the hand-offs that are not UDP requests
@@ -179,6 +181,7 @@ cdef class EventLoop:
         self._udp_io = udp_io
         self._inbox_io = inbox_io
         self._serve_shard = serve_shard
+        self._core = _core_of(serve_shard)
         self._shard = shard
         self._nshards = nshards
         self._queues = queues
@@ -214,8 +217,9 @@ cdef class EventLoop:
         for b in range(LOOP_BATCHES):
             now = _clock(CLOCK_REALTIME)
             t0 = _clock(CLOCK_MONOTONIC)
-            got = self._udp_io._serve_udp(fd, self._serve_shard, now, self._shard, self._nshards,
-                                          li, self._queues, limiter, self._bug, &handed)
+            got = self._udp_io._serve_udp(fd, self._serve_shard, self._core, now, self._shard,
+                                          self._nshards, li, self._queues, limiter, self._bug,
+                                          &handed)
             if not got:
                 break
             self.received_udp += got
@@ -238,8 +242,8 @@ cdef class EventLoop:
         for b in range(LOOP_BATCHES):
             now = _clock(CLOCK_REALTIME)
             t0 = _clock(CLOCK_MONOTONIC)
-            got = self._inbox_io._serve_inbox(fd, self._serve_shard, now, self._udp_fds,
-                                              self._bug, &served, others)
+            got = self._inbox_io._serve_inbox(fd, self._serve_shard, self._core, now,
+                                              self._udp_fds, self._bug, &served, others)
             if not got:
                 break
             if others:

@@ -27,6 +27,7 @@ class BatchIO:
     max_size: int
     oversized: int
     send_errors: int
+    served_c: int
     # the arguments go to __cinit__ (tp_new); BatchIO has no __init__ of its own
     def __new__(cls, vlen: int = 64, max_size: int = 65535) -> BatchIO: ...
     def recv(self, fd: int) -> list[tuple[bytes, tuple[str, int] | None]]: ...

@@ -10,7 +10,14 @@ UDP sockets (IPv4 and IPv6) and on connected ``AF_UNIX`` datagram sockets
 The server's workers use ``serve_udp`` and ``serve_inbox``: one call reads a
 batch, passes each datagram to the registrar core and sends the replies with
 one ``sendmmsg`` to the addresses they came from, so no Python code runs per
-datagram.  The worker's event loop (:class:`EventLoop`, ``_evloop.pxi``)
+datagram.  When the callable they are given is a core's own ``serve_shard``
+(``RegistrarCore.serve_shard`` of a core not in shared mode), the core is
+called in C (``RegistrarCore.serve_c``, cimported from fastsip/core/registrar.pxd)
+on the receive buffer and the source host as text, and its replies are copied
+into this object's send buffer: no Python object is made per datagram (the
+source host becomes bytes only for the rate limiter, the request only when the
+core raises).  Any other callable (the shared location's, with ``--cluster``)
+is called as before, with bytes.  The worker's event loop (:class:`EventLoop`, ``_evloop.pxi``)
 calls them itself, with the latency :class:`Histogram` and the per-source
 :class:`RateLimiter` (``_meters.pxi``), so no Python code runs per wake-up
 either.
@@ -26,11 +33,13 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport int64_t, uint8_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcmp, memcpy, memset, strlen
 from posix.time cimport timespec
 
 cimport cython
 
+from fastsip.core._core cimport SV_SHARD, RegistrarCore
 from fastsip.server cimport handoff as ho
 
 
@@ -90,6 +99,21 @@ cdef extern from "<arpa/inet.h>" nogil:
 
 cdef enum:
     MAX_VLEN = 1024
+    REPLY_AREA = 65536          # the send buffer's first size (it grows for a large batch)
+
+
+cdef RegistrarCore _core_of(object serve_shard):
+    """The core whose own ``serve_shard`` this is, to be called in C
+    (``serve_c``), or None: the callable is called in Python.  A core in
+    shared mode is always called in Python (what it returns is the shared
+    location's business), as is a subclass's override of ``serve_shard``."""
+    cdef object core = getattr(serve_shard, "__self__", None)
+    if not isinstance(core, RegistrarCore) or (<RegistrarCore>core).shared:
+        return None
+    if serve_shard != RegistrarCore.serve_shard.__get__(core, type(core)) or \
+            getattr(type(core), "serve_shard", None) is not RegistrarCore.serve_shard:
+        return None
+    return <RegistrarCore>core
 
 #: The hand-off header (fastsip/server/handoff.pxd), for Python code.
 HANDOFF_HEADER = ho.HANDOFF_HEADER
@@ -220,11 +244,17 @@ cdef class BatchIO:
     cdef mmsghdr* _shdrs              # replies sent by serve_udp / serve_inbox
     cdef iovec* _siov
     cdef sockaddr_storage* _snames
-    cdef sa_family_t _last_family     # the source host of the last datagram, as bytes:
-    cdef unsigned char _last_addr[16]     # most batches come from few hosts
-    cdef bytes _last_host
+    cdef sa_family_t _last_family     # the source host of the last datagram, as text
+    cdef unsigned char _last_addr[16]     # (most batches come from few hosts)
+    cdef char _last_text[INET6_ADDRSTRLEN + 1]
+    cdef Py_ssize_t _last_len         # -1: none yet
+    cdef bytes _last_host             # ... and as bytes, once asked for (None until then)
+    cdef char* _rbuf                  # the replies of the core called in C (serve_c), copied
+    cdef Py_ssize_t _rcap, _rlen
+    cdef Py_ssize_t* _roff            # send slot -> offset of its reply in _rbuf, -1: none
     cdef readonly unsigned long long oversized
     cdef readonly unsigned long long send_errors
+    cdef readonly unsigned long long served_c   # datagrams given to a core in C (serve_c)
 
     def __cinit__(self, int vlen=64, Py_ssize_t max_size=65535):
         if vlen < 1 or vlen > MAX_VLEN:
@@ -240,8 +270,12 @@ cdef class BatchIO:
         self._shdrs = <mmsghdr*>PyMem_Malloc(vlen * sizeof(mmsghdr))
         self._siov = <iovec*>PyMem_Malloc(vlen * sizeof(iovec))
         self._snames = <sockaddr_storage*>PyMem_Malloc(vlen * sizeof(sockaddr_storage))
+        self._roff = <Py_ssize_t*>PyMem_Malloc(vlen * sizeof(Py_ssize_t))
+        self._rcap = REPLY_AREA
+        self._rbuf = <char*>realloc(NULL, self._rcap)
+        self._last_len = -1
         if not (self._hdrs and self._iov and self._names and self._bufs and self._shdrs
-                and self._siov and self._snames):
+                and self._siov and self._snames and self._roff and self._rbuf):
             raise MemoryError()
 
     def __dealloc__(self):
@@ -252,6 +286,8 @@ cdef class BatchIO:
         PyMem_Free(self._shdrs)
         PyMem_Free(self._siov)
         PyMem_Free(self._snames)
+        PyMem_Free(self._roff)
+        free(self._rbuf)
 
     cdef int _recv(self, int fd) except -1:
         """recvmmsg into the buffers: how many datagrams arrived (0 when none)."""
@@ -386,10 +422,10 @@ cdef class BatchIO:
 
     # -- the server's receive loop, one batch per call ----------------------------
 
-    cdef bytes _host_of(self, sockaddr_storage* ss):
-        """The source host of a received address as ASCII bytes (None for other
-        families); the last one is kept, as a batch mostly comes from few hosts."""
-        cdef char text[INET6_ADDRSTRLEN + 1]
+    cdef Py_ssize_t _host_text(self, sockaddr_storage* ss) noexcept:
+        """The source host of a received address as ASCII text in ``_last_text``:
+        its length, or -1 for other families.  The last one is kept, as a batch
+        mostly comes from few hosts."""
         cdef const void* raw
         cdef int size
         if ss.ss_family == AF_INET:
@@ -399,26 +435,71 @@ cdef class BatchIO:
             raw = &(<sockaddr_in6*>ss).sin6_addr
             size = 16
         else:
-            return None
-        if self._last_host is not None and ss.ss_family == self._last_family \
+            return -1
+        if self._last_len >= 0 and ss.ss_family == self._last_family \
                 and memcmp(raw, self._last_addr, size) == 0:
-            return self._last_host
-        if inet_ntop(ss.ss_family, raw, text, sizeof(text)) == NULL:
-            return None
-        self._last_host = text
+            return self._last_len
+        if inet_ntop(ss.ss_family, raw, self._last_text, sizeof(self._last_text)) == NULL:
+            self._last_len = -1
+            return -1
+        self._last_len = strlen(self._last_text)
+        self._last_host = None
         self._last_family = ss.ss_family
         memcpy(self._last_addr, raw, size)
+        return self._last_len
+
+    cdef bytes _host_bytes(self):
+        """The host ``_host_text`` found last, as bytes (made once per host)."""
+        if self._last_host is None:
+            self._last_host = PyBytes_FromStringAndSize(self._last_text, self._last_len)
         return self._last_host
+
+    cdef bytes _host_of(self, sockaddr_storage* ss):
+        """The source host of a received address as ASCII bytes (None for other
+        families)."""
+        if self._host_text(ss) < 0:
+            return None
+        return self._host_bytes()
+
+    cdef int _copy_reply(self, int j, const char* reply, Py_ssize_t n) except -1:
+        """Copy a reply the core wrote in C into the send buffer, for send slot
+        ``j`` (``_place_replies`` points the slot at it once the batch is done:
+        the buffer may move while it grows)."""
+        cdef char* grown
+        cdef Py_ssize_t cap = self._rcap
+        if self._rlen + n > cap:
+            while self._rlen + n > cap:
+                cap *= 2
+            grown = <char*>realloc(self._rbuf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._rbuf = grown
+            self._rcap = cap
+        memcpy(self._rbuf + self._rlen, reply, n)
+        self._roff[j] = self._rlen
+        self._siov[j].iov_len = n
+        self._rlen += n
+        return 0
+
+    cdef void _place_replies(self, int cnt) noexcept:
+        """Point the send slots of copied replies at their bytes."""
+        cdef int j
+        for j in range(cnt):
+            if self._roff[j] >= 0:
+                self._siov[j].iov_base = self._rbuf + self._roff[j]
 
     cdef void _queue_reply(self, int j, bytes reply, sockaddr_storage* to,
                            socklen_t tolen) noexcept:
-        """Put ``reply`` in send slot ``j`` (the caller keeps ``reply`` alive)."""
+        """Put ``reply`` in send slot ``j`` (the caller keeps ``reply`` alive);
+        None: the slot's reply was copied (``_copy_reply``)."""
         cdef mmsghdr* h = &self._shdrs[j]
         memset(h, 0, sizeof(mmsghdr))
         h.msg_hdr.msg_name = to
         h.msg_hdr.msg_namelen = tolen
-        self._siov[j].iov_base = PyBytes_AS_STRING(reply)
-        self._siov[j].iov_len = PyBytes_GET_SIZE(reply)
+        if reply is not None:
+            self._siov[j].iov_base = PyBytes_AS_STRING(reply)
+            self._siov[j].iov_len = PyBytes_GET_SIZE(reply)
+            self._roff[j] = -1
         h.msg_hdr.msg_iov = &self._siov[j]
         h.msg_hdr.msg_iovlen = 1
 
@@ -446,7 +527,8 @@ cdef class BatchIO:
         """Read one batch from the UDP socket ``fd`` and answer it.
 
         Each datagram goes to ``serve_shard(data, host, port, now, "udp", -1,
-        shard, nshards)`` (``RegistrarCore.serve_shard``).  Reply bytes go back
+        shard, nshards)`` (``RegistrarCore.serve_shard``; a core's own is called
+        in C, ``serve_c``, with the same results).  Reply bytes go back
         to the sender with one ``sendmmsg``; an int return (the AOR belongs to
         that shard) queues a hand-off datagram ``(blob, None)`` on
         ``queues[owner]``.  ``allow``, when given, may refuse a datagram (rate
@@ -456,60 +538,90 @@ cdef class BatchIO:
         waiting.  Only the system's own socket errors raise ``OSError``.
         """
         cdef int handed = 0
-        cdef int n = self._serve_udp(fd, serve_shard, now, shard, nshards, li, queues, allow, bug,
-                                     &handed)
+        cdef int n = self._serve_udp(fd, serve_shard, _core_of(serve_shard), now, shard, nshards,
+                                     li, queues, allow, bug, &handed)
         return n, handed
 
-    cdef int _serve_udp(self, int fd, object serve_shard, double now, int shard, int nshards,
-                        int li, list queues, object allow, object bug, int* handed_out) except -1:
-        cdef int n = self._recv(fd), i, cnt = 0, handed = 0, port
-        cdef Py_ssize_t stride = self.max_size + 1
+    cdef int _serve_udp(self, int fd, object serve_shard, RegistrarCore core, double now,
+                        int shard, int nshards, int li, list queues, object allow, object bug,
+                        int* handed_out) except -1:
+        """``serve_udp``; ``core``: ``_core_of(serve_shard)``, called in C when not None."""
+        cdef int n = self._recv(fd), i, cnt = 0, handed = 0, port, owner
+        cdef Py_ssize_t stride = self.max_size + 1, hl, r
         cdef RateLimiter limiter = allow if type(allow) is RateLimiter else None
         cdef mmsghdr* h
         cdef sockaddr_storage* ss
+        cdef const char* buf
+        cdef const char* reply
         cdef bytes data, host
-        cdef object r
-        cdef list keep = []
+        cdef object res
+        cdef list keep = None
         cdef ho.Handoff hand
         hand.kind = ho.H_UDP
         hand.listener = <uint8_t>li
         hand.origin = <uint8_t>shard
         hand.conn_id = -1
+        self._rlen = 0
         for i in range(n):
             if self._oversized(i):
                 continue
             h = &self._hdrs[i]
             ss = &self._names[i]
-            host = self._host_of(ss)
-            if host is None:
+            hl = self._host_text(ss)
+            if hl < 0:
                 continue
             port = ntohs((<sockaddr_in*>ss).sin_port)     # same offset in sockaddr_in6
             if limiter is not None:
-                if not limiter._allow(host, now):
+                if not limiter._allow(self._host_bytes(), now):
                     continue
-            elif allow is not None and not allow(host, now):
+            elif allow is not None and not allow(self._host_bytes(), now):
                 continue
-            data = PyBytes_FromStringAndSize(self._bufs + i * stride, h.msg_len)
-            try:
-                r = serve_shard(data, host, port, now, "udp", -1, shard, nshards)
-            except Exception:
-                if bug is not None:
-                    bug(data)
-                continue
-            if r is None:
-                continue
-            if type(r) is int:
-                hand.host_len = <uint8_t>PyBytes_GET_SIZE(host)
-                hand.port = <unsigned short>port
-                (<list>queues[<int>r]).append(
-                    (_handoff_blob(&hand, PyBytes_AS_STRING(host), self._bufs + i * stride,
-                                   h.msg_len), None))
-                handed += 1
-                continue
-            keep.append(r)
-            self._queue_reply(cnt, <bytes>r, ss, h.msg_hdr.msg_namelen)
-            cnt += 1
+            buf = self._bufs + i * stride
+            if core is not None:
+                self.served_c += 1
+                try:
+                    r = core.serve_c(buf, h.msg_len, self._last_text, hl, port, now, 0, -1,
+                                     shard, nshards, &reply)
+                except Exception:
+                    if bug is not None:
+                        bug(PyBytes_FromStringAndSize(buf, h.msg_len))
+                    continue
+                if r > 0:
+                    self._copy_reply(cnt, reply, r)
+                    self._queue_reply(cnt, None, ss, h.msg_hdr.msg_namelen)
+                    cnt += 1
+                    continue
+                if r > SV_SHARD:
+                    continue                    # no reply (or shared mode's, never here)
+                owner = SV_SHARD - r
+            else:
+                data = PyBytes_FromStringAndSize(buf, h.msg_len)
+                host = self._host_bytes()
+                try:
+                    res = serve_shard(data, host, port, now, "udp", -1, shard, nshards)
+                except Exception:
+                    if bug is not None:
+                        bug(data)
+                    continue
+                if res is None:
+                    continue
+                if type(res) is not int:
+                    if keep is None:
+                        keep = []
+                    keep.append(res)
+                    self._queue_reply(cnt, <bytes>res, ss, h.msg_hdr.msg_namelen)
+                    cnt += 1
+                    continue
+                owner = <int>res
+                if owner < 0 or owner >= len(queues):
+                    continue
+            hand.host_len = <uint8_t>hl
+            hand.port = <unsigned short>port
+            (<list>queues[owner]).append(
+                (_handoff_blob(&hand, self._last_text, buf, h.msg_len), None))
+            handed += 1
         if cnt:
+            self._place_replies(cnt)
             self._send_replies(fd, self._shdrs, cnt)
         handed_out[0] = handed
         return n
@@ -526,25 +638,30 @@ cdef class BatchIO:
         """
         cdef int served = 0
         cdef list others = []
-        cdef int n = self._serve_inbox(fd, serve_shard, now, udp_fds, bug, &served, others)
+        cdef int n = self._serve_inbox(fd, serve_shard, _core_of(serve_shard), now, udp_fds, bug,
+                                       &served, others)
         return n, served, others
 
-    cdef int _serve_inbox(self, int fd, object serve_shard, double now, list udp_fds, object bug,
-                          int* served_out, list others) except -1:
+    cdef int _serve_inbox(self, int fd, object serve_shard, RegistrarCore core, double now,
+                          list udp_fds, object bug, int* served_out, list others) except -1:
         """``serve_inbox``: the others appended to ``others``, the count of UDP ones
-        served in ``served_out``; returns how many datagrams were read."""
+        served in ``served_out``; returns how many datagrams were read.
+        ``core``: ``_core_of(serve_shard)``, called in C when not None."""
         cdef int n = self._recv(fd), i, cnt = 0, served = 0, li, port, hl, k, fdi, j
-        cdef Py_ssize_t stride = self.max_size + 1, size
+        cdef Py_ssize_t stride = self.max_size + 1, size, r = 0
         cdef unsigned char* p
+        cdef const char* msg
+        cdef const char* reply
         cdef char hostz[ho.MAX_HOST + 1]
         cdef ho.Handoff hand
         cdef bytes data, host
-        cdef object r
-        cdef list keep = []
+        cdef object res = None
+        cdef list keep = None
         cdef int lis[MAX_VLEN]
         cdef sockaddr_in* a4
         cdef sockaddr_in6* a6
         cdef sockaddr_storage* ss
+        self._rlen = 0
         for i in range(n):
             if self._oversized(i):
                 continue
@@ -555,21 +672,36 @@ cdef class BatchIO:
             hl = hand.host_len
             li = hand.listener
             port = hand.port
-            host = PyBytes_FromStringAndSize(<char*>p + ho.HANDOFF_HEADER, hl)
-            data = PyBytes_FromStringAndSize(<char*>p + ho.HANDOFF_HEADER + hl,
-                                             size - ho.HANDOFF_HEADER - hl)
+            msg = <char*>p + ho.HANDOFF_HEADER + hl
+            size -= ho.HANDOFF_HEADER + hl
             if hand.kind != ho.H_UDP:
-                others.append((hand.kind, li, hand.origin, host, hand.conn_id, port, data))
+                others.append((hand.kind, li, hand.origin,
+                               PyBytes_FromStringAndSize(<char*>p + ho.HANDOFF_HEADER, hl),
+                               hand.conn_id, port, PyBytes_FromStringAndSize(msg, size)))
                 continue
             served += 1
-            try:
-                r = serve_shard(data, host, port, now, "udp", -1, 0, 1)
-            except Exception:
-                if bug is not None:
-                    bug(data)
-                continue
-            if r is None or li >= len(udp_fds):
-                continue
+            if core is not None:
+                self.served_c += 1
+                try:
+                    r = core.serve_c(msg, size, <char*>p + ho.HANDOFF_HEADER, hl, port, now, 0,
+                                     -1, 0, 1, &reply)
+                except Exception:
+                    if bug is not None:
+                        bug(PyBytes_FromStringAndSize(msg, size))
+                    continue
+                if r <= 0 or li >= len(udp_fds):
+                    continue
+            else:
+                host = PyBytes_FromStringAndSize(<char*>p + ho.HANDOFF_HEADER, hl)
+                data = PyBytes_FromStringAndSize(msg, size)
+                try:
+                    res = serve_shard(data, host, port, now, "udp", -1, 0, 1)
+                except Exception:
+                    if bug is not None:
+                        bug(data)
+                    continue
+                if res is None or li >= len(udp_fds):
+                    continue
             ss = &self._snames[cnt]
             memset(ss, 0, sizeof(sockaddr_storage))
             memcpy(hostz, <char*>p + ho.HANDOFF_HEADER, hl)
@@ -579,17 +711,26 @@ cdef class BatchIO:
             if inet_pton(AF_INET, hostz, &a4.sin_addr) == 1:
                 a4.sin_family = AF_INET
                 a4.sin_port = htons(<unsigned short>port)
-                self._queue_reply(cnt, <bytes>r, ss, sizeof(sockaddr_in))
+                self._queue_reply(cnt, None if core is not None else <bytes>res, ss,
+                                  sizeof(sockaddr_in))
             elif inet_pton(AF_INET6, hostz, &a6.sin6_addr) == 1:
                 a6.sin6_family = AF_INET6
                 a6.sin6_port = htons(<unsigned short>port)
-                self._queue_reply(cnt, <bytes>r, ss, sizeof(sockaddr_in6))
+                self._queue_reply(cnt, None if core is not None else <bytes>res, ss,
+                                  sizeof(sockaddr_in6))
             else:
                 self.send_errors += 1
                 continue
-            keep.append(r)
+            if core is not None:
+                self._copy_reply(cnt, reply, r)
+            else:
+                if keep is None:
+                    keep = []
+                keep.append(res)
             lis[cnt] = li
             cnt += 1
+        if cnt:
+            self._place_replies(cnt)
         if cnt and len(udp_fds) == 1:
             self._send_replies(<int>udp_fds[0], self._shdrs, cnt)
         elif cnt:

@@ -17,8 +17,8 @@ calls over the workers) for ``--duration`` seconds, and reports:
     python3 bench/bench_server.py --rates 10000 --echo --kamailio   # and the floor and Kamailio
 
 With ``--echo`` and ``--kamailio`` the same SIPp run is made, turn by turn, against
-the I/O floor (``load.responder --fast``: a compiled echo that answers 200 and
-stores nothing) and Kamailio (``bench/kamailio/registrar.cfg``, ``-x tlsf``,
+the I/O floor (``load.responder --fast --processes WORKERS``: a compiled echo that
+answers 200 and stores nothing, one process per fastsip worker) and Kamailio (``bench/kamailio/registrar.cfg``, ``-x tlsf``,
 ``--workers`` UDP processes), and the summary gives each one's median and fastsip's
 CPU per REGISTER divided by it.
 
@@ -52,8 +52,10 @@ from fastsip.server.testing import ServerProcess  # noqa: E402
 SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 
 #: Other servers measured in the same run (``--echo``, ``--kamailio``; bench_e2e templates).
-#: echo: the I/O floor, a compiled UDP echo that answers 200 and stores nothing (one process).
-PEERS = {"echo": "{python} -m load.responder --fast --listen {host}:{port} --duration 100000",
+#: echo: the I/O floor, a compiled UDP echo that answers 200 and stores nothing, in as many
+#: processes as fastsip has workers (on one port, SO_REUSEPORT), as issue #11 compares them.
+PEERS = {"echo": "{python} -m load.responder --fast --processes {workers} --transport udp "
+                 "--listen {host}:{port} --duration 100000",
          "kamailio": KAMAILIO}
 
 

@@ -18,8 +18,9 @@ generator:
                          which phone's requests reached which of several
                          responders, in which order
 ``--fast``               the C-speed echo of ``load._echo_c`` (200 only): over UDP
-                         ``echo_udp``; over the stream transports the loop
-                         below with ``echo_stream`` answering whole buffers
+                         ``echo_udp`` (``--processes N``: N processes on one
+                         port, SO_REUSEPORT); over the stream transports the
+                         loop below with ``echo_stream`` answering whole buffers
 
 It checks the few things a malformed request from ``--malformed-ratio``
 breaks and answers those with 400.  Every loop is bounded by
@@ -486,6 +487,68 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _echo_processes(host: str, port: int, processes: int, duration: float,
+                    max_requests: int, ready) -> dict:
+    """``--fast`` over UDP: ``processes`` echo processes, each with its own socket
+    on the same port (SO_REUSEPORT spreads the senders, as it does over fastsip's
+    workers).  Each child sends its counters back through a pipe; returns the sum."""
+    from ._echo_c import echo_udp
+    socks = []
+    for _ in range(processes):
+        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.bind((host, port))
+        port = s.getsockname()[1]
+        socks.append(s)
+    children = []
+    for s in socks[1:]:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                    # a child: serve its socket, report, leave
+            code = 0
+            try:
+                os.close(r)
+                rx, tx = echo_udp(s.fileno(), duration, max_requests)
+                os.write(w, json.dumps([rx, tx]).encode())
+            except KeyboardInterrupt:
+                pass
+            except BaseException:       # noqa: BLE001 - a child must not return into main()
+                code = 1
+            os._exit(code)
+        os.close(w)
+        children.append((pid, r))
+    ready(port)
+    rx = tx = 0
+    each = []                           # received by each process, the parent first
+    done = False
+    try:
+        rx, tx = echo_udp(socks[0].fileno(), duration, max_requests)
+        each.append(rx)
+        done = True
+    finally:
+        for pid, r in children:     # (they stop on their own when the parent did)
+            try:
+                if not done:
+                    os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+                got = os.read(r, 256)
+                if got:
+                    crx, ctx = json.loads(got)
+                    rx, tx = rx + crx, tx + ctx
+                    each.append(crx)
+            except (OSError, ValueError):
+                pass
+            os.close(r)
+        for s in socks:
+            s.close()
+    stats = {"received": rx, "replies": {"200": tx}}
+    if processes > 1:
+        stats["per_process"] = each
+    return stats
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m load.responder", description=__doc__.split("\n")[0])
     p.add_argument("--listen", default="127.0.0.1:5070", metavar="HOST:PORT",
@@ -497,6 +560,8 @@ def main(argv=None) -> int:
     p.add_argument("--fast", action="store_true",
                    help="C-speed echo (no auth/drop/dup): UDP, or with --transport tcp, tls, "
                         "ws, wss the stream echo")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with --fast over UDP: this many echo processes on one port (SO_REUSEPORT)")
     p.add_argument("--auth", action="store_true", help="challenge with 401 and check the digest")
     p.add_argument("--realm", default="fastsip-load")
     p.add_argument("--algorithm", choices=tuple(_HASH), default="MD5")
@@ -524,6 +589,8 @@ def main(argv=None) -> int:
         tls_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         tls_ctx.load_cert_chain(args.tls_cert, args.tls_key)
     streams = args.transport in ("tcp", "tls", "ws", "wss")
+    if args.processes < 1 or (args.processes > 1 and not (args.fast and not streams)):
+        p.error("--processes N: N >= 1, and more than one only with --fast over UDP")
     if args.log_users and args.fast:
         p.error("--log-users reads every request: not with --fast")
     signal.signal(signal.SIGTERM, _interrupt)
@@ -534,17 +601,8 @@ def main(argv=None) -> int:
     stats = {}
     try:
         if args.fast and not streams:
-            from ._echo_c import echo_udp
-            s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.bind((host, int(port)))
-            ready(s.getsockname()[1])
-            try:
-                rx, tx = echo_udp(s.fileno(), args.duration, args.max_requests)
-                stats = {"received": rx, "replies": {"200": tx}}
-            finally:
-                s.close()
+            stats = _echo_processes(host, int(port), args.processes, args.duration,
+                                    args.max_requests, ready)
         else:
             r = Responder(auth=args.auth, realm=args.realm, algorithm=args.algorithm, qop=args.qop,
                           password_pattern=args.password_pattern, drop=args.drop, dup=args.dup,

@@ -907,3 +907,29 @@ def test_cli_several_targets(tmp_path, responder):
                             capture_output=True, text=True, timeout=60)
         assert cp.returncode == 2 and cp.stderr.startswith("fastsip-load: error: ")
         assert why in cp.stderr and cp.stderr.count("\n") == 1, cp.stderr
+
+
+def test_fast_echo_processes_share_the_port():
+    """``--fast --processes 2``: two echo processes on one port (SO_REUSEPORT), as
+    bench_server's floor runs beside 2 workers; every REGISTER is answered, the
+    counters of both are summed, and both served some of 40 senders."""
+    from fastsip.server.testing import register
+    env = dict(os.environ, PYTHONPATH=LOAD_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "load.responder", "--fast", "--processes", "2", "--transport", "udp",
+         "--listen", "127.0.0.1:0", "--duration", "3"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        port = int(re.match(r"listening \S+:(\d+)", proc.stdout.readline()).group(1))
+        for i in range(40):             # a socket (a source port) per sender
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(5)
+                s.sendto(register(f"user{i}"), ("127.0.0.1", port))
+                assert s.recv(4096).startswith(b"SIP/2.0 200 OK")
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["received"] == 40 and stats["replies"] == {"200": 40}
+    assert len(stats["per_process"]) == 2 and min(stats["per_process"]) > 0, stats

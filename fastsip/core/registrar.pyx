@@ -205,6 +205,8 @@ cdef class RegistrarCore:
         cdef const AorView* listing
         cdef uint64_t expected = 0
         cdef object unsupported
+        cdef Store st
+        cdef int32_t a
         if rc != OK:
             return self._malformed(rq, rc)
         # 1 and 5 (first half): the Request-URI, the headers, the To URI.
@@ -238,11 +240,13 @@ cdef class RegistrarCore:
         rc = read_contacts(rq, reg, self.aor_form)
         if rc:
             return self._refuse(rq, rc)
-        if self.shared and self.store.is_busy(reg.aor, reg.aor_len):
+        st = self.store
+        a = st.find(reg.aor, reg.aor_len)       # the AOR's one lookup: its slot is passed on
+        if self.shared and a >= 0 and st.aors[a].busy:
             self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
             return SV_WAIT
-        self.store.purge(reg.aor, reg.aor_len, rq.now)       # its lapsed bindings go first
-        self.store.view(reg.aor, reg.aor_len, rq.now, &self.before)
+        a = st.purge_at(a, rq.now)              # its lapsed bindings go first
+        st.view_at(a, rq.now, &self.before)
         rc = decide(buf, reg, &self.settings, &self.before, self.store.n_bindings, rq.now,
                     &self.plan)
         if rc == RF_TOO_BRIEF:
@@ -256,31 +260,28 @@ cdef class RegistrarCore:
         if rc:
             return self._refuse(rq, rc)
         # 8. Apply the plan, answer with the AOR's bindings.
-        if self.shared and not (self.plan.nchanges or self.plan.remove_all) and \
-                self.store.find(reg.aor, reg.aor_len) < 0:
+        if self.shared and not (self.plan.nchanges or self.plan.remove_all) and a < 0:
             # A cache miss, and an answer that would only list the bindings: read
             # them first.  (A change is decided on the empty view and stored only
             # if there is no key: the compare-and-set checks it.)
             self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
             return SV_READ
         listing = &self.before
-        if self.shared and self.plan.retransmission and \
-                self.store.is_unverified(reg.aor, reg.aor_len):
+        if self.shared and self.plan.retransmission and a >= 0 and st.aors[a].unverified:
             # A retransmission of what a copy read from the shared location holds:
             # that write may not have reached a replica (its writer got no WAIT
             # and answered 500).  Write it again, so that its WAIT says it did.
-            return self._stage(reg.aor, reg.aor_len, self.store.version_of(reg.aor, reg.aor_len),
-                               rq.now,
+            return self._stage(reg.aor, reg.aor_len, st.versions[a], rq.now,
                                self.writer.ok(rq, listing, self.plan.outbound,
                                               rq.m.first[<int>HDR_PATH] >= 0 and
                                               _supports_path(rq)))
         if not self.plan.retransmission and (self.plan.nchanges or self.plan.remove_all):
             if self.shared:
-                expected = self.store.version_of(reg.aor, reg.aor_len)   # before apply drops it
+                expected = st.versions[a] if a >= 0 else 0      # before apply drops it
             path = _path(rq)
             plan_common(&self.plan, rq, reg, path)
-            self.store.apply(reg.aor, reg.aor_len, &self.plan, &self.before, rq.now)
-            self.store.view(reg.aor, reg.aor_len, rq.now, &self.after)
+            a = st.apply_at(a, reg.aor, reg.aor_len, &self.plan, &self.before, rq.now)
+            st.view_at(a, rq.now, &self.after)
             listing = &self.after
             if self.shared:
                 return self._stage(reg.aor, reg.aor_len, expected, rq.now, self.writer.ok(
@@ -668,10 +669,10 @@ cdef class RegistrarCore:
         place a redirect looks an AOR up: today this registrar's store (its
         lapsed bindings are dropped first, as a REGISTER does).  Shared mode:
         -2 when the cache has no copy of the AOR (it must be read first)."""
-        if self.shared and self.store.find(aor, n) < 0:
+        cdef int32_t a = self.store.find(aor, n)
+        if self.shared and a < 0:
             return -2
-        self.store.purge(aor, n, now)
-        self.store.view(aor, n, now, out)
+        self.store.view_at(self.store.purge_at(a, now), now, out)
         return out.n
 
     cdef void _redirected(self, str outcome):

@@ -125,9 +125,13 @@ cdef class BindingTable:
     cdef int _reserve(self, int32_t bindings) except -1
     cdef void _drop_expired(self, int32_t aor, double now) noexcept
     cdef void purge(self, const char* aor, Py_ssize_t n, double now) noexcept
+    cdef int32_t purge_at(self, int32_t a, double now) noexcept
     cdef int view(self, const char* aor, Py_ssize_t n, double now, AorView* out) noexcept
+    cdef int view_at(self, int32_t a, double now, AorView* out) noexcept
     cdef int apply(self, const char* aor, Py_ssize_t n, const Plan* p, const AorView* v,
                    double now) except -1
+    cdef int32_t apply_at(self, int32_t a, const char* aor, Py_ssize_t n, const Plan* p,
+                          const AorView* v, double now) except -2
     cdef int _push(self, double t, uint32_t gen, int32_t slot) except -1
     cdef void _pop(self) noexcept
     cdef int _compact_heap(self) except -1

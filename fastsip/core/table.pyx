@@ -698,15 +698,25 @@ cdef class BindingTable:
 
     cdef void purge(self, const char* aor, Py_ssize_t n, double now) noexcept:
         """Drop ``aor``'s bindings that expired at ``now``, and the AOR when none is left."""
-        cdef int32_t a = self.find(aor, n)
-        if a >= 0:
-            self._drop_expired(a, now)
-            self.release_if_empty(a)
+        self.purge_at(self.find(aor, n), now)
+
+    cdef int32_t purge_at(self, int32_t a, double now) noexcept:
+        """``purge`` of the AOR in slot ``a`` (-1: none); returns its slot, or -1
+        when it held nothing more and went."""
+        if a < 0:
+            return -1
+        self._drop_expired(a, now)
+        self.release_if_empty(a)
+        return a if self.aors[a].live else -1
 
     cdef int view(self, const char* aor, Py_ssize_t n, double now, AorView* out) noexcept:
         """The bindings of ``aor`` valid at ``now`` (at most MAX_LISTED), in
         registration order, as pointers into the store: valid until it changes."""
-        cdef int32_t a = self.find(aor, n), slot
+        return self.view_at(self.find(aor, n), now, out)
+
+    cdef int view_at(self, int32_t a, double now, AorView* out) noexcept:
+        """``view`` of the AOR in slot ``a`` (-1: none, an empty view)."""
+        cdef int32_t slot
         cdef BindingRec* r
         cdef BindingView* b
         out.n = 0
@@ -739,18 +749,25 @@ cdef class BindingTable:
         store unchanged since), all or nothing: what can fail (memory, a field
         too long) happens before the first change.  Bindings of the AOR that
         expired by ``now`` are dropped too."""
+        self.apply_at(self.find(aor, n), aor, n, p, v, now)
+        return 0
+
+    cdef int32_t apply_at(self, int32_t a, const char* aor, Py_ssize_t n, const Plan* p,
+                          const AorView* v, double now) except -2:
+        """``apply`` to the AOR ``aor`` found in slot ``a`` (-1: not in the store; it
+        is added if the plan adds a binding); returns its slot after, -1 if none."""
         cdef int i, nwrite = 0
-        cdef int32_t a, slot
+        cdef int32_t slot
         cdef const Change* ch
         cdef char* blobs[MAX_REQUEST_CONTACTS]
         if p.retransmission:
-            return 0
+            return a
         for i in range(p.nchanges):
             if p.changes[i].action != A_REMOVE:
                 nwrite += 1
-        a = self.find(aor, n)
         if nwrite:
-            a = self.find_or_add(aor, n)
+            if a < 0:
+                a = self.find_or_add(aor, n)
             try:
                 self._reserve(nwrite)
                 for i in range(p.nchanges):
@@ -764,7 +781,7 @@ cdef class BindingTable:
                 self.release_if_empty(a)
                 raise
         if a < 0:
-            return 0
+            return -1
         # from here on nothing fails
         self._drop_expired(a, now)
         if p.remove_all:
@@ -784,4 +801,4 @@ cdef class BindingTable:
         if self.heap_len > 2 * self.n_bindings + 1024:
             self._compact_heap()
         self.release_if_empty(a)
-        return 0
+        return a if self.aors[a].live else -1

@@ -8,6 +8,8 @@ import math
 import re
 import sqlite3
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,8 @@ import pytest
 from fastsip import Binding, Registrar, Store
 from fastsip.registrar import decode_record, encode_record
 from fastsip.server import logs
-from fastsip.server.state import FORMAT, OLD_FORMAT, StateFile, row_of
+from fastsip.server._io_c import SqlWriter
+from fastsip.server.state import FORMAT, OLD_FORMAT, StateFile, row_of, sql_writer, sqlite_library
 from fastsip.server.timers import BAD_ROW_LINES, StateWriter
 from test_flows import FLOW, UDP, WS, reg_over
 from test_registrar import NOW, request
@@ -300,33 +303,114 @@ def test_one_write_keeps_the_order_of_the_changes_of_an_aor(tmp_path):
     f.close()
 
 
-def writer_for(path, **kw):
+def writer_for(path, c_writer=True, **kw):
+    """A registrar and its StateWriter; ``c_writer`` False: the Python writer (as
+    where SqlWriter cannot share Python's SQLite library)."""
     reg = Registrar(min_expires=60, max_expires=3600, track_changes=True, **kw)
-    return reg, StateWriter(path, 0, 1, reg, SimpleNamespace(state_errors=0,
-                                                             dropped_state_overflow=0))
+    writer = StateWriter(path, 0, 1, reg, SimpleNamespace(state_errors=0,
+                                                          dropped_state_overflow=0))
+    assert writer.sql is not None           # Linux: the writer in C is the default
+    if not c_writer:
+        writer.sql.close()
+        writer.sql = None
+    return reg, writer
 
 
-def test_a_flush_writes_the_feed_and_a_restart_loads_it(tmp_path):
+@pytest.mark.parametrize("c_writer", [True, False], ids=["c-writer", "python-writer"])
+def test_a_flush_writes_the_feed_and_a_restart_loads_it(tmp_path, c_writer):
     path = str(tmp_path / "s.db")
-    reg, writer = writer_for(path)
+    reg, writer = writer_for(path, c_writer)
     reg_over(reg, FLOW, "tcp", 7)
     reg_over(reg, UDP, "udp", -1)
     reg_over(reg, UDP, "udp", -1, user="bob")
     writer.collect()
-    assert [aor for aor, _, _ in writer.pending] == ["sip:alice@example.com",
-                                                     "sip:bob@example.com"]
+    assert writer.backlog == 2 and writer.busy          # alice and bob
     writer.write(None)
+    assert writer.backlog == 0 and not writer.busy
+    assert set(rows(path)) == {"sip:alice@example.com", "sip:bob@example.com"}
     reg.handle(request(user="bob", contacts=("*",), expires=0, cseq=2), ("192.0.2.7", 5060), NOW)
     writer.finish()
     assert set(rows(path)) == {"sip:alice@example.com"}
-    reg2, writer2 = writer_for(path)
+    assert writer.rows_written == 3
+    reg2, writer2 = writer_for(path, c_writer)
     assert writer2.load(NOW) == (1, 1)                  # the flow's connection is gone
     assert [b.uri for b in reg2.lookup("sip:alice@example.com", NOW)] == [
         "sip:alice@192.0.2.7:5060"]
-    assert [aor for aor, _, _ in writer2.pending] == ["sip:alice@example.com"]    # rewritten
+    assert writer2.backlog == 1                         # alice's row is rewritten
     writer2.finish()
     assert decode_record(rows(path)["sip:alice@example.com"])[1] == reg2.store.lookup(
         "sip:alice@example.com")
+
+
+def filled_store(n):
+    """A store with ``n`` changed AORs of 1-3 bindings, every third emptied again."""
+    store = Store(track_changes=True)
+    for i in range(n):
+        store.load(f"sip:u{i}@x", [Binding(f"sip:u{i}@h{k}", NOW + 60 + i + k, cseq=i,
+                                           call_id=f"c{i}") for k in range(1 + i % 3)])
+    for i in range(0, n, 3):
+        store.remove_aor(f"sip:u{i}@x")
+    return store
+
+
+def test_the_c_writer_writes_the_rows_the_python_writer_writes(tmp_path):
+    """SqlWriter (the store's change list straight into SQLite) and StateFile.write
+    of Store.change_records give the same file, row for row; the C writer writes
+    the changes in chunks, oldest first, and forgets what it wrote."""
+    path_c, path_py = str(tmp_path / "c.db"), str(tmp_path / "py.db")
+    f_c, f_py = StateFile(path_c), StateFile(path_py)
+    f_py.write([(f"sip:u{i}@x", record_of([BARE]), 1.0) for i in range(0, 300, 3)])
+    f_c.write([(f"sip:u{i}@x", record_of([BARE]), 1.0) for i in range(0, 300, 3)])
+    sql = sql_writer(path_c)
+    store_c, store_py = filled_store(300), filled_store(300)
+    store_c.load("sip:late@x", [BARE])                 # changed after the others
+    store_py.load("sip:late@x", [BARE])
+    assert sql.write(store_c, 120) == 120 and store_c.n_changed == 181
+    assert "sip:late@x" not in rows(path_c)
+    assert sql.write(store_c, 10_000) == 181 and store_c.n_changed == 0
+    assert sql.write(store_c, 10_000) == 0
+    f_py.write(store_py.change_records())
+    assert rows(path_c) == rows(path_py) and len(rows(path_c)) == 201
+    expiry = "SELECT aor, expires_at FROM aors ORDER BY aor"
+    assert f_c.db.execute(expiry).fetchall() == f_py.db.execute(expiry).fetchall()
+    assert sql.rows_written == 301
+    sql.close()
+    f_c.close()
+    f_py.close()
+
+
+def test_the_c_writer_keeps_the_changes_when_the_file_is_locked(tmp_path):
+    """Another process holds the write lock past the busy timeout: the write fails
+    with OSError, nothing is half written, the changes stay; the next write does it."""
+    path = str(tmp_path / "s.db")
+    StateFile(path).close()
+    sql = sql_writer(path)
+    store = filled_store(30)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    sql_fast = SqlWriter(path, sqlite_library(), busy_timeout_ms=50)
+    with pytest.raises(OSError, match="locked"):
+        sql_fast.write(store, 100)
+    assert store.n_changed == 30
+    other.execute("ROLLBACK")
+    other.close()
+    assert sql_fast.write(store, 100) == 30 and len(rows(path)) == 20
+    sql.close()
+    sql_fast.close()
+
+
+def test_the_c_writer_refuses_a_library_that_is_not_loaded(tmp_path):
+    """(In a process of its own: SQLite's functions are taken once per process.)"""
+    path = str(tmp_path / "s.db")
+    StateFile(path).close()
+    code = ("from fastsip.server._io_c import SqlWriter\n"
+            "try:\n"
+            f"    SqlWriter({path!r}, b'/nonexistent/libsqlite3.so.0')\n"
+            "except OSError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert out.startswith("/nonexistent/libsqlite3.so.0 is not loaded"), out
 
 
 def test_a_row_that_does_not_decode_is_skipped_with_a_log_line(tmp_path, log_lines):

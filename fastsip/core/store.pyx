@@ -206,6 +206,12 @@ cdef class Store(BindingTable):
         self._drain()
         return out
 
+    @property
+    def n_changed(self):
+        """AORs changed since the last call of :meth:`changes` or :meth:`change_records`
+        (or written by the state file's writer in C)."""
+        return self.n_dirty
+
     def change_records(self):
         """The change feed: the AORs changed since the last call (of this or
         :meth:`changes`), each as ``(aor, record, expires_at)``: its bindings as
@@ -228,13 +234,22 @@ cdef class Store(BindingTable):
 
     cdef void _drain(self) noexcept:
         """Forget the changed AORs (they were handed out): AORs left empty go."""
+        self.drain_head(self.n_dirty)
+
+    cdef void drain_head(self, Py_ssize_t n) noexcept:
+        """Forget the first ``n`` changed AORs (they were written): AORs left
+        empty go; the later changes stay, in order."""
         cdef Py_ssize_t k
         cdef int32_t a
-        for k in range(self.n_dirty):
+        if n > self.n_dirty:
+            n = self.n_dirty
+        for k in range(n):
             a = self.dirty[k]
             self.aors[a].dirty = 0
             self.release_if_empty(a)
-        self.n_dirty = 0
+        self.n_dirty -= n
+        if self.n_dirty:
+            memmove(self.dirty, self.dirty + n, self.n_dirty * sizeof(int32_t))
 
     def clear_changes(self):
         """Forget the changed AORs without reading them (e.g. what was just

@@ -141,6 +141,8 @@ cdef class BindingTable:
     cdef void _flow_unlink(self, int32_t slot) noexcept
     cdef Py_ssize_t close_connection(self, int64_t conn_id, double now) noexcept
     cdef bytes encode(self, int32_t a, uint64_t version, double* latest)
+    cdef Py_ssize_t record_length(self, int32_t a, double* latest) noexcept
+    cdef void record_into(self, int32_t a, uint64_t version, char* out) noexcept
     cdef bint is_busy(self, const char* aor, Py_ssize_t n) noexcept
     cdef uint64_t version_of(self, const char* aor, Py_ssize_t n) noexcept
     cdef bint is_unverified(self, const char* aor, Py_ssize_t n) noexcept

@@ -295,11 +295,16 @@ cdef class BindingTable:
     cdef bytes encode(self, int32_t a, uint64_t version, double* latest):
         """The bindings of the AOR slot ``a`` as one record (docs/record.md) with
         ``version``, written in C; the latest expiry among them in ``latest``."""
+        cdef bytes rec = PyBytes_FromStringAndSize(NULL, self.record_length(a, latest))
+        self.record_into(a, version, PyBytes_AS_STRING(rec))
+        return rec
+
+    cdef Py_ssize_t record_length(self, int32_t a, double* latest) noexcept:
+        """The size of the AOR slot ``a``'s record; the latest expiry among its
+        bindings in ``latest``."""
         cdef Py_ssize_t size = RECORD_HEAD
         cdef int32_t s = self.aors[a].first
         cdef BindingIn bi
-        cdef bytes rec
-        cdef char* p
         latest[0] = -INFINITY
         while s >= 0:
             self.binding_in(s, &bi)
@@ -307,14 +312,18 @@ cdef class BindingTable:
             if bi.expires_at > latest[0]:
                 latest[0] = bi.expires_at
             s = self.b[s].next
-        rec = PyBytes_FromStringAndSize(NULL, size)
-        p = record_put_head(PyBytes_AS_STRING(rec), version, <uint32_t>self.aors[a].count)
-        s = self.aors[a].first
+        return size
+
+    cdef void record_into(self, int32_t a, uint64_t version, char* out) noexcept:
+        """Write the AOR slot ``a``'s record with ``version`` into ``out``
+        (``record_length`` bytes)."""
+        cdef int32_t s = self.aors[a].first
+        cdef BindingIn bi
+        cdef char* p = record_put_head(out, version, <uint32_t>self.aors[a].count)
         while s >= 0:
             self.binding_in(s, &bi)
             p = record_put_binding(p, &bi)
             s = self.b[s].next
-        return rec
 
     cdef uint64_t version_of(self, const char* aor, Py_ssize_t n) noexcept:
         """The AOR's version in the shared location as the cache knows it (0: none)."""

@@ -1,6 +1,9 @@
 """Types of the compiled batched datagram I/O and worker loop (fastsip.server._io_c)."""
+import os
 from collections.abc import Callable, Iterable
 from typing import Any, final
+
+from fastsip.core._core import Store
 
 from typing_extensions import Self, disjoint_base
 
@@ -101,3 +104,15 @@ class EventLoop:
     @property
     def stopping(self) -> bool: ...
     def run(self, tick: Callable[[bool], tuple[float, float]]) -> None: ...
+
+
+@final
+class SqlWriter:
+    """The state file's writer in C: a Store's changed AORs straight into SQLite."""
+
+    @property
+    def rows_written(self) -> int: ...
+    def __new__(cls, path: str | os.PathLike[str], library: bytes, busy_timeout_ms: int = 5000,
+                checkpoints: bool = True) -> SqlWriter: ...
+    def close(self) -> None: ...
+    def write(self, store: Store, limit: int) -> int: ...

@@ -32,14 +32,14 @@ The hand-off datagram's header is defined once, in ``handoff.pxd``:
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memset, strlen
 from posix.time cimport timespec
 
 cimport cython
 
-from fastsip.core._core cimport SV_SHARD, RegistrarCore
+from fastsip.core._core cimport SV_SHARD, AorRec, RegistrarCore, Store
 from fastsip.server cimport handoff as ho
 
 
@@ -748,3 +748,4 @@ cdef class BatchIO:
 
 
 include "_evloop.pxi"
+include "_statefile.pxi"

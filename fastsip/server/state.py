@@ -33,6 +33,7 @@ from operator import itemgetter
 import fastsip
 from fastsip.core._core import decode_record, encode_record, uri_compare_key
 from fastsip.server import logs
+from fastsip.server._io_c import SqlWriter
 
 LOG = logs.LOG
 
@@ -67,6 +68,34 @@ def row_of(aor: str, bindings) -> tuple:
     if not bindings:
         return (aor, None, 0.0)
     return (aor, encode_record(bindings), max(b.expires_at for b in bindings))
+
+
+def sqlite_library() -> bytes | None:
+    """The path of the SQLite library that Python's sqlite3 module loaded, as
+    ``/proc/self/maps`` shows it (None elsewhere, or when it is linked in)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and b"/libsqlite3." in fields[5]:
+                    return fields[5].rstrip(b"\n")
+    except OSError:
+        pass
+    return None
+
+
+def sql_writer(path: str, checkpoints: bool = True):
+    """The C writer of the state file at ``path`` (``_io_c.SqlWriter``, opened
+    after :class:`StateFile` made the file), or None where it cannot use the
+    SQLite library Python's sqlite3 module loaded: ``StateFile.write`` then."""
+    library = sqlite_library()
+    if library is None:
+        return None
+    try:
+        return SqlWriter(path, library, checkpoints=checkpoints)
+    except OSError as exc:
+        LOG.info("state file: the writer in C is not available (%s): writing from Python", exc)
+        return None
 
 
 class StateFile:

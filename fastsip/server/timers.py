@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 from fastsip.server import logs
-from fastsip.server.state import StateFile
+from fastsip.server.state import StateFile, sql_writer
 
 LOG = logs.LOG
 
@@ -37,7 +37,12 @@ FIRST_PURGE = 5.0
 
 class StateWriter:
     """This shard's rows of the state file (``--state``), or no file (``path`` None:
-    the store's changes are then taken and dropped, so they do not pile up)."""
+    the store's changes are then taken and dropped, so they do not pile up).
+
+    Changes are written by ``SqlWriter`` (C, straight from the store's change
+    list) where Python's SQLite library can be shared with it (Linux), else by
+    ``StateFile.write`` from ``Store.change_records``; ``pending`` holds rows of
+    the second kind (and the rows ``load`` must rewrite)."""
 
     def __init__(self, path, index: int, n: int, reg, counters) -> None:
         self.path = path
@@ -46,13 +51,27 @@ class StateWriter:
         self.reg = reg
         self.c = counters
         self.file = StateFile(path, checkpoints=False) if path else None
+        self.sql = sql_writer(path, checkpoints=False) if path else None
         self.pending: list = []
+        self.owed = 0                   # the store's changes that this flush writes (SqlWriter)
         self._error_logged = -1e9
         self._slow_logged = -1e9
 
     @property
     def rows_written(self) -> int:
-        return self.file.rows_written if self.file is not None else 0
+        if self.file is None:
+            return 0
+        return self.file.rows_written + (self.sql.rows_written if self.sql is not None else 0)
+
+    @property
+    def backlog(self) -> int:
+        """Changes waiting to be written (the metric fastsip_state_pending_changes)."""
+        return len(self.pending) + (self.reg.store.n_changed if self.sql is not None else 0)
+
+    @property
+    def busy(self) -> bool:
+        """This flush has rows left to write."""
+        return bool(self.pending) or self.owed > 0
 
     def load(self, now: float, flows_gone=True) -> tuple[int, int]:
         """Load this shard's live bindings into the store: (AORs, bindings).  The
@@ -94,9 +113,14 @@ class StateWriter:
         return aors, loaded
 
     def collect(self) -> None:
-        """Take the store's changes as records (to write them)."""
+        """A flush begins: the store's changes so far are this flush's to write
+        (with SqlWriter they stay in the store until written; else they are taken
+        as records)."""
         if self.file is None:
             self.reg.store.clear_changes()      # nobody needs them: do not let them pile up
+            return
+        if self.sql is not None:
+            self.owed = self.reg.store.n_changed
             return
         self.pending.extend(self.reg.store.change_records())
         if len(self.pending) > MAX_PENDING_STATE:
@@ -105,27 +129,34 @@ class StateWriter:
             self.c.dropped_state_overflow += drop
 
     def write(self, budget) -> None:
-        """Write pending changes, ``STATE_CHUNK`` AORs per transaction, for ``budget`` seconds
-        (None: everything)."""
+        """Write this flush's changes, ``STATE_CHUNK`` AORs per transaction, for
+        ``budget`` seconds (None: everything).  A failed write is retried at the
+        next flush; nothing is dropped (but what ``MAX_PENDING_STATE`` bounds)."""
         deadline = None if budget is None else time.perf_counter() + budget
-        while self.pending:
-            chunk = self.pending[:STATE_CHUNK]
+        store = self.reg.store
+        while self.pending or self.owed > 0:
             t0 = time.perf_counter()
             try:
-                self.file.write(chunk)
-                took = time.perf_counter() - t0
-                if took > 0.2 and time.monotonic() - self._slow_logged > 60:
-                    self._slow_logged = time.monotonic()
-                    LOG.warning("state file: writing %d AORs took %.0f ms (the receive loop "
-                                "waited)", len(chunk), took * 1000)
+                if self.pending:
+                    n = min(len(self.pending), STATE_CHUNK)
+                    self.file.write(self.pending[:n])
+                    del self.pending[:n]
+                else:
+                    n = self.sql.write(store, min(STATE_CHUNK, self.owed))
+                    self.owed = min(self.owed - n, store.n_changed) if n else 0
             except Exception as exc:    # noqa: BLE001 - the file may be full, locked, gone
                 self.c.state_errors += 1
+                self.owed = 0           # (kept in the store: the next flush tries again)
                 if time.monotonic() - self._error_logged > 60:
                     self._error_logged = time.monotonic()
                     LOG.error("state file %s: write failed (%s); %d AOR changes pending",
-                              self.path, exc, len(self.pending))
+                              self.path, exc, self.backlog)
                 return
-            del self.pending[:len(chunk)]
+            took = time.perf_counter() - t0
+            if took > 0.2 and time.monotonic() - self._slow_logged > 60:
+                self._slow_logged = time.monotonic()
+                LOG.warning("state file: writing %d AORs took %.0f ms (the receive loop "
+                            "waited)", n, took * 1000)
             if deadline is not None and time.perf_counter() > deadline:
                 return
 
@@ -164,11 +195,11 @@ class Timers:
     @property
     def busy(self) -> bool:
         """Changes wait to be written: the loop should not sleep."""
-        return bool(self.writer.pending)
+        return self.writer.busy
 
     def due_in(self, now: float) -> float:
         """Seconds until ``run`` has something to do (0 while changes wait to be written)."""
-        if self.writer.pending:
+        if self.writer.busy:
             return 0.0
         due = min(self.next_expire, self.next_flush, self.next_sweep)
         if self.deadlines is not None:
@@ -185,7 +216,7 @@ class Timers:
             self.next_flush = now + self.cfg.flush_interval
             self.writer.collect()
             log_throttles(self.reg)
-        if self.writer.pending:
+        if self.writer.busy:
             self.writer.write(SLICE)
         if now >= self.next_sweep:
             self.next_sweep = now + SWEEP_EVERY

@@ -229,7 +229,7 @@ class Worker:
         for t, n in self.tcp.per_transport.items():
             setattr(c, "connections_" + t, n)
         c.tcp_sources = len(self.tcp.sources)
-        c.state_pending = len(self.writer.pending)
+        c.state_pending = self.writer.backlog
         c.state_rows_written = self.writer.rows_written
         r = c.report(self.loop.counters())
         r["core"] = self.reg.stats()

@@ -248,7 +248,7 @@ def test_linphone_register_fetch_refresh_unregister(runs, transport, auth):
     else:
         assert first["source"][0] == "127.0.0.1" and first["conn_id"] >= 0
     assert first["instance"] and first["instance"].startswith("<urn:uuid:")
-    assert 55 <= first["expires"] <= 60
+    assert 45 <= first["expires"] <= 60     # (60 asked; a loaded machine lags)
     sent = registers(phone.log(), port)
     assert sent and sent[0][1] == "60", sent
 

@@ -58,7 +58,7 @@ def test_baresip_tls_register_fetch_refresh_unregister(start, tmp_path, auth):
         first = fetch_one(srv, "alice")
         assert_tls_binding(first, r"sip:alice-0x[0-9a-f]+@127\.0\.0\.1:\d+;transport=tls")
         assert first["user_agent"].startswith("baresip v1.0")
-        assert 55 <= first["expires"] <= 60
+        assert 45 <= first["expires"] <= 60     # (60 asked; a loaded machine lags)
         assert re.search(rf"TLS 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{port}\n", phone.log())
 
         found = wait_binding(srv, lambda b: len(b) != 1 or b[0]["cseq"] != first["cseq"])
@@ -174,7 +174,7 @@ def test_linphone_tls_register_fetch_unregister(start, tmp_path):
         first = fetch_one(srv, "alice")
         assert_tls_binding(first, r"sip:alice@127\.0\.0\.1:\d+;transport=tls")
         assert first["instance"] and first["instance"].startswith("<urn:uuid:")
-        assert 55 <= first["expires"] <= 60
+        assert 45 <= first["expires"] <= 60     # (60 asked; a loaded machine lags)
         assert "SSL handshake finished" in phone.log()
 
         assert "Status: Ok" in phone.ask("unregister ALL")

@@ -19,7 +19,11 @@ generator:
                          responders, in which order
 ``--fast``               the C-speed echo of ``load._echo_c`` (200 only): over UDP
                          ``echo_udp``; over the stream transports the loop
-                         below with ``echo_stream`` answering whole buffers
+                         below with ``echo_stream`` answering whole buffers.
+                         With ``--auth`` (UDP only) it is the floor of digest
+                         registration: a 401 with one fixed challenge to every
+                         request without Authorization, a 200 to the others,
+                         nothing checked
 
 It checks the few things a malformed request from ``--malformed-ratio``
 breaks and answers those with 400.  Every loop is bounded by
@@ -30,6 +34,7 @@ it prints its own counters as JSON (or writes them to ``--stats FILE``).
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import hashlib
 import ipaddress
@@ -495,8 +500,9 @@ def main(argv=None) -> int:
     p.add_argument("--tls-cert", metavar="PEM", help="the certificate for tls and wss")
     p.add_argument("--tls-key", metavar="PEM", help="its private key")
     p.add_argument("--fast", action="store_true",
-                   help="C-speed echo (no auth/drop/dup): UDP, or with --transport tcp, tls, "
-                        "ws, wss the stream echo")
+                   help="C-speed echo (no drop/dup): UDP, or with --transport tcp, tls, "
+                        "ws, wss the stream echo; with --auth (UDP) 401 to requests without "
+                        "Authorization, 200 to the others, the digest not checked")
     p.add_argument("--auth", action="store_true", help="challenge with 401 and check the digest")
     p.add_argument("--realm", default="fastsip-load")
     p.add_argument("--algorithm", choices=tuple(_HASH), default="MD5")
@@ -526,6 +532,8 @@ def main(argv=None) -> int:
     streams = args.transport in ("tcp", "tls", "ws", "wss")
     if args.log_users and args.fast:
         p.error("--log-users reads every request: not with --fast")
+    if args.auth and args.fast and streams:
+        p.error("--auth with --fast is UDP only")
     signal.signal(signal.SIGTERM, _interrupt)
 
     def ready(port):
@@ -540,9 +548,15 @@ def main(argv=None) -> int:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             s.bind((host, int(port)))
             ready(s.getsockname()[1])
+            challenge = b""
+            if args.auth:       # one nonce for all, as long as a signed one (32 bytes, base64url)
+                nonce = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+                challenge = (f'WWW-Authenticate: Digest realm="{args.realm}", nonce="{nonce}", '
+                             f'algorithm={args.algorithm}' + (', qop="auth"' if args.qop else "")
+                             ).encode()
             try:
-                rx, tx = echo_udp(s.fileno(), args.duration, args.max_requests)
-                stats = {"received": rx, "replies": {"200": tx}}
+                rx, tx = echo_udp(s.fileno(), args.duration, args.max_requests, challenge)
+                stats = {"received": rx, "replies": {"401+200" if challenge else "200": tx}}
             finally:
                 s.close()
         else:

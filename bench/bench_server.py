@@ -16,6 +16,7 @@ calls over the workers) for ``--duration`` seconds, and reports:
     python3 bench/bench_server.py --auth                # REGISTER, 401, REGISTER with digest, 200
     python3 bench/bench_server.py --rates 10000 --echo --kamailio   # and the floor and Kamailio
     python3 bench/bench_server.py --auth --rates 10000 --echo --kamailio   # the same with digest
+    python3 bench/bench_server.py --both-states --echo --kamailio   # fastsip with and without state
 
 With ``--echo`` and ``--kamailio`` the same SIPp run is made, turn by turn, against
 the I/O floor (``load.responder --fast``: a compiled echo that answers 200 and
@@ -29,6 +30,8 @@ registration (two requests): Kamailio runs ``bench/kamailio/registrar_auth.cfg``
 made from the user name, no database), the floor ``load.responder --fast --auth``
 (the same compiled echo answering 401 with a fixed challenge to a request without
 Authorization and 200 to one with it: the two round trips, no digest check).
+``--both-states`` runs fastsip twice in each turn, on its defaults (state file) and
+with ``--no-state`` (the row ``no-state``), and the summary gives each one's ratio.
 
 Needs sipp (Debian: apt-get install sip-tester) and the compiled modules
 (``python setup.py build_ext --inplace``).  Only 127.0.0.1 is used.
@@ -158,11 +161,12 @@ def result(server, rate, text, usage, code, wall, calls, server_ns, switches=Non
     }
 
 
-def run_rate(args, rate, workdir, users_file, inject_file):
+def run_rate(args, rate, workdir, users_file, inject_file, with_state, name="fastsip"):
+    """One SIPp run against a fresh ``fastsip serve`` (``with_state``: a state file)."""
     flags = ["--log-level", "warning", "--max-expires", "3600"] + args.server_flags
     if args.auth:
         flags += ["--realm", REALM, "--users", users_file, "--auth-algorithms", "MD5"]
-    state = os.path.join(workdir, f"state-{rate}.sqlite3") if args.state else None
+    state = os.path.join(workdir, f"state-{rate}.sqlite3") if with_state else None
     srv = ServerProcess(*flags, workers=args.workers, state=state, cwd=workdir,
                         transports=("udp",))
     srv.start()
@@ -173,19 +177,19 @@ def run_rate(args, rate, workdir, users_file, inject_file):
         text, usage, code, wall, calls = run_sipp(args, srv.udp, rate, workdir, inject_file)
         # the state writer runs behind: count its work too (bounded wait)
         deadline = time.monotonic() + 30
-        while args.state and time.monotonic() < deadline:
+        while with_state and time.monotonic() < deadline:
             m = srv.metrics()
             if m.get("fastsip_state_pending_changes", 0) == 0 and \
                     m.get("fastsip_state_rows_written_total", 0) > 0:
                 break
             time.sleep(0.1)
-        time.sleep(args.state * 1.2)      # one more flush interval for the last changes
+        time.sleep(with_state * 1.2)      # one more flush interval for the last changes
         server_ns = sum(cpu_ns(p) - before[p] for p in pids)
         switches = sum(ctx_switches(p) - switches[p] for p in pids)
         metrics = srv.metrics()
     finally:
         srv.stop()
-    return result("fastsip", rate, text, usage, code, wall, calls, server_ns, switches, metrics)
+    return result(name, rate, text, usage, code, wall, calls, server_ns, switches, metrics)
 
 
 def run_peer(args, name, rate, workdir, inject_file):
@@ -216,6 +220,8 @@ def main(argv=None) -> int:
                     help="digest authentication (MD5, as SIPp); with --echo, --kamailio theirs too")
     ap.add_argument("--no-state", dest="state", action="store_false",
                     help="no state file (as Kamailio's in-memory usrloc)")
+    ap.add_argument("--both-states", action="store_true",
+                    help="fastsip twice per turn: with the state file and with --no-state")
     ap.add_argument("--max-socket", type=int, default=15000, help="sipp -max_socket")
     ap.add_argument("--sipp", default=shutil.which("sipp"), help="path to sipp")
     ap.add_argument("--echo", action="store_true",
@@ -232,6 +238,11 @@ def main(argv=None) -> int:
         return 2
     rates = [int(r) for r in args.rates.split(",")]
     peers = [p for p in PEERS if getattr(args, p)]
+    if args.both_states and not args.state:
+        print("bench_server: --both-states runs fastsip with and without the state file: "
+              "not with --no-state", file=sys.stderr)
+        return 2
+    mine = ["fastsip", "no-state"] if args.both_states else ["fastsip"]
     if args.kamailio and not shutil.which("kamailio"):
         print("bench_server: kamailio not found (apt-get install kamailio)", file=sys.stderr)
         return 2
@@ -247,8 +258,10 @@ def main(argv=None) -> int:
                     ha1 = hashlib.md5(f"user{i}:{REALM}:pw{i}".encode()).hexdigest()
                     uf.write(f"user{i}:{REALM}:{ha1}\n")
                     cf.write(f"user{i};[authentication username=user{i} password=pw{i}]\n")
+        states = ("state file and no state" if args.both_states
+                  else "state file" if args.state else "no state")
         print(f"# fastsip serve, {args.workers} workers, {'digest auth, ' if args.auth else ''}"
-              f"{'state file' if args.state else 'no state'}; SIPp -t un, {args.duration:g} s per rate; "
+              f"{states}; SIPp -t un, {args.duration:g} s per rate; "
               f"{os.cpu_count()} CPUs")
         print(f"{'server':>9} {'offered/s':>10} {'achieved/s':>11} {'fail %':>7} "
               f"{'µs CPU/reg' if args.auth else 'µs CPU/REG':>11} {'µs/reply':>9} "
@@ -256,32 +269,35 @@ def main(argv=None) -> int:
               f"{'retrans':>8} {'SIPp CPU s':>11}")
         for rate in rates:
             for _ in range(args.repeat):
-                for server in ["fastsip"] + peers:     # the servers take turns
-                    r = (run_rate(args, rate, workdir, users_file, inject_file)
-                         if server == "fastsip" else run_peer(args, server, rate, workdir,
-                                                              inject_file))
+                for server in mine + peers:     # the servers take turns
+                    r = (run_rate(args, rate, workdir, users_file, inject_file,
+                                  args.state and server == "fastsip", server)
+                         if server in mine else run_peer(args, server, rate, workdir, inject_file))
                     results.append(r)
                     print(f"{r['server']:>9} {r['offered_rate']:>10} {r['achieved_rate']:>11} "
                           f"{r['failure_pct']:>7} {r['server_cpu_us_per_register']!s:>11} "
                           f"{r['server_cpu_us_per_reply']!s:>9} {r['handoffs']:>10} "
                           f"{r['switches_per_register']!s:>10} {r['retransmissions']:>8} "
                           f"{r['sipp_cpu_s']:>11}", flush=True)
-    if args.repeat > 1 or peers:
+    others = len(mine) > 1 or peers
+    if args.repeat > 1 or others:
         print("# medians per server and offered rate: achieved/s, failure %, µs CPU per "
               + ("registration (2 requests)" if args.auth else "REGISTER")
-              + (", fastsip's µs / this server's" if peers else ""))
+              + ("".join(f", {m}'s µs / this server's" for m in mine) if others else ""))
+        def median_us(server, rate):
+            return statistics.median(r["server_cpu_us_per_register"] or 0 for r in results
+                                     if r["offered_rate"] == rate and r["server"] == server)
         for rate in rates:
-            mine = statistics.median(r["server_cpu_us_per_register"] or 0 for r in results
-                                     if r["offered_rate"] == rate and r["server"] == "fastsip")
-            for server in ["fastsip"] + peers:
+            refs = [median_us(m, rate) for m in mine]
+            for server in mine + peers:
                 rs = [r for r in results if r["offered_rate"] == rate and r["server"] == server]
-                us = statistics.median(r["server_cpu_us_per_register"] or 0 for r in rs)
-                ratio = f" {mine / us:>6.2f}×" if peers and us else ""
+                us = median_us(server, rate)
+                ratios = "".join(f" {ref / us:>6.2f}×" for ref in refs) if others and us else ""
                 print(f"# {server:>9} {rate:>8} "
                       f"{statistics.median(r['achieved_rate'] for r in rs):>11} "
-                      f"{statistics.median(r['failure_pct'] for r in rs):>7} {us:>11}{ratio}")
+                      f"{statistics.median(r['failure_pct'] for r in rs):>7} {us:>11}{ratios}")
     sustained = [r["achieved_rate"] for r in results
-                 if r["failure_pct"] <= 1.0 and r["server"] == "fastsip"]
+                 if r["failure_pct"] <= 1.0 and r["server"] in mine]
     print(f"# highest achieved rate with <= 1 % failures: {max(sustained) if sustained else 0}/s")
     if args.json:
         with open(args.json, "w") as f:

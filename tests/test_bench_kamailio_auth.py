@@ -30,12 +30,13 @@ def kamailio():
     require_client("kamailio", "kamailio")
     if not os.path.exists(os.path.join(MODULES, "auth.so")):
         pytest.skip(f"no auth module in {MODULES}")
+    saved = list(sys.path)
     sys.path.insert(0, BENCH)
     try:
         from bench_e2e import Server
         from bench_server import PEERS_AUTH
     finally:
-        sys.path.remove(BENCH)
+        sys.path[:] = saved         # bench_server adds its folders when imported
     srv = Server(PEERS_AUTH["kamailio"],
                  SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None), 2)
     try:

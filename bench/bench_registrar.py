@@ -5,9 +5,12 @@
 new       a REGISTER for an AOR never seen (a fresh AOR each round)
 refresh   the same phone again, next CSeq (update in place)
 auth      a refresh that carries a correct digest (SHA-256, qop=auth, new nc each round)
+challenge a first REGISTER without credentials answered 401 (MD5 only, 100 000 users)
 expire    1,000,000 bindings expiring at once, drained in bounded calls
 memory    RSS growth per binding with 1,000,000 bindings (printed, and checked < 400 B)
 """
+import hashlib
+
 import fastsip
 from fastsip import Authorize, Binding, Registrar
 from fastsip.auth import digest_response
@@ -71,6 +74,18 @@ def test_handle_refresh_with_digest_auth(benchmark):
     reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=50_000,
                                iterations=1)
     assert reply.startswith(b"SIP/2.0 200 OK")
+
+
+def test_handle_challenge(benchmark):
+    benchmark.group = "registrar"
+    users = {(f"user{i}", "example.com"): hashlib.md5(f"user{i}:example.com:pw{i}".encode()).hexdigest()
+             for i in range(100_000)}
+    auth = Authorize("example.com", users, algorithms=("MD5",), secret=b"k" * 32)
+    reg = Registrar(min_expires=30, max_expires=3600, authorize=auth)
+    it = iter([register(f"user{i}", 1) for i in range(100_000)])
+    reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=100_000,
+                               iterations=1)
+    assert reply.startswith(b"SIP/2.0 401 Unauthorized")
 
 
 def fill(reg, n):

@@ -15,12 +15,23 @@ calls over the workers) for ``--duration`` seconds, and reports:
     python3 bench/bench_server.py --no-state --rates 10000,20000
     python3 bench/bench_server.py --auth                # REGISTER, 401, REGISTER with digest, 200
     python3 bench/bench_server.py --rates 10000 --echo --kamailio   # and the floor and Kamailio
+    python3 bench/bench_server.py --auth --rates 10000 --echo --kamailio   # the same with digest
+    python3 bench/bench_server.py --both-states --echo --kamailio   # fastsip with and without state
 
 With ``--echo`` and ``--kamailio`` the same SIPp run is made, turn by turn, against
 the I/O floor (``load.responder --fast --processes WORKERS``: a compiled echo that
 answers 200 and stores nothing, one process per fastsip worker) and Kamailio (``bench/kamailio/registrar.cfg``, ``-x tlsf``,
 ``--workers`` UDP processes), and the summary gives each one's median and fastsip's
-CPU per REGISTER divided by it.
+CPU per REGISTER divided by it.  With ``--auth`` as well, every server gets the
+same digest run (REGISTER, 401, REGISTER with credentials, 200; users user{i} with
+password pw{i}, realm 127.0.0.1, MD5, qop=auth) and the figures are per
+registration (two requests): Kamailio runs ``bench/kamailio/registrar_auth.cfg``
+(the auth module: ``pv_www_authenticate``, the nonce-count check, the password
+made from the user name, no database), the floor ``load.responder --fast --auth``
+(the same compiled echo answering 401 with a fixed challenge to a request without
+Authorization and 200 to one with it: the two round trips, no digest check).
+``--both-states`` runs fastsip twice in each turn, on its defaults (state file) and
+with ``--no-state`` (the row ``no-state``), and the summary gives each one's ratio.
 
 Needs sipp (Debian: apt-get install sip-tester) and the compiled modules
 (``python setup.py build_ext --inplace``).  Only 127.0.0.1 is used.
@@ -57,6 +68,11 @@ SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 PEERS = {"echo": "{python} -m load.responder --fast --processes {workers} --transport udp "
                  "--listen {host}:{port} --duration 100000",
          "kamailio": KAMAILIO}
+#: The same with digest authentication (``--auth``): the realm is fastsip's (``--realm``).
+REALM = "127.0.0.1"
+PEERS_AUTH = {"echo": PEERS["echo"] + f" --auth --qop --realm {REALM}",
+              "kamailio": KAMAILIO.replace("/registrar.cfg", "/registrar_auth.cfg")
+              + f" -A 'REALM=\"{REALM}\"'"}
 
 
 def cpu_ns(pid: int) -> int:
@@ -110,8 +126,10 @@ def run_sipp(args, target, rate, workdir, inject_file):
     return text, usage, os.waitstatus_to_exitcode(status), time.monotonic() - t0, calls
 
 
-def result(server, rate, text, usage, code, wall, calls, server_ns, switches=None, metrics=None):
-    """The figures of one run, from SIPp's output and the server's CPU time."""
+def result(server, rate, text, usage, code, wall, calls, server_ns, switches=None, metrics=None,
+           requests_per_call=1):
+    """The figures of one run, from SIPp's output and the server's CPU time
+    (``requests_per_call``: 2 with digest, for a server without counters)."""
     def cumulative(label):
         m = re.findall(rf"{label}\s*\|\s*\S+\s*\|\s*(\S+)", text)
         return m[-1] if m else None
@@ -123,7 +141,8 @@ def result(server, rate, text, usage, code, wall, calls, server_ns, switches=Non
     retrans = sum(int(r) for r in re.findall(r"REGISTER -+>\s+\d+\s+(\d+)", text))
     started = max(calls, ok + failed)
     metrics = metrics or {}
-    replies = sum(v for k, v in metrics.items() if k.startswith("fastsip_replies_total")) or ok
+    replies = (sum(v for k, v in metrics.items() if k.startswith("fastsip_replies_total"))
+               or ok * requests_per_call)
     return {
         "server": server,
         "offered_rate": rate,
@@ -144,11 +163,12 @@ def result(server, rate, text, usage, code, wall, calls, server_ns, switches=Non
     }
 
 
-def run_rate(args, rate, workdir, users_file, inject_file):
+def run_rate(args, rate, workdir, users_file, inject_file, with_state, name="fastsip"):
+    """One SIPp run against a fresh ``fastsip serve`` (``with_state``: a state file)."""
     flags = ["--log-level", "warning", "--max-expires", "3600"] + args.server_flags
     if args.auth:
-        flags += ["--realm", "127.0.0.1", "--users", users_file, "--auth-algorithms", "MD5"]
-    state = os.path.join(workdir, f"state-{rate}.sqlite3") if args.state else None
+        flags += ["--realm", REALM, "--users", users_file, "--auth-algorithms", "MD5"]
+    state = os.path.join(workdir, f"state-{rate}.sqlite3") if with_state else None
     srv = ServerProcess(*flags, workers=args.workers, state=state, cwd=workdir,
                         transports=("udp",))
     srv.start()
@@ -159,32 +179,35 @@ def run_rate(args, rate, workdir, users_file, inject_file):
         text, usage, code, wall, calls = run_sipp(args, srv.udp, rate, workdir, inject_file)
         # the state writer runs behind: count its work too (bounded wait)
         deadline = time.monotonic() + 30
-        while args.state and time.monotonic() < deadline:
+        while with_state and time.monotonic() < deadline:
             m = srv.metrics()
             if m.get("fastsip_state_pending_changes", 0) == 0 and \
                     m.get("fastsip_state_rows_written_total", 0) > 0:
                 break
             time.sleep(0.1)
-        time.sleep(args.state * 1.2)      # one more flush interval for the last changes
+        time.sleep(with_state * 1.2)      # one more flush interval for the last changes
         server_ns = sum(cpu_ns(p) - before[p] for p in pids)
         switches = sum(ctx_switches(p) - switches[p] for p in pids)
         metrics = srv.metrics()
     finally:
         srv.stop()
-    return result("fastsip", rate, text, usage, code, wall, calls, server_ns, switches, metrics)
+    return result(name, rate, text, usage, code, wall, calls, server_ns, switches, metrics)
 
 
-def run_peer(args, name, rate, workdir):
-    """The same SIPp run against a peer of ``PEERS`` (its CPU: the process and its children)."""
-    srv = Server(PEERS[name], SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None),
-                 args.workers)
+def run_peer(args, name, rate, workdir, inject_file):
+    """The same SIPp run against a peer of ``PEERS`` (``PEERS_AUTH`` with ``--auth``; its
+    CPU: the process and its children)."""
+    srv = Server((PEERS_AUTH if args.auth else PEERS)[name],
+                 SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None), args.workers)
     try:
         before = group_cpu_ns(srv.pid)
-        text, usage, code, wall, calls = run_sipp(args, (srv.host, srv.port), rate, workdir, None)
+        text, usage, code, wall, calls = run_sipp(args, (srv.host, srv.port), rate, workdir,
+                                                  inject_file)
         server_ns = group_cpu_ns(srv.pid) - before
     finally:
         srv.stop()
-    return result(name, rate, text, usage, code, wall, calls, server_ns)
+    return result(name, rate, text, usage, code, wall, calls, server_ns,
+                  requests_per_call=2 if args.auth else 1)
 
 
 def main(argv=None) -> int:
@@ -195,15 +218,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs per rate; the summary gives the median (default 1)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--auth", action="store_true", help="digest authentication (MD5, as SIPp)")
+    ap.add_argument("--auth", action="store_true",
+                    help="digest authentication (MD5, as SIPp); with --echo, --kamailio theirs too")
     ap.add_argument("--no-state", dest="state", action="store_false",
                     help="no state file (as Kamailio's in-memory usrloc)")
+    ap.add_argument("--both-states", action="store_true",
+                    help="fastsip twice per turn: with the state file and with --no-state")
     ap.add_argument("--max-socket", type=int, default=15000, help="sipp -max_socket")
     ap.add_argument("--sipp", default=shutil.which("sipp"), help="path to sipp")
     ap.add_argument("--echo", action="store_true",
                     help="also measure the I/O floor: load.responder --fast (a C echo)")
     ap.add_argument("--kamailio", action="store_true",
-                    help="also measure Kamailio (bench/kamailio/registrar.cfg, -x tlsf)")
+                    help="also measure Kamailio (bench/kamailio/registrar.cfg, -x tlsf; "
+                         "with --auth registrar_auth.cfg)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("server_flags", nargs="*", metavar="-- FLAG",
                     help="more flags for fastsip serve, after --, e.g. -- --batch-wait 200")
@@ -213,9 +240,11 @@ def main(argv=None) -> int:
         return 2
     rates = [int(r) for r in args.rates.split(",")]
     peers = [p for p in PEERS if getattr(args, p)]
-    if peers and args.auth:
-        print("bench_server: --echo and --kamailio measure REGISTER without auth", file=sys.stderr)
+    if args.both_states and not args.state:
+        print("bench_server: --both-states runs fastsip with and without the state file: "
+              "not with --no-state", file=sys.stderr)
         return 2
+    mine = ["fastsip", "no-state"] if args.both_states else ["fastsip"]
     if args.kamailio and not shutil.which("kamailio"):
         print("bench_server: kamailio not found (apt-get install kamailio)", file=sys.stderr)
         return 2
@@ -228,41 +257,49 @@ def main(argv=None) -> int:
             with open(users_file, "w") as uf, open(inject_file, "w") as cf:
                 cf.write("SEQUENTIAL\n")
                 for i in range(n):
-                    ha1 = hashlib.md5(f"user{i}:127.0.0.1:pw{i}".encode()).hexdigest()
-                    uf.write(f"user{i}:127.0.0.1:{ha1}\n")
+                    ha1 = hashlib.md5(f"user{i}:{REALM}:pw{i}".encode()).hexdigest()
+                    uf.write(f"user{i}:{REALM}:{ha1}\n")
                     cf.write(f"user{i};[authentication username=user{i} password=pw{i}]\n")
+        states = ("state file and no state" if args.both_states
+                  else "state file" if args.state else "no state")
         print(f"# fastsip serve, {args.workers} workers, {'digest auth, ' if args.auth else ''}"
-              f"{'state file' if args.state else 'no state'}; SIPp -t un, {args.duration:g} s per rate; "
+              f"{states}; SIPp -t un, {args.duration:g} s per rate; "
               f"{os.cpu_count()} CPUs")
         print(f"{'server':>9} {'offered/s':>10} {'achieved/s':>11} {'fail %':>7} "
-              f"{'µs CPU/REG':>11} {'µs/reply':>9} {'hand-offs':>10} {'ctxsw/REG':>10} "
+              f"{'µs CPU/reg' if args.auth else 'µs CPU/REG':>11} {'µs/reply':>9} "
+              f"{'hand-offs':>10} {'ctxsw/REG':>10} "
               f"{'retrans':>8} {'SIPp CPU s':>11}")
         for rate in rates:
             for _ in range(args.repeat):
-                for server in ["fastsip"] + peers:     # the servers take turns
-                    r = (run_rate(args, rate, workdir, users_file, inject_file)
-                         if server == "fastsip" else run_peer(args, server, rate, workdir))
+                for server in mine + peers:     # the servers take turns
+                    r = (run_rate(args, rate, workdir, users_file, inject_file,
+                                  args.state and server == "fastsip", server)
+                         if server in mine else run_peer(args, server, rate, workdir, inject_file))
                     results.append(r)
                     print(f"{r['server']:>9} {r['offered_rate']:>10} {r['achieved_rate']:>11} "
                           f"{r['failure_pct']:>7} {r['server_cpu_us_per_register']!s:>11} "
                           f"{r['server_cpu_us_per_reply']!s:>9} {r['handoffs']:>10} "
                           f"{r['switches_per_register']!s:>10} {r['retransmissions']:>8} "
                           f"{r['sipp_cpu_s']:>11}", flush=True)
-    if args.repeat > 1 or peers:
-        print("# medians per server and offered rate: achieved/s, failure %, µs CPU per REGISTER"
-              + (", fastsip's µs / this server's" if peers else ""))
+    others = len(mine) > 1 or peers
+    if args.repeat > 1 or others:
+        print("# medians per server and offered rate: achieved/s, failure %, µs CPU per "
+              + ("registration (2 requests)" if args.auth else "REGISTER")
+              + ("".join(f", {m}'s µs / this server's" for m in mine) if others else ""))
+        def median_us(server, rate):
+            return statistics.median(r["server_cpu_us_per_register"] or 0 for r in results
+                                     if r["offered_rate"] == rate and r["server"] == server)
         for rate in rates:
-            mine = statistics.median(r["server_cpu_us_per_register"] or 0 for r in results
-                                     if r["offered_rate"] == rate and r["server"] == "fastsip")
-            for server in ["fastsip"] + peers:
+            refs = [median_us(m, rate) for m in mine]
+            for server in mine + peers:
                 rs = [r for r in results if r["offered_rate"] == rate and r["server"] == server]
-                us = statistics.median(r["server_cpu_us_per_register"] or 0 for r in rs)
-                ratio = f" {mine / us:>6.2f}×" if peers and us else ""
+                us = median_us(server, rate)
+                ratios = "".join(f" {ref / us:>6.2f}×" for ref in refs) if others and us else ""
                 print(f"# {server:>9} {rate:>8} "
                       f"{statistics.median(r['achieved_rate'] for r in rs):>11} "
-                      f"{statistics.median(r['failure_pct'] for r in rs):>7} {us:>11}{ratio}")
+                      f"{statistics.median(r['failure_pct'] for r in rs):>7} {us:>11}{ratios}")
     sustained = [r["achieved_rate"] for r in results
-                 if r["failure_pct"] <= 1.0 and r["server"] == "fastsip"]
+                 if r["failure_pct"] <= 1.0 and r["server"] in mine]
     print(f"# highest achieved rate with <= 1 % failures: {max(sustained) if sustained else 0}/s")
     if args.json:
         with open(args.json, "w") as f:

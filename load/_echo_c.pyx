@@ -17,7 +17,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport errno, EINTR
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcmp, memcpy, memset
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 from load._common cimport (BATCH, MSG_DONTWAIT, MSG_MAX, POLLIN, iovec, mmsghdr, name_is,
                            now_ns, poll, pollfd, recvmmsg, sendmmsg)
@@ -25,19 +25,22 @@ from load._scan_c cimport frame_length
 from load._ws_c cimport WS_BINARY, WS_HDR_MAX, WS_TEXT, WsFrame, ws_parse, ws_put, ws_xor
 
 
-cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap) noexcept nogil:
+cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap,
+                         const char *chal, Py_ssize_t chal_n) noexcept nogil:
     """A ``200 OK`` answering request ``p[:n]`` (Via, From, To + tag, Call-ID,
-    CSeq copied); 0 when ``p`` is not a request or does not fit."""
-    cdef Py_ssize_t pos, end, ne, o = 0, ll
+    CSeq copied); 0 when ``p`` is not a request or does not fit.  With a
+    challenge (``chal[:chal_n]``, a whole header line without its CRLF), a
+    request without an Authorization header gets a ``401 Unauthorized`` with
+    that line instead: the digest floor (nothing is checked)."""
+    cdef Py_ssize_t pos, end, ne, o, ll
     cdef const char *nl
     cdef const char *colon
-    cdef bint is_to, has_tag
+    cdef bint is_to, has_tag, has_auth = False
     if n < 8 or memcmp(p, b"SIP/2.0 ", 8) == 0:
         return 0
     if cap < 64:
         return 0
-    memcpy(out, b"SIP/2.0 200 OK\r\n", 16)
-    o = 16
+    o = 26          # room for either start line: "SIP/2.0 401 Unauthorized\r\n" is 26 bytes
     nl = <const char *>memchr(p, 10, n)
     if nl == NULL:
         return 0
@@ -55,6 +58,8 @@ cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap)
             ne = colon - p
             while ne > pos and (p[ne - 1] == 32 or p[ne - 1] == 9):
                 ne -= 1
+            if chal_n and name_is(p + pos, ne - pos, b"authorization", 13):
+                has_auth = True
             is_to = name_is(p + pos, ne - pos, b"to", 2) or name_is(p + pos, ne - pos, b"t", 1)
             if (is_to or name_is(p + pos, ne - pos, b"via", 3) or name_is(p + pos, ne - pos, b"v", 1)
                     or name_is(p + pos, ne - pos, b"from", 4) or name_is(p + pos, ne - pos, b"f", 1)
@@ -77,27 +82,47 @@ cdef Py_ssize_t build_ok(const char *p, Py_ssize_t n, char *out, Py_ssize_t cap)
                 out[o + 1] = 10
                 o += 2
         pos = end + 1
+    if chal_n and not has_auth:
+        if o + chal_n + 2 + 21 > cap:
+            return 0
+        memcpy(out, b"SIP/2.0 401 Unauthorized\r\n", 26)
+        memcpy(out + o, chal, chal_n)
+        o += chal_n
+        out[o] = 13
+        out[o + 1] = 10
+        o += 2
+    else:
+        memmove(out + 16, out + 26, o - 26)
+        o -= 10
+        memcpy(out, b"SIP/2.0 200 OK\r\n", 16)
     if o + 21 > cap:
         return 0
     memcpy(out + o, b"Content-Length: 0\r\n\r\n", 21)
     return o + 21
 
 
-def _build_ok(bytes request):
-    """Test hook: the echo's reply to ``request`` (``b""`` when none)."""
+def _build_ok(bytes request, bytes challenge=b""):
+    """Test hook: the echo's reply to ``request`` (``b""`` when none), with
+    ``challenge`` as :func:`echo_udp`."""
     cdef char out[MSG_MAX]
-    cdef Py_ssize_t n = build_ok(PyBytes_AS_STRING(request), PyBytes_GET_SIZE(request), out, MSG_MAX)
+    cdef Py_ssize_t n = build_ok(PyBytes_AS_STRING(request), PyBytes_GET_SIZE(request), out, MSG_MAX,
+                                 PyBytes_AS_STRING(challenge), PyBytes_GET_SIZE(challenge))
     return PyBytes_FromStringAndSize(out, n)
 
 
-def echo_udp(int fd, double duration, uint64_t max_packets):
+def echo_udp(int fd, double duration, uint64_t max_packets, bytes challenge=b""):
     """Answer every REGISTER on UDP socket ``fd`` with a 200, in batches.
 
     The trivial C-speed registrar stand-in for throughput figures: no state,
     no checks, one ``recvmmsg`` and one ``sendmmsg`` per batch.  Stops after
     ``duration`` seconds or ``max_packets`` received (whichever first), or
-    on a signal.  Returns ``(received, answered)``.
+    on a signal.  Returns ``(received, answered)``.  With ``challenge`` (a
+    ``WWW-Authenticate: ...`` line, no CRLF), requests without Authorization
+    get a 401 with that line and the others a 200, the digest check left
+    out: the floor of a registration with digest (two requests).
     """
+    cdef const char *chal = PyBytes_AS_STRING(challenge)
+    cdef Py_ssize_t chal_n = PyBytes_GET_SIZE(challenge)
     cdef mmsghdr *rm = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
     cdef mmsghdr *sm = <mmsghdr *>calloc(BATCH, sizeof(mmsghdr))
     cdef iovec *ri = <iovec *>calloc(BATCH, sizeof(iovec))
@@ -139,7 +164,8 @@ def echo_udp(int fd, double duration, uint64_t max_packets):
                 received += n
                 k = 0
                 for i in range(n):
-                    m = build_ok(inb + i * MSG_MAX, rm[i].msg_len, outb + k * MSG_MAX, MSG_MAX)
+                    m = build_ok(inb + i * MSG_MAX, rm[i].msg_len, outb + k * MSG_MAX, MSG_MAX,
+                                 chal, chal_n)
                     if m == 0:
                         continue
                     si[k].iov_base = outb + k * MSG_MAX
@@ -195,7 +221,7 @@ def echo_stream(bytes data, bint ws):
                     break
                 ws_xor(scratch, p + pos + f.hlen, f.plen,
                        <const unsigned char *>(p + pos + f.hlen - 4))
-                r = build_ok(scratch, f.plen, reply, MSG_MAX)
+                r = build_ok(scratch, f.plen, reply, MSG_MAX, NULL, 0)
             else:
                 m = frame_length(p + pos, n - pos)
                 if m == 0:
@@ -203,7 +229,8 @@ def echo_stream(bytes data, bint ws):
                 if m < 0:
                     bad += 1
                     break
-                r = build_ok(p + pos, m, reply, MSG_MAX) if p[pos] != 13 and p[pos] != 10 else 0
+                r = (build_ok(p + pos, m, reply, MSG_MAX, NULL, 0)
+                     if p[pos] != 13 and p[pos] != 10 else 0)
             pos += m
             if r == 0:
                 continue

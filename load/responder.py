@@ -20,7 +20,11 @@ generator:
 ``--fast``               the C-speed echo of ``load._echo_c`` (200 only): over UDP
                          ``echo_udp`` (``--processes N``: N processes on one
                          port, SO_REUSEPORT); over the stream transports the
-                         loop below with ``echo_stream`` answering whole buffers
+                         loop below with ``echo_stream`` answering whole buffers.
+                         With ``--auth`` (UDP only) it is the floor of digest
+                         registration: a 401 with one fixed challenge to every
+                         request without Authorization, a 200 to the others,
+                         nothing checked
 
 It checks the few things a malformed request from ``--malformed-ratio``
 breaks and answers those with 400.  Every loop is bounded by
@@ -31,6 +35,7 @@ it prints its own counters as JSON (or writes them to ``--stats FILE``).
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import hashlib
 import ipaddress
@@ -488,10 +493,11 @@ def _interrupt(signum, frame):
 
 
 def _echo_processes(host: str, port: int, processes: int, duration: float,
-                    max_requests: int, ready) -> dict:
+                    max_requests: int, ready, challenge: bytes) -> dict:
     """``--fast`` over UDP: ``processes`` echo processes, each with its own socket
     on the same port (SO_REUSEPORT spreads the senders, as it does over fastsip's
-    workers).  Each child sends its counters back through a pipe; returns the sum."""
+    workers), answering as ``echo_udp`` with ``challenge``.  Each child sends its
+    counters back through a pipe; returns the sum."""
     from ._echo_c import echo_udp
     socks = []
     for _ in range(processes):
@@ -510,7 +516,7 @@ def _echo_processes(host: str, port: int, processes: int, duration: float,
             code = 0
             try:
                 os.close(r)
-                rx, tx = echo_udp(s.fileno(), duration, max_requests)
+                rx, tx = echo_udp(s.fileno(), duration, max_requests, challenge)
                 os.write(w, json.dumps([rx, tx]).encode())
             except KeyboardInterrupt:
                 pass
@@ -524,7 +530,7 @@ def _echo_processes(host: str, port: int, processes: int, duration: float,
     each = []                           # received by each process, the parent first
     done = False
     try:
-        rx, tx = echo_udp(socks[0].fileno(), duration, max_requests)
+        rx, tx = echo_udp(socks[0].fileno(), duration, max_requests, challenge)
         each.append(rx)
         done = True
     finally:
@@ -543,7 +549,7 @@ def _echo_processes(host: str, port: int, processes: int, duration: float,
             os.close(r)
         for s in socks:
             s.close()
-    stats = {"received": rx, "replies": {"200": tx}}
+    stats = {"received": rx, "replies": {"401+200" if challenge else "200": tx}}
     if processes > 1:
         stats["per_process"] = each
     return stats
@@ -558,8 +564,9 @@ def main(argv=None) -> int:
     p.add_argument("--tls-cert", metavar="PEM", help="the certificate for tls and wss")
     p.add_argument("--tls-key", metavar="PEM", help="its private key")
     p.add_argument("--fast", action="store_true",
-                   help="C-speed echo (no auth/drop/dup): UDP, or with --transport tcp, tls, "
-                        "ws, wss the stream echo")
+                   help="C-speed echo (no drop/dup): UDP, or with --transport tcp, tls, "
+                        "ws, wss the stream echo; with --auth (UDP) 401 to requests without "
+                        "Authorization, 200 to the others, the digest not checked")
     p.add_argument("--processes", type=int, default=1,
                    help="with --fast over UDP: this many echo processes on one port (SO_REUSEPORT)")
     p.add_argument("--auth", action="store_true", help="challenge with 401 and check the digest")
@@ -593,6 +600,8 @@ def main(argv=None) -> int:
         p.error("--processes N: N >= 1, and more than one only with --fast over UDP")
     if args.log_users and args.fast:
         p.error("--log-users reads every request: not with --fast")
+    if args.auth and args.fast and streams:
+        p.error("--auth with --fast is UDP only")
     signal.signal(signal.SIGTERM, _interrupt)
 
     def ready(port):
@@ -601,8 +610,14 @@ def main(argv=None) -> int:
     stats = {}
     try:
         if args.fast and not streams:
+            challenge = b""
+            if args.auth:       # one nonce for all, as long as a signed one (32 bytes, base64url)
+                nonce = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+                challenge = (f'WWW-Authenticate: Digest realm="{args.realm}", nonce="{nonce}", '
+                             f'algorithm={args.algorithm}' + (', qop="auth"' if args.qop else "")
+                             ).encode()
             stats = _echo_processes(host, int(port), args.processes, args.duration,
-                                    args.max_requests, ready)
+                                    args.max_requests, ready, challenge)
         else:
             r = Responder(auth=args.auth, realm=args.realm, algorithm=args.algorithm, qop=args.qop,
                           password_pattern=args.password_pattern, drop=args.drop, dup=args.dup,

@@ -2,6 +2,7 @@
 files and the Authorize check, with a fake clock (plain floats)."""
 
 import hashlib
+import os
 import re
 import time
 from pathlib import Path
@@ -434,6 +435,30 @@ def test_challenges_get_fresh_nonces():
     auth = make_auth()
     nonces = {parse_credentials(auth.challenge(REALM, NOW)[0]).nonce for _ in range(50)}
     assert len(nonces) == 50
+    # past several refills of the random pool (512 nonces each), all verify
+    more = [auth._new_nonce(REALM, NOW) for _ in range(1500)]
+    assert len(set(more) | nonces) == 1550
+    md5 = 'Digest realm="127.0.0.1", nonce="{}", algorithm=MD5, qop="auth"'
+    assert all(check(auth, answer(md5.format(n))).ok for n in more[::97])
+
+
+def test_forked_workers_draw_other_nonces():
+    """A worker forked with the random pool half used draws its own bytes."""
+    auth = make_auth()
+    auth._new_nonce(REALM, NOW)                 # the pool is filled in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                # the child: its next nonce, then exit
+        try:
+            os.write(write, auth._new_nonce(REALM, NOW).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as f:
+        child = f.read().decode()
+    mine = auth._new_nonce(REALM, NOW)
+    assert len(child) == len(mine) == 43 and child != mine
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -218,6 +218,27 @@ def test_build_ok_echo():
     assert _build_ok(b"SIP/2.0 200 OK\r\n\r\n") == b""
 
 
+def test_fast_auth_echo_challenges_requests_without_credentials(responder):
+    """``--fast --auth``, the digest floor of bench_server.py: 401 with the challenge to a
+    REGISTER without Authorization, 200 to one with it (whatever it holds)."""
+    r = responder("--transport", "udp", "--fast", "--auth", "--qop", "--realm", "floor.test")
+    host, port = r.target.split(":")
+    req = (b"REGISTER sip:x SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:1;branch=z9hG4bK1\r\n"
+           b"From: <sip:a@x>;tag=1\r\nTo: <sip:a@x>\r\nCall-ID: c1\r\nCSeq: 7 REGISTER\r\n"
+           b"Content-Length: 0\r\n\r\n")
+    signed = req.replace(b"CSeq: 7", b'Authorization: Digest username="a", response="0"\r\nCSeq: 8')
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(req, (host, int(port)))
+        challenge, _ = s.recvfrom(65535)
+        s.sendto(signed, (host, int(port)))
+        ok, _ = s.recvfrom(65535)
+    assert _scan_reply(challenge) == (401, 7, b"c1")
+    assert re.search(rb'\r\nWWW-Authenticate: Digest realm="floor.test", nonce="[\w-]{43}", '
+                     rb'algorithm=MD5, qop="auth"\r\n', challenge)
+    assert _scan_reply(ok) == (200, 8, b"c1") and b"WWW-Authenticate" not in ok
+
+
 def test_latency_histogram_percentiles():
     values = [i * 1000 for i in range(1, 10001)]          # 1 us .. 10 ms
     h = _hist_roundtrip(values)

@@ -20,7 +20,6 @@ bytes.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
@@ -228,6 +227,7 @@ class Authorize(AuthCore):
         self._dummy_password = secrets.token_hex(16)
         self._ha1_cache = {}
         self._common = None         # (len(users), the hashes every user holds)
+        self._challenge_parts = {}  # (realm, stale, algorithms, qop) -> [(head, tail)]
 
     def __repr__(self):
         # never the users or the secret
@@ -294,12 +294,22 @@ class Authorize(AuthCore):
         :meth:`algorithms_for` ``(user, realm)``, in ``algorithms`` order
         (``user``: the user part of the AOR in To; None offers them all)."""
         nonce = self._new_nonce(realm, now)
-        tail = f', qop="{",".join(self.qop)}"' if self.qop else ""
-        if stale:
-            tail += ", stale=true"
-        offered = self.algorithms if user is None else self.algorithms_for(user, realm)
-        return [f'Digest realm={_quote(realm)}, nonce="{nonce}", algorithm={alg}{tail}'
-                for alg in offered]
+        algorithms = self.algorithms
+        # one algorithm: algorithms_for can only answer it
+        offered = (algorithms if user is None or len(algorithms) == 1
+                   else self.algorithms_for(user, realm))
+        key = (realm, stale, offered, self.qop)
+        parts = self._challenge_parts.get(key)
+        if parts is None:       # what surrounds the nonce, for these settings
+            tail = f', qop="{",".join(self.qop)}"' if self.qop else ""
+            if stale:
+                tail += ", stale=true"
+            parts = [(f'Digest realm={_quote(realm)}, nonce="', f'", algorithm={alg}{tail}')
+                     for alg in offered]
+            if len(self._challenge_parts) >= 64:
+                self._challenge_parts.clear()
+            self._challenge_parts[key] = parts
+        return [head + nonce + tail for head, tail in parts]
 
     def algorithms_for(self, user: str, realm: str) -> tuple:
         """The configured algorithms that can verify for ``user`` in ``realm``:
@@ -338,12 +348,8 @@ class Authorize(AuthCore):
             self._common = (len(users), frozenset(common))
         return self._common[1]
 
-    # _mac(head, realm): HMAC-SHA-256 over head | realm, first 16 bytes (AuthCore)
-
-    def _new_nonce(self, realm, now):
-        # 8 bytes issue time (ms) | 8 random bytes | 16 bytes HMAC over both and the realm
-        head = int(now * 1000).to_bytes(8, "big", signed=True) + secrets.token_bytes(8)
-        return base64.urlsafe_b64encode(head + self._mac(head, realm)).rstrip(b"=").decode()
+    # _new_nonce(realm, now): 8 bytes issue time (ms) | 8 random bytes | 16 bytes HMAC
+    # over both and the realm, base64url (AuthCore, in C); _mac(head, realm) the HMAC
 
     # -- checking ------------------------------------------------------------
 

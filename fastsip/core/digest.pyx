@@ -784,6 +784,40 @@ cdef class AuthResult:
                 f"user={self.user!r}, headers={self.headers!r})")
 
 
+# Random bytes for nonces, drawn from os.urandom 4 KiB at a time (one system
+# call per 512 nonces, not one each); each byte is used once and then cleared,
+# and a forked child starts with an empty pool, so two workers never share one.
+cdef enum:
+    RAND_POOL_SIZE = 4096
+cdef unsigned char RAND_POOL[<int>RAND_POOL_SIZE]
+cdef Py_ssize_t RAND_POS = RAND_POOL_SIZE
+
+
+def _empty_random_pool():
+    global RAND_POS
+    memset(RAND_POOL, 0, RAND_POOL_SIZE)
+    RAND_POS = RAND_POOL_SIZE
+
+
+os.register_at_fork(after_in_child=_empty_random_pool)
+
+
+cdef int take_random(unsigned char* out, Py_ssize_t n) except -1:
+    """``n`` (at most RAND_POOL_SIZE) bytes from os.urandom, through the pool."""
+    global RAND_POS
+    if RAND_POS + n > RAND_POOL_SIZE:
+        fresh = os.urandom(RAND_POOL_SIZE)
+        memcpy(RAND_POOL, PyBytes_AS_STRING(fresh), RAND_POOL_SIZE)
+        RAND_POS = 0
+    memcpy(out, RAND_POOL + RAND_POS, n)
+    memset(RAND_POOL + RAND_POS, 0, n)
+    RAND_POS += n
+    return 0
+
+
+cdef const char* B64URL_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 cdef object _UNSET = object()
 
 
@@ -938,6 +972,40 @@ cdef class AuthCore:
         set_str_field(&rf, realm, keep)
         self.mac16(head, &rf, out)
         return PyBytes_FromStringAndSize(<char*>out, 16)
+
+    def _new_nonce(self, realm, double now):
+        """A fresh nonce for ``realm`` issued at ``now`` (docs/auth.md): 8 bytes of
+        issue time (ms, big-endian, signed) | 8 random bytes | the first 16 bytes of
+        HMAC-SHA-256 over both and the realm, as 43 base64url digits (no padding)."""
+        cdef unsigned char raw[33]
+        cdef char out[44]
+        cdef Field rf
+        cdef double t = now * 1000.0
+        cdef uint64_t ms
+        cdef uint32_t acc
+        cdef int i, j = 0
+        if t != t:
+            raise ValueError("cannot convert float NaN to integer")
+        if not (-9.2e18 < t < 9.2e18):          # what int.to_bytes(8, signed=True) takes
+            raise OverflowError(f"nonce issue time out of range: {now!r}")
+        ms = <uint64_t><int64_t>t               # truncated toward zero, as int() does
+        for i in range(8):
+            raw[i] = <unsigned char>(ms >> (56 - 8 * i))
+        take_random(raw + 8, 8)
+        keep = self.realm_field(realm, &rf)     # keeps rf's bytes alive
+        self.mac16(<const char*>raw, &rf, raw + 16)
+        for i in range(0, 30, 3):
+            acc = <uint32_t>raw[i] << 16 | <uint32_t>raw[i + 1] << 8 | raw[i + 2]
+            out[j] = B64URL_DIGITS[acc >> 18]
+            out[j + 1] = B64URL_DIGITS[(acc >> 12) & 63]
+            out[j + 2] = B64URL_DIGITS[(acc >> 6) & 63]
+            out[j + 3] = B64URL_DIGITS[acc & 63]
+            j += 4
+        acc = <uint32_t>raw[30] << 16 | <uint32_t>raw[31] << 8
+        out[40] = B64URL_DIGITS[acc >> 18]
+        out[41] = B64URL_DIGITS[(acc >> 12) & 63]
+        out[42] = B64URL_DIGITS[(acc >> 6) & 63]
+        return PyUnicode_DecodeASCII(out, 43, NULL)
 
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1:
         """Step 4: 1 and the issue time if we signed ``nonce`` for ``realm``, else 0.

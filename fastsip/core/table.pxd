@@ -81,7 +81,8 @@ cdef enum Transport:
 
 cdef class BindingTable:
     cdef AorRec* aors
-    cdef int32_t n_aors_cap
+    cdef int32_t n_aors_cap      # records made ready (free or in use); the rest of
+    cdef int32_t n_aors_room     # the n_aors_room allocated is never touched (no RSS)
     cdef int32_t aor_free
     cdef char* names             # the AORs' names one after another (AorRec.name_at)
     cdef Py_ssize_t names_len    # bytes in use: live names and those of freed AORs
@@ -91,7 +92,8 @@ cdef class BindingTable:
     cdef Py_ssize_t table_cap
     cdef Py_ssize_t table_used   # live + deleted buckets
     cdef BindingRec* b
-    cdef int32_t b_cap
+    cdef int32_t b_cap           # records made ready, of b_room allocated (as AORs)
+    cdef int32_t b_room
     cdef int32_t b_free
     cdef HeapEntry* heap
     cdef Py_ssize_t heap_len
@@ -123,6 +125,7 @@ cdef class BindingTable:
     cdef void binding_in(self, int32_t slot, BindingIn* out) noexcept
     cdef void release_if_empty(self, int32_t aor) noexcept
     cdef void _init_aor_slab(self, int32_t start) noexcept
+    cdef int _more_aors(self) except -1
     cdef void _init_b_slab(self, int32_t start) noexcept
     cdef int _grow_table(self) except -1
     cdef int _name_room(self, Py_ssize_t n) except -1

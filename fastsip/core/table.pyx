@@ -7,6 +7,9 @@
 #   random per-process key (so crafted AORs cannot pile into one bucket).
 #   Their names sit one after another in one block (``names``), not in a
 #   malloc each (which costs 8 bytes of header and rounds up to 16).
+# * Both slabs double when full, but records are written (put on the free
+#   list) only READY at a time as they are needed: the pages of the unused
+#   end of a slab are never touched, so they cost no RSS.
 # * Binding records live in a second slab (``b``); the bindings of one AOR are a
 #   linked list through ``next``.  The variable-length fields (URI, Call-ID,
 #   +sip.instance, Path, User-Agent, source host) share one malloc'd blob.
@@ -26,6 +29,7 @@ cdef enum:
     MIN_TABLE = 64
     MIN_CONNS = 64
     MIN_NAMES = 1024
+    READY = 128          # records made ready at a time (AORs, bindings)
 
 
 cdef bint invalid_host(const char* uri, Py_ssize_t n) noexcept nogil:
@@ -66,14 +70,14 @@ cdef class BindingTable:
         cdef bytes key = os.urandom(16)
         self.k0 = hash_bytes(key, 8, 1, 2)
         self.k1 = hash_bytes(key + b"k1", 10, 3, 4)
-        self.n_aors_cap = 16
+        self.n_aors_cap = self.n_aors_room = 16
         self.aors = <AorRec*>malloc(self.n_aors_cap * sizeof(AorRec))
         self.aor_free = -1
         self.table_cap = MIN_TABLE
         self.table = <int32_t*>malloc(self.table_cap * sizeof(int32_t))
         self.names_cap = MIN_NAMES
         self.names = <char*>malloc(self.names_cap)
-        self.b_cap = 16
+        self.b_cap = self.b_room = 16
         self.b = <BindingRec*>malloc(self.b_cap * sizeof(BindingRec))
         self.heap_cap = 64
         self.heap = <HeapEntry*>malloc(self.heap_cap * sizeof(HeapEntry))
@@ -107,10 +111,10 @@ cdef class BindingTable:
         cdef int32_t i
         self.track_changes = track_changes
         if shared and self.versions == NULL:
-            self.versions = <uint64_t*>malloc(self.n_aors_cap * sizeof(uint64_t))
+            self.versions = <uint64_t*>malloc(self.n_aors_room * sizeof(uint64_t))
             if self.versions == NULL:
                 raise MemoryError()
-            for i in range(self.n_aors_cap):
+            for i in range(self.n_aors_room):
                 self.versions[i] = 0
 
     cdef void _init_b_slab(self, int32_t start) noexcept:
@@ -182,11 +186,9 @@ cdef class BindingTable:
         return 0
 
     cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2:
-        cdef int32_t slot = self.find(aor, n), i
+        cdef int32_t slot = self.find(aor, n)
         cdef uint64_t h
         cdef Py_ssize_t mask, j
-        cdef AorRec* grown
-        cdef uint64_t* grown_v
         cdef AorRec* a
         if slot >= 0:
             return slot
@@ -195,18 +197,7 @@ cdef class BindingTable:
         if (self.table_used + 1) * 10 > self.table_cap * 7:
             self._grow_table()
         if self.aor_free < 0:
-            grown = <AorRec*>realloc(self.aors, 2 * self.n_aors_cap * sizeof(AorRec))
-            if grown == NULL:
-                raise MemoryError()
-            self.aors = grown
-            if self.versions != NULL:
-                grown_v = <uint64_t*>realloc(self.versions, 2 * self.n_aors_cap * sizeof(uint64_t))
-                if grown_v == NULL:
-                    raise MemoryError()
-                self.versions = grown_v
-            i = self.n_aors_cap
-            self.n_aors_cap *= 2
-            self._init_aor_slab(i)
+            self._more_aors()
         self._name_room(n)
         slot = self.aor_free
         a = &self.aors[slot]
@@ -282,6 +273,28 @@ cdef class BindingTable:
         """The name of the AOR slot ``aor`` (``name_len`` bytes): valid until an
         AOR is added."""
         return self.names + self.aors[aor].name_at
+
+    cdef int _more_aors(self) except -1:
+        """Make READY more AOR records ready, doubling the slab (and the
+        versions) when all of it is."""
+        cdef AorRec* grown
+        cdef uint64_t* grown_v
+        cdef int32_t i = self.n_aors_cap
+        if i == self.n_aors_room:
+            grown = <AorRec*>realloc(self.aors, 2 * self.n_aors_room * sizeof(AorRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.aors = grown
+            if self.versions != NULL:
+                grown_v = <uint64_t*>realloc(self.versions,
+                                             2 * self.n_aors_room * sizeof(uint64_t))
+                if grown_v == NULL:
+                    raise MemoryError()
+                self.versions = grown_v
+            self.n_aors_room *= 2
+        self.n_aors_cap = min(self.n_aors_room, i + READY)
+        self._init_aor_slab(i)
+        return 0
 
     cdef void _init_aor_slab(self, int32_t start) noexcept:
         cdef int32_t i
@@ -522,12 +535,14 @@ cdef class BindingTable:
         cdef HeapEntry* heap
         cdef int32_t i
         while self.b_cap - self.n_bindings < bindings:
-            grown = <BindingRec*>realloc(self.b, 2 * self.b_cap * sizeof(BindingRec))
-            if grown == NULL:
-                raise MemoryError()
-            self.b = grown
+            if self.b_cap == self.b_room:
+                grown = <BindingRec*>realloc(self.b, 2 * self.b_room * sizeof(BindingRec))
+                if grown == NULL:
+                    raise MemoryError()
+                self.b = grown
+                self.b_room *= 2
             i = self.b_cap
-            self.b_cap *= 2
+            self.b_cap = min(self.b_room, i + READY)
             self._init_b_slab(i)
         while self.heap_cap - self.heap_len < bindings:
             heap = <HeapEntry*>realloc(self.heap, 2 * self.heap_cap * sizeof(HeapEntry))

@@ -6,8 +6,11 @@ new       a REGISTER for an AOR never seen (a fresh AOR each round)
 refresh   the same phone again, next CSeq (update in place)
 auth      a refresh that carries a correct digest (SHA-256, qop=auth, new nc each round)
 expire    1,000,000 bindings expiring at once, drained in bounded calls
-memory    RSS growth per binding with 1,000,000 bindings (printed, and checked < 400 B)
+memory    RSS growth per binding with 1,000,000 bindings (printed, and checked <= 300 B,
+          issue #11); FASTSIP_BENCH_BINDINGS=N measures at N bindings instead
 """
+import os
+
 import fastsip
 from fastsip import Authorize, Binding, Registrar
 from fastsip.auth import digest_response
@@ -115,23 +118,25 @@ gc.collect()
 reg = Registrar()
 fill(reg, 1000)
 before = rss()
-fill(reg, 1_001_000)
+fill(reg, 1000 + {n})
 gc.collect()
-print((rss() - before) / 1_000_000)
+print((rss() - before) / {n})
 """
 
 
 def test_memory_per_binding_at_one_million(benchmark):
-    """RSS growth per binding, measured in a fresh process (current RSS, not the peak)."""
+    """RSS growth per binding, measured in a fresh process (current RSS, not the peak).
+    Issue #11's target is at most 300 bytes; docs/architecture.md says where they go."""
     import subprocess
     import sys
     from pathlib import Path
     benchmark.group = "memory"
+    n = int(os.environ.get("FASTSIP_BENCH_BINDINGS", 1_000_000))
     here = str(Path(__file__).resolve().parent)
-    code = MEMORY_PROBE.format(path=[here] + sys.path)
+    code = MEMORY_PROBE.format(path=[here] + sys.path, n=n)
     out = benchmark.pedantic(subprocess.check_output, args=([sys.executable, "-c", code],),
                              rounds=1, iterations=1)
     per = float(out)
     benchmark.extra_info["bytes_per_binding"] = per
-    print(f"\nmemory: {per:.0f} bytes per binding (RSS growth / 1,000,000 bindings)")
-    assert per < 400
+    print(f"\nmemory: {per:.0f} bytes per binding (RSS growth / {n:,} bindings)")
+    assert per <= 300

@@ -229,19 +229,20 @@ cdef class BindingTable:
 
     cdef int _name_room(self, Py_ssize_t n) except -1:
         """Room for a name of ``n`` bytes at the end of ``names``.  When the
-        names of freed AORs are half of it, the live ones are copied into a new
-        block (in slot order; this reads every AOR record, as _compact_heap
-        reads every binding), else the block doubles.  Offsets are 32 bits: 4
-        GiB of names at most."""
-        cdef Py_ssize_t live = self.names_len - self.names_dead, cap = MIN_NAMES
+        names of freed AORs are a quarter of it, the live ones are copied into a
+        new block with half as much again free (in slot order; this reads every
+        AOR record, as _compact_heap reads every binding), else the block
+        doubles.  So under churn the block holds 1 to 1.5 times the bytes of
+        the live names (a malloc each adds 8 and rounds up to 16: 48 bytes for a
+        26-byte name).  Offsets are 32 bits: the block is at most 4 GiB."""
+        cdef Py_ssize_t live = self.names_len - self.names_dead, cap
         cdef char* t
         cdef int32_t i
         if self.names_len + n <= self.names_cap:
             return 0
-        if 2 * self.names_dead >= self.names_len:
-            while cap < 2 * (live + n):
-                cap *= 2
-            if cap > <Py_ssize_t>0xFFFFFFFF:
+        if 4 * self.names_dead >= self.names_len:
+            cap = (live + n) * 3 // 2 + MIN_NAMES
+            if cap > (<Py_ssize_t>1 << 32):
                 raise MemoryError()
             t = <char*>malloc(cap)
             if t == NULL:
@@ -260,7 +261,7 @@ cdef class BindingTable:
             cap = self.names_cap
             while cap < self.names_len + n:
                 cap *= 2
-            if cap > <Py_ssize_t>0xFFFFFFFF:
+            if cap > (<Py_ssize_t>1 << 32):
                 raise MemoryError()
             t = <char*>realloc(self.names, cap)
             if t == NULL:

@@ -7,9 +7,13 @@ refresh   the same phone again, next CSeq (update in place)
 auth      a refresh that carries a correct digest (SHA-256, qop=auth, new nc each round)
 challenge a first REGISTER without credentials answered 401 (MD5 only, 100 000 users)
 expire    1,000,000 bindings expiring at once, drained in bounded calls
-memory    RSS growth per binding with 1,000,000 bindings (printed, and checked < 400 B)
+memory    RSS growth per binding with 1,000,000 bindings (printed, and checked <= 300 B,
+          issue #11); FASTSIP_BENCH_BINDINGS=N measures at N bindings instead
+churn     the same after 1,600,000 AORs went and as many new came (printed, with the
+          slowest single load in CPU time: the table's rebuilds)
 """
 import hashlib
+import os
 
 import fastsip
 from fastsip import Authorize, Binding, Registrar
@@ -88,13 +92,16 @@ def test_handle_challenge(benchmark):
     assert reply.startswith(b"SIP/2.0 401 Unauthorized")
 
 
-def fill(reg, n):
+def phone(i):
+    return [Binding(f"sip:user{i}@10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:5060", NOW + 60,
+                    call_id=f"{i:016x}@10.0.0.1", cseq=1, source=("10.0.0.1", 5060),
+                    user_agent="BenchPhone/1.0")]
+
+
+def fill(reg, n, start=0):
     load = reg.store.load
-    for i in range(n):
-        load(f"sip:user{i}@example.com",
-             [Binding(f"sip:user{i}@10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:5060", NOW + 60,
-                      call_id=f"{i:016x}@10.0.0.1", cseq=1, source=("10.0.0.1", 5060),
-                      user_agent="BenchPhone/1.0")])
+    for i in range(start, n):
+        load(f"sip:user{i}@example.com", phone(i))
 
 
 def test_expire_one_million(benchmark):
@@ -130,23 +137,80 @@ gc.collect()
 reg = Registrar()
 fill(reg, 1000)
 before = rss()
-fill(reg, 1_001_000)
+fill(reg, 1000 + {n})
 gc.collect()
-print((rss() - before) / 1_000_000)
+print((rss() - before) / {n})
 """
 
 
-def test_memory_per_binding_at_one_million(benchmark):
-    """RSS growth per binding, measured in a fresh process (current RSS, not the peak)."""
+CHURN_PROBE = """
+import gc, random, sys, time
+sys.path[:0] = {path!r}
+from bench_registrar import fill, phone
+from fastsip import Registrar
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+gc.collect()
+reg = Registrar()
+fill(reg, 1000)
+before = rss()
+fill(reg, 1_001_000, 1000)
+live = list(range(1000, 1_001_000))
+rnd = random.Random(11)
+remove, load, slowest = reg.store.remove_aor, reg.store.load, 0.0
+for i in range(1_001_000, 2_601_000):     # one AOR goes, a new one comes
+    k = rnd.randrange(len(live))
+    live[k], live[-1] = live[-1], live[k]
+    remove(f"sip:user{{live.pop()}}@example.com")
+    aor, rows = f"sip:user{{i}}@example.com", phone(i)
+    t = time.thread_time()
+    load(aor, rows)
+    slowest = max(slowest, time.thread_time() - t)
+    live.append(i)
+del live
+gc.collect()
+print((rss() - before) / 1_000_000, slowest)
+"""
+
+
+def test_memory_after_aor_churn(benchmark):
+    """RSS growth per binding with 1,000,000 AORs after 1,600,000 of them were replaced
+    by new ones (enough for the AOR names' block to be compacted once), in a fresh
+    process; and the slowest single load in CPU time (the table's rebuilds happen in
+    one; CPU time, not wall time: the time the process waits on a shared machine is
+    left out)."""
     import subprocess
     import sys
     from pathlib import Path
     benchmark.group = "memory"
     here = str(Path(__file__).resolve().parent)
-    code = MEMORY_PROBE.format(path=[here] + sys.path)
+    code = CHURN_PROBE.format(path=[here] + sys.path)
+    out = benchmark.pedantic(subprocess.check_output, args=([sys.executable, "-c", code],),
+                             rounds=1, iterations=1)
+    per, slowest = map(float, out.split())
+    benchmark.extra_info["bytes_per_binding"] = per
+    benchmark.extra_info["slowest_load_ms"] = slowest * 1e3
+    print(f"\nchurn: {per:.0f} bytes per binding after 1,600,000 AORs replaced, "
+          f"slowest load {slowest * 1e3:.1f} ms of CPU")
+    assert per <= 300
+
+
+def test_memory_per_binding_at_one_million(benchmark):
+    """RSS growth per binding, measured in a fresh process (current RSS, not the peak).
+    Issue #11's target is at most 300 bytes; docs/architecture.md says where they go."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    benchmark.group = "memory"
+    n = int(os.environ.get("FASTSIP_BENCH_BINDINGS", 1_000_000))
+    here = str(Path(__file__).resolve().parent)
+    code = MEMORY_PROBE.format(path=[here] + sys.path, n=n)
     out = benchmark.pedantic(subprocess.check_output, args=([sys.executable, "-c", code],),
                              rounds=1, iterations=1)
     per = float(out)
     benchmark.extra_info["bytes_per_binding"] = per
-    print(f"\nmemory: {per:.0f} bytes per binding (RSS growth / 1,000,000 bindings)")
-    assert per < 400
+    print(f"\nmemory: {per:.0f} bytes per binding (RSS growth / {n:,} bindings)")
+    assert per <= 300

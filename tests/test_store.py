@@ -147,6 +147,33 @@ def test_many_aors_grow_and_shrink():
     assert s.n_aors == 7500 and s.lookup("sip:user4999@example.com")
 
 
+def test_aor_names_survive_churn():
+    # AOR names share one block that is compacted when freed names are half of it:
+    # whatever the churn, every AOR keeps its own name and bindings
+    import random
+    rnd = random.Random(11)
+    s, live, n = Store(), {}, 0
+    for _ in range(6):
+        for _ in range(3000):
+            aor = f"sip:{'u' * rnd.randrange(0, 60)}{n}@example.com"
+            live[aor] = f"sip:{n}@192.0.2.1"
+            s.load(aor, [Binding(live[aor], 1e9)])
+            n += 1
+        for aor in rnd.sample(sorted(live), len(live) * 2 // 3):
+            assert s.remove_aor(aor) == 1
+            del live[aor]
+    assert sorted(s.aor_names()) == sorted(live) and s.n_aors == len(live)
+    assert all([b.uri for b in s.lookup(aor)] == [uri] for aor, uri in live.items())
+
+
+def test_aor_name_longer_than_the_table_holds():
+    s = Store()
+    with pytest.raises(ValueError, match="65535"):
+        s.load("sip:" + "a" * 65536 + "@x", [Binding("sip:1@h", 10.0)])
+    s.load("sip:" + "a" * 65000 + "@x", [Binding("sip:1@h", 10.0)])
+    assert s.n_aors == 1 and s.lookup("sip:" + "a" * 65000 + "@x")[0].uri == "sip:1@h"
+
+
 def test_refresh_keeps_heap_bounded():
     s = Store()
     s.load("sip:a@x", [Binding("sip:1@h", 1.0)])

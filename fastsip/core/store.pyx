@@ -174,7 +174,7 @@ cdef class Store(BindingTable):
         out = []
         for i in range(self.n_aors_cap):
             if self.aors[i].live:
-                aor = _s(self.aors[i].name, self.aors[i].name_len)
+                aor = _s(self.name_of(i), self.aors[i].name_len)
                 s = self.aors[i].first
                 while s >= 0:
                     if self.b[s].expires_at > now:
@@ -185,7 +185,7 @@ cdef class Store(BindingTable):
     def aor_names(self):
         """Every AOR that holds a binding."""
         cdef int32_t i
-        return [_s(self.aors[i].name, self.aors[i].name_len)
+        return [_s(self.name_of(i), self.aors[i].name_len)
                 for i in range(self.n_aors_cap) if self.aors[i].live and self.aors[i].count]
 
     def changes(self):
@@ -202,7 +202,7 @@ cdef class Store(BindingTable):
             while s >= 0:
                 rows.append(self.make_binding(s))
                 s = self.b[s].next
-            out.append((_s(self.aors[a].name, self.aors[a].name_len), rows))
+            out.append((_s(self.name_of(a), self.aors[a].name_len), rows))
         self._drain()
         return out
 
@@ -224,7 +224,7 @@ cdef class Store(BindingTable):
         cdef list out = []
         for k in range(self.n_dirty):
             a = self.dirty[k]
-            name = _s(self.aors[a].name, self.aors[a].name_len)
+            name = _s(self.name_of(a), self.aors[a].name_len)
             if self.aors[a].count == 0:
                 out.append((name, None, 0.0))
                 continue
@@ -420,7 +420,7 @@ cdef class Store(BindingTable):
         for i in range(self.n_aors_cap):
             if self.aors[i].live and not self.aors[i].busy:
                 self.aors[i].pinned = 0
-                self.cache_drop(_s(self.aors[i].name, self.aors[i].name_len))
+                self.cache_drop(_s(self.name_of(i), self.aors[i].name_len))
                 n += 1
         return n
 
@@ -474,12 +474,12 @@ cdef class Store(BindingTable):
         """The flow bindings of the stream connection ``conn_id`` as
         (aor, Binding), the latest indexed first (whether valid or lapsed)."""
         cdef Py_ssize_t i = self._conn_bucket(conn_id)
-        cdef int32_t f = self.conns[i].head, s
+        cdef int32_t f = self.conns[i].head, s, a
         out = []
         while f >= 0:
             s = self.flows[f].slot
-            out.append((_s(self.aors[self.b[s].aor].name, self.aors[self.b[s].aor].name_len),
-                        self.make_binding(s)))
+            a = self.b[s].aor
+            out.append((_s(self.name_of(a), self.aors[a].name_len), self.make_binding(s)))
             f = self.flows[f].next
         return out
 

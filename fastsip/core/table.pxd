@@ -29,13 +29,13 @@ cdef struct BindingRec:
     char* blob
 
 
-cdef struct AorRec:
+cdef struct AorRec:     # 32 bytes
     uint64_t hash        # keyed table hash
-    char* name
-    int32_t name_len
+    uint32_t name_at     # where its name starts in the table's `names` (name_of())
     int32_t first        # first binding slot, -1 when none
     int32_t count
     int32_t next_free
+    uint16_t name_len    # at most MAX_NAME (the registrar's AORs: at most MAX_AOR)
     uint8_t dirty        # changed since the last changes() call
     uint8_t live
     uint8_t busy         # a shared store's write of it is under way (kept while empty)
@@ -66,6 +66,10 @@ cdef struct HeapEntry:
     int32_t slot
 
 
+cdef enum:
+    MAX_NAME = 65535     # bytes of an AOR the table holds (AorRec.name_len)
+
+
 cdef enum Transport:
     T_UDP = 0
     T_TCP = 1
@@ -77,13 +81,19 @@ cdef enum Transport:
 
 cdef class BindingTable:
     cdef AorRec* aors
-    cdef int32_t n_aors_cap
+    cdef int32_t n_aors_cap      # records made ready (free or in use); the rest of
+    cdef int32_t n_aors_room     # the n_aors_room allocated is never touched (no RSS)
     cdef int32_t aor_free
+    cdef char* names             # the AORs' names one after another (AorRec.name_at)
+    cdef Py_ssize_t names_len    # bytes in use: live names and those of freed AORs
+    cdef Py_ssize_t names_cap
+    cdef Py_ssize_t names_dead   # bytes of freed AORs' names, reclaimed by _name_room
     cdef int32_t* table          # AOR slot + 1 per bucket (0 empty, -1 deleted)
     cdef Py_ssize_t table_cap
     cdef Py_ssize_t table_used   # live + deleted buckets
     cdef BindingRec* b
-    cdef int32_t b_cap
+    cdef int32_t b_cap           # records made ready, of b_room allocated (as AORs)
+    cdef int32_t b_room
     cdef int32_t b_free
     cdef HeapEntry* heap
     cdef Py_ssize_t heap_len
@@ -115,8 +125,11 @@ cdef class BindingTable:
     cdef void binding_in(self, int32_t slot, BindingIn* out) noexcept
     cdef void release_if_empty(self, int32_t aor) noexcept
     cdef void _init_aor_slab(self, int32_t start) noexcept
+    cdef int _more_aors(self) except -1
     cdef void _init_b_slab(self, int32_t start) noexcept
     cdef int _grow_table(self) except -1
+    cdef int _name_room(self, Py_ssize_t n) except -1
+    cdef const char* name_of(self, int32_t aor) noexcept
     cdef void _drop_aor(self, int32_t slot) noexcept
     cdef int _fill(self, BindingRec* r, const BindingIn* bi) except -1
     cdef char* _blob(self, const BindingIn* bi) except NULL

@@ -5,6 +5,11 @@
 # * AOR records live in a slab (``aors``) and are found through an
 #   open-addressing hash table of slot numbers, keyed by SipHash-1-3 with a
 #   random per-process key (so crafted AORs cannot pile into one bucket).
+#   Their names sit one after another in one block (``names``), not in a
+#   malloc each (which costs 8 bytes of header and rounds up to 16).
+# * Both slabs double when full, but records are written (put on the free
+#   list) only READY at a time as they are needed: the pages of the unused
+#   end of a slab are never touched, so they cost no RSS.
 # * Binding records live in a second slab (``b``); the bindings of one AOR are a
 #   linked list through ``next``.  The variable-length fields (URI, Call-ID,
 #   +sip.instance, Path, User-Agent, source host) share one malloc'd blob.
@@ -23,6 +28,8 @@
 cdef enum:
     MIN_TABLE = 64
     MIN_CONNS = 64
+    MIN_NAMES = 1024
+    READY = 128          # records made ready at a time (AORs, bindings)
 
 
 cdef bint invalid_host(const char* uri, Py_ssize_t n) noexcept nogil:
@@ -63,12 +70,14 @@ cdef class BindingTable:
         cdef bytes key = os.urandom(16)
         self.k0 = hash_bytes(key, 8, 1, 2)
         self.k1 = hash_bytes(key + b"k1", 10, 3, 4)
-        self.n_aors_cap = 16
+        self.n_aors_cap = self.n_aors_room = 16
         self.aors = <AorRec*>malloc(self.n_aors_cap * sizeof(AorRec))
         self.aor_free = -1
         self.table_cap = MIN_TABLE
         self.table = <int32_t*>malloc(self.table_cap * sizeof(int32_t))
-        self.b_cap = 16
+        self.names_cap = MIN_NAMES
+        self.names = <char*>malloc(self.names_cap)
+        self.b_cap = self.b_room = 16
         self.b = <BindingRec*>malloc(self.b_cap * sizeof(BindingRec))
         self.heap_cap = 64
         self.heap = <HeapEntry*>malloc(self.heap_cap * sizeof(HeapEntry))
@@ -78,7 +87,7 @@ cdef class BindingTable:
         self.flows = <FlowRec*>malloc(self.flows_cap * sizeof(FlowRec))
         self.conns_cap = MIN_CONNS
         self.conns = <ConnBucket*>malloc(self.conns_cap * sizeof(ConnBucket))
-        if not (self.aors and self.table and self.b and self.heap and self.dirty and
+        if not (self.aors and self.names and self.table and self.b and self.heap and self.dirty and
                 self.flows and self.conns):
             raise MemoryError()
         self.aor_free = -1
@@ -102,10 +111,10 @@ cdef class BindingTable:
         cdef int32_t i
         self.track_changes = track_changes
         if shared and self.versions == NULL:
-            self.versions = <uint64_t*>malloc(self.n_aors_cap * sizeof(uint64_t))
+            self.versions = <uint64_t*>malloc(self.n_aors_room * sizeof(uint64_t))
             if self.versions == NULL:
                 raise MemoryError()
-            for i in range(self.n_aors_cap):
+            for i in range(self.n_aors_room):
                 self.versions[i] = 0
 
     cdef void _init_b_slab(self, int32_t start) noexcept:
@@ -124,11 +133,8 @@ cdef class BindingTable:
             for i in range(self.b_cap):
                 if self.b[i].aor >= 0:
                     free(self.b[i].blob)
-        if self.aors != NULL:
-            for i in range(self.n_aors_cap):
-                if self.aors[i].live:
-                    free(self.aors[i].name)
         free(self.aors)
+        free(self.names)
         free(self.versions)
         free(self.table)
         free(self.b)
@@ -150,7 +156,8 @@ cdef class BindingTable:
                 return -1
             if v > 0:
                 a = &self.aors[v - 1]
-                if a.hash == h and a.name_len == n and memcmp(a.name, aor, n) == 0:
+                if a.hash == h and a.name_len == n and \
+                        memcmp(self.names + a.name_at, aor, n) == 0:
                     return v - 1
             i = (i + 1) & mask
 
@@ -179,37 +186,26 @@ cdef class BindingTable:
         return 0
 
     cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2:
-        cdef int32_t slot = self.find(aor, n), i
+        cdef int32_t slot = self.find(aor, n)
         cdef uint64_t h
         cdef Py_ssize_t mask, j
-        cdef AorRec* grown
-        cdef uint64_t* grown_v
         cdef AorRec* a
         if slot >= 0:
             return slot
+        if n > MAX_NAME:
+            raise ValueError(f"AOR longer than {MAX_NAME} bytes")
         if (self.table_used + 1) * 10 > self.table_cap * 7:
             self._grow_table()
         if self.aor_free < 0:
-            grown = <AorRec*>realloc(self.aors, 2 * self.n_aors_cap * sizeof(AorRec))
-            if grown == NULL:
-                raise MemoryError()
-            self.aors = grown
-            if self.versions != NULL:
-                grown_v = <uint64_t*>realloc(self.versions, 2 * self.n_aors_cap * sizeof(uint64_t))
-                if grown_v == NULL:
-                    raise MemoryError()
-                self.versions = grown_v
-            i = self.n_aors_cap
-            self.n_aors_cap *= 2
-            self._init_aor_slab(i)
+            self._more_aors()
+        self._name_room(n)
         slot = self.aor_free
         a = &self.aors[slot]
-        a.name = <char*>malloc(n if n > 0 else 1)
-        if a.name == NULL:
-            raise MemoryError()
         self.aor_free = a.next_free
-        memcpy(a.name, aor, n)
-        a.name_len = <int32_t>n
+        a.name_at = <uint32_t>self.names_len
+        a.name_len = <uint16_t>n
+        memcpy(self.names + self.names_len, aor, n)
+        self.names_len += n
         h = hash_bytes(aor, n, self.k0, self.k1)
         a.hash = h
         a.first = -1
@@ -231,6 +227,76 @@ cdef class BindingTable:
         self.n_aors += 1
         return slot
 
+    cdef int _name_room(self, Py_ssize_t n) except -1:
+        """Room for a name of ``n`` bytes at the end of ``names``.  When the
+        names of freed AORs are a quarter of it, the live ones are copied into a
+        new block with half as much again free (in slot order; this reads every
+        AOR record, as _compact_heap reads every binding), else the block
+        doubles.  So under churn the block holds 1 to 1.5 times the bytes of
+        the live names (a malloc each adds 8 and rounds up to 16: 48 bytes for a
+        26-byte name).  Offsets are 32 bits: the block is at most 4 GiB."""
+        cdef Py_ssize_t live = self.names_len - self.names_dead, cap
+        cdef char* t
+        cdef int32_t i
+        if self.names_len + n <= self.names_cap:
+            return 0
+        if 4 * self.names_dead >= self.names_len:
+            cap = (live + n) * 3 // 2 + MIN_NAMES
+            if cap > (<Py_ssize_t>1 << 32):
+                raise MemoryError()
+            t = <char*>malloc(cap)
+            if t == NULL:
+                raise MemoryError()
+            live = 0
+            for i in range(self.n_aors_cap):
+                if self.aors[i].live:
+                    memcpy(t + live, self.names + self.aors[i].name_at, self.aors[i].name_len)
+                    self.aors[i].name_at = <uint32_t>live
+                    live += self.aors[i].name_len
+            free(self.names)
+            self.names = t
+            self.names_len = live
+            self.names_dead = 0
+        else:
+            cap = self.names_cap
+            while cap < self.names_len + n:
+                cap *= 2
+            if cap > (<Py_ssize_t>1 << 32):
+                raise MemoryError()
+            t = <char*>realloc(self.names, cap)
+            if t == NULL:
+                raise MemoryError()
+            self.names = t
+        self.names_cap = cap
+        return 0
+
+    cdef const char* name_of(self, int32_t aor) noexcept:
+        """The name of the AOR slot ``aor`` (``name_len`` bytes): valid until an
+        AOR is added."""
+        return self.names + self.aors[aor].name_at
+
+    cdef int _more_aors(self) except -1:
+        """Make READY more AOR records ready, doubling the slab (and the
+        versions) when all of it is."""
+        cdef AorRec* grown
+        cdef uint64_t* grown_v
+        cdef int32_t i = self.n_aors_cap
+        if i == self.n_aors_room:
+            grown = <AorRec*>realloc(self.aors, 2 * self.n_aors_room * sizeof(AorRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.aors = grown
+            if self.versions != NULL:
+                grown_v = <uint64_t*>realloc(self.versions,
+                                             2 * self.n_aors_room * sizeof(uint64_t))
+                if grown_v == NULL:
+                    raise MemoryError()
+                self.versions = grown_v
+            self.n_aors_room *= 2
+        self.n_aors_cap = min(self.n_aors_room, i + READY)
+        self._init_aor_slab(i)
+        return 0
+
     cdef void _init_aor_slab(self, int32_t start) noexcept:
         cdef int32_t i
         for i in range(self.n_aors_cap - 1, start - 1, -1):
@@ -245,8 +311,10 @@ cdef class BindingTable:
         while self.table[j] != slot + 1:
             j = (j + 1) & mask
         self.table[j] = -1
-        free(a.name)
-        a.name = NULL
+        if a.name_at + a.name_len == self.names_len:
+            self.names_len -= a.name_len        # the newest name: its room is free again
+        else:
+            self.names_dead += a.name_len
         a.live = 0
         a.next_free = self.aor_free
         self.aor_free = slot
@@ -477,12 +545,14 @@ cdef class BindingTable:
         cdef HeapEntry* heap
         cdef int32_t i
         while self.b_cap - self.n_bindings < bindings:
-            grown = <BindingRec*>realloc(self.b, 2 * self.b_cap * sizeof(BindingRec))
-            if grown == NULL:
-                raise MemoryError()
-            self.b = grown
+            if self.b_cap == self.b_room:
+                grown = <BindingRec*>realloc(self.b, 2 * self.b_room * sizeof(BindingRec))
+                if grown == NULL:
+                    raise MemoryError()
+                self.b = grown
+                self.b_room *= 2
             i = self.b_cap
-            self.b_cap *= 2
+            self.b_cap = min(self.b_room, i + READY)
             self._init_b_slab(i)
         while self.heap_cap - self.heap_len < bindings:
             heap = <HeapEntry*>realloc(self.heap, 2 * self.heap_cap * sizeof(HeapEntry))

@@ -186,9 +186,9 @@ cdef class SqlWriter:
             if nm == NULL:
                 raise MemoryError()
             self.names, self.names_cap = nm, n
-        for i in range(n):
+        for i in range(n):              # (the names stay put: nothing is added meanwhile)
             a = &store.aors[store.dirty[i]]
-            self.names[i].name = a.name
+            self.names[i].name = store.name_of(store.dirty[i])
             self.names[i].len = a.name_len
             self.names[i].slot = store.dirty[i]
         qsort(self.names, n, sizeof(Named), _by_name)   # neighbouring keys share B-tree pages

@@ -122,7 +122,8 @@ def _positive_float(name):
     return conv
 
 
-#: bytes a binding costs: the store's ~300 plus the state file's rows and cache
+#: bytes a binding costs: the store's ~270 (docs/architecture.md) plus the state file's
+#: rows and cache
 BINDING_BYTES = 400
 
 

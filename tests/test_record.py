@@ -10,6 +10,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -342,6 +343,29 @@ def test_a_flush_writes_the_feed_and_a_restart_loads_it(tmp_path, c_writer):
         "sip:alice@example.com")
 
 
+def test_a_locked_file_does_not_stall_the_loop_and_loses_nothing(tmp_path):
+    """While another process holds the state file's write lock, a flush commits on
+    the writer's thread: the loop's call returns at once (it does not wait out the
+    5 s busy timeout); the changes are written once the lock goes."""
+    path = str(tmp_path / "s.db")
+    reg, writer = writer_for(path)
+    assert writer.pool is not None
+    reg_over(reg, UDP, "udp", -1)
+    reg_over(reg, UDP, "udp", -1, user="bob")
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writer.collect()
+    t0 = time.monotonic()
+    writer.write(0.02)                  # stages, and hands the commit to the thread
+    assert time.monotonic() - t0 < 1.0
+    assert writer.committing and writer.backlog == 2
+    other.execute("ROLLBACK")
+    other.close()
+    writer.finish()                     # waits for the commit, writes the rest
+    assert set(rows(path)) == {"sip:alice@example.com", "sip:bob@example.com"}
+    assert writer.backlog == 0 and writer.c.state_errors == 0
+
+
 def filled_store(n):
     """A store with ``n`` changed AORs of 1-3 bindings, every third emptied again."""
     store = Store(track_changes=True)
@@ -380,23 +404,27 @@ def test_the_c_writer_writes_the_rows_the_python_writer_writes(tmp_path):
 
 
 def test_the_c_writer_keeps_the_changes_when_the_file_is_locked(tmp_path):
-    """Another process holds the write lock past the busy timeout: the write fails
-    with OSError, nothing is half written, the changes stay; the next write does it."""
+    """Another process holds the write lock past the busy timeout: the commit fails
+    with OSError naming it, nothing is half written, the batch stays staged (and no
+    other is staged over it); the next commit writes it."""
     path = str(tmp_path / "s.db")
     StateFile(path).close()
-    sql = sql_writer(path)
     store = filled_store(30)
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    sql_fast = SqlWriter(path, sqlite_library(), busy_timeout_ms=50)
+    sql = SqlWriter(path, sqlite_library(), busy_timeout_ms=50)
+    assert sql.stage(store, 100) == 30 and store.n_changed == 0 and sql.staged == 30
     with pytest.raises(OSError, match="locked"):
-        sql_fast.write(store, 100)
-    assert store.n_changed == 30
+        sql.commit()
+    assert sql.staged == 30 and rows(path) == {}
+    store.load("sip:new@x", [BARE])
+    assert sql.stage(store, 100) == 0 and store.n_changed == 1       # one batch at a time
     other.execute("ROLLBACK")
     other.close()
-    assert sql_fast.write(store, 100) == 30 and len(rows(path)) == 20
+    assert sql.commit() == 30 and sql.staged == 0 and len(rows(path)) == 20
+    assert sql.write(store, 100) == 1 and "sip:new@x" in rows(path)
+    assert sql.rows_written == 31
     sql.close()
-    sql_fast.close()
 
 
 def test_the_c_writer_refuses_a_library_that_is_not_loaded(tmp_path):

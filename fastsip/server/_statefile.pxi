@@ -17,6 +17,7 @@
 import os
 
 from libc.stdlib cimport qsort
+from libc.string cimport strncpy
 from posix.dlfcn cimport RTLD_NOW, dlerror, dlopen, dlsym
 
 
@@ -106,21 +107,36 @@ cdef int _by_name(const void* x, const void* y) noexcept nogil:
     return (a.len > b.len) - (a.len < b.len)
 
 
+cdef struct RowHead:                    # a staged row in SqlWriter.batch, then its bytes
+    double latest                       # the latest expiry among its bindings
+    uint32_t record_len                 # 0: the AOR has no binding left: delete its row
+    uint16_t name_len
+
+
 @cython.final
 cdef class SqlWriter:
     """Writes a :class:`~fastsip.Store`'s changed AORs into the state file made by
     ``fastsip.server.state.StateFile`` (the same rows: AOR, latest expiry,
     record), in C.  ``library``: the path of the SQLite library Python's sqlite3
-    module loaded (OSError when it cannot be used)."""
+    module loaded (OSError when it cannot be used).
+
+    In two steps, so that SQLite's time is not the receive loop's: ``stage``
+    (with the store, in the loop's thread) encodes changed AORs into one batch,
+    names and records one after another, and forgets them in the store;
+    ``commit`` writes the batch in one transaction with the GIL released (from
+    another thread, or right after: ``write``).  A batch whose commit failed stays
+    staged, and the next ``commit`` tries it again: nothing is dropped."""
 
     cdef void* db
     cdef void* upsert
     cdef void* delete
-    cdef char* buf
-    cdef Py_ssize_t buf_cap
+    cdef char* batch
+    cdef Py_ssize_t batch_len, batch_cap
+    cdef readonly Py_ssize_t staged         # rows in the batch (not committed yet)
     cdef Named* names
     cdef Py_ssize_t names_cap
     cdef readonly Py_ssize_t rows_written
+    cdef char err[256]                      # SQLite's message of a failed commit
 
     def __cinit__(self, path, bytes library, int busy_timeout_ms=5000,
                   bint checkpoints=True):
@@ -141,7 +157,7 @@ cdef class SqlWriter:
 
     def __dealloc__(self):
         self.close()
-        free(self.buf)
+        free(self.batch)
         free(self.names)
 
     def close(self):
@@ -166,20 +182,21 @@ cdef class SqlWriter:
         return stmt
 
     def write(self, Store store, Py_ssize_t limit):
-        """Write the first ``limit`` of ``store``'s changed AORs in one transaction,
-        in AOR order (a record replaces the AOR's row; an AOR left with no binding
-        loses it), then forget them (``Store.drain_head``).  Returns the rows
-        written.  On an error (OSError) the transaction is rolled back and the
-        changes stay, to be written by the next call."""
+        """``stage`` then ``commit``: returns the rows written."""
+        self.stage(store, limit)
+        return self.commit()
+
+    def stage(self, Store store, Py_ssize_t limit):
+        """Encode the first ``limit`` of ``store``'s changed AORs into the batch,
+        in AOR order (neighbouring keys share B-tree pages), and forget them in
+        the store (``Store.drain_head``).  Returns how many; 0 while a batch is
+        staged (commit it first)."""
         cdef Py_ssize_t n = min(limit, store.n_dirty), i, size
         cdef Named* nm
-        cdef AorRec* a
+        cdef RowHead* h
+        cdef int32_t slot
         cdef double latest
-        cdef void* stmt
-        cdef int rc
-        if self.db == NULL:
-            raise OSError("state file: closed")
-        if n <= 0:
+        if self.staged or n <= 0:
             return 0
         if n > self.names_cap:
             nm = <Named*>realloc(self.names, n * sizeof(Named))
@@ -187,42 +204,96 @@ cdef class SqlWriter:
                 raise MemoryError()
             self.names, self.names_cap = nm, n
         for i in range(n):              # (the names stay put: nothing is added meanwhile)
-            a = &store.aors[store.dirty[i]]
-            self.names[i].name = store.name_of(store.dirty[i])
-            self.names[i].len = a.name_len
-            self.names[i].slot = store.dirty[i]
-        qsort(self.names, n, sizeof(Named), _by_name)   # neighbouring keys share B-tree pages
-        self._exec(b"BEGIN IMMEDIATE")
-        try:
-            for i in range(n):
-                nm = &self.names[i]
-                if store.aors[nm.slot].count:
-                    size = store.record_length(nm.slot, &latest)
-                    self._reserve(size)
-                    store.record_into(nm.slot, 0, self.buf)
-                    stmt = self.upsert
-                    _sq.bind_blob(stmt, 2, self.buf, <int>size, NULL)
-                    _sq.bind_double(stmt, 3, latest)
-                else:
-                    stmt = self.delete
-                _sq.bind_text(stmt, 1, nm.name, <int>nm.len, NULL)
-                rc = _sq.step(stmt)
-                _sq.reset(stmt)
-                if rc != SQ_DONE:
-                    raise OSError(f"state file: {self._error()}")
-            self._exec(b"COMMIT")
-        except BaseException:
-            _sq.exec_(self.db, b"ROLLBACK", NULL, NULL, NULL)
-            raise
+            slot = store.dirty[i]
+            self.names[i].name = store.name_of(slot)
+            self.names[i].len = store.aors[slot].name_len
+            self.names[i].slot = slot
+        qsort(self.names, n, sizeof(Named), _by_name)
+        self.batch_len = 0
+        for i in range(n):
+            nm = &self.names[i]
+            size = store.record_length(nm.slot, &latest) if store.aors[nm.slot].count else 0
+            self._reserve(sizeof(RowHead) + nm.len + size)
+            h = <RowHead*>(self.batch + self.batch_len)
+            h.latest = latest if size else 0.0
+            h.record_len = <uint32_t>size
+            h.name_len = <uint16_t>nm.len
+            self.batch_len += sizeof(RowHead)
+            memcpy(self.batch + self.batch_len, nm.name, nm.len)
+            self.batch_len += nm.len
+            if size:
+                store.record_into(nm.slot, 0, self.batch + self.batch_len)
+                self.batch_len += size
+            self.batch_len = (self.batch_len + 7) & ~7      # the next RowHead aligned
         store.drain_head(n)
-        self.rows_written += n
+        self.staged = n
         return n
 
-    cdef int _reserve(self, Py_ssize_t size) except -1:
+    def commit(self):
+        """Write the staged batch in one transaction, the GIL released; returns the
+        rows written (0: none staged).  On an error (OSError) the transaction is
+        rolled back and the batch stays staged for the next call."""
+        cdef int rc
+        if self.db == NULL:
+            raise OSError("state file: closed")
+        if not self.staged:
+            return 0
+        with nogil:
+            rc = self._commit_batch()
+        if rc != SQ_DONE:
+            raise OSError(f"state file: {(<bytes>self.err).decode('utf-8', 'replace')}")
+        n = self.staged
+        self.rows_written += n
+        self.staged = 0
+        return n
+
+    cdef int _commit_batch(self) noexcept nogil:
+        """BEGIN, every row of the batch, COMMIT: SQ_DONE, or SQLite's error code
+        (its message in ``err``) after a ROLLBACK."""
+        cdef Py_ssize_t pos = 0, i
+        cdef const RowHead* h
+        cdef const char* name
+        cdef void* stmt
+        cdef int rc = _sq.exec_(self.db, b"BEGIN IMMEDIATE", NULL, NULL, NULL)
+        if rc != SQ_OK:
+            return self._failed(rc, False)
+        for i in range(self.staged):
+            h = <const RowHead*>(self.batch + pos)
+            name = self.batch + pos + sizeof(RowHead)
+            pos += sizeof(RowHead) + h.name_len
+            if h.record_len:
+                stmt = self.upsert
+                _sq.bind_blob(stmt, 2, self.batch + pos, <int>h.record_len, NULL)
+                _sq.bind_double(stmt, 3, h.latest)
+                pos += h.record_len
+            else:
+                stmt = self.delete
+            pos = (pos + 7) & ~7
+            _sq.bind_text(stmt, 1, name, h.name_len, NULL)
+            rc = _sq.step(stmt)
+            _sq.reset(stmt)
+            if rc != SQ_DONE:
+                return self._failed(rc, True)
+        rc = _sq.exec_(self.db, b"COMMIT", NULL, NULL, NULL)
+        if rc != SQ_OK:
+            return self._failed(rc, True)
+        return SQ_DONE
+
+    cdef int _failed(self, int rc, bint rollback) noexcept nogil:
+        strncpy(self.err, _sq.errmsg(self.db), sizeof(self.err) - 1)
+        self.err[sizeof(self.err) - 1] = 0
+        if rollback:
+            _sq.exec_(self.db, b"ROLLBACK", NULL, NULL, NULL)
+        return rc
+
+    cdef int _reserve(self, Py_ssize_t more) except -1:
+        """Room for ``more`` bytes at the end of the batch (and the padding after)."""
         cdef char* grown
-        if size > self.buf_cap:
-            grown = <char*>realloc(self.buf, size)
+        cdef Py_ssize_t need = self.batch_len + more + 8
+        if need > self.batch_cap:
+            need = max(need, 2 * self.batch_cap)
+            grown = <char*>realloc(self.batch, need)
             if grown == NULL:
                 raise MemoryError()
-            self.buf, self.buf_cap = grown, size
+            self.batch, self.batch_cap = grown, need
         return 0

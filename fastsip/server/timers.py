@@ -3,11 +3,12 @@
 - Expiry: ``Registrar.expire`` every second, ``EXPIRE_WORK`` bindings per
   call, for at most ``SLICE`` seconds.
 - The state file (:class:`StateWriter`): this shard is loaded at start; every
-  ``--flush-interval`` the store's change feed is taken (one record per
-  changed AOR, made in C: ``Store.change_records``) and then written, one
-  transaction of up to ``STATE_CHUNK`` AORs at a time (a flush is one
-  transaction up to that size), until ``SLICE`` seconds have passed, so the
-  sockets are never left waiting long; at stop, everything is written.
+  ``--flush-interval`` the store's changed AORs are written: staged in C
+  ``STAGE_ROWS`` at a time between receive batches and committed on the
+  writer's thread, the GIL released, so the sockets never wait for SQLite
+  (or, where SqlWriter is not available, taken as records and written in the
+  loop, ``STATE_CHUNK`` per transaction, for at most ``SLICE`` seconds per
+  call); at stop, everything is written.
   Worker 0 also purges the rows whose bindings have all expired, once a minute.
 - The TCP idle sweep (``tcp.TcpServer.sweep``) every second, and the TCP
   message deadlines (``tcp.TcpServer.deadlines``, ``--tcp-message-timeout``)
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastsip.server import logs
 from fastsip.server.state import StateFile, sql_writer
@@ -27,6 +29,8 @@ EXPIRE_EVERY = 1.0          # seconds between expiry slices
 EXPIRE_WORK = 10000         # bindings removed per Registrar.expire call
 SLICE = 0.02                # seconds of expiry or state writing before going back to the sockets
 STATE_CHUNK = 10000         # AOR rows per state transaction (~20-40 ms of SQLite here)
+STAGE_ROWS = 2000           # AORs SqlWriter stages per step (~0.5 ms in the loop) and commits
+COMMIT_POLL = 0.002         # seconds between looks at the writer's thread while it commits
 MAX_PENDING_STATE = 2_000_000
 SWEEP_EVERY = 1.0           # seconds between TCP idle sweeps
 DEADLINE_EVERY = 0.25       # seconds between checks of the TCP message deadlines
@@ -39,12 +43,15 @@ class StateWriter:
     """This shard's rows of the state file (``--state``), or no file (``path`` None:
     the store's changes are then taken and dropped, so they do not pile up).
 
-    Changes are written by ``SqlWriter`` (C, straight from the store's change
-    list) where Python's SQLite library can be shared with it (Linux), else by
-    ``StateFile.write`` from ``Store.change_records``; ``pending`` holds rows of
-    the second kind (and the rows ``load`` must rewrite)."""
+    Changes are written by ``SqlWriter`` (C, from the store's change list) where
+    Python's SQLite library can be shared with it (Linux): each flush stages up
+    to ``STAGE_ROWS`` changed AORs at a time in the loop (encoding them, ~0.3 µs
+    each) and commits them on a thread of its own with the GIL released, so the
+    receive loop never waits for SQLite (``thread=False``: in the caller's
+    thread).  Elsewhere ``StateFile.write`` writes ``Store.change_records`` in the
+    loop; ``pending`` holds rows of that kind (and the rows ``load`` must rewrite)."""
 
-    def __init__(self, path, index: int, n: int, reg, counters) -> None:
+    def __init__(self, path, index: int, n: int, reg, counters, thread: bool = True) -> None:
         self.path = path
         self.index = index
         self.n = n
@@ -52,8 +59,12 @@ class StateWriter:
         self.c = counters
         self.file = StateFile(path, checkpoints=False) if path else None
         self.sql = sql_writer(path, checkpoints=False) if path else None
+        self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fastsip-state")
+                     if self.sql is not None and thread else None)
         self.pending: list = []
-        self.owed = 0                   # the store's changes that this flush writes (SqlWriter)
+        self.flushing = False           # a flush has rows to write (SqlWriter)
+        self.owed = 0                   # the store's changes this flush still stages
+        self.commit = None              # the Future of the batch being committed
         self._error_logged = -1e9
         self._slow_logged = -1e9
 
@@ -66,12 +77,19 @@ class StateWriter:
     @property
     def backlog(self) -> int:
         """Changes waiting to be written (the metric fastsip_state_pending_changes)."""
-        return len(self.pending) + (self.reg.store.n_changed if self.sql is not None else 0)
+        if self.sql is None:
+            return len(self.pending)
+        return len(self.pending) + self.reg.store.n_changed + self.sql.staged
 
     @property
     def busy(self) -> bool:
         """This flush has rows left to write."""
-        return bool(self.pending) or self.owed > 0
+        return bool(self.pending) or self.flushing
+
+    @property
+    def committing(self) -> bool:
+        """A batch is being committed on the writer's thread (nothing to do but wait)."""
+        return self.commit is not None and not self.pending and not self.commit.done()
 
     def load(self, now: float, flows_gone=True) -> tuple[int, int]:
         """Load this shard's live bindings into the store: (AORs, bindings).  The
@@ -114,13 +132,14 @@ class StateWriter:
 
     def collect(self) -> None:
         """A flush begins: the store's changes so far are this flush's to write
-        (with SqlWriter they stay in the store until written; else they are taken
+        (with SqlWriter they stay in the store until staged; else they are taken
         as records)."""
         if self.file is None:
             self.reg.store.clear_changes()      # nobody needs them: do not let them pile up
             return
         if self.sql is not None:
             self.owed = self.reg.store.n_changed
+            self.flushing = True
             return
         self.pending.extend(self.reg.store.change_records())
         if len(self.pending) > MAX_PENDING_STATE:
@@ -129,38 +148,89 @@ class StateWriter:
             self.c.dropped_state_overflow += drop
 
     def write(self, budget) -> None:
-        """Write this flush's changes, ``STATE_CHUNK`` AORs per transaction, for
-        ``budget`` seconds (None: everything).  A failed write is retried at the
-        next flush; nothing is dropped (but what ``MAX_PENDING_STATE`` bounds)."""
+        """Go on with this flush for ``budget`` seconds (None: to its end, waiting
+        for the writer's thread).  Python rows: ``STATE_CHUNK`` per transaction.
+        SqlWriter: one step (``_step``), or every step with ``budget`` None.  A
+        failed write is retried at the next flush; nothing is dropped (but what
+        ``MAX_PENDING_STATE`` bounds on the Python path)."""
         deadline = None if budget is None else time.perf_counter() + budget
-        store = self.reg.store
-        while self.pending or self.owed > 0:
+        while self.pending:
+            n = min(len(self.pending), STATE_CHUNK)
             t0 = time.perf_counter()
             try:
-                if self.pending:
-                    n = min(len(self.pending), STATE_CHUNK)
-                    self.file.write(self.pending[:n])
-                    del self.pending[:n]
-                else:
-                    n = self.sql.write(store, min(STATE_CHUNK, self.owed))
-                    self.owed = min(self.owed - n, store.n_changed) if n else 0
+                self.file.write(self.pending[:n])
             except Exception as exc:    # noqa: BLE001 - the file may be full, locked, gone
-                self.c.state_errors += 1
-                self.owed = 0           # (kept in the store: the next flush tries again)
-                if time.monotonic() - self._error_logged > 60:
-                    self._error_logged = time.monotonic()
-                    LOG.error("state file %s: write failed (%s); %d AOR changes pending",
-                              self.path, exc, self.backlog)
+                self._failed(exc)
                 return
-            took = time.perf_counter() - t0
-            if took > 0.2 and time.monotonic() - self._slow_logged > 60:
-                self._slow_logged = time.monotonic()
-                LOG.warning("state file: writing %d AORs took %.0f ms (the receive loop "
-                            "waited)", n, took * 1000)
+            del self.pending[:n]
+            self._took(n, time.perf_counter() - t0)
             if deadline is not None and time.perf_counter() > deadline:
                 return
+        if budget is None:
+            while self.flushing:
+                self._step(wait=True)
+        elif self.flushing:
+            self._step(wait=False)
+
+    def _step(self, wait: bool) -> None:
+        """SqlWriter: take the result of the commit under way (``wait``: wait for
+        it), then stage the next rows (or retry the batch whose commit failed) and
+        commit them, on the thread when there is one."""
+        if self.commit is not None:
+            if not (wait or self.commit.done()):
+                return
+            future, self.commit = self.commit, None
+            try:
+                future.result()
+            except Exception as exc:    # noqa: BLE001 - the file may be full, locked, gone
+                self._failed(exc)
+                return
+        if not self.sql.staged:
+            n = self.sql.stage(self.reg.store, min(STAGE_ROWS, self.owed)) if self.owed > 0 else 0
+            if not n:
+                self.flushing = False
+                return
+            self.owed = min(self.owed - n, self.reg.store.n_changed)
+        if self.pool is not None:
+            self.commit = self.pool.submit(self._commit)
+            return
+        try:
+            self._commit()
+        except Exception as exc:        # noqa: BLE001
+            self._failed(exc)
+
+    def _commit(self) -> int:
+        t0 = time.perf_counter()
+        n = self.sql.commit()
+        self._took(n, time.perf_counter() - t0, thread=self.pool is not None)
+        return n
+
+    def _took(self, n: int, took: float, thread: bool = False) -> None:
+        if took > 0.2 and time.monotonic() - self._slow_logged > 60:
+            self._slow_logged = time.monotonic()
+            LOG.warning("state file: writing %d AORs took %.0f ms (%s)", n, took * 1000,
+                        "on the writer's thread" if thread else "the receive loop waited")
+
+    def _failed(self, exc: Exception) -> None:
+        """A write failed: counted, logged once a minute; what it held stays (the
+        Python rows in ``pending``, SqlWriter's batch staged) for the next flush."""
+        self.c.state_errors += 1
+        self.flushing = False
+        self.owed = 0
+        if time.monotonic() - self._error_logged > 60:
+            self._error_logged = time.monotonic()
+            LOG.error("state file %s: write failed (%s); %d AOR changes pending",
+                      self.path, exc, self.backlog)
 
     def purge(self, now: float) -> None:
+        """Delete the rows whose bindings all expired (on the writer's thread when
+        there is one: it may take a while)."""
+        if self.pool is not None:
+            self.pool.submit(self._purge, now)
+        else:
+            self._purge(now)
+
+    def _purge(self, now: float) -> None:
         try:
             self.file.purge_expired(now)
         except Exception:       # noqa: BLE001 - logged, retried next time
@@ -171,7 +241,11 @@ class StateWriter:
         if self.file is not None:
             self.collect()
             self.write(None)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
             self.file.close()
+            if self.sql is not None:
+                self.sql.close()
 
 
 class Timers:
@@ -198,9 +272,10 @@ class Timers:
         return self.writer.busy
 
     def due_in(self, now: float) -> float:
-        """Seconds until ``run`` has something to do (0 while changes wait to be written)."""
+        """Seconds until ``run`` has something to do (0 while changes wait to be
+        written, COMMIT_POLL while the writer's thread commits)."""
         if self.writer.busy:
-            return 0.0
+            return COMMIT_POLL if self.writer.committing else 0.0
         due = min(self.next_expire, self.next_flush, self.next_sweep)
         if self.deadlines is not None:
             due = min(due, self.next_deadlines)

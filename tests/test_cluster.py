@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import fastsip
 from conftest import require_redis
 from fastsip.cluster.sync import aor_key
 from fastsip.registrar import decode_record
@@ -77,6 +78,36 @@ def test_a_single_redis_holds_the_bindings_across_a_restart(redis_server):
         assert n.api("/api/aor?aor=alice@example.com")["bindings"][0][
             "contact"] == "sip:a@10.0.0.1"
     finally:
+        n.stop()
+
+
+def test_udp_registers_are_written_from_the_compiled_loop_and_answered_once(redis_server):
+    """The common case (a UDP REGISTER that changes its binding) is queued in C:
+    each phone gets exactly one 200 with its contact, Redis holds every record,
+    and the writes counted as queued by the loop are all the writes."""
+    n = node(redis_server.url, workers=1)
+    phones = [Phone(n.udp, "udp") for _ in range(40)]
+    try:
+        for cseq, expires in ((1, 600), (2, 300)):     # a registration, then a refresh
+            for i, phone in enumerate(phones):
+                phone.send(register(f"u{i}", contact=f"sip:u{i}@10.0.0.1", cseq=cseq,
+                                    call_id=f"c{i}", expires=expires))
+            for i, phone in enumerate(phones):
+                r = fastsip.parse(phone.recv())
+                assert r.status == 200 and contacts_of(r) == {f"sip:u{i}@10.0.0.1": expires}
+        assert [phone.recv(timeout=0.2) for phone in phones] == [None] * len(phones)  # no more
+        for i in range(len(phones)):
+            assert list(stored(redis_server, f"sip:u{i}@example.com")[1]) == \
+                [f"sip:u{i}@10.0.0.1"]
+            assert 290_000 < redis_server.command("PTTL", aor_key(f"sip:u{i}@example.com")) \
+                <= 310_000
+        m = wait_for(lambda: (lambda m: m if m["fastsip_cluster_writes_total"] == 80 else None)(
+            n.metrics()), timeout=5)
+        assert m["fastsip_cluster_queued_writes_total"] == m["fastsip_cluster_batched_writes_total"]
+        assert m["fastsip_cluster_queued_writes_total"] >= 80
+    finally:
+        for phone in phones:
+            phone.close()
         n.stop()
 
 

@@ -41,7 +41,7 @@ from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
-from fastsip.server._io_c import BatchIO
+from fastsip.server._io_c import BatchIO, WriteGroup, WriteQueue
 
 LOG = logs.LOG
 
@@ -86,11 +86,12 @@ class Pending:
 class Batch:
     """The writes of one pipeline to one primary, and its WAIT."""
 
-    __slots__ = ("size", "acked")
+    __slots__ = ("size", "acked", "groups")
 
     def __init__(self):
         self.size = 0                   # writes sent
         self.acked = []                 # written, waiting for WAIT to say a replica has them
+        self.groups = []                # WriteGroups sent, waiting for WAIT too
 
 
 def _version(record) -> int:
@@ -126,6 +127,11 @@ class SharedLocation:
         self.refresh_due = 0.0          # time.monotonic() of the next slot map read; 0: none
         self.load_library = False       # a primary has no fastsip library: load it
         self._serve = reg.serve_shard
+        # The loop calls the core in C and queues its staged writes here, by primary
+        # (set_queue); only what waits is a Pending (_slow).
+        self.wq = WriteQueue(reg, self._slow, grace)
+        self.primaries = []             # the primaries, as the queue's indices number them
+        self.udp_fds = [s.fileno() for s in udp_socks]
 
     # -- start and stop -------------------------------------------------------------
 
@@ -134,8 +140,17 @@ class SharedLocation:
         sync = SyncCluster(self.url)
         sync.close()
         self.slots = sync.slots
+        self._set_owners()
         for addr in self.slots.primaries:
             self._conn(addr)
+
+    def _set_owners(self) -> None:
+        """Tell the queue which primary serves each slot (the map changed)."""
+        if self.wq.n:                   # (never: the loop takes them after each batch)
+            self._send_groups()
+        self.primaries = self.slots.primaries
+        index = {addr: i for i, addr in enumerate(self.primaries)}
+        self.wq.set_owners([-1 if a is None else index.get(a, -1) for a in self.slots.owner])
 
     def close(self) -> None:
         for conn in self.conns.values():
@@ -169,6 +184,13 @@ class SharedLocation:
         self._staged_or_parked(p, r)
         return None
 
+    def _slow(self, data, host, port, now, r, li) -> None:
+        """The loop's request that the queue does not take (WAIT, READ, or a write
+        whose slot has no known primary): a Pending, as ``serve_shard`` makes."""
+        p = Pending(data, host, port, "udp", -1, now)
+        p.li = li
+        self._staged_or_parked(p, r)
+
     def after_batch(self, li: int = -1) -> None:
         """A batch was read (from UDP listener ``li``; -1: from elsewhere): its writes
         go out now, in one pipeline per primary, each ended by WAIT 1."""
@@ -176,6 +198,8 @@ class SharedLocation:
             for p in self.born:
                 p.li = li
             self.born.clear()
+        if self.wq.n:
+            self._send_groups()
         if self.fresh:
             fresh, self.fresh = self.fresh, []
             for p in fresh:
@@ -190,6 +214,56 @@ class SharedLocation:
                 self.c.cluster_batched += batch.size
         if self.outbox:
             self._send_replies()
+
+    def _send_groups(self) -> None:
+        """The loop's queued writes: each primary's as one piece of its pipeline."""
+        for j, group in self.wq.take():
+            conn = self._conn(self.primaries[j]) if j < len(self.primaries) else None
+            if conn is None:
+                for i in range(group.n):
+                    self._unsure(self._pending_of(group, i))
+                continue
+            batch = self.batches.get(conn)
+            if batch is None:
+                batch = self.batches[conn] = Batch()
+            batch.size += group.n
+            self.c.cluster_queued += group.n
+            group.wait = bool(conn.replicas)
+            if group.wait:
+                batch.groups.append(group)
+            conn.push(group.commands(), group)
+
+    def _pending_of(self, group: WriteGroup, i: int) -> Pending:
+        """Write ``i`` of ``group`` as a Pending: Python takes it over."""
+        data, host, port, li, first, aor, expected, version, record, pxat, reply = group.hand(i)
+        p = Pending(data, host, port, "udp", -1, first)
+        p.li, p.aor, p.expected, p.version, p.record, p.pxat, p.reply = \
+            li, aor, expected, version, record, pxat, reply
+        return p
+
+    def _group_replied(self, group: WriteGroup, lost: bool) -> None:
+        """Redis answered every write of ``group`` (``lost``: the connection went
+        first).  Other replies than 1 are handled as a Pending's; what was written
+        is acknowledged now when no WAIT follows, else when it comes."""
+        for i, reply in group.take_odd():
+            self._written(self._pending_of(group, i), reply)
+        if lost:
+            for i in group.indices(0):
+                self._unsure(self._pending_of(group, i))
+        if not group.wait:
+            self._group_done(group, time.time())
+
+    def _group_done(self, group: WriteGroup, now: float) -> None:
+        """``_done`` for the written ones of ``group``, in C but for what waited."""
+        want = bool(self.parked or self.reasserting)
+        self.c.cluster_writes += group.done(self.store, self.recent, now, self.udp_fds, want)
+        if group.send_failed:
+            self.c.dropped_send_failed += group.send_failed
+        if want:
+            for aor in group.done_aors:
+                self.reasserting.discard(aor)
+                if aor in self.parked:
+                    self._release_parked(aor, now)
 
     def _send_replies(self) -> None:
         """The UDP replies of what was acknowledged, one sendmmsg per listener."""
@@ -248,7 +322,9 @@ class SharedLocation:
 
     def on_reply(self, item, reply) -> None:
         """The reply to the command ``item`` stands for (LOST: it will not come)."""
-        if type(item) is Batch:
+        if type(item) is WriteGroup:
+            self._group_replied(item, reply is LOST)
+        elif type(item) is Batch:
             self._waited(item, reply)
         elif item.op == OP_WRITE:
             self._written(item, reply)
@@ -375,6 +451,8 @@ class SharedLocation:
         if type(reply) is int and reply >= 1:
             for p in batch.acked:
                 self._done(p, now)
+            for group in batch.groups:
+                self._group_done(group, now)
             return
         if reply is not LOST:
             self.c.cluster_wait_shortfalls += 1
@@ -382,6 +460,9 @@ class SharedLocation:
                 self._error(reply)
         for p in batch.acked:           # stored on the primary only: not acknowledged
             self._unsure(p)
+        for group in batch.groups:
+            for i in group.indices(1):
+                self._unsure(self._pending_of(group, i))
 
     def _done(self, p: Pending, now: float) -> None:
         """Acknowledged: the copy is the stored one; answer, remember, and decide
@@ -525,6 +606,7 @@ class SharedLocation:
             sync.close()
         slots, changed = sync.slots, self.slots is None or sync.slots.owner != self.slots.owner
         self.slots = slots
+        self._set_owners()
         for addr in [a for a in self.conns if a not in slots.replicas]:
             self.conns.pop(addr).close()
         for addr, conn in self.conns.items():

@@ -4,7 +4,6 @@
 one ``bytes`` each, without a Python object per argument."""
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint16_t, uint64_t
-from libc.stdio cimport snprintf
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -54,12 +53,21 @@ def key_slot(bytes key):
     return _slot(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
 
 
-cdef inline Py_ssize_t _digits(Py_ssize_t n) noexcept:
+cdef inline Py_ssize_t _digits(unsigned long long n) noexcept:
     cdef Py_ssize_t d = 1
     while n >= 10:
         n //= 10
         d += 1
     return d
+
+
+cdef inline char* _decimal(char* p, unsigned long long n) noexcept:
+    """``n`` in decimal at ``p`` (no printf: this runs for every write); returns the end."""
+    cdef Py_ssize_t d = _digits(n), i
+    for i in range(d - 1, -1, -1):
+        p[i] = <char>(48 + n % 10)
+        n //= 10
+    return p + d
 
 
 cdef inline Py_ssize_t _arg_size(Py_ssize_t n) noexcept:
@@ -69,7 +77,11 @@ cdef inline Py_ssize_t _arg_size(Py_ssize_t n) noexcept:
 
 cdef char* _arg(char* p, const char* data, Py_ssize_t n) noexcept:
     """``$N\r\nDATA\r\n`` at ``p``; returns the end."""
-    p += snprintf(p, 24, "$%zd\r\n", n)
+    p[0] = b'$'
+    p = _decimal(p + 1, n)
+    p[0] = b'\r'
+    p[1] = b'\n'
+    p += 2
     if n:
         memcpy(p, data, n)
     p += n
@@ -84,28 +96,32 @@ cdef Py_ssize_t HEAD_LEN = 40            # strlen(HEAD)
 
 cdef Py_ssize_t cas_size(Py_ssize_t aor_len, uint64_t expected, Py_ssize_t record_len,
                          long long pxat_ms) noexcept:
-    """The size of ``cas_write``'s command."""
-    cdef char px[24]
-    cdef int npx = snprintf(px, sizeof(px), "%lld", pxat_ms)
+    """The size of ``cas_write``'s command (``pxat_ms`` >= 0)."""
     return (HEAD_LEN + _arg_size(aor_len + 7) + _arg_size(8 if expected else 0)
-            + _arg_size(record_len) + _arg_size(npx))
+            + _arg_size(record_len) + _arg_size(_digits(<unsigned long long>pxat_ms)))
 
 
 cdef int cas_write(char* p, const char* aor, Py_ssize_t aor_len, uint64_t expected,
-                   const char* record, Py_ssize_t record_len, long long pxat_ms) noexcept:
+                   const char* record, Py_ssize_t record_len, long long pxat_ms,
+                   bint slot) noexcept:
     """Write ``FCALL fastsip_cas 1 KEY EXPECTED RECORD PXAT`` (``cas_size`` bytes)
-    at ``p``; returns the key's slot.  See ``pack_cas``."""
+    at ``p``; returns the key's slot when ``slot`` is true (else 0: the caller knows
+    it from ``cas_slot``).  See ``pack_cas``."""
     cdef Py_ssize_t nk = aor_len + 7
     cdef char ver[8]
     cdef char px[24]
-    cdef int npx = snprintf(px, sizeof(px), "%lld", pxat_ms)
-    cdef int i, slot
+    cdef Py_ssize_t npx = _decimal(px, <unsigned long long>pxat_ms) - px
+    cdef int i, s = 0
     cdef char* key
     for i in range(8):
         ver[i] = <char>((expected >> (8 * i)) & 0xFF)
     memcpy(p, HEAD, HEAD_LEN)
     p += HEAD_LEN
-    p += snprintf(p, 24, "$%zd\r\n", nk)       # the key, fs:r:{AOR}, written in place
+    p[0] = b'$'                                 # the key, fs:r:{AOR}, written in place
+    p = _decimal(p + 1, nk)
+    p[0] = b'\r'
+    p[1] = b'\n'
+    p += 2
     key = p
     memcpy(p, b"fs:r:{", 6)
     memcpy(p + 6, aor, aor_len)
@@ -113,11 +129,12 @@ cdef int cas_write(char* p, const char* aor, Py_ssize_t aor_len, uint64_t expect
     p[nk] = b'\r'
     p[nk + 1] = b'\n'
     p += nk + 2
-    slot = _slot(<const unsigned char*>key, nk)
+    if slot:
+        s = _slot(<const unsigned char*>key, nk)
     p = _arg(p, ver, 8 if expected else 0)
     p = _arg(p, record, record_len)
     _arg(p, px, npx)
-    return slot
+    return s
 
 
 cdef int cas_slot(const char* aor, Py_ssize_t aor_len) noexcept:
@@ -149,5 +166,5 @@ def pack_cas(bytes aor, uint64_t expected, record, long long pxat_ms):
     cdef bytes out = PyBytes_FromStringAndSize(NULL, cas_size(na, expected, nr, pxat_ms))
     cdef int slot = cas_write(PyBytes_AS_STRING(out), PyBytes_AS_STRING(aor), na, expected,
                               NULL if record is None else PyBytes_AS_STRING(record), nr,
-                              pxat_ms)
+                              pxat_ms, True)
     return slot, out

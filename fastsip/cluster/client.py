@@ -105,17 +105,20 @@ class Conn:
         on_reply = self.on_reply
         try:
             while True:
-                reply = reader.gets()
+                if waiting and type(waiting[0]) is WriteGroup:
+                    # a WriteGroup stands for many commands and takes their replies
+                    # itself; the owner hears of it once, after its last
+                    reply = waiting[0].take_from(reader, hiredis.PushNotification)
+                    if reply is True:
+                        on_reply(waiting.popleft(), None)
+                        continue
+                else:
+                    reply = reader.gets()
                 if reply is False:
                     break
                 if type(reply) is hiredis.PushNotification:
                     self.on_push(reply)
                 elif waiting:
-                    item = waiting[0]
-                    # a WriteGroup stands for many commands: the owner hears of it
-                    # once it has taken the reply of its last one
-                    if type(item) is WriteGroup and not item.take_reply(reply):
-                        continue
                     on_reply(waiting.popleft(), reply)
         except hiredis.ProtocolError:
             self.lose()

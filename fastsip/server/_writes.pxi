@@ -13,7 +13,8 @@
 # error, a lost connection, WAIT coming short) is handed to Python as the request it
 # was (hand), and handled as before.
 
-from cpython.object cimport PyObject_DelItem, PyObject_SetItem
+from cpython.dict cimport PyDict_DelItem, PyDict_Next, PyDict_SetItem
+from cpython.ref cimport PyObject
 from libc.stdint cimport int16_t, uint64_t
 
 from fastsip.cluster._resp_c cimport cas_size, cas_slot, cas_write
@@ -106,7 +107,7 @@ cdef class WriteGroup:
         _grow(&self.cmd, &self.cmd_cap, self.cmd_len + size)
         cas_write(self.cmd + self.cmd_len, core.staged_aor, core.staged_aor_len,
                   core.staged_expected, NULL if record is None else PyBytes_AS_STRING(record),
-                  nr, pxat)
+                  nr, pxat, False)
         w.cmd_off = self.cmd_len
         w.cmd_len = size
         self.cmd_len += size
@@ -143,16 +144,35 @@ cdef class WriteGroup:
 
     def take_reply(self, reply):
         """Redis's reply to the next write; True when it was the group's last."""
+        self._take(reply)
+        return self.taken >= self.n
+
+    cdef int _take(self, object reply) except -1:
         cdef Py_ssize_t i = self.taken
         if i >= self.n:
-            return True
+            return 0
         self.taken += 1
         if type(reply) is int and reply == 1:
             self.w[i].state = W_ACKED
         else:
             self.w[i].state = W_ODD
             self.odd.append((i, reply))
-        return self.taken == self.n
+        return 0
+
+    def take_from(self, reader, push_type):
+        """Take the replies of the writes left from ``reader`` (a ``hiredis.Reader``):
+        True when the group's last was taken, False when the reader has no more,
+        or a push (of ``push_type``, ``hiredis.PushNotification``) for the caller."""
+        cdef object gets = reader.gets
+        cdef object reply
+        while self.taken < self.n:
+            reply = gets()
+            if reply is False:
+                return False
+            if type(reply) is push_type:
+                return reply
+            self._take(reply)
+        return True
 
     def take_odd(self):
         """``[(i, reply)]``: the replies other than 1 taken since the last call."""
@@ -182,12 +202,13 @@ cdef class WriteGroup:
                 PyBytes_FromStringAndSize(d + w.aor_len + w.host_len, w.reply_len)
                 if w.reply_len else None)
 
-    def done(self, Store store not None, recent, double now, list udp_fds not None,
+    def done(self, Store store not None, dict recent not None, double now,
+             list udp_fds not None,
              bint want_aors=False):
         """The written ones (1, and the WAIT after them when ``wait``) are
         acknowledged: their AORs' copies are the stored ones (``Store.cache_done``),
-        their records go to the end of ``recent`` (aor -> (version, record, pxat,
-        now)), their 200s leave with one sendmmsg per listener (``udp_fds[li]``;
+        their records go to ``recent`` (aor -> (version, record, pxat, now)),
+        their 200s leave with one sendmmsg per listener (``udp_fds[li]``;
         the ones that could not are counted in ``send_failed``).  Returns how many;
         with ``want_aors`` their AORs are in ``done_aors``."""
         cdef Py_ssize_t i, count = 0, k, nfds = len(udp_fds)
@@ -207,9 +228,7 @@ cdef class WriteGroup:
                 d = self.data + w.aor_off
                 store.done_c(d, w.aor_len)
                 aor = PyBytes_FromStringAndSize(d, w.aor_len)
-                if aor in recent:
-                    PyObject_DelItem(recent, aor)       # to the end: the newest
-                PyObject_SetItem(recent, aor, (w.version, self.records[i], w.pxat, now))
+                PyDict_SetItem(recent, aor, (w.version, self.records[i], w.pxat, now))
                 if aors is not None:
                     aors.append(aor)
                 count += 1
@@ -351,3 +370,21 @@ cdef class WriteQueue:
                 self.groups[j] = None
         self.n = 0
         return out
+
+
+def prune_recent(dict recent not None, double before):
+    """Remove the entries of ``recent`` (aor -> (..., t)) with ``t`` < ``before``
+    (the shared location's acknowledged records, kept for a re-assertion); one
+    pass in C, however many there are.  Returns how many went."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef list old = []
+    cdef object v
+    while PyDict_Next(recent, &pos, &key, &value):
+        v = <object>value
+        if type(v) is tuple and len(<tuple>v) >= 4 and <double>(<tuple>v)[3] < before:
+            old.append(<object>key)
+    for k in old:
+        PyDict_DelItem(recent, k)
+    return len(old)

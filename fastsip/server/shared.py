@@ -41,7 +41,7 @@ from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
-from fastsip.server._io_c import BatchIO, WriteGroup, WriteQueue
+from fastsip.server._io_c import BatchIO, WriteGroup, WriteQueue, prune_recent
 
 LOG = logs.LOG
 
@@ -122,7 +122,8 @@ class SharedLocation:
         self.parked = {}                # aor -> [Pending] waiting for its write
         self.parked_checked = 0.0       # time.time() of the last _expire_parked
         self.retry = collections.deque()    # writes waiting for the slot map
-        self.recent = collections.OrderedDict()  # aor -> (version, record, pxat, t) acknowledged
+        self.recent = {}                # aor -> (version, record, pxat, t) acknowledged last
+        self.recent_pruned = 0.0        # time.time() of the last prune_recent
         self.reasserting = set()        # aors being written again
         self.refresh_due = 0.0          # time.monotonic() of the next slot map read; 0: none
         self.load_library = False       # a primary has no fastsip library: load it
@@ -291,9 +292,10 @@ class SharedLocation:
             self.after_batch()
         if self.parked and now - self.parked_checked > 1.0:
             self._expire_parked(now)
-        recent = self.recent
-        while recent and now - next(iter(recent.values()))[3] > RECENT:
-            recent.popitem(last=False)
+        if now - self.recent_pruned > RECENT / 2:
+            # (entries older than RECENT are ignored where read; this frees them)
+            self.recent_pruned = now
+            prune_recent(self.recent, now - RECENT)
         return REFRESH_EVERY if (self.retry or self.refresh_due) else 1.0
 
     def _expire_parked(self, now: float) -> None:
@@ -472,10 +474,7 @@ class SharedLocation:
         self.c.cluster_writes += 1
         if self.reasserting:
             self.reasserting.discard(aor)
-        recent = self.recent
-        if aor in recent:
-            recent.move_to_end(aor)
-        recent[aor] = (p.version, p.record, p.pxat, now)
+        self.recent[aor] = (p.version, p.record, p.pxat, now)
         if p.data is not None:
             self._answer(p, p.reply)
             if p.conn_id >= 0:          # its flows end with the connection (flows_end)
@@ -623,7 +622,8 @@ class SharedLocation:
     def _read_back(self) -> None:
         """After primaries changed: read what this worker acknowledged in the last
         RECENT seconds, and write again what went missing (``_check_backwards``)."""
-        for aor in list(self.recent):
+        now = time.time()
+        for aor in [aor for aor, mine in self.recent.items() if now - mine[3] <= RECENT]:
             key = KEY_HEAD + aor + b"}"
             conn = self._conn(self.slots.owner[key_slot(key)])
             if conn is not None:
@@ -644,7 +644,8 @@ class SharedLocation:
         """``stored`` (the stored record of ``aor``) is older than what this worker
         acknowledged: a failover lost a write.  Write ours again, as it was."""
         mine = self.recent.get(aor)
-        if mine is None or aor in self.reasserting or _version(stored) >= mine[0]:
+        if mine is None or now - mine[3] > RECENT or aor in self.reasserting or \
+                _version(stored) >= mine[0]:
             return
         if stored is None and mine[1] is None:
             return                      # ours was a removal, and nothing is stored

@@ -104,7 +104,12 @@ cdef class WriteGroup:
         w = &self.w[self.n]
         nr = 0 if record is None else PyBytes_GET_SIZE(<bytes>record)
         size = cas_size(core.staged_aor_len, core.staged_expected, nr, pxat)
+        # everything that can fail first: a command without its entry would take
+        # another write's reply
         _grow(&self.cmd, &self.cmd_cap, self.cmd_len + size)
+        _grow(&self.data, &self.data_cap, self.data_len + core.staged_aor_len + host_len
+              + core.staged_reply + req_len)
+        self.records.append(record)
         cas_write(self.cmd + self.cmd_len, core.staged_aor, core.staged_aor_len,
                   core.staged_expected, NULL if record is None else PyBytes_AS_STRING(record),
                   nr, pxat, False)
@@ -115,8 +120,6 @@ cdef class WriteGroup:
         w.host_len = host_len
         w.reply_len = core.staged_reply
         w.req_len = req_len
-        _grow(&self.data, &self.data_cap,
-              self.data_len + w.aor_len + host_len + w.reply_len + req_len)
         w.aor_off = self.data_len
         d = self.data + self.data_len
         memcpy(d, core.staged_aor, w.aor_len)
@@ -134,7 +137,6 @@ cdef class WriteGroup:
         w.li = li
         w.state = W_SENT
         w.tosend = 0
-        self.records.append(record)
         self.n += 1
         return 0
 

@@ -111,6 +111,30 @@ def test_udp_registers_are_written_from_the_compiled_loop_and_answered_once(redi
         n.stop()
 
 
+def test_a_queued_write_that_meets_another_nodes_write_is_decided_again(redis_server):
+    """Node b has no copy of the AOR and writes it as new from the compiled loop's
+    queue; node a stored it first, so the write conflicts, and b decides the request
+    again on a's record (in Python): both contacts stay, the phone gets one 200."""
+    a, b = node(redis_server.url, workers=1), node(redis_server.url, workers=1)
+    try:
+        assert ask(a, register("bob", contact="sip:a@10.0.0.1", call_id="ca",
+                               expires=600)).status == 200
+        r = ask(b, register("bob", contact="sip:b@10.0.0.2", call_id="cb", expires=600))
+        assert r.status == 200
+        assert contacts_of(r) == {"sip:a@10.0.0.1": 600, "sip:b@10.0.0.2": 600}
+        assert set(stored(redis_server, "sip:bob@example.com")[1]) == \
+            {"sip:a@10.0.0.1", "sip:b@10.0.0.2"}
+        m = b.metrics()
+        assert m["fastsip_cluster_conflicts_total"] == 1
+        assert m["fastsip_cluster_writes_total"] == 1
+        # the first try was queued in C, the second (decided again) went through Python
+        assert m["fastsip_cluster_queued_writes_total"] == 1
+        assert m["fastsip_cluster_batched_writes_total"] == 2
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_the_node_id_names_the_node_in_logs_and_metrics(redis_server):
     n = node(redis_server.url, "--node-id", "edge-7")
     try:

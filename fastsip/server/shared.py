@@ -27,6 +27,13 @@ Another node's write of an AOR this worker holds arrives as an invalidation
 the last ``RECENT`` seconds are kept, so that one that a failover lost (the
 stored version went backwards) is written again.  A stream connection that
 closes ends its flows in the records written over it (``flows_end``).
+
+The common case runs in C: the compiled loop calls the core itself and queues
+each staged write of a UDP REGISTER in ``WriteQueue`` (``fastsip/server/_writes.pxi``),
+one ``WriteGroup`` per primary and batch, which this room sends, and which takes its
+replies and acknowledges its writes in C.  Whatever else happens to one of them
+(a conflict, an error, a lost connection, WAIT coming short) hands it over here as
+a ``Pending`` (``_pending_of``), handled as any other.
 """
 from __future__ import annotations
 
@@ -174,9 +181,10 @@ class SharedLocation:
     # -- the loop's entries --------------------------------------------------------
 
     def serve_shard(self, data, host, port, now, transport, conn_id, shard, nshards):
-        """The core's ``serve_shard`` for the loop: every request is this worker's
-        (the shared location is the authority, not the worker's shard); a REGISTER
-        that changes bindings is answered when its write is done (None now)."""
+        """The core's ``serve_shard`` for Python callers (TCP, the inbox; the UDP
+        loop calls the core in C and queues in ``wq``): every request is this
+        worker's (the shared location is the authority, not the worker's shard); a
+        REGISTER that changes bindings is answered when its write is done (None now)."""
         r = self._serve(data, host, port, now, transport, conn_id, 0, 1)
         if type(r) is not int:
             return r

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import fastsip
 from conftest import require_redis
 from fastsip.cluster.sync import aor_key
 from fastsip.registrar import decode_record
@@ -78,6 +79,60 @@ def test_a_single_redis_holds_the_bindings_across_a_restart(redis_server):
             "contact"] == "sip:a@10.0.0.1"
     finally:
         n.stop()
+
+
+def test_udp_registers_are_written_from_the_compiled_loop_and_answered_once(redis_server):
+    """The common case (a UDP REGISTER that changes its binding) is queued in C:
+    each phone gets exactly one 200 with its contact, Redis holds every record,
+    and the writes counted as queued by the loop are all the writes."""
+    n = node(redis_server.url, workers=1)
+    phones = [Phone(n.udp, "udp") for _ in range(40)]
+    try:
+        for cseq, expires in ((1, 600), (2, 300)):     # a registration, then a refresh
+            for i, phone in enumerate(phones):
+                phone.send(register(f"u{i}", contact=f"sip:u{i}@10.0.0.1", cseq=cseq,
+                                    call_id=f"c{i}", expires=expires))
+            for i, phone in enumerate(phones):
+                r = fastsip.parse(phone.recv())
+                assert r.status == 200 and contacts_of(r) == {f"sip:u{i}@10.0.0.1": expires}
+        assert [phone.recv(timeout=0.2) for phone in phones] == [None] * len(phones)  # no more
+        for i in range(len(phones)):
+            assert list(stored(redis_server, f"sip:u{i}@example.com")[1]) == \
+                [f"sip:u{i}@10.0.0.1"]
+            assert 290_000 < redis_server.command("PTTL", aor_key(f"sip:u{i}@example.com")) \
+                <= 310_000
+        m = wait_for(lambda: (lambda m: m if m["fastsip_cluster_writes_total"] == 80 else None)(
+            n.metrics()), timeout=5)
+        assert m["fastsip_cluster_queued_writes_total"] == m["fastsip_cluster_batched_writes_total"]
+        assert m["fastsip_cluster_queued_writes_total"] >= 80
+    finally:
+        for phone in phones:
+            phone.close()
+        n.stop()
+
+
+def test_a_queued_write_that_meets_another_nodes_write_is_decided_again(redis_server):
+    """Node b has no copy of the AOR and writes it as new from the compiled loop's
+    queue; node a stored it first, so the write conflicts, and b decides the request
+    again on a's record (in Python): both contacts stay, the phone gets one 200."""
+    a, b = node(redis_server.url, workers=1), node(redis_server.url, workers=1)
+    try:
+        assert ask(a, register("bob", contact="sip:a@10.0.0.1", call_id="ca",
+                               expires=600)).status == 200
+        r = ask(b, register("bob", contact="sip:b@10.0.0.2", call_id="cb", expires=600))
+        assert r.status == 200
+        assert contacts_of(r) == {"sip:a@10.0.0.1": 600, "sip:b@10.0.0.2": 600}
+        assert set(stored(redis_server, "sip:bob@example.com")[1]) == \
+            {"sip:a@10.0.0.1", "sip:b@10.0.0.2"}
+        m = b.metrics()
+        assert m["fastsip_cluster_conflicts_total"] == 1
+        assert m["fastsip_cluster_writes_total"] == 1
+        # the first try was queued in C, the second (decided again) went through Python
+        assert m["fastsip_cluster_queued_writes_total"] == 1
+        assert m["fastsip_cluster_batched_writes_total"] == 2
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_the_node_id_names_the_node_in_logs_and_metrics(redis_server):

@@ -234,3 +234,12 @@ def test_pack_cas_is_the_fcall_redis_reads():
     assert pack_cas(long, 1, b"r" * 70000, 1)[1] == hiredis.pack_command((
         b"FCALL", b"fastsip_cas", b"1", b"fs:r:{" + long + b"}", (1).to_bytes(8, "little"),
         b"r" * 70000, b"1"))
+
+
+def test_prune_recent_frees_what_is_too_old_to_be_reasserted_and_keeps_the_rest():
+    from fastsip.server._io_c import prune_recent
+    recent = {b"old%d" % i: (1, b"r", 0, 100.0 + i) for i in range(1000)}
+    recent.update({b"new%d" % i: (2, None, 0, 200.0) for i in range(1000)})
+    assert prune_recent(recent, 150.0) == 50            # t 100..149
+    assert len(recent) == 1950 and b"old49" not in recent and b"old50" in recent
+    assert prune_recent(recent, 1e9) == 1950 and recent == {}

@@ -4,7 +4,7 @@
 one ``bytes`` each, without a Python object per argument."""
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint16_t, uint64_t
-from libc.stdio cimport snprintf
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 cdef uint16_t CRC16_TABLE[256]
@@ -53,12 +53,21 @@ def key_slot(bytes key):
     return _slot(<const unsigned char*>PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
 
 
-cdef inline Py_ssize_t _digits(Py_ssize_t n) noexcept:
+cdef inline Py_ssize_t _digits(unsigned long long n) noexcept:
     cdef Py_ssize_t d = 1
     while n >= 10:
         n //= 10
         d += 1
     return d
+
+
+cdef inline char* _decimal(char* p, unsigned long long n) noexcept:
+    """``n`` in decimal at ``p`` (no printf: this runs for every write); returns the end."""
+    cdef Py_ssize_t d = _digits(n), i
+    for i in range(d - 1, -1, -1):
+        p[i] = <char>(48 + n % 10)
+        n //= 10
+    return p + d
 
 
 cdef inline Py_ssize_t _arg_size(Py_ssize_t n) noexcept:
@@ -68,7 +77,11 @@ cdef inline Py_ssize_t _arg_size(Py_ssize_t n) noexcept:
 
 cdef char* _arg(char* p, const char* data, Py_ssize_t n) noexcept:
     """``$N\r\nDATA\r\n`` at ``p``; returns the end."""
-    p += snprintf(p, 24, "$%zd\r\n", n)
+    p[0] = b'$'
+    p = _decimal(p + 1, n)
+    p[0] = b'\r'
+    p[1] = b'\n'
+    p += 2
     if n:
         memcpy(p, data, n)
     p += n
@@ -77,7 +90,70 @@ cdef char* _arg(char* p, const char* data, Py_ssize_t n) noexcept:
     return p + 2
 
 
-cdef bytes HEAD = b"*7\r\n$5\r\nFCALL\r\n$11\r\nfastsip_cas\r\n$1\r\n1\r\n"
+cdef char* HEAD = b"*7\r\n$5\r\nFCALL\r\n$11\r\nfastsip_cas\r\n$1\r\n1\r\n"
+cdef Py_ssize_t HEAD_LEN = 40            # strlen(HEAD)
+
+
+cdef Py_ssize_t cas_size(Py_ssize_t aor_len, uint64_t expected, Py_ssize_t record_len,
+                         long long pxat_ms) noexcept:
+    """The size of ``cas_write``'s command (``pxat_ms`` >= 0)."""
+    return (HEAD_LEN + _arg_size(aor_len + 7) + _arg_size(8 if expected else 0)
+            + _arg_size(record_len) + _arg_size(_digits(<unsigned long long>pxat_ms)))
+
+
+cdef int cas_write(char* p, const char* aor, Py_ssize_t aor_len, uint64_t expected,
+                   const char* record, Py_ssize_t record_len, long long pxat_ms,
+                   bint slot) noexcept:
+    """Write ``FCALL fastsip_cas 1 KEY EXPECTED RECORD PXAT`` (``cas_size`` bytes)
+    at ``p``; returns the key's slot when ``slot`` is true (else 0: the caller knows
+    it from ``cas_slot``).  See ``pack_cas``."""
+    cdef Py_ssize_t nk = aor_len + 7
+    cdef char ver[8]
+    cdef char px[24]
+    cdef Py_ssize_t npx = _decimal(px, <unsigned long long>pxat_ms) - px
+    cdef int i, s = 0
+    cdef char* key
+    for i in range(8):
+        ver[i] = <char>((expected >> (8 * i)) & 0xFF)
+    memcpy(p, HEAD, HEAD_LEN)
+    p += HEAD_LEN
+    p[0] = b'$'                                 # the key, fs:r:{AOR}, written in place
+    p = _decimal(p + 1, nk)
+    p[0] = b'\r'
+    p[1] = b'\n'
+    p += 2
+    key = p
+    memcpy(p, b"fs:r:{", 6)
+    memcpy(p + 6, aor, aor_len)
+    p[6 + aor_len] = b'}'
+    p[nk] = b'\r'
+    p[nk + 1] = b'\n'
+    p += nk + 2
+    if slot:
+        s = _slot(<const unsigned char*>key, nk)
+    p = _arg(p, ver, 8 if expected else 0)
+    p = _arg(p, record, record_len)
+    _arg(p, px, npx)
+    return s
+
+
+cdef int cas_slot(const char* aor, Py_ssize_t aor_len) noexcept:
+    """The slot of the AOR's key ``fs:r:{AOR}`` (as ``cas_write`` returns it);
+    -1 when memory is short."""
+    cdef char stack[512]
+    cdef char* key = stack
+    cdef int slot
+    if aor_len + 7 > <Py_ssize_t>sizeof(stack):
+        key = <char*>malloc(aor_len + 7)
+        if key == NULL:
+            return -1
+    memcpy(key, b"fs:r:{", 6)
+    memcpy(key + 6, aor, aor_len)
+    key[6 + aor_len] = b'}'
+    slot = _slot(<const unsigned char*>key, aor_len + 7)
+    if key != stack:
+        free(key)
+    return slot
 
 
 def pack_cas(bytes aor, uint64_t expected, record, long long pxat_ms):
@@ -85,32 +161,10 @@ def pack_cas(bytes aor, uint64_t expected, record, long long pxat_ms):
     command ``FCALL fastsip_cas 1 KEY EXPECTED RECORD PXAT`` in RESP
     (``fastsip/cluster/library.lua``): EXPECTED the version as 8 little-endian
     bytes, empty for 0 (no key); RECORD empty (None) to delete the key."""
-    cdef Py_ssize_t na = PyBytes_GET_SIZE(aor), nk = na + 7
+    cdef Py_ssize_t na = PyBytes_GET_SIZE(aor)
     cdef Py_ssize_t nr = 0 if record is None else PyBytes_GET_SIZE(<bytes?>record)
-    cdef Py_ssize_t nv = 8 if expected else 0
-    cdef char ver[8]
-    cdef char px[24]
-    cdef int npx = snprintf(px, sizeof(px), "%lld", pxat_ms)
-    cdef int i, slot
-    cdef bytes out = PyBytes_FromStringAndSize(
-        NULL, PyBytes_GET_SIZE(HEAD) + _arg_size(nk) + _arg_size(nv) + _arg_size(nr)
-        + _arg_size(npx))
-    cdef char* p = PyBytes_AS_STRING(out)
-    cdef char* key
-    for i in range(8):
-        ver[i] = <char>((expected >> (8 * i)) & 0xFF)
-    memcpy(p, PyBytes_AS_STRING(HEAD), PyBytes_GET_SIZE(HEAD))
-    p += PyBytes_GET_SIZE(HEAD)
-    p += snprintf(p, 24, "$%zd\r\n", nk)       # the key, fs:r:{AOR}, written in place
-    key = p
-    memcpy(p, b"fs:r:{", 6)
-    memcpy(p + 6, PyBytes_AS_STRING(aor), na)
-    p[6 + na] = b'}'
-    p[nk] = b'\r'
-    p[nk + 1] = b'\n'
-    p += nk + 2
-    slot = _slot(<const unsigned char*>key, nk)
-    p = _arg(p, ver, nv)
-    p = _arg(p, NULL if record is None else PyBytes_AS_STRING(record), nr)
-    _arg(p, px, npx)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, cas_size(na, expected, nr, pxat_ms))
+    cdef int slot = cas_write(PyBytes_AS_STRING(out), PyBytes_AS_STRING(aor), na, expected,
+                              NULL if record is None else PyBytes_AS_STRING(record), nr,
+                              pxat_ms, True)
     return slot, out

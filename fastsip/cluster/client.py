@@ -8,7 +8,9 @@ are tracked by Redis, and another client's write of one arrives as an
 Commands are queued with an item that stands for them (``push``) and written
 together when the batch ends (``flush``); hiredis' reader parses the replies,
 and each goes to the owner with the item of its command, in order
-(``on_reply(item, reply)``).  A lost connection hands every item left to the
+(``on_reply(item, reply)``).  A ``WriteGroup`` (fastsip/server/_writes.pxi) is
+one item for many commands: it takes their replies itself, and the owner gets
+the group once, after its last.  A lost connection hands every item left to the
 owner with ``LOST`` and tells it (``on_lost``).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hiredis
 
 from fastsip.cluster.sync import Node
 from fastsip.cluster.url import ClusterURL
+from fastsip.server._io_c import WriteGroup
 from fastsip.server.loop import EP_IN, EP_OUT
 
 LOST = object()         # the reply of a command whose connection was lost before it came
@@ -102,7 +105,15 @@ class Conn:
         on_reply = self.on_reply
         try:
             while True:
-                reply = reader.gets()
+                if waiting and type(waiting[0]) is WriteGroup:
+                    # a WriteGroup stands for many commands and takes their replies
+                    # itself; the owner hears of it once, after its last
+                    reply = waiting[0].take_from(reader, hiredis.PushNotification)
+                    if reply is True:
+                        on_reply(waiting.popleft(), None)
+                        continue
+                else:
+                    reply = reader.gets()
                 if reply is False:
                     break
                 if type(reply) is hiredis.PushNotification:

@@ -43,7 +43,15 @@ cdef class RegistrarCore:
     cdef readonly uint64_t full_refusals   # 503 for max_bindings
     cdef readonly bint shared              # the store caches a shared location (fastsip.cluster)
     cdef bint _trusted                     # serve_again: authentication already passed
-    cdef readonly object staged            # shared: the write a REGISTER waits for (stage())
+    # shared: the write a REGISTER waits for (_stage; ``staged`` is its Python form), kept
+    # in C so that the server's loop queues it without a Python object (fastsip/server)
+    cdef char staged_aor[MAX_AOR + 1]
+    cdef Py_ssize_t staged_aor_len
+    cdef uint64_t staged_expected          # the version decided against (0: no key)
+    cdef uint64_t staged_version           # the version it writes
+    cdef double staged_latest              # its latest binding's expiry
+    cdef object staged_record              # bytes, or None: the key goes
+    cdef Py_ssize_t staged_reply           # the reply's length in the writer's buffer; 0: none
     cdef readonly object waiting_aor       # shared: the busy AOR a REGISTER waits on (WAIT)
     cdef dict redirects                    # outcome -> count, for requests redirect answers
     cdef uint64_t redirects_truncated      # 302s that left contacts out (MAX_DATAGRAM)
@@ -66,6 +74,7 @@ cdef class RegistrarCore:
     cdef Py_ssize_t _register(self, Req* rq, int rc) except SV_ERROR
     cdef Py_ssize_t _stage(self, const char* aor, Py_ssize_t aor_len, uint64_t expected,
                            double now, Py_ssize_t reply) except SV_ERROR
+    cdef const char* staged_reply_bytes(self) noexcept
     cdef object _authenticate(self, const Req* rq)
     cdef void _failed(self, str label)
     cdef object _authorize(self, const Req* rq, aor_user, aor_domain)

@@ -309,9 +309,32 @@ cdef class RegistrarCore:
         st.versions[a] = version
         st.aors[a].busy = 1
         st.aors[a].pinned = 0
-        self.staged = (PyBytes_FromStringAndSize(aor, aor_len), expected, version, record, latest,
-                       PyBytes_FromStringAndSize(self.writer.out, reply) if reply > 0 else None)
+        if aor_len > MAX_AOR:
+            raise ValueError("AOR too long to stage")
+        memcpy(self.staged_aor, aor, aor_len)
+        self.staged_aor_len = aor_len
+        self.staged_expected = expected
+        self.staged_version = version
+        self.staged_latest = latest
+        self.staged_record = record
+        self.staged_reply = reply if reply > 0 else 0
         return SV_STAGED
+
+    cdef const char* staged_reply_bytes(self) noexcept:
+        """The staged write's reply (``staged_reply`` bytes), in the writer's buffer:
+        valid until the next request is served."""
+        return self.writer.out
+
+    @property
+    def staged(self):
+        """Shared mode: the write the last STAGED left, ``(aor, expected, version,
+        record, latest, reply)`` (``record`` None: delete the key; ``reply`` None:
+        none), to be read before the next request is served."""
+        return (PyBytes_FromStringAndSize(self.staged_aor, self.staged_aor_len),
+                self.staged_expected, self.staged_version, self.staged_record,
+                self.staged_latest,
+                PyBytes_FromStringAndSize(self.writer.out, self.staged_reply)
+                if self.staged_reply > 0 else None)
 
     cdef object _authenticate(self, const Req* rq):
         """Digest authentication and the AOR policy, behind the failure budget:

@@ -7,4 +7,5 @@ cdef class Store(BindingTable):
     cdef void drain_head(self, Py_ssize_t n) noexcept
     cdef int _load_in(self, int32_t a, const BindingIn* bi, object drop_flows) except -1
     cdef int32_t _unmark(self, aor) except -2
+    cdef void done_c(self, const char* aor, Py_ssize_t n) noexcept
 

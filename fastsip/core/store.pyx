@@ -401,8 +401,15 @@ cdef class Store(BindingTable):
     def cache_done(self, aor):
         """The write of ``aor`` staged by the registrar is acknowledged (a
         replica took it): the copy here is the stored one, and safe."""
-        cdef int32_t a = self._unmark(aor)
+        cdef bytes key = _b(aor)
+        self.done_c(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+
+    cdef void done_c(self, const char* aor, Py_ssize_t n) noexcept:
+        """``cache_done`` in C (the server's queue of staged writes, fastsip/server)."""
+        cdef int32_t a = self.find(aor, n)
         if a >= 0:
+            self.aors[a].busy = 0
+            self.aors[a].pinned = 0
             self.aors[a].unverified = 0
             self.release_if_empty(a)
 

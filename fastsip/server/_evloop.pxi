@@ -104,6 +104,7 @@ cdef class EventLoop:
     cdef BatchIO _udp_io, _inbox_io
     cdef object _serve_shard, _bug, _on_handoffs, _after
     cdef RegistrarCore _core            # the core of _serve_shard, called in C (or None)
+    cdef WriteQueue _wq                 # --cluster: the shared core's staged writes (or None)
     cdef RateLimiter _limiter
     cdef Histogram _hist
     cdef list _queues, _peer_fds, _udp_fds, _others
@@ -193,6 +194,12 @@ cdef class EventLoop:
         self._on_handoffs = on_handoffs
         self._max_pending = max_pending
 
+    def set_queue(self, WriteQueue queue):
+        """``--cluster``: serve the UDP listeners with ``queue.core`` (a shared core)
+        in C, one shard, its staged writes queued in ``queue`` (``_writes.pxi``);
+        None: with ``serve``'s callable."""
+        self._wq = queue
+
     def set_after(self, after):
         """``after(li)``: called when the batches read from UDP listener li on one
         wake-up are served (the shared location sends their writes then); None:
@@ -214,12 +221,15 @@ cdef class EventLoop:
         cdef double now, t0
         cdef unsigned long long handed_total = 0
         cdef object limiter = self._limiter if self._limiter.rate else None
+        cdef WriteQueue wq = self._wq
+        cdef RegistrarCore core = self._core if wq is None else wq.core
+        cdef int shard = self._shard if wq is None else 0
+        cdef int nshards = self._nshards if wq is None else 1
         for b in range(LOOP_BATCHES):
             now = _clock(CLOCK_REALTIME)
             t0 = _clock(CLOCK_MONOTONIC)
-            got = self._udp_io._serve_udp(fd, self._serve_shard, self._core, now, self._shard,
-                                          self._nshards, li, self._queues, limiter, self._bug,
-                                          &handed)
+            got = self._udp_io._serve_udp(fd, self._serve_shard, core, now, shard, nshards, li,
+                                          self._queues, limiter, self._bug, &handed, wq)
             if not got:
                 break
             self.received_udp += got

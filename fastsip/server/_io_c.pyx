@@ -39,7 +39,7 @@ from posix.time cimport timespec
 
 cimport cython
 
-from fastsip.core._core cimport SV_SHARD, AorRec, RegistrarCore, Store
+from fastsip.core._core cimport SV_READ, SV_SHARD, SV_STAGED, SV_WAIT, RegistrarCore, Store
 from fastsip.server cimport handoff as ho
 
 
@@ -226,6 +226,7 @@ cdef int _fill_addr(object addr, sockaddr_storage* ss, socklen_t* namelen) excep
 
 
 include "_meters.pxi"
+include "_writes.pxi"
 
 
 cdef class BatchIO:
@@ -539,13 +540,15 @@ cdef class BatchIO:
         """
         cdef int handed = 0
         cdef int n = self._serve_udp(fd, serve_shard, _core_of(serve_shard), now, shard, nshards,
-                                     li, queues, allow, bug, &handed)
+                                     li, queues, allow, bug, &handed, None)
         return n, handed
 
     cdef int _serve_udp(self, int fd, object serve_shard, RegistrarCore core, double now,
                         int shard, int nshards, int li, list queues, object allow, object bug,
-                        int* handed_out) except -1:
-        """``serve_udp``; ``core``: ``_core_of(serve_shard)``, called in C when not None."""
+                        int* handed_out, WriteQueue wq) except -1:
+        """``serve_udp``; ``core``: ``_core_of(serve_shard)``, called in C when not None.
+        With ``wq`` (``--cluster``), ``core`` is its shared core, called in C with one
+        shard: a staged write goes to ``wq``, what waits to ``wq.slow``."""
         cdef int n = self._recv(fd), i, cnt = 0, handed = 0, port, owner
         cdef Py_ssize_t stride = self.max_size + 1, hl, r
         cdef RateLimiter limiter = allow if type(allow) is RateLimiter else None
@@ -591,6 +594,18 @@ cdef class BatchIO:
                     self._queue_reply(cnt, None, ss, h.msg_hdr.msg_namelen)
                     cnt += 1
                     continue
+                if wq is not None:
+                    if r == SV_STAGED and self._queued(wq, buf, h.msg_len, hl, port, ss,
+                                                        h.msg_hdr.msg_namelen, li, now):
+                        continue
+                    if r == SV_STAGED or r == SV_WAIT or r == SV_READ:
+                        data = PyBytes_FromStringAndSize(buf, h.msg_len)
+                        try:
+                            wq.slow(data, self._host_bytes(), port, now, r, li)
+                        except Exception:
+                            if bug is not None:
+                                bug(data)
+                    continue
                 if r > SV_SHARD:
                     continue                    # no reply (or shared mode's, never here)
                 owner = SV_SHARD - r
@@ -625,6 +640,15 @@ cdef class BatchIO:
             self._send_replies(fd, self._shdrs, cnt)
         handed_out[0] = handed
         return n
+
+    cdef bint _queued(self, WriteQueue wq, const char* buf, Py_ssize_t n, Py_ssize_t hl, int port,
+                      sockaddr_storage* ss, socklen_t namelen, int li, double now) noexcept:
+        """Queue the write the shared core just staged; False when it must go to
+        Python (no primary known for its slot, or no memory)."""
+        try:
+            return wq.add(buf, n, self._last_text, hl, port, ss, namelen, li, now) == 0
+        except Exception:
+            return False
 
     def serve_inbox(self, int fd, object serve_shard, double now, list udp_fds,
                     object bug=None):

@@ -138,6 +138,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("fastsip_cluster_batched_writes_total", COUNTER,
            "Writes sent in those pipelines (divided by the round trips: the mean batch).",
            ("cluster_batched",)),
+    Metric("fastsip_cluster_queued_writes_total", COUNTER,
+           "Of those, the ones the compiled loop queued in C (a UDP REGISTER staged on its "
+           "first decision); the others went through Python (TCP, decided again, retried).",
+           ("cluster_queued",)),
     Metric("fastsip_cluster_reads_total", COUNTER,
            "AOR records read from the shared location because the cache had no copy.",
            ("cluster_reads",)),

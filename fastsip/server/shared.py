@@ -27,6 +27,13 @@ Another node's write of an AOR this worker holds arrives as an invalidation
 the last ``RECENT`` seconds are kept, so that one that a failover lost (the
 stored version went backwards) is written again.  A stream connection that
 closes ends its flows in the records written over it (``flows_end``).
+
+The common case runs in C: the compiled loop calls the core itself and queues
+each staged write of a UDP REGISTER in ``WriteQueue`` (``fastsip/server/_writes.pxi``),
+one ``WriteGroup`` per primary and batch, which this room sends, and which takes its
+replies and acknowledges its writes in C.  Whatever else happens to one of them
+(a conflict, an error, a lost connection, WAIT coming short) hands it over here as
+a ``Pending`` (``_pending_of``), handled as any other.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
-from fastsip.server._io_c import BatchIO
+from fastsip.server._io_c import BatchIO, WriteGroup, WriteQueue, prune_recent
 
 LOG = logs.LOG
 
@@ -86,11 +93,12 @@ class Pending:
 class Batch:
     """The writes of one pipeline to one primary, and its WAIT."""
 
-    __slots__ = ("size", "acked")
+    __slots__ = ("size", "acked", "groups")
 
     def __init__(self):
         self.size = 0                   # writes sent
         self.acked = []                 # written, waiting for WAIT to say a replica has them
+        self.groups = []                # WriteGroups sent, waiting for WAIT too
 
 
 def _version(record) -> int:
@@ -121,11 +129,17 @@ class SharedLocation:
         self.parked = {}                # aor -> [Pending] waiting for its write
         self.parked_checked = 0.0       # time.time() of the last _expire_parked
         self.retry = collections.deque()    # writes waiting for the slot map
-        self.recent = collections.OrderedDict()  # aor -> (version, record, pxat, t) acknowledged
+        self.recent = {}                # aor -> (version, record, pxat, t) acknowledged last
+        self.recent_pruned = 0.0        # time.time() of the last prune_recent
         self.reasserting = set()        # aors being written again
         self.refresh_due = 0.0          # time.monotonic() of the next slot map read; 0: none
         self.load_library = False       # a primary has no fastsip library: load it
         self._serve = reg.serve_shard
+        # The loop calls the core in C and queues its staged writes here, by primary
+        # (set_queue); only what waits is a Pending (_slow).
+        self.wq = WriteQueue(reg, self._slow, grace)
+        self.primaries = []             # the primaries, as the queue's indices number them
+        self.udp_fds = [s.fileno() for s in udp_socks]
 
     # -- start and stop -------------------------------------------------------------
 
@@ -134,8 +148,17 @@ class SharedLocation:
         sync = SyncCluster(self.url)
         sync.close()
         self.slots = sync.slots
+        self._set_owners()
         for addr in self.slots.primaries:
             self._conn(addr)
+
+    def _set_owners(self) -> None:
+        """Tell the queue which primary serves each slot (the map changed)."""
+        if self.wq.n:                   # (never: the loop takes them after each batch)
+            self._send_groups()
+        self.primaries = self.slots.primaries
+        index = {addr: i for i, addr in enumerate(self.primaries)}
+        self.wq.set_owners([-1 if a is None else index.get(a, -1) for a in self.slots.owner])
 
     def close(self) -> None:
         for conn in self.conns.values():
@@ -158,9 +181,10 @@ class SharedLocation:
     # -- the loop's entries --------------------------------------------------------
 
     def serve_shard(self, data, host, port, now, transport, conn_id, shard, nshards):
-        """The core's ``serve_shard`` for the loop: every request is this worker's
-        (the shared location is the authority, not the worker's shard); a REGISTER
-        that changes bindings is answered when its write is done (None now)."""
+        """The core's ``serve_shard`` for Python callers (TCP, the inbox; the UDP
+        loop calls the core in C and queues in ``wq``): every request is this
+        worker's (the shared location is the authority, not the worker's shard); a
+        REGISTER that changes bindings is answered when its write is done (None now)."""
         r = self._serve(data, host, port, now, transport, conn_id, 0, 1)
         if type(r) is not int:
             return r
@@ -169,6 +193,13 @@ class SharedLocation:
         self._staged_or_parked(p, r)
         return None
 
+    def _slow(self, data, host, port, now, r, li) -> None:
+        """The loop's request that the queue does not take (WAIT, READ, or a write
+        whose slot has no known primary): a Pending, as ``serve_shard`` makes."""
+        p = Pending(data, host, port, "udp", -1, now)
+        p.li = li
+        self._staged_or_parked(p, r)
+
     def after_batch(self, li: int = -1) -> None:
         """A batch was read (from UDP listener ``li``; -1: from elsewhere): its writes
         go out now, in one pipeline per primary, each ended by WAIT 1."""
@@ -176,6 +207,8 @@ class SharedLocation:
             for p in self.born:
                 p.li = li
             self.born.clear()
+        if self.wq.n:
+            self._send_groups()
         if self.fresh:
             fresh, self.fresh = self.fresh, []
             for p in fresh:
@@ -190,6 +223,56 @@ class SharedLocation:
                 self.c.cluster_batched += batch.size
         if self.outbox:
             self._send_replies()
+
+    def _send_groups(self) -> None:
+        """The loop's queued writes: each primary's as one piece of its pipeline."""
+        for j, group in self.wq.take():
+            conn = self._conn(self.primaries[j]) if j < len(self.primaries) else None
+            if conn is None:
+                for i in range(group.n):
+                    self._unsure(self._pending_of(group, i))
+                continue
+            batch = self.batches.get(conn)
+            if batch is None:
+                batch = self.batches[conn] = Batch()
+            batch.size += group.n
+            self.c.cluster_queued += group.n
+            group.wait = bool(conn.replicas)
+            if group.wait:
+                batch.groups.append(group)
+            conn.push(group.commands(), group)
+
+    def _pending_of(self, group: WriteGroup, i: int) -> Pending:
+        """Write ``i`` of ``group`` as a Pending: Python takes it over."""
+        data, host, port, li, first, aor, expected, version, record, pxat, reply = group.hand(i)
+        p = Pending(data, host, port, "udp", -1, first)
+        p.li, p.aor, p.expected, p.version, p.record, p.pxat, p.reply = \
+            li, aor, expected, version, record, pxat, reply
+        return p
+
+    def _group_replied(self, group: WriteGroup, lost: bool) -> None:
+        """Redis answered every write of ``group`` (``lost``: the connection went
+        first).  Other replies than 1 are handled as a Pending's; what was written
+        is acknowledged now when no WAIT follows, else when it comes."""
+        for i, reply in group.take_odd():
+            self._written(self._pending_of(group, i), reply)
+        if lost:
+            for i in group.indices(0):
+                self._unsure(self._pending_of(group, i))
+        if not group.wait:
+            self._group_done(group, time.time())
+
+    def _group_done(self, group: WriteGroup, now: float) -> None:
+        """``_done`` for the written ones of ``group``, in C but for what waited."""
+        want = bool(self.parked or self.reasserting)
+        self.c.cluster_writes += group.done(self.store, self.recent, now, self.udp_fds, want)
+        if group.send_failed:
+            self.c.dropped_send_failed += group.send_failed
+        if want:
+            for aor in group.done_aors:
+                self.reasserting.discard(aor)
+                if aor in self.parked:
+                    self._release_parked(aor, now)
 
     def _send_replies(self) -> None:
         """The UDP replies of what was acknowledged, one sendmmsg per listener."""
@@ -217,9 +300,10 @@ class SharedLocation:
             self.after_batch()
         if self.parked and now - self.parked_checked > 1.0:
             self._expire_parked(now)
-        recent = self.recent
-        while recent and now - next(iter(recent.values()))[3] > RECENT:
-            recent.popitem(last=False)
+        if now - self.recent_pruned > RECENT / 2:
+            # (entries older than RECENT are ignored where read; this frees them)
+            self.recent_pruned = now
+            prune_recent(self.recent, now - RECENT)
         return REFRESH_EVERY if (self.retry or self.refresh_due) else 1.0
 
     def _expire_parked(self, now: float) -> None:
@@ -248,7 +332,9 @@ class SharedLocation:
 
     def on_reply(self, item, reply) -> None:
         """The reply to the command ``item`` stands for (LOST: it will not come)."""
-        if type(item) is Batch:
+        if type(item) is WriteGroup:
+            self._group_replied(item, reply is LOST)
+        elif type(item) is Batch:
             self._waited(item, reply)
         elif item.op == OP_WRITE:
             self._written(item, reply)
@@ -375,6 +461,8 @@ class SharedLocation:
         if type(reply) is int and reply >= 1:
             for p in batch.acked:
                 self._done(p, now)
+            for group in batch.groups:
+                self._group_done(group, now)
             return
         if reply is not LOST:
             self.c.cluster_wait_shortfalls += 1
@@ -382,6 +470,9 @@ class SharedLocation:
                 self._error(reply)
         for p in batch.acked:           # stored on the primary only: not acknowledged
             self._unsure(p)
+        for group in batch.groups:
+            for i in group.indices(1):
+                self._unsure(self._pending_of(group, i))
 
     def _done(self, p: Pending, now: float) -> None:
         """Acknowledged: the copy is the stored one; answer, remember, and decide
@@ -391,10 +482,7 @@ class SharedLocation:
         self.c.cluster_writes += 1
         if self.reasserting:
             self.reasserting.discard(aor)
-        recent = self.recent
-        if aor in recent:
-            recent.move_to_end(aor)
-        recent[aor] = (p.version, p.record, p.pxat, now)
+        self.recent[aor] = (p.version, p.record, p.pxat, now)
         if p.data is not None:
             self._answer(p, p.reply)
             if p.conn_id >= 0:          # its flows end with the connection (flows_end)
@@ -525,6 +613,7 @@ class SharedLocation:
             sync.close()
         slots, changed = sync.slots, self.slots is None or sync.slots.owner != self.slots.owner
         self.slots = slots
+        self._set_owners()
         for addr in [a for a in self.conns if a not in slots.replicas]:
             self.conns.pop(addr).close()
         for addr, conn in self.conns.items():
@@ -541,7 +630,8 @@ class SharedLocation:
     def _read_back(self) -> None:
         """After primaries changed: read what this worker acknowledged in the last
         RECENT seconds, and write again what went missing (``_check_backwards``)."""
-        for aor in list(self.recent):
+        now = time.time()
+        for aor in [aor for aor, mine in self.recent.items() if now - mine[3] <= RECENT]:
             key = KEY_HEAD + aor + b"}"
             conn = self._conn(self.slots.owner[key_slot(key)])
             if conn is not None:
@@ -562,7 +652,8 @@ class SharedLocation:
         """``stored`` (the stored record of ``aor``) is older than what this worker
         acknowledged: a failover lost a write.  Write ours again, as it was."""
         mine = self.recent.get(aor)
-        if mine is None or aor in self.reasserting or _version(stored) >= mine[0]:
+        if mine is None or now - mine[3] > RECENT or aor in self.reasserting or \
+                _version(stored) >= mine[0]:
             return
         if stored is None and mine[1] is None:
             return                      # ours was a removal, and nothing is stored

@@ -125,6 +125,7 @@ class Worker:
             self.tcp.after = self.shared.after_batch
             self.tcp.flows_end = self.shared.flows_end
             loop.set_after(self.shared.after_batch)
+            loop.set_queue(self.shared.wq)
         loop.serve(self.udp.io, self.handoffs.io, serve_shard, self.index, self.n,
                    self.handoffs.queues, self.handoffs.peer_fds, self.udp.fds, self.limiter,
                    hist, bug, self.handoffs.serve_others, MAX_PENDING_HANDOFF)

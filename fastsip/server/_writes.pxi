@@ -1,0 +1,392 @@
+# Included by _io_c.pyx: the staged writes of the shared location (--cluster), kept in C.
+#
+# With --cluster the loop calls the core in C as without it (serve_c).  A REGISTER that
+# changes bindings comes back SV_STAGED: the core applied the plan to its cache and left
+# the write in C fields (RegistrarCore.staged_*).  WriteQueue.add packs its FCALL
+# (fastsip/cluster/_resp_c.pxd) into the WriteGroup of the primary of its slot, with the
+# request, its source and the reply, and no Python object is made for it.  The shared
+# location (fastsip/server/shared.py) takes the groups once per batch (take) and sends
+# each as one pipeline; a group stands for all its commands on the connection, takes
+# their replies (take_reply: 1 is written, anything else is kept for Python), and when
+# acknowledged (done) ends the busy marks, remembers the records for a re-assertion and
+# sends the 200s with one sendmmsg.  Whatever is not the common case (a conflict, an
+# error, a lost connection, WAIT coming short) is handed to Python as the request it
+# was (hand), and handled as before.
+
+from cpython.dict cimport PyDict_DelItem, PyDict_Next, PyDict_SetItem
+from cpython.ref cimport PyObject
+from libc.stdint cimport int16_t, uint64_t
+
+from fastsip.cluster._resp_c cimport cas_size, cas_slot, cas_write
+
+
+cdef enum:
+    SLOTS = 16384           # Redis Cluster's hash slots
+    W_SENT = 0              # queued or sent, no reply yet
+    W_ACKED = 1             # Redis answered 1: written (a WAIT may still be due)
+    W_ODD = 2               # another reply: Python's (take_odd)
+    W_DONE = 3              # answered, or handed to Python
+
+
+ctypedef struct Write:
+    Py_ssize_t cmd_off, cmd_len         # its FCALL, in the group's commands
+    Py_ssize_t aor_off                  # in the group's data: the AOR, the source host,
+    Py_ssize_t aor_len, host_len        # the reply and the request, one after another
+    Py_ssize_t reply_len, req_len
+    uint64_t expected, version
+    long long pxat
+    double first                        # when the request arrived
+    sockaddr_storage to
+    socklen_t tolen
+    int port, li
+    uint8_t state
+    uint8_t tosend                      # done(): its reply is still to send
+
+
+cdef int _grow(char** buf, Py_ssize_t* cap, Py_ssize_t need) except -1:
+    cdef Py_ssize_t c = cap[0] if cap[0] else 4096
+    cdef char* p
+    if need <= cap[0]:
+        return 0
+    while c < need:
+        c *= 2
+    p = <char*>realloc(buf[0], c)
+    if p == NULL:
+        raise MemoryError()
+    buf[0] = p
+    cap[0] = c
+    return 0
+
+
+cdef class WriteGroup:
+    """The staged writes of one batch to one primary (see ``_writes.pxi``).
+
+    ``n`` writes, ``taken`` of them answered; ``wait``: a ``WAIT`` follows
+    them (the primary has a replica), so ``done`` waits for it.
+    """
+
+    cdef Write* w
+    cdef Py_ssize_t cap
+    cdef readonly Py_ssize_t n, taken
+    cdef char* cmd
+    cdef Py_ssize_t cmd_len, cmd_cap
+    cdef char* data
+    cdef Py_ssize_t data_len, data_cap
+    cdef list records                   # per write: its record (bytes) or None
+    cdef list odd                       # (i, reply) of replies other than 1
+    cdef public bint wait
+    cdef readonly list done_aors        # the AORs done() acknowledged, when asked for
+    cdef readonly Py_ssize_t send_failed
+
+    def __cinit__(self):
+        self.records = []
+        self.odd = []
+
+    def __dealloc__(self):
+        free(self.w)
+        free(self.cmd)
+        free(self.data)
+
+    cdef int _add(self, RegistrarCore core, const char* req, Py_ssize_t req_len,
+                  const char* host, Py_ssize_t host_len, int port, sockaddr_storage* to,
+                  socklen_t tolen, int li, double now, long long pxat) except -1:
+        cdef Write* w
+        cdef Write* grown
+        cdef Py_ssize_t size, nr
+        cdef object record = core.staged_record
+        cdef char* d
+        if self.n == self.cap:
+            grown = <Write*>realloc(self.w, (self.cap * 2 if self.cap else 16) * sizeof(Write))
+            if grown == NULL:
+                raise MemoryError()
+            self.w = grown
+            self.cap = self.cap * 2 if self.cap else 16
+        w = &self.w[self.n]
+        nr = 0 if record is None else PyBytes_GET_SIZE(<bytes>record)
+        size = cas_size(core.staged_aor_len, core.staged_expected, nr, pxat)
+        # everything that can fail first: a command without its entry would take
+        # another write's reply
+        _grow(&self.cmd, &self.cmd_cap, self.cmd_len + size)
+        _grow(&self.data, &self.data_cap, self.data_len + core.staged_aor_len + host_len
+              + core.staged_reply + req_len)
+        self.records.append(record)
+        cas_write(self.cmd + self.cmd_len, core.staged_aor, core.staged_aor_len,
+                  core.staged_expected, NULL if record is None else PyBytes_AS_STRING(record),
+                  nr, pxat, False)
+        w.cmd_off = self.cmd_len
+        w.cmd_len = size
+        self.cmd_len += size
+        w.aor_len = core.staged_aor_len
+        w.host_len = host_len
+        w.reply_len = core.staged_reply
+        w.req_len = req_len
+        w.aor_off = self.data_len
+        d = self.data + self.data_len
+        memcpy(d, core.staged_aor, w.aor_len)
+        memcpy(d + w.aor_len, host, host_len)
+        memcpy(d + w.aor_len + host_len, core.staged_reply_bytes(), w.reply_len)
+        memcpy(d + w.aor_len + host_len + w.reply_len, req, req_len)
+        self.data_len += w.aor_len + host_len + w.reply_len + req_len
+        w.expected = core.staged_expected
+        w.version = core.staged_version
+        w.pxat = pxat
+        w.first = now
+        memcpy(&w.to, to, tolen)
+        w.tolen = tolen
+        w.port = port
+        w.li = li
+        w.state = W_SENT
+        w.tosend = 0
+        self.n += 1
+        return 0
+
+    def commands(self):
+        """The FCALLs of the group, one after another, as they go on the wire."""
+        return PyBytes_FromStringAndSize(self.cmd, self.cmd_len)
+
+    def take_reply(self, reply):
+        """Redis's reply to the next write; True when it was the group's last."""
+        self._take(reply)
+        return self.taken >= self.n
+
+    cdef int _take(self, object reply) except -1:
+        cdef Py_ssize_t i = self.taken
+        if i >= self.n:
+            return 0
+        self.taken += 1
+        if type(reply) is int and reply == 1:
+            self.w[i].state = W_ACKED
+        else:
+            self.w[i].state = W_ODD
+            self.odd.append((i, reply))
+        return 0
+
+    def take_from(self, reader, push_type):
+        """Take the replies of the writes left from ``reader`` (a ``hiredis.Reader``):
+        True when the group's last was taken, False when the reader has no more,
+        or a push (of ``push_type``, ``hiredis.PushNotification``) for the caller."""
+        cdef object gets = reader.gets
+        cdef object reply
+        while self.taken < self.n:
+            reply = gets()
+            if reply is False:
+                return False
+            if type(reply) is push_type:
+                return reply
+            self._take(reply)
+        return True
+
+    def take_odd(self):
+        """``[(i, reply)]``: the replies other than 1 taken since the last call."""
+        cdef list odd = self.odd
+        self.odd = []
+        return odd
+
+    def indices(self, int state):
+        """The writes in ``state`` (0: no reply yet, 1: written)."""
+        cdef Py_ssize_t i
+        return [i for i in range(self.n) if self.w[i].state == state]
+
+    def hand(self, Py_ssize_t i):
+        """Write ``i`` for Python, which takes it over: ``(request, host, port,
+        listener, first, aor, expected, version, record, pxat, reply)``."""
+        cdef Write* w
+        cdef const char* d
+        if i < 0 or i >= self.n:
+            raise IndexError(i)
+        w = &self.w[i]
+        d = self.data + w.aor_off
+        w.state = W_DONE
+        return (PyBytes_FromStringAndSize(d + w.aor_len + w.host_len + w.reply_len, w.req_len),
+                PyBytes_FromStringAndSize(d + w.aor_len, w.host_len), w.port, w.li, w.first,
+                PyBytes_FromStringAndSize(d, w.aor_len), w.expected, w.version,
+                self.records[i], w.pxat,
+                PyBytes_FromStringAndSize(d + w.aor_len + w.host_len, w.reply_len)
+                if w.reply_len else None)
+
+    def done(self, Store store not None, dict recent not None, double now,
+             list udp_fds not None,
+             bint want_aors=False):
+        """The written ones (1, and the WAIT after them when ``wait``) are
+        acknowledged: their AORs' copies are the stored ones (``Store.cache_done``),
+        their records go to ``recent`` (aor -> (version, record, pxat, now)),
+        their 200s leave with one sendmmsg per listener (``udp_fds[li]``;
+        the ones that could not are counted in ``send_failed``).  Returns how many;
+        with ``want_aors`` their AORs are in ``done_aors``."""
+        cdef Py_ssize_t i, count = 0, k, nfds = len(udp_fds)
+        cdef int li, cnt
+        cdef Write* w
+        cdef const char* d
+        cdef bytes aor
+        cdef mmsghdr* hdrs = NULL
+        cdef iovec* iov = NULL
+        cdef list aors = [] if want_aors else None
+        try:
+            for i in range(self.n):
+                w = &self.w[i]
+                if w.state != W_ACKED:
+                    continue
+                w.state = W_DONE
+                d = self.data + w.aor_off
+                store.done_c(d, w.aor_len)
+                aor = PyBytes_FromStringAndSize(d, w.aor_len)
+                PyDict_SetItem(recent, aor, (w.version, self.records[i], w.pxat, now))
+                if aors is not None:
+                    aors.append(aor)
+                count += 1
+                if w.reply_len:
+                    if hdrs == NULL:
+                        hdrs = <mmsghdr*>PyMem_Malloc(self.n * sizeof(mmsghdr))
+                        iov = <iovec*>PyMem_Malloc(self.n * sizeof(iovec))
+                        if hdrs == NULL or iov == NULL:
+                            raise MemoryError()
+                    w.tosend = 1
+            if hdrs != NULL:
+                for li in range(nfds):
+                    cnt = 0
+                    for i in range(self.n):
+                        w = &self.w[i]
+                        if not w.tosend or w.li != li:
+                            continue
+                        w.tosend = 0
+                        memset(&hdrs[cnt], 0, sizeof(mmsghdr))
+                        iov[cnt].iov_base = self.data + w.aor_off + w.aor_len + w.host_len
+                        iov[cnt].iov_len = w.reply_len
+                        hdrs[cnt].msg_hdr.msg_iov = &iov[cnt]
+                        hdrs[cnt].msg_hdr.msg_iovlen = 1
+                        hdrs[cnt].msg_hdr.msg_name = &w.to
+                        hdrs[cnt].msg_hdr.msg_namelen = w.tolen
+                        cnt += 1
+                    if cnt:
+                        self.send_failed += _sendmmsg_all(<int>udp_fds[li], hdrs, cnt)
+                for i in range(self.n):             # a listener that is not there
+                    if self.w[i].tosend:
+                        self.w[i].tosend = 0
+                        self.send_failed += 1
+        finally:
+            PyMem_Free(hdrs)
+            PyMem_Free(iov)
+        self.done_aors = aors
+        return count
+
+
+cdef Py_ssize_t _sendmmsg_all(int fd, mmsghdr* hdrs, int cnt) noexcept:
+    """sendmmsg ``cnt`` datagrams; returns how many did not go out (a full
+    socket buffer, an error for a destination: the client retransmits)."""
+    cdef int i = 0, n
+    cdef Py_ssize_t failed = 0
+    while i < cnt:
+        with nogil:
+            n = sendmmsg(fd, hdrs + i, <unsigned int>(cnt - i), MSG_DONTWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return failed + cnt - i
+            failed += 1
+            i += 1
+            continue
+        i += n
+    return failed
+
+
+cdef class WriteQueue:
+    """A shared core's staged writes of one batch, by primary (see ``_writes.pxi``).
+
+    ``WriteQueue(core, slow, grace)``: ``core`` a ``RegistrarCore(shared=True)``,
+    called in C by the loop; ``slow(data, host, port, now, r, li)`` takes a
+    request that cannot be queued here (``r``: STAGED without a known primary,
+    WAIT, READ); ``grace``: seconds a key outlives its latest binding
+    (``--cluster-grace``).  ``set_owners(owners)``: the primary index of each
+    slot (-1: none).  ``take()``: the groups queued since the last call.
+    """
+
+    cdef readonly RegistrarCore core
+    cdef readonly object slow
+    cdef double grace
+    cdef int16_t owner[SLOTS]
+    cdef list groups                    # primary index -> WriteGroup of this batch, or None
+    cdef readonly Py_ssize_t n          # writes queued since take()
+
+    def __init__(self, RegistrarCore core not None, slow, double grace):
+        cdef int s
+        if not core.shared:
+            raise ValueError("the core is not in shared mode")
+        self.core = core
+        self.slow = slow
+        self.grace = grace
+        self.groups = []
+        for s in range(SLOTS):
+            self.owner[s] = -1
+
+    def set_owners(self, owners):
+        """``owners[slot]``: the index of the primary serving it (-1: none), for
+        every slot (16384)."""
+        cdef int s, j, top = -1
+        if len(owners) != SLOTS:
+            raise ValueError(f"{SLOTS} slots expected")
+        for s in range(SLOTS):
+            j = owners[s]
+            if j < -1 or j > 32767:
+                raise ValueError("a primary index out of range")
+            self.owner[s] = <int16_t>j
+            if j > top:
+                top = j
+        for j in range(len(self.groups), top + 1):
+            self.groups.append(None)
+
+    cdef int add(self, const char* req, Py_ssize_t req_len, const char* host,
+                 Py_ssize_t host_len, int port, sockaddr_storage* to, socklen_t tolen, int li,
+                 double now) except -1:
+        """Queue the write the core just staged (SV_STAGED) for the request ``req``
+        from ``host``:``port`` (``to``); 1 when no primary is known for its slot
+        (the caller hands it to ``slow``)."""
+        cdef RegistrarCore core = self.core
+        cdef int slot = cas_slot(core.staged_aor, core.staged_aor_len), j
+        cdef WriteGroup g
+        cdef long long pxat = 0
+        if slot < 0:
+            return 1
+        j = self.owner[slot]
+        if j < 0 or j >= len(self.groups):
+            return 1
+        g = <WriteGroup>self.groups[j]
+        if g is None:
+            g = WriteGroup()
+            self.groups[j] = g
+        if core.staged_record is not None:
+            pxat = <long long>((core.staged_latest + self.grace) * 1000)
+        g._add(core, req, req_len, host, host_len, port, to, tolen, li, now, pxat)
+        self.n += 1
+        return 0
+
+    def take(self):
+        """``[(primary index, WriteGroup)]`` queued since the last call."""
+        cdef list out = []
+        cdef Py_ssize_t j
+        if not self.n:
+            return out
+        for j in range(len(self.groups)):
+            if self.groups[j] is not None:
+                out.append((j, self.groups[j]))
+                self.groups[j] = None
+        self.n = 0
+        return out
+
+
+def prune_recent(dict recent not None, double before):
+    """Remove the entries of ``recent`` (aor -> (..., t)) with ``t`` < ``before``
+    (the shared location's acknowledged records, kept for a re-assertion); one
+    pass in C, however many there are.  Returns how many went."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef list old = []
+    cdef object v
+    while PyDict_Next(recent, &pos, &key, &value):
+        v = <object>value
+        if type(v) is tuple and len(<tuple>v) >= 4 and <double>(<tuple>v)[3] < before:
+            old.append(<object>key)
+    for k in old:
+        PyDict_DelItem(recent, k)
+    return len(old)

@@ -72,8 +72,8 @@ cdef class RegistrarCore:
     cpdef object handle(self, bytes data, tuple source, double now, str transport=*,
                         int64_t conn_id=*)
     cdef Py_ssize_t _register(self, Req* rq, int rc) except SV_ERROR
-    cdef Py_ssize_t _stage(self, const char* aor, Py_ssize_t aor_len, uint64_t expected,
-                           double now, Py_ssize_t reply) except SV_ERROR
+    cdef Py_ssize_t _stage(self, int32_t a, const char* aor, Py_ssize_t aor_len,
+                           uint64_t expected, double now, Py_ssize_t reply) except SV_ERROR
     cdef const char* staged_reply_bytes(self) noexcept
     cdef object _authenticate(self, const Req* rq)
     cdef void _failed(self, str label)

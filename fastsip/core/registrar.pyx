@@ -271,7 +271,7 @@ cdef class RegistrarCore:
             # A retransmission of what a copy read from the shared location holds:
             # that write may not have reached a replica (its writer got no WAIT
             # and answered 500).  Write it again, so that its WAIT says it did.
-            return self._stage(reg.aor, reg.aor_len, st.versions[a], rq.now,
+            return self._stage(a, reg.aor, reg.aor_len, st.versions[a], rq.now,
                                self.writer.ok(rq, listing, self.plan.outbound,
                                               rq.m.first[<int>HDR_PATH] >= 0 and
                                               _supports_path(rq)))
@@ -284,21 +284,23 @@ cdef class RegistrarCore:
             st.view_at(a, rq.now, &self.after)
             listing = &self.after
             if self.shared:
-                return self._stage(reg.aor, reg.aor_len, expected, rq.now, self.writer.ok(
+                return self._stage(a, reg.aor, reg.aor_len, expected, rq.now, self.writer.ok(
                     rq, listing, self.plan.outbound,
                     rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq)))
         return self.writer.ok(rq, listing, self.plan.outbound,
                               rq.m.first[<int>HDR_PATH] >= 0 and _supports_path(rq))
 
-    cdef Py_ssize_t _stage(self, const char* aor, Py_ssize_t aor_len, uint64_t expected,
-                           double now, Py_ssize_t reply) except SV_ERROR:
+    cdef Py_ssize_t _stage(self, int32_t a, const char* aor, Py_ssize_t aor_len,
+                           uint64_t expected, double now, Py_ssize_t reply) except SV_ERROR:
         """Shared mode: the plan is applied to the cache (whose version of the AOR
         was ``expected``); stage its write (the AOR's new record with the next
         version, see ``staged``) with the reply just written (``reply``: its
         length; 0: no reply), mark the AOR busy until the write is done, and return
-        SV_STAGED instead of the reply."""
+        SV_STAGED instead of the reply.  ``a``: the AOR's slot, -1 when the plan
+        left it with nothing and the store let it go (it is added back, busy)."""
         cdef Store st = self.store
-        cdef int32_t a = st.find_or_add(aor, aor_len)
+        if a < 0:
+            a = st.find_or_add(aor, aor_len)
         cdef uint64_t version = <uint64_t>(now * 1e6)
         cdef double latest = 0.0
         cdef object record = None
@@ -604,7 +606,7 @@ cdef class RegistrarCore:
         expected = st.versions[a]
         if not st.end_flows(a, conn_id, host, port):
             return None
-        return self._result(self._stage(aor, len(aor), expected, now, 0))
+        return self._result(self._stage(st.find(aor, len(aor)), aor, len(aor), expected, now, 0))
 
     # -- the redirect server (RFC 3261 8.3) ---------------------------------------
 

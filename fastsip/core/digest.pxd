@@ -66,6 +66,10 @@ cdef class NonceCounts:
                     double now, uint64_t window, Py_ssize_t max_entries, double ttl) except -1
 
 
+cdef enum:
+    NONCE_LEN = 43       # a nonce's base64url digits (AuthCore.nonce_into)
+
+
 cdef class AuthCore:
     cdef object _realm
     cdef public object policy
@@ -85,12 +89,19 @@ cdef class AuthCore:
     cdef Field _rfield
     cdef NonceCounts counts
     cdef readonly FailureBudget failures
+    cdef object _qop                     # the qop setting (a tuple of str)
+    cdef object _chal_realm, _chal_offered   # the last challenge's key ...
+    cdef tuple _chal_last                # ... and its parts (challenge_parts)
+    cdef dict _chal_cache                # (realm, offered) -> parts
 
     cdef object host_of(self, object aor_domain)
     cdef object realm_for(self, object aor_domain)
     cdef list realm_field(self, object realm, Field* out)
     cdef int selects(self, const Cred* c, const Field* realm) noexcept
     cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1
+    cdef int nonce_into(self, object realm, double now, char* out) except -1
+    cdef object offered(self, object realm, object user)
+    cdef tuple challenge_parts(self, object realm, object offered)
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1
     cdef int verify(self, const Cred* c, int alg, const Field* method, const Field* ruri,
                     object realm, const Field* rf, object aor_user, object aor_domain,

@@ -84,6 +84,12 @@ _OUTCOMES = (
     (401, "nonce count replayed", True),
     (403, "user may not register this AOR", False),
 )
+# the status and stale flag of each outcome, for C callers
+cdef int OUTCOME_STATUS[16]
+cdef bint OUTCOME_STALE[16]
+for _i, (_status, _reason, _stale) in enumerate(_OUTCOMES):
+    OUTCOME_STATUS[_i] = _status
+    OUTCOME_STALE[_i] = _stale
 
 
 def _outcome(int code):
@@ -458,6 +464,11 @@ cdef object own_aor_only_host(auth_user, realm, aor_user, host):
     return auth_user == aor_user and host == realm.lower()
 
 
+def _quote(text):
+    """``text`` as a quoted-string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def own_aor_only(auth_user, realm, aor_user, aor_domain) -> bool:
     """The default policy: a user may register only its own AOR.
 
@@ -822,9 +833,9 @@ cdef object _UNSET = object()
 
 
 cdef class AuthCore:
-    """Settings, nonce key and nonce-count table of a digest check, and the
-    check itself; the base class of ``fastsip.auth.Authorize``, which supplies
-    ``_ha1``, ``_dummy_ha1``, ``_result`` and the challenges."""
+    """Settings, nonce key and nonce-count table of a digest check, the check
+    itself and the challenges; the base class of ``fastsip.auth.Authorize``,
+    which supplies the users (``_ha1``, ``_dummy_ha1``, ``algorithms_for``)."""
 
     def __cinit__(self):
         self.counts = NonceCounts()
@@ -836,6 +847,9 @@ cdef class AuthCore:
         self.ttl = 300.0
         self.window = 1024
         self.max_entries = 100_000
+        self._qop = ()
+        self._chal_realm = _UNSET
+        self._chal_cache = {}
 
     # -- settings (plain attributes of Authorize, kept in C for the check) ----
 
@@ -868,6 +882,22 @@ cdef class AuthCore:
                 mask |= 1u << (ALGORITHMS.index(a) + 1)
         self.alg_mask = mask
         self._algorithms = value
+        self._forget_challenges()
+
+    @property
+    def qop(self):
+        return self._qop
+
+    @qop.setter
+    def qop(self, value):
+        self._qop = value
+        self._forget_challenges()
+
+    def _forget_challenges(self):
+        """Drop the remembered challenge texts (the settings they show changed)."""
+        self._chal_realm = self._chal_offered = _UNSET
+        self._chal_last = None
+        self._chal_cache = {}
 
     @property
     def replay_window(self):
@@ -973,12 +1003,12 @@ cdef class AuthCore:
         self.mac16(head, &rf, out)
         return PyBytes_FromStringAndSize(<char*>out, 16)
 
-    def _new_nonce(self, realm, double now):
-        """A fresh nonce for ``realm`` issued at ``now`` (docs/auth.md): 8 bytes of
-        issue time (ms, big-endian, signed) | 8 random bytes | the first 16 bytes of
-        HMAC-SHA-256 over both and the realm, as 43 base64url digits (no padding)."""
+    cdef int nonce_into(self, object realm, double now, char* out) except -1:
+        """A fresh nonce for ``realm`` issued at ``now`` into ``out`` (NONCE_LEN
+        bytes, docs/auth.md): 8 bytes of issue time (ms, big-endian, signed) | 8
+        random bytes | the first 16 bytes of HMAC-SHA-256 over both and the realm,
+        as 43 base64url digits (no padding)."""
         cdef unsigned char raw[33]
-        cdef char out[44]
         cdef Field rf
         cdef double t = now * 1000.0
         cdef uint64_t ms
@@ -1005,7 +1035,66 @@ cdef class AuthCore:
         out[40] = B64URL_DIGITS[acc >> 18]
         out[41] = B64URL_DIGITS[(acc >> 12) & 63]
         out[42] = B64URL_DIGITS[(acc >> 6) & 63]
-        return PyUnicode_DecodeASCII(out, 43, NULL)
+        return 0
+
+    def _new_nonce(self, realm, double now):
+        """A fresh nonce for ``realm`` issued at ``now``, as str (``nonce_into``)."""
+        cdef char out[<int>NONCE_LEN]
+        self.nonce_into(realm, now, out)
+        return PyUnicode_DecodeASCII(out, NONCE_LEN, NULL)
+
+    # -- challenges -----------------------------------------------------------
+
+    cdef object offered(self, object realm, object user):
+        """The algorithms a 401 offers ``user`` (the user part of the AOR in To;
+        None: all of them): ``algorithms_for``, which with one algorithm
+        configured can only answer that one and is not asked."""
+        algorithms = self._algorithms
+        if user is None or len(algorithms) == 1:
+            return algorithms
+        return self.algorithms_for(user, realm)
+
+    cdef tuple challenge_parts(self, object realm, object offered):
+        """What surrounds the nonce in the challenges for ``realm`` offering
+        ``offered``: ``(text, text stale, wire, wire stale)``.  ``text``: one
+        ``(head, tail)`` of str per algorithm (``challenge``); ``wire``: the same
+        as the reply writer writes them, a flat list of bytes, head then tail
+        per header (``WWW-Authenticate: `` ... CRLF, ``ReplyWriter.challenge``).
+        The last key is remembered, and 64 others."""
+        if (realm is self._chal_realm or realm == self._chal_realm) and \
+                (offered is self._chal_offered or offered == self._chal_offered):
+            return self._chal_last
+        key = (realm, offered)
+        parts = self._chal_cache.get(key)
+        if parts is None:
+            qop = f', qop="{",".join(self._qop)}"' if self._qop else ""
+            text = []
+            for stale in (False, True):
+                tail = qop + ", stale=true" if stale else qop
+                text.append([(f'Digest realm={_quote(realm)}, nonce="', f'", algorithm={alg}{tail}')
+                             for alg in offered])
+            wire = [[b for head, tail in pairs
+                     for b in (f"WWW-Authenticate: {head}".encode("utf-8", "replace"),
+                               f"{tail}\r\n".encode("utf-8", "replace"))]
+                    for pairs in text]
+            parts = (text[0], text[1], wire[0], wire[1])
+            if len(self._chal_cache) >= 64:
+                self._chal_cache.clear()
+            self._chal_cache[key] = parts
+        self._chal_realm = realm
+        self._chal_offered = offered
+        self._chal_last = parts
+        return parts
+
+    def challenge(self, realm, double now, bint stale=False, user=None):
+        """WWW-Authenticate values, one per algorithm of ``algorithms_for(user,
+        realm)``, in ``algorithms`` order (``user``: the user part of the AOR in
+        To; None offers them all), with one fresh nonce.  The registrar writes
+        the same 401 in C (``ReplyWriter.challenge``) unless a subclass
+        overrides this method."""
+        nonce = self._new_nonce(realm, now)
+        parts = self.challenge_parts(realm, self.offered(realm, user))[1 if stale else 0]
+        return [head + nonce + tail for head, tail in parts]
 
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1:
         """Step 4: 1 and the issue time if we signed ``nonce`` for ``realm``, else 0.

@@ -415,6 +415,17 @@ def test_response_formula_matches_the_python_one(alg, ha1, method, uri, nonce, q
     assert got == expected
 
 
+@pytest.mark.parametrize("alg", ["SHA-256", "SHA-256-sess", "MD5", "MD5-sess"])
+@pytest.mark.parametrize("size", [0, 1, 55, 56, 63, 64, 119, 511, 512, 513, 5000])
+def test_long_and_block_edge_texts_hash_as_hashlib_does(alg, size):
+    """The compiled hashes (joined on the stack up to 512 bytes, else on the
+    heap) at the lengths where MD5 and SHA-256 padding changes."""
+    cnonce = ("c" * size)[:size]
+    expected = _old_response(alg, "ab" * 16, "REGISTER", "sip:x", "n", "auth", "00000001", cnonce)
+    assert digest_response(alg, "u", "r", ha1="ab" * 16, method="REGISTER", uri="sip:x",
+                           nonce="n", qop="auth", nc="00000001", cnonce=cnonce) == expected
+
+
 def test_ha2_memo_keeps_algorithms_and_texts_apart():
     for uri in ["sip:a", "sip:b", "sip:a" + "x" * 300]:
         for alg in ("MD5", "SHA-256"):

@@ -6,6 +6,29 @@
 # copied and no dict is built.
 
 
+# MD5 and SHA-256 from OpenSSL's libcrypto (the one Python's hashlib loads):
+# the context functions, which hash in place; the one-shot MD5() and SHA256()
+# of OpenSSL 3 go through its provider lookup and cost more per call.  They
+# are deprecated in 3.0 but kept; asking for the 1.1.1 API declares them
+# without the deprecation warning.
+cdef extern from *:
+    """
+    #define OPENSSL_API_COMPAT 10101
+    #include <openssl/md5.h>
+    #include <openssl/sha.h>
+    """
+    ctypedef struct MD5_CTX:
+        pass
+    ctypedef struct SHA256_CTX:
+        pass
+    int MD5_Init(MD5_CTX* c) nogil
+    int MD5_Update(MD5_CTX* c, const void* data, size_t n) nogil
+    int MD5_Final(unsigned char* md, MD5_CTX* c) nogil
+    int SHA256_Init(SHA256_CTX* c) nogil
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t n) nogil
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c) nogil
+
+
 cdef enum FieldId:
     F_USERNAME = 0
     F_REALM
@@ -82,7 +105,8 @@ cdef class AuthCore:
     cdef object _max_obj
     cdef Py_ssize_t max_entries
     cdef object _secret_obj
-    cdef object _inner, _outer           # SHA-256 states after the HMAC key pads
+    cdef SHA256_CTX _inner, _outer       # SHA-256 states after the HMAC key pads
+    cdef bint _keyed                     # _inner and _outer are set (_secret)
     cdef object _dom, _dom_host          # the last aor_domain and its host
     cdef object _rstr                    # the last realm and its Field
     cdef list _rkeep

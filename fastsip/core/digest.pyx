@@ -9,13 +9,11 @@
 # deployment stays in Python and is called back: ``Authorize._ha1`` (the users),
 # the ``policy`` (unless it is ``own_aor_only``), and the challenge.
 #
-# Hashing goes through hashlib (OpenSSL).  Text is hashed as
+# Hashing calls OpenSSL's libcrypto in C (digest.pxd).  Text is hashed as
 # ``fastsip.auth._bytes`` does: UTF-8 with U+DC80..U+DCFF as the original bytes
 # (surrogateescape), or with surrogates passed when some part of the text has a
 # surrogate that is no escaped byte.
 #
-import hashlib
-
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
 
@@ -46,9 +44,6 @@ cdef inline bint is_sha256(int alg) noexcept nogil:
 
 cdef inline Py_ssize_t hex_len(int alg) noexcept nogil:
     return 64 if is_sha256(alg) else 32
-
-_SHA256 = hashlib.sha256
-_MD5 = hashlib.md5
 
 
 # Outcomes of verify: the low byte is the step that failed (docs/auth.md),
@@ -307,10 +302,22 @@ cdef inline void to_hex(const unsigned char* d, Py_ssize_t n, char* out) noexcep
         out[2 * i + 1] = HEXDIGITS[d[i] & 15]
 
 
-cdef int digest_into(int alg, bytes text, unsigned char* out) except -1:
-    d = (_SHA256 if is_sha256(alg) else _MD5)(text).digest()
-    memcpy(out, PyBytes_AS_STRING(d), PyBytes_GET_SIZE(d))
-    return 0
+cdef void digest_into(int alg, const void* p, Py_ssize_t n, unsigned char* out) noexcept nogil:
+    """The MD5 or SHA-256 (by ``alg``) of ``n`` bytes at ``p`` into ``out``."""
+    cdef MD5_CTX m
+    cdef SHA256_CTX s
+    if is_sha256(alg):
+        SHA256_Init(&s)
+        SHA256_Update(&s, p, <size_t>n)
+        SHA256_Final(out, &s)
+    else:
+        MD5_Init(&m)
+        MD5_Update(&m, p, <size_t>n)
+        MD5_Final(out, &m)
+
+
+cdef enum:
+    HASH_TEXT = 512         # a text up to this long is joined on the stack
 
 
 cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1:
@@ -318,7 +325,8 @@ cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1
     cdef bint escaped = True
     cdef Py_ssize_t total = k - 1, pos = 0, n
     cdef int i
-    cdef char* w
+    cdef char stack[<int>HASH_TEXT]
+    cdef char* w = stack
     cdef const char* p
     cdef unsigned char d[32]
     for i in range(k):
@@ -326,8 +334,10 @@ cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1
             escaped = False
     for i in range(k):
         total += parts[i].hn if escaped else parts[i].n
-    text = PyBytes_FromStringAndSize(NULL, total)
-    w = PyBytes_AS_STRING(text)
+    if total > HASH_TEXT:
+        w = <char*>PyMem_Malloc(total)
+        if w == NULL:
+            raise MemoryError()
     for i in range(k):
         if i:
             w[pos] = b':'
@@ -336,7 +346,9 @@ cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1
         n = parts[i].hn if escaped else parts[i].n
         memcpy(w + pos, p, n)
         pos += n
-    digest_into(alg, text, d)
+    digest_into(alg, w, total, d)
+    if w != stack:
+        PyMem_Free(w)
     to_hex(d, hex_len(alg) // 2, hexout)
     return 0
 
@@ -924,12 +936,27 @@ cdef class AuthCore:
 
     @_secret.setter
     def _secret(self, value):
+        cdef unsigned char pad[64]
+        cdef const unsigned char* k
+        cdef Py_ssize_t n, i
         key = bytes(value)
-        if len(key) > 64:
-            key = _SHA256(key).digest()
-        key = key.ljust(64, b"\0")
-        self._inner = _SHA256(bytes(b ^ 0x36 for b in key))
-        self._outer = _SHA256(bytes(b ^ 0x5C for b in key))
+        k = <const unsigned char*>PyBytes_AS_STRING(key)
+        n = len(key)
+        if n > 64:
+            digest_into(ALG_SHA256, k, n, pad)
+            key = PyBytes_FromStringAndSize(<char*>pad, 32)
+            k = <const unsigned char*>PyBytes_AS_STRING(key)
+            n = 32
+        for i in range(64):
+            pad[i] = (k[i] if i < n else 0) ^ 0x36
+        SHA256_Init(&self._inner)
+        SHA256_Update(&self._inner, pad, 64)
+        for i in range(64):
+            pad[i] = (k[i] if i < n else 0) ^ 0x5C
+        SHA256_Init(&self._outer)
+        SHA256_Update(&self._outer, pad, 64)
+        memset(pad, 0, 64)
+        self._keyed = True
         self._secret_obj = value
 
     @property
@@ -979,17 +1006,19 @@ cdef class AuthCore:
     cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1:
         """The first 16 bytes of HMAC-SHA-256(secret, head[:16] | realm)."""
         cdef bint escaped = realm.h != NULL
-        cdef Py_ssize_t rn = realm.hn if escaped else realm.n
+        cdef SHA256_CTX c
         cdef unsigned char d[32]
-        msg = PyBytes_FromStringAndSize(NULL, 16 + rn)
-        memcpy(PyBytes_AS_STRING(msg), head, 16)
-        memcpy(PyBytes_AS_STRING(msg) + 16, realm.h if escaped else realm.p, rn)
-        inner = self._inner.copy()
-        inner.update(msg)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        d_obj = outer.digest()
-        memcpy(out, PyBytes_AS_STRING(d_obj), 16)
+        if not self._keyed:
+            raise ValueError("no nonce secret set")
+        c = self._inner
+        SHA256_Update(&c, head, 16)
+        SHA256_Update(&c, realm.h if escaped else realm.p,
+                      <size_t>(realm.hn if escaped else realm.n))
+        SHA256_Final(d, &c)
+        c = self._outer
+        SHA256_Update(&c, d, 32)
+        SHA256_Final(d, &c)
+        memcpy(out, d, 16)
         return 0
 
     def _mac(self, bytes head, realm):

@@ -191,7 +191,8 @@ class Authorize(AuthCore):
                  fail_limit=10, fail_backoff=60.0):
         if users is None:
             raise TypeError("Authorize needs users: a dict, an htdigest path or a callable")
-        if isinstance(users, (str, os.PathLike)):
+        from_file = isinstance(users, (str, os.PathLike))
+        if from_file:
             users = load_htdigest(users)
         self.realm = realm
         self._users = users
@@ -219,6 +220,10 @@ class Authorize(AuthCore):
         self.failures.configure(fail_limit, fail_backoff)
         # The nonce-counts live in AuthCore (``_counts``).
         self._dummy_password = secrets.token_hex(16)
+        # A file's HA1s go into a C table the check reads (a dict given here may
+        # change later, and an overridden _ha1 must be asked: those stay in Python).
+        if from_file and type(self)._ha1 is Authorize._ha1:
+            self._load_ha1s(users)
         self._ha1_cache = {}
         self._common = None         # (len(users), the hashes every user holds)
 

@@ -89,6 +89,27 @@ cdef class NonceCounts:
                     double now, uint64_t window, Py_ssize_t max_entries, double ttl) except -1
 
 
+cdef struct Ha1Entry:
+    uint64_t hash        # 0: an empty slot
+    char* key            # the user's UTF-8, then the realm's
+    Py_ssize_t user_len
+    Py_ssize_t realm_len
+    uint32_t held        # bit 1 << ALG_MD5: md5 is set; 1 << ALG_SHA256: sha256 is
+    char md5[32]         # lower-case hex HA1s
+    char sha256[64]
+
+
+cdef class Ha1Table:
+    cdef Ha1Entry* e
+    cdef uint64_t cap                    # a power of two, at least twice n
+    cdef Py_ssize_t n
+    cdef uint64_t k0, k1
+
+    cdef uint64_t _hash(self, const char* u, Py_ssize_t ul, const char* r,
+                        Py_ssize_t rl) noexcept
+    cdef const char* find(self, const Field* user, const Field* realm, int alg) noexcept
+
+
 cdef enum:
     NONCE_LEN = 43       # a nonce's base64url digits (AuthCore.nonce_into)
 
@@ -112,6 +133,7 @@ cdef class AuthCore:
     cdef list _rkeep
     cdef Field _rfield
     cdef NonceCounts counts
+    cdef Ha1Table ha1s                   # the users file's HA1s, or None (_ha1 is asked)
     cdef readonly FailureBudget failures
     cdef object _qop                     # the qop setting (a tuple of str)
     cdef object _chal_realm, _chal_offered   # the last challenge's key ...

@@ -768,6 +768,107 @@ cdef int shift_in(CountEntry* x, uint64_t shift, uint64_t window) except -1:
 
 
 # --------------------------------------------------------------------------
+# The HA1 table
+# --------------------------------------------------------------------------
+
+@cython.final
+cdef class Ha1Table:
+    """The HA1s of an htdigest dict (``load_htdigest``: ``(user, realm)`` -> MD5
+    hex, ``(user, realm, "SHA-256")`` -> SHA-256 hex) in C, one entry per user
+    and realm, found by SipHash with a random key; keys are compared as UTF-8
+    bytes (a file read as UTF-8 holds no lone surrogates, so equal bytes are
+    equal str).  Built once from the dict; it does not follow later changes."""
+
+    def __cinit__(self, dict users):
+        cdef uint64_t cap = 16, h, i
+        cdef Ha1Entry* x
+        cdef Py_ssize_t ul, rl
+        cdef bytes ub, rb, hb
+        cdef int alg
+        k = os.urandom(16)
+        self.k0 = int.from_bytes(k[:8], "little")
+        self.k1 = int.from_bytes(k[8:], "little")
+        while cap < 2 * <uint64_t>len(users) + 2:
+            cap *= 2
+        self.e = <Ha1Entry*>PyMem_Malloc(cap * sizeof(Ha1Entry))
+        if self.e == NULL:
+            raise MemoryError()
+        memset(self.e, 0, cap * sizeof(Ha1Entry))
+        self.cap = cap
+        for key, ha1 in users.items():
+            if type(key) is not tuple or not (len(key) == 2 or (len(key) == 3 and
+                                                                key[2] == "SHA-256")):
+                raise ValueError("an HA1 table holds (user, realm[, 'SHA-256']) keys")
+            alg = ALG_MD5 if len(key) == 2 else ALG_SHA256
+            ub = (<str>key[0]).encode("utf-8")
+            rb = (<str>key[1]).encode("utf-8")
+            hb = (<str>ha1).lower().encode("ascii")
+            if len(hb) != hex_len(alg):
+                raise ValueError(f"an HA1 of {key[0]!r} has the wrong length")
+            ul = len(ub)
+            rl = len(rb)
+            h = self._hash(ub, ul, rb, rl)
+            i = h & (cap - 1)
+            while self.e[i].hash and not (self.e[i].hash == h and self.e[i].user_len == ul
+                                          and self.e[i].realm_len == rl
+                                          and memcmp(self.e[i].key, <char*>ub, ul) == 0
+                                          and memcmp(self.e[i].key + ul, <char*>rb, rl) == 0):
+                i = (i + 1) & (cap - 1)
+            x = &self.e[i]
+            if not x.hash:
+                x.key = <char*>PyMem_Malloc(ul + rl + 1)
+                if x.key == NULL:
+                    raise MemoryError()
+                memcpy(x.key, <char*>ub, ul)
+                memcpy(x.key + ul, <char*>rb, rl)
+                x.user_len = ul
+                x.realm_len = rl
+                x.hash = h
+                self.n += 1
+            if alg == ALG_MD5:
+                memcpy(x.md5, <char*>hb, 32)
+            else:
+                memcpy(x.sha256, <char*>hb, 64)
+            x.held |= 1u << alg
+
+    def __dealloc__(self):
+        cdef uint64_t i
+        if self.e != NULL:
+            for i in range(self.cap):
+                PyMem_Free(self.e[i].key)
+            PyMem_Free(self.e)
+
+    def __len__(self):
+        """The number of (user, realm) entries."""
+        return self.n
+
+    cdef uint64_t _hash(self, const char* u, Py_ssize_t ul, const char* r,
+                        Py_ssize_t rl) noexcept:
+        return (hash_bytes(u, ul, self.k0, self.k1) ^ hash_bytes(r, rl, self.k1, self.k0)
+                * GOLDEN) | 1       # never 0, which marks an empty slot
+
+    cdef const char* find(self, const Field* user, const Field* realm, int alg) noexcept:
+        """The hex HA1 of ``user`` in ``realm`` for the base algorithm of ``alg``
+        (hex_len(alg) bytes), or NULL when the file holds none."""
+        cdef uint64_t h = self._hash(user.p, user.n, realm.p, realm.n)
+        cdef uint64_t i = h & (self.cap - 1)
+        cdef Ha1Entry* x
+        cdef int base = ALG_SHA256 if is_sha256(alg) else ALG_MD5
+        while self.e[i].hash:
+            x = &self.e[i]
+            if x.hash == h and x.user_len == user.n and x.realm_len == realm.n \
+                    and memcmp(x.key, user.p, user.n) == 0 \
+                    and memcmp(x.key + user.n, realm.p, realm.n) == 0:
+                if not (x.held >> base) & 1:
+                    return NULL
+                if base == ALG_SHA256:
+                    return &x.sha256[0]
+                return &x.md5[0]
+            i = (i + 1) & (self.cap - 1)
+        return NULL
+
+
+# --------------------------------------------------------------------------
 # The check
 # --------------------------------------------------------------------------
 
@@ -958,6 +1059,16 @@ cdef class AuthCore:
         memset(pad, 0, 64)
         self._keyed = True
         self._secret_obj = value
+
+    def _load_ha1s(self, users):
+        """Keep the HA1s of an htdigest dict (``load_htdigest``) in C for the
+        check (None: ask ``_ha1`` for every user)."""
+        self.ha1s = None if users is None else Ha1Table(users)
+
+    @property
+    def _ha1_table(self):
+        """The HA1 table the check reads (``_load_ha1s``), or None."""
+        return self.ha1s
 
     @property
     def _counts(self):
@@ -1179,6 +1290,8 @@ cdef class AuthCore:
         cdef Field ha1_f
         cdef Py_ssize_t n, k
         cdef list keep
+        cdef const char* ha1p
+        cdef bint known
         if c == NULL:
             return R_REQUIRED
         f = &c.f[0]
@@ -1209,21 +1322,29 @@ cdef class AuthCore:
             return R_UNKNOWN_NONCE
 
         # An unknown user costs the same work as a wrong password and gets
-        # the same answer.
-        user = field_str(&f[<int>F_USERNAME])
-        base = _BASE_NAME[alg]
-        ha1 = self._ha1(user, realm, base)
-        known = ha1 is not None
-        if not known:
-            ha1 = self._dummy_ha1(user, realm, base)
-        if type(ha1) is str and PyUnicode_IS_ASCII(ha1) and PyUnicode_GET_LENGTH(ha1) <= 128:
-            n = PyUnicode_GET_LENGTH(ha1)
-            for k in range(n):
-                ha1_buf[k] = <char>LOWER[(<unsigned char*>PyUnicode_DATA(ha1))[k]]
-            set_bytes_field(&ha1_f, ha1_buf, n)
+        # the same answer.  The users file's HA1s are in C (ha1s); a user
+        # it does not hold is asked of _ha1 (which then finds none).
+        ha1p = NULL
+        if self.ha1s is not None:
+            ha1p = self.ha1s.find(&f[<int>F_USERNAME], rf, alg)
+        if ha1p != NULL:
+            known = True
+            set_bytes_field(&ha1_f, ha1p, hex_len(alg))
         else:
-            keep = []
-            set_str_field(&ha1_f, ha1.lower(), keep)
+            user = field_str(&f[<int>F_USERNAME])
+            base = _BASE_NAME[alg]
+            ha1 = self._ha1(user, realm, base)
+            known = ha1 is not None
+            if not known:
+                ha1 = self._dummy_ha1(user, realm, base)
+            if type(ha1) is str and PyUnicode_IS_ASCII(ha1) and PyUnicode_GET_LENGTH(ha1) <= 128:
+                n = PyUnicode_GET_LENGTH(ha1)
+                for k in range(n):
+                    ha1_buf[k] = <char>LOWER[(<unsigned char*>PyUnicode_DATA(ha1))[k]]
+                set_bytes_field(&ha1_f, ha1_buf, n)
+            else:
+                keep = []
+                set_str_field(&ha1_f, ha1.lower(), keep)
         expected_response(alg, &ha1_f, &f[<int>F_NONCE], &f[<int>F_QOP], &f[<int>F_NC],
                           &f[<int>F_CNONCE], method, &f[<int>F_URI], expected)
         # the response as lower-case ASCII (nothing else lower-cases to a hex digit)
@@ -1243,6 +1364,7 @@ cdef class AuthCore:
         if qop and not self.counts.is_new(&f[<int>F_NONCE], &f[<int>F_USERNAME], nc, issued, now,
                                           self.window, self.max_entries, self.ttl):
             return R_REPLAYED
+        user = field_str(&f[<int>F_USERNAME])
         policy = self.policy
         if policy is own_aor_only:
             allowed = own_aor_only_host(user, realm, aor_user, self.host_of(aor_domain))

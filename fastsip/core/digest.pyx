@@ -5,9 +5,13 @@
 # checks of docs/auth.md ("Order of checks") on ``Field`` spans.  There is one
 # check: ``Authorize.check`` fills the spans from parsed ``Credentials`` (str
 # values), the registrar fills them straight from the Authorization header
-# bytes (``scan_digest``), and both call ``AuthCore.verify``.  What may vary per
-# deployment stays in Python and is called back: ``Authorize._ha1`` (the users),
-# the ``policy`` (unless it is ``own_aor_only``), and the challenge.
+# bytes (``scan_digest``), and both call ``AuthCore.verify``.  The HA1s of a
+# users file are in a C table (``Ha1Table``) and the challenges' text is
+# remembered here, so a 401 and a check need no Python call on the server's
+# path.  What may vary per deployment stays in Python and is called back:
+# ``Authorize._ha1`` (users in other forms, and an unknown user),
+# ``algorithms_for`` (with more than one algorithm), the ``policy`` (unless it
+# is ``own_aor_only``), and an overridden ``challenge``.
 #
 # Hashing calls OpenSSL's libcrypto in C (digest.pxd).  Text is hashed as
 # ``fastsip.auth._bytes`` does: UTF-8 with U+DC80..U+DCFF as the original bytes

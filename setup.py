@@ -28,19 +28,21 @@ directives = {
 }
 
 
-def ext(name):
+def ext(name, libraries=()):
     """The extension module ``name`` (dotted), built from ``name``'s .pyx."""
     return Extension(
         name,
         [name.replace(".", "/") + ".pyx"],
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
         define_macros=[("CYTHON_TRACE_NOGIL", 1)] if DEBUG else [],
+        libraries=list(libraries),
     )
 
 
 exts = [
-    # the pure layer: one module assembled from fastsip/core/*.pyx (see _core.pyx)
-    ext("fastsip.core._core"),
+    # the pure layer: one module assembled from fastsip/core/*.pyx (see _core.pyx);
+    # the digest check hashes with OpenSSL's libcrypto (headers: libssl-dev)
+    ext("fastsip.core._core", libraries=["crypto"]),
     # the server's batched datagram I/O (cimports fastsip/server/handoff.pxd)
     ext("fastsip.server._io_c"),
     # Redis: key slots and the compare-and-set command of a write (--cluster)

@@ -6,6 +6,8 @@ new       a REGISTER for an AOR never seen (a fresh AOR each round)
 refresh   the same phone again, next CSeq (update in place)
 auth      a refresh that carries a correct digest (SHA-256, qop=auth, new nc each round)
 challenge a first REGISTER without credentials answered 401 (MD5 only, 100 000 users)
+digest    the answer to that 401 from each of 100 000 users of an htdigest file, 200
+          (MD5, qop=auth: what bench_server.py --auth has the server check)
 expire    1,000,000 bindings expiring at once, drained in bounded calls
 memory    RSS growth per binding with 1,000,000 bindings (printed, and checked <= 300 B,
           issue #11); FASTSIP_BENCH_BINDINGS=N measures at N bindings instead
@@ -90,6 +92,30 @@ def test_handle_challenge(benchmark):
     reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=100_000,
                                iterations=1)
     assert reply.startswith(b"SIP/2.0 401 Unauthorized")
+
+
+def test_handle_digest_users_file(benchmark, tmp_path):
+    benchmark.group = "registrar"
+    n = 100_000
+    path = tmp_path / "users.htdigest"
+    path.write_text("".join(
+        f"user{i}:example.com:{hashlib.md5(f'user{i}:example.com:pw{i}'.encode()).hexdigest()}\n"
+        for i in range(n)))
+    auth = Authorize("example.com", path, algorithms=("MD5",), secret=b"k" * 32)
+    reg = Registrar(min_expires=30, max_expires=3600, authorize=auth)
+    challenge = fastsip.parse(reg.handle(register("user0", 1), SRC, NOW)).www_authenticate[0]
+    ha2 = hashlib.md5(b"REGISTER:sip:example.com").hexdigest()
+    msgs = []
+    for i in range(n):
+        ha1 = hashlib.md5(f"user{i}:example.com:pw{i}".encode()).hexdigest()
+        resp = hashlib.md5(f"{ha1}:{challenge.nonce}:00000001:0a4f113b:auth:{ha2}".encode())
+        msgs.append(register(f"user{i}", 2, auth=(
+            f'Authorization: Digest username="user{i}", realm="example.com", '
+            f'nonce="{challenge.nonce}", uri="sip:example.com", response="{resp.hexdigest()}", '
+            f'algorithm=MD5, qop=auth, nc=00000001, cnonce="0a4f113b"\r\n')))
+    it = iter(msgs)
+    reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=n, iterations=1)
+    assert reply.startswith(b"SIP/2.0 200 OK")
 
 
 def phone(i):

@@ -20,18 +20,19 @@ calls over the workers) for ``--duration`` seconds, and reports:
 
 With ``--echo`` and ``--kamailio`` the same SIPp run is made, turn by turn, against
 the I/O floor (``load.responder --fast --processes WORKERS``: a compiled echo that
-answers 200 and stores nothing, one process per fastsip worker) and Kamailio (``bench/kamailio/registrar.cfg``, ``-x tlsf``,
-``--workers`` UDP processes), and the summary gives each one's median and fastsip's
-CPU per REGISTER divided by it.  With ``--auth`` as well, every server gets the
-same digest run (REGISTER, 401, REGISTER with credentials, 200; users user{i} with
-password pw{i}, realm 127.0.0.1, MD5, qop=auth) and the figures are per
-registration (two requests): Kamailio runs ``bench/kamailio/registrar_auth.cfg``
-(the auth module: ``pv_www_authenticate``, the nonce-count check, the password
-made from the user name, no database), the floor ``load.responder --fast --auth``
-(the same compiled echo answering 401 with a fixed challenge to a request without
-Authorization and 200 to one with it: the two round trips, no digest check).
-``--both-states`` runs fastsip twice in each turn, on its defaults (state file) and
-with ``--no-state`` (the row ``no-state``), and the summary gives each one's ratio.
+answers 200 and stores nothing, one process per fastsip worker) and Kamailio
+(``bench/kamailio/registrar.cfg``, ``-x tlsf``, ``--workers`` UDP processes), and
+the summary gives each one's median and fastsip's CPU per REGISTER divided by it.
+With ``--auth`` as well, every server gets the same digest run (REGISTER, 401,
+REGISTER with credentials, 200; users user{i} with password pw{i}, realm 127.0.0.1,
+MD5, qop=auth) and the figures are per registration (two requests): Kamailio runs
+``bench/kamailio/registrar_auth.cfg`` (the auth module: ``pv_www_authenticate``, the
+nonce-count check, the password made from the user name, no database), the floor
+``load.responder --fast --auth`` (the same compiled echo answering 401 with a fixed
+challenge to a request without Authorization and 200 to one with it: the two round
+trips, no digest check). ``--both-states`` runs fastsip twice in each turn, on its
+defaults (state file) and with ``--no-state`` (the row ``no-state``), and the
+summary gives each one's ratio.
 
 Needs sipp (Debian: apt-get install sip-tester) and the compiled modules
 (``python setup.py build_ext --inplace``).  Only 127.0.0.1 is used.

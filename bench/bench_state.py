@@ -262,7 +262,6 @@ def test_summary():
         else:
             print(f"{group + ' µs/AOR':38s} {new[0]:9.2f} {new[1]:9.2f} {old[0]:9.2f} "
                   f"{old[1]:9.2f} {old[0] / new[0]:7.1f}x")
-    feed = RESULTS[("feed (no SQLite)", "new")][0]
     for group in dict.fromkeys(g for g, _ in RESULTS if g.startswith("flush")):
         new, py = RESULTS[(group, "new")], RESULTS[(group, "py")]
         print(f"{group}: the Python writer (StateFile.write of Store.change_records) "

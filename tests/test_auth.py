@@ -762,6 +762,9 @@ def test_htdigest_users(tmp_path):
                     f"bob:{REALM}::SHA-256={sha256_ha1('bob', REALM, 'hunter2')}\n")
     for users in (path, str(path), load_htdigest(path)):
         auth = make_auth(users=users)
+        # a file's HA1s are checked from the C table; a dict's are asked of _ha1
+        assert (len(auth._ha1_table) if auth._ha1_table is not None else None) == (
+            None if isinstance(users, dict) else 2)
         sha, md5 = auth.challenge(REALM, NOW)
         assert check(auth, answer(md5)).ok
         # a plain htdigest line has no SHA-256 HA1: alice can only use MD5,
@@ -776,6 +779,35 @@ def test_htdigest_users(tmp_path):
         assert_challenge(check(auth, forged), stale=False)
         assert check(auth, answer(sha, "bob", "hunter2"), aor_user="bob").ok
         assert_challenge(check(auth, answer(md5, "bob", "hunter2", nc=2), aor_user="bob"), stale=False)
+
+
+def test_htdigest_table_keys_are_exact_and_overrides_are_asked(tmp_path):
+    """The C table of a users file matches user and realm exactly (UTF-8,
+    case kept), as the dict did; an Authorize subclass with its own _ha1, or a
+    dict given directly (which may change later), is asked in Python."""
+    path = tmp_path / "users.htdigest"
+    path.write_text(f"jörg:{REALM}:{md5_ha1('jörg', REALM, 'straße')}\n"
+                    f"Alice:{REALM}:{md5_ha1('Alice', REALM, 'secret')}\n")
+    auth = make_auth(users=path)
+    assert len(auth._ha1_table) == 2
+    (challenge,) = auth.challenge(REALM, NOW, user="jörg")
+    assert check(auth, answer(challenge, "jörg", "straße"), aor_user="jörg").ok
+    assert not check(auth, answer(challenge, "alice", "secret", nc=2), aor_user="alice").ok
+    assert check(auth, answer(challenge, "Alice", "secret", nc=3), aor_user="Alice").ok
+
+    class Own(Authorize):
+        def _ha1(self, user, realm, base):
+            return md5_ha1(user, realm, "other")
+    own = Own(REALM, path, secret=b"k" * 32, algorithms=("MD5",))
+    assert own._ha1_table is None
+    (challenge,) = own.challenge(REALM, NOW)
+    assert check(own, answer(challenge, "Alice", "other"), aor_user="Alice").ok
+
+    users = load_htdigest(path)
+    auth = make_auth(users=users)
+    (challenge,) = auth.challenge(REALM, NOW, user="Alice")
+    users[("Alice", REALM)] = md5_ha1("Alice", REALM, "new")
+    assert check(auth, answer(challenge, "Alice", "new"), aor_user="Alice").ok
 
 
 def test_callable_users():

@@ -8,9 +8,11 @@ an Authorize whose ``check`` is overridden makes the registrar parse the
 values with ``parse_credentials`` and call ``check`` instead, which ends in
 the same ``verify``.  Every case below goes through both and must get the
 same reply."""
+import base64
 import hashlib
 import hmac
 import itertools
+import re
 from collections import OrderedDict
 
 import pytest
@@ -288,6 +290,89 @@ def test_realm_is_the_aor_host_when_not_set():
 
 
 # ---------------------------------------------------------------------------
+# The 401: written in C, or through an overridden challenge
+# ---------------------------------------------------------------------------
+
+NONCE = re.compile(rb'nonce="[A-Za-z0-9_-]{43}"')
+
+
+def masked(reply):
+    """A reply with its nonces (fresh each time) replaced: how many there were, and the rest."""
+    return NONCE.subn(b'nonce="N"', reply)[::-1]
+
+
+HTDIGEST = {("alice", DOMAIN): "0" * 32,
+            ("bob", DOMAIN): "1" * 32, ("bob", DOMAIN, "SHA-256"): "2" * 64}
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    dict(algorithms=("MD5",)),
+    dict(algorithms=("MD5", "SHA-256-sess")),
+    dict(qop=()),
+    dict(realm="ACME PBX réalm"),
+    dict(users=HTDIGEST),
+])
+@pytest.mark.parametrize("to_user", ["alice", "bob", "mallory"])
+def test_the_401_written_in_c_is_the_one_challenge_gives(kw, to_user):
+    """The registrar writes a 401 itself (no AuthResult, no header list), byte for
+    byte what the path through check and challenge writes, nonce aside: a first
+    request, a wrong password, an expired nonce (stale=true)."""
+    regs = registrars(**kw)
+    realm = kw.get("realm", DOMAIN)
+    nonce = nonce_at(regs[0].authorize, NOW, realm)
+    alg = regs[0].authorize.algorithms[0]
+    answer = value(nonce, user=to_user, realm=realm, algorithm=alg,
+                   qop="auth" if regs[0].authorize.qop else None)
+    for data, now, stale in [(request(user=to_user), NOW, False),
+                             (with_auth(value(nonce, user=to_user, realm=realm, algorithm=alg,
+                                              password="nope"), user=to_user, cseq=2), NOW, False),
+                             (with_auth(answer, user=to_user, cseq=3), NOW + 301, True)]:
+        if stale and kw.get("users") is HTDIGEST:
+            continue        # (no password behind these HA1s: no right answer to go stale)
+        fast, slow = (reg.handle(data, SRC, now) for reg in regs)
+        count, rest = masked(fast)
+        assert fast.startswith(b"SIP/2.0 401 Unauthorized\r\n")
+        assert count == len(fastsip.parse(fast).www_authenticate) >= 1
+        assert (b"stale=true" in fast) == (stale and to_user != "mallory")    # (unknown: wrong)
+        assert masked(slow) == (count, rest)
+        # and the nonce is a fresh one, signed for the realm
+        fresh = re.search(rb'nonce="([^"]+)"', fast).group(1).decode()
+        raw = base64.urlsafe_b64decode(fresh + "=")
+        assert fresh != nonce and regs[0].authorize._mac(raw[:16], realm) == raw[16:]
+
+
+class OwnChallenge(Authorize):
+    """challenge overridden: the registrar's 401 must come from it."""
+
+    def challenge(self, realm, now, stale=False, user=None):
+        return [v + ', opaque="mine"' for v in super().challenge(realm, now, stale, user)]
+
+
+def test_an_overridden_challenge_writes_the_401():
+    own, plain = (Registrar(min_expires=60, max_expires=3600, domains=[DOMAIN],
+                            authorize=cls(users=USERS, secret=SECRET))
+                  for cls in (OwnChallenge, Authorize))
+    for reg, opaque in ((own, ["mine", "mine"]), (plain, [None, None])):
+        reply = fastsip.parse(reg.handle(request(), SRC, NOW))
+        assert reply.status == 401
+        assert [c.params.get("opaque") for c in reply.www_authenticate] == opaque
+    # the check itself still runs on spans: a right answer is taken
+    nonce = nonce_at(own.authorize, NOW)
+    assert fastsip.parse(own.handle(with_auth(value(nonce), cseq=2), SRC, NOW)).status == 200
+
+
+def test_changing_the_settings_changes_the_challenge():
+    reg = registrars()[0]
+    assert [c.algorithm for c in fastsip.parse(reg.handle(request(), SRC, NOW)).www_authenticate] \
+        == ["SHA-256", "MD5"]
+    reg.authorize.algorithms = ("MD5",)
+    reg.authorize.qop = ()
+    got = fastsip.parse(reg.handle(request(cseq=2), SRC, NOW)).www_authenticate
+    assert [(c.algorithm, c.params.get("qop")) for c in got] == [("MD5", None)]
+
+
+# ---------------------------------------------------------------------------
 # The compiled pieces against their definitions
 # ---------------------------------------------------------------------------
 
@@ -328,6 +413,17 @@ def test_response_formula_matches_the_python_one(alg, ha1, method, uri, nonce, q
     got = digest_response(alg, "u", "r", ha1=ha1, method=method, uri=uri, nonce=nonce, qop=qop,
                           nc=nc if qop else None, cnonce=cnonce)
     assert got == expected
+
+
+@pytest.mark.parametrize("alg", ["SHA-256", "SHA-256-sess", "MD5", "MD5-sess"])
+@pytest.mark.parametrize("size", [0, 1, 55, 56, 63, 64, 119, 511, 512, 513, 5000])
+def test_long_and_block_edge_texts_hash_as_hashlib_does(alg, size):
+    """The compiled hashes (joined on the stack up to 512 bytes, else on the
+    heap) at the lengths where MD5 and SHA-256 padding changes."""
+    cnonce = ("c" * size)[:size]
+    expected = _old_response(alg, "ab" * 16, "REGISTER", "sip:x", "n", "auth", "00000001", cnonce)
+    assert digest_response(alg, "u", "r", ha1="ab" * 16, method="REGISTER", uri="sip:x",
+                           nonce="n", qop="auth", nc="00000001", cnonce=cnonce) == expected
 
 
 def test_ha2_memo_keeps_algorithms_and_texts_apart():

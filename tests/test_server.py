@@ -233,6 +233,43 @@ def test_digest_auth_challenge_and_answer(start, tmp_path, phone):
     assert m['fastsip_replies_total{code="401"}'] == 2 and m['fastsip_replies_total{code="200"}'] == 1
 
 
+def test_sighup_reads_the_users_file_again(start, tmp_path, phone):
+    """The HA1s a worker checks against (a C table built from the file) follow
+    the file on SIGHUP: a changed password, a removed user."""
+    users = tmp_path / "users.htdigest"
+
+    def write(**passwords):
+        users.write_text("".join(
+            f"{u}:example.com:{hashlib.md5(f'{u}:example.com:{p}'.encode()).hexdigest()}\n"
+            for u, p in passwords.items()))
+    write(dave="secret", erin="pw")
+    srv = start("--realm", "example.com", "--users", str(users), "--log-format", "text",
+                workers=2)
+    ua = phone(srv.udp)
+
+    def register_as(user, password, cseq):
+        me = f"sip:{user}@127.0.0.1:{ua.local[1]}"
+        r = ua.ask(register(user, contact=me, call_id=f"{user}-{cseq}", cseq=1, expires=600))
+        assert r.status == 401
+        nonce = r.www_authenticate[0].params["nonce"]
+        ha1 = hashlib.md5(f"{user}:example.com:{password}".encode()).hexdigest()
+        ha2 = hashlib.md5(b"REGISTER:sip:example.com").hexdigest()
+        resp = hashlib.md5(f"{ha1}:{nonce}:00000001:abc:auth:{ha2}".encode()).hexdigest()
+        auth = (f'Authorization: Digest username="{user}", realm="example.com", nonce="{nonce}", '
+                f'uri="sip:example.com", response="{resp}", algorithm=MD5, qop=auth, '
+                f'nc=00000001, cnonce="abc"')
+        return ua.ask(register(user, contact=me, call_id=f"{user}-{cseq}", cseq=2, expires=600,
+                               extra=[auth])).status
+    assert register_as("dave", "secret", 1) == 200
+    assert register_as("erin", "pw", 1) == 200
+    write(dave="changed")
+    srv.signal(signal.SIGHUP)
+    assert wait_for(lambda: "SIGHUP: logs reopened" in srv.log(), 5)
+    assert register_as("dave", "secret", 2) == 401
+    assert register_as("dave", "changed", 3) == 200
+    assert register_as("erin", "pw", 2) == 401
+
+
 def test_options_405_404_responses_and_acks(start, phone):
     srv = start("--domain", "example.com", "--domain", "*.example.org")
     ua = phone(srv.udp)

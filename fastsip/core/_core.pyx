@@ -39,7 +39,6 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from libc.time cimport gmtime, time_t, tm
 
-import hashlib
 import os
 
 from fastsip import errors as _errors

@@ -44,12 +44,6 @@ __all__ = ["ALGORITHMS", "AuthResult", "Authorize", "digest_response", "load_htd
            "own_aor_only"]
 
 
-
-def _quote(text):
-    """``text`` as a quoted-string."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 # --------------------------------------------------------------------------
 # Digest computation
 # --------------------------------------------------------------------------
@@ -197,7 +191,8 @@ class Authorize(AuthCore):
                  fail_limit=10, fail_backoff=60.0):
         if users is None:
             raise TypeError("Authorize needs users: a dict, an htdigest path or a callable")
-        if isinstance(users, (str, os.PathLike)):
+        from_file = isinstance(users, (str, os.PathLike))
+        if from_file:
             users = load_htdigest(users)
         self.realm = realm
         self._users = users
@@ -225,9 +220,12 @@ class Authorize(AuthCore):
         self.failures.configure(fail_limit, fail_backoff)
         # The nonce-counts live in AuthCore (``_counts``).
         self._dummy_password = secrets.token_hex(16)
+        # A file's HA1s go into a C table the check reads (a dict given here may
+        # change later, and an overridden _ha1 must be asked: those stay in Python).
+        if from_file and type(self)._ha1 is Authorize._ha1:
+            self._load_ha1s(users)
         self._ha1_cache = {}
         self._common = None         # (len(users), the hashes every user holds)
-        self._challenge_parts = {}  # (realm, stale, algorithms, qop) -> [(head, tail)]
 
     def __repr__(self):
         # never the users or the secret
@@ -288,28 +286,8 @@ class Authorize(AuthCore):
 
     # -- challenges and nonces ---------------------------------------------
 
-    def challenge(self, realm: str, now: float, stale: bool = False,
-                  user: str | None = None) -> list[str]:
-        """WWW-Authenticate values, one per algorithm of
-        :meth:`algorithms_for` ``(user, realm)``, in ``algorithms`` order
-        (``user``: the user part of the AOR in To; None offers them all)."""
-        nonce = self._new_nonce(realm, now)
-        algorithms = self.algorithms
-        # one algorithm: algorithms_for can only answer it
-        offered = (algorithms if user is None or len(algorithms) == 1
-                   else self.algorithms_for(user, realm))
-        key = (realm, stale, offered, self.qop)
-        parts = self._challenge_parts.get(key)
-        if parts is None:       # what surrounds the nonce, for these settings
-            tail = f', qop="{",".join(self.qop)}"' if self.qop else ""
-            if stale:
-                tail += ", stale=true"
-            parts = [(f'Digest realm={_quote(realm)}, nonce="', f'", algorithm={alg}{tail}')
-                     for alg in offered]
-            if len(self._challenge_parts) >= 64:
-                self._challenge_parts.clear()
-            self._challenge_parts[key] = parts
-        return [head + nonce + tail for head, tail in parts]
+    # challenge(realm, now, stale=False, user=None): the WWW-Authenticate values of
+    # a 401 (AuthCore, in C, which also writes them into the registrar's 401)
 
     def algorithms_for(self, user: str, realm: str) -> tuple:
         """The configured algorithms that can verify for ``user`` in ``realm``:

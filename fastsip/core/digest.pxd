@@ -6,6 +6,29 @@
 # copied and no dict is built.
 
 
+# MD5 and SHA-256 from OpenSSL's libcrypto (the one Python's hashlib loads):
+# the context functions, which hash in place; the one-shot MD5() and SHA256()
+# of OpenSSL 3 go through its provider lookup and cost more per call.  They
+# are deprecated in 3.0 but kept; asking for the 1.1.1 API declares them
+# without the deprecation warning.
+cdef extern from *:
+    """
+    #define OPENSSL_API_COMPAT 10101
+    #include <openssl/md5.h>
+    #include <openssl/sha.h>
+    """
+    ctypedef struct MD5_CTX:
+        pass
+    ctypedef struct SHA256_CTX:
+        pass
+    int MD5_Init(MD5_CTX* c) nogil
+    int MD5_Update(MD5_CTX* c, const void* data, size_t n) nogil
+    int MD5_Final(unsigned char* md, MD5_CTX* c) nogil
+    int SHA256_Init(SHA256_CTX* c) nogil
+    int SHA256_Update(SHA256_CTX* c, const void* data, size_t n) nogil
+    int SHA256_Final(unsigned char* md, SHA256_CTX* c) nogil
+
+
 cdef enum FieldId:
     F_USERNAME = 0
     F_REALM
@@ -66,6 +89,31 @@ cdef class NonceCounts:
                     double now, uint64_t window, Py_ssize_t max_entries, double ttl) except -1
 
 
+cdef struct Ha1Entry:
+    uint64_t hash        # 0: an empty slot
+    char* key            # the user's UTF-8, then the realm's
+    Py_ssize_t user_len
+    Py_ssize_t realm_len
+    uint32_t held        # bit 1 << ALG_MD5: md5 is set; 1 << ALG_SHA256: sha256 is
+    char md5[32]         # lower-case hex HA1s
+    char sha256[64]
+
+
+cdef class Ha1Table:
+    cdef Ha1Entry* e
+    cdef uint64_t cap                    # a power of two, at least twice n
+    cdef Py_ssize_t n
+    cdef uint64_t k0, k1
+
+    cdef uint64_t _hash(self, const char* u, Py_ssize_t ul, const char* r,
+                        Py_ssize_t rl) noexcept
+    cdef const char* find(self, const Field* user, const Field* realm, int alg) noexcept
+
+
+cdef enum:
+    NONCE_LEN = 43       # a nonce's base64url digits (AuthCore.nonce_into)
+
+
 cdef class AuthCore:
     cdef object _realm
     cdef public object policy
@@ -78,19 +126,28 @@ cdef class AuthCore:
     cdef object _max_obj
     cdef Py_ssize_t max_entries
     cdef object _secret_obj
-    cdef object _inner, _outer           # SHA-256 states after the HMAC key pads
+    cdef SHA256_CTX _inner, _outer       # SHA-256 states after the HMAC key pads
+    cdef bint _keyed                     # _inner and _outer are set (_secret)
     cdef object _dom, _dom_host          # the last aor_domain and its host
     cdef object _rstr                    # the last realm and its Field
     cdef list _rkeep
     cdef Field _rfield
     cdef NonceCounts counts
+    cdef Ha1Table ha1s                   # the users file's HA1s, or None (_ha1 is asked)
     cdef readonly FailureBudget failures
+    cdef object _qop                     # the qop setting (a tuple of str)
+    cdef object _chal_realm, _chal_offered   # the last challenge's key ...
+    cdef tuple _chal_last                # ... and its parts (challenge_parts)
+    cdef dict _chal_cache                # (realm, offered) -> parts
 
     cdef object host_of(self, object aor_domain)
     cdef object realm_for(self, object aor_domain)
     cdef list realm_field(self, object realm, Field* out)
     cdef int selects(self, const Cred* c, const Field* realm) noexcept
     cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1
+    cdef int nonce_into(self, object realm, double now, char* out) except -1
+    cdef object offered(self, object realm, object user)
+    cdef tuple challenge_parts(self, object realm, object offered)
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1
     cdef int verify(self, const Cred* c, int alg, const Field* method, const Field* ruri,
                     object realm, const Field* rf, object aor_user, object aor_domain,

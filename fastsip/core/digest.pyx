@@ -5,17 +5,19 @@
 # checks of docs/auth.md ("Order of checks") on ``Field`` spans.  There is one
 # check: ``Authorize.check`` fills the spans from parsed ``Credentials`` (str
 # values), the registrar fills them straight from the Authorization header
-# bytes (``scan_digest``), and both call ``AuthCore.verify``.  What may vary per
-# deployment stays in Python and is called back: ``Authorize._ha1`` (the users),
-# the ``policy`` (unless it is ``own_aor_only``), and the challenge.
+# bytes (``scan_digest``), and both call ``AuthCore.verify``.  The HA1s of a
+# users file are in a C table (``Ha1Table``) and the challenges' text is
+# remembered here, so a 401 and a check need no Python call on the server's
+# path.  What may vary per deployment stays in Python and is called back:
+# ``Authorize._ha1`` (users in other forms, and an unknown user),
+# ``algorithms_for`` (with more than one algorithm), the ``policy`` (unless it
+# is ``own_aor_only``), and an overridden ``challenge``.
 #
-# Hashing goes through hashlib (OpenSSL).  Text is hashed as
+# Hashing calls OpenSSL's libcrypto in C (digest.pxd).  Text is hashed as
 # ``fastsip.auth._bytes`` does: UTF-8 with U+DC80..U+DCFF as the original bytes
 # (surrogateescape), or with surrogates passed when some part of the text has a
 # surrogate that is no escaped byte.
 #
-import hashlib
-
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
 
@@ -46,9 +48,6 @@ cdef inline bint is_sha256(int alg) noexcept nogil:
 
 cdef inline Py_ssize_t hex_len(int alg) noexcept nogil:
     return 64 if is_sha256(alg) else 32
-
-_SHA256 = hashlib.sha256
-_MD5 = hashlib.md5
 
 
 # Outcomes of verify: the low byte is the step that failed (docs/auth.md),
@@ -84,6 +83,12 @@ _OUTCOMES = (
     (401, "nonce count replayed", True),
     (403, "user may not register this AOR", False),
 )
+# the status and stale flag of each outcome, for C callers
+cdef int OUTCOME_STATUS[16]
+cdef bint OUTCOME_STALE[16]
+for _i, (_status, _reason, _stale) in enumerate(_OUTCOMES):
+    OUTCOME_STATUS[_i] = _status
+    OUTCOME_STALE[_i] = _stale
 
 
 def _outcome(int code):
@@ -301,10 +306,22 @@ cdef inline void to_hex(const unsigned char* d, Py_ssize_t n, char* out) noexcep
         out[2 * i + 1] = HEXDIGITS[d[i] & 15]
 
 
-cdef int digest_into(int alg, bytes text, unsigned char* out) except -1:
-    d = (_SHA256 if is_sha256(alg) else _MD5)(text).digest()
-    memcpy(out, PyBytes_AS_STRING(d), PyBytes_GET_SIZE(d))
-    return 0
+cdef void digest_into(int alg, const void* p, Py_ssize_t n, unsigned char* out) noexcept nogil:
+    """The MD5 or SHA-256 (by ``alg``) of ``n`` bytes at ``p`` into ``out``."""
+    cdef MD5_CTX m
+    cdef SHA256_CTX s
+    if is_sha256(alg):
+        SHA256_Init(&s)
+        SHA256_Update(&s, p, <size_t>n)
+        SHA256_Final(out, &s)
+    else:
+        MD5_Init(&m)
+        MD5_Update(&m, p, <size_t>n)
+        MD5_Final(out, &m)
+
+
+cdef enum:
+    HASH_TEXT = 512         # a text up to this long is joined on the stack
 
 
 cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1:
@@ -312,7 +329,8 @@ cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1
     cdef bint escaped = True
     cdef Py_ssize_t total = k - 1, pos = 0, n
     cdef int i
-    cdef char* w
+    cdef char stack[<int>HASH_TEXT]
+    cdef char* w = stack
     cdef const char* p
     cdef unsigned char d[32]
     for i in range(k):
@@ -320,8 +338,10 @@ cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1
             escaped = False
     for i in range(k):
         total += parts[i].hn if escaped else parts[i].n
-    text = PyBytes_FromStringAndSize(NULL, total)
-    w = PyBytes_AS_STRING(text)
+    if total > HASH_TEXT:
+        w = <char*>PyMem_Malloc(total)
+        if w == NULL:
+            raise MemoryError()
     for i in range(k):
         if i:
             w[pos] = b':'
@@ -330,7 +350,9 @@ cdef int hash_parts(int alg, const Field** parts, int k, char* hexout) except -1
         n = parts[i].hn if escaped else parts[i].n
         memcpy(w + pos, p, n)
         pos += n
-    digest_into(alg, text, d)
+    digest_into(alg, w, total, d)
+    if w != stack:
+        PyMem_Free(w)
     to_hex(d, hex_len(alg) // 2, hexout)
     return 0
 
@@ -456,6 +478,11 @@ def _host(hostport):
 
 cdef object own_aor_only_host(auth_user, realm, aor_user, host):
     return auth_user == aor_user and host == realm.lower()
+
+
+def _quote(text):
+    """``text`` as a quoted-string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def own_aor_only(auth_user, realm, aor_user, aor_domain) -> bool:
@@ -745,6 +772,107 @@ cdef int shift_in(CountEntry* x, uint64_t shift, uint64_t window) except -1:
 
 
 # --------------------------------------------------------------------------
+# The HA1 table
+# --------------------------------------------------------------------------
+
+@cython.final
+cdef class Ha1Table:
+    """The HA1s of an htdigest dict (``load_htdigest``: ``(user, realm)`` -> MD5
+    hex, ``(user, realm, "SHA-256")`` -> SHA-256 hex) in C, one entry per user
+    and realm, found by SipHash with a random key; keys are compared as UTF-8
+    bytes (a file read as UTF-8 holds no lone surrogates, so equal bytes are
+    equal str).  Built once from the dict; it does not follow later changes."""
+
+    def __cinit__(self, dict users):
+        cdef uint64_t cap = 16, h, i
+        cdef Ha1Entry* x
+        cdef Py_ssize_t ul, rl
+        cdef bytes ub, rb, hb
+        cdef int alg
+        k = os.urandom(16)
+        self.k0 = int.from_bytes(k[:8], "little")
+        self.k1 = int.from_bytes(k[8:], "little")
+        while cap < 2 * <uint64_t>len(users) + 2:
+            cap *= 2
+        self.e = <Ha1Entry*>PyMem_Malloc(cap * sizeof(Ha1Entry))
+        if self.e == NULL:
+            raise MemoryError()
+        memset(self.e, 0, cap * sizeof(Ha1Entry))
+        self.cap = cap
+        for key, ha1 in users.items():
+            if type(key) is not tuple or not (len(key) == 2 or (len(key) == 3 and
+                                                                key[2] == "SHA-256")):
+                raise ValueError("an HA1 table holds (user, realm[, 'SHA-256']) keys")
+            alg = ALG_MD5 if len(key) == 2 else ALG_SHA256
+            ub = (<str>key[0]).encode("utf-8")
+            rb = (<str>key[1]).encode("utf-8")
+            hb = (<str>ha1).lower().encode("ascii")
+            if len(hb) != hex_len(alg):
+                raise ValueError(f"an HA1 of {key[0]!r} has the wrong length")
+            ul = len(ub)
+            rl = len(rb)
+            h = self._hash(ub, ul, rb, rl)
+            i = h & (cap - 1)
+            while self.e[i].hash and not (self.e[i].hash == h and self.e[i].user_len == ul
+                                          and self.e[i].realm_len == rl
+                                          and memcmp(self.e[i].key, <char*>ub, ul) == 0
+                                          and memcmp(self.e[i].key + ul, <char*>rb, rl) == 0):
+                i = (i + 1) & (cap - 1)
+            x = &self.e[i]
+            if not x.hash:
+                x.key = <char*>PyMem_Malloc(ul + rl + 1)
+                if x.key == NULL:
+                    raise MemoryError()
+                memcpy(x.key, <char*>ub, ul)
+                memcpy(x.key + ul, <char*>rb, rl)
+                x.user_len = ul
+                x.realm_len = rl
+                x.hash = h
+                self.n += 1
+            if alg == ALG_MD5:
+                memcpy(x.md5, <char*>hb, 32)
+            else:
+                memcpy(x.sha256, <char*>hb, 64)
+            x.held |= 1u << alg
+
+    def __dealloc__(self):
+        cdef uint64_t i
+        if self.e != NULL:
+            for i in range(self.cap):
+                PyMem_Free(self.e[i].key)
+            PyMem_Free(self.e)
+
+    def __len__(self):
+        """The number of (user, realm) entries."""
+        return self.n
+
+    cdef uint64_t _hash(self, const char* u, Py_ssize_t ul, const char* r,
+                        Py_ssize_t rl) noexcept:
+        return (hash_bytes(u, ul, self.k0, self.k1) ^ hash_bytes(r, rl, self.k1, self.k0)
+                * GOLDEN) | 1       # never 0, which marks an empty slot
+
+    cdef const char* find(self, const Field* user, const Field* realm, int alg) noexcept:
+        """The hex HA1 of ``user`` in ``realm`` for the base algorithm of ``alg``
+        (hex_len(alg) bytes), or NULL when the file holds none."""
+        cdef uint64_t h = self._hash(user.p, user.n, realm.p, realm.n)
+        cdef uint64_t i = h & (self.cap - 1)
+        cdef Ha1Entry* x
+        cdef int base = ALG_SHA256 if is_sha256(alg) else ALG_MD5
+        while self.e[i].hash:
+            x = &self.e[i]
+            if x.hash == h and x.user_len == user.n and x.realm_len == realm.n \
+                    and memcmp(x.key, user.p, user.n) == 0 \
+                    and memcmp(x.key + user.n, realm.p, realm.n) == 0:
+                if not (x.held >> base) & 1:
+                    return NULL
+                if base == ALG_SHA256:
+                    return &x.sha256[0]
+                return &x.md5[0]
+            i = (i + 1) & (self.cap - 1)
+        return NULL
+
+
+# --------------------------------------------------------------------------
 # The check
 # --------------------------------------------------------------------------
 
@@ -822,9 +950,9 @@ cdef object _UNSET = object()
 
 
 cdef class AuthCore:
-    """Settings, nonce key and nonce-count table of a digest check, and the
-    check itself; the base class of ``fastsip.auth.Authorize``, which supplies
-    ``_ha1``, ``_dummy_ha1``, ``_result`` and the challenges."""
+    """Settings, nonce key and nonce-count table of a digest check, the check
+    itself and the challenges; the base class of ``fastsip.auth.Authorize``,
+    which supplies the users (``_ha1``, ``_dummy_ha1``, ``algorithms_for``)."""
 
     def __cinit__(self):
         self.counts = NonceCounts()
@@ -836,6 +964,9 @@ cdef class AuthCore:
         self.ttl = 300.0
         self.window = 1024
         self.max_entries = 100_000
+        self._qop = ()
+        self._chal_realm = _UNSET
+        self._chal_cache = {}
 
     # -- settings (plain attributes of Authorize, kept in C for the check) ----
 
@@ -868,6 +999,22 @@ cdef class AuthCore:
                 mask |= 1u << (ALGORITHMS.index(a) + 1)
         self.alg_mask = mask
         self._algorithms = value
+        self._forget_challenges()
+
+    @property
+    def qop(self):
+        return self._qop
+
+    @qop.setter
+    def qop(self, value):
+        self._qop = value
+        self._forget_challenges()
+
+    def _forget_challenges(self):
+        """Drop the remembered challenge texts (the settings they show changed)."""
+        self._chal_realm = self._chal_offered = _UNSET
+        self._chal_last = None
+        self._chal_cache = {}
 
     @property
     def replay_window(self):
@@ -894,13 +1041,38 @@ cdef class AuthCore:
 
     @_secret.setter
     def _secret(self, value):
+        cdef unsigned char pad[64]
+        cdef const unsigned char* k
+        cdef Py_ssize_t n, i
         key = bytes(value)
-        if len(key) > 64:
-            key = _SHA256(key).digest()
-        key = key.ljust(64, b"\0")
-        self._inner = _SHA256(bytes(b ^ 0x36 for b in key))
-        self._outer = _SHA256(bytes(b ^ 0x5C for b in key))
+        k = <const unsigned char*>PyBytes_AS_STRING(key)
+        n = len(key)
+        if n > 64:
+            digest_into(ALG_SHA256, k, n, pad)
+            key = PyBytes_FromStringAndSize(<char*>pad, 32)
+            k = <const unsigned char*>PyBytes_AS_STRING(key)
+            n = 32
+        for i in range(64):
+            pad[i] = (k[i] if i < n else 0) ^ 0x36
+        SHA256_Init(&self._inner)
+        SHA256_Update(&self._inner, pad, 64)
+        for i in range(64):
+            pad[i] = (k[i] if i < n else 0) ^ 0x5C
+        SHA256_Init(&self._outer)
+        SHA256_Update(&self._outer, pad, 64)
+        memset(pad, 0, 64)
+        self._keyed = True
         self._secret_obj = value
+
+    def _load_ha1s(self, users):
+        """Keep the HA1s of an htdigest dict (``load_htdigest``) in C for the
+        check (None: ask ``_ha1`` for every user)."""
+        self.ha1s = None if users is None else Ha1Table(users)
+
+    @property
+    def _ha1_table(self):
+        """The HA1 table the check reads (``_load_ha1s``), or None."""
+        return self.ha1s
 
     @property
     def _counts(self):
@@ -949,17 +1121,19 @@ cdef class AuthCore:
     cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1:
         """The first 16 bytes of HMAC-SHA-256(secret, head[:16] | realm)."""
         cdef bint escaped = realm.h != NULL
-        cdef Py_ssize_t rn = realm.hn if escaped else realm.n
+        cdef SHA256_CTX c
         cdef unsigned char d[32]
-        msg = PyBytes_FromStringAndSize(NULL, 16 + rn)
-        memcpy(PyBytes_AS_STRING(msg), head, 16)
-        memcpy(PyBytes_AS_STRING(msg) + 16, realm.h if escaped else realm.p, rn)
-        inner = self._inner.copy()
-        inner.update(msg)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        d_obj = outer.digest()
-        memcpy(out, PyBytes_AS_STRING(d_obj), 16)
+        if not self._keyed:
+            raise ValueError("no nonce secret set")
+        c = self._inner
+        SHA256_Update(&c, head, 16)
+        SHA256_Update(&c, realm.h if escaped else realm.p,
+                      <size_t>(realm.hn if escaped else realm.n))
+        SHA256_Final(d, &c)
+        c = self._outer
+        SHA256_Update(&c, d, 32)
+        SHA256_Final(d, &c)
+        memcpy(out, d, 16)
         return 0
 
     def _mac(self, bytes head, realm):
@@ -973,12 +1147,12 @@ cdef class AuthCore:
         self.mac16(head, &rf, out)
         return PyBytes_FromStringAndSize(<char*>out, 16)
 
-    def _new_nonce(self, realm, double now):
-        """A fresh nonce for ``realm`` issued at ``now`` (docs/auth.md): 8 bytes of
-        issue time (ms, big-endian, signed) | 8 random bytes | the first 16 bytes of
-        HMAC-SHA-256 over both and the realm, as 43 base64url digits (no padding)."""
+    cdef int nonce_into(self, object realm, double now, char* out) except -1:
+        """A fresh nonce for ``realm`` issued at ``now`` into ``out`` (NONCE_LEN
+        bytes, docs/auth.md): 8 bytes of issue time (ms, big-endian, signed) | 8
+        random bytes | the first 16 bytes of HMAC-SHA-256 over both and the realm,
+        as 43 base64url digits (no padding)."""
         cdef unsigned char raw[33]
-        cdef char out[44]
         cdef Field rf
         cdef double t = now * 1000.0
         cdef uint64_t ms
@@ -1005,7 +1179,66 @@ cdef class AuthCore:
         out[40] = B64URL_DIGITS[acc >> 18]
         out[41] = B64URL_DIGITS[(acc >> 12) & 63]
         out[42] = B64URL_DIGITS[(acc >> 6) & 63]
-        return PyUnicode_DecodeASCII(out, 43, NULL)
+        return 0
+
+    def _new_nonce(self, realm, double now):
+        """A fresh nonce for ``realm`` issued at ``now``, as str (``nonce_into``)."""
+        cdef char out[<int>NONCE_LEN]
+        self.nonce_into(realm, now, out)
+        return PyUnicode_DecodeASCII(out, NONCE_LEN, NULL)
+
+    # -- challenges -----------------------------------------------------------
+
+    cdef object offered(self, object realm, object user):
+        """The algorithms a 401 offers ``user`` (the user part of the AOR in To;
+        None: all of them): ``algorithms_for``, which with one algorithm
+        configured can only answer that one and is not asked."""
+        algorithms = self._algorithms
+        if user is None or len(algorithms) == 1:
+            return algorithms
+        return self.algorithms_for(user, realm)
+
+    cdef tuple challenge_parts(self, object realm, object offered):
+        """What surrounds the nonce in the challenges for ``realm`` offering
+        ``offered``: ``(text, text stale, wire, wire stale)``.  ``text``: one
+        ``(head, tail)`` of str per algorithm (``challenge``); ``wire``: the same
+        as the reply writer writes them, a flat list of bytes, head then tail
+        per header (``WWW-Authenticate: `` ... CRLF, ``ReplyWriter.challenge``).
+        The last key is remembered, and 64 others."""
+        if (realm is self._chal_realm or realm == self._chal_realm) and \
+                (offered is self._chal_offered or offered == self._chal_offered):
+            return self._chal_last
+        key = (realm, offered)
+        parts = self._chal_cache.get(key)
+        if parts is None:
+            qop = f', qop="{",".join(self._qop)}"' if self._qop else ""
+            text = []
+            for stale in (False, True):
+                tail = qop + ", stale=true" if stale else qop
+                text.append([(f'Digest realm={_quote(realm)}, nonce="', f'", algorithm={alg}{tail}')
+                             for alg in offered])
+            wire = [[b for head, tail in pairs
+                     for b in (f"WWW-Authenticate: {head}".encode("utf-8", "replace"),
+                               f"{tail}\r\n".encode("utf-8", "replace"))]
+                    for pairs in text]
+            parts = (text[0], text[1], wire[0], wire[1])
+            if len(self._chal_cache) >= 64:
+                self._chal_cache.clear()
+            self._chal_cache[key] = parts
+        self._chal_realm = realm
+        self._chal_offered = offered
+        self._chal_last = parts
+        return parts
+
+    def challenge(self, realm, double now, bint stale=False, user=None):
+        """WWW-Authenticate values, one per algorithm of ``algorithms_for(user,
+        realm)``, in ``algorithms`` order (``user``: the user part of the AOR in
+        To; None offers them all), with one fresh nonce.  The registrar writes
+        the same 401 in C (``ReplyWriter.challenge``) unless a subclass
+        overrides this method."""
+        nonce = self._new_nonce(realm, now)
+        parts = self.challenge_parts(realm, self.offered(realm, user))[1 if stale else 0]
+        return [head + nonce + tail for head, tail in parts]
 
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1:
         """Step 4: 1 and the issue time if we signed ``nonce`` for ``realm``, else 0.
@@ -1061,6 +1294,8 @@ cdef class AuthCore:
         cdef Field ha1_f
         cdef Py_ssize_t n, k
         cdef list keep
+        cdef const char* ha1p
+        cdef bint known
         if c == NULL:
             return R_REQUIRED
         f = &c.f[0]
@@ -1091,21 +1326,29 @@ cdef class AuthCore:
             return R_UNKNOWN_NONCE
 
         # An unknown user costs the same work as a wrong password and gets
-        # the same answer.
-        user = field_str(&f[<int>F_USERNAME])
-        base = _BASE_NAME[alg]
-        ha1 = self._ha1(user, realm, base)
-        known = ha1 is not None
-        if not known:
-            ha1 = self._dummy_ha1(user, realm, base)
-        if type(ha1) is str and PyUnicode_IS_ASCII(ha1) and PyUnicode_GET_LENGTH(ha1) <= 128:
-            n = PyUnicode_GET_LENGTH(ha1)
-            for k in range(n):
-                ha1_buf[k] = <char>LOWER[(<unsigned char*>PyUnicode_DATA(ha1))[k]]
-            set_bytes_field(&ha1_f, ha1_buf, n)
+        # the same answer.  The users file's HA1s are in C (ha1s); a user
+        # it does not hold is asked of _ha1 (which then finds none).
+        ha1p = NULL
+        if self.ha1s is not None:
+            ha1p = self.ha1s.find(&f[<int>F_USERNAME], rf, alg)
+        if ha1p != NULL:
+            known = True
+            set_bytes_field(&ha1_f, ha1p, hex_len(alg))
         else:
-            keep = []
-            set_str_field(&ha1_f, ha1.lower(), keep)
+            user = field_str(&f[<int>F_USERNAME])
+            base = _BASE_NAME[alg]
+            ha1 = self._ha1(user, realm, base)
+            known = ha1 is not None
+            if not known:
+                ha1 = self._dummy_ha1(user, realm, base)
+            if type(ha1) is str and PyUnicode_IS_ASCII(ha1) and PyUnicode_GET_LENGTH(ha1) <= 128:
+                n = PyUnicode_GET_LENGTH(ha1)
+                for k in range(n):
+                    ha1_buf[k] = <char>LOWER[(<unsigned char*>PyUnicode_DATA(ha1))[k]]
+                set_bytes_field(&ha1_f, ha1_buf, n)
+            else:
+                keep = []
+                set_str_field(&ha1_f, ha1.lower(), keep)
         expected_response(alg, &ha1_f, &f[<int>F_NONCE], &f[<int>F_QOP], &f[<int>F_NC],
                           &f[<int>F_CNONCE], method, &f[<int>F_URI], expected)
         # the response as lower-case ASCII (nothing else lower-cases to a hex digit)
@@ -1125,6 +1368,7 @@ cdef class AuthCore:
         if qop and not self.counts.is_new(&f[<int>F_NONCE], &f[<int>F_USERNAME], nc, issued, now,
                                           self.window, self.max_entries, self.ttl):
             return R_REPLAYED
+        user = field_str(&f[<int>F_USERNAME])
         policy = self.policy
         if policy is own_aor_only:
             allowed = own_aor_only_host(user, realm, aor_user, self.host_of(aor_domain))

@@ -23,6 +23,7 @@ cdef class RegistrarCore:
     cdef object _authorize_obj
     cdef AuthCore _auth_core               # the same object, when its check is AuthCore's
     cdef FailureBudget _budget             # its failure budget, or None
+    cdef bint _c_challenge                 # _auth_core's challenges are AuthCore's: 401s in C
     cdef readonly dict auth_failures       # reason -> failed digest attempts
     cdef readonly bint redirect            # other requests to a served AOR get 302 (_redirect)
     cdef object _knows                     # authorize.knows(user, domain): the user list, or None
@@ -75,9 +76,12 @@ cdef class RegistrarCore:
     cdef Py_ssize_t _stage(self, int32_t a, const char* aor, Py_ssize_t aor_len,
                            uint64_t expected, double now, Py_ssize_t reply) except SV_ERROR
     cdef const char* staged_reply_bytes(self) noexcept
-    cdef object _authenticate(self, const Req* rq)
+    cdef Py_ssize_t _authenticate(self, const Req* rq) except SV_ERROR
+    cdef Py_ssize_t _challenge(self, AuthCore core, const Req* rq, object realm, bint stale,
+                               object aor_user) except SV_ERROR
     cdef void _failed(self, str label)
-    cdef object _authorize(self, const Req* rq, aor_user, aor_domain)
+    cdef int _verify(self, AuthCore core, const Req* rq, object realm, object aor_user,
+                     object aor_domain) except -1
     cdef object _authorize_parsed(self, const Req* rq, aor_user, aor_domain)
     cpdef object serve(self, bytes data, tuple source, double now, str transport=*,
                        int64_t conn_id=*)

@@ -75,6 +75,10 @@ cdef class RegistrarCore:
         self._budget = (<AuthCore>value).failures if isinstance(value, AuthCore) else None
         self._auth_core = value if isinstance(value, AuthCore) and \
             getattr(type(value), "check", None) is AuthCore.check else None
+        # ... and its 401 written in C, unless its challenges are its own
+        self._c_challenge = self._auth_core is not None and \
+            getattr(type(value), "challenge", None) is AuthCore.challenge and \
+            getattr(type(value), "_result", None) is AuthCore._result
         # its user list, for a redirect's 404 to an unknown user
         self._knows = getattr(value, "knows", None) if value is not None else None
 
@@ -232,10 +236,9 @@ cdef class RegistrarCore:
             return self._refuse(rq, rc)
         # 3-4. Authentication, then authorization (the AOR's user and domain).
         if self._authorize_obj is not None and not self._trusted:
-            refusal = self._authenticate(rq)
-            if refusal is not None:
-                status, reason, headers = refusal
-                return self.writer.reply(rq, status, reason, headers)
+            r = self._authenticate(rq)
+            if r:
+                return r
         # 5-7. The AOR and the contacts, then the decision on its bindings.
         rc = read_contacts(rq, reg, self.aor_form)
         if rc:
@@ -338,15 +341,18 @@ cdef class RegistrarCore:
                 PyBytes_FromStringAndSize(self.writer.out, self.staged_reply)
                 if self.staged_reply > 0 else None)
 
-    cdef object _authenticate(self, const Req* rq):
+    cdef Py_ssize_t _authenticate(self, const Req* rq) except SV_ERROR:
         """Digest authentication and the AOR policy, behind the failure budget:
-        None, or the refusal as (status, reason, headers).  Failures are
-        counted by reason; wrong passwords and forged nonces spend the budget
-        of the source and of the user named in To."""
+        0 when they pass, else the length of the refusal written.  Failures
+        are counted by reason; wrong passwords and forged nonces spend the
+        budget of the source and of the user named in To.  A 401 is written in
+        C (``_challenge``) unless the Authorize overrides ``challenge``."""
         cdef const char* buf = rq.buf
         cdef UriSpans* to_uri = &self.reg.to_uri
         cdef FailureBudget budget = self._budget
+        cdef AuthCore core = self._auth_core
         cdef bytes host = None
+        cdef int outcome = V_PARSED, code = 0
         aor_user = "" if to_uri.user.off < 0 else unescape(buf + to_uri.user.off,
                                                            to_uri.user.length)
         aor_domain = decode(buf, to_uri.host.off, to_uri.host.length)
@@ -354,46 +360,70 @@ cdef class RegistrarCore:
             host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
             if budget.refuses(host, aor_user, rq.now):
                 self._failed("throttled")
-                return REFUSALS[RF_THROTTLED][:2] + (None,)
-        result = self._authorize(rq, aor_user, aor_domain)
-        if result is None:
-            return None
-        if type(result) is tuple:               # malformed credentials
+                return self.writer.reply(rq, REFUSALS[RF_THROTTLED][0], REFUSALS[RF_THROTTLED][1],
+                                         None)
+        realm = result = label = None
+        if core is not None:
+            realm = core.realm_for(aor_domain)
+            outcome = self._verify(core, rq, realm, aor_user, aor_domain)
+        if outcome == V_PARSED:
+            result = self._authorize_parsed(rq, aor_user, aor_domain)
+            if result is None:
+                return 0
+            if type(result) is not tuple and not (
+                    result.status == 401 and result.reason == "authentication required"):
+                label = _FAILURE_LABEL.get(result.reason,
+                                           "other" if result.status != 400 else "bad")
+        elif outcome == R_OK:
+            return 0
+        elif outcome != V_MALFORMED:
+            code = outcome & 255
+            label = _OUTCOME_LABEL[code]        # None for a first request: nothing failed
+        if outcome == V_MALFORMED or type(result) is tuple:
             self._failed("bad")
-            return result
-        if result.status == 401 and result.reason == "authentication required":
-            return _refusal(result)             # a first request: nothing failed
-        label = _FAILURE_LABEL.get(result.reason, "other" if result.status != 400 else "bad")
-        self._failed(label)
-        if budget is not None and label in _SPENDS_BUDGET:
-            if host is None:
-                host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
-            budget.failed(host, aor_user, rq.now)
-        return _refusal(result)
+            return self.writer.reply(rq, REFUSALS[RF_BAD_AUTHORIZATION][0],
+                                     REFUSALS[RF_BAD_AUTHORIZATION][1], None)
+        if label is not None:
+            self._failed(label)
+            if budget is not None and label in _SPENDS_BUDGET:
+                if host is None:
+                    host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
+                budget.failed(host, aor_user, rq.now)
+        if result is None:
+            if OUTCOME_STATUS[code] == 401 and self._c_challenge:
+                return self._challenge(core, rq, realm, OUTCOME_STALE[code], aor_user)
+            result = core._result(outcome, realm, rq.now, None, aor_user)
+        status, reason, headers = _refusal(result)
+        return self.writer.reply(rq, status, reason, headers)
+
+    cdef Py_ssize_t _challenge(self, AuthCore core, const Req* rq, object realm, bint stale,
+                               object aor_user) except SV_ERROR:
+        """The 401 of ``core.challenge(realm, now, stale, aor_user)``, written
+        without the list of values: a nonce made into a buffer and the
+        remembered text around it."""
+        cdef char nonce[<int>NONCE_LEN]
+        core.nonce_into(realm, rq.now, nonce)
+        parts = core.challenge_parts(realm, core.offered(realm, aor_user))
+        return self.writer.challenge(rq, <list>(<tuple>parts)[3 if stale else 2], nonce,
+                                     NONCE_LEN)
 
     cdef void _failed(self, str label):
         self.auth_failures[label] = self.auth_failures.get(label, 0) + 1
 
-    cdef object _authorize(self, const Req* rq, aor_user, aor_domain):
-        """Digest authentication and the AOR policy: None, the failed
-        AuthResult, or (400, reason, None) for malformed credentials.
-
-        With an Authorize, its compiled check runs on spans of the
-        Authorization values (``scan_digest``); a value that needs more than
-        spans (bytes above 0x7F, quoted-pairs, folds in a quoted-string) sends
-        the request through ``parse_credentials`` and ``check``, which end in
-        the same check."""
-        cdef AuthCore core = self._auth_core
+    cdef int _verify(self, AuthCore core, const Req* rq, object realm, object aor_user,
+                     object aor_domain) except -1:
+        """The compiled check on spans of the Authorization values
+        (``scan_digest``): an Outcome of ``AuthCore.verify`` (R_OK: passed),
+        V_MALFORMED (a value that does not scan: 400), or V_PARSED: a value
+        needs more than spans (bytes above 0x7F, quoted-pairs, folds in a
+        quoted-string) and the request goes through ``parse_credentials`` and
+        ``check``, which end in the same check."""
         cdef const char* buf = rq.buf
         cdef Msg* m = rq.m
-        cdef UriSpans* to_uri = &self.reg.to_uri
         cdef Cred c, chosen
         cdef Field rf, method, ruri
-        cdef int i, rc, alg = 0, outcome
+        cdef int i, rc, alg = 0
         cdef Header* h
-        if core is None:
-            return self._authorize_parsed(rq, aor_user, aor_domain)
-        realm = core.realm_for(aor_domain)
         realm_bytes = core.realm_field(realm, &rf)     # keeps rf's bytes alive
         if m.first[<int>HDR_AUTHORIZATION] >= 0:
             for i in range(m.first[<int>HDR_AUTHORIZATION], m.nheaders):
@@ -402,9 +432,9 @@ cdef class RegistrarCore:
                     continue
                 rc = scan_digest(buf + h.val_off, h.val_len, &c)
                 if rc > 0:
-                    return self._authorize_parsed(rq, aor_user, aor_domain)
+                    return V_PARSED
                 if rc < 0:
-                    return REFUSALS[RF_BAD_AUTHORIZATION][:2] + (None,)
+                    return V_MALFORMED
                 if not alg:
                     alg = core.selects(&c, &rf)
                     if alg:
@@ -412,11 +442,8 @@ cdef class RegistrarCore:
         set_bytes_field(&method, b"REGISTER", 8)
         # compared only, never hashed: the raw bytes (decoded on a mismatch)
         set_bytes_field(&ruri, buf + m.uri.off, m.uri.length)
-        outcome = core.verify(&chosen if alg else NULL, alg, &method, &ruri, realm, &rf, aor_user,
-                              aor_domain, rq.now)
-        if outcome == 0:
-            return None
-        return core._result(outcome, realm, rq.now, None, aor_user)
+        return core.verify(&chosen if alg else NULL, alg, &method, &ruri, realm, &rf, aor_user,
+                           aor_domain, rq.now)
 
     cdef object _authorize_parsed(self, const Req* rq, aor_user, aor_domain):
         """The same through ``parse_credentials`` and ``authorize.check``."""
@@ -744,6 +771,17 @@ _FAILURE_LABEL = {"wrong credentials": "wrong", "unknown nonce": "unknown_nonce"
                   "nonce expired": "stale", "nonce count replayed": "replayed",
                   "user may not register this AOR": "forbidden"}
 _SPENDS_BUDGET = frozenset(("wrong", "unknown_nonce"))
+# the same label by Outcome of AuthCore.verify (None: R_OK, and R_REQUIRED, a
+# first request, where nothing failed)
+_OUTCOME_LABEL = tuple(
+    None if code in (R_OK, R_REQUIRED) else
+    _FAILURE_LABEL.get(reason, "other" if status != 400 else "bad")
+    for code, (status, reason, stale) in enumerate(_OUTCOMES))
+
+# what _verify returns besides an Outcome
+cdef enum:
+    V_PARSED = -2           # check the parsed credentials instead
+    V_MALFORMED = -3        # an Authorization value that does not scan (400)
 
 
 cdef tuple _refusal(result):

@@ -16,6 +16,8 @@ cdef class ReplyWriter:
 
     cdef int w(self, const char* p, Py_ssize_t n) except -1
     cdef int wbytes(self, bytes b) except -1
+    cdef Py_ssize_t challenge(self, const Req* rq, list wire, const char* nonce,
+                              Py_ssize_t nonce_len) except -1
     cdef int wint(self, int64_t v) except -1
     cdef int copy_header(self, const Req* rq, int htype, const char* name,
                          Py_ssize_t name_len) except -1

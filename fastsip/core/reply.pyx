@@ -204,6 +204,19 @@ cdef class ReplyWriter:
     cdef int wbytes(self, bytes b) except -1:
         return self.w(PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
 
+    cdef Py_ssize_t challenge(self, const Req* rq, list wire, const char* nonce,
+                              Py_ssize_t nonce_len) except -1:
+        """401 Unauthorized with one WWW-Authenticate per algorithm offered, all
+        with the one ``nonce``: ``wire`` holds each header's bytes before and
+        after the nonce, in turn (``AuthCore.challenge_parts``)."""
+        cdef Py_ssize_t i
+        self.start(rq, 401, b"Unauthorized", 12)
+        for i in range(0, len(wire) - 1, 2):
+            self.wbytes(<bytes>wire[i])
+            self.w(nonce, nonce_len)
+            self.wbytes(<bytes>wire[i + 1])
+        return self.finish(rq, 401)
+
     cdef int by_q(self, const AorView* v, double now) noexcept:
         """The bindings of ``v`` valid at ``now`` into ``order``, highest q first
         (bindings without q count as 1.0), equal q in registration order (the

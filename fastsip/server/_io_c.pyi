@@ -3,9 +3,9 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, final
 
-from fastsip.core._core import Store
-
 from typing_extensions import Self, disjoint_base
+
+from fastsip.core._core import Store
 
 HANDOFF_HEADER: int
 H_UDP: int

@@ -7,7 +7,7 @@ calls over the workers) for ``--duration`` seconds, and reports:
 - achieved rate: successful calls / SIPp's elapsed time;
 - failures: failed calls / calls started (a rate is *sustained* at <= 1 %);
 - server CPU per REGISTER: the CPU time (user + system, from
-  /proc/PID/schedstat, nanoseconds) of the supervisor and all workers during
+  /proc/PID/task/*/schedstat, nanoseconds: every thread) of the supervisor and all workers during
   the run, divided by the successful registrations;
 - SIPp's own CPU time, for scale (it shares the cores).
 
@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_e2e import KAMAILIO, Server, group_cpu_ns  # noqa: E402
 from fastsip.server.testing import ServerProcess  # noqa: E402
+from load.report import process_cpu_ns  # noqa: E402
 
 SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 
@@ -77,14 +78,9 @@ PEERS_AUTH = {"echo": PEERS["echo"] + f" --auth --qop --realm {REALM}",
 
 
 def cpu_ns(pid: int) -> int:
-    """CPU time of one process, ns (schedstat; falls back to clock ticks from stat)."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    """CPU time of one process, all its threads (a worker commits the state file on
+    a thread of its own), ns: load.report.process_cpu_ns."""
+    return process_cpu_ns(pid) or 0
 
 
 def ctx_switches(pid: int) -> int:

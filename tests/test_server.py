@@ -16,7 +16,7 @@ import time
 import pytest
 
 import fastsip
-from fastsip.server.testing import contacts_of, register, request, wait_for
+from fastsip.server.testing import contacts_of, md5_authorization, register, request, wait_for
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,14 +218,8 @@ def test_digest_auth_challenge_and_answer(start, tmp_path, phone):
     other = phone(srv.udp)
 
     def answer(password, cseq):
-        ha1 = hashlib.md5(f"dave:example.com:{password}".encode()).hexdigest()
-        ha2 = hashlib.md5(b"REGISTER:sip:example.com").hexdigest()
-        resp = hashlib.md5(f"{ha1}:{nonce}:{cseq:08x}:abc:auth:{ha2}".encode()).hexdigest()
-        auth = (f'Authorization: Digest username="dave", realm="example.com", nonce="{nonce}", '
-                f'uri="sip:example.com", response="{resp}", algorithm=MD5, qop=auth, '
-                f'nc={cseq:08x}, cnonce="abc"')
         return other.ask(register("dave", contact=me, call_id="d1", cseq=cseq, expires=600,
-                                  extra=[auth]))
+                                  extra=[md5_authorization("dave", password, nonce, cseq)]))
     assert answer("wrong", 2).status == 401
     r = answer("secret", 3)
     assert r.status == 200 and contacts_of(r) == {me: 600}
@@ -252,14 +246,8 @@ def test_sighup_reads_the_users_file_again(start, tmp_path, phone):
         r = ua.ask(register(user, contact=me, call_id=f"{user}-{cseq}", cseq=1, expires=600))
         assert r.status == 401
         nonce = r.www_authenticate[0].params["nonce"]
-        ha1 = hashlib.md5(f"{user}:example.com:{password}".encode()).hexdigest()
-        ha2 = hashlib.md5(b"REGISTER:sip:example.com").hexdigest()
-        resp = hashlib.md5(f"{ha1}:{nonce}:00000001:abc:auth:{ha2}".encode()).hexdigest()
-        auth = (f'Authorization: Digest username="{user}", realm="example.com", nonce="{nonce}", '
-                f'uri="sip:example.com", response="{resp}", algorithm=MD5, qop=auth, '
-                f'nc=00000001, cnonce="abc"')
         return ua.ask(register(user, contact=me, call_id=f"{user}-{cseq}", cseq=2, expires=600,
-                               extra=[auth])).status
+                               extra=[md5_authorization(user, password, nonce)])).status
     assert register_as("dave", "secret", 1) == 200
     assert register_as("erin", "pw", 1) == 200
     write(dave="changed")

@@ -5,7 +5,7 @@ import hashlib
 import re
 import time
 
-from fastsip.server.testing import register
+from fastsip.server.testing import md5_authorization, register
 
 
 def log_shows(srv, pattern, timeout=5.0):
@@ -40,14 +40,8 @@ def login_after(ua, user, password, cseq, pause):
     time.sleep(pause)
     chal = next(c for c in r.www_authenticate if c.params.get("algorithm") == "MD5")
     nonce = chal.params["nonce"]
-    ha1 = hashlib.md5(f"{user}:example.com:{password}".encode()).hexdigest()
-    ha2 = hashlib.md5(b"REGISTER:sip:example.com").hexdigest()
-    resp = hashlib.md5(f"{ha1}:{nonce}:00000001:abc:auth:{ha2}".encode()).hexdigest()
-    auth = (f'Authorization: Digest username="{user}", realm="example.com", nonce="{nonce}", '
-            f'uri="sip:example.com", response="{resp}", algorithm=MD5, qop=auth, '
-            f'nc=00000001, cnonce="abc"')
     return ua.ask(register(user, contact=contact, call_id=call_id, cseq=cseq + 1, expires=600,
-                           extra=[auth]))
+                           extra=[md5_authorization(user, password, nonce)]))
 
 
 def test_password_guessing_is_throttled_and_logged_while_the_right_password_works(

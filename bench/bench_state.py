@@ -32,7 +32,7 @@ import time
 import pytest
 
 from fastsip import Binding, Registrar, Store, shard_of
-from fastsip.server.state import StateFile, sql_writer
+from fastsip.server.state import PAGE_SIZE, StateFile, sql_writer
 from fastsip.server.timers import StateWriter
 
 NOW = 1_764_115_200.0
@@ -203,6 +203,49 @@ def test_flush(tmp_path, file_aors):
     db.close()
 
 
+def page_file(path, page_size, n):
+    """A state file with pages of ``page_size`` bytes holding AORs 0..n-1, its
+    store, and SqlWriter on it (StateFile sets PAGE_SIZE only on a new file)."""
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA page_size={page_size}")
+    db.execute("PRAGMA journal_mode=WAL")           # fixes the page size
+    db.close()
+    store, f = new_file(path, n) if n else (Store(track_changes=True), StateFile(path))
+    assert f.db.execute("PRAGMA page_size").fetchone() == (page_size,)
+    return store, f, sql_writer(path, checkpoints=False)
+
+
+@pytest.mark.parametrize("kind", ["new AORs", "refreshes in a file of 100,000"])
+def test_page_size(tmp_path, kind):
+    """The server's two kinds of flush, in files of 32 KiB pages (PAGE_SIZE, "new")
+    and SQLite's default 4 KiB ("old"), each round timed with the supervisor's
+    checkpoint that follows it: CHANGED AORs never seen (names in order, as phones
+    that register for the first time), or CHANGED random AORs of 100,000 refreshed."""
+    existing = 0 if kind == "new AORs" else 100_000
+    pairs, files, counter = {}, [], {}
+    for side, size in (("new", PAGE_SIZE), ("old", 4096)):
+        store, f, sql = page_file(str(tmp_path / f"{size}.db"), size, existing)
+        files.append((f, sql))
+        counter[side] = existing
+        if existing:
+            setup = rounds_setup(store, lambda: None, existing)
+        else:
+            def setup(store=store, side=side):
+                for i in range(counter[side], counter[side] + CHANGED):
+                    store.load(aor(i), bindings_of(i))
+                counter[side] += CHANGED
+
+        def run(store=store, f=f, sql=sql):
+            assert sql.write(store, CHANGED) == CHANGED
+            f.checkpoint("PASSIVE")
+        pairs[side] = (setup, run)
+    measure(f"page {PAGE_SIZE // 1024} KiB vs 4 KiB, {kind}", CHANGED, pairs, rounds=8)
+    for f, sql in files:
+        assert f.db.execute("SELECT count(*) FROM aors").fetchone() == (existing or 8 * CHANGED,)
+        sql.close()
+        f.close()
+
+
 def test_feed():
     store, old_store = Store(track_changes=True), Store(track_changes=True)
     for i in range(CHANGED):
@@ -247,7 +290,7 @@ def test_load(tmp_path):
 
 
 def test_summary():
-    if len(RESULTS) < 8:
+    if len(RESULTS) < 12:
         pytest.skip("run the measurements above first")
     print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}; old and new rounds "

@@ -228,7 +228,9 @@ class Supervisor:
         if cfg.state:
             try:
                 from fastsip.server.state import StateFile
-                StateFile(cfg.state).close()
+                state = StateFile(cfg.state)
+                state.repage()
+                state.close()
             except (OSError, ValueError, sqlite3.Error) as exc:
                 self.close_sockets()
                 raise ConfigError(f"--state {cfg.state}: {exc}") from None

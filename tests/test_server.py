@@ -425,6 +425,22 @@ def test_a_state_file_of_the_previous_format_is_converted_at_start(start, tmp_pa
         "sip:m3@127.0.0.1:7003"]
 
 
+def test_the_state_writers_thread_is_nicer_than_the_receive_loop(start, phone):
+    """A commit of the state file never takes the core from a receive loop first."""
+    srv = start("--flush-interval", "0.2", workers=1)
+    ua = phone(srv.udp)
+    ua.ask(register("nice", contact="sip:nice@127.0.0.1:7000", call_id="nice", expires=900))
+    assert wait_for(lambda: srv.metrics()["fastsip_state_rows_written_total"] >= 1, 5)
+    pid = srv.worker_pids()[0]
+
+    def nice(tid):      # field 19 of /proc/PID/task/TID/stat (after the command's parenthesis)
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+    nices = {int(tid): nice(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+    main = nices.pop(pid)
+    assert list(nices.values()) == [min(19, main + 10)]     # the writer's thread, alone
+
+
 def test_kill_9_of_a_worker_restarts_it_with_its_shard(start, phone):
     srv = start("--flush-interval", "0.2", workers=2)
     ua = phone(srv.udp)

@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_e2e import KAMAILIO, Server, group_cpu_ns  # noqa: E402
 from fastsip.server.testing import ServerProcess  # noqa: E402
-from load.report import process_cpu_ns  # noqa: E402
+from load.report import _descendants, process_cpu_ns  # noqa: E402
 
 SCENARIOS = os.path.join(ROOT, "tests", "sipp")
 
@@ -84,9 +84,16 @@ def cpu_ns(pid: int) -> int:
 
 
 def ctx_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches of one process (its wake-ups, mostly)."""
-    with open(f"/proc/{pid}/status") as f:
-        return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    """Voluntary + involuntary context switches of one process, every thread (its
+    wake-ups, mostly; /proc/PID/status alone counts the main thread's)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except OSError:         # the thread ended meanwhile
+            pass
+    return total
 
 
 def server_pids(srv) -> list:
@@ -197,13 +204,16 @@ def run_peer(args, name, rate, workdir, inject_file):
     srv = Server((PEERS_AUTH if args.auth else PEERS)[name],
                  SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None), args.workers)
     try:
+        pids = _descendants([srv.pid])
         before = group_cpu_ns(srv.pid)
+        switches = {p: ctx_switches(p) for p in pids}
         text, usage, code, wall, calls = run_sipp(args, (srv.host, srv.port), rate, workdir,
                                                   inject_file)
         server_ns = group_cpu_ns(srv.pid) - before
+        switches = sum(ctx_switches(p) - switches[p] for p in pids)
     finally:
         srv.stop()
-    return result(name, rate, text, usage, code, wall, calls, server_ns,
+    return result(name, rate, text, usage, code, wall, calls, server_ns, switches,
                   requests_per_call=2 if args.auth else 1)
 
 

@@ -198,11 +198,11 @@ def run_rate(args, rate, workdir, users_file, inject_file, with_state, name="fas
     return result(name, rate, text, usage, code, wall, calls, server_ns, switches, metrics)
 
 
-def run_peer(args, name, rate, workdir, inject_file):
-    """The same SIPp run against a peer of ``PEERS`` (``PEERS_AUTH`` with ``--auth``; its
-    CPU: the process and its children)."""
-    srv = Server((PEERS_AUTH if args.auth else PEERS)[name],
-                 SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None), args.workers)
+def run_peer(args, name, template, rate, workdir, inject_file):
+    """The same SIPp run against another server, started from a bench_e2e ``template``
+    (its CPU: the process and its children)."""
+    srv = Server(template, SimpleNamespace(host="127.0.0.1", port=None, server_cpus=None),
+                 args.workers)
     try:
         pids = _descendants([srv.pid])
         before = group_cpu_ns(srv.pid)
@@ -238,6 +238,12 @@ def main(argv=None) -> int:
     ap.add_argument("--kamailio", action="store_true",
                     help="also measure Kamailio (bench/kamailio/registrar.cfg, -x tlsf; "
                          "with --auth registrar_auth.cfg)")
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
+                    help="another server in the same turns (repeatable), a start command with "
+                         "{python} {host} {port} {workers} {rundir} {mport}, e.g. fastsip's "
+                         "previous commit built in /tmp/prev: \"prev=env PYTHONPATH=/tmp/prev "
+                         "{python} -m fastsip.server --listen udp:{host}:{port} --workers "
+                         "{workers} --state {rundir}/s.sqlite3 --log-level warning\"")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("server_flags", nargs="*", metavar="-- FLAG",
                     help="more flags for fastsip serve, after --, e.g. -- --batch-wait 200")
@@ -246,7 +252,14 @@ def main(argv=None) -> int:
         print("bench_server: sipp not found (apt-get install sip-tester)", file=sys.stderr)
         return 2
     rates = [int(r) for r in args.rates.split(",")]
-    peers = [p for p in PEERS if getattr(args, p)]
+    known = PEERS_AUTH if args.auth else PEERS
+    peers = {p: known[p] for p in PEERS if getattr(args, p)}
+    for spec in args.peer:
+        name, sep, template = spec.partition("=")
+        if not (sep and name and template) or name in peers or name in ("fastsip", "no-state"):
+            print(f"bench_server: --peer {spec!r}: NAME=COMMAND, a new name", file=sys.stderr)
+            return 2
+        peers[name] = template
     if args.both_states and not args.state:
         print("bench_server: --both-states runs fastsip with and without the state file: "
               "not with --no-state", file=sys.stderr)
@@ -278,10 +291,11 @@ def main(argv=None) -> int:
               f"{'retrans':>8} {'SIPp CPU s':>11}")
         for rate in rates:
             for _ in range(args.repeat):
-                for server in mine + peers:     # the servers take turns
+                for server in mine + list(peers):       # the servers take turns
                     r = (run_rate(args, rate, workdir, users_file, inject_file,
                                   args.state and server == "fastsip", server)
-                         if server in mine else run_peer(args, server, rate, workdir, inject_file))
+                         if server in mine else run_peer(args, server, peers[server], rate,
+                                                         workdir, inject_file))
                     results.append(r)
                     print(f"{r['server']:>9} {r['offered_rate']:>10} {r['achieved_rate']:>11} "
                           f"{r['failure_pct']:>7} {r['server_cpu_us_per_register']!s:>11} "
@@ -298,7 +312,7 @@ def main(argv=None) -> int:
                                      if r["offered_rate"] == rate and r["server"] == server)
         for rate in rates:
             refs = [median_us(m, rate) for m in mine]
-            for server in mine + peers:
+            for server in mine + list(peers):
                 rs = [r for r in results if r["offered_rate"] == rate and r["server"] == server]
                 us = median_us(server, rate)
                 ratios = "".join(f" {ref / us:>6.2f}×" for ref in refs) if others and us else ""

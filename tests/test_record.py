@@ -20,7 +20,7 @@ from fastsip import Binding, Registrar, Store
 from fastsip.registrar import decode_record, encode_record
 from fastsip.server import logs
 from fastsip.server._io_c import SqlWriter
-from fastsip.server.state import FORMAT, OLD_FORMAT, PAGE_SIZE, StateFile, row_of, sql_writer, sqlite_library
+from fastsip.server.state import FORMAT, OLD_FORMAT, StateFile, row_of, sql_writer, sqlite_library
 from fastsip.server.timers import BAD_ROW_LINES, StateWriter
 from test_flows import FLOW, UDP, WS, reg_over
 from test_registrar import NOW, request
@@ -523,59 +523,6 @@ def test_an_old_state_file_is_converted_on_open(tmp_path, log_lines):
     assert writer.load(NOW) == (2, 3)
     assert reg.store.lookup("sip:alice@example.com") == [FULL, EMPTY]
     writer.finish()
-
-
-def small_page_file(path, page_size=4096):
-    """A state file as fastsip wrote it before PAGE_SIZE: SQLite's 4 KiB pages."""
-    db = sqlite3.connect(path)
-    db.execute(f"PRAGMA page_size={page_size}")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.close()
-    f = StateFile(path)
-    f.write([(f"sip:p{i}@example.com", record_of([FULL]), FULL.expires_at) for i in range(300)])
-    return f
-
-
-def test_a_new_state_file_has_large_pages(tmp_path):
-    f = StateFile(str(tmp_path / "s.db"))
-    assert PAGE_SIZE == 32768
-    assert f.db.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
-    f.close()
-
-
-def test_a_state_file_of_small_pages_is_rewritten_with_large_ones(tmp_path, log_lines):
-    path = str(tmp_path / "s.db")
-    f = small_page_file(path)
-    before = rows(path)
-    f.repage()
-    assert f.db.execute("PRAGMA page_size").fetchone() == (PAGE_SIZE,)
-    assert f.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert rows(path) == before and len(before) == 300
-    assert re.fullmatch(rf"state file {re.escape(path)}: rewritten with pages of 32768 bytes "
-                        rf"\(were 4096\) in \d+\.\d s", log_lines[-1])
-    f.repage()                                                  # once
-    assert len(log_lines) == 1
-    f.close()
-    reg, writer = writer_for(path)                              # and it serves as before
-    assert writer.load(NOW) == (300, 300)
-    writer.finish()
-
-
-def test_a_state_file_open_elsewhere_keeps_its_pages(tmp_path, log_lines):
-    path = str(tmp_path / "s.db")
-    f = small_page_file(path)
-    reader = sqlite3.connect(path)
-    reader.execute("BEGIN")
-    assert reader.execute("SELECT count(*) FROM aors").fetchone() == (300,)
-    f.repage()
-    assert f.db.execute("PRAGMA page_size").fetchone() == (4096,)
-    assert f.db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert log_lines[-1].startswith(f"state file {path}: pages of 4096 bytes kept, not "
-                                    f"rewritten with 32768 (")
-    reader.close()
-    f.write([("sip:late@example.com", record_of([FULL]), FULL.expires_at)])
-    assert len(rows(path)) == 301
-    f.close()
 
 
 def test_a_state_file_of_an_unknown_format_is_refused(tmp_path):

@@ -49,10 +49,6 @@ FORMAT = "record1"
 OLD_FORMAT = "marshal4-rows13"
 UPSERT = "INSERT OR REPLACE INTO aors (aor, bindings, expires_at) VALUES (?, ?, ?)"
 DELETE = "DELETE FROM aors WHERE aor = ?"
-#: bytes per page of a new file: a flush inserts and rewrites rows in AOR order, and
-#: the supervisor's checkpoint copies whole pages; 32 KiB pages cut both by a fifth to
-#: a half against SQLite's 4 KiB (bench/bench_state.py, test_page_size)
-PAGE_SIZE = 32768
 CONVERT_BATCH = 10000       # rows of an old file read at a time while converting it
 
 
@@ -109,7 +105,6 @@ class StateFile:
         self.path = path
         self.db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                   check_same_thread=False)
-        self.db.execute(f"PRAGMA page_size={PAGE_SIZE}")     # a new file only (else ignored)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         if not checkpoints:
@@ -177,33 +172,6 @@ class StateFile:
         LOG.info("state file %s: converted %d rows from format %s to %s%s", self.path,
                  converted, OLD_FORMAT, FORMAT,
                  f" ({dropped} rows that did not decode dropped)" if dropped else "")
-
-    def repage(self) -> None:
-        """Rewrite a file made with smaller pages (by fastsip before PAGE_SIZE, or by
-        hand) with pages of PAGE_SIZE: VACUUM, which SQLite allows only outside WAL
-        mode, so with no other connection to the file; the supervisor calls it
-        before the workers start.  It needs free space as large as the file and
-        takes a few seconds per million AORs; if it cannot run (the file is open
-        elsewhere, the disk is full) the file keeps its pages and serves as before."""
-        old = self.db.execute("PRAGMA page_size").fetchone()[0]
-        if old == PAGE_SIZE:
-            return
-        t0 = time.monotonic()
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            if self.db.execute("PRAGMA journal_mode=DELETE").fetchone()[0] != "delete":
-                raise sqlite3.OperationalError("the file is open elsewhere")
-            try:
-                self.db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-                self.db.execute("VACUUM")
-            finally:
-                self.db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as exc:
-            LOG.warning("state file %s: pages of %d bytes kept, not rewritten with %d (%s)",
-                        self.path, old, PAGE_SIZE, exc)
-            return
-        LOG.info("state file %s: rewritten with pages of %d bytes (were %d) in %.1f s",
-                 self.path, PAGE_SIZE, old, time.monotonic() - t0)
 
     def load(self, shard: int, shards: int, now: float, key=None):
         """Yield (aor, record) for this shard's rows with bindings still alive at

@@ -228,9 +228,7 @@ class Supervisor:
         if cfg.state:
             try:
                 from fastsip.server.state import StateFile
-                state = StateFile(cfg.state)
-                state.repage()
-                state.close()
+                StateFile(cfg.state).close()
             except (OSError, ValueError, sqlite3.Error) as exc:
                 self.close_sockets()
                 raise ConfigError(f"--state {cfg.state}: {exc}") from None

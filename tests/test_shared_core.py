@@ -37,6 +37,10 @@ def test_a_change_is_staged_with_the_next_version_and_the_aor_is_busy(reg):
     assert decode_record(record)[0] == version
     assert [b.uri for b in decode_record(record)[1]] == ["sip:a@h"]
     assert contacts_of(fastsip.parse(reply)) == {"sip:a@h": 600}
+    # the record is written from the copy when asked for (the compiled loop writes it
+    # into the FCALL): the same every time, until the next request
+    assert reg.staged == reg.staged
+    assert record == encode_record(decode_record(record)[1], version)
     assert reg.store.cache_busy(AOR)
     # another request for the AOR waits for the write, whatever it is
     assert serve(reg, register("alice", contact="sip:b@h", call_id="c2"), 1000.0) == WAIT

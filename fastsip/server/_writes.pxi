@@ -9,11 +9,11 @@
 # each as one pipeline; a group stands for all its commands on the connection, takes
 # their replies (take_reply: 1 is written, anything else is kept for Python), and when
 # acknowledged (done) ends the busy marks, remembers the records for a re-assertion and
-# sends the 200s with one sendmmsg.  The record is written by the core straight into
-# the command (RegistrarCore.staged_record_into), and ``recent`` (Recent, below) copies
-# it from there: no bytes object per write on this path either.  Whatever is not the common case (a conflict, an
-# error, a lost connection, WAIT coming short) is handed to Python as the request it
-# was (hand), and handled as before.
+# sends the 200s with one sendmmsg.  The record is no object either: the core writes it
+# straight into the command (RegistrarCore.staged_record_into), and ``recent``
+# (Recent, _recent.pxi) copies it from there.  Whatever is not the common case (a
+# conflict, an error, a lost connection, WAIT coming short) is handed to Python as the
+# request it was (hand), and handled as before.
 
 from libc.stdint cimport int16_t, uint64_t
 
@@ -374,4 +374,3 @@ cdef class WriteQueue:
                 self.groups[j] = None
         self.n = 0
         return out
-

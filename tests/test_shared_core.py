@@ -37,6 +37,10 @@ def test_a_change_is_staged_with_the_next_version_and_the_aor_is_busy(reg):
     assert decode_record(record)[0] == version
     assert [b.uri for b in decode_record(record)[1]] == ["sip:a@h"]
     assert contacts_of(fastsip.parse(reply)) == {"sip:a@h": 600}
+    # the record is written from the copy when asked for (the compiled loop writes it
+    # into the FCALL): the same every time, until the next request
+    assert reg.staged == reg.staged
+    assert record == encode_record(decode_record(record)[1], version)
     assert reg.store.cache_busy(AOR)
     # another request for the AOR waits for the write, whatever it is
     assert serve(reg, register("alice", contact="sip:b@h", call_id="c2"), 1000.0) == WAIT
@@ -236,10 +240,25 @@ def test_pack_cas_is_the_fcall_redis_reads():
         b"r" * 70000, b"1"))
 
 
-def test_prune_recent_frees_what_is_too_old_to_be_reasserted_and_keeps_the_rest():
-    from fastsip.server._io_c import prune_recent
-    recent = {b"old%d" % i: (1, b"r", 0, 100.0 + i) for i in range(1000)}
-    recent.update({b"new%d" % i: (2, None, 0, 200.0) for i in range(1000)})
-    assert prune_recent(recent, 150.0) == 50            # t 100..149
-    assert len(recent) == 1950 and b"old49" not in recent and b"old50" in recent
-    assert prune_recent(recent, 1e9) == 1950 and recent == {}
+def test_recent_keeps_each_aors_last_acknowledged_record_and_prunes_the_old():
+    from fastsip.server._io_c import Recent
+    recent = Recent()
+    assert recent.get(b"x") is None and recent.aors(0.0) == [] and recent.prune(1e9) == 0
+    for i in range(1000):                               # grows past its first table
+        recent.put(b"old%d" % i, 1, b"r%d" % i, 7, 100.0 + i)
+    for i in range(1000):
+        recent.put(b"new%d" % i, 2, None, 0, 200.0)     # a deleted key
+    recent.put(b"old999", 3, b"later", 9, 1199.0)       # the last one replaces the first
+    recent.put(b"", 4, b"", 0, 300.0)                   # (empty names and records hold too)
+    assert len(recent) == 2001
+    assert recent.get(b"old5") == (1, b"r5", 7, 105.0)
+    assert recent.get(b"new5") == (2, None, 0, 200.0)
+    assert recent.get(b"old999") == (3, b"later", 9, 1199.0)
+    assert recent.get(b"") == (4, b"", 0, 300.0)
+    assert sorted(recent.aors(1000.0)) == sorted([b"old%d" % i for i in range(900, 1000)])
+    assert recent.prune(150.0) == 50                    # t 100..149
+    assert len(recent) == 1951 and recent.get(b"old49") is None
+    assert recent.get(b"old50") == (1, b"r50", 7, 150.0) and recent.get(b"new999") is not None
+    assert recent.prune(1e9) == 1951 and len(recent) == 0 and recent.get(b"old50") is None
+    recent.put(b"again", 5, b"r", 1, 1.0)
+    assert recent.get(b"again") == (5, b"r", 1, 1.0)

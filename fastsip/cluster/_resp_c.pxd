@@ -5,6 +5,8 @@ from libc.stdint cimport uint64_t
 
 cdef Py_ssize_t cas_size(Py_ssize_t aor_len, uint64_t expected, Py_ssize_t record_len,
                          long long pxat_ms) noexcept
+cdef Py_ssize_t cas_record_at(Py_ssize_t aor_len, uint64_t expected,
+                              Py_ssize_t record_len) noexcept
 cdef int cas_write(char* p, const char* aor, Py_ssize_t aor_len, uint64_t expected,
                    const char* record, Py_ssize_t record_len, long long pxat_ms,
                    bint slot) noexcept

@@ -82,7 +82,7 @@ cdef char* _arg(char* p, const char* data, Py_ssize_t n) noexcept:
     p[0] = b'\r'
     p[1] = b'\n'
     p += 2
-    if n:
+    if n and data != NULL:
         memcpy(p, data, n)
     p += n
     p[0] = b'\r'
@@ -101,12 +101,21 @@ cdef Py_ssize_t cas_size(Py_ssize_t aor_len, uint64_t expected, Py_ssize_t recor
             + _arg_size(record_len) + _arg_size(_digits(<unsigned long long>pxat_ms)))
 
 
+cdef Py_ssize_t cas_record_at(Py_ssize_t aor_len, uint64_t expected,
+                              Py_ssize_t record_len) noexcept:
+    """Where RECORD starts in ``cas_write``'s command (for a caller that writes
+    the record there itself)."""
+    return (HEAD_LEN + _arg_size(aor_len + 7) + _arg_size(8 if expected else 0)
+            + 1 + _digits(record_len) + 2)
+
+
 cdef int cas_write(char* p, const char* aor, Py_ssize_t aor_len, uint64_t expected,
                    const char* record, Py_ssize_t record_len, long long pxat_ms,
                    bint slot) noexcept:
     """Write ``FCALL fastsip_cas 1 KEY EXPECTED RECORD PXAT`` (``cas_size`` bytes)
     at ``p``; returns the key's slot when ``slot`` is true (else 0: the caller knows
-    it from ``cas_slot``).  See ``pack_cas``."""
+    it from ``cas_slot``).  See ``pack_cas``.  ``record`` NULL with a length: its
+    room is left for the caller to fill (at ``cas_record_at``)."""
     cdef Py_ssize_t nk = aor_len + 7
     cdef char ver[8]
     cdef char px[24]

@@ -32,7 +32,7 @@ READ_SIZE = 1 << 18
 class Conn:
     """One connection to one primary."""
 
-    __slots__ = ("addr", "sock", "fd", "reader", "out", "pending", "waiting", "loop",
+    __slots__ = ("addr", "sock", "fd", "reader", "buf", "out", "pending", "waiting", "loop",
                  "on_reply", "on_push", "on_lost", "on_replies", "replicas", "closed",
                  "want_out")
 
@@ -42,6 +42,9 @@ class Conn:
         self.reader = node.reader       # the login's reader: nothing is lost between the two
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
+        # replies are read into this one buffer (the reader copies them): a recv()
+        # would allocate READ_SIZE bytes and shrink them for every read
+        self.buf = bytearray(READ_SIZE)
         self.out = []                   # packed commands not yet written
         self.pending = b""              # written in part: the rest
         self.waiting = collections.deque()   # items, one per command written or queued
@@ -85,21 +88,21 @@ class Conn:
             self.flush()
         if self.closed:
             return
-        reader = self.reader
+        reader, buf = self.reader, self.buf
         while True:
             try:
-                data = self.sock.recv(READ_SIZE)
+                n = self.sock.recv_into(buf)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                     ssl.SSLWantWriteError):
                 break
             except OSError:
                 self.lose()
                 return
-            if not data:
+            if not n:
                 self.lose()
                 return
-            reader.feed(data)
-            if len(data) < READ_SIZE and not isinstance(self.sock, ssl.SSLSocket):
+            reader.feed(buf, 0, n)
+            if n < READ_SIZE and not isinstance(self.sock, ssl.SSLSocket):
                 break
         waiting = self.waiting
         on_reply = self.on_reply

@@ -51,7 +51,8 @@ cdef class RegistrarCore:
     cdef uint64_t staged_expected          # the version decided against (0: no key)
     cdef uint64_t staged_version           # the version it writes
     cdef double staged_latest              # its latest binding's expiry
-    cdef object staged_record              # bytes, or None: the key goes
+    cdef int32_t staged_slot               # the AOR's slot in the store, whose record it writes
+    cdef Py_ssize_t staged_record_len      # that record's length; -1: none, the key goes
     cdef Py_ssize_t staged_reply           # the reply's length in the writer's buffer; 0: none
     cdef readonly object waiting_aor       # shared: the busy AOR a REGISTER waits on (WAIT)
     cdef dict redirects                    # outcome -> count, for requests redirect answers
@@ -76,6 +77,7 @@ cdef class RegistrarCore:
     cdef Py_ssize_t _stage(self, int32_t a, const char* aor, Py_ssize_t aor_len,
                            uint64_t expected, double now, Py_ssize_t reply) except SV_ERROR
     cdef const char* staged_reply_bytes(self) noexcept
+    cdef void staged_record_into(self, char* out) noexcept
     cdef Py_ssize_t _authenticate(self, const Req* rq) except SV_ERROR
     cdef Py_ssize_t _challenge(self, AuthCore core, const Req* rq, object realm, bint stale,
                                object aor_user) except SV_ERROR

@@ -35,6 +35,7 @@ cdef class RegistrarCore:
                  int64_t max_bindings=0, bint shared=False, bint redirect=False):
         self.aor_form = _aor_form(aor_by)
         self.shared = shared
+        self.staged_record_len = -1
         self.configure(min_expires=min_expires, max_expires=max_expires,
                        default_expires=default_expires, max_contacts=max_contacts,
                        max_bindings=max_bindings, redirect=redirect)
@@ -306,11 +307,13 @@ cdef class RegistrarCore:
             a = st.find_or_add(aor, aor_len)
         cdef uint64_t version = <uint64_t>(now * 1e6)
         cdef double latest = 0.0
-        cdef object record = None
+        cdef Py_ssize_t record_len = -1
         if version <= expected:
             version = expected + 1
         if st.aors[a].count:
-            record = st.encode(a, version, &latest)
+            # only its length now: the record is written where it goes
+            # (staged_record_into), without a bytes object in the compiled path
+            record_len = st.record_length(a, &latest)
         st.versions[a] = version
         st.aors[a].busy = 1
         st.aors[a].pinned = 0
@@ -321,7 +324,8 @@ cdef class RegistrarCore:
         self.staged_expected = expected
         self.staged_version = version
         self.staged_latest = latest
-        self.staged_record = record
+        self.staged_slot = a
+        self.staged_record_len = record_len
         self.staged_reply = reply if reply > 0 else 0
         return SV_STAGED
 
@@ -330,14 +334,22 @@ cdef class RegistrarCore:
         valid until the next request is served."""
         return self.writer.out
 
+    cdef void staged_record_into(self, char* out) noexcept:
+        """Write the staged write's record (``staged_record_len`` bytes, not -1) at
+        ``out``, from the AOR's copy: valid until the next request is served."""
+        self.store.record_into(self.staged_slot, self.staged_version, out)
+
     @property
     def staged(self):
         """Shared mode: the write the last STAGED left, ``(aor, expected, version,
         record, latest, reply)`` (``record`` None: delete the key; ``reply`` None:
         none), to be read before the next request is served."""
+        cdef bytes record = None
+        if self.staged_record_len >= 0:
+            record = PyBytes_FromStringAndSize(NULL, self.staged_record_len)
+            self.staged_record_into(PyBytes_AS_STRING(record))
         return (PyBytes_FromStringAndSize(self.staged_aor, self.staged_aor_len),
-                self.staged_expected, self.staged_version, self.staged_record,
-                self.staged_latest,
+                self.staged_expected, self.staged_version, record, self.staged_latest,
                 PyBytes_FromStringAndSize(self.writer.out, self.staged_reply)
                 if self.staged_reply > 0 else None)
 

@@ -226,6 +226,7 @@ cdef int _fill_addr(object addr, sockaddr_storage* ss, socklen_t* namelen) excep
 
 
 include "_meters.pxi"
+include "_recent.pxi"
 include "_writes.pxi"
 
 

@@ -9,15 +9,15 @@
 # each as one pipeline; a group stands for all its commands on the connection, takes
 # their replies (take_reply: 1 is written, anything else is kept for Python), and when
 # acknowledged (done) ends the busy marks, remembers the records for a re-assertion and
-# sends the 200s with one sendmmsg.  Whatever is not the common case (a conflict, an
-# error, a lost connection, WAIT coming short) is handed to Python as the request it
-# was (hand), and handled as before.
+# sends the 200s with one sendmmsg.  The record is no object either: the core writes it
+# straight into the command (RegistrarCore.staged_record_into), and ``recent``
+# (Recent, _recent.pxi) copies it from there.  Whatever is not the common case (a
+# conflict, an error, a lost connection, WAIT coming short) is handed to Python as the
+# request it was (hand), and handled as before.
 
-from cpython.dict cimport PyDict_DelItem, PyDict_Next, PyDict_SetItem
-from cpython.ref cimport PyObject
 from libc.stdint cimport int16_t, uint64_t
 
-from fastsip.cluster._resp_c cimport cas_size, cas_slot, cas_write
+from fastsip.cluster._resp_c cimport cas_record_at, cas_size, cas_slot, cas_write
 
 
 cdef enum:
@@ -30,6 +30,7 @@ cdef enum:
 
 ctypedef struct Write:
     Py_ssize_t cmd_off, cmd_len         # its FCALL, in the group's commands
+    Py_ssize_t rec_off, rec_len         # its record, inside the FCALL (rec_len -1: none)
     Py_ssize_t aor_off                  # in the group's data: the AOR, the source host,
     Py_ssize_t aor_len, host_len        # the reply and the request, one after another
     Py_ssize_t reply_len, req_len
@@ -72,14 +73,12 @@ cdef class WriteGroup:
     cdef Py_ssize_t cmd_len, cmd_cap
     cdef char* data
     cdef Py_ssize_t data_len, data_cap
-    cdef list records                   # per write: its record (bytes) or None
     cdef list odd                       # (i, reply) of replies other than 1
     cdef public bint wait
     cdef readonly list done_aors        # the AORs done() acknowledged, when asked for
     cdef readonly Py_ssize_t send_failed
 
     def __cinit__(self):
-        self.records = []
         self.odd = []
 
     def __dealloc__(self):
@@ -92,8 +91,7 @@ cdef class WriteGroup:
                   socklen_t tolen, int li, double now, long long pxat) except -1:
         cdef Write* w
         cdef Write* grown
-        cdef Py_ssize_t size, nr
-        cdef object record = core.staged_record
+        cdef Py_ssize_t size, nr = core.staged_record_len
         cdef char* d
         if self.n == self.cap:
             grown = <Write*>realloc(self.w, (self.cap * 2 if self.cap else 16) * sizeof(Write))
@@ -102,17 +100,20 @@ cdef class WriteGroup:
             self.w = grown
             self.cap = self.cap * 2 if self.cap else 16
         w = &self.w[self.n]
-        nr = 0 if record is None else PyBytes_GET_SIZE(<bytes>record)
-        size = cas_size(core.staged_aor_len, core.staged_expected, nr, pxat)
+        size = cas_size(core.staged_aor_len, core.staged_expected, nr if nr > 0 else 0, pxat)
         # everything that can fail first: a command without its entry would take
         # another write's reply
         _grow(&self.cmd, &self.cmd_cap, self.cmd_len + size)
         _grow(&self.data, &self.data_cap, self.data_len + core.staged_aor_len + host_len
               + core.staged_reply + req_len)
-        self.records.append(record)
         cas_write(self.cmd + self.cmd_len, core.staged_aor, core.staged_aor_len,
-                  core.staged_expected, NULL if record is None else PyBytes_AS_STRING(record),
-                  nr, pxat, False)
+                  core.staged_expected, NULL, nr if nr > 0 else 0, pxat, False)
+        w.rec_len = nr
+        w.rec_off = 0
+        if nr >= 0:                     # the record, from the core's copy, in its room
+            w.rec_off = self.cmd_len + cas_record_at(core.staged_aor_len,
+                                                     core.staged_expected, nr)
+            core.staged_record_into(self.cmd + w.rec_off)
         w.cmd_off = self.cmd_len
         w.cmd_len = size
         self.cmd_len += size
@@ -200,16 +201,17 @@ cdef class WriteGroup:
         return (PyBytes_FromStringAndSize(d + w.aor_len + w.host_len + w.reply_len, w.req_len),
                 PyBytes_FromStringAndSize(d + w.aor_len, w.host_len), w.port, w.li, w.first,
                 PyBytes_FromStringAndSize(d, w.aor_len), w.expected, w.version,
-                self.records[i], w.pxat,
+                None if w.rec_len < 0 else
+                PyBytes_FromStringAndSize(self.cmd + w.rec_off, w.rec_len), w.pxat,
                 PyBytes_FromStringAndSize(d + w.aor_len + w.host_len, w.reply_len)
                 if w.reply_len else None)
 
-    def done(self, Store store not None, dict recent not None, double now,
+    def done(self, Store store not None, Recent recent not None, double now,
              list udp_fds not None,
              bint want_aors=False):
         """The written ones (1, and the WAIT after them when ``wait``) are
         acknowledged: their AORs' copies are the stored ones (``Store.cache_done``),
-        their records go to ``recent`` (aor -> (version, record, pxat, now)),
+        their records go to ``recent`` (with ``now``),
         their 200s leave with one sendmmsg per listener (``udp_fds[li]``;
         the ones that could not are counted in ``send_failed``).  Returns how many;
         with ``want_aors`` their AORs are in ``done_aors``."""
@@ -217,7 +219,6 @@ cdef class WriteGroup:
         cdef int li, cnt
         cdef Write* w
         cdef const char* d
-        cdef bytes aor
         cdef mmsghdr* hdrs = NULL
         cdef iovec* iov = NULL
         cdef list aors = [] if want_aors else None
@@ -229,10 +230,11 @@ cdef class WriteGroup:
                 w.state = W_DONE
                 d = self.data + w.aor_off
                 store.done_c(d, w.aor_len)
-                aor = PyBytes_FromStringAndSize(d, w.aor_len)
-                PyDict_SetItem(recent, aor, (w.version, self.records[i], w.pxat, now))
+                recent.put_c(d, w.aor_len, w.version,
+                             NULL if w.rec_len < 0 else self.cmd + w.rec_off, w.rec_len,
+                             w.pxat, now)
                 if aors is not None:
-                    aors.append(aor)
+                    aors.append(PyBytes_FromStringAndSize(d, w.aor_len))
                 count += 1
                 if w.reply_len:
                     if hdrs == NULL:
@@ -354,7 +356,7 @@ cdef class WriteQueue:
         if g is None:
             g = WriteGroup()
             self.groups[j] = g
-        if core.staged_record is not None:
+        if core.staged_record_len >= 0:
             pxat = <long long>((core.staged_latest + self.grace) * 1000)
         g._add(core, req, req_len, host, host_len, port, to, tolen, li, now, pxat)
         self.n += 1
@@ -372,21 +374,3 @@ cdef class WriteQueue:
                 self.groups[j] = None
         self.n = 0
         return out
-
-
-def prune_recent(dict recent not None, double before):
-    """Remove the entries of ``recent`` (aor -> (..., t)) with ``t`` < ``before``
-    (the shared location's acknowledged records, kept for a re-assertion); one
-    pass in C, however many there are.  Returns how many went."""
-    cdef Py_ssize_t pos = 0
-    cdef PyObject* key
-    cdef PyObject* value
-    cdef list old = []
-    cdef object v
-    while PyDict_Next(recent, &pos, &key, &value):
-        v = <object>value
-        if type(v) is tuple and len(<tuple>v) >= 4 and <double>(<tuple>v)[3] < before:
-            old.append(<object>key)
-    for k in old:
-        PyDict_DelItem(recent, k)
-    return len(old)

@@ -48,7 +48,7 @@ from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
-from fastsip.server._io_c import BatchIO, WriteGroup, WriteQueue, prune_recent
+from fastsip.server._io_c import BatchIO, Recent, WriteGroup, WriteQueue
 
 LOG = logs.LOG
 
@@ -129,8 +129,8 @@ class SharedLocation:
         self.parked = {}                # aor -> [Pending] waiting for its write
         self.parked_checked = 0.0       # time.time() of the last _expire_parked
         self.retry = collections.deque()    # writes waiting for the slot map
-        self.recent = {}                # aor -> (version, record, pxat, t) acknowledged last
-        self.recent_pruned = 0.0        # time.time() of the last prune_recent
+        self.recent = Recent()          # aor -> (version, record, pxat, t) acknowledged last
+        self.recent_pruned = 0.0        # time.time() of the last Recent.prune
         self.reasserting = set()        # aors being written again
         self.refresh_due = 0.0          # time.monotonic() of the next slot map read; 0: none
         self.load_library = False       # a primary has no fastsip library: load it
@@ -303,7 +303,7 @@ class SharedLocation:
         if now - self.recent_pruned > RECENT / 2:
             # (entries older than RECENT are ignored where read; this frees them)
             self.recent_pruned = now
-            prune_recent(self.recent, now - RECENT)
+            self.recent.prune(now - RECENT)
         return REFRESH_EVERY if (self.retry or self.refresh_due) else 1.0
 
     def _expire_parked(self, now: float) -> None:
@@ -482,7 +482,7 @@ class SharedLocation:
         self.c.cluster_writes += 1
         if self.reasserting:
             self.reasserting.discard(aor)
-        self.recent[aor] = (p.version, p.record, p.pxat, now)
+        self.recent.put(aor, p.version, p.record, p.pxat, now)
         if p.data is not None:
             self._answer(p, p.reply)
             if p.conn_id >= 0:          # its flows end with the connection (flows_end)
@@ -631,7 +631,7 @@ class SharedLocation:
         """After primaries changed: read what this worker acknowledged in the last
         RECENT seconds, and write again what went missing (``_check_backwards``)."""
         now = time.time()
-        for aor in [aor for aor, mine in self.recent.items() if now - mine[3] <= RECENT]:
+        for aor in self.recent.aors(now - RECENT):
             key = KEY_HEAD + aor + b"}"
             conn = self._conn(self.slots.owner[key_slot(key)])
             if conn is not None:

@@ -1410,8 +1410,8 @@ cdef class AuthCore:
                     ha1_buf[k] = <char>LOWER[(<unsigned char*>PyUnicode_DATA(ha1))[k]]
                 set_bytes_field(&ha1_f, ha1_buf, n)
             else:
-                keep = []
-                set_str_field(&ha1_f, ha1.lower(), keep)
+                keep = [ha1.lower()]        # (set_str_field borrows the str: kept here)
+                set_str_field(&ha1_f, keep[0], keep)
         expected_response(alg, &ha1_f, &f[<int>F_NONCE], &f[<int>F_QOP], &f[<int>F_NC],
                           &f[<int>F_CNONCE], method, &f[<int>F_URI], expected)
         # the response as lower-case ASCII (nothing else lower-cases to a hex digit)

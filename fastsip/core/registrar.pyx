@@ -371,12 +371,11 @@ cdef class RegistrarCore:
             n = unescape_into(buf + to_uri.user.off, to_uri.user.length, ubuf, TO_USER_BUF)
             if n >= 0:
                 set_bytes_field(&aor_user, ubuf, n)
-            else:                   # too long to resolve on the stack: as str
-                keep = []
-                set_str_field(&aor_user, unescape(buf + to_uri.user.off, to_uri.user.length),
-                              keep)
+            else:                   # too long to resolve on the stack: as str (kept alive)
+                keep = [unescape(buf + to_uri.user.off, to_uri.user.length)]
+                set_str_field(&aor_user, keep[0], keep)
         set_bytes_field(&aor_domain, buf + to_uri.host.off, to_uri.host.length)
-        if budget is not None and budget.watching():
+        if budget is not None and budget.watching(rq.now):
             host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
             if budget.refuses(host, field_str(&aor_user), rq.now):
                 self._failed("throttled")

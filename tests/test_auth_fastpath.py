@@ -444,6 +444,13 @@ def test_changing_the_settings_changes_the_challenge():
     reg.authorize.qop = ()
     got = fastsip.parse(reg.handle(request(cseq=2), SRC, NOW)).www_authenticate
     assert [(c.algorithm, c.params.get("qop")) for c in got] == [("MD5", None)]
+    reg.authorize.algorithms = ("SHA-256", "MD5")       # two again: asks algorithms_for
+    reg.authorize.realm = "ACME PBX"                    # a realm set later is used ...
+    got = fastsip.parse(reg.handle(request(cseq=3), SRC, NOW)).www_authenticate
+    assert [(c.realm, c.algorithm) for c in got] == [("ACME PBX", "SHA-256"), ("ACME PBX", "MD5")]
+    reg.authorize.realm = ""                            # ... and an empty one is none
+    got = fastsip.parse(reg.handle(request(cseq=4), SRC, NOW)).www_authenticate
+    assert {c.realm for c in got} == {DOMAIN}
 
 
 # ---------------------------------------------------------------------------

@@ -116,10 +116,12 @@ cdef enum:
 
 cdef class AuthCore:
     cdef object _realm
+    cdef bint _has_realm                 # bool(_realm): realm_for needs no Python call
     cdef public object policy
     cdef object _ttl_obj
     cdef double ttl
     cdef object _algorithms
+    cdef bint _one_algorithm             # len(_algorithms) == 1 (offered)
     cdef uint32_t alg_mask
     cdef object _window_obj
     cdef uint64_t window

@@ -1004,6 +1004,7 @@ cdef class AuthCore:
     @realm.setter
     def realm(self, value):
         self._realm = value
+        self._has_realm = bool(value)       # (realm_for asks without Python)
 
     @property
     def nonce_ttl(self):
@@ -1026,6 +1027,7 @@ cdef class AuthCore:
                 mask |= 1u << (ALGORITHMS.index(a) + 1)
         self.alg_mask = mask
         self._algorithms = value
+        self._one_algorithm = len(value) == 1
         self._forget_challenges()
 
     @property
@@ -1124,7 +1126,7 @@ cdef class AuthCore:
 
     cdef object realm_for(self, const Field* aor_domain):
         """The realm to check and challenge with: ``realm`` or the AOR's host."""
-        return self._realm or self.host_of(aor_domain)
+        return self._realm if self._has_realm else self.host_of(aor_domain)
 
     cdef int own_aor(self, const Field* user, object realm, const Field* aor_user,
                      const Field* aor_domain) except -1:
@@ -1250,7 +1252,7 @@ cdef class AuthCore:
         configured can only answer that one and is not asked (nor is the
         user's str made)."""
         algorithms = self._algorithms
-        if user == NULL or len(algorithms) == 1:
+        if user == NULL or self._one_algorithm:
             return algorithms
         return self.algorithms_for(field_str(user), realm)
 
@@ -1358,7 +1360,7 @@ cdef class AuthCore:
         cdef Py_ssize_t n, k
         cdef list keep
         cdef const char* ha1p
-        cdef bint known
+        cdef bint known, allowed
         if c == NULL:
             return R_REQUIRED
         f = &c.f[0]

@@ -218,6 +218,17 @@ CASES = [
         value(n, nc="00000029", cnonce="café"), cseq=s), 200, None, False),
     ("another user's AOR", lambda n, s: with_auth(
         value(n, user="bob"), cseq=s), 403, None, True),
+    # the AOR's user, %HH escapes resolved, is compared with the user name in C
+    ("the AOR's user with escapes", lambda n, s: with_auth(
+        value(n, nc="0000002b"), user="al%69%63e", cseq=s), 200, None, True),
+    ("an escaped AOR user that is another's", lambda n, s: with_auth(
+        value(n, nc="0000002c"), user="b%6Fb", cseq=s), 403, None, True),
+    ("an AOR user that is not ASCII against an ASCII name", lambda n, s: with_auth(
+        value(n, nc="0000002d"), user="al%C3%AFce", cseq=s), 403, None, True),
+    ("an AOR user with a lone escaped byte", lambda n, s: with_auth(
+        value(n, nc="0000002e"), user="alice%FF", cseq=s), 403, None, True),
+    ("the AOR's domain in upper case", lambda n, s: with_auth(
+        value(n, nc="0000002f"), to="<sip:alice@EXAMPLE.com>", cseq=s), 200, None, True),
     ("and a new count after all that", lambda n, s: with_auth(value(n, nc="0000002a"), cseq=s),
      200, None, True),
 ]
@@ -281,6 +292,69 @@ def test_configurations_agree(kw, user, to_user, status):
     got = both(regs, with_auth(value(nonce, user=user, realm=realm), user=to_user, cseq=2))
     # (a 403 comes after the count was taken, step 8)
     assert got[0] == (401 if status in (200, 403) else status)
+
+
+@pytest.mark.parametrize("to_user, name", [("a" * 300, "a" * 300), ("%61" * 300, "a" * 300),
+                                           ("%61" * 80 + "a" * 100, "a" * 180)])
+def test_long_aor_users_agree(to_user, name):
+    """A To user whose escapes resolve to more than the registrar's stack buffer
+    (256 bytes) goes through str; shorter ones stay bytes: the same answers.  (An
+    AOR over 255 bytes is refused after authentication: 400 means it passed.)"""
+    users = {"a" * 300: "pw", "a" * 180: "pw"}
+    regs = registrars(users=users)
+    nonce = nonce_at(regs[0].authorize, NOW)
+    got = both(regs, with_auth(value(nonce, user=name, password="pw"), user=to_user))
+    assert got[:2] == ((200, "OK") if len(name) < 255 else (400, "AOR longer than 255 bytes"))
+    other = next(u for u in users if u != name)
+    assert both(regs, with_auth(value(nonce, user=other, password="pw"), user=to_user,
+                                cseq=2))[0] == 403
+
+
+def test_the_realm_check_follows_the_domain():
+    """own_aor_only remembers the last domain it weighed against the realm: a
+    domain that is not the realm is refused, whatever came before or after."""
+    regs = [Registrar(min_expires=60, max_expires=3600, domains=[DOMAIN, "other.example"],
+                      authorize=cls(users=USERS, secret=SECRET, fail_limit=0, realm=DOMAIN))
+            for cls in (Authorize, Parsed)]
+    nonce = nonce_at(regs[0].authorize, NOW)
+    for nc, domain, status in [(1, DOMAIN, 200), (2, "other.example", 403), (3, DOMAIN, 200),
+                               (4, "Other.Example", 403), (5, "EXAMPLE.COM", 200)]:
+        data = with_auth(value(nonce, nc=f"{nc:08x}"), to=f"<sip:alice@{domain}>", cseq=nc)
+        assert both(regs, data)[0] == status, domain
+
+
+def test_the_realm_per_domain_when_not_set():
+    """Without a realm each AOR domain is its own realm (its host, lower case):
+    the challenges and the checks follow the domain from one request to the next."""
+    regs = [Registrar(min_expires=60, max_expires=3600, domains=[DOMAIN, "other.example"],
+                      authorize=cls(users=USERS, secret=SECRET, fail_limit=0))
+            for cls in (Authorize, Parsed)]
+    for cseq, domain in enumerate([DOMAIN, "Other.Example", DOMAIN, "other.example"], 1):
+        first = request(to=f"<sip:alice@{domain}>", cseq=2 * cseq)
+        got = both(regs, first)
+        assert got[0] == 401 and {c[0] for c in got[2]} == {domain.lower()}
+        realm = domain.lower()
+        nonce = nonce_at(regs[0].authorize, NOW, realm)
+        data = with_auth(value(nonce, realm=realm), to=f"<sip:alice@{domain}>", cseq=2 * cseq + 1)
+        assert both(regs, data)[0] == 200
+        # a nonce of the other domain's realm is not this one's
+        other = nonce_at(regs[0].authorize, NOW, "other.example" if realm == DOMAIN else DOMAIN)
+        data = with_auth(value(other, realm=realm), to=f"<sip:alice@{domain}>", cseq=2 * cseq + 1)
+        assert both(regs, data)[0] == 401
+
+
+def test_a_policy_gets_the_aor_as_str():
+    seen = []
+
+    def policy(user, realm, aor_user, aor_domain):
+        seen.append((user, realm, aor_user, aor_domain))
+        return True
+
+    regs = registrars(policy=policy)
+    nonce = nonce_at(regs[0].authorize, NOW)
+    assert both(regs, with_auth(value(nonce), user="b%6Fb%C3%B6", domain="Example.COM"))[0] == 200
+    assert seen == [("alice", DOMAIN, "bobö", "Example.COM")] * 2
+    assert all(type(x) is str for x in seen[0])
 
 
 def test_realm_is_the_aor_host_when_not_set():
@@ -370,6 +444,13 @@ def test_changing_the_settings_changes_the_challenge():
     reg.authorize.qop = ()
     got = fastsip.parse(reg.handle(request(cseq=2), SRC, NOW)).www_authenticate
     assert [(c.algorithm, c.params.get("qop")) for c in got] == [("MD5", None)]
+    reg.authorize.algorithms = ("SHA-256", "MD5")       # two again: asks algorithms_for
+    reg.authorize.realm = "ACME PBX"                    # a realm set later is used ...
+    got = fastsip.parse(reg.handle(request(cseq=3), SRC, NOW)).www_authenticate
+    assert [(c.realm, c.algorithm) for c in got] == [("ACME PBX", "SHA-256"), ("ACME PBX", "MD5")]
+    reg.authorize.realm = ""                            # ... and an empty one is none
+    got = fastsip.parse(reg.handle(request(cseq=4), SRC, NOW)).www_authenticate
+    assert {c.realm for c in got} == {DOMAIN}
 
 
 # ---------------------------------------------------------------------------
@@ -554,3 +635,26 @@ def test_nonce_counts_memory_stays_small():
     finally:
         tracemalloc.stop()
     assert len(auth._counts) == 1 and size < 20_000
+
+
+class UpperHa1(Authorize):
+    """An _ha1 that answers a str subclass in upper case: the check lower-cases a
+    copy of it (kept alive while it is hashed)."""
+
+    class Hex(str):
+        pass
+
+    def _ha1(self, user, realm, base):
+        ha1 = super()._ha1(user, realm, base)
+        return None if ha1 is None else self.Hex(ha1.upper())
+
+
+def test_an_ha1_of_another_kind_is_lowered_and_kept():
+    reg = Registrar(min_expires=60, max_expires=3600, domains=[DOMAIN],
+                    authorize=UpperHa1(users=USERS, secret=SECRET, fail_limit=0))
+    nonce = nonce_at(reg.authorize, NOW)
+    for nc in range(1, 20):
+        data = with_auth(value(nonce, nc=f"{nc:08x}"), cseq=nc)
+        assert summary(reg.handle(data, SRC, NOW))[0] == 200
+    data = with_auth(value(nonce, nc="00000100", password="nope"), cseq=100)
+    assert summary(reg.handle(data, SRC, NOW))[0] == 401

@@ -252,3 +252,27 @@ def test_failure_budget_zero_is_off_and_first_challenges_are_no_failures():
     for i in range(5):                              # unanswered challenges spend nothing
         assert status(reg, request(cseq=i + 1)).status == 401
     assert "wrong" not in reg.stats()["auth_failures"] and len(reg.authorize.failures) == 0
+
+
+def test_a_refusal_lasts_while_another_has_ended():
+    """The registrar weighs the budget only while some refusal lasts (the latest
+    end of one): an earlier refusal's end does not end a later one's, a new one
+    after all ended is weighed again, and failures under the limit refuse nothing."""
+    reg = Registrar(min_expires=60, max_expires=3600, domains=["example.com"],
+                    authorize=Authorize(users=USERS, fail_limit=2, fail_backoff=60))
+    attacker, other = ("198.51.100.9", 5060), ("198.51.100.10", 5060)
+    assert guess(reg, attacker, "nope", 1).status == 401
+    assert guess(reg, attacker, "wonderland", 2).status == 200      # one failure: no refusal
+    assert guess(reg, attacker, "nope", 3).status == 401            # the source's 2nd: refused
+    assert guess(reg, attacker, "wonderland", 4, now=NOW + 59).status == 403
+    # bob's budget spent from two addresses at NOW + 50: refused to them until NOW + 110
+    for i, src in enumerate((other, ("198.51.100.11", 5060))):
+        assert guess(reg, src, "nope", 10 + i, user="bob", now=NOW + 50).status == 401
+    assert guess(reg, attacker, "wonderland", 20, now=NOW + 61).status == 200   # source's over
+    assert guess(reg, other, "builder", 21, user="bob", now=NOW + 100).status == 403
+    assert guess(reg, other, "wonderland", 22, now=NOW + 100).status == 200     # alice: fine
+    assert guess(reg, other, "builder", 23, user="bob", now=NOW + 111).status == 200
+    # all over; a new refusal is weighed again
+    assert guess(reg, attacker, "nope", 30, now=NOW + 200).status == 401
+    assert guess(reg, attacker, "nope", 31, now=NOW + 200).status == 401
+    assert guess(reg, attacker, "wonderland", 32, now=NOW + 201).status == 403

@@ -116,10 +116,12 @@ cdef enum:
 
 cdef class AuthCore:
     cdef object _realm
+    cdef bint _has_realm                 # bool(_realm): realm_for needs no Python call
     cdef public object policy
     cdef object _ttl_obj
     cdef double ttl
     cdef object _algorithms
+    cdef bint _one_algorithm             # len(_algorithms) == 1 (offered)
     cdef uint32_t alg_mask
     cdef object _window_obj
     cdef uint64_t window
@@ -128,7 +130,11 @@ cdef class AuthCore:
     cdef object _secret_obj
     cdef SHA256_CTX _inner, _outer       # SHA-256 states after the HMAC key pads
     cdef bint _keyed                     # _inner and _outer are set (_secret)
-    cdef object _dom, _dom_host          # the last aor_domain and its host
+    cdef bytes _dom_key                  # the last ASCII AOR domain (host_of) ...
+    cdef object _dom_host                # ... and its host
+    cdef bytes _own_key                  # the last ASCII AOR domain own_aor weighed ...
+    cdef object _own_realm               # ... against this realm ...
+    cdef bint _own_result                # ... and whether its host is the realm
     cdef object _rstr                    # the last realm and its Field
     cdef list _rkeep
     cdef Field _rfield
@@ -140,15 +146,17 @@ cdef class AuthCore:
     cdef tuple _chal_last                # ... and its parts (challenge_parts)
     cdef dict _chal_cache                # (realm, offered) -> parts
 
-    cdef object host_of(self, object aor_domain)
-    cdef object realm_for(self, object aor_domain)
+    cdef object host_of(self, const Field* aor_domain)
+    cdef object realm_for(self, const Field* aor_domain)
+    cdef int own_aor(self, const Field* user, object realm, const Field* aor_user,
+                     const Field* aor_domain) except -1
     cdef list realm_field(self, object realm, Field* out)
     cdef int selects(self, const Cred* c, const Field* realm) noexcept
     cdef int mac16(self, const char* head, const Field* realm, unsigned char* out) except -1
     cdef int nonce_into(self, object realm, double now, char* out) except -1
-    cdef object offered(self, object realm, object user)
+    cdef object offered(self, object realm, const Field* user)
     cdef tuple challenge_parts(self, object realm, object offered)
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1
     cdef int verify(self, const Cred* c, int alg, const Field* method, const Field* ruri,
-                    object realm, const Field* rf, object aor_user, object aor_domain,
-                    double now) except -1
+                    object realm, const Field* rf, const Field* aor_user,
+                    const Field* aor_domain, double now) except -1

@@ -163,14 +163,39 @@ cdef int set_str_field(Field* f, object s, list keep) except -1:
     return 0
 
 
+cdef int set_any_field(Field* f, object o, list keep) except -1:
+    """``set_str_field`` for a str; any other object (a caller of ``check`` may
+    pass one for a custom policy) is only carried along: ``field_str`` gives it
+    back and comparisons in C leave it to Python."""
+    if type(o) is str or isinstance(o, str):
+        return set_str_field(f, o, keep)
+    clear_field(f)
+    if o is not None:
+        f.s = <void*>o
+    return 0
+
+
 cdef object field_str(const Field* f):
     """The value as str: the one it came from, or the bytes decoded as the
     registrar has always decoded header bytes (UTF-8, surrogateescape)."""
-    if f.n < 0:
-        return None
     if f.s != NULL:
         return <object>f.s
+    if f.n < 0:
+        return None
     return PyUnicode_DecodeUTF8(f.p, f.n, "surrogateescape")
+
+
+cdef bint field_ascii(const Field* f) noexcept nogil:
+    """A present value of ASCII bytes only.  Two such values are equal as str
+    exactly when their bytes are (whether they came from a str or from the
+    wire), so they can be compared in C; anything else is compared in Python."""
+    cdef Py_ssize_t i
+    if f.n < 0 or f.p == NULL:
+        return False
+    for i in range(f.n):
+        if <unsigned char>f.p[i] >= 0x80:
+            return False
+    return True
 
 
 cdef inline bint same(const Field* a, const Field* b) noexcept nogil:
@@ -943,6 +968,9 @@ cdef int take_random(unsigned char* out, Py_ssize_t n) except -1:
     return 0
 
 
+cdef int64_t EXACT_MS = (<int64_t>1) << 53      # issue times a double holds exactly
+
+
 cdef const char* B64URL_DIGITS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
@@ -957,7 +985,6 @@ cdef class AuthCore:
     def __cinit__(self):
         self.counts = NonceCounts()
         self.failures = FailureBudget()
-        self._dom = _UNSET
         self._rstr = _UNSET
         self._rkeep = []
         self.policy = own_aor_only
@@ -977,6 +1004,7 @@ cdef class AuthCore:
     @realm.setter
     def realm(self, value):
         self._realm = value
+        self._has_realm = bool(value)       # (realm_for asks without Python)
 
     @property
     def nonce_ttl(self):
@@ -999,6 +1027,7 @@ cdef class AuthCore:
                 mask |= 1u << (ALGORITHMS.index(a) + 1)
         self.alg_mask = mask
         self._algorithms = value
+        self._one_algorithm = len(value) == 1
         self._forget_challenges()
 
     @property
@@ -1081,18 +1110,46 @@ cdef class AuthCore:
 
     # -- realm, nonces ------------------------------------------------------
 
-    cdef object host_of(self, object aor_domain):
-        """``_host(aor_domain)``, remembering the last answer."""
-        if type(aor_domain) is not str:
-            return _host(aor_domain)
-        if aor_domain is not self._dom and not (type(self._dom) is str and aor_domain == self._dom):
-            self._dom_host = _host(aor_domain)
-            self._dom = aor_domain
-        return self._dom_host
+    cdef object host_of(self, const Field* aor_domain):
+        """``_host(aor_domain)``, remembering the answer for the last ASCII domain
+        (its bytes): one domain after another costs no Python object."""
+        cdef bint ascii = field_ascii(aor_domain)
+        cdef bytes key = self._dom_key
+        if ascii and key is not None and PyBytes_GET_SIZE(key) == aor_domain.n and \
+                memcmp(PyBytes_AS_STRING(key), aor_domain.p, aor_domain.n) == 0:
+            return self._dom_host
+        host = _host(field_str(aor_domain))
+        if ascii:
+            self._dom_key = PyBytes_FromStringAndSize(aor_domain.p, aor_domain.n)
+            self._dom_host = host
+        return host
 
-    cdef object realm_for(self, object aor_domain):
+    cdef object realm_for(self, const Field* aor_domain):
         """The realm to check and challenge with: ``realm`` or the AOR's host."""
-        return self._realm or self.host_of(aor_domain)
+        return self._realm if self._has_realm else self.host_of(aor_domain)
+
+    cdef int own_aor(self, const Field* user, object realm, const Field* aor_user,
+                     const Field* aor_domain) except -1:
+        """``own_aor_only(user, realm, aor_user, aor_domain)`` on Fields: the user
+        names compared in C when both are ASCII, the domain's host against
+        ``realm.lower()`` remembered for the last realm and ASCII domain."""
+        cdef bytes key
+        if field_ascii(user) and field_ascii(aor_user):
+            if not same(user, aor_user):
+                return 0
+        elif not (field_str(user) == field_str(aor_user)):
+            return 0
+        key = self._own_key
+        if realm is self._own_realm and key is not None and field_ascii(aor_domain) and \
+                PyBytes_GET_SIZE(key) == aor_domain.n and \
+                memcmp(PyBytes_AS_STRING(key), aor_domain.p, aor_domain.n) == 0:
+            return self._own_result
+        result = self.host_of(aor_domain) == realm.lower()
+        if field_ascii(aor_domain):
+            self._own_key = PyBytes_FromStringAndSize(aor_domain.p, aor_domain.n)
+            self._own_realm = realm
+            self._own_result = bool(result)
+        return bool(result)
 
     cdef list realm_field(self, object realm, Field* out):
         """``realm`` as a Field (remembered for the next call); the caller keeps
@@ -1189,14 +1246,15 @@ cdef class AuthCore:
 
     # -- challenges -----------------------------------------------------------
 
-    cdef object offered(self, object realm, object user):
+    cdef object offered(self, object realm, const Field* user):
         """The algorithms a 401 offers ``user`` (the user part of the AOR in To;
-        None: all of them): ``algorithms_for``, which with one algorithm
-        configured can only answer that one and is not asked."""
+        NULL: all of them): ``algorithms_for``, which with one algorithm
+        configured can only answer that one and is not asked (nor is the
+        user's str made)."""
         algorithms = self._algorithms
-        if user is None or len(algorithms) == 1:
+        if user == NULL or self._one_algorithm:
             return algorithms
-        return self.algorithms_for(user, realm)
+        return self.algorithms_for(field_str(user), realm)
 
     cdef tuple challenge_parts(self, object realm, object offered):
         """What surrounds the nonce in the challenges for ``realm`` offering
@@ -1236,8 +1294,13 @@ cdef class AuthCore:
         To; None offers them all), with one fresh nonce.  The registrar writes
         the same 401 in C (``ReplyWriter.challenge``) unless a subclass
         overrides this method."""
+        cdef Field uf
+        cdef list keep = []
         nonce = self._new_nonce(realm, now)
-        parts = self.challenge_parts(realm, self.offered(realm, user))[1 if stale else 0]
+        if user is not None:
+            set_any_field(&uf, user, keep)
+        offered = self.offered(realm, &uf if user is not None else NULL)
+        parts = self.challenge_parts(realm, offered)[1 if stale else 0]
         return [head + nonce + tail for head, tail in parts]
 
     cdef int nonce_issued(self, const Field* nonce, const Field* realm, double* issued) except -1:
@@ -1273,17 +1336,19 @@ cdef class AuthCore:
         for i in range(8):
             bits = (bits << 8) | raw[i]
         ms = <int64_t>bits
-        if -(1 << 53) <= ms <= (1 << 53):
+        if -EXACT_MS <= ms <= EXACT_MS:             # C integers: no Python int per check
             issued[0] = <double>ms / 1000.0
         else:       # as int / 1000 rounds it
             issued[0] = (<object>ms) / 1000
         return 1
 
     cdef int verify(self, const Cred* c, int alg, const Field* method, const Field* ruri,
-                    object realm, const Field* rf, object aor_user, object aor_domain,
-                    double now) except -1:
+                    object realm, const Field* rf, const Field* aor_user,
+                    const Field* aor_domain, double now) except -1:
         """Steps 2-8 of docs/auth.md for the credentials step 1 chose (``c``,
-        NULL when none): an Outcome (0: authenticated)."""
+        NULL when none): an Outcome (0: authenticated).  ``aor_user`` and
+        ``aor_domain`` (of the To URI) are Fields: the default policy compares
+        them in C, and only another policy is given them as str."""
         cdef const Field* f
         cdef int missing = 0, i
         cdef bint qop, match
@@ -1295,7 +1360,7 @@ cdef class AuthCore:
         cdef Py_ssize_t n, k
         cdef list keep
         cdef const char* ha1p
-        cdef bint known
+        cdef bint known, allowed
         if c == NULL:
             return R_REQUIRED
         f = &c.f[0]
@@ -1347,8 +1412,8 @@ cdef class AuthCore:
                     ha1_buf[k] = <char>LOWER[(<unsigned char*>PyUnicode_DATA(ha1))[k]]
                 set_bytes_field(&ha1_f, ha1_buf, n)
             else:
-                keep = []
-                set_str_field(&ha1_f, ha1.lower(), keep)
+                keep = [ha1.lower()]        # (set_str_field borrows the str: kept here)
+                set_str_field(&ha1_f, keep[0], keep)
         expected_response(alg, &ha1_f, &f[<int>F_NONCE], &f[<int>F_QOP], &f[<int>F_NC],
                           &f[<int>F_CNONCE], method, &f[<int>F_URI], expected)
         # the response as lower-case ASCII (nothing else lower-cases to a hex digit)
@@ -1368,12 +1433,12 @@ cdef class AuthCore:
         if qop and not self.counts.is_new(&f[<int>F_NONCE], &f[<int>F_USERNAME], nc, issued, now,
                                           self.window, self.max_entries, self.ttl):
             return R_REPLAYED
-        user = field_str(&f[<int>F_USERNAME])
         policy = self.policy
         if policy is own_aor_only:
-            allowed = own_aor_only_host(user, realm, aor_user, self.host_of(aor_domain))
+            allowed = self.own_aor(&f[<int>F_USERNAME], realm, aor_user, aor_domain)
         else:
-            allowed = policy(user, realm, aor_user, aor_domain)
+            allowed = policy(field_str(&f[<int>F_USERNAME]), realm, field_str(aor_user),
+                             field_str(aor_domain))
         if not allowed:
             return R_FORBIDDEN
         return R_OK
@@ -1398,10 +1463,12 @@ cdef class AuthCore:
     def _check(self, method, request_uri, credentials, aor_user, aor_domain, double now):
         """``Authorize.check`` on parsed credentials: ``(outcome, realm, user)``."""
         cdef Cred c
-        cdef Field rf, mf, uf
+        cdef Field rf, mf, uf, au, ad
         cdef int alg = 0, i
         cdef list keep = []
-        realm = self.realm_for(aor_domain)
+        set_any_field(&au, aor_user, keep)
+        set_any_field(&ad, aor_domain, keep)
+        realm = self.realm_for(&ad)
         keep.append(self.realm_field(realm, &rf))
         params = None
         for creds in credentials or ():
@@ -1413,12 +1480,12 @@ cdef class AuthCore:
             if alg:
                 break
         if not alg:
-            return self.verify(NULL, 0, NULL, NULL, realm, &rf, aor_user, aor_domain, now), \
+            return self.verify(NULL, 0, NULL, NULL, realm, &rf, &au, &ad, now), \
                 realm, None
         for i in range(<int>F_COUNT):
             if i != F_REALM and i != F_ALGORITHM:
                 set_str_field(&c.f[i], params.get(_FIELD_NAMES[i]), keep)
         set_str_field(&mf, method, keep)
         set_str_field(&uf, request_uri, keep)
-        code = self.verify(&c, alg, &mf, &uf, realm, &rf, aor_user, aor_domain, now)
+        code = self.verify(&c, alg, &mf, &uf, realm, &rf, &au, &ad, now)
         return code, realm, params.get("username")

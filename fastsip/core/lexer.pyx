@@ -256,6 +256,25 @@ cdef str unquote(const char* buf, Py_ssize_t off, Py_ssize_t n):
     return bytes(out).decode("utf-8", "surrogateescape")
 
 
+cdef Py_ssize_t unescape_into(const char* b, Py_ssize_t n, char* out,
+                              Py_ssize_t cap) noexcept nogil:
+    """The bytes ``unescape`` decodes (%HH resolved, the same rule) into
+    ``out``: their length, or -1 when more than ``cap`` are needed."""
+    cdef Py_ssize_t i = 0, k = 0
+    while i < n:
+        if k == cap:
+            return -1
+        if b[i] == b'%' and i + 2 < n and HEXVAL[<unsigned char>b[i + 1]] >= 0 \
+                and HEXVAL[<unsigned char>b[i + 2]] >= 0:
+            out[k] = <char>(HEXVAL[<unsigned char>b[i + 1]] * 16 + HEXVAL[<unsigned char>b[i + 2]])
+            i += 3
+        else:
+            out[k] = b[i]
+            i += 1
+        k += 1
+    return k
+
+
 cdef str unescape(const char* b, Py_ssize_t n):
     """%HH escapes resolved (a % without two hex digits stays as it is)."""
     cdef Py_ssize_t i = 0

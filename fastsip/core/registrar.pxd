@@ -80,10 +80,10 @@ cdef class RegistrarCore:
     cdef void staged_record_into(self, char* out) noexcept
     cdef Py_ssize_t _authenticate(self, const Req* rq) except SV_ERROR
     cdef Py_ssize_t _challenge(self, AuthCore core, const Req* rq, object realm, bint stale,
-                               object aor_user) except SV_ERROR
+                               const Field* aor_user) except SV_ERROR
     cdef void _failed(self, str label)
-    cdef int _verify(self, AuthCore core, const Req* rq, object realm, object aor_user,
-                     object aor_domain) except -1
+    cdef int _verify(self, AuthCore core, const Req* rq, object realm, const Field* aor_user,
+                     const Field* aor_domain) except -1
     cdef object _authorize_parsed(self, const Req* rq, aor_user, aor_domain)
     cpdef object serve(self, bytes data, tuple source, double now, str transport=*,
                        int64_t conn_id=*)

@@ -358,36 +358,58 @@ cdef class RegistrarCore:
         0 when they pass, else the length of the refusal written.  Failures
         are counted by reason; wrong passwords and forged nonces spend the
         budget of the source and of the user named in To.  A 401 is written in
-        C (``_challenge``) unless the Authorize overrides ``challenge``."""
+        C (``_challenge``) unless the Authorize overrides ``challenge``.
+
+        The AOR's user and domain stay Fields over the datagram (the user's
+        %HH escapes resolved into ``ubuf``): the compiled check compares them
+        in C, and their str (``field_str``) is made only for what is asked in
+        Python (the budget once it is watching, another policy, a parsed
+        Authorization, more than one algorithm to offer)."""
         cdef const char* buf = rq.buf
         cdef UriSpans* to_uri = &self.reg.to_uri
         cdef FailureBudget budget = self._budget
         cdef AuthCore core = self._auth_core
         cdef bytes host = None
         cdef int outcome = V_PARSED, code = 0
-        aor_user = "" if to_uri.user.off < 0 else unescape(buf + to_uri.user.off,
-                                                           to_uri.user.length)
-        aor_domain = decode(buf, to_uri.host.off, to_uri.host.length)
-        if budget is not None and budget.watching():
+        cdef Field aor_user, aor_domain
+        cdef char ubuf[<int>TO_USER_BUF]
+        cdef Py_ssize_t n
+        cdef list keep = None
+        if to_uri.user.off < 0:
+            set_bytes_field(&aor_user, b"", 0)
+        elif memchr(buf + to_uri.user.off, b'%', to_uri.user.length) == NULL:
+            set_bytes_field(&aor_user, buf + to_uri.user.off, to_uri.user.length)
+        else:
+            n = unescape_into(buf + to_uri.user.off, to_uri.user.length, ubuf, TO_USER_BUF)
+            if n >= 0:
+                set_bytes_field(&aor_user, ubuf, n)
+            else:                   # too long to resolve on the stack: as str (kept alive)
+                keep = [unescape(buf + to_uri.user.off, to_uri.user.length)]
+                set_str_field(&aor_user, keep[0], keep)
+        set_bytes_field(&aor_domain, buf + to_uri.host.off, to_uri.host.length)
+        if budget is not None and budget.watching(rq.now):
             host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
-            if budget.refuses(host, aor_user, rq.now):
+            if budget.refuses(host, field_str(&aor_user), rq.now):
                 self._failed("throttled")
                 return self.writer.reply(rq, REFUSALS[RF_THROTTLED][0], REFUSALS[RF_THROTTLED][1],
                                          None)
         realm = result = label = None
         if core is not None:
-            realm = core.realm_for(aor_domain)
-            outcome = self._verify(core, rq, realm, aor_user, aor_domain)
+            realm = core.realm_for(&aor_domain)
+            outcome = self._verify(core, rq, realm, &aor_user, &aor_domain)
+        if outcome == R_OK:
+            return 0
+        if outcome == R_REQUIRED and self._c_challenge:
+            # a first request: nothing failed, nothing to count
+            return self._challenge(core, rq, realm, False, &aor_user)
         if outcome == V_PARSED:
-            result = self._authorize_parsed(rq, aor_user, aor_domain)
+            result = self._authorize_parsed(rq, field_str(&aor_user), field_str(&aor_domain))
             if result is None:
                 return 0
             if type(result) is not tuple and not (
                     result.status == 401 and result.reason == "authentication required"):
                 label = _FAILURE_LABEL.get(result.reason,
                                            "other" if result.status != 400 else "bad")
-        elif outcome == R_OK:
-            return 0
         elif outcome != V_MALFORMED:
             code = outcome & 255
             label = _OUTCOME_LABEL[code]        # None for a first request: nothing failed
@@ -400,16 +422,16 @@ cdef class RegistrarCore:
             if budget is not None and label in _SPENDS_BUDGET:
                 if host is None:
                     host = PyBytes_FromStringAndSize(rq.src_host, rq.src_host_len)
-                budget.failed(host, aor_user, rq.now)
+                budget.failed(host, field_str(&aor_user), rq.now)
         if result is None:
             if OUTCOME_STATUS[code] == 401 and self._c_challenge:
-                return self._challenge(core, rq, realm, OUTCOME_STALE[code], aor_user)
-            result = core._result(outcome, realm, rq.now, None, aor_user)
+                return self._challenge(core, rq, realm, OUTCOME_STALE[code], &aor_user)
+            result = core._result(outcome, realm, rq.now, None, field_str(&aor_user))
         status, reason, headers = _refusal(result)
         return self.writer.reply(rq, status, reason, headers)
 
     cdef Py_ssize_t _challenge(self, AuthCore core, const Req* rq, object realm, bint stale,
-                               object aor_user) except SV_ERROR:
+                               const Field* aor_user) except SV_ERROR:
         """The 401 of ``core.challenge(realm, now, stale, aor_user)``, written
         without the list of values: a nonce made into a buffer and the
         remembered text around it."""
@@ -422,8 +444,8 @@ cdef class RegistrarCore:
     cdef void _failed(self, str label):
         self.auth_failures[label] = self.auth_failures.get(label, 0) + 1
 
-    cdef int _verify(self, AuthCore core, const Req* rq, object realm, object aor_user,
-                     object aor_domain) except -1:
+    cdef int _verify(self, AuthCore core, const Req* rq, object realm, const Field* aor_user,
+                     const Field* aor_domain) except -1:
         """The compiled check on spans of the Authorization values
         (``scan_digest``): an Outcome of ``AuthCore.verify`` (R_OK: passed),
         V_MALFORMED (a value that does not scan: 400), or V_PARSED: a value
@@ -792,6 +814,7 @@ _OUTCOME_LABEL = tuple(
 
 # what _verify returns besides an Outcome
 cdef enum:
+    TO_USER_BUF = 256       # a To user with %HH escapes resolved on the stack up to this
     V_PARSED = -2           # check the parsed credentials instead
     V_MALFORMED = -3        # an Authorization value that does not scan (400)
 

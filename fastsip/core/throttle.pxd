@@ -7,7 +7,8 @@ cdef class FailureBudget:
     cdef dict sources        # host (bytes) -> [failures, window start, refused until]
     cdef dict users          # user (str) -> [failures, window start, refused until, {hosts}]
     cdef list events         # throttles begun: (kind, key, until), for the server's log
+    cdef double refusing_until   # the latest end of a refusal (``refuses`` is no after it)
 
-    cdef bint watching(self) noexcept
+    cdef bint watching(self, double now) noexcept
     cdef bint refuses(self, bytes host, str user, double now)
     cdef int failed(self, bytes host, str user, double now) except -1

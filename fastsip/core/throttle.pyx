@@ -34,13 +34,17 @@ cdef class FailureBudget:
         self.sources = {}
         self.users = {}
         self.events = []
+        self.refusing_until = -INFINITY
 
     def __len__(self):
         return len(self.sources) + len(self.users)
 
-    cdef bint watching(self) noexcept:
-        """Is there any failure to weigh?  (The common case is no.)"""
-        return self.limit > 0 and (len(self.sources) > 0 or len(self.users) > 0)
+    cdef bint watching(self, double now) noexcept:
+        """Could ``refuses`` say yes at ``now``?  Only while some refusal lasts
+        (``refusing_until``, the latest end of one): the common case is no, and
+        then a request makes no Python object for the budget, even after
+        failures that were counted but refused nothing."""
+        return self.limit > 0 and self.refusing_until > now
 
     cdef bint refuses(self, bytes host, str user, double now):
         e = self.sources.get(host)
@@ -57,6 +61,7 @@ cdef class FailureBudget:
         e[0] += 1
         if e[0] >= self.limit and e[2] <= now:
             e[2] = now + self.backoff
+            self.refusing_until = max(self.refusing_until, e[2])
             self.events.append(("source", host.decode("ascii", "replace"), e[2]))
         u = _entry(self.users, user, now, self.backoff, self.max_entries, True)
         u[0] += 1
@@ -64,6 +69,7 @@ cdef class FailureBudget:
             u[3].add(host)
         if u[0] >= self.limit and u[2] <= now:
             u[2] = now + self.backoff
+            self.refusing_until = max(self.refusing_until, u[2])
             self.events.append(("user", user, u[2]))
         return 0
 

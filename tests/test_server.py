@@ -423,20 +423,34 @@ def test_a_state_file_of_the_previous_format_is_converted_at_start(start, tmp_pa
         "sip:m3@127.0.0.1:7003"]
 
 
-def test_the_state_writers_thread_is_nicer_than_the_receive_loop(start, phone):
-    """A commit of the state file never takes the core from a receive loop first."""
+def thread_nices(pid) -> tuple[int, list]:
+    """The nice of process ``pid``'s main thread, and those of its other threads."""
+    main, others = None, []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            nice = int(f.read().rsplit(")", 1)[1].split()[16])      # field 19
+        if int(tid) == pid:
+            main = nice
+        else:
+            others.append(nice)
+    return main, others
+
+
+def test_the_state_files_threads_are_nicer_than_the_receive_loop(start, phone):
+    """A commit of the state file (a worker's writer) or a WAL checkpoint (the
+    supervisor's) never takes the core from a receive loop first."""
     srv = start("--flush-interval", "0.2", workers=1)
     ua = phone(srv.udp)
     ua.ask(register("nice", contact="sip:nice@127.0.0.1:7000", call_id="nice", expires=900))
     assert wait_for(lambda: srv.metrics()["fastsip_state_rows_written_total"] >= 1, 5)
-    pid = srv.worker_pids()[0]
-
-    def nice(tid):      # field 19 of /proc/PID/task/TID/stat (after the command's parenthesis)
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[16])
-    nices = {int(tid): nice(tid) for tid in os.listdir(f"/proc/{pid}/task")}
-    main = nices.pop(pid)
-    assert list(nices.values()) == [min(19, main + 10)]     # the writer's thread, alone
+    main, others = thread_nices(srv.worker_pids()[0])
+    nicer = min(19, main + 10)
+    assert others == [nicer]                                    # the writer's thread, alone
+    time.sleep(1.2)                                             # a checkpoint has run
+    sup_main, sup_others = thread_nices(srv.proc.pid)
+    assert sup_main == main
+    assert sup_others.count(nicer) == 1                         # the checkpoint's thread
+    assert set(sup_others) <= {main, nicer}                     # (and the admin API's)
 
 
 def test_kill_9_of_a_worker_restarts_it_with_its_shard(start, phone):

@@ -34,6 +34,7 @@ import socket
 import sqlite3
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastsip.errors import ClusterError
 from fastsip.server import control, logs, steer
@@ -181,6 +182,9 @@ class Supervisor:
         self.announced = False
         self.steering = {}          # UDP listener -> "on", or "off (why)"
         self.auth_users = 0         # users the --users file holds for --realm (at start)
+        self.state = None           # the supervisor's connection to the state file (run)
+        self.checkpointer = None    # its thread for the WAL checkpoints
+        self.checkpointing = None   # the Future of the checkpoint under way
 
     # ------------------------------------------------------------------ setup
     def open(self):
@@ -258,6 +262,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ workers
     def spawn(self, slot):
+        self._checkpoint_done()
         sup_end, wk_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:                                    # the worker
@@ -540,7 +545,13 @@ class Supervisor:
         self.state = None
         if cfg.state:
             from fastsip.server.state import StateFile
+            from fastsip.server.timers import nicer
             self.state = StateFile(cfg.state)
+            # the checkpoint (a few ms a second under load) on a thread nicer than the
+            # workers: it never takes a core from a receive loop first, nor holds up
+            # this loop (the admin API, restarts)
+            self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fastsip-checkpoint",
+                                                   initializer=nicer)
         while not self.stopping:
             for key, _ in self.sel.select(0.25):
                 kind, slot = key.data
@@ -575,11 +586,21 @@ class Supervisor:
                 self.collect()
             if self.state is not None and now >= next_checkpoint:
                 next_checkpoint = now + CHECKPOINT_EVERY
-                try:
-                    self.state.checkpoint()
-                except sqlite3.Error as exc:
-                    LOG.warning("state file: checkpoint failed: %s", exc)
+                if self.checkpointing is None or self.checkpointing.done():
+                    self.checkpointing = self.checkpointer.submit(self._checkpoint)
         return self.stop()
+
+    def _checkpoint(self) -> None:
+        try:
+            self.state.checkpoint()
+        except sqlite3.Error as exc:
+            LOG.warning("state file: checkpoint failed: %s", exc)
+
+    def _checkpoint_done(self) -> None:
+        """Wait for the checkpoint under way: a fork while its thread holds one of
+        SQLite's locks would leave the lock held in the child for ever."""
+        if self.checkpointing is not None:
+            self.checkpointing.result()
 
     def stop(self) -> int:
         for slot in self.slots:
@@ -604,6 +625,7 @@ class Supervisor:
                 slot.pid = 0
         self.close_sockets()
         if self.state is not None:
+            self.checkpointer.shutdown(wait=True)
             try:
                 self.state.checkpoint("TRUNCATE")
             except sqlite3.Error as exc:

@@ -42,8 +42,9 @@ BAD_ROW_LINES = 10          # log lines about rows that do not decode, per load 
 FIRST_PURGE = 5.0
 
 
-def _nicer() -> None:
-    """The writer's thread: nice +WRITER_NICE, so that when it and a receive loop want
+def nicer() -> None:
+    """A thread that writes the state file (a worker's writer, the supervisor's
+    checkpoint): nice +WRITER_NICE, so that when it and a receive loop want
     the same core, the loop wins and the replies go out first; SQLite's commit waits
     (at saturation the thread still gets about a tenth of a core, and a flush that
     falls behind shows in fastsip_state_pending_changes).  Linux takes a thread's id
@@ -77,7 +78,7 @@ class StateWriter:
         self.file = StateFile(path, checkpoints=False) if path else None
         self.sql = sql_writer(path, checkpoints=False) if path else None
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fastsip-state",
-                                        initializer=_nicer)
+                                        initializer=nicer)
                      if self.sql is not None and thread else None)
         self.pending: list = []
         self.flushing = False           # a flush has rows to write (SqlWriter)

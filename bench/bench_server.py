@@ -181,15 +181,17 @@ def run_rate(args, rate, workdir, users_file, inject_file, with_state, name="fas
         before = {p: cpu_ns(p) for p in pids}
         switches = {p: ctx_switches(p) for p in pids}
         text, usage, code, wall, calls = run_sipp(args, srv.udp, rate, workdir, inject_file)
-        # the state writer runs behind: count its work too (bounded wait)
-        deadline = time.monotonic() + 30
+        # the state writer and the supervisor's fold run behind: count their work too
+        # (bounded wait: the fold runs every --fold-interval, 10 s)
+        deadline = time.monotonic() + 40
         while with_state and time.monotonic() < deadline:
             m = srv.metrics()
-            if m.get("fastsip_state_pending_changes", 0) == 0 and \
-                    m.get("fastsip_state_rows_written_total", 0) > 0:
+            written = m.get("fastsip_state_rows_written_total", 0)
+            if m.get("fastsip_state_pending_changes", 0) == 0 and written > 0 and \
+                    m.get("fastsip_state_folded_changes_total", 0) >= written:
                 break
             time.sleep(0.1)
-        time.sleep(with_state * 1.2)      # one more flush interval for the last changes
+        time.sleep(with_state * 1.2)      # the fold's checkpoint, and the last segments' unlink
         server_ns = sum(cpu_ns(p) - before[p] for p in pids)
         switches = sum(ctx_switches(p) - switches[p] for p in pids)
         metrics = srv.metrics()

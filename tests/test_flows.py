@@ -299,7 +299,7 @@ def test_load_without_the_flag_indexes_the_flows():
 
 def test_restart_does_not_bring_back_flows_and_rewrites_their_rows(tmp_path):
     from fastsip.registrar import decode_record
-    from fastsip.server.state import StateFile, row_of
+    from fastsip.server.state import Folder, StateFile, row_of, sql_writer
     from fastsip.server.timers import StateWriter
     path = str(tmp_path / "state.db")
     f = StateFile(path)
@@ -313,11 +313,14 @@ def test_restart_does_not_bring_back_flows_and_rewrites_their_rows(tmp_path):
     assert len(reg.lookup(AOR, NOW)) == 3 and reg.lookup("sip:bob@example.com", NOW) == []
     assert reg.store.n_flows == 0
     writer.write(None)                                         # the rows as the store has them
+    writer.finish()
+    folder = Folder(path, sql_writer(path, checkpoints=False))  # as the supervisor does
+    folder.fold(final=True)
+    folder.close()
     rows = {aor: sorted(b.uri for b in decode_record(rec)[1])
             for aor, rec in StateFile(path).load(0, 1, NOW)}
     assert rows == {AOR: sorted(b.uri for b in reg.lookup(AOR, NOW)),
                     "sip:carol@example.com": ["sip:alice@192.0.2.7:5060"]}
-    writer.finish()
 
 
 # -- the flow index against a model ------------------------------------------------------

@@ -5,7 +5,10 @@ format converted on open, rows that do not decode skipped)."""
 import logging
 import marshal
 import math
+import os
 import re
+import resource
+import signal
 import sqlite3
 import struct
 import subprocess
@@ -19,8 +22,9 @@ import pytest
 from fastsip import Binding, Registrar, Store
 from fastsip.registrar import decode_record, encode_record
 from fastsip.server import logs
-from fastsip.server._io_c import SqlWriter
-from fastsip.server.state import FORMAT, OLD_FORMAT, StateFile, row_of, sql_writer, sqlite_library
+from fastsip.server._io_c import ChangeLog, SqlWriter
+from fastsip.server.state import (FORMAT, FRAME, OLD_FORMAT, Folder, StateFile, log_dir, row_of,
+                                  sql_writer, sqlite_library)
 from fastsip.server.timers import BAD_ROW_LINES, StateWriter
 from test_flows import FLOW, UDP, WS, reg_over
 from test_registrar import NOW, request
@@ -282,6 +286,17 @@ def log_lines():
     logs.LOG.setLevel(old)
 
 
+FOLDERS = {}        # state file -> its Folder (a supervisor keeps one: it knows what it read)
+
+
+def fold(path, **kw):
+    """What the supervisor does every --fold-interval: the change logs into the file;
+    returns the rows read from them."""
+    if path not in FOLDERS:
+        FOLDERS[path] = Folder(path, sql_writer(path, checkpoints=False))
+    return FOLDERS[path].fold(**kw)
+
+
 def rows(path):
     db = sqlite3.connect(path)
     try:
@@ -328,9 +343,13 @@ def test_a_flush_writes_the_feed_and_a_restart_loads_it(tmp_path, c_writer):
     assert writer.backlog == 2 and writer.busy          # alice and bob
     writer.write(None)
     assert writer.backlog == 0 and not writer.busy
+    if c_writer:                                        # in the change log, not yet in the file
+        assert rows(path) == {} and fold(path) == 2
     assert set(rows(path)) == {"sip:alice@example.com", "sip:bob@example.com"}
     reg.handle(request(user="bob", contacts=("*",), expires=0, cseq=2), ("192.0.2.7", 5060), NOW)
     writer.finish()
+    if c_writer:
+        assert fold(path, final=True) == 1
     assert set(rows(path)) == {"sip:alice@example.com"}
     assert writer.rows_written == 3
     reg2, writer2 = writer_for(path, c_writer)
@@ -339,31 +358,158 @@ def test_a_flush_writes_the_feed_and_a_restart_loads_it(tmp_path, c_writer):
         "sip:alice@192.0.2.7:5060"]
     assert writer2.backlog == 1                         # alice's row is rewritten
     writer2.finish()
+    fold(path, final=True)
     assert decode_record(rows(path)["sip:alice@example.com"])[1] == reg2.store.lookup(
         "sip:alice@example.com")
+    assert os.listdir(log_dir(path)) == []              # every segment folded is gone
 
 
 def test_a_locked_file_does_not_stall_the_loop_and_loses_nothing(tmp_path):
-    """While another process holds the state file's write lock, a flush commits on
-    the writer's thread: the loop's call returns at once (it does not wait out the
-    5 s busy timeout); the changes are written once the lock goes."""
+    """While another process holds the state file's write lock, a worker's flush
+    goes on (it appends to its change log, never to SQLite) and the fold fails
+    without losing a change: the next fold, once the lock is gone, writes them."""
     path = str(tmp_path / "s.db")
     reg, writer = writer_for(path)
     assert writer.pool is not None
     reg_over(reg, UDP, "udp", -1)
     reg_over(reg, UDP, "udp", -1, user="bob")
+    folder = Folder(path, SqlWriter(path, sqlite_library(), busy_timeout_ms=50,
+                                    checkpoints=False))
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     writer.collect()
-    t0 = time.monotonic()
-    writer.write(0.02)                  # stages, and hands the commit to the thread
-    assert time.monotonic() - t0 < 1.0
-    assert writer.committing and writer.backlog == 2
+    writer.write(None)
+    assert writer.backlog == 0 and writer.c.state_errors == 0
+    with pytest.raises(OSError, match="locked"):
+        folder.fold()
     other.execute("ROLLBACK")
     other.close()
-    writer.finish()                     # waits for the commit, writes the rest
+    assert rows(path) == {}
+    assert folder.fold() == 2                           # the same frames, read again
     assert set(rows(path)) == {"sip:alice@example.com", "sip:bob@example.com"}
-    assert writer.backlog == 0 and writer.c.state_errors == 0
+    assert folder.fold() == 0
+    writer.finish()
+    folder.close()
+
+
+def test_a_fold_writes_the_last_change_of_each_aor_in_order(tmp_path):
+    """Frames of two workers, each AOR changed several times, removed, changed
+    again: the fold leaves each AOR's last change (or no row), as writing every
+    flush straight into the file would."""
+    path, direct = str(tmp_path / "s.db"), str(tmp_path / "direct.db")
+    StateFile(path).close()
+    StateFile(direct).close()
+    os.makedirs(log_dir(path))
+    sql = sql_writer(direct, checkpoints=False)
+    logs_ = [ChangeLog(os.path.join(log_dir(path), f"{i}-1.log")) for i in (0, 1)]
+    for step in range(4):
+        for i, log in enumerate(logs_):
+            store = Store(track_changes=True)
+            for k in range(i, 40, 2):           # worker i's AORs: k of its parity
+                if (k + step) % 3:
+                    store.load(f"sip:u{k}@x", [Binding(f"sip:u{k}@h{step}", NOW + step,
+                                                       cseq=step, call_id="c")])
+                else:                           # an AOR left with no binding
+                    store.load(f"sip:u{k}@x", [BARE])
+                    store.remove_aor(f"sip:u{k}@x")
+            n = store.n_changed
+            assert log.stage(store, 10_000) == n and log.commit() == n
+            # the same changes, straight into the other file
+            again = Store(track_changes=True)
+            for k in range(i, 40, 2):
+                if (k + step) % 3:
+                    again.load(f"sip:u{k}@x", [Binding(f"sip:u{k}@h{step}", NOW + step,
+                                                       cseq=step, call_id="c")])
+                else:
+                    again.load(f"sip:u{k}@x", [BARE])
+                    again.remove_aor(f"sip:u{k}@x")
+            sql.write(again, 10_000)
+    assert fold(path) == 4 * 40                          # every change read ...
+    assert rows(path) == rows(direct) and len(rows(path)) == 26     # ... the last ones kept
+    expiry = "SELECT aor, expires_at FROM aors ORDER BY aor"
+    db, db2 = sqlite3.connect(path), sqlite3.connect(direct)
+    assert db.execute(expiry).fetchall() == db2.execute(expiry).fetchall()
+    db.close()
+    db2.close()
+    sql.close()
+    for log in logs_:
+        log.close()
+
+
+def test_a_frame_cut_short_or_damaged_is_dropped_with_a_log_line(tmp_path, log_lines):
+    """A worker killed in the middle of an append leaves part of a frame; a disk
+    may damage one.  While the segment is still written to, the fold reads the
+    whole frames before it and waits; once its worker is gone (final), the rest
+    of the segment is dropped, logged, and the frames before it are kept."""
+    path = str(tmp_path / "s.db")
+    StateFile(path).close()
+    os.makedirs(log_dir(path))
+    seg = os.path.join(log_dir(path), "0-1.log")
+    log = ChangeLog(seg)
+    for k in range(3):
+        store = Store(track_changes=True)
+        store.load(f"sip:u{k}@x", [BARE])
+        log.stage(store, 10)
+        log.commit()
+    log.close()
+    data = Path(seg).read_bytes()
+    whole = len(data)
+    Path(seg).write_bytes(data[:whole - 5])             # the third frame cut short
+    assert fold(path) == 2 and set(rows(path)) == {"sip:u0@x", "sip:u1@x"}
+    assert not log_lines                                # its worker may still be writing
+    assert fold(path, final=True) == 0
+    assert "cut short: dropped" in log_lines[-1] and os.listdir(log_dir(path)) == []
+
+    log = ChangeLog(os.path.join(log_dir(path), "0-2.log"))
+    for k in range(3, 6):
+        store = Store(track_changes=True)
+        store.load(f"sip:u{k}@x", [BARE])
+        log.stage(store, 10)
+        log.commit()
+    log.close()
+    seg = os.path.join(log_dir(path), "0-2.log")
+    data = bytearray(Path(seg).read_bytes())
+    data[whole // 3 + FRAME.size + 3] ^= 0xFF          # a byte of the second frame's payload
+    Path(seg).write_bytes(bytes(data))
+    assert fold(path, final=True) == 1
+    assert "damaged: dropped" in log_lines[-1]
+    assert set(rows(path)) == {"sip:u0@x", "sip:u1@x", "sip:u3@x"}
+
+
+def test_a_change_log_write_that_fails_is_cut_off_and_kept_staged(tmp_path):
+    """A full disk (here: a file size limit) fails an append: the file is cut back
+    to its last whole frame, the batch stays staged, and the next commit writes it."""
+    seg = str(tmp_path / "0-1.log")
+    log = ChangeLog(seg)
+    store = Store(track_changes=True)
+    store.load("sip:a@x", [BARE])
+    assert log.stage(store, 10) == 1 and log.commit() == 1
+    size = log.size
+    assert size == os.path.getsize(seg)
+    for k in range(200):
+        store.load(f"sip:b{k}@x", [FULL])
+    assert log.stage(store, 1000) == 200
+    # (the limit is set in this process for the one call, then lifted)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100, old[1]))
+    try:
+        with pytest.raises(OSError):
+            log.commit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert log.staged == 200 and os.path.getsize(seg) == size == log.size
+    assert log.commit() == 200 and log.staged == 0 and log.rows_written == 201
+    log.close()
+    assert fold_segment_rows(seg) == 201
+
+
+def fold_segment_rows(seg):
+    from fastsip.server.state import read_frames
+    _payloads, n, used, problem = read_frames(Path(seg).read_bytes())
+    assert problem is None
+    return n
 
 
 def filled_store(n):

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -423,6 +424,46 @@ def test_a_state_file_of_the_previous_format_is_converted_at_start(start, tmp_pa
         "sip:m3@127.0.0.1:7003"]
 
 
+def state_rows(path) -> set:
+    db = sqlite3.connect(path)
+    try:
+        return {aor for (aor,) in db.execute("SELECT aor FROM aors")}
+    finally:
+        db.close()
+
+
+def test_the_file_follows_the_change_logs_and_a_kill_9_of_the_server_loses_no_flush(
+        start, tmp_path, phone):
+    """Workers append their flushes to change logs; the supervisor folds them into the
+    SQLite file every --fold-interval, so a reader of the file sees the bindings while
+    the server runs.  After a kill -9 of the whole server (supervisor and workers),
+    what was flushed and not yet folded is folded by the next start, before the
+    workers load: every binding flushed before the kill is served again."""
+    path = str(tmp_path / "fold.sqlite3")
+    srv = start("--flush-interval", "0.2", "--fold-interval", "0.5", workers=2, state=path)
+    ua = phone(srv.udp)
+    for i in range(30):
+        ua.ask(register(f"f{i}", contact=f"sip:f{i}@127.0.0.1:7000", call_id=f"f{i}", expires=900))
+    assert wait_for(lambda: srv.metrics()["fastsip_state_folded_changes_total"] >= 30, 5)
+    assert state_rows(path) == {f"sip:f{i}@example.com" for i in range(30)}
+    srv.stop()
+    srv = start("--flush-interval", "0.2", "--fold-interval", "3600", workers=2, state=path)
+    ua = phone(srv.udp)
+    for i in range(30, 50):
+        ua.ask(register(f"f{i}", contact=f"sip:f{i}@127.0.0.1:7000", call_id=f"f{i}", expires=900))
+    ua.ask(register("f3", call_id="f3", cseq=2, expires=0, contact="*"))        # one removed
+    assert wait_for(lambda: srv.metrics()["fastsip_state_rows_written_total"] >= 21, 5)
+    assert len(state_rows(path)) == 30                      # flushed, not folded (an hour)
+    assert os.listdir(path + ".changes")
+    srv.kill()                                              # supervisor and workers: kill -9
+    srv = start(workers=1, state=path)
+    assert "21 changes of the last run written from its change log" in srv.log()
+    assert srv.metrics()["fastsip_bindings"] == 49
+    assert state_rows(path) == {f"sip:f{i}@example.com" for i in range(50) if i != 3}
+    srv.stop()
+    assert not os.path.exists(path + ".changes")            # a stopped server: the file alone
+
+
 def thread_nices(pid) -> tuple[int, list]:
     """The nice of process ``pid``'s main thread, and those of its other threads."""
     main, others = None, []
@@ -437,8 +478,8 @@ def thread_nices(pid) -> tuple[int, list]:
 
 
 def test_the_state_files_threads_are_nicer_than_the_receive_loop(start, phone):
-    """A commit of the state file (a worker's writer) or a WAL checkpoint (the
-    supervisor's) never takes the core from a receive loop first."""
+    """An append to a change log (a worker's writer) or a fold and WAL checkpoint
+    (the supervisor's) never takes the core from a receive loop first."""
     srv = start("--flush-interval", "0.2", workers=1)
     ua = phone(srv.udp)
     ua.ask(register("nice", contact="sip:nice@127.0.0.1:7000", call_id="nice", expires=900))

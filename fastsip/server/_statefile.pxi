@@ -1,11 +1,14 @@
-# The state file's writer in C (included by _io_c.pyx).
+# The state file's writers in C (included by _io_c.pyx).
 #
-# A flush writes the store's changed AORs (its change list, in C) straight into
-# the SQLite file through SQLite's C API: each AOR's record is encoded into one
-# reused buffer and bound with its name as it is in the store, so no Python
-# object is made per AOR (Store.change_records + sqlite3's executemany made a
-# str, a bytes, a float and a tuple per AOR, and bound them again).  The schema,
-# the loading and everything else stay with fastsip/server/state.py.
+# A worker's flush takes the store's changed AORs (its change list, in C) and
+# encodes each one's name and record into one reused batch (_Staged.stage), with
+# no Python object per AOR.  ChangeLog appends the batch to the worker's change
+# log as one checksummed frame (one writev); the supervisor folds the frames into
+# the SQLite file every few seconds (SqlWriter.apply: the last change of each
+# AOR, in AOR order, one transaction, through SQLite's C API).  SqlWriter.commit
+# writes a staged batch into SQLite directly (the benchmarks' comparison, and the
+# tests').  The frame layout is in docs/record.md; the schema, the loading, the
+# folding's bookkeeping and everything else stay with fastsip/server/state.py.
 #
 # SQLite is not linked at build time (no header or -dev package needed): the
 # library that Python's own sqlite3 module loaded is looked up in the process
@@ -16,9 +19,14 @@
 
 import os
 
-from libc.stdlib cimport qsort
+from libc.stdlib cimport malloc, qsort
 from libc.string cimport strncpy
 from posix.dlfcn cimport RTLD_NOW, dlerror, dlopen, dlsym
+from posix.fcntl cimport O_APPEND, O_CLOEXEC, O_CREAT, O_EXCL, O_WRONLY
+from posix.fcntl cimport open as c_open
+from posix.unistd cimport close as c_close
+from posix.unistd cimport fdatasync, ftruncate
+from posix.uio cimport iovec, writev
 
 
 cdef extern from "<dlfcn.h>":
@@ -107,35 +115,148 @@ cdef int _by_name(const void* x, const void* y) noexcept nogil:
     return (a.len > b.len) - (a.len < b.len)
 
 
-cdef struct RowHead:                    # a staged row in SqlWriter.batch, then its bytes
+cdef struct RowHead:                    # a staged row in a batch, then its name and record
     double latest                       # the latest expiry among its bindings
     uint32_t record_len                 # 0: the AOR has no binding left: delete its row
     uint16_t name_len
+    uint16_t zero
+
+
+cdef struct Change:                     # a row of a batch, as SqlWriter writes it
+    const char* name
+    const char* record
+    double latest
+    uint32_t record_len
+    uint16_t name_len
+    bint skip                           # a later change of the same AOR follows
+    Py_ssize_t order                    # its place in the batch
+
+
+cdef int _by_name_then_order(const void* x, const void* y) noexcept nogil:
+    cdef const Change* a = <const Change*>x
+    cdef const Change* b = <const Change*>y
+    cdef int c = memcmp(a.name, b.name, a.name_len if a.name_len < b.name_len else b.name_len)
+    if c:
+        return c
+    if a.name_len != b.name_len:
+        return (a.name_len > b.name_len) - (a.name_len < b.name_len)
+    return (a.order > b.order) - (a.order < b.order)
+
+
+cdef Py_ssize_t _changes_of(const char* buf, Py_ssize_t size, Py_ssize_t rows,
+                            Change* out) noexcept nogil:
+    """Read ``rows`` rows of a batch (``size`` bytes) into ``out``: the bytes read,
+    or -1 when a row runs past the end."""
+    cdef Py_ssize_t pos = 0, i
+    cdef RowHead h
+    for i in range(rows):
+        if pos + <Py_ssize_t>sizeof(RowHead) > size:
+            return -1
+        memcpy(&h, buf + pos, sizeof(RowHead))
+        pos += sizeof(RowHead)
+        if pos + h.name_len + <Py_ssize_t>h.record_len > size:
+            return -1
+        out[i].name = buf + pos
+        out[i].name_len = h.name_len
+        pos += h.name_len
+        out[i].record = buf + pos
+        out[i].record_len = h.record_len
+        out[i].latest = h.latest
+        out[i].skip = False
+        out[i].order = i
+        pos = (pos + h.record_len + 7) & ~7
+    return pos
+
+
+cdef class _Staged:
+    """A batch of a :class:`~fastsip.Store`'s changed AORs, each one's name and
+    record encoded one after another (``stage``), for a writer to write."""
+
+    cdef char* batch
+    cdef Py_ssize_t batch_len, batch_cap
+    cdef readonly Py_ssize_t staged         # rows in the batch (not written yet)
+    cdef Named* names
+    cdef Py_ssize_t names_cap
+    cdef readonly Py_ssize_t rows_written
+
+    def __dealloc__(self):
+        free(self.batch)
+        free(self.names)
+
+    def stage(self, Store store, Py_ssize_t limit):
+        """Encode the first ``limit`` of ``store``'s changed AORs into the batch,
+        in AOR order (neighbouring keys share B-tree pages), and forget them in
+        the store (``Store.drain_head``).  Returns how many; 0 while a batch is
+        staged (commit it first)."""
+        cdef Py_ssize_t n = min(limit, store.n_dirty), i, size, end
+        cdef Named* nm
+        cdef RowHead* h
+        cdef int32_t slot
+        cdef double latest
+        if self.staged or n <= 0:
+            return 0
+        if n > self.names_cap:
+            nm = <Named*>realloc(self.names, n * sizeof(Named))
+            if nm == NULL:
+                raise MemoryError()
+            self.names, self.names_cap = nm, n
+        for i in range(n):              # (the names stay put: nothing is added meanwhile)
+            slot = store.dirty[i]
+            self.names[i].name = store.name_of(slot)
+            self.names[i].len = store.aors[slot].name_len
+            self.names[i].slot = slot
+        qsort(self.names, n, sizeof(Named), _by_name)
+        self.batch_len = 0
+        for i in range(n):
+            nm = &self.names[i]
+            size = store.record_length(nm.slot, &latest) if store.aors[nm.slot].count else 0
+            self._reserve(sizeof(RowHead) + nm.len + size)
+            h = <RowHead*>(self.batch + self.batch_len)
+            h.latest = latest if size else 0.0
+            h.record_len = <uint32_t>size
+            h.name_len = <uint16_t>nm.len
+            h.zero = 0
+            self.batch_len += sizeof(RowHead)
+            memcpy(self.batch + self.batch_len, nm.name, nm.len)
+            self.batch_len += nm.len
+            if size:
+                store.record_into(nm.slot, 0, self.batch + self.batch_len)
+                self.batch_len += size
+            end = (self.batch_len + 7) & ~7         # the next RowHead aligned (zeros between)
+            memset(self.batch + self.batch_len, 0, end - self.batch_len)
+            self.batch_len = end
+        store.drain_head(n)
+        self.staged = n
+        return n
+
+    cdef int _reserve(self, Py_ssize_t more) except -1:
+        """Room for ``more`` bytes at the end of the batch (and the padding after)."""
+        cdef char* grown
+        cdef Py_ssize_t need = self.batch_len + more + 8
+        if need > self.batch_cap:
+            need = max(need, 2 * self.batch_cap)
+            grown = <char*>realloc(self.batch, need)
+            if grown == NULL:
+                raise MemoryError()
+            self.batch, self.batch_cap = grown, need
+        return 0
 
 
 @cython.final
-cdef class SqlWriter:
-    """Writes a :class:`~fastsip.Store`'s changed AORs into the state file made by
+cdef class SqlWriter(_Staged):
+    """Writes AOR rows into the state file made by
     ``fastsip.server.state.StateFile`` (the same rows: AOR, latest expiry,
     record), in C.  ``library``: the path of the SQLite library Python's sqlite3
     module loaded (OSError when it cannot be used).
 
-    In two steps, so that SQLite's time is not the receive loop's: ``stage``
-    (with the store, in the loop's thread) encodes changed AORs into one batch,
-    names and records one after another, and forgets them in the store;
-    ``commit`` writes the batch in one transaction with the GIL released (from
-    another thread, or right after: ``write``).  A batch whose commit failed stays
-    staged, and the next ``commit`` tries it again: nothing is dropped."""
+    ``apply`` writes the rows of change-log frames (the supervisor's fold);
+    ``stage`` then ``commit`` (or ``write``) a Store's changed AORs directly.
+    Both in one transaction with the GIL released.  A batch whose commit failed
+    stays staged, and the next ``commit`` tries it again: nothing is dropped."""
 
     cdef void* db
     cdef void* upsert
     cdef void* delete
-    cdef char* batch
-    cdef Py_ssize_t batch_len, batch_cap
-    cdef readonly Py_ssize_t staged         # rows in the batch (not committed yet)
-    cdef Named* names
-    cdef Py_ssize_t names_cap
-    cdef readonly Py_ssize_t rows_written
     cdef char err[256]                      # SQLite's message of a failed commit
 
     def __cinit__(self, path, bytes library, int busy_timeout_ms=5000,
@@ -157,8 +278,6 @@ cdef class SqlWriter:
 
     def __dealloc__(self):
         self.close()
-        free(self.batch)
-        free(self.names)
 
     def close(self):
         if self.db != NULL:
@@ -186,94 +305,84 @@ cdef class SqlWriter:
         self.stage(store, limit)
         return self.commit()
 
-    def stage(self, Store store, Py_ssize_t limit):
-        """Encode the first ``limit`` of ``store``'s changed AORs into the batch,
-        in AOR order (neighbouring keys share B-tree pages), and forget them in
-        the store (``Store.drain_head``).  Returns how many; 0 while a batch is
-        staged (commit it first)."""
-        cdef Py_ssize_t n = min(limit, store.n_dirty), i, size
-        cdef Named* nm
-        cdef RowHead* h
-        cdef int32_t slot
-        cdef double latest
-        if self.staged or n <= 0:
-            return 0
-        if n > self.names_cap:
-            nm = <Named*>realloc(self.names, n * sizeof(Named))
-            if nm == NULL:
-                raise MemoryError()
-            self.names, self.names_cap = nm, n
-        for i in range(n):              # (the names stay put: nothing is added meanwhile)
-            slot = store.dirty[i]
-            self.names[i].name = store.name_of(slot)
-            self.names[i].len = store.aors[slot].name_len
-            self.names[i].slot = slot
-        qsort(self.names, n, sizeof(Named), _by_name)
-        self.batch_len = 0
-        for i in range(n):
-            nm = &self.names[i]
-            size = store.record_length(nm.slot, &latest) if store.aors[nm.slot].count else 0
-            self._reserve(sizeof(RowHead) + nm.len + size)
-            h = <RowHead*>(self.batch + self.batch_len)
-            h.latest = latest if size else 0.0
-            h.record_len = <uint32_t>size
-            h.name_len = <uint16_t>nm.len
-            self.batch_len += sizeof(RowHead)
-            memcpy(self.batch + self.batch_len, nm.name, nm.len)
-            self.batch_len += nm.len
-            if size:
-                store.record_into(nm.slot, 0, self.batch + self.batch_len)
-                self.batch_len += size
-            self.batch_len = (self.batch_len + 7) & ~7      # the next RowHead aligned
-        store.drain_head(n)
-        self.staged = n
-        return n
-
     def commit(self):
         """Write the staged batch in one transaction, the GIL released; returns the
         rows written (0: none staged).  On an error (OSError) the transaction is
         rolled back and the batch stays staged for the next call."""
-        cdef int rc
-        if self.db == NULL:
-            raise OSError("state file: closed")
         if not self.staged:
+            if self.db == NULL:
+                raise OSError("state file: closed")
             return 0
-        with nogil:
-            rc = self._commit_batch()
-        if rc != SQ_DONE:
-            raise OSError(f"state file: {(<bytes>self.err).decode('utf-8', 'replace')}")
-        n = self.staged
-        self.rows_written += n
+        n = self._write_rows(self.batch, self.batch_len, self.staged, False)
         self.staged = 0
         return n
 
-    cdef int _commit_batch(self) noexcept nogil:
-        """BEGIN, every row of the batch, COMMIT: SQ_DONE, or SQLite's error code
+    def apply(self, const unsigned char[::1] rows not None, Py_ssize_t count):
+        """Write ``count`` rows of change-log frames (their payloads one after
+        another, as ``stage`` lays them out) in one transaction, the GIL released:
+        of an AOR that changed more than once, its last change; in AOR order.
+        Returns the rows written.  ValueError when the rows do not parse; OSError
+        (rolled back) when SQLite fails."""
+        return self._write_rows(<const char*>&rows[0] if rows.shape[0] else NULL,
+                                rows.shape[0], count, True)
+
+    cdef Py_ssize_t _write_rows(self, const char* buf, Py_ssize_t size, Py_ssize_t count,
+                                bint sort) except -1:
+        cdef Change* changes
+        cdef Py_ssize_t i, written = 0
+        cdef int rc
+        if self.db == NULL:
+            raise OSError("state file: closed")
+        if count <= 0:
+            return 0
+        changes = <Change*>malloc(count * sizeof(Change))
+        if changes == NULL:
+            raise MemoryError()
+        try:
+            if _changes_of(buf, size, count, changes) < 0:
+                raise ValueError(f"change log: {count} rows do not fit in {size} bytes")
+            with nogil:
+                if sort:
+                    qsort(changes, count, sizeof(Change), _by_name_then_order)
+                    for i in range(count - 1):
+                        changes[i].skip = (changes[i].name_len == changes[i + 1].name_len and
+                                           memcmp(changes[i].name, changes[i + 1].name,
+                                                  changes[i].name_len) == 0)
+                rc = self._commit_changes(changes, count, &written)
+            if rc != SQ_DONE:
+                raise OSError(f"state file: {(<bytes>self.err).decode('utf-8', 'replace')}")
+        finally:
+            free(changes)
+        self.rows_written += written
+        return written
+
+    cdef int _commit_changes(self, const Change* changes, Py_ssize_t count,
+                             Py_ssize_t* written) noexcept nogil:
+        """BEGIN, every change not skipped, COMMIT: SQ_DONE, or SQLite's error code
         (its message in ``err``) after a ROLLBACK."""
-        cdef Py_ssize_t pos = 0, i
-        cdef const RowHead* h
-        cdef const char* name
+        cdef Py_ssize_t i
+        cdef const Change* c
         cdef void* stmt
         cdef int rc = _sq.exec_(self.db, b"BEGIN IMMEDIATE", NULL, NULL, NULL)
         if rc != SQ_OK:
             return self._failed(rc, False)
-        for i in range(self.staged):
-            h = <const RowHead*>(self.batch + pos)
-            name = self.batch + pos + sizeof(RowHead)
-            pos += sizeof(RowHead) + h.name_len
-            if h.record_len:
+        written[0] = 0
+        for i in range(count):
+            c = &changes[i]
+            if c.skip:
+                continue
+            if c.record_len:
                 stmt = self.upsert
-                _sq.bind_blob(stmt, 2, self.batch + pos, <int>h.record_len, NULL)
-                _sq.bind_double(stmt, 3, h.latest)
-                pos += h.record_len
+                _sq.bind_blob(stmt, 2, c.record, <int>c.record_len, NULL)
+                _sq.bind_double(stmt, 3, c.latest)
             else:
                 stmt = self.delete
-            pos = (pos + 7) & ~7
-            _sq.bind_text(stmt, 1, name, h.name_len, NULL)
+            _sq.bind_text(stmt, 1, c.name, c.name_len, NULL)
             rc = _sq.step(stmt)
             _sq.reset(stmt)
             if rc != SQ_DONE:
                 return self._failed(rc, True)
+            written[0] += 1
         rc = _sq.exec_(self.db, b"COMMIT", NULL, NULL, NULL)
         if rc != SQ_OK:
             return self._failed(rc, True)
@@ -286,14 +395,125 @@ cdef class SqlWriter:
             _sq.exec_(self.db, b"ROLLBACK", NULL, NULL, NULL)
         return rc
 
-    cdef int _reserve(self, Py_ssize_t more) except -1:
-        """Room for ``more`` bytes at the end of the batch (and the padding after)."""
-        cdef char* grown
-        cdef Py_ssize_t need = self.batch_len + more + 8
-        if need > self.batch_cap:
-            need = max(need, 2 * self.batch_cap)
-            grown = <char*>realloc(self.batch, need)
-            if grown == NULL:
-                raise MemoryError()
-            self.batch, self.batch_cap = grown, need
-        return 0
+
+# -- the change log ------------------------------------------------------------------------
+
+cdef uint32_t _crc_table[256]
+
+
+cdef void _crc_init() noexcept:
+    cdef uint32_t c, n, k
+    for n in range(256):
+        c = n
+        for k in range(8):
+            c = ((<uint32_t>0xEDB88320UL) ^ (c >> 1)) if c & 1 else (c >> 1)
+        _crc_table[n] = c
+
+
+_crc_init()
+
+
+cdef uint32_t _crc32(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """CRC-32 (IEEE 802.3, as zlib.crc32)."""
+    cdef uint32_t c = <uint32_t>0xFFFFFFFFUL
+    cdef Py_ssize_t i
+    for i in range(n):
+        c = _crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8)
+    return ~c
+
+
+cdef struct FrameHead:                  # docs/record.md, "The change log"
+    char magic[4]                       # b"FSCL"
+    uint16_t version                    # 1
+    uint16_t zero
+    uint32_t rows
+    uint32_t payload_len
+    uint32_t payload_crc                # CRC-32 of the payload
+    uint32_t head_crc                   # CRC-32 of the 20 bytes before
+
+
+def crc32(const unsigned char[::1] data not None):
+    """The CRC-32 the change log's frames carry (equal to ``zlib.crc32``)."""
+    return _crc32(&data[0] if data.shape[0] else NULL, data.shape[0])
+
+
+@cython.final
+cdef class ChangeLog(_Staged):
+    """A worker's change log: ``stage`` a Store's changed AORs, then ``commit``
+    appends them to the open segment file as one frame (one ``writev`` and an
+    ``fdatasync``, the GIL released).  A write that fails (a full disk) is cut off the file again and
+    the batch stays staged for the next ``commit``: the file always ends on a
+    whole frame, and nothing is dropped.  ``open`` starts the next segment."""
+
+    cdef int fd
+    cdef readonly Py_ssize_t size           # bytes in the open segment
+    cdef readonly object path
+
+    def __cinit__(self, path):
+        self.fd = -1
+        self.open(path)
+
+    def __dealloc__(self):
+        self.close()
+
+    def open(self, path):
+        """Close the open segment (if any) and create ``path`` (it must not exist)."""
+        cdef bytes p = os.fsencode(path)
+        cdef int fd = c_open(p, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0o644)
+        if fd < 0:
+            raise OSError(errno, os.strerror(errno), path)
+        self.close()
+        self.fd, self.path, self.size = fd, path, 0
+
+    def close(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+
+    def commit(self):
+        """Append the staged batch as one frame; returns its rows (0: none staged).
+        OSError when it cannot be written: the batch stays staged."""
+        cdef int err = 0
+        if self.fd < 0:
+            raise OSError("change log: closed")
+        if not self.staged:
+            return 0
+        with nogil:
+            err = self._append()
+        if err:
+            raise OSError(err, f"change log {self.path}: {os.strerror(err)}")
+        n = self.staged
+        self.rows_written += n
+        self.staged = 0
+        return n
+
+    cdef int _append(self) noexcept nogil:
+        """One frame of the batch: 0, or errno (the file cut back to its last frame)."""
+        cdef FrameHead h
+        cdef iovec iov[2]
+        cdef Py_ssize_t total = sizeof(FrameHead) + self.batch_len, done
+        cdef int err
+        memcpy(h.magic, b"FSCL", 4)
+        h.version = 1
+        h.zero = 0
+        h.rows = <uint32_t>self.staged
+        h.payload_len = <uint32_t>self.batch_len
+        h.payload_crc = _crc32(<const unsigned char*>self.batch, self.batch_len)
+        h.head_crc = _crc32(<const unsigned char*>&h, 20)
+        iov[0].iov_base = &h
+        iov[0].iov_len = sizeof(FrameHead)
+        iov[1].iov_base = self.batch
+        iov[1].iov_len = self.batch_len
+        while True:
+            done = writev(self.fd, iov, 2)
+            if done >= 0 or errno != EINTR:
+                break
+        if done == total:
+            self.size += total
+            # on disk before the flush counts as written (a power loss loses no more);
+            # if not, the batch stays staged and is appended again (an AOR's later
+            # frame replaces its earlier one)
+            return errno if fdatasync(self.fd) else 0
+        err = errno if done < 0 else 28         # ENOSPC: a short write
+        ftruncate(self.fd, self.size)           # no half frame left behind
+        return err

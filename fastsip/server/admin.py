@@ -109,7 +109,8 @@ def route(sup, method: str, path: str, q: dict):
         total = sup.collect()
         alive = sum(1 for s in sup.slots if s.pid)
         text = render(total, alive, sup.cfg.workers, sup.restarts,
-                      sup.cfg.node_id if sup.cfg.cluster is not None else None)
+                      sup.cfg.node_id if sup.cfg.cluster is not None else None,
+                      folded=sup.folder.read if sup.folder is not None else 0)
         return "200 OK", "text/plain; version=0.0.4; charset=utf-8", text.encode()
     if path == "/api/aor" and method == "GET":
         aor, refusal = _aor_param(q)

@@ -224,6 +224,9 @@ OPTIONS = [
     ("flush-interval", _nonneg_float("flush-interval"), 1.0, False, True, "S",
      "seconds between writes of binding changes to the state file; the most a crash loses "
      "(default: 1)"),
+    ("fold-interval", _nonneg_float("fold-interval"), 10.0, False, True, "S",
+     "seconds between folds of the workers' change logs into the SQLite file: how far "
+     "behind a reader of the file may be (default: 10)"),
     # the shared location (issue #12, docs/cluster.md)
     ("cluster", parse_url, None, False, False, "URL",
      "keep the bindings in a Redis Cluster shared with other nodes instead of the state file: "

@@ -121,8 +121,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("fastsip_tcp_sources", GAUGE,
            "Sources (IPv4 addresses, IPv6 /64s) holding TCP connections, summed over workers.",
            ("tcp_sources",)),
-    Metric("fastsip_state_rows_written_total", COUNTER, "AOR rows written to the state file.",
+    Metric("fastsip_state_rows_written_total", COUNTER,
+           "AOR changes written to the change logs (or straight into the state file).",
            ("state_rows_written",)),
+    Metric("fastsip_state_folded_changes_total", COUNTER,
+           "AOR changes read from the change logs into the state file (every --fold-interval).",
+           ("supervisor.folded",)),
     Metric("fastsip_state_pending_changes", GAUGE,
            "AOR changes taken from the store and not yet written to the state file.",
            ("state_pending",)),
@@ -329,11 +333,12 @@ def _histogram(out: list, m: Metric, hist) -> None:
 
 
 def render(total: dict, workers_alive: int, workers: int, restarts: int,
-           node: str | None = None) -> str:
+           node: str | None = None, folded: int = 0) -> str:
     """The Prometheus text exposition (format 0.0.4) of the summed reports; ``node``:
-    the --node-id of a node of a cluster, given as ``fastsip_node_info{node=...} 1``."""
+    the --node-id of a node of a cluster, given as ``fastsip_node_info{node=...} 1``;
+    ``folded``: the changes the supervisor read from the change logs (``state.Folder``)."""
     total = dict(total, supervisor={"workers_alive": workers_alive, "workers": workers,
-                                    "restarts": restarts})
+                                    "restarts": restarts, "folded": folded})
     out: list[str] = []
     if node is not None:
         out += ["# HELP fastsip_node_info This node of a cluster (--node-id); always 1.",

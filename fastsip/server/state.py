@@ -1,16 +1,20 @@
-"""Embedded persistence: one SQLite file (WAL), one row per AOR.
+"""Embedded persistence: one SQLite file (WAL), one row per AOR, and a change log in front.
 
-Every worker opens the same file and writes only its own shard's AORs, in
-short transactions (``busy_timeout`` covers the moments another worker holds
-the write lock).  A row holds the AOR, the latest expiry among its bindings
-(so that loading can skip dead rows in SQL) and the bindings as one record
-(docs/record.md), the bytes the store writes in C for its change feed
-(``Store.change_records``) and reads back in C (``Store.load_record``): no
-Python object per binding on either path.  ``meta.format`` names that
-encoding.  A flush is one transaction: one ``executemany`` of the records in
-AOR order (neighbouring keys share B-tree pages), and one of the deletes of
-the AORs left with no binding.  A row that does not decode is skipped and
-logged, never fatal.
+A row holds the AOR, the latest expiry among its bindings (so that loading
+can skip dead rows in SQL) and the bindings as one record (docs/record.md),
+the bytes the store writes in C for its change feed and reads back in C
+(``Store.load_record``): no Python object per binding on either path.
+``meta.format`` names that encoding.  A row that does not decode is skipped
+and logged, never fatal.
+
+Workers do not write SQLite while they serve: each flush appends the worker's
+changed AORs to its change log (``ChangeLog``: one checksummed frame, in the
+directory ``PATH.changes``), and the supervisor folds the logs into the file
+every ``--fold-interval`` seconds (:class:`Folder`: the last change of each
+AOR, in AOR order, one transaction; then the WAL is synced and the folded
+segments deleted), before it starts or restarts a worker, and at stop.
+Where the writer in C is not available, a worker writes its rows straight
+into the file (``StateFile.write``: one ``executemany``, in AOR order).
 
 A file of the previous format (``marshal4-rows13``: marshal of 13-field
 lists) is converted when it is opened, in one transaction, and the log says
@@ -26,14 +30,17 @@ may have changed) is merged into its AOR and the file rewritten that way.
 from __future__ import annotations
 
 import marshal
+import os
 import sqlite3
+import struct
 import time
+import zlib
 from operator import itemgetter
 
 import fastsip
 from fastsip.core._core import decode_record, encode_record, uri_compare_key
 from fastsip.server import logs
-from fastsip.server._io_c import SqlWriter
+from fastsip.server._io_c import ChangeLog, SqlWriter
 
 LOG = logs.LOG
 
@@ -50,6 +57,11 @@ OLD_FORMAT = "marshal4-rows13"
 UPSERT = "INSERT OR REPLACE INTO aors (aor, bindings, expires_at) VALUES (?, ?, ?)"
 DELETE = "DELETE FROM aors WHERE aor = ?"
 CONVERT_BATCH = 10000       # rows of an old file read at a time while converting it
+SEGMENT_BYTES = 64 << 20    # a worker starts a new change-log segment past this size
+#: a change-log frame's head (docs/record.md): magic, version, 0, rows, payload bytes,
+#: the payload's CRC-32, the CRC-32 of the 20 bytes before
+FRAME = struct.Struct("<4sHHIIII")
+MAGIC = b"FSCL"
 
 
 def binding_from_row(r) -> fastsip.Binding:
@@ -263,4 +275,145 @@ class StateFile:
         try:
             self.db.close()
         except sqlite3.Error:
+            pass
+
+
+# -- the change log ---------------------------------------------------------------------------
+
+def log_dir(path: str) -> str:
+    """The directory of the change logs of the state file ``path``."""
+    return path + ".changes"
+
+
+def segment_path(path: str, index: int) -> str:
+    """A new change-log segment of worker ``index`` (named so that a later one sorts later)."""
+    return os.path.join(log_dir(path), f"{index}-{time.time_ns():020d}.log")
+
+
+def change_log(path: str, index: int):
+    """Worker ``index``'s change log of the state file ``path`` (a new segment), or
+    None where the supervisor could not fold it (no writer in C: :func:`sql_writer`)."""
+    probe = sql_writer(path, checkpoints=False)
+    if probe is None:
+        return None
+    probe.close()
+    os.makedirs(log_dir(path), exist_ok=True)
+    return ChangeLog(segment_path(path, index))
+
+
+def read_frames(data: bytes) -> tuple[list, int, int, str | None]:
+    """The whole frames at the start of ``data``: (payloads, rows, bytes they take,
+    why the rest was not read: None when nothing is left, else "incomplete" or
+    "corrupt")."""
+    payloads, rows, pos, n = [], 0, 0, len(data)
+    view = memoryview(data)
+    while pos < n:
+        if pos + FRAME.size > n:
+            return payloads, rows, pos, "incomplete"
+        magic, version, _zero, count, size, crc, head_crc = FRAME.unpack_from(data, pos)
+        if magic != MAGIC or version != 1 or zlib.crc32(view[pos:pos + 20]) != head_crc:
+            return payloads, rows, pos, "corrupt"
+        end = pos + FRAME.size + size
+        if end > n:
+            return payloads, rows, pos, "incomplete"
+        payload = view[pos + FRAME.size:end]
+        if zlib.crc32(payload) != crc:
+            return payloads, rows, pos, "corrupt"
+        payloads.append(payload)
+        rows += count
+        pos = end
+    return payloads, rows, pos, None
+
+
+class Folder:
+    """The supervisor's side of the change logs: ``fold`` writes what the workers
+    appended since the last fold into the SQLite file."""
+
+    def __init__(self, path: str, sql) -> None:
+        self.path = path
+        self.dir = log_dir(path)
+        self.sql = sql                  # SqlWriter on the file (checkpoints=False)
+        self.file = StateFile(path, checkpoints=False)
+        self.offsets: dict[str, int] = {}   # segment -> bytes of it already folded
+        self.read = 0                   # changes read from the logs (the metric)
+        self.folded = 0                 # rows they wrote (an AOR's last change of a fold)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def segments(self) -> list[tuple[int, str]]:
+        """The segments, ``(worker index, name)``, oldest first per worker."""
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            head, _, tail = name.partition("-")
+            if head.isdigit() and tail.endswith(".log"):
+                out.append((int(head), name))
+        return out
+
+    def fold(self, index: int | None = None, final: bool = False) -> int:
+        """Write the changes appended since the last fold (of worker ``index``'s
+        segments, or every worker's) into the file in one transaction, sync the
+        WAL, then delete the segments read to their end.  ``final``: their workers
+        have stopped, so every segment is read to its end and deleted (a frame
+        cut short or damaged at the end, where a worker was killed mid-write, is
+        dropped and logged).  Returns the rows written.  On an error nothing is
+        deleted, and the next fold reads the same frames again."""
+        segs = [s for s in self.segments() if index is None or s[0] == index]
+        newest = {}
+        for i, name in segs:
+            newest[i] = name
+        payloads, rows, moved, gone = [], 0, {}, []
+        for i, name in segs:
+            start = self.offsets.get(name, 0)
+            with open(os.path.join(self.dir, name), "rb") as f:
+                f.seek(start)
+                data = f.read()
+            got, n, used, problem = read_frames(data)
+            payloads += got
+            rows += n
+            # a segment still written to is read again from its first frame not read
+            done = final or newest[i] != name
+            if problem is not None and done:
+                LOG.warning("state file: change log %s: %d bytes at %d %s: dropped", name,
+                            len(data) - used, start + used,
+                            "cut short" if problem == "incomplete" else "damaged")
+            if done:
+                gone.append(name)
+            else:
+                moved[name] = start + used
+        if rows:
+            written = self.sql.apply(b"".join(payloads), rows)
+            self.folded += written
+            self.file.checkpoint()
+            self._sync_wal()
+        self.offsets.update(moved)
+        self.read += rows
+        for name in gone:
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except FileNotFoundError:
+                pass
+            self.offsets.pop(name, None)
+        return rows
+
+    def _sync_wal(self) -> None:
+        """The folded rows on disk before their segments go (the checkpoint may
+        not have synced every frame of the WAL while a reader held it back)."""
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def checkpoint(self, mode: str = "PASSIVE"):
+        return self.file.checkpoint(mode)
+
+    def close(self) -> None:
+        """After the last fold: the directory goes when it is empty."""
+        self.file.close()
+        self.sql.close()
+        try:
+            os.rmdir(self.dir)
+        except OSError:
             pass

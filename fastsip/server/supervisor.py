@@ -183,8 +183,9 @@ class Supervisor:
         self.steering = {}          # UDP listener -> "on", or "off (why)"
         self.auth_users = 0         # users the --users file holds for --realm (at start)
         self.state = None           # the supervisor's connection to the state file (run)
-        self.checkpointer = None    # its thread for the WAL checkpoints
-        self.checkpointing = None   # the Future of the checkpoint under way
+        self.folder = None          # the workers' change logs into the state file (state.Folder)
+        self.checkpointer = None    # its thread for the folds and the WAL checkpoints
+        self.checkpointing = None   # the Future of the fold or checkpoint under way
 
     # ------------------------------------------------------------------ setup
     def open(self):
@@ -231,8 +232,16 @@ class Supervisor:
             self.cluster_primaries = self._check_cluster()
         if cfg.state:
             try:
-                from fastsip.server.state import StateFile
+                from fastsip.server.state import Folder, StateFile, sql_writer
                 StateFile(cfg.state).close()
+                sql = sql_writer(cfg.state, checkpoints=False)
+                if sql is not None:
+                    self.folder = Folder(cfg.state, sql)
+                    # what the last run's workers logged and no fold wrote (a kill -9)
+                    folded = self.folder.fold(final=True)
+                    if folded:
+                        LOG.info("state file %s: %d changes of the last run written from its "
+                                 "change log", cfg.state, folded)
             except (OSError, ValueError, sqlite3.Error) as exc:
                 self.close_sockets()
                 raise ConfigError(f"--state {cfg.state}: {exc}") from None
@@ -263,6 +272,13 @@ class Supervisor:
     # ------------------------------------------------------------------ workers
     def spawn(self, slot):
         self._checkpoint_done()
+        if self.folder is not None:
+            # a worker loads its shard from the file: first what its dead predecessor logged
+            try:
+                self.folder.fold(slot.index, final=True)
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                LOG.error("state file: folding worker %d's change log failed (%s): it loads "
+                          "without its last changes", slot.index, exc)
         sup_end, wk_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:                                    # the worker
@@ -542,14 +558,15 @@ class Supervisor:
         self.admin.start()
         next_stats = time.monotonic() + STATS_EVERY
         next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
+        next_fold = time.monotonic() + cfg.fold_interval
         self.state = None
         if cfg.state:
             from fastsip.server.state import StateFile
             from fastsip.server.timers import nicer
             self.state = StateFile(cfg.state)
-            # the checkpoint (a few ms a second under load) on a thread nicer than the
-            # workers: it never takes a core from a receive loop first, nor holds up
-            # this loop (the admin API, restarts)
+            # the folds and checkpoints on a thread nicer than the workers: they never
+            # take a core from a receive loop first, nor hold up this loop (the admin
+            # API, restarts)
             self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fastsip-checkpoint",
                                                    initializer=nicer)
         while not self.stopping:
@@ -587,14 +604,21 @@ class Supervisor:
             if self.state is not None and now >= next_checkpoint:
                 next_checkpoint = now + CHECKPOINT_EVERY
                 if self.checkpointing is None or self.checkpointing.done():
-                    self.checkpointing = self.checkpointer.submit(self._checkpoint)
+                    fold = self.folder is not None and now >= next_fold
+                    if fold:
+                        next_fold = now + cfg.fold_interval
+                    self.checkpointing = self.checkpointer.submit(self._checkpoint, fold)
         return self.stop()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, fold: bool = False) -> None:
+        """The WAL checkpoint (``fold``: the workers' change logs first)."""
         try:
-            self.state.checkpoint()
-        except sqlite3.Error as exc:
-            LOG.warning("state file: checkpoint failed: %s", exc)
+            if fold:
+                self.folder.fold()
+            else:
+                self.state.checkpoint()
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            LOG.warning("state file: %s failed: %s", "fold" if fold else "checkpoint", exc)
 
     def _checkpoint_done(self) -> None:
         """Wait for the checkpoint under way: a fork while its thread holds one of
@@ -624,13 +648,22 @@ class Supervisor:
                     pass
                 slot.pid = 0
         self.close_sockets()
-        if self.state is not None:
+        if self.checkpointer is not None:
             self.checkpointer.shutdown(wait=True)
+        if self.folder is not None:
+            try:
+                self.folder.fold(final=True)
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                LOG.error("state file: the last fold failed (%s): the change log in %s is "
+                          "written at the next start", exc, self.folder.dir)
+        if self.state is not None:
             try:
                 self.state.checkpoint("TRUNCATE")
             except sqlite3.Error as exc:
                 LOG.warning("state file: final checkpoint failed: %s", exc)
             self.state.close()
+        if self.folder is not None:
+            self.folder.close()
         logs.event(logging.INFO, "stopped" + (f"; state written to {os.path.abspath(self.cfg.state)}"
                                               if self.cfg.state else ""))
         return 0

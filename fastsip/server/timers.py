@@ -4,8 +4,9 @@
   call, for at most ``SLICE`` seconds.
 - The state file (:class:`StateWriter`): this shard is loaded at start; every
   ``--flush-interval`` the store's changed AORs are written: staged in C
-  ``STAGE_ROWS`` at a time between receive batches and committed on the
-  writer's thread, the GIL released, so the sockets never wait for SQLite
+  ``STAGE_ROWS`` at a time between receive batches and appended to the
+  worker's change log on the writer's thread, the GIL released, so the
+  sockets never wait for the disk
   (or, where SqlWriter is not available, taken as records and written in the
   loop, ``STATE_CHUNK`` per transaction, for at most ``SLICE`` seconds per
   call); at stop, everything is written.
@@ -23,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastsip.server import logs
-from fastsip.server.state import StateFile, sql_writer
+from fastsip.server.state import SEGMENT_BYTES, StateFile, change_log, segment_path, sql_writer
 
 LOG = logs.LOG
 
@@ -61,22 +62,28 @@ class StateWriter:
     """This shard's rows of the state file (``--state``), or no file (``path`` None:
     the store's changes are then taken and dropped, so they do not pile up).
 
-    Changes are written by ``SqlWriter`` (C, from the store's change list) where
-    Python's SQLite library can be shared with it (Linux): each flush stages up
-    to ``STAGE_ROWS`` changed AORs at a time in the loop (encoding them, ~0.3 µs
-    each) and commits them on a thread of its own with the GIL released, so the
-    receive loop never waits for SQLite (``thread=False``: in the caller's
-    thread).  Elsewhere ``StateFile.write`` writes ``Store.change_records`` in the
-    loop; ``pending`` holds rows of that kind (and the rows ``load`` must rewrite)."""
+    Changes go to this worker's change log (``ChangeLog``, C, from the store's
+    change list; the supervisor folds the logs into the file: ``state.Folder``)
+    where Python's SQLite library can be shared with the writer in C (Linux):
+    each flush stages up to ``STAGE_ROWS`` changed AORs at a time in the loop
+    (encoding them, ~0.3 µs each) and appends them as one frame on a thread of
+    its own with the GIL released, so the receive loop never waits for the disk
+    (``thread=False``: in the caller's thread).  ``log=False``: ``SqlWriter``
+    commits them into the file instead (the benchmarks' comparison).  Elsewhere
+    ``StateFile.write`` writes ``Store.change_records`` in the loop; ``pending``
+    holds rows of that kind (and the rows ``load`` must rewrite)."""
 
-    def __init__(self, path, index: int, n: int, reg, counters, thread: bool = True) -> None:
+    def __init__(self, path, index: int, n: int, reg, counters, thread: bool = True,
+                 log: bool = True) -> None:
         self.path = path
         self.index = index
         self.n = n
         self.reg = reg
         self.c = counters
         self.file = StateFile(path, checkpoints=False) if path else None
-        self.sql = sql_writer(path, checkpoints=False) if path else None
+        self.sql = None                 # ChangeLog, or SqlWriter (log=False)
+        if path:
+            self.sql = change_log(path, index) if log else sql_writer(path, checkpoints=False)
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fastsip-state",
                                         initializer=nicer)
                      if self.sql is not None and thread else None)
@@ -222,6 +229,8 @@ class StateWriter:
         t0 = time.perf_counter()
         n = self.sql.commit()
         self._took(n, time.perf_counter() - t0, thread=self.pool is not None)
+        if getattr(self.sql, "size", 0) >= SEGMENT_BYTES:      # the change log's next segment
+            self.sql.open(segment_path(self.path, self.index))
         return n
 
     def _took(self, n: int, took: float, thread: bool = False) -> None:

@@ -3,8 +3,9 @@ one, in one run (issue #11: ≤ 2 µs per changed AOR for the flush).
 
     python3 -m pytest bench/bench_state.py -s -q
 
-flush   new: SqlWriter.write (the server's writer: the store's changed AORs encoded
-        in C straight into SQLite's C API, in AOR order, one transaction);
+flush   new: SqlWriter.write (the store's changed AORs encoded in C straight into
+        SQLite's C API, in AOR order, one transaction: how a worker wrote before the
+        change log, and how the supervisor's fold writes);
         py: Store.change_records (one record per AOR, made in C) + StateFile.write
         (one executemany; the writer where SqlWriter is not available);
         old: the previous path, kept here as it was (fastsip 995be28): Store.changes
@@ -12,6 +13,9 @@ flush   new: SqlWriter.write (the server's writer: the store's changed AORs enco
 feed    the same without SQLite: Store.change_records; Store.changes + the marshal rows
 load    new: StateWriter.load, the shard's rows -> Store.load_record (C);
         old: marshal.loads -> a Binding per binding -> Store.load
+pages   4 KiB against 32 KiB SQLite pages, each flush with its checkpoint
+change log  ten flushes appended to a change log and one fold of them, against ten
+        flushes into SQLite each with its checkpoint (the server's design before)
 
 Each flush round takes CHANGED AORs (a random sample, 1 or 2 bindings each, ~220
 bytes of record) of a file holding 10,000 (every row changes) or 100,000 AORs (one
@@ -32,7 +36,8 @@ import time
 import pytest
 
 from fastsip import Binding, Registrar, Store, shard_of
-from fastsip.server.state import StateFile, sql_writer
+from fastsip.server._io_c import ChangeLog
+from fastsip.server.state import Folder, StateFile, segment_path, sql_writer
 from fastsip.server.timers import StateWriter
 
 NOW = 1_764_115_200.0
@@ -260,6 +265,58 @@ def test_page_size(tmp_path, case):
         f.close()
 
 
+FOLD_FLUSHES = 10       # flushes per fold: --fold-interval 10 s / --flush-interval 1 s
+
+
+@pytest.mark.parametrize("case", list(PAGE_CASES))
+def test_change_log(tmp_path, case):
+    """The state file's two designs, per changed AOR, over one fold's worth of flushes
+    (ten): "new", each flush appended to the worker's change log (``ChangeLog``: stage,
+    one frame, fdatasync) and one fold of the ten into SQLite (``Folder.fold``: the
+    last change of each AOR in AOR order, one transaction, the checkpoint, the WAL
+    synced); "old", each flush written straight into SQLite with the checkpoint after
+    it (the design before the change log).  The cases of ``test_page_size``."""
+    existing, changed = PAGE_CASES[case]
+    per_round = FOLD_FLUSHES * changed
+    pairs, closers, counter = {}, [], {}
+    for side in ("new", "old"):
+        path = str(tmp_path / f"{side}.db")
+        store, f, sql = page_file(path, 4096, existing)
+        counter[side] = 0
+        if existing:
+            rng = random.Random(existing)
+
+            def setup(store=store, rng=rng):
+                for i in rng.sample(range(existing), per_round):
+                    store.mark_changed(aor(i))
+        else:
+            def setup(store=store, side=side):
+                for i in range(counter[side], counter[side] + per_round):
+                    store.load(aor(i), bindings_of(i))
+                counter[side] += per_round
+        if side == "new":
+            os.makedirs(path + ".changes", exist_ok=True)
+            log, folder = ChangeLog(segment_path(path, 0)), Folder(path, sql)
+
+            def run(store=store, log=log, folder=folder):
+                for _ in range(FOLD_FLUSHES):
+                    assert log.stage(store, changed) == changed and log.commit() == changed
+                assert folder.fold() == per_round
+            closers += [log.close, folder.close]
+        else:
+            def run(store=store, f=f, sql=sql):
+                for _ in range(FOLD_FLUSHES):
+                    assert sql.write(store, changed) == changed
+                    f.checkpoint("PASSIVE")
+            closers.append(sql.close)
+        closers.append(f.close)
+        pairs[side] = (setup, run)
+    measure(f"change log + fold (new) / SQLite per flush (old), {case}", per_round, pairs,
+            rounds=5)
+    for close in closers:
+        close()
+
+
 def test_feed():
     store, old_store = Store(track_changes=True), Store(track_changes=True)
     for i in range(CHANGED):
@@ -304,7 +361,7 @@ def test_load(tmp_path):
 
 
 def test_summary():
-    if len(RESULTS) < 14:
+    if len(RESULTS) < 20:
         pytest.skip("run the measurements above first")
     print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}; old and new rounds "

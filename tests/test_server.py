@@ -447,6 +447,14 @@ def test_the_file_follows_the_change_logs_and_a_kill_9_of_the_server_loses_no_fl
     assert wait_for(lambda: srv.metrics()["fastsip_state_folded_changes_total"] >= 30, 5)
     assert state_rows(path) == {f"sip:f{i}@example.com" for i in range(30)}
     srv.stop()
+    srv = start("--flush-interval", "0.2", "--fold-interval", "3600", workers=1, state=path)
+    ua = phone(srv.udp)
+    ua.ask(register("g", contact="sip:g@127.0.0.1:7000", call_id="g", expires=900))
+    assert wait_for(lambda: srv.metrics()["fastsip_state_rows_written_total"] >= 1, 5)
+    assert srv.api("/api/state/fold", "POST")["changes"] == 1           # now, not in an hour
+    assert "sip:g@example.com" in state_rows(path)
+    ua.ask(register("g", call_id="g", cseq=2, expires=0, contact="*"))
+    srv.stop()
     srv = start("--flush-interval", "0.2", "--fold-interval", "3600", workers=2, state=path)
     ua = phone(srv.udp)
     for i in range(30, 50):
@@ -462,6 +470,14 @@ def test_the_file_follows_the_change_logs_and_a_kill_9_of_the_server_loses_no_fl
     assert state_rows(path) == {f"sip:f{i}@example.com" for i in range(50) if i != 3}
     srv.stop()
     assert not os.path.exists(path + ".changes")            # a stopped server: the file alone
+
+
+def test_a_fold_asked_of_a_server_without_a_change_log_is_refused(start):
+    import urllib.error
+    srv = start(workers=1, state=None)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        srv.api("/api/state/fold", "POST")
+    assert err.value.code == 409 and b"no change log" in err.value.read()
 
 
 def thread_nices(pid) -> tuple[int, list]:

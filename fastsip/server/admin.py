@@ -22,6 +22,7 @@ import json
 import logging
 import socket
 import socketserver
+import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -148,6 +149,16 @@ def route(sup, method: str, path: str, q: dict):
         logs.event(logging.INFO, f"admin: removed {removed} binding(s) of {aor}",
                    aor=aor, contact=contact, removed=removed)
         return _json({"aor": aor, "removed": removed, "near": sorted(near)[:5]})
+    if path == "/api/state/fold" and method == "POST":
+        if sup.folder is None:
+            return _json({"error": "no change log to fold (--no-state, --cluster, or the "
+                                   "workers write the state file themselves)"}, "409 Conflict")
+        t0 = time.monotonic()
+        try:
+            changes = sup.fold_now()
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            return _json({"error": f"fold failed: {exc}"}, "503 Service Unavailable")
+        return _json({"changes": changes, "seconds": round(time.monotonic() - t0, 3)})
     if path == "/api/workers" and method == "GET":
         sup.collect()
         workers = []

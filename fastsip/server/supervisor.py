@@ -620,6 +620,13 @@ class Supervisor:
         except (OSError, ValueError, sqlite3.Error) as exc:
             LOG.warning("state file: %s failed: %s", "fold" if fold else "checkpoint", exc)
 
+    def fold_now(self) -> int:
+        """``POST /api/state/fold``: the workers' change logs into the file now (after
+        the fold under way, if any); the changes read.  A worker's last flush may
+        still be on its way: this folds what the logs hold."""
+        self._checkpoint_done()
+        return self.folder.fold()
+
     def _checkpoint_done(self) -> None:
         """Wait for the checkpoint under way: a fork while its thread holds one of
         SQLite's locks would leave the lock held in the child for ever."""

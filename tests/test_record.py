@@ -13,7 +13,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,8 +22,17 @@ from fastsip import Binding, Registrar, Store
 from fastsip.registrar import decode_record, encode_record
 from fastsip.server import logs
 from fastsip.server._io_c import ChangeLog, SqlWriter
-from fastsip.server.state import (FORMAT, FRAME, OLD_FORMAT, Folder, StateFile, log_dir, row_of,
-                                  sql_writer, sqlite_library)
+from fastsip.server.state import (
+    FORMAT,
+    FRAME,
+    OLD_FORMAT,
+    Folder,
+    StateFile,
+    log_dir,
+    row_of,
+    sql_writer,
+    sqlite_library,
+)
 from fastsip.server.timers import BAD_ROW_LINES, StateWriter
 from test_flows import FLOW, UDP, WS, reg_over
 from test_registrar import NOW, request

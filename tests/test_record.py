@@ -20,7 +20,7 @@ import pytest
 
 from fastsip import Binding, Registrar, Store
 from fastsip.registrar import decode_record, encode_record
-from fastsip.server import logs
+from fastsip.server import logs, state
 from fastsip.server._io_c import ChangeLog, SqlWriter
 from fastsip.server.state import (
     FORMAT,
@@ -400,10 +400,14 @@ def test_a_locked_file_does_not_stall_the_loop_and_loses_nothing(tmp_path):
     folder.close()
 
 
-def test_a_fold_writes_the_last_change_of_each_aor_in_order(tmp_path):
+@pytest.mark.parametrize("fold_bytes", [None, 5000, 1], ids=["one", "several", "frame-by-frame"])
+def test_a_fold_writes_the_last_change_of_each_aor_in_order(tmp_path, monkeypatch, fold_bytes):
     """Frames of two workers, each AOR changed several times, removed, changed
     again: the fold leaves each AOR's last change (or no row), as writing every
-    flush straight into the file would."""
+    flush straight into the file would; in one transaction or in several (its
+    memory bound, FOLD_BYTES: here less than one frame too)."""
+    if fold_bytes:
+        monkeypatch.setattr(state, "FOLD_BYTES", fold_bytes)
     path, direct = str(tmp_path / "s.db"), str(tmp_path / "direct.db")
     StateFile(path).close()
     StateFile(direct).close()
@@ -432,8 +436,9 @@ def test_a_fold_writes_the_last_change_of_each_aor_in_order(tmp_path):
                     again.load(f"sip:u{k}@x", [BARE])
                     again.remove_aor(f"sip:u{k}@x")
             sql.write(again, 10_000)
-    assert fold(path) == 4 * 40                          # every change read ...
+    assert fold(path, final=True) == 4 * 40              # every change read ...
     assert rows(path) == rows(direct) and len(rows(path)) == 26     # ... the last ones kept
+    assert os.listdir(log_dir(path)) == []
     expiry = "SELECT aor, expires_at FROM aors ORDER BY aor"
     db, db2 = sqlite3.connect(path), sqlite3.connect(direct)
     assert db.execute(expiry).fetchall() == db2.execute(expiry).fetchall()

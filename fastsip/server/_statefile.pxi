@@ -398,7 +398,7 @@ cdef class SqlWriter(_Staged):
 
 # -- the change log ------------------------------------------------------------------------
 
-cdef uint32_t _crc_table[256]
+cdef uint32_t _crc_table[8][256]        # slicing by 8: ~4x the speed of a byte at a time
 
 
 cdef void _crc_init() noexcept:
@@ -407,18 +407,33 @@ cdef void _crc_init() noexcept:
         c = n
         for k in range(8):
             c = ((<uint32_t>0xEDB88320UL) ^ (c >> 1)) if c & 1 else (c >> 1)
-        _crc_table[n] = c
+        _crc_table[0][n] = c
+    for n in range(256):
+        for k in range(1, 8):
+            _crc_table[k][n] = (_crc_table[k - 1][n] >> 8) ^ _crc_table[0][_crc_table[k - 1][n] & 0xFF]
 
 
 _crc_init()
 
 
 cdef uint32_t _crc32(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    """CRC-32 (IEEE 802.3, as zlib.crc32)."""
-    cdef uint32_t c = <uint32_t>0xFFFFFFFFUL
-    cdef Py_ssize_t i
-    for i in range(n):
-        c = _crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8)
+    """CRC-32 (IEEE 802.3, as zlib.crc32), eight bytes a step (little-endian hosts,
+    as the record's layout)."""
+    cdef uint32_t c = <uint32_t>0xFFFFFFFFUL, one, two
+    while n >= 8:
+        memcpy(&one, p, 4)
+        memcpy(&two, p + 4, 4)
+        one ^= c
+        c = (_crc_table[7][one & 0xFF] ^ _crc_table[6][(one >> 8) & 0xFF] ^
+             _crc_table[5][(one >> 16) & 0xFF] ^ _crc_table[4][one >> 24] ^
+             _crc_table[3][two & 0xFF] ^ _crc_table[2][(two >> 8) & 0xFF] ^
+             _crc_table[1][(two >> 16) & 0xFF] ^ _crc_table[0][two >> 24])
+        p += 8
+        n -= 8
+    while n > 0:
+        c = _crc_table[0][(c ^ p[0]) & 0xFF] ^ (c >> 8)
+        p += 1
+        n -= 1
     return ~c
 
 

@@ -58,6 +58,7 @@ UPSERT = "INSERT OR REPLACE INTO aors (aor, bindings, expires_at) VALUES (?, ?, 
 DELETE = "DELETE FROM aors WHERE aor = ?"
 CONVERT_BATCH = 10000       # rows of an old file read at a time while converting it
 SEGMENT_BYTES = 64 << 20    # a worker starts a new change-log segment past this size
+FOLD_BYTES = 64 << 20       # frames a fold writes per transaction (and holds in memory)
 #: a change-log frame's head (docs/record.md): magic, version, 0, rows, payload bytes,
 #: the payload's CRC-32, the CRC-32 of the 20 bytes before
 FRAME = struct.Struct("<4sHHIIII")
@@ -350,27 +351,44 @@ class Folder:
 
     def fold(self, index: int | None = None, final: bool = False) -> int:
         """Write the changes appended since the last fold (of worker ``index``'s
-        segments, or every worker's) into the file in one transaction, sync the
-        WAL, then delete the segments read to their end.  ``final``: their workers
-        have stopped, so every segment is read to its end and deleted (a frame
-        cut short or damaged at the end, where a worker was killed mid-write, is
-        dropped and logged).  Returns the rows written.  On an error nothing is
-        deleted, and the next fold reads the same frames again."""
+        segments, or every worker's) into the file, sync the WAL, then delete the
+        segments read to their end: one transaction per ``FOLD_BYTES`` of frames.
+        ``final``: their workers have stopped, so every segment is read to its end
+        and deleted (a frame cut short or damaged at the end, where a worker was
+        killed mid-write, is dropped and logged).  Returns the changes read.  On an
+        error nothing more is deleted, and the next fold reads the same frames again."""
+        total = 0
+        while True:
+            rows, more = self._fold_some(index, final)
+            total += rows
+            if not more:
+                return total
+
+    def _fold_some(self, index, final) -> tuple[int, bool]:
+        """One transaction of ``fold``: (changes read, whether frames were left for
+        another because of ``FOLD_BYTES``)."""
         segs = [s for s in self.segments() if index is None or s[0] == index]
         newest = {}
         for i, name in segs:
             newest[i] = name
         payloads, rows, moved, gone = [], 0, {}, []
+        budget, more = FOLD_BYTES, False
         for i, name in segs:
             start = self.offsets.get(name, 0)
             with open(os.path.join(self.dir, name), "rb") as f:
                 f.seek(start)
-                data = f.read()
+                data = f.read(budget)
+                if len(data) == budget and f.read(1):   # more than this fold takes
+                    more = True
+                    if not payloads and not read_frames(data)[1]:   # one frame past it
+                        f.seek(start)
+                        data = f.read()
             got, n, used, problem = read_frames(data)
             payloads += got
             rows += n
+            budget -= used
             # a segment still written to is read again from its first frame not read
-            done = final or newest[i] != name
+            done = (final or newest[i] != name) and not more
             if problem is not None and done:
                 LOG.warning("state file: change log %s: %d bytes at %d %s: dropped", name,
                             len(data) - used, start + used,
@@ -379,9 +397,10 @@ class Folder:
                 gone.append(name)
             else:
                 moved[name] = start + used
+            if more:            # (its worker's later segments wait for the next transaction)
+                break
         if rows:
-            written = self.sql.apply(b"".join(payloads), rows)
-            self.folded += written
+            self.folded += self.sql.apply(b"".join(payloads), rows)
             self.file.checkpoint()
             self._sync_wal()
         self.offsets.update(moved)
@@ -392,7 +411,7 @@ class Folder:
             except FileNotFoundError:
                 pass
             self.offsets.pop(name, None)
-        return rows
+        return rows, more
 
     def _sync_wal(self) -> None:
         """The folded rows on disk before their segments go (the checkpoint may

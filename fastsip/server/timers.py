@@ -7,7 +7,7 @@
   ``STAGE_ROWS`` at a time between receive batches and appended to the
   worker's change log on the writer's thread, the GIL released, so the
   sockets never wait for the disk
-  (or, where SqlWriter is not available, taken as records and written in the
+  (or, where the writer in C is not available, taken as records and written in the
   loop, ``STATE_CHUNK`` per transaction, for at most ``SLICE`` seconds per
   call); at stop, everything is written.
   Worker 0 also purges the rows whose bindings have all expired, once a minute.
@@ -32,7 +32,7 @@ EXPIRE_EVERY = 1.0          # seconds between expiry slices
 EXPIRE_WORK = 10000         # bindings removed per Registrar.expire call
 SLICE = 0.02                # seconds of expiry or state writing before going back to the sockets
 STATE_CHUNK = 10000         # AOR rows per state transaction (~20-40 ms of SQLite here)
-STAGE_ROWS = 2000           # AORs SqlWriter stages per step (~0.5 ms in the loop) and commits
+STAGE_ROWS = 2000           # AORs staged per step (~0.3 ms in the loop) and appended as one frame
 WRITER_NICE = 10            # the writer's thread runs this much nicer than its worker
 COMMIT_POLL = 0.002         # seconds between looks at the writer's thread while it commits
 MAX_PENDING_STATE = 2_000_000
@@ -88,7 +88,7 @@ class StateWriter:
                                         initializer=nicer)
                      if self.sql is not None and thread else None)
         self.pending: list = []
-        self.flushing = False           # a flush has rows to write (SqlWriter)
+        self.flushing = False           # a flush has rows to write (the writer in C)
         self.owed = 0                   # the store's changes this flush still stages
         self.commit = None              # the Future of the batch being committed
         self._error_logged = -1e9
@@ -158,7 +158,7 @@ class StateWriter:
 
     def collect(self) -> None:
         """A flush begins: the store's changes so far are this flush's to write
-        (with SqlWriter they stay in the store until staged; else they are taken
+        (with the writer in C they stay in the store until staged; else they are taken
         as records)."""
         if self.file is None:
             self.reg.store.clear_changes()      # nobody needs them: do not let them pile up
@@ -176,7 +176,7 @@ class StateWriter:
     def write(self, budget) -> None:
         """Go on with this flush for ``budget`` seconds (None: to its end, waiting
         for the writer's thread).  Python rows: ``STATE_CHUNK`` per transaction.
-        SqlWriter: one step (``_step``), or every step with ``budget`` None.  A
+        The writer in C: one step (``_step``), or every step with ``budget`` None.  A
         failed write is retried at the next flush; nothing is dropped (but what
         ``MAX_PENDING_STATE`` bounds on the Python path)."""
         deadline = None if budget is None else time.perf_counter() + budget
@@ -199,7 +199,7 @@ class StateWriter:
             self._step(wait=False)
 
     def _step(self, wait: bool) -> None:
-        """SqlWriter: take the result of the commit under way (``wait``: wait for
+        """The writer in C: take the result of the append under way (``wait``: wait for
         it), then stage the next rows (or retry the batch whose commit failed) and
         commit them, on the thread when there is one."""
         if self.commit is not None:
@@ -241,7 +241,7 @@ class StateWriter:
 
     def _failed(self, exc: Exception) -> None:
         """A write failed: counted, logged once a minute; what it held stays (the
-        Python rows in ``pending``, SqlWriter's batch staged) for the next flush."""
+        Python rows in ``pending``, the C writer's batch staged) for the next flush."""
         self.c.state_errors += 1
         self.flushing = False
         self.owed = 0

@@ -221,6 +221,26 @@ def page_file(path, page_size, n):
     return store, f, sql_writer(path, checkpoints=False)
 
 
+def case_setup(store, existing, n, seed):
+    """The untimed part of a round of a case: ``n`` of the file's ``existing`` AORs
+    marked changed, at random (refreshes), or, with no file, ``n`` AORs never seen,
+    in name order (new users)."""
+    if existing:
+        rng = random.Random(seed)
+
+        def setup():
+            for i in rng.sample(range(existing), n):
+                store.mark_changed(aor(i))
+        return setup
+    start = [0]
+
+    def setup():
+        for i in range(start[0], start[0] + n):
+            store.load(aor(i), bindings_of(i))
+        start[0] += n
+    return setup
+
+
 PAGE_CASES = {          # (AORs in the file, AORs changed per flush)
     "new AORs in order": (0, CHANGED),
     "refreshes, dense": (100_000, CHANGED),
@@ -238,22 +258,11 @@ def test_page_size(tmp_path, case):
     refresh at random over the expiry, so a flush of a large file changes rows
     far apart, and each costs a whole page in the WAL and again in the file."""
     existing, changed = PAGE_CASES[case]
-    pairs, files, counter = {}, [], {}
+    pairs, files = {}, []
     for side, size in (("new", 4096), ("old", 32768)):
         store, f, sql = page_file(str(tmp_path / f"{size}.db"), size, existing)
         files.append((f, sql))
-        counter[side] = 0
-        if existing:
-            rng = random.Random(size)
-
-            def setup(store=store, rng=rng):
-                for i in rng.sample(range(existing), changed):
-                    store.mark_changed(aor(i))
-        else:
-            def setup(store=store, side=side):
-                for i in range(counter[side], counter[side] + changed):
-                    store.load(aor(i), bindings_of(i))
-                counter[side] += changed
+        setup = case_setup(store, existing, changed, size)
 
         def run(store=store, f=f, sql=sql):
             assert sql.write(store, changed) == changed
@@ -281,22 +290,11 @@ def test_change_log(tmp_path, case):
     writer thread, which costs the server no CPU."""
     existing, changed = PAGE_CASES[case]
     per_round = FOLD_FLUSHES * changed
-    pairs, closers, counter = {}, [], {}
+    pairs, closers = {}, []
     for side in ("new", "old"):
         path = str(tmp_path / f"{side}.db")
         store, f, sql = page_file(path, 4096, existing)
-        counter[side] = 0
-        if existing:
-            rng = random.Random(existing)
-
-            def setup(store=store, rng=rng):
-                for i in rng.sample(range(existing), per_round):
-                    store.mark_changed(aor(i))
-        else:
-            def setup(store=store, side=side):
-                for i in range(counter[side], counter[side] + per_round):
-                    store.load(aor(i), bindings_of(i))
-                counter[side] += per_round
+        setup = case_setup(store, existing, per_round, existing)
         if side == "new":
             os.makedirs(path + ".changes", exist_ok=True)
             log, folder = ChangeLog(segment_path(path, 0)), Folder(path, sql)

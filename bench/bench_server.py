@@ -172,7 +172,10 @@ def run_rate(args, rate, workdir, users_file, inject_file, with_state, name="fas
     flags = ["--log-level", "warning", "--max-expires", "3600"] + args.server_flags
     if args.auth:
         flags += ["--realm", REALM, "--users", users_file, "--auth-algorithms", "MD5"]
-    state = os.path.join(workdir, f"state-{rate}.sqlite3") if with_state else None
+    # a new file each run, as each peer's {rundir}: a file left by the turn before would
+    # make this run's REGISTERs rewrites of existing rows, and its start a load
+    state = (os.path.join(tempfile.mkdtemp(prefix="state-", dir=workdir), "state.sqlite3")
+             if with_state else None)
     srv = ServerProcess(*flags, workers=args.workers, state=state, cwd=workdir,
                         transports=("udp",))
     srv.start()

@@ -489,6 +489,30 @@ def test_a_frame_cut_short_or_damaged_is_dropped_with_a_log_line(tmp_path, log_l
     assert set(rows(path)) == {"sip:u0@x", "sip:u1@x", "sip:u3@x"}
 
 
+def test_a_damaged_first_frame_larger_than_a_fold_ends_the_fold(tmp_path, monkeypatch, log_lines):
+    """A segment whose first frame is damaged and larger than FOLD_BYTES: a fold
+    while its worker may still write reads nothing and returns (no endless retry);
+    once the worker is gone, the segment is dropped and logged."""
+    monkeypatch.setattr(state, "FOLD_BYTES", 64)
+    path = str(tmp_path / "s.db")
+    StateFile(path).close()
+    os.makedirs(log_dir(path))
+    seg = os.path.join(log_dir(path), "0-1.log")
+    log = ChangeLog(seg)
+    store = Store(track_changes=True)
+    for k in range(20):
+        store.load(f"sip:u{k}@x", [BARE])
+    log.stage(store, 100)
+    log.commit()
+    log.close()
+    data = bytearray(Path(seg).read_bytes())
+    data[FRAME.size + 40] ^= 0xFF
+    Path(seg).write_bytes(bytes(data))
+    assert fold(path) == 0 and os.path.exists(seg)
+    assert fold(path, final=True) == 0 and not os.path.exists(seg)
+    assert "damaged: dropped" in log_lines[-1] and rows(path) == {}
+
+
 def test_a_change_log_write_that_fails_is_cut_off_and_kept_staged(tmp_path):
     """A full disk (here: a file size limit) fails an append: the file is cut back
     to its last whole frame, the batch stays staged, and the next commit writes it."""

@@ -337,7 +337,6 @@ class Folder:
         self.file = StateFile(path, checkpoints=False)
         self.offsets: dict[str, int] = {}   # segment -> bytes of it already folded
         self.read = 0                   # changes read from the logs (the metric)
-        self.folded = 0                 # rows they wrote (an AOR's last change of a fold)
         os.makedirs(self.dir, exist_ok=True)
 
     def segments(self) -> list[tuple[int, str]]:
@@ -375,14 +374,17 @@ class Folder:
         budget, more = FOLD_BYTES, False
         for i, name in segs:
             start = self.offsets.get(name, 0)
+            took_all = False
             with open(os.path.join(self.dir, name), "rb") as f:
                 f.seek(start)
                 data = f.read(budget)
                 if len(data) == budget and f.read(1):   # more than this fold takes
-                    more = True
-                    if not payloads and not read_frames(data)[1]:   # one frame past it
+                    if payloads or read_frames(data)[1]:
+                        more = True         # the rest waits for the next transaction
+                    else:                   # not one whole frame within it: the segment
                         f.seek(start)
                         data = f.read()
+                        took_all = True
             got, n, used, problem = read_frames(data)
             payloads += got
             rows += n
@@ -397,10 +399,11 @@ class Folder:
                 gone.append(name)
             else:
                 moved[name] = start + used
-            if more:            # (its worker's later segments wait for the next transaction)
+            if more or took_all:    # (later segments wait for the next transaction ...
+                more = more or n > 0        # ... if this one made progress: no endless retry)
                 break
         if rows:
-            self.folded += self.sql.apply(b"".join(payloads), rows)
+            self.sql.apply(b"".join(payloads), rows)
             self.file.checkpoint()
             self._sync_wal()
         self.offsets.update(moved)
@@ -424,9 +427,6 @@ class Folder:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def checkpoint(self, mode: str = "PASSIVE"):
-        return self.file.checkpoint(mode)
 
     def close(self) -> None:
         """After the last fold: the directory goes when it is empty."""

@@ -472,6 +472,22 @@ def test_the_file_follows_the_change_logs_and_a_kill_9_of_the_server_loses_no_fl
     assert not os.path.exists(path + ".changes")            # a stopped server: the file alone
 
 
+def test_rows_that_expired_while_the_server_was_down_are_purged(start, tmp_path):
+    """A row whose bindings all expired before the start is never loaded, so no
+    worker's change deletes it: the supervisor's purge does, within seconds."""
+    from fastsip.server.state import StateFile, row_of
+    path = str(tmp_path / "purge.sqlite3")
+    now = time.time()
+    f = StateFile(path)
+    f.write([row_of(f"sip:{u}@example.com", [fastsip.Binding(f"sip:{u}@127.0.0.1:7000", t,
+                                                             call_id=u, cseq=1)])
+             for u, t in (("gone", now - 60), ("kept", now + 900))])
+    f.close()
+    srv = start(workers=1, state=path)
+    assert srv.metrics()["fastsip_bindings"] == 1
+    assert wait_for(lambda: state_rows(path) == {"sip:kept@example.com"}, 15)
+
+
 def test_a_fold_asked_of_a_server_without_a_change_log_is_refused(start):
     import urllib.error
     srv = start(workers=1, state=None)

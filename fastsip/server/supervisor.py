@@ -48,6 +48,8 @@ LOG = logs.LOG
 STOP_GRACE = 8.0            # seconds workers get to write their state before SIGKILL
 STATS_EVERY = 2.0           # seconds between counter snapshots (kept when a worker dies)
 CHECKPOINT_EVERY = 1.0      # seconds between WAL checkpoints (the supervisor's; workers never do)
+FIRST_PURGE = 5.0           # seconds from the start to the first purge of expired rows
+PURGE_EVERY = 60.0          # seconds between purges of expired rows (with a change log)
 RESTART_BACKOFF = 1.0       # a worker that dies within this many seconds of its start waits this long
 BUF = 4 << 20
 
@@ -559,6 +561,7 @@ class Supervisor:
         next_stats = time.monotonic() + STATS_EVERY
         next_checkpoint = time.monotonic() + CHECKPOINT_EVERY
         next_fold = time.monotonic() + cfg.fold_interval
+        next_purge = time.monotonic() + FIRST_PURGE
         self.state = None
         if cfg.state:
             from fastsip.server.state import StateFile
@@ -607,18 +610,26 @@ class Supervisor:
                     fold = self.folder is not None and now >= next_fold
                     if fold:
                         next_fold = now + cfg.fold_interval
-                    self.checkpointing = self.checkpointer.submit(self._checkpoint, fold)
+                    purge = self.folder is not None and now >= next_purge
+                    if purge:
+                        next_purge = now + PURGE_EVERY
+                    self.checkpointing = self.checkpointer.submit(self._checkpoint, fold, purge)
         return self.stop()
 
-    def _checkpoint(self, fold: bool = False) -> None:
-        """The WAL checkpoint (``fold``: the workers' change logs first)."""
+    def _checkpoint(self, fold: bool = False, purge: bool = False) -> None:
+        """The WAL checkpoint (``fold``: the workers' change logs first; ``purge``:
+        then the rows whose bindings all expired, such as rows that expired while
+        the server was down, which no worker loaded and so none will delete)."""
         try:
             if fold:
                 self.folder.fold()
-            else:
+            if purge:
+                self.state.purge_expired(time.time())
+            if purge or not fold:
                 self.state.checkpoint()
         except (OSError, ValueError, sqlite3.Error) as exc:
-            LOG.warning("state file: %s failed: %s", "fold" if fold else "checkpoint", exc)
+            LOG.warning("state file: %s failed: %s", "fold" if fold else
+                        "purge" if purge else "checkpoint", exc)
 
     def fold_now(self) -> int:
         """``POST /api/state/fold``: the workers' change logs into the file now (after

@@ -10,7 +10,8 @@
   (or, where the writer in C is not available, taken as records and written in the
   loop, ``STATE_CHUNK`` per transaction, for at most ``SLICE`` seconds per
   call); at stop, everything is written.
-  Worker 0 also purges the rows whose bindings have all expired, once a minute.
+  Without a change log, worker 0 also purges the rows whose bindings have all
+  expired, once a minute (with one, the supervisor does).
 - The TCP idle sweep (``tcp.TcpServer.sweep``) every second, and the TCP
   message deadlines (``tcp.TcpServer.deadlines``, ``--tcp-message-timeout``)
   every ``DEADLINE_EVERY`` seconds: a connection is closed at most that much
@@ -24,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastsip.server import logs
+from fastsip.server._io_c import ChangeLog
 from fastsip.server.state import SEGMENT_BYTES, StateFile, change_log, segment_path, sql_writer
 
 LOG = logs.LOG
@@ -93,6 +95,11 @@ class StateWriter:
         self.commit = None              # the Future of the batch being committed
         self._error_logged = -1e9
         self._slow_logged = -1e9
+
+    @property
+    def logging(self) -> bool:
+        """Changes go to a change log (the supervisor folds them into the file)."""
+        return isinstance(self.sql, ChangeLog)
 
     @property
     def rows_written(self) -> int:
@@ -287,7 +294,8 @@ class Timers:
         self.writer = writer
         self.sweep = sweep              # sweep(now): close idle TCP connections
         self.deadlines = deadlines      # deadlines(now): close TCP connections late with a message
-        self.purges = purges and writer.file is not None
+        # (with a change log the supervisor purges: no worker writes the file itself)
+        self.purges = purges and writer.file is not None and not writer.logging
         self.next_expire = now + EXPIRE_EVERY
         self.next_flush = now + cfg.flush_interval
         self.next_sweep = now + SWEEP_EVERY

@@ -111,6 +111,76 @@ def test_udp_registers_are_written_from_the_compiled_loop_and_answered_once(redi
         n.stop()
 
 
+def test_a_connection_answers_each_command_in_order_and_every_one_left_when_lost(
+        redis_server):
+    """The worker's connection to a primary (Conn, compiled, in the worker's loop):
+    pipelined commands get their replies in order, a write of a key it read comes
+    as an invalidation push, and when Redis drops it every command not answered yet
+    is answered LOST, once, in order, and the shared location is told once."""
+    import select
+
+    import hiredis
+
+    from fastsip.cluster.client import LOST, open_conn
+    from fastsip.cluster.url import parse_url
+    from fastsip.server._io_c import Recent, WriteQueue
+    from fastsip.server.loop import EP_IN
+
+    class Loop:
+        def __init__(self):
+            self.fds = {}
+
+        def add(self, fd, handler, mask):
+            self.fds[fd] = handler
+
+        def modify(self, fd, mask):
+            pass
+
+        def remove(self, fd):
+            del self.fds[fd]
+
+    got, pushes, lost = [], [], []
+    reg = fastsip.Registrar(shared=True)
+    queue = WriteQueue(reg, None, 10.0)
+    queue.bind(store=reg.store, recent=Recent(), udp_fds=[], parked={}, reasserting=set(),
+               born=[], fresh=[], outbox={}, wait_cmd=b"", connect=None, orphan=None,
+               after_batch=None, on_group=None, on_waited=None,
+               on_reply=lambda item, reply: got.append((item, reply)), on_push=pushes.append,
+               on_lost=lost.append)
+    loop = Loop()
+    conn = open_conn(parse_url(redis_server.url), ("127.0.0.1", redis_server.port), loop,
+                     queue, 0)
+
+    def send(*commands):
+        for item, *command in commands:
+            conn.push(hiredis.pack_command(tuple(command)), item)
+        conn.flush()
+
+    def pump(until):
+        deadline = time.monotonic() + 5
+        while not until() and time.monotonic() < deadline:
+            if select.select([conn.fd], [], [], 0.1)[0]:
+                loop.fds[conn.fd](EP_IN)
+        assert until()
+
+    try:
+        send(*[(f"incr{i}", b"INCR", b"fs-test:n") for i in range(3)],
+             ("get", b"GET", b"fs-test:k"))
+        pump(lambda: len(got) == 4)
+        assert got == [("incr0", 1), ("incr1", 2), ("incr2", 3), ("get", None)]
+        redis_server.command("SET", "fs-test:k", "x")       # another client writes it
+        pump(lambda: pushes)
+        assert list(pushes[0]) == [b"invalidate", [b"fs-test:k"]]
+        send(("blocked", b"BLPOP", b"fs-test:list", b"5"), ("after", b"PING"))
+        time.sleep(0.2)
+        redis_server.command("CLIENT", "KILL", "TYPE", "normal")
+        pump(lambda: lost)
+        assert got[4:] == [("blocked", LOST), ("after", LOST)]
+        assert lost == [conn] and conn.closed and conn.fd not in loop.fds
+    finally:
+        conn.close()
+
+
 def test_a_queued_write_that_meets_another_nodes_write_is_decided_again(redis_server):
     """Node b has no copy of the AOR and writes it as new from the compiled loop's
     queue; node a stored it first, so the write conflicts, and b decides the request

@@ -102,7 +102,7 @@ cdef class EventLoop:
     cdef double _last_wake
     cdef bint _stopping
     cdef BatchIO _udp_io, _inbox_io
-    cdef object _serve_shard, _bug, _on_handoffs, _after
+    cdef object _serve_shard, _bug, _on_handoffs
     cdef RegistrarCore _core            # the core of _serve_shard, called in C (or None)
     cdef WriteQueue _wq                 # --cluster: the shared core's staged writes (or None)
     cdef RateLimiter _limiter
@@ -196,15 +196,10 @@ cdef class EventLoop:
 
     def set_queue(self, WriteQueue queue):
         """``--cluster``: serve the UDP listeners with ``queue.core`` (a shared core)
-        in C, one shard, its staged writes queued in ``queue`` (``_writes.pxi``);
+        in C, one shard, its staged writes queued in ``queue`` (``_writes.pxi``) and
+        sent when the batches of one wake-up are served (``WriteQueue.after``);
         None: with ``serve``'s callable."""
         self._wq = queue
-
-    def set_after(self, after):
-        """``after(li)``: called when the batches read from UDP listener li on one
-        wake-up are served (the shared location sends their writes then); None:
-        nothing is."""
-        self._after = after
 
     def counters(self):
         """The counters kept here, by their names in ``metrics.WorkerCounters``."""
@@ -241,8 +236,8 @@ cdef class EventLoop:
         if handed_total:
             self.handoffs_sent += handed_total
             self._flush()
-        if self._after is not None:
-            self._after(li)
+        if wq is not None:
+            wq.after(li)
         return 0
 
     cdef int _on_inbox(self, int fd) except -1:

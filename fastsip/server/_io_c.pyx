@@ -42,6 +42,8 @@ cimport cython
 from fastsip.core._core cimport SV_READ, SV_SHARD, SV_STAGED, SV_WAIT, RegistrarCore, Store
 from fastsip.server cimport handoff as ho
 
+import collections
+
 
 cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned short sa_family_t
@@ -228,6 +230,7 @@ cdef int _fill_addr(object addr, sockaddr_storage* ss, socklen_t* namelen) excep
 include "_meters.pxi"
 include "_recent.pxi"
 include "_writes.pxi"
+include "_conn.pxi"
 
 
 cdef class BatchIO:

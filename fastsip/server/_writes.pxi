@@ -145,11 +145,6 @@ cdef class WriteGroup:
         """The FCALLs of the group, one after another, as they go on the wire."""
         return PyBytes_FromStringAndSize(self.cmd, self.cmd_len)
 
-    def take_reply(self, reply):
-        """Redis's reply to the next write; True when it was the group's last."""
-        self._take(reply)
-        return self.taken >= self.n
-
     cdef int _take(self, object reply) except -1:
         cdef Py_ssize_t i = self.taken
         if i >= self.n:
@@ -162,7 +157,7 @@ cdef class WriteGroup:
             self.odd.append((i, reply))
         return 0
 
-    def take_from(self, reader, push_type):
+    cdef object _take_from(self, object reader, object push_type):
         """Take the replies of the writes left from ``reader`` (a ``hiredis.Reader``):
         True when the group's last was taken, False when the reader has no more,
         or a push (of ``push_type``, ``hiredis.PushNotification``) for the caller."""
@@ -206,16 +201,18 @@ cdef class WriteGroup:
                 PyBytes_FromStringAndSize(d + w.aor_len + w.host_len, w.reply_len)
                 if w.reply_len else None)
 
-    def done(self, Store store not None, Recent recent not None, double now,
-             list udp_fds not None,
-             bint want_aors=False):
+    cpdef Py_ssize_t done(self, Store store, Recent recent, double now, list udp_fds,
+                          bint want_aors=False) except -1:
         """The written ones (1, and the WAIT after them when ``wait``) are
         acknowledged: their AORs' copies are the stored ones (``Store.cache_done``),
         their records go to ``recent`` (with ``now``),
         their 200s leave with one sendmmsg per listener (``udp_fds[li]``;
         the ones that could not are counted in ``send_failed``).  Returns how many;
         with ``want_aors`` their AORs are in ``done_aors``."""
-        cdef Py_ssize_t i, count = 0, k, nfds = len(udp_fds)
+        cdef Py_ssize_t i, count = 0, k, nfds
+        if store is None or recent is None or udp_fds is None:
+            raise TypeError("done() needs a store, a Recent and the listeners' descriptors")
+        nfds = len(udp_fds)
         cdef int li, cnt
         cdef Write* w
         cdef const char* d
@@ -308,7 +305,19 @@ cdef class WriteQueue:
     cdef double grace
     cdef int16_t owner[SLOTS]
     cdef list groups                    # primary index -> WriteGroup of this batch, or None
-    cdef readonly Py_ssize_t n          # writes queued since take()
+    cdef readonly Py_ssize_t n          # writes queued since send_groups()
+    cdef list links                     # primary index -> its Conn, or None
+    cdef readonly list opened           # Conns with an open Batch (Conn.open_batch)
+    # the shared location's (bind): what the writes need, and its Python for the rest
+    cdef Store store
+    cdef Recent recent
+    cdef list udp_fds, born, fresh
+    cdef dict parked, outbox
+    cdef set reasserting
+    cdef bytes wait_cmd
+    cdef object connect, orphan, after_batch, on_group, on_reply
+    cdef readonly object on_waited, on_push, on_lost
+    cdef readonly unsigned long long writes, round_trips, batched, queued, send_failed
 
     def __init__(self, RegistrarCore core not None, slow, double grace):
         cdef int s
@@ -318,6 +327,8 @@ cdef class WriteQueue:
         self.slow = slow
         self.grace = grace
         self.groups = []
+        self.links = []
+        self.opened = []
         for s in range(SLOTS):
             self.owner[s] = -1
 
@@ -362,15 +373,125 @@ cdef class WriteQueue:
         self.n += 1
         return 0
 
-    def take(self):
-        """``[(primary index, WriteGroup)]`` queued since the last call."""
-        cdef list out = []
+    def bind(self, *, Store store not None, Recent recent not None, list udp_fds not None,
+             dict parked not None, set reasserting not None, list born not None,
+             list fresh not None, dict outbox not None, bytes wait_cmd not None, connect,
+             orphan, after_batch, on_group, on_waited, on_reply, on_push, on_lost):
+        """The shared location's state that decides whether Python is needed (it
+        never replaces these objects), and its Python for what is not the common
+        case: ``connect(j)`` a Conn to primary j or None; ``orphan(group)`` its
+        writes cannot be sent; ``after_batch(li)`` the whole end of a batch;
+        ``on_group(group, lost)``, ``on_waited(batch, reply)``, ``on_reply(item,
+        reply)``, ``on_push(push)``, ``on_lost(conn)`` as ``Conn`` says."""
+        self.store, self.recent, self.udp_fds = store, recent, udp_fds
+        self.parked, self.reasserting, self.born, self.fresh, self.outbox = \
+            parked, reasserting, born, fresh, outbox
+        self.wait_cmd = wait_cmd
+        self.connect, self.orphan, self.after_batch = connect, orphan, after_batch
+        self.on_group, self.on_waited, self.on_reply = on_group, on_waited, on_reply
+        self.on_push, self.on_lost = on_push, on_lost
+
+    def set_links(self, list links not None):
+        """``links[j]``: the Conn to primary j (the index ``set_owners`` uses), or None."""
+        self.links = list(links)
+
+    def counters(self):
+        """The counters kept here, by their names in ``metrics.WorkerCounters``."""
+        return {"cluster_writes": self.writes, "cluster_round_trips": self.round_trips,
+                "cluster_batched": self.batched, "cluster_queued": self.queued,
+                "dropped_send_failed": self.send_failed}
+
+    cdef int after(self, int li) except -1:
+        """The loop read a batch from UDP listener ``li``: send its writes, one
+        pipeline per primary ended by ``WAIT``; Python only when something else
+        waits (a Pending staged, a reply to send)."""
+        if self.born or self.fresh or self.outbox:
+            self.after_batch(li)
+            return 0
+        self.send_groups()
+        self.end_batches()
+        return 0
+
+    cpdef int send_groups(self) except -1:
+        """Put each primary's queued writes into the open Batch of its connection."""
         cdef Py_ssize_t j
+        cdef WriteGroup g
+        cdef Conn conn
+        cdef object c
+        cdef Batch batch
         if not self.n:
-            return out
-        for j in range(len(self.groups)):
-            if self.groups[j] is not None:
-                out.append((j, self.groups[j]))
-                self.groups[j] = None
+            return 0
         self.n = 0
-        return out
+        for j in range(len(self.groups)):
+            if self.groups[j] is None:
+                continue
+            g = <WriteGroup>self.groups[j]
+            self.groups[j] = None
+            c = self.links[j] if j < len(self.links) else None
+            if c is None or (<Conn>c).closed:
+                c = self.connect(j)
+                if c is None:
+                    self.orphan(g)
+                    continue
+            conn = <Conn>c
+            batch = conn.open_batch()
+            batch.size += g.n
+            self.queued += g.n
+            g.wait = conn.replicas > 0
+            if g.wait:
+                batch.groups.append(g)
+            conn.push(g.commands(), g)
+        return 0
+
+    cpdef int end_batches(self) except -1:
+        """End every open Batch: its ``WAIT`` (when the primary has a replica and it
+        holds writes), and the pipeline goes out."""
+        cdef Conn conn
+        cdef Batch batch
+        while self.opened:
+            conn = <Conn>self.opened.pop()
+            batch, conn.batch = conn.batch, None
+            if conn.replicas and batch.size:
+                conn.push(self.wait_cmd, batch)
+            conn.flush()
+            self.round_trips += 1
+            self.batched += batch.size
+        return 0
+
+    cdef inline bint _waited_on(self):
+        """Do requests wait for writes (parked), or re-assertions for theirs?"""
+        return bool(self.parked) or bool(self.reasserting)
+
+    cdef int _replied(self, WriteGroup g, bint lost) except -1:
+        """Redis answered every write of ``g`` (``lost``: the connection went first)."""
+        if lost or g.odd or self._waited_on():
+            self.on_group(g, lost)
+        elif not g.wait:
+            self.group_done(g, _clock(CLOCK_REALTIME), False)
+        return 0
+
+    cdef int _waited(self, Batch batch, object reply) except -1:
+        """``WAIT``'s reply for ``batch``."""
+        cdef object g
+        cdef double now
+        if type(reply) is int and reply >= 1 and not batch.acked and not self._waited_on():
+            now = _clock(CLOCK_REALTIME)
+            for g in batch.groups:
+                self.group_done(<WriteGroup>g, now, False)
+        else:
+            self.on_waited(batch, reply)
+        return 0
+
+    cpdef Py_ssize_t group_done(self, WriteGroup g, double now, bint want_aors) except -1:
+        """``g``'s written ones are acknowledged (``WriteGroup.done``): returns how many."""
+        cdef Py_ssize_t n = g.done(self.store, self.recent, now, self.udp_fds, want_aors)
+        self.writes += n
+        self.send_failed += g.send_failed
+        g.send_failed = 0
+        return n
+
+    cdef int _after_replies(self) except -1:
+        """Replies were handled: send what they staged (decisions made again)."""
+        if self.fresh or self.outbox or self.opened:
+            self.after_batch(-1)
+        return 0

@@ -30,10 +30,14 @@ closes ends its flows in the records written over it (``flows_end``).
 
 The common case runs in C: the compiled loop calls the core itself and queues
 each staged write of a UDP REGISTER in ``WriteQueue`` (``fastsip/server/_writes.pxi``),
-one ``WriteGroup`` per primary and batch, which this room sends, and which takes its
-replies and acknowledges its writes in C.  Whatever else happens to one of them
-(a conflict, an error, a lost connection, WAIT coming short) hands it over here as
-a ``Pending`` (``_pending_of``), handled as any other.
+one ``WriteGroup`` per primary and batch; at the end of the batch the queue sends the
+groups, one pipeline per primary ended by ``WAIT``, on its ``Conn``s
+(``fastsip/server/_conn.pxi``), and when Redis answers, the groups take their replies
+and acknowledge their writes in C, with no Python per batch or per reply.  This room
+is entered only for the rest (``WriteQueue.bind``): a request that waits for a write or
+a read, a write of Python's own (a retry, a re-assertion, TCP), a conflict, an error,
+a lost connection, WAIT coming short, an invalidation.  A write of a group that meets
+one of those is handed over as a ``Pending`` (``_pending_of``), handled as any other.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
 from fastsip.server import logs
-from fastsip.server._io_c import BatchIO, Recent, WriteGroup, WriteQueue
+from fastsip.server._io_c import Batch, BatchIO, Recent, WriteGroup, WriteQueue
 
 LOG = logs.LOG
 
@@ -90,17 +94,6 @@ class Pending:
         self.closed = False             # the end of a closed connection's flows (no request)
 
 
-class Batch:
-    """The writes of one pipeline to one primary, and its WAIT."""
-
-    __slots__ = ("size", "acked", "groups")
-
-    def __init__(self):
-        self.size = 0                   # writes sent
-        self.acked = []                 # written, waiting for WAIT to say a replica has them
-        self.groups = []                # WriteGroups sent, waiting for WAIT too
-
-
 def _version(record) -> int:
     return 0 if record is None else int.from_bytes(record[1:9], "little")
 
@@ -125,7 +118,7 @@ class SharedLocation:
         self.fresh = []                 # writes staged since the last after_batch
         self.outbox = {}                # UDP listener -> [(reply, (host, port))] to send
         self.io = BatchIO(64, 1)        # sends them (its receive side is not used)
-        self.batches = {}               # Conn -> the writes of this batch on it (for WAIT)
+        self.send_failed = 0            # replies the socket had no room for
         self.parked = {}                # aor -> [Pending] waiting for its write
         self.parked_checked = 0.0       # time.time() of the last _expire_parked
         self.retry = collections.deque()    # writes waiting for the slot map
@@ -136,10 +129,18 @@ class SharedLocation:
         self.load_library = False       # a primary has no fastsip library: load it
         self._serve = reg.serve_shard
         # The loop calls the core in C and queues its staged writes here, by primary
-        # (set_queue); only what waits is a Pending (_slow).
-        self.wq = WriteQueue(reg, self._slow, grace)
+        # (set_queue); only what waits is a Pending (_slow).  The queue sends them and
+        # takes their replies in C, and calls in here for the rest (these objects are
+        # never replaced: the queue looks at them to tell whether Python is needed).
         self.primaries = []             # the primaries, as the queue's indices number them
         self.udp_fds = [s.fileno() for s in udp_socks]
+        self.wq = WriteQueue(reg, self._slow, grace)
+        self.wq.bind(store=self.store, recent=self.recent, udp_fds=self.udp_fds,
+                     parked=self.parked, reasserting=self.reasserting, born=self.born,
+                     fresh=self.fresh, outbox=self.outbox, wait_cmd=WAIT_CMD,
+                     connect=self._connect, orphan=self._orphan, after_batch=self.after_batch,
+                     on_group=self._group_replied, on_waited=self._waited,
+                     on_reply=self.on_reply, on_push=self.on_push, on_lost=self.on_lost)
 
     # -- start and stop -------------------------------------------------------------
 
@@ -154,11 +155,16 @@ class SharedLocation:
 
     def _set_owners(self) -> None:
         """Tell the queue which primary serves each slot (the map changed)."""
-        if self.wq.n:                   # (never: the loop takes them after each batch)
-            self._send_groups()
+        if self.wq.n:                   # (never: the loop sends them after each batch)
+            self.wq.send_groups()
         self.primaries = self.slots.primaries
         index = {addr: i for i, addr in enumerate(self.primaries)}
         self.wq.set_owners([-1 if a is None else index.get(a, -1) for a in self.slots.owner])
+        self._relink()
+
+    def _relink(self) -> None:
+        """Tell the queue each primary's connection (one was made or lost)."""
+        self.wq.set_links([self.conns.get(a) for a in self.primaries])
 
     def close(self) -> None:
         for conn in self.conns.values():
@@ -169,14 +175,26 @@ class SharedLocation:
         conn = self.conns.get(addr)
         if conn is None:
             try:
-                conn = open_conn(self.url, addr, self.loop, self, self.slots.replicas.get(addr, 0))
+                conn = open_conn(self.url, addr, self.loop, self.wq,
+                                 self.slots.replicas.get(addr, 0))
             except ClusterError as e:
                 LOG.debug("cluster: %s", e)
                 self._need_refresh()
                 return None
             self.conns[addr] = conn
             self.c.cluster_connects += 1
+            self._relink()
         return conn
+
+    def _connect(self, j: int):
+        """The queue's: a connection to primary ``j`` (None: none now)."""
+        return self._conn(self.primaries[j]) if j < len(self.primaries) else None
+
+    def _orphan(self, group: WriteGroup) -> None:
+        """The queue's: ``group``'s primary cannot be reached; its writes wait for
+        the slot map."""
+        for i in range(group.n):
+            self._unsure(self._pending_of(group, i))
 
     # -- the loop's entries --------------------------------------------------------
 
@@ -207,40 +225,15 @@ class SharedLocation:
             for p in self.born:
                 p.li = li
             self.born.clear()
-        if self.wq.n:
-            self._send_groups()
+        self.wq.send_groups()
         if self.fresh:
-            fresh, self.fresh = self.fresh, []
+            fresh = self.fresh[:]
+            self.fresh.clear()
             for p in fresh:
                 self._send(p)
-        if self.batches:
-            batches, self.batches = self.batches, {}
-            for conn, batch in batches.items():
-                if conn.replicas and batch.size:
-                    conn.push(WAIT_CMD, batch)
-                conn.flush()
-                self.c.cluster_round_trips += 1
-                self.c.cluster_batched += batch.size
+        self.wq.end_batches()
         if self.outbox:
             self._send_replies()
-
-    def _send_groups(self) -> None:
-        """The loop's queued writes: each primary's as one piece of its pipeline."""
-        for j, group in self.wq.take():
-            conn = self._conn(self.primaries[j]) if j < len(self.primaries) else None
-            if conn is None:
-                for i in range(group.n):
-                    self._unsure(self._pending_of(group, i))
-                continue
-            batch = self.batches.get(conn)
-            if batch is None:
-                batch = self.batches[conn] = Batch()
-            batch.size += group.n
-            self.c.cluster_queued += group.n
-            group.wait = bool(conn.replicas)
-            if group.wait:
-                batch.groups.append(group)
-            conn.push(group.commands(), group)
 
     def _pending_of(self, group: WriteGroup, i: int) -> Pending:
         """Write ``i`` of ``group`` as a Pending: Python takes it over."""
@@ -265,9 +258,7 @@ class SharedLocation:
     def _group_done(self, group: WriteGroup, now: float) -> None:
         """``_done`` for the written ones of ``group``, in C but for what waited."""
         want = bool(self.parked or self.reasserting)
-        self.c.cluster_writes += group.done(self.store, self.recent, now, self.udp_fds, want)
-        if group.send_failed:
-            self.c.dropped_send_failed += group.send_failed
+        self.wq.group_done(group, now, want)
         if want:
             for aor in group.done_aors:
                 self.reasserting.discard(aor)
@@ -278,9 +269,16 @@ class SharedLocation:
         """The UDP replies of what was acknowledged, one sendmmsg per listener."""
         for li, items in self.outbox.items():
             sent = self.io.send(self.udp_socks[li].fileno(), items)
-            if sent < len(items):
-                self.c.dropped_send_failed += len(items) - sent
+            self.send_failed += len(items) - sent
         self.outbox.clear()
+
+    def counters(self) -> dict:
+        """The counters kept apart from WorkerCounters (the queue's, in C, and the
+        replies this room could not send), by their names there: the worker adds
+        them to its report."""
+        r = self.wq.counters()
+        r["dropped_send_failed"] += self.send_failed + self.io.send_errors
+        return r
 
     def tick(self, now: float) -> float:
         """Read the slot map when due; retry what waited for it, fail what waited
@@ -323,20 +321,11 @@ class SharedLocation:
                     p.aor = None
                     self._fail(p, "unavailable")
 
-    # -- the callbacks of a Conn ---------------------------------------------------
+    # -- the callbacks of a Conn (through the queue) ---------------------------------
 
-    def on_replies(self) -> None:
-        """Replies were handled: send what they staged (decisions made again)."""
-        if self.fresh or self.batches or self.outbox:
-            self.after_batch()
-
-    def on_reply(self, item, reply) -> None:
-        """The reply to the command ``item`` stands for (LOST: it will not come)."""
-        if type(item) is WriteGroup:
-            self._group_replied(item, reply is LOST)
-        elif type(item) is Batch:
-            self._waited(item, reply)
-        elif item.op == OP_WRITE:
+    def on_reply(self, item: Pending, reply) -> None:
+        """The reply to the command of ``item`` (LOST: it will not come)."""
+        if item.op == OP_WRITE:
             self._written(item, reply)
         elif item.op == OP_READ:
             self._got(item, reply)
@@ -365,7 +354,7 @@ class SharedLocation:
         went with it, so every copy is dropped, and the map is read again."""
         self.c.cluster_lost_connections += 1
         self.conns.pop(conn.addr, None)
-        self.batches.pop(conn, None)
+        self._relink()
         self.store.cache_clear()
         self._need_refresh()
 
@@ -397,8 +386,7 @@ class SharedLocation:
         self.c.cluster_reads += 1
         p.op = OP_READ
         conn.push(hiredis.pack_command((b"GET", key)), p)
-        if conn not in self.batches:
-            self.batches[conn] = Batch()
+        conn.open_batch()
 
     def _got(self, p: Pending, reply) -> None:
         if reply is LOST or isinstance(reply, hiredis.ReplyError):
@@ -421,9 +409,7 @@ class SharedLocation:
             # the copy, or the retry would wait behind its own write for ever.
             self._unsure(p)
             return
-        batch = self.batches.get(conn)
-        if batch is None:
-            batch = self.batches[conn] = Batch()
+        batch = conn.open_batch()
         batch.size += 1
         p.op = OP_WRITE
         p.batch = batch if conn.replicas else None
@@ -638,8 +624,7 @@ class SharedLocation:
                 p = Pending(None, None, 0, "udp", -1, 0.0)
                 p.aor, p.op = aor, OP_READBACK
                 conn.push(hiredis.pack_command((b"GET", key)), p)
-                if conn not in self.batches:
-                    self.batches[conn] = Batch()
+                conn.open_batch()
         self.after_batch()
 
     def _read(self, aor: bytes, reply) -> None:

@@ -124,7 +124,6 @@ class Worker:
             serve_shard = self.tcp.serve_shard = self.shared.serve_shard
             self.tcp.after = self.shared.after_batch
             self.tcp.flows_end = self.shared.flows_end
-            loop.set_after(self.shared.after_batch)
             loop.set_queue(self.shared.wq)
         loop.serve(self.udp.io, self.handoffs.io, serve_shard, self.index, self.n,
                    self.handoffs.queues, self.handoffs.peer_fds, self.udp.fds, self.limiter,
@@ -232,7 +231,10 @@ class Worker:
         c.tcp_sources = len(self.tcp.sources)
         c.state_pending = self.writer.backlog
         c.state_rows_written = self.writer.rows_written
-        r = c.report(self.loop.counters())
+        extra = self.loop.counters()
+        if self.shared is not None:
+            extra.update(self.shared.counters())
+        r = c.report(extra)
         r["core"] = self.reg.stats()
         r["latency"] = self.hist.as_dict()
         return r

@@ -181,6 +181,41 @@ def test_a_connection_answers_each_command_in_order_and_every_one_left_when_lost
         conn.close()
 
 
+def test_writes_behind_a_pipeline_in_flight_go_out_together_when_it_is_answered(tmp_path):
+    """While a primary's pipeline waits for its WAIT, the node holds that primary's
+    next writes and sends them as one pipeline once it is answered (so the pipelines
+    grow with the load instead of their number): 20 REGISTERs that arrive one by one
+    behind a slow one cost one more round trip, not 20, and every phone gets its 200."""
+    from fastsip.server.testing import RedisServer
+    require_redis()
+    with RedisServer(directory=tmp_path / "primary") as primary, \
+            RedisServer("--replicaof", "127.0.0.1", str(primary.port),
+                        directory=tmp_path / "replica"):
+        wait_for(lambda: b"state=online" in primary.command("INFO", "replication"),
+                 timeout=10)
+        n = node(primary.url, workers=1)
+        phones = [Phone(n.udp, "udp") for _ in range(21)]
+        try:
+            primary.command("CLIENT", "PAUSE", "500", "WRITE")     # the first write waits
+            phones[0].send(register("u0", contact="sip:u0@10.0.0.1", call_id="c0", expires=600))
+            time.sleep(0.1)
+            for i, phone in enumerate(phones[1:], 1):
+                phone.send(register(f"u{i}", contact=f"sip:u{i}@10.0.0.1", call_id=f"c{i}",
+                                    expires=600))
+                time.sleep(0.005)                                   # a batch each
+            for i, phone in enumerate(phones):
+                r = fastsip.parse(phone.recv())
+                assert r.status == 200 and contacts_of(r) == {f"sip:u{i}@10.0.0.1": 600}
+            m = n.metrics()
+            assert m["fastsip_cluster_writes_total"] == 21
+            assert m["fastsip_cluster_round_trips_total"] == 2
+            assert m["fastsip_cluster_batched_writes_total"] == 21
+        finally:
+            for phone in phones:
+                phone.close()
+            n.stop()
+
+
 def test_a_queued_write_that_meets_another_nodes_write_is_decided_again(redis_server):
     """Node b has no copy of the AOR and writes it as new from the compiled loop's
     queue; node a stored it first, so the write conflicts, and b decides the request

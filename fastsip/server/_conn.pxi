@@ -54,6 +54,7 @@ cdef class Conn:
     cdef readonly int fd
     cdef readonly bint closed
     cdef public int replicas            # of this primary, as the slot map says (WAIT needs one)
+    cdef readonly int inflight          # pipelines sent whose WAIT is not answered yet
     cdef Batch batch                    # the writes of this batch on it (open_batch), or None
     cdef bytearray buf                  # replies are read into it (the reader copies them)
     cdef list out                       # packed commands not yet written
@@ -189,6 +190,7 @@ cdef class Conn:
             elif waiting:
                 item = waiting.popleft()
                 if type(item) is Batch:
+                    self.inflight -= 1
                     wq._waited(<Batch>item, reply)
                 else:
                     wq.on_reply(item, reply)
@@ -220,6 +222,7 @@ cdef class Conn:
 
     cdef int _close(self) except -1:
         self.closed = True
+        self.inflight = 0
         if self.batch is not None:
             self.batch = None
             self.wq.opened.remove(self)

@@ -151,6 +151,7 @@ class Conn:
     fd: int
     closed: bool
     replicas: int
+    inflight: int
     def __init__(self, addr: tuple[str, int], sock: Any, reader: Any, loop: Any,
                  queue: WriteQueue, replicas: int, soft: tuple[type[BaseException], ...],
                  push_type: type, protocol_error: type[BaseException]) -> None: ...

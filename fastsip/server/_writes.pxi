@@ -22,6 +22,7 @@ from fastsip.cluster._resp_c cimport cas_record_at, cas_size, cas_slot, cas_writ
 
 cdef enum:
     SLOTS = 16384           # Redis Cluster's hash slots
+    MAX_INFLIGHT = 1        # pipelines with a WAIT in flight per primary (more writes wait)
     W_SENT = 0              # queued or sent, no reply yet
     W_ACKED = 1             # Redis answered 1: written (a WAIT may still be due)
     W_ODD = 2               # another reply: Python's (take_odd)
@@ -413,7 +414,9 @@ cdef class WriteQueue:
         return 0
 
     cpdef int send_groups(self) except -1:
-        """Put each primary's queued writes into the open Batch of its connection."""
+        """Put each primary's queued writes into the open Batch of its connection;
+        those of a primary with MAX_INFLIGHT pipelines in flight wait (the group
+        grows) until its WAIT is answered (``_after_replies``)."""
         cdef Py_ssize_t j
         cdef WriteGroup g
         cdef Conn conn
@@ -421,13 +424,15 @@ cdef class WriteQueue:
         cdef Batch batch
         if not self.n:
             return 0
-        self.n = 0
         for j in range(len(self.groups)):
             if self.groups[j] is None:
                 continue
             g = <WriteGroup>self.groups[j]
-            self.groups[j] = None
             c = self.links[j] if j < len(self.links) else None
+            if c is not None and (<Conn>c).inflight >= MAX_INFLIGHT:
+                continue
+            self.groups[j] = None
+            self.n -= g.n
             if c is None or (<Conn>c).closed:
                 c = self.connect(j)
                 if c is None:
@@ -453,6 +458,7 @@ cdef class WriteQueue:
             batch, conn.batch = conn.batch, None
             if conn.replicas and batch.size:
                 conn.push(self.wait_cmd, batch)
+                conn.inflight += 1
             conn.flush()
             self.round_trips += 1
             self.batched += batch.size
@@ -494,4 +500,7 @@ cdef class WriteQueue:
         """Replies were handled: send what they staged (decisions made again)."""
         if self.fresh or self.outbox or self.opened:
             self.after_batch(-1)
+        elif self.n:                    # writes that waited for a pipeline in flight
+            self.send_groups()
+            self.end_batches()
         return 0

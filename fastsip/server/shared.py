@@ -155,7 +155,7 @@ class SharedLocation:
 
     def _set_owners(self) -> None:
         """Tell the queue which primary serves each slot (the map changed)."""
-        if self.wq.n:                   # (never: the loop sends them after each batch)
+        if self.wq.n:                   # writes held behind a pipeline in flight
             self.wq.send_groups()
         self.primaries = self.slots.primaries
         index = {addr: i for i, addr in enumerate(self.primaries)}
@@ -295,6 +295,9 @@ class SharedLocation:
                 else:
                     self.c.cluster_retries += 1
                     self._again(p, now)
+            self.after_batch()
+        elif self.wq.n:
+            # writes held behind a pipeline whose connection was lost since
             self.after_batch()
         if self.parked and now - self.parked_checked > 1.0:
             self._expire_parked(now)

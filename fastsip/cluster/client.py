@@ -18,6 +18,7 @@ import hiredis
 
 from fastsip.cluster.sync import Node
 from fastsip.cluster.url import ClusterURL
+from fastsip.errors import ClusterError
 from fastsip.server._io_c import LOST, Conn, WriteQueue
 
 __all__ = ["LOST", "Conn", "open_conn"]
@@ -34,6 +35,8 @@ def open_conn(url: ClusterURL, addr, loop, queue: WriteQueue, replicas: int,
     node = Node(url, addr[0], addr[1], timeout)
     try:
         node.call(b"CLIENT", b"TRACKING", b"ON", b"NOLOOP")
+        if node.reader.has_data():      # Redis sends nothing unasked before a read
+            raise ClusterError(f"Redis at {addr[0]}:{addr[1]}: data after the login")
     except Exception:
         node.close()
         raise

@@ -158,20 +158,16 @@ cdef class WriteGroup:
             self.odd.append((i, reply))
         return 0
 
-    cdef object _take_from(self, object reader, object push_type):
-        """Take the replies of the writes left from ``reader`` (a ``hiredis.Reader``):
-        True when the group's last was taken, False when the reader has no more,
-        or a push (of ``push_type``, ``hiredis.PushNotification``) for the caller."""
-        cdef object gets = reader.gets
-        cdef object reply
-        while self.taken < self.n:
-            reply = gets()
-            if reply is False:
-                return False
-            if type(reply) is push_type:
-                return reply
-            self._take(reply)
-        return True
+    cdef int _take_int(self, long long value) except -1:
+        """An integer reply (the common one, 1: written) without a Python object."""
+        cdef Py_ssize_t i = self.taken
+        if i >= self.n:
+            return 0
+        if value == 1:
+            self.taken += 1
+            self.w[i].state = W_ACKED
+            return 0
+        return self._take(value)
 
     def take_odd(self):
         """``[(i, reply)]``: the replies other than 1 taken since the last call."""

@@ -553,6 +553,35 @@ def test_a_killed_primary_loses_no_acknowledged_binding_and_service_returns(make
         n.stop()
 
 
+def test_after_a_planned_failover_a_node_answers_from_no_stale_copy(make_redis_cluster):
+    """After a planned failover (CLUSTER FAILOVER on a replica: the old primary lives on
+    as a replica, and tells no one of later writes), the copies a node read from the old
+    primary are no longer kept current: the node drops them, so a change made through
+    another node is in the next 302 a proxy gets from it."""
+    rc = make_redis_cluster()
+    a, b = (node(rc.url, "--redirect", workers=1) for _ in range(2))
+    try:
+        assert ask(b, register("alice", contact="sip:a1@10.0.0.1", expires=600)).status == 200
+        invite = request("INVITE", "sip:alice@example.com", call_id="i1")
+        assert list(contacts_of(ask(a, invite))) == ["sip:a1@10.0.0.1"]     # a reads a copy
+        victim = rc.node_for_key(aor_key("sip:alice@example.com"))
+        replica = rc.replicas_of(victim)[0]
+        assert replica.command("CLUSTER", "FAILOVER") == b"OK"
+        assert rc.wait_failover(victim, timeout=30) is replica
+        # a learns the new map from its write of another AOR of the slots that moved ...
+        user = next(u for u in (f"u{i}" for i in range(10000))
+                    if rc.node_for_key(aor_key(f"sip:{u}@example.com")) is replica)
+        assert ask(a, register(user, contact="sip:u@10.0.0.9", expires=600)).status == 200
+        # ... then alice registers a second phone through b
+        assert ask(b, register("alice", contact="sip:a2@10.0.0.2", call_id="a2",
+                               expires=600)).status == 200
+        invite = request("INVITE", "sip:alice@example.com", call_id="i2")
+        assert set(contacts_of(ask(a, invite))) == {"sip:a1@10.0.0.1", "sip:a2@10.0.0.2"}
+    finally:
+        a.kill()
+        b.kill()
+
+
 def test_a_primary_killed_while_its_replica_is_paused_loses_no_acknowledged_binding(
         make_redis_cluster):
     rc = make_redis_cluster()

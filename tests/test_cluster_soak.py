@@ -22,6 +22,8 @@ a node left stuck would show) gets a 2xx for every request.
 - a primary killed while its replica is paused: the writes of that primary's AORs
   reach no replica (WAIT 1 comes short: no 200) until the primary is killed and the
   replica, resumed, takes over without them.
+- a planned failover: CLUSTER FAILOVER on a replica while the load runs (the old
+  primary lives on as a replica).
 
 Each test takes about 20 s.
 """
@@ -255,6 +257,33 @@ def test_a_primary_killed_while_its_replica_is_paused_under_load_loses_no_acknow
         after, problem = service_is_back(tmp_path, [a, b], "hash")
         metrics = cluster_metrics(a, b)
         assert all(m.get("wait_shortfalls_total", 0) >= 1 for m in metrics.values()), metrics
+        logs = logs_of(a, b)
+    finally:
+        a.kill()
+        b.kill()                                    # no node running from here on
+    check(rc, first, after, problem, metrics, logs)
+
+
+def test_a_planned_failover_under_load_loses_no_acknowledged_binding(
+        make_redis_cluster, tmp_path):
+    """The operator's failover (CLUSTER FAILOVER on a replica, as for a rolling
+    upgrade): the old primary lives on as a replica, the nodes move to the new one, and
+    whatever was in flight to the old one is answered or retried, never forgotten."""
+    rc = make_redis_cluster()
+    a, b = node(rc.url, tmp_path), node(rc.url, tmp_path)
+    try:
+        load = Load(tmp_path, "soak", [a, b], "--rate", str(RATE), "--duration", str(DURATION))
+        assert load.started.wait(60), "".join(load.err)
+        time.sleep(2.0)
+        victim = rc.primaries()[1]
+        replica = rc.replicas_of(victim)[0]
+        assert replica.command("CLUSTER", "FAILOVER") == b"OK"
+        assert rc.wait_failover(victim, timeout=30) is replica
+        res, first = load.wait()
+        print(f"soak (hash; a planned failover): {figures(res)}")
+        assert len(first) >= USERS // 3 and {x["target"] for x in first} == {addr(a), addr(b)}
+        after, problem = service_is_back(tmp_path, [a, b], "hash")
+        metrics = cluster_metrics(a, b)
         logs = logs_of(a, b)
     finally:
         a.kill()

@@ -59,7 +59,7 @@ cdef Py_ssize_t _reply_end(const char* b, Py_ssize_t p, Py_ssize_t n) noexcept n
         eol = <const char*>memchr(b + p, b'\n', n - p)
         if eol == NULL:
             return NOT_YET
-        if eol - b < p + 2 or eol[-1] != b'\r':
+        if eol - b < p + 2 or (eol - 1)[0] != b'\r':
             return MALFORMED
         t = b[p]
         left -= 1

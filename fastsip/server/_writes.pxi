@@ -409,10 +409,11 @@ cdef class WriteQueue:
         self.end_batches()
         return 0
 
-    cpdef int send_groups(self) except -1:
+    cpdef int send_groups(self, bint hold=True) except -1:
         """Put each primary's queued writes into the open Batch of its connection;
         those of a primary with MAX_INFLIGHT pipelines in flight wait (the group
-        grows) until its WAIT is answered (``_after_replies``)."""
+        grows) until its WAIT is answered (``_after_replies``), unless not ``hold``
+        (the slot map is about to change)."""
         cdef Py_ssize_t j
         cdef WriteGroup g
         cdef Conn conn
@@ -425,7 +426,7 @@ cdef class WriteQueue:
                 continue
             g = <WriteGroup>self.groups[j]
             c = self.links[j] if j < len(self.links) else None
-            if c is not None and (<Conn>c).inflight >= MAX_INFLIGHT:
+            if hold and c is not None and (<Conn>c).inflight >= MAX_INFLIGHT:
                 continue
             self.groups[j] = None
             self.n -= g.n

@@ -155,8 +155,9 @@ class SharedLocation:
 
     def _set_owners(self) -> None:
         """Tell the queue which primary serves each slot (the map changed)."""
-        if self.wq.n:                   # writes held behind a pipeline in flight
-            self.wq.send_groups()
+        if self.wq.n:   # writes held behind a pipeline in flight: out to the primary they are for
+            self.wq.send_groups(False)
+            self.wq.end_batches()
         self.primaries = self.slots.primaries
         index = {addr: i for i, addr in enumerate(self.primaries)}
         self.wq.set_owners([-1 if a is None else index.get(a, -1) for a in self.slots.owner])
@@ -604,7 +605,9 @@ class SharedLocation:
         self.slots = slots
         self._set_owners()
         for addr in [a for a in self.conns if a not in slots.replicas]:
-            self.conns.pop(addr).close()
+            # a primary no more (a planned failover: it lives on as a replica, and tells
+            # no one of later writes): its copies are dropped and what it owes is retried
+            self.conns.pop(addr).lose()
         for addr, conn in self.conns.items():
             conn.replicas = slots.replicas[addr]
         if any(self._conn(a) is None for a in slots.primaries):

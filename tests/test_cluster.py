@@ -555,9 +555,9 @@ def test_a_killed_primary_loses_no_acknowledged_binding_and_service_returns(make
 
 def test_after_a_planned_failover_a_node_answers_from_no_stale_copy(make_redis_cluster):
     """After a planned failover (CLUSTER FAILOVER on a replica: the old primary lives on
-    as a replica, and tells no one of later writes), the copies a node read from the old
-    primary are no longer kept current: the node drops them, so a change made through
-    another node is in the next 302 a proxy gets from it."""
+    as a replica), a node that learns the new map closes its connection to the old
+    primary, and with it the tracking of the copies it read there: it drops them too,
+    so a change made later through another node is in the next 302 a proxy gets."""
     rc = make_redis_cluster()
     a, b = (node(rc.url, "--redirect", workers=1) for _ in range(2))
     try:

@@ -605,8 +605,8 @@ class SharedLocation:
         self.slots = slots
         self._set_owners()
         for addr in [a for a in self.conns if a not in slots.replicas]:
-            # a primary no more (a planned failover: it lives on as a replica, and tells
-            # no one of later writes): its copies are dropped and what it owes is retried
+            # a primary no more (a planned failover: it lives on as a replica): the copies
+            # it tracked go with the connection, and what it owes is retried
             self.conns.pop(addr).lose()
         for addr, conn in self.conns.items():
             conn.replicas = slots.replicas[addr]

@@ -358,3 +358,34 @@ def test_core_in_c_large_replies_grow_the_send_buffer(udp):
     assert [r.call_id for r in replies] == [f"big-{i}" for i in range(n)]
     assert all(len(r.contacts) == 30 for r in replies)
     assert sum(len(r.raw) for r in replies) > 65536
+
+
+def test_core_in_c_names_each_sender_by_its_own_address(udp):
+    """The source host the core is given in C is each datagram's own, written out for
+    every form of an IPv4 address (one to three digits, 0 and 255), also when senders
+    alternate within one batch: bindings keep it, replies name it in received=."""
+    server = udp()
+    server.setblocking(False)
+    hosts = ["127.0.0.1", "127.1.22.203", "127.10.0.99", "127.255.255.254"]
+    senders = []
+    for i, host in enumerate(hosts * 2):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, 0))
+        s.settimeout(2)
+        senders.append(s)
+        s.sendto(register(f"h{i}", contact=f"sip:h{i}@10.0.0.1", expires=600),
+                 server.getsockname())
+    try:
+        time.sleep(0.05)
+        reg = fastsip.Registrar(max_expires=3600)
+        now = 1_700_000_000.0
+        io = BatchIO(32, 4096)
+        got, _ = io.serve_udp(server.fileno(), reg.serve_shard, now, 0, 1, 0, [[]])
+        assert got == len(senders) and io.served_c == len(senders)
+        for i, s in enumerate(senders):
+            host, port = s.getsockname()
+            assert f";received={host}".encode() in s.recv(4096)
+            assert reg.lookup(f"sip:h{i}@example.com", now)[0].source == (host, port)
+    finally:
+        for s in senders:
+            s.close()

@@ -197,6 +197,26 @@ cdef object _addr_of(sockaddr_storage* ss, socklen_t namelen):
     return None
 
 
+cdef Py_ssize_t _ipv4_text(const unsigned char* a, char* out) noexcept nogil:
+    """The dotted quad of the address ``a`` (network order) into ``out`` (16 bytes),
+    NUL-terminated: its length."""
+    cdef Py_ssize_t n = 0
+    cdef int i, v
+    for i in range(4):
+        v = a[i]
+        if v >= 100:
+            out[n] = <char>(48 + v // 100)
+            n += 1
+        if v >= 10:
+            out[n] = <char>(48 + v // 10 % 10)
+            n += 1
+        out[n] = <char>(48 + v % 10)
+        n += 1
+        out[n] = b'.' if i < 3 else 0
+        n += 1
+    return n - 1
+
+
 cdef int _fill_addr(object addr, sockaddr_storage* ss, socklen_t* namelen) except -1:
     """Fill a destination address from a (host, port) tuple; 0 on success, 1 when unusable."""
     cdef bytes host
@@ -444,10 +464,13 @@ cdef class BatchIO:
         if self._last_len >= 0 and ss.ss_family == self._last_family \
                 and memcmp(raw, self._last_addr, size) == 0:
             return self._last_len
-        if inet_ntop(ss.ss_family, raw, self._last_text, sizeof(self._last_text)) == NULL:
+        if size == 4:           # (glibc's inet_ntop formats IPv4 with sprintf)
+            self._last_len = _ipv4_text(<const unsigned char*>raw, self._last_text)
+        elif inet_ntop(ss.ss_family, raw, self._last_text, sizeof(self._last_text)) == NULL:
             self._last_len = -1
             return -1
-        self._last_len = strlen(self._last_text)
+        else:
+            self._last_len = strlen(self._last_text)
         self._last_host = None
         self._last_family = ss.ss_family
         memcpy(self._last_addr, raw, size)

@@ -280,6 +280,36 @@ def test_options_405_404_responses_and_acks(start, phone):
     assert m['fastsip_requests_total{method="OPTIONS"}'] == 1
 
 
+@pytest.fixture
+def narrow_path():
+    """A loopback address whose route has an MTU of 1,000 bytes (``ip route``, root):
+    datagrams to it larger than that must go out in fragments."""
+    host = "127.0.0.77"
+    route = ["local", f"{host}/32", "dev", "lo", "table", "local"]
+    made = subprocess.run(["ip", "route", "add", *route, "mtu", "lock", "1000"],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot set a route's MTU: {made.stderr.strip()}")
+    try:
+        yield host
+    finally:
+        subprocess.run(["ip", "route", "del", *route], capture_output=True)
+
+
+def test_a_200_larger_than_the_path_mtu_reaches_the_phone(start, phone, narrow_path):
+    """The UDP listeners set DF (the kernel then skips its IP ID generator per reply);
+    a 200 that lists more contacts than fit the path's MTU still reaches the phone, in
+    fragments, as it would without DF."""
+    srv = start(state=None)
+    ua = phone(srv.udp, source=narrow_path)
+    contacts = [f"sip:phone{i}-{'x' * 90}@10.0.0.{i}" for i in range(8)]
+    for i, contact in enumerate(contacts):
+        r = ua.ask(register("wide", contact=contact, call_id=f"w{i}", expires=600))
+        assert r.status == 200 and set(contacts_of(r)) == set(contacts[:i + 1])
+    assert len(r.raw) > 1000
+    assert srv.metrics()['fastsip_dropped_total{reason="send_failed"}'] == 0
+
+
 def test_garbage_and_oversized_datagrams_while_good_clients_are_served(start, phone):
     srv = start("--max-message-size", "4000")
     good = phone(srv.udp)

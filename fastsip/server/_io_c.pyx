@@ -31,7 +31,7 @@ The hand-off datagram's header is defined once, in ``handoff.pxd``:
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, EMSGSIZE, errno
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memset, strlen
@@ -43,6 +43,7 @@ from fastsip.core._core cimport SV_READ, SV_SHARD, SV_STAGED, SV_WAIT, Registrar
 from fastsip.server cimport handoff as ho
 
 import collections
+import os
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -68,6 +69,8 @@ cdef extern from "<sys/socket.h>" nogil:
         unsigned int msg_len
     int recvmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags, timespec* timeout)
     int sendmmsg(int fd, mmsghdr* vec, unsigned int vlen, int flags)
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags)
+    int setsockopt(int fd, int level, int name, const void* value, socklen_t size)
     enum:
         AF_INET
         AF_INET6
@@ -93,6 +96,10 @@ cdef extern from "<netinet/in.h>" nogil:
     unsigned short htons(unsigned short)
     enum:
         INET6_ADDRSTRLEN
+        IPPROTO_IP
+        IP_MTU_DISCOVER
+        IP_PMTUDISC_WANT
+        IP_PMTUDISC_DO
 
 cdef extern from "<arpa/inet.h>" nogil:
     const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
@@ -135,6 +142,17 @@ cdef bytes _handoff_blob(ho.Handoff* h, const char* host, const char* data, Py_s
     memcpy(p + ho.HANDOFF_HEADER, host, hl)
     memcpy(p + ho.HANDOFF_HEADER + hl, data, n)
     return blob
+
+
+def set_dont_fragment(int fd):
+    """Set DF on the IPv4 UDP socket ``fd`` (``IP_PMTUDISC_DO``).  What the wire sees
+    does not change for a datagram within the path's MTU (the default sets DF on those
+    too), but the kernel leaves its IP ID 0 instead of running its ID generator per
+    packet, a few % of a worker's time at saturation; a larger one fails with EMSGSIZE,
+    and the loop sends it again with fragments allowed (``_send_fragmented``)."""
+    cdef int do = IP_PMTUDISC_DO
+    if setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &do, sizeof(int)) != 0:
+        raise OSError(errno, os.strerror(errno))
 
 
 def encode_handoff(int kind, int listener, int origin, bytes host, int64_t conn_id, int port,
@@ -195,6 +213,42 @@ cdef object _addr_of(sockaddr_storage* ss, socklen_t namelen):
             return None
         return (text.decode("ascii"), ntohs(a6.sin6_port))
     return None
+
+
+cdef bint _send_fragmented(int fd, const msghdr* m) noexcept nogil:
+    """Send one datagram larger than the path's MTU on a socket that sets DF (the
+    supervisor's UDP sockets, ``IP_PMTUDISC_DO``: the kernel then leaves the IP ID 0
+    and skips its per-packet ID generator) with fragments allowed, as by default;
+    False if it could not go."""
+    cdef int want = IP_PMTUDISC_WANT, do = IP_PMTUDISC_DO
+    cdef bint ok
+    if setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &want, sizeof(int)) != 0:
+        return False
+    ok = sendmsg(fd, m, MSG_DONTWAIT) >= 0
+    setsockopt(fd, IPPROTO_IP, IP_MTU_DISCOVER, &do, sizeof(int))
+    return ok
+
+
+cdef Py_ssize_t _sendmmsg_all(int fd, mmsghdr* hdrs, int cnt) noexcept:
+    """sendmmsg ``cnt`` datagrams; returns how many did not go out (a full
+    socket buffer, an error for a destination: the client retransmits).  One
+    larger than the path's MTU goes out in fragments (``_send_fragmented``)."""
+    cdef int i = 0, n
+    cdef Py_ssize_t failed = 0
+    while i < cnt:
+        with nogil:
+            n = sendmmsg(fd, hdrs + i, <unsigned int>(cnt - i), MSG_DONTWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                return failed + cnt - i
+            if errno != EMSGSIZE or not _send_fragmented(fd, &hdrs[i].msg_hdr):
+                failed += 1
+            i += 1
+            continue
+        i += n
+    return failed
 
 
 cdef Py_ssize_t _ipv4_text(const unsigned char* a, char* out) noexcept nogil:
@@ -413,7 +467,9 @@ cdef class BatchIO:
                         if errno == EAGAIN:
                             return idx[i]
                         # an error for this one datagram (e.g. no route): skip it
-                        self.send_errors += 1
+                        if errno != EMSGSIZE or \
+                                not _send_fragmented(fd, &self._hdrs[i].msg_hdr):
+                            self.send_errors += 1
                         i += 1
                         continue
                     i += n
@@ -535,20 +591,7 @@ cdef class BatchIO:
         """sendmmsg ``cnt`` prepared replies.  A reply that finds the socket
         buffer full, or fails for its destination, is dropped and counted in
         ``send_errors`` (the client retransmits)."""
-        cdef int i = 0, n
-        while i < cnt:
-            with nogil:
-                n = sendmmsg(fd, hdrs + i, <unsigned int>(cnt - i), MSG_DONTWAIT)
-            if n < 0:
-                if errno == EINTR:
-                    continue
-                if errno == EAGAIN:
-                    self.send_errors += cnt - i
-                    return
-                self.send_errors += 1
-                i += 1
-                continue
-            i += n
+        self.send_errors += _sendmmsg_all(fd, hdrs, cnt)
 
     def serve_udp(self, int fd, object serve_shard, double now, int shard, int nshards, int li,
                   list queues, object allow=None, object bug=None):

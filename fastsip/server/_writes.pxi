@@ -266,26 +266,6 @@ cdef class WriteGroup:
         return count
 
 
-cdef Py_ssize_t _sendmmsg_all(int fd, mmsghdr* hdrs, int cnt) noexcept:
-    """sendmmsg ``cnt`` datagrams; returns how many did not go out (a full
-    socket buffer, an error for a destination: the client retransmits)."""
-    cdef int i = 0, n
-    cdef Py_ssize_t failed = 0
-    while i < cnt:
-        with nogil:
-            n = sendmmsg(fd, hdrs + i, <unsigned int>(cnt - i), MSG_DONTWAIT)
-        if n < 0:
-            if errno == EINTR:
-                continue
-            if errno == EAGAIN:
-                return failed + cnt - i
-            failed += 1
-            i += 1
-            continue
-        i += n
-    return failed
-
-
 cdef class WriteQueue:
     """A shared core's staged writes of one batch, by primary (see ``_writes.pxi``).
 

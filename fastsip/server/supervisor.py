@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastsip.errors import ClusterError
 from fastsip.server import control, logs, steer
+from fastsip.server._io_c import set_dont_fragment
 from fastsip.server.admin import AdminServer, read_token
 from fastsip.server.config import SECURE, ConfigError, resolve
 from fastsip.server.metrics import add_reports, latest_report
@@ -106,6 +107,8 @@ def open_listener(transport, host, port, n):
             else:
                 _force_buf(s, socket.SO_RCVBUF, 33, BUF)     # 33 = SO_RCVBUFFORCE
                 _force_buf(s, socket.SO_SNDBUF, 32, BUF)     # 32 = SO_SNDBUFFORCE
+                if fam == socket.AF_INET:
+                    set_dont_fragment(s.fileno())
             s.set_inheritable(False)
     except OSError as exc:
         for s in socks:

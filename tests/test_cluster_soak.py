@@ -184,65 +184,68 @@ def logs_of(*nodes) -> str:
     return "".join(f"--- log of {addr(n)} (end):\n{n.log()[-2000:]}\n" for n in nodes)
 
 
+def soak(rc, tmp_path, label, event, spread="hash"):
+    """The load tool across two nodes (``spread``) while ``event(a, b)`` happens; then
+    service through the nodes still running and, with no node running, nothing
+    acknowledged lost.  Returns the load tool's result and the survivors' metrics."""
+    a, b = node(rc.url, tmp_path), node(rc.url, tmp_path)
+    try:
+        load = Load(tmp_path, "soak", [a, b], "--rate", str(RATE), "--duration", str(DURATION),
+                    "--spread", spread)
+        assert load.started.wait(60), "".join(load.err)
+        event(a, b)
+        res, first = load.wait()
+        print(f"soak ({label}): {figures(res)}")
+        assert len(first) >= USERS // 3 and {x["target"] for x in first} == {addr(a), addr(b)}
+        survivors = [n for n in (a, b) if n.proc is not None and n.proc.poll() is None]
+        after, problem = service_is_back(tmp_path, survivors, spread)
+        metrics = cluster_metrics(*survivors)
+        logs = logs_of(a, b)
+    finally:
+        a.kill()
+        b.kill()                                    # no node running from here on
+    check(rc, first, after, problem, metrics, logs)
+    return res, metrics
+
+
 def test_a_node_and_a_primary_killed_under_load_lose_no_acknowledged_binding(
         make_redis_cluster, tmp_path):
     rc = make_redis_cluster()
-    a, b = node(rc.url, tmp_path), node(rc.url, tmp_path)
-    try:
-        load = Load(tmp_path, "soak", [a, b], "--rate", str(RATE), "--duration", str(DURATION))
-        assert load.started.wait(60), "".join(load.err)
+    nodes = []
+
+    def kills(a, b):
+        nodes.extend((addr(a), addr(b)))
         time.sleep(1.5)
         a.kill()                                    # its phones time out from now on
         time.sleep(1.0)
         victim = rc.primaries()[1]
         victim.kill()
         rc.wait_failover(victim, timeout=30)
-        res, first = load.wait()
-        print(f"soak (hash; a node, then a primary killed): {figures(res)}")
-        by_target = {t["target"]: t for t in res["per_target"]}
-        assert by_target[addr(a)]["timeouts"] > 0 and by_target[addr(b)]["ok"] > 0
-        assert len(first) >= USERS // 3 and {x["target"] for x in first} == {addr(a), addr(b)}
-        after, problem = service_is_back(tmp_path, [b], "hash")
-        metrics = cluster_metrics(b)
-        assert metrics[addr(b)].get("lost_connections_total", 0) >= 1
-        logs = logs_of(a, b)
-    finally:
-        a.kill()
-        b.kill()                                    # no node running from here on
-    check(rc, first, after, problem, metrics, logs)
+
+    res, metrics = soak(rc, tmp_path, "hash; a node, then a primary killed", kills)
+    by_target = {t["target"]: t for t in res["per_target"]}
+    assert by_target[nodes[0]]["timeouts"] > 0 and by_target[nodes[1]]["ok"] > 0
+    assert [m.get("lost_connections_total", 0) >= 1 for m in metrics.values()] == [True]
 
 
 def test_a_primary_killed_under_round_robin_load_loses_no_acknowledged_binding(
         make_redis_cluster, tmp_path):
     rc = make_redis_cluster()
-    a, b = node(rc.url, tmp_path), node(rc.url, tmp_path)
-    try:
-        load = Load(tmp_path, "soak", [a, b], "--rate", str(RATE), "--duration", str(DURATION),
-                    "--spread", "round-robin")
-        assert load.started.wait(60), "".join(load.err)
+
+    def kill(a, b):
         time.sleep(2.0)
         victim = rc.primaries()[2]
         victim.kill()
         rc.wait_failover(victim, timeout=30)
-        res, first = load.wait()
-        print(f"soak (round robin; a primary killed): {figures(res)}")
-        assert len(first) >= USERS // 3 and {x["target"] for x in first} == {addr(a), addr(b)}
-        after, problem = service_is_back(tmp_path, [a, b], "round-robin")
-        metrics = cluster_metrics(a, b)
-        logs = logs_of(a, b)
-    finally:
-        a.kill()
-        b.kill()                                    # no node running from here on
-    check(rc, first, after, problem, metrics, logs)
+
+    soak(rc, tmp_path, "round robin; a primary killed", kill, spread="round-robin")
 
 
 def test_a_primary_killed_while_its_replica_is_paused_under_load_loses_no_acknowledged_binding(
         make_redis_cluster, tmp_path):
     rc = make_redis_cluster()
-    a, b = node(rc.url, tmp_path), node(rc.url, tmp_path)
-    try:
-        load = Load(tmp_path, "soak", [a, b], "--rate", str(RATE), "--duration", str(DURATION))
-        assert load.started.wait(60), "".join(load.err)
+
+    def kill(a, b):
         time.sleep(1.0)
         victim = rc.primaries()[0]
         replica = rc.replicas_of(victim)[0]
@@ -251,17 +254,9 @@ def test_a_primary_killed_while_its_replica_is_paused_under_load_loses_no_acknow
         victim.kill()
         replica.resume()                # and it is promoted without them
         rc.wait_failover(victim, timeout=30)
-        res, first = load.wait()
-        print(f"soak (hash; a replica paused, its primary killed): {figures(res)}")
-        assert len(first) >= USERS // 3 and {x["target"] for x in first} == {addr(a), addr(b)}
-        after, problem = service_is_back(tmp_path, [a, b], "hash")
-        metrics = cluster_metrics(a, b)
-        assert all(m.get("wait_shortfalls_total", 0) >= 1 for m in metrics.values()), metrics
-        logs = logs_of(a, b)
-    finally:
-        a.kill()
-        b.kill()                                    # no node running from here on
-    check(rc, first, after, problem, metrics, logs)
+
+    _, metrics = soak(rc, tmp_path, "hash; a replica paused, its primary killed", kill)
+    assert all(m.get("wait_shortfalls_total", 0) >= 1 for m in metrics.values()), metrics
 
 
 def test_a_planned_failover_under_load_loses_no_acknowledged_binding(
@@ -270,22 +265,12 @@ def test_a_planned_failover_under_load_loses_no_acknowledged_binding(
     upgrade): the old primary lives on as a replica, the nodes move to the new one, and
     whatever was in flight to the old one is answered or retried, never forgotten."""
     rc = make_redis_cluster()
-    a, b = node(rc.url, tmp_path), node(rc.url, tmp_path)
-    try:
-        load = Load(tmp_path, "soak", [a, b], "--rate", str(RATE), "--duration", str(DURATION))
-        assert load.started.wait(60), "".join(load.err)
+
+    def failover(a, b):
         time.sleep(2.0)
         victim = rc.primaries()[1]
         replica = rc.replicas_of(victim)[0]
         assert replica.command("CLUSTER", "FAILOVER") == b"OK"
         assert rc.wait_failover(victim, timeout=30) is replica
-        res, first = load.wait()
-        print(f"soak (hash; a planned failover): {figures(res)}")
-        assert len(first) >= USERS // 3 and {x["target"] for x in first} == {addr(a), addr(b)}
-        after, problem = service_is_back(tmp_path, [a, b], "hash")
-        metrics = cluster_metrics(a, b)
-        logs = logs_of(a, b)
-    finally:
-        a.kill()
-        b.kill()                                    # no node running from here on
-    check(rc, first, after, problem, metrics, logs)
+
+    soak(rc, tmp_path, "hash; a planned failover", failover)

@@ -7,6 +7,7 @@ binding made through one node is seen through every other, the rules of RFC 3261
 10.3 hold across nodes, and no binding whose 200 a phone received is ever lost.
 """
 import json
+import string
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import fastsip
 from conftest import require_redis
@@ -164,11 +166,10 @@ def test_replies_cut_anywhere_reach_their_commands_whole_and_in_order():
     stream = b"".join(replies[:5]) + push + b"".join(replies[5:])
     reader = hiredis.Reader()
     reader.feed(stream)
-    expected = [r for r in iter(reader.gets, False)
-                if not isinstance(r, hiredis.PushNotification)]
-
-    def same(reply):
-        return ("error", str(reply)) if isinstance(reply, hiredis.ReplyError) else reply
+    expected = []
+    while (reply := reader.gets()) is not False:
+        if not isinstance(reply, hiredis.PushNotification):
+            expected.append(reply)
 
     got, pushes, lost = [], [], []
     loop = _Loop()
@@ -185,13 +186,102 @@ def test_replies_cut_anywhere_reach_their_commands_whole_and_in_order():
         for k in range(head, len(stream), 1 << 16):     # the large one in pieces
             redis.sendall(stream[k:k + (1 << 16)])
             loop.fds[conn.fd](EP_IN)
-        assert [same(r) for _, r in got] == [same(r) for r in expected]
+        assert [_plain(r) for _, r in got] == [_plain(r) for r in expected]
         assert [i for i, _ in got] == list(range(len(replies)))
         assert [list(p) for p in pushes] == [[b"invalidate", [b"fs:k"]]]
         redis.sendall(b"?not RESP\r\n")
         loop.fds[conn.fd](EP_IN)
         assert got[len(replies):] == [(len(replies), LOST), (len(replies) + 1, LOST)]
         assert lost == [conn] and conn.closed
+    finally:
+        conn.close()
+        redis.close()
+
+
+def _resp(value) -> bytes:
+    """``value`` in RESP3: int, bytes (a bulk string), None (null), str (a simple
+    string; "-..." an error), float, bool, list (an array), dict (a map),
+    tuple (a set)."""
+    if value is None:
+        return b"_\r\n"
+    if isinstance(value, bool):
+        return b"#t\r\n" if value else b"#f\r\n"
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, float):
+        return b",%r\r\n" % value
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, str):
+        return value.encode() + b"\r\n" if value.startswith("-") else b"+" + value.encode() + b"\r\n"
+    if isinstance(value, dict):
+        return b"%%%d\r\n" % len(value) + b"".join(_resp(k) + _resp(v) for k, v in value.items())
+    head = b"~" if isinstance(value, tuple) else b"*"
+    return head + b"%d\r\n" % len(value) + b"".join(_resp(v) for v in value)
+
+
+def _plain(reply):
+    """A reply to compare: an error (hiredis' ReplyError, equal only to itself) as its
+    text, containers as their parts."""
+    import hiredis
+
+    if isinstance(reply, hiredis.ReplyError):
+        return ("error", str(reply))
+    if isinstance(reply, list):
+        return [_plain(r) for r in reply]
+    if isinstance(reply, dict):
+        return {k: _plain(v) for k, v in reply.items()}
+    return reply
+
+
+_RESP_LEAVES = (st.integers(-2**63, 2**63 - 1) | st.binary(max_size=40) | st.none()
+                | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+                | st.text(string.ascii_letters + " ", max_size=12)
+                | st.text(string.ascii_letters + " ", min_size=1, max_size=12).map(
+                    lambda t: "-ERR " + t))
+_RESP_VALUES = st.recursive(
+    _RESP_LEAVES, lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.binary(max_size=6), inner, max_size=3), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(_RESP_VALUES, min_size=1, max_size=8), cuts=st.lists(
+    st.integers(1, 64), min_size=1, max_size=20))
+def test_any_replies_cut_anyhow_reach_their_commands_as_hiredis_reads_them(values, cuts):
+    """Whatever RESP3 replies Redis sends (nested, empty, negative, large integers) and
+    wherever the reads cut them, each command gets the reply hiredis makes of it."""
+    import socket
+
+    import hiredis
+
+    from fastsip.cluster.client import SOFT_ERRORS
+    from fastsip.server._io_c import Conn
+    from fastsip.server.loop import EP_IN
+
+    stream = b"".join(_resp(v) for v in values)
+    reader = hiredis.Reader()
+    reader.feed(stream)
+    expected = []
+    while (reply := reader.gets()) is not False:    # (0 == False: no iter(gets, False))
+        expected.append(reply)
+    got, pushes, lost = [], [], []
+    loop = _Loop()
+    ours, redis = socket.socketpair()
+    conn = Conn(("fake", 0), ours, hiredis.Reader(), loop, _queue(got, pushes, lost), 0,
+                SOFT_ERRORS, hiredis.PushNotification, hiredis.ProtocolError)
+    try:
+        for i in range(len(values)):
+            conn.push(b"", i)
+        k = 0
+        for i in range(len(stream)):
+            if k >= len(stream):
+                break
+            size = cuts[i % len(cuts)]
+            redis.sendall(stream[k:k + size])
+            k += size
+            loop.fds[conn.fd](EP_IN)
+        assert not lost and [i for i, _ in got] == list(range(len(values)))
+        assert [_plain(r) for _, r in got] == [_plain(r) for r in expected]
     finally:
         conn.close()
         redis.close()

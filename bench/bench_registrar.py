@@ -4,6 +4,9 @@
 
 new       a REGISTER for an AOR never seen (a fresh AOR each round)
 refresh   the same phone again, next CSeq (update in place)
+scattered refreshes of 400,000 phones in random order: each AOR's records are out of the
+          cache, as at an edge (the AOR's bucket and record are prefetched while
+          the request is read)
 auth      a refresh that carries a correct digest (SHA-256, qop=auth, new nc each round)
 challenge a first REGISTER without credentials answered 401 (MD5 only, 100 000 users)
 digest    the answer to that 401 from each of 100 000 users of an htdigest file, 200
@@ -16,6 +19,7 @@ churn     the same after 1,600,000 AORs went and as many new came (printed, with
 """
 import hashlib
 import os
+import random
 
 import fastsip
 from fastsip import Authorize, Binding, Registrar
@@ -59,6 +63,20 @@ def test_handle_refresh(benchmark):
     reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=200_000,
                                iterations=1)
     assert reply.startswith(b"SIP/2.0 200 OK")
+
+
+def test_handle_scattered_refresh(benchmark):
+    benchmark.group = "registrar"
+    reg = Registrar(min_expires=30, max_expires=3600)
+    users = 400_000
+    for i in range(users):
+        reg.handle(register(f"user{i}", 1), SRC, NOW)
+    order = random.Random(7).sample(range(users), users)
+    it = iter([register(f"user{i}", 2) for i in order])
+    reply = benchmark.pedantic(lambda: reg.handle(next(it), SRC, NOW), rounds=users,
+                               iterations=1)
+    assert reply.startswith(b"SIP/2.0 200 OK")
+    assert len(reg.query(f"sip:user{order[-1]}@example.com")) == 1
 
 
 def test_handle_refresh_with_digest_auth(benchmark):

@@ -129,18 +129,15 @@ cdef int read_dialog(const Req* rq, RegisterIn* reg) noexcept nogil:
     return RF_NONE
 
 
-cdef int read_contacts(const Req* rq, RegisterIn* reg, int aor_form) noexcept nogil:
-    """Step 5 (the canonical AOR), the Expires header and every Contact value
-    (steps 6-7, syntax only: nothing is decided here).  A Refusal."""
+cdef int read_contacts(const Req* rq, RegisterIn* reg) noexcept nogil:
+    """The Expires header and every Contact value (steps 6-7, syntax only:
+    nothing is decided here).  A Refusal."""
     cdef const char* buf = rq.buf
     cdef Msg* m = rq.m
     cdef Header* h
     cdef NameAddr na
     cdef Py_ssize_t err = 0, pos, end
     cdef int i, j, rc
-    reg.aor_len = canonical_aor(buf, &reg.to_uri, reg.aor, MAX_AOR, aor_form)
-    if reg.aor_len < 0:
-        return RF_LONG_AOR
     # delta-seconds; malformed counts as 3600 (RFC 3261 10.2.1.1)
     reg.hdr_expires = -1
     j = m.first[<int>HDR_EXPIRES]

@@ -212,6 +212,7 @@ cdef class RegistrarCore:
         cdef object unsupported
         cdef Store st
         cdef int32_t a
+        cdef uint64_t h
         if rc != OK:
             return self._malformed(rq, rc)
         # 1 and 5 (first half): the Request-URI, the headers, the To URI.
@@ -220,6 +221,10 @@ cdef class RegistrarCore:
             return self._refuse(rq, rc)
         if not self._serves(buf + reg.to_uri.host.off, reg.to_uri.host.length):
             return SV_NONE
+        # The AOR now, its bucket fetched while the dialog and contacts are read.
+        reg.aor_len = canonical_aor(buf, &reg.to_uri, reg.aor, MAX_AOR, self.aor_form)
+        st = self.store
+        h = st.prefetch(reg.aor, reg.aor_len) if reg.aor_len >= 0 else 0
         if self.domains is not None and \
                 not self._serves(buf + reg.ruri.host.off, reg.ruri.host.length) and \
                 PyBytes_FromStringAndSize(buf + reg.ruri.host.off, reg.ruri.host.length) \
@@ -241,11 +246,13 @@ cdef class RegistrarCore:
             if r:
                 return r
         # 5-7. The AOR and the contacts, then the decision on its bindings.
-        rc = read_contacts(rq, reg, self.aor_form)
+        if reg.aor_len < 0:
+            return self._refuse(rq, RF_LONG_AOR)
+        st.prefetch_record(h)
+        rc = read_contacts(rq, reg)
         if rc:
             return self._refuse(rq, rc)
-        st = self.store
-        a = st.find(reg.aor, reg.aor_len)       # the AOR's one lookup: its slot is passed on
+        a = st.find_hashed(reg.aor, reg.aor_len, h)     # the AOR's one lookup: its slot is passed on
         if self.shared and a >= 0 and st.aors[a].busy:
             self.waiting_aor = PyBytes_FromStringAndSize(reg.aor, reg.aor_len)
             return SV_WAIT

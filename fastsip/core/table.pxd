@@ -116,7 +116,10 @@ cdef class BindingTable:
     cdef readonly Py_ssize_t n_flows          # flow bindings (in the flow index)
     cdef readonly Py_ssize_t n_flow_removed   # removed because their connection closed
 
+    cdef uint64_t prefetch(self, const char* aor, Py_ssize_t n) noexcept
+    cdef void prefetch_record(self, uint64_t h) noexcept
     cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept
+    cdef int32_t find_hashed(self, const char* aor, Py_ssize_t n, uint64_t h) noexcept
     cdef int32_t find_or_add(self, const char* aor, Py_ssize_t n) except -2
     cdef int32_t add_binding(self, int32_t aor, const BindingIn* bi) except -2
     cdef int update_binding(self, int32_t slot, const BindingIn* bi) except -1

@@ -25,6 +25,9 @@
 #
 # The store decides nothing about SIP: the registrar (``the registrar``) does.
 #
+
+cdef extern from *:
+    void __builtin_prefetch(const void* p) noexcept nogil
 cdef enum:
     MIN_TABLE = 64
     MIN_CONNS = 64
@@ -145,8 +148,26 @@ cdef class BindingTable:
 
     # -- the AOR table -----------------------------------------------------
 
-    cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept:
+    cdef uint64_t prefetch(self, const char* aor, Py_ssize_t n) noexcept:
+        """The AOR's hash, for ``find_hashed``; its bucket is asked of the memory
+        now, so that the work done before the lookup hides the cache miss (a new
+        AOR's bucket, or any in a table larger than the cache, is not in it)."""
         cdef uint64_t h = hash_bytes(aor, n, self.k0, self.k1)
+        __builtin_prefetch(&self.table[h & <uint64_t>(self.table_cap - 1)])
+        return h
+
+    cdef void prefetch_record(self, uint64_t h) noexcept:
+        """The second step of ``prefetch``, once the bucket is in: the record of
+        the AOR in it (the one looked for, unless another shares its bucket)."""
+        cdef int32_t v = self.table[h & <uint64_t>(self.table_cap - 1)]
+        if v > 0:
+            __builtin_prefetch(&self.aors[v - 1])
+
+    cdef int32_t find(self, const char* aor, Py_ssize_t n) noexcept:
+        return self.find_hashed(aor, n, hash_bytes(aor, n, self.k0, self.k1))
+
+    cdef int32_t find_hashed(self, const char* aor, Py_ssize_t n, uint64_t h) noexcept:
+        """The AOR's slot, -1 when it has none; ``h``: its hash (``prefetch``)."""
         cdef Py_ssize_t mask = self.table_cap - 1, i = <Py_ssize_t>(h & mask)
         cdef int32_t v
         cdef AorRec* a

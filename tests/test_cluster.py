@@ -699,6 +699,58 @@ def test_a_primary_killed_while_its_replica_is_paused_loses_no_acknowledged_bind
         n.stop()
 
 
+def test_a_primary_that_stops_answering_is_left_without_stalling_the_other_slots(
+        make_redis_cluster):
+    """A primary that hangs (SIGSTOP here; a host gone from the network alike) sends no
+    reset: its connection stays open, and TCP would wait for minutes.  The node drops
+    it once it has owed replies for 2 s with nothing read, and dials and reads the slot
+    map on a thread of its own, so the hung node's silence never holds up the loop:
+    the other slots' REGISTERs are answered at once throughout, the hung one's get an
+    answer (200 after the failover, or 500 past --cluster-wait), and once its replica
+    is promoted every one is 200, with nothing acknowledged lost.  (With Redis'
+    default cluster-require-full-coverage, every node would refuse every slot with
+    CLUSTERDOWN from the moment the primary is marked failed until its replica takes
+    over: docs/cluster.md.)"""
+    rc = make_redis_cluster(3, 1, "--cluster-require-full-coverage", "no")
+    n = node(rc.url, "--cluster-wait", "4")
+    victim = rc.node_for_key(aor_key("sip:h0@example.com"))
+    try:
+        users = [f"h{i}" for i in range(400)]
+        hung = [u for u in users if rc.node_for_key(aor_key(f"sip:{u}@example.com")) is victim]
+        others = [u for u in users if u not in hung]
+        assert set(register_many(n, hung[:2] + others[:2], "a").values()) == {200}
+        others_got, stop = {}, threading.Event()
+
+        def others_meanwhile():
+            for i, u in enumerate(others[2:]):
+                if stop.is_set():
+                    return
+                # no retransmission, 0.4 s (200 times what it takes): a loop held up
+                # by a blocking call to the silent node would miss it
+                others_got.update(register_many(n, [u], f"o{i}", timeout=0.4, tries=1))
+                time.sleep(0.02)
+        victim.pause()
+        t = threading.Thread(target=others_meanwhile)
+        t.start()
+        try:
+            got = register_many(n, hung[2:8], "b", timeout=7, tries=1)
+            rc.wait_failover(victim, timeout=30)
+            after = register_many(n, hung[8:20], "c")
+        finally:
+            stop.set()
+            t.join(60)
+        diagnosis = f"{dict(n.metrics())}\n{n.log()[-4000:]}"
+        assert len(others_got) > 20 and set(others_got.values()) == {200}, others_got
+        assert None not in got.values() and set(got.values()) <= {200, 500}, diagnosis
+        assert set(after.values()) == {200}, diagnosis
+        assert lost(rc, [u for u, s in got.items() if s == 200], "b") == []
+        assert "sent nothing for 2." in n.log()
+        assert n.metrics()["fastsip_cluster_lost_connections_total"] >= 1
+    finally:
+        victim.resume()
+        n.stop()
+
+
 def test_rediss_speaks_tls_to_redis(tmp_path):
     from fastsip.server.testing import RedisServer, free_port, make_test_pki
     require_redis()

@@ -120,6 +120,8 @@ cdef class Conn:
     cdef readonly bint closed
     cdef public int replicas            # of this primary, as the slot map says (WAIT needs one)
     cdef readonly int inflight          # pipelines sent whose WAIT is not answered yet
+    cdef readonly unsigned long long reads      # reads that brought bytes (progress, for
+                                                # the owner's check of a silent primary)
     cdef Batch batch                    # the writes of this batch on it (open_batch), or None
     cdef bytearray buf                  # replies are read into it
     cdef Py_ssize_t end                 # buf[:end]: a reply not complete yet
@@ -150,6 +152,11 @@ cdef class Conn:
         self.push_type = push_type
         self.protocol_error = protocol_error
         loop.add(self.fd, self.on_events, EPOLLIN)
+
+    @property
+    def owed(self):
+        """Replies owed: commands written or queued whose reply has not come."""
+        return len(self.waiting)
 
     cpdef push(self, bytes packed, object item):
         """Queue a command and the item its reply goes to."""
@@ -231,6 +238,7 @@ cdef class Conn:
             if n == 0:
                 self.lose()
                 return False
+            self.reads += 1
             self.end += n
             try:
                 self._dispatch()

@@ -153,6 +153,9 @@ class Conn:
     closed: bool
     replicas: int
     inflight: int
+    reads: int
+    @property
+    def owed(self) -> int: ...
     def __init__(self, addr: tuple[str, int], sock: Any, reader: Any, loop: Any,
                  queue: WriteQueue, replicas: int, soft: tuple[type[BaseException], ...],
                  push_type: type, protocol_error: type[BaseException]) -> None: ...

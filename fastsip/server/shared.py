@@ -38,16 +38,23 @@ is entered only for the rest (``WriteQueue.bind``): a request that waits for a w
 a read, a write of Python's own (a retry, a re-assertion, TCP), a conflict, an error,
 a lost connection, WAIT coming short, an invalidation.  A write of a group that meets
 one of those is handed over as a ``Pending`` (``_pending_of``), handled as any other.
+
+Nothing here waits for Redis on the loop: once the worker serves, log-ins and reads
+of the slot map run on the worker's ``Dialer`` thread (``fastsip/cluster/client.py``).
+A primary that goes silent without closing its connection (its process stopped, its
+host gone) is noticed by ``tick``: replies owed and nothing read for ``SILENT_AFTER``
+seconds, and its connection is dropped as a lost one.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import time
 
 import hiredis
 
 from fastsip.cluster._resp_c import key_slot, pack_cas
-from fastsip.cluster.client import LOST, open_conn
+from fastsip.cluster.client import LOST, Dialer, conn_of, log_in
 from fastsip.cluster.sync import SyncCluster, aor_key
 from fastsip.core._core import READ, STAGED, WAIT, make_response
 from fastsip.errors import ClusterError
@@ -60,6 +67,10 @@ MAX_TRIES = 8               # decisions of one request (version conflicts) befor
 RECENT = 30.0               # seconds an acknowledged record is kept for a re-assertion
 WAIT_MS = 500               # WAIT 1's timeout: a replica must take a batch within it
 REFRESH_EVERY = 0.1         # seconds between slot map refreshes while one is needed
+SILENT_AFTER = 2.0          # seconds a primary may owe replies and send nothing (4 x WAIT_MS)
+SUSPECT_FOR = 1.0           # seconds a primary that went silent or refused a log-in is not
+                            # dialled again, and is asked for the slot map last
+MAP = ("map", None)         # the Dialer's key of a slot map read
 RETRY_AFTER = [("Retry-After", "5")]
 FCALL = b"FCALL"
 CAS = b"fastsip_cas"
@@ -126,6 +137,10 @@ class SharedLocation:
         self.recent_pruned = 0.0        # time.time() of the last Recent.prune
         self.reasserting = set()        # aors being written again
         self.refresh_due = 0.0          # time.monotonic() of the next slot map read; 0: none
+        self.read_back_due = False      # the primaries changed: read back once all are dialled
+        self.suspects = {}              # (host, port) -> time.monotonic() until it is suspect
+        self.silence = {}               # (host, port) -> (Conn, its reads, since): owed, unread
+        self.dialer = None              # Dialer: log-ins and map reads once serving (start)
         self.load_library = False       # a primary has no fastsip library: load it
         self._serve = reg.serve_shard
         # The loop calls the core in C and queues its staged writes here, by primary
@@ -145,13 +160,19 @@ class SharedLocation:
     # -- start and stop -------------------------------------------------------------
 
     def start(self) -> None:
-        """Read the slot map and connect to every primary (ClusterError if none answers)."""
+        """Read the slot map and connect to every primary, blocking (ClusterError if no
+        node answers); from now on what blocks runs on the Dialer's thread."""
         sync = SyncCluster(self.url)
         sync.close()
         self.slots = sync.slots
         self._set_owners()
         for addr in self.slots.primaries:
-            self._conn(addr)
+            try:
+                self._install(addr, log_in(self.url, addr))
+            except ClusterError as e:
+                LOG.debug("cluster: %s", e)
+                self._need_refresh()
+        self.dialer = Dialer(self.loop, self._dialed)
 
     def _set_owners(self) -> None:
         """Tell the queue which primary serves each slot (the map changed)."""
@@ -168,24 +189,43 @@ class SharedLocation:
         self.wq.set_links([self.conns.get(a) for a in self.primaries])
 
     def close(self) -> None:
+        if self.dialer is not None:
+            self.dialer.close()
         for conn in self.conns.values():
             conn.close()
         self.conns.clear()
 
     def _conn(self, addr):
+        """Primary ``addr``'s connection; None while there is none, and it is dialled
+        (on the Dialer's thread: ``_dialed`` has the answer) unless it is suspect."""
         conn = self.conns.get(addr)
-        if conn is None:
-            try:
-                conn = open_conn(self.url, addr, self.loop, self.wq,
-                                 self.slots.replicas.get(addr, 0))
-            except ClusterError as e:
-                LOG.debug("cluster: %s", e)
-                self._need_refresh()
-                return None
-            self.conns[addr] = conn
-            self.c.cluster_connects += 1
-            self._relink()
+        if conn is None and self.suspects.get(addr, 0.0) <= time.monotonic():
+            self.dialer.ask(("log_in", addr), functools.partial(log_in, self.url, addr))
         return conn
+
+    def _install(self, addr, node) -> None:
+        self.conns[addr] = conn_of(node, self.loop, self.wq, self.slots.replicas.get(addr, 0))
+        self.suspects.pop(addr, None)
+        self.c.cluster_connects += 1
+        self._relink()
+
+    def _dialed(self, key, result) -> None:
+        """The Dialer's answer: a logged-in Node (or why not) for ``("log_in", addr)``,
+        a slot map for ``MAP``."""
+        kind, addr = key
+        if kind == "map":
+            self._mapped(result)
+            return
+        if isinstance(result, Exception):
+            LOG.debug("cluster: %s", result)
+            self.suspects[addr] = time.monotonic() + SUSPECT_FOR
+            self._need_refresh()
+        elif addr in self.conns or addr not in self.slots.replicas:
+            result.close()              # a primary no more: the map changed meanwhile
+        else:
+            self._install(addr, result)
+            if self.refresh_due:
+                self.refresh_due = time.monotonic()     # the refresh can end now
 
     def _connect(self, j: int):
         """The queue's: a connection to primary ``j`` (None: none now)."""
@@ -284,8 +324,10 @@ class SharedLocation:
     def tick(self, now: float) -> float:
         """Read the slot map when due; retry what waited for it, fail what waited
         longer than ``--cluster-wait``.  Returns seconds until it wants to run again."""
-        if self.refresh_due and time.monotonic() >= self.refresh_due:
-            self._refresh()
+        mono = time.monotonic()
+        self._check_silence(mono)
+        if self.refresh_due and mono >= self.refresh_due and not self.dialer.busy(MAP):
+            self._refresh(mono)
         if self.retry:
             waiting, self.retry = self.retry, collections.deque()
             for p in waiting:
@@ -307,6 +349,26 @@ class SharedLocation:
             self.recent_pruned = now
             self.recent.prune(now - RECENT)
         return REFRESH_EVERY if (self.retry or self.refresh_due) else 1.0
+
+    def _check_silence(self, mono: float) -> None:
+        """A primary that owes replies and has sent nothing for SILENT_AFTER seconds
+        has stopped (paused, or its host is gone: no reset comes, and TCP would wait
+        for minutes): its connection is dropped as lost, so that what it owes is
+        retried once the slot map names its successor."""
+        for addr, conn in list(self.conns.items()):
+            seen = self.silence.get(addr)
+            if not conn.owed:
+                if seen is not None:
+                    del self.silence[addr]
+            elif seen is None or seen[0] is not conn or seen[1] != conn.reads:
+                self.silence[addr] = (conn, conn.reads, mono)
+            elif mono - seen[2] >= SILENT_AFTER:
+                LOG.warning("cluster: Redis at %s:%d sent nothing for %.1f s while %d replies "
+                            "were owed: connection dropped", addr[0], addr[1], mono - seen[2],
+                            conn.owed)
+                del self.silence[addr]
+                self.suspects[addr] = mono + SUSPECT_FOR
+                conn.lose()
 
     def _expire_parked(self, now: float) -> None:
         """A safety net: a request that waited for another's write longer than twice
@@ -583,25 +645,28 @@ class SharedLocation:
             self.refresh_due = time.monotonic()
             self.c.cluster_map_refreshes += 1
 
-    def _refresh(self) -> None:
-        """Read the slot map again from any node that answers, connect to its
-        primaries, and read back what this worker acknowledged lately."""
-        addrs = list(self.url.seeds) + (self.slots.primaries if self.slots else [])
-        try:
-            sync = SyncCluster(self.url, REFRESH_TIMEOUT, addrs)
-        except ClusterError as e:
-            LOG.debug("cluster: %s", e)
+    def _refresh(self, mono: float) -> None:
+        """Read the slot map again, on the Dialer's thread (``_mapped`` takes it), from
+        any node that answers: the seeds and the primaries, the suspect ones last."""
+        addrs = list(dict.fromkeys(list(self.url.seeds) +
+                                   (self.slots.primaries if self.slots else [])))
+        addrs.sort(key=lambda a: self.suspects.get(a, 0.0) > mono)     # (a stable sort)
+        self.dialer.ask(MAP, functools.partial(_read_map, self.url, addrs, self.load_library))
+
+    def _mapped(self, result) -> None:
+        """The slot map read: connect to its primaries, and read back what this worker
+        acknowledged lately once the primaries changed and all are connected."""
+        if isinstance(result, ClusterError):
+            LOG.debug("cluster: %s", result)
             self.refresh_due = time.monotonic() + REFRESH_EVERY
             return
-        try:
-            if self.load_library:
-                sync.load_library()
-                self.load_library = False
-        except ClusterError as e:
-            LOG.warning("cluster: %s", e)
-        finally:
-            sync.close()
-        slots, changed = sync.slots, self.slots is None or sync.slots.owner != self.slots.owner
+        slots, loaded, error = result
+        if loaded:
+            self.load_library = False
+        if error is not None:
+            LOG.warning("cluster: %s", error)
+        if self.slots is None or slots.owner != self.slots.owner:
+            self.read_back_due = True
         self.slots = slots
         self._set_owners()
         for addr in [a for a in self.conns if a not in slots.replicas]:
@@ -610,11 +675,12 @@ class SharedLocation:
             self.conns.pop(addr).lose()
         for addr, conn in self.conns.items():
             conn.replicas = slots.replicas[addr]
-        if any(self._conn(a) is None for a in slots.primaries):
+        if [a for a in slots.primaries if self._conn(a) is None]:
             self.refresh_due = time.monotonic() + REFRESH_EVERY
             return
         self.refresh_due = 0.0
-        if changed:
+        if self.read_back_due:
+            self.read_back_due = False
             self._read_back()
 
     # -- what a failover may have lost --------------------------------------------------
@@ -655,6 +721,21 @@ class SharedLocation:
             mine[1], mine[2]
         self.store.cache_put(aor, mine[1], now)
         self.fresh.append(p)
+
+
+def _read_map(url, addrs, load_library: bool):
+    """The Dialer's: (slot map, library loaded, why not) from the first of ``addrs``
+    that answers; ClusterError when none does."""
+    sync = SyncCluster(url, REFRESH_TIMEOUT, addrs)
+    error = None
+    try:
+        if load_library:
+            sync.load_library()
+    except ClusterError as e:
+        error = e
+    finally:
+        sync.close()
+    return sync.slots, load_library and error is None, error
 
 
 OP_WRITE, OP_READ, OP_READBACK = 0, 1, 2     # Pending.op

@@ -191,13 +191,20 @@ def test_a_write_its_primary_cannot_take_leaves_its_aor_free_for_the_retry(reg):
     # The worker's room with a slot map whose only primary refuses connections (a
     # primary failing over): a staged write that cannot be sent is forgotten with its
     # copy, so the retry decides it again instead of waiting behind itself for ever.
+    from fastsip.cluster.client import Dialer
     from fastsip.cluster.sync import SLOTS, SlotMap
     from fastsip.server.metrics import WorkerCounters
     from fastsip.server.shared import SharedLocation
 
-    class Loop:                         # no connection is ever made
-        def add(self, *args):
-            raise AssertionError("no primary should answer")
+    class Loop:                         # the Dialer's pipe; no connection is ever made
+        watched = []
+
+        def add(self, fd, handler, mask):
+            assert not self.watched, "no primary should answer"
+            self.watched.append(fd)
+
+        def remove(self, fd):
+            pass
 
     phone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     phone.bind(("127.0.0.1", 0))
@@ -205,6 +212,7 @@ def test_a_write_its_primary_cannot_take_leaves_its_aor_free_for_the_retry(reg):
     room = SharedLocation(reg, parse_url("redis://127.0.0.1:1"), Loop(), [listener], None,
                           WorkerCounters(), 5.0, 10.0)
     room.slots = SlotMap([(0, SLOTS - 1, ("127.0.0.1", 1), 1)])
+    room.dialer = Dialer(Loop(), room._dialed)      # (start() makes it)
     src = (b"127.0.0.1", phone.getsockname()[1])
     data = register("alice", contact="sip:a@h", call_id="c1", cseq=1, expires=600)
     try:
@@ -220,6 +228,7 @@ def test_a_write_its_primary_cannot_take_leaves_its_aor_free_for_the_retry(reg):
         phone.settimeout(5)
         assert phone.recv(65536).startswith(b"SIP/2.0 500 ")
     finally:
+        room.dialer.close()
         phone.close()
         listener.close()
 

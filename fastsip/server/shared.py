@@ -322,8 +322,9 @@ class SharedLocation:
         return r
 
     def tick(self, now: float) -> float:
-        """Read the slot map when due; retry what waited for it, fail what waited
-        longer than ``--cluster-wait``.  Returns seconds until it wants to run again."""
+        """Drop a silent primary's connection; read the slot map when due; retry what
+        waited for it, fail what waited longer than ``--cluster-wait``.  Returns seconds
+        until it wants to run again."""
         mono = time.monotonic()
         self._check_silence(mono)
         if self.refresh_due and mono >= self.refresh_due and not self.dialer.busy(MAP):
@@ -656,7 +657,7 @@ class SharedLocation:
     def _mapped(self, result) -> None:
         """The slot map read: connect to its primaries, and read back what this worker
         acknowledged lately once the primaries changed and all are connected."""
-        if isinstance(result, ClusterError):
+        if isinstance(result, Exception):
             LOG.debug("cluster: %s", result)
             self.refresh_due = time.monotonic() + REFRESH_EVERY
             return
@@ -675,7 +676,7 @@ class SharedLocation:
             self.conns.pop(addr).lose()
         for addr, conn in self.conns.items():
             conn.replicas = slots.replicas[addr]
-        if [a for a in slots.primaries if self._conn(a) is None]:
+        if [a for a in slots.primaries if self._conn(a) is None]:   # (each one dialled)
             self.refresh_due = time.monotonic() + REFRESH_EVERY
             return
         self.refresh_due = 0.0

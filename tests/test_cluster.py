@@ -751,6 +751,42 @@ def test_a_primary_that_stops_answering_is_left_without_stalling_the_other_slots
         n.stop()
 
 
+def test_the_admin_api_waits_for_a_silent_primary_without_holding_up_the_metrics(
+        make_redis_cluster):
+    """The admin API reads the shared location on the client's own thread: a lookup
+    that waits for a primary that does not answer (then 503, or the answer of its
+    promoted replica) leaves the supervisor's loop free, so /metrics (and the
+    workers' care) goes on meanwhile."""
+    import urllib.error
+    rc = make_redis_cluster()
+    n = node(rc.url, workers=1)
+    victim = rc.node_for_key(aor_key("sip:alice@example.com"))
+    try:
+        assert n.api("/api/aor?aor=alice@example.com")["bindings"] == []
+        victim.pause()
+        got = {}
+
+        def lookup():
+            try:
+                got["answer"] = n.api("/api/aor?aor=alice@example.com")
+            except urllib.error.HTTPError as e:
+                got["status"] = e.code
+        t = threading.Thread(target=lookup)
+        t.start()
+        time.sleep(0.3)                 # the lookup waits for the paused primary
+        assert t.is_alive()
+        start = time.monotonic()
+        assert n.metrics()["fastsip_workers"] == 1
+        assert time.monotonic() - start < 1.0       # not behind the lookup's timeouts
+        t.join(30)
+        # 503 once its timeouts are spent, or the answer of the promoted replica
+        assert got in ({"status": 503}, {"answer": {"aor": "sip:alice@example.com",
+                                                   "bindings": []}}), got
+    finally:
+        victim.resume()
+        n.stop()
+
+
 def test_rediss_speaks_tls_to_redis(tmp_path):
     from fastsip.server.testing import RedisServer, free_port, make_test_pki
     require_redis()

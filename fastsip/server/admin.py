@@ -10,7 +10,10 @@ at most ``MAX_HEAD`` bytes of head and ``MAX_BODY`` of body.  Answering needs th
 workers, over control channels that only the supervisor's loop uses: a
 client's thread parses the request and hands it to that loop (a queue and a
 wake-up socket, :meth:`AdminServer.fileno` / :meth:`AdminServer.run_pending`);
-the loop routes it (:func:`route`) and the thread writes the answer.
+the loop routes it (:func:`route`) and the thread writes the answer.  With
+``--cluster`` the shared location's requests (``SHARED``) need no worker: the
+client's thread answers them itself, so a Redis node that keeps them waiting never
+holds up the loop (``/metrics``, the workers' restarts).
 """
 from __future__ import annotations
 
@@ -100,11 +103,27 @@ def _contact_param(q):
     return contact or None
 
 
+SHARED = frozenset((("GET", "/api/aor"), ("GET", "/api/bindings"), ("POST", "/api/remove")))
+
+
+def answer(sup, method: str, path: str, q: dict):
+    """``route``'s answer, or None (the connection is closed unanswered) for a request
+    it finds malformed; a bug is logged and answered 500."""
+    try:
+        return route(sup, method, path, q)
+    except ValueError:              # e.g. limit=x: the connection is closed without an answer
+        return None
+    except Exception as exc:        # noqa: BLE001 - a bug: log it, answer, go on
+        LOG.exception("admin request %s %s failed", method, path)
+        return _json({"error": f"{type(exc).__name__}: {exc}"}, "500 Internal Server Error")
+
+
 def route(sup, method: str, path: str, q: dict):
     """``(status, content type, body)`` for one request; runs in the supervisor's loop
-    (``sup`` is the Supervisor: it asks the workers)."""
-    if sup.cfg.cluster is not None and (method, path) in (
-            ("GET", "/api/aor"), ("GET", "/api/bindings"), ("POST", "/api/remove")):
+    (``sup`` is the Supervisor: it asks the workers), but for the shared location's
+    requests (``SHARED`` with --cluster), which run on the client's thread: Redis
+    may keep them waiting (a node that does not answer), the loop must not wait."""
+    if sup.cfg.cluster is not None and (method, path) in SHARED:
         return _shared(sup, method, path, q)
     if path == "/metrics" and method == "GET":
         total = sup.collect()
@@ -530,6 +549,8 @@ class AdminServer:
     def ask(self, method: str, path: str, q: dict):
         """From a client's thread: the supervisor loop's answer (None when it is stopping;
         503 when the loop has not answered in ``LOOP_DEADLINE`` seconds)."""
+        if self.sup.cfg.cluster is not None and (method, path) in SHARED:
+            return answer(self.sup, method, path, q)        # here (route's docstring)
         pending = _Pending(method, path, q)
         with self._lock:
             if self._closed:
@@ -555,14 +576,7 @@ class AdminServer:
                 if not self._pending:
                     return
                 pending = self._pending.popleft()
-            try:
-                pending.answer = route(self.sup, pending.method, pending.path, pending.q)
-            except ValueError:          # e.g. limit=x: the connection is closed without an answer
-                pending.answer = None
-            except Exception as exc:    # noqa: BLE001 - a bug: log it, answer, go on
-                LOG.exception("admin request %s %s failed", pending.method, pending.path)
-                pending.answer = _json({"error": f"{type(exc).__name__}: {exc}"},
-                                       "500 Internal Server Error")
+            pending.answer = answer(self.sup, pending.method, pending.path, pending.q)
             pending.done.set()
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,6 +172,7 @@ class Supervisor:
     def __init__(self, cfg):
         self.cfg = cfg
         self._sync = None           # SyncCluster of the admin API, with --cluster
+        self._sync_lock = threading.Lock()
         self._aor_form = None       # a Registrar that only canonicalizes AORs (aor_of)
         self.cluster_primaries = 0
         self.listen = []            # [(transport, host, port)] as bound
@@ -417,18 +419,20 @@ class Supervisor:
 
     def location(self, read):
         """``read(sync)`` on the shared location (--cluster), through a connection
-        kept between calls; one lost is made again once."""
+        kept between calls; one lost is made again once.  Called from the admin API's
+        client threads, one at a time."""
         from fastsip.cluster.sync import SyncCluster
-        for attempt in (1, 2):
-            if self._sync is None:
-                self._sync = SyncCluster(self.cfg.cluster)
-            try:
-                return read(self._sync)
-            except ClusterError:
-                self._sync.close()
-                self._sync = None
-                if attempt == 2:
-                    raise
+        with self._sync_lock:
+            for attempt in (1, 2):
+                if self._sync is None:
+                    self._sync = SyncCluster(self.cfg.cluster)
+                try:
+                    return read(self._sync)
+                except ClusterError:
+                    self._sync.close()
+                    self._sync = None
+                    if attempt == 2:
+                        raise
 
     def aor_of(self, uri) -> str:
         """The canonical AOR of ``uri``, as the workers key it (--aor-by)."""

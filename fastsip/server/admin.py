@@ -106,7 +106,7 @@ def _contact_param(q):
 SHARED = frozenset((("GET", "/api/aor"), ("GET", "/api/bindings"), ("POST", "/api/remove")))
 
 
-def answer(sup, method: str, path: str, q: dict):
+def answer_of(sup, method: str, path: str, q: dict):
     """``route``'s answer, or None (the connection is closed unanswered) for a request
     it finds malformed; a bug is logged and answered 500."""
     try:
@@ -550,7 +550,7 @@ class AdminServer:
         """From a client's thread: the supervisor loop's answer (None when it is stopping;
         503 when the loop has not answered in ``LOOP_DEADLINE`` seconds)."""
         if self.sup.cfg.cluster is not None and (method, path) in SHARED:
-            return answer(self.sup, method, path, q)        # here (route's docstring)
+            return answer_of(self.sup, method, path, q)     # here (route's docstring)
         pending = _Pending(method, path, q)
         with self._lock:
             if self._closed:
@@ -576,7 +576,7 @@ class AdminServer:
                 if not self._pending:
                     return
                 pending = self._pending.popleft()
-            pending.answer = answer(self.sup, pending.method, pending.path, pending.q)
+            pending.answer = answer_of(self.sup, pending.method, pending.path, pending.q)
             pending.done.set()
 
     def close(self) -> None:
